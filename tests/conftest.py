@@ -1,0 +1,46 @@
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.")
+
+REPO = Path(__file__).resolve().parent.parent
+X86 = REPO / "targets" / "x86_fbgemm.toml"
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory):
+    """The built-in example: a CNN trained on scikit-learn digits, with calib and val data."""
+    from toolchain.examples import write_digits_example
+
+    return write_digits_example(tmp_path_factory.mktemp("digits"))
+
+
+@pytest.fixture(scope="session")
+def digits_arrays():
+    from toolchain.examples import digits_data
+
+    return digits_data()
+
+
+def write_profile(tmp_path: Path, text: str, base: Path = X86, name: str = "custom.toml") -> Path:
+    """A profile file: ``base`` with ``text`` appended (later TOML tables must be new ones)."""
+    path = tmp_path / name
+    path.write_text(base.read_text() + "\n" + text if base else text)
+    return path
+
+
+def fast_profile(tmp_path: Path, calibration: int = 32, validation: int = 16, extra: str = "") -> Path:
+    """x86 profile with fewer samples and timed runs: for tests about behaviour, not speed."""
+    text = X86.read_text()
+    text = text.replace("calibration_samples = 256", f"calibration_samples = {calibration}")
+    text = text.replace("validation_samples = 512", f"validation_samples = {validation}")
+    text = text.replace("synthetic_samples = 64", f"synthetic_samples = {max(calibration, validation)}")
+    text = text.replace("latency_runs = 30", "latency_runs = 3").replace("warmup_runs = 5", "warmup_runs = 1")
+    path = tmp_path / "fast.toml"
+    path.write_text(text + "\n" + extra)
+    return path

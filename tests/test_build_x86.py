@@ -1,0 +1,174 @@
+"""End to end on x86 with models trained here: parity, report contract, exit codes, clean failures."""
+
+import hashlib
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import toolchain
+from toolchain.errors import EXIT_PARITY_FAILURE, EXIT_USER_ERROR, DataError
+
+from .conftest import fast_profile
+
+REPORT_KEYS = {"target", "passed", "artifacts", "reference"}
+ARTIFACT_KEYS = {"name", "path", "format", "precision", "size_bytes", "primary", "latency_ms", "parity"}
+PARITY_KEYS = {"sqnr_db", "cosine", "max_abs", "mean_abs", "top1_agreement", "accuracy", "passed"}
+
+
+@pytest.fixture(scope="module")
+def digits_build(digits, tmp_path_factory):
+    out = tmp_path_factory.mktemp("b") / "digits"
+    report, folder = toolchain.build(str(digits["model"]), "x86_fbgemm", out, digits["calibration"], digits["validation"])
+    return report, folder
+
+
+def test_int8_keeps_accuracy_on_held_out_digits(digits_build):
+    report, folder = digits_build
+    data = json.loads((folder / "report.json").read_text())
+    assert data["passed"] is True and data["parity_inputs"] == "data"
+    ref_acc = data["reference"]["accuracy"]
+    assert ref_acc > 0.95, "the example model must have learnt the task for parity to mean anything"
+    int8 = [a for a in data["artifacts"] if a["precision"] == "int8"]
+    assert {a["name"] for a in int8} == {"torch_int8", "onnx_int8"}
+    for a in int8:
+        assert a["parity"]["top1_agreement"] >= 0.99, a
+        assert ref_acc - a["parity"]["accuracy"] <= 0.01, a
+        assert a["parity"]["sqnr_db"] > 25, a
+        assert a["size_bytes"] < 0.5 * data["reference"]["size_bytes"]
+
+
+def test_report_contract_keys(digits_build):
+    _, folder = digits_build
+    data = json.loads((folder / "report.json").read_text())
+    assert REPORT_KEYS <= set(data)
+    assert {"size_bytes", "latency_ms", "accuracy"} <= set(data["reference"])
+    for a in data["artifacts"]:
+        assert ARTIFACT_KEYS <= set(a) and PARITY_KEYS <= set(a["parity"])
+        assert a["latency_ms"] > 0
+    primaries = [a for a in data["artifacts"] if a["primary"]]
+    assert len(primaries) == 1 and primaries[0]["precision"] == "int8"
+    passing_int8 = [a for a in data["artifacts"] if a["precision"] == "int8" and a["parity"]["passed"]]
+    assert primaries[0]["latency_ms"] == min(a["latency_ms"] for a in passing_int8)
+    assert (folder / "report.md").read_text().startswith("# digits_cnn")
+
+
+def test_shipped_files_are_the_ones_tested(digits_build):
+    _, folder = digits_build
+    data = json.loads((folder / "report.json").read_text())
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for a in data["artifacts"]:
+        digest = hashlib.sha256((folder / a["path"]).read_bytes()).hexdigest()
+        assert digest == a["sha256"] == manifest["artifacts"][a["name"]]["sha256"]
+    assert not any(p.name == "work" or p.name.startswith(".") for p in folder.iterdir())
+
+
+def test_manifest_records_each_stage(digits_build):
+    _, folder = digits_build
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["versions"]["torch"].startswith("2.14.1")
+    assert {"onnx", "onnxruntime"} <= set(manifest["versions"])
+    stages = manifest["artifacts"]["onnx_int8"]["stages"]
+    assert [s["stage"] for s in stages] == ["export_onnx", "onnx_passes", "quantize_onnx"]
+    for before, after in zip(stages, stages[1:]):
+        assert before["output_sha256"] == after["input_sha256"]
+    assert all(s["seconds"] >= 0 and s["options"] is not None for s in stages)
+    fuse = manifest["artifacts"]["torch_int8"]["stages"][0]
+    assert fuse["facts"]["patterns"] == {"conv-bn-relu": 2, "linear-relu": 1}
+
+
+def test_reloaded_int8_torchscript_uses_quantized_kernels(digits_build, digits):
+    _, folder = digits_build
+    model = torch.jit.load(str(folder / "torch_int8.pt"))
+    assert "quantized::conv2d_relu" in str(model.graph) or "quantized::conv2d_relu" in str(model.inlined_graph)
+    x = torch.from_numpy(np.load(digits["validation"])["x"][:4])
+    assert model(x).shape == (4, 10)  # batch stays dynamic
+
+
+def test_torchscript_mlp_input(digits_arrays, tmp_path):
+    """A second trained model, given as TorchScript: quantize_jit path and ONNX via the TorchScript exporter."""
+    from toolchain.examples import train
+
+    x_train, x_test, y_train, y_test = digits_arrays
+    mlp = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+    train(mlp, x_train, y_train, epochs=20)
+    torch.jit.save(torch.jit.script(mlp), str(tmp_path / "mlp.pt"))
+    np.savez(tmp_path / "cal.npz", x=x_train[:128])
+    np.savez(tmp_path / "val.npz", x=x_test, y=y_test)
+    report, folder = toolchain.build(str(tmp_path / "mlp.pt"), str(fast_profile(tmp_path, 128, 600)), tmp_path / "out",
+                                     tmp_path / "cal.npz", tmp_path / "val.npz")
+    assert report.passed, report.to_json()
+    names = {a.name for a in report.artifacts}
+    assert names == {"torch_int8", "onnx_fp32", "onnx_int8"}
+    for a in report.artifacts:
+        assert a.parity.top1_agreement >= 0.99
+
+
+def test_pickled_module_with_trust(tmp_path, digits_arrays):
+    from toolchain.examples import digits_cnn
+
+    torch.save(digits_cnn().eval(), str(tmp_path / "m.pt"))
+    with pytest.raises(toolchain.ToolchainError, match="--trust-pickle"):
+        toolchain.build(str(tmp_path / "m.pt"), "x86_fbgemm", tmp_path / "out", input_shape="1x1x8x8")
+    assert not (tmp_path / "out").exists()
+    report, _ = toolchain.build(str(tmp_path / "m.pt"), str(fast_profile(tmp_path)), tmp_path / "out",
+                                input_shape="1x1x8x8", trust_pickle=True)
+    assert report.to_json()["parity_inputs"] == "synthetic"
+    assert any("synthetic" in w for w in report.warnings)
+
+
+def test_wrong_input_shape_leaves_no_folder(digits, tmp_path):
+    with pytest.raises(DataError, match="rejects an input of shape 1x3x8x8"):
+        toolchain.build(str(digits["model"]), "x86_fbgemm", tmp_path / "out", input_shape="1x3x8x8")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_calibration_data_of_the_wrong_shape(digits, tmp_path):
+    np.save(tmp_path / "cal.npy", np.zeros((4, 3, 8, 8), np.float32))
+    with pytest.raises(DataError, match="samples of shape 3x8x8, but the model input is 1x8x8"):
+        toolchain.build(str(digits["model"]), "x86_fbgemm", tmp_path / "out", calib=tmp_path / "cal.npy")
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_non_build_folder_is_not_replaced(digits, tmp_path):
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious" / "notes.txt").write_text("keep me")
+    with pytest.raises(toolchain.ToolchainError, match="not a toolchain build folder"):
+        toolchain.build(str(digits["model"]), "x86_fbgemm", tmp_path / "precious")
+    assert (tmp_path / "precious" / "notes.txt").read_text() == "keep me"
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "toolchain", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_cli_parity_failure_exit_code_and_json(digits, tmp_path):
+    strict = fast_profile(tmp_path, extra="")
+    strict.write_text(strict.read_text().replace("min_sqnr_db = 15.0", "min_sqnr_db = 200.0"))
+    r = _cli("build", str(digits["model"]), "--target", str(strict), "--out", str(tmp_path / "o"),
+             "--calib", str(digits["calibration"]), "--val", str(digits["validation"]), "--json")
+    assert r.returncode == EXIT_PARITY_FAILURE, r.stderr
+    data = json.loads(r.stdout)
+    assert data["passed"] is False and data["primary"] is None
+    assert all("SQNR" in a["parity"]["failures"][0] for a in data["artifacts"] if a["precision"] == "int8")
+    assert (tmp_path / "o" / "report.json").exists()  # the evidence of a failed check is kept
+
+
+@pytest.mark.parametrize("args, message", [
+    (["build", "missing.pt2"], "model file `missing.pt2` does not exist"),
+    (["build", "torchvision:resnet18", "--target", "nowhere"], "unknown target `nowhere`"),
+])
+def test_cli_user_errors_are_one_line(args, message):
+    r = _cli(*args)
+    assert r.returncode == EXIT_USER_ERROR
+    assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_bad_data_is_a_user_error(digits, tmp_path):
+    np.save(tmp_path / "nan.npy", np.full((4, 1, 8, 8), np.nan, np.float32))
+    r = _cli("build", str(digits["model"]), "--calib", str(tmp_path / "nan.npy"), "--out", str(tmp_path / "o"))
+    assert r.returncode == EXIT_USER_ERROR and "NaN" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists() and list(tmp_path.iterdir()) == [tmp_path / "nan.npy"]

@@ -1,0 +1,78 @@
+"""Target profiles: every mistake names the file, the key path and the valid values."""
+
+import re
+
+import pytest
+
+from toolchain.errors import ConfigError
+from toolchain.stages.quantize_onnx import QuantizeOnnxOptions
+from toolchain.target import builtin_targets, load_target, parse_target
+
+from .conftest import X86
+
+
+def test_builtin_x86_profile_loads_with_its_options():
+    t = load_target("x86_fbgemm")
+    assert t.name == "x86_fbgemm"
+    assert set(t.artifacts) == {"torch_int8", "onnx_fp32", "onnx_int8"}
+    assert t.stage_options["quantize_onnx"] == QuantizeOnnxOptions(calibration="minmax", per_channel=True, activations="uint8", weights="int8")
+    assert t.data.calibration_samples == 256
+    assert "x86_fbgemm" in builtin_targets()
+
+
+def test_target_by_path(tmp_path):
+    path = tmp_path / "mine.toml"
+    path.write_text(X86.read_text())
+    assert load_target(str(path)).source == str(path)
+
+
+def test_unknown_target_lists_the_valid_ones():
+    with pytest.raises(ConfigError, match=r"unknown target `nvidia_xavierr`; valid: .*x86_fbgemm"):
+        load_target("nvidia_xavierr")
+
+
+def _expect(tmp_path, text, pattern):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=pattern) as info:
+        parse_target(path)
+    assert str(path) in str(info.value)
+    return str(info.value)
+
+
+def test_malformed_toml(tmp_path):
+    _expect(tmp_path, "name = \n[[", r"not valid TOML")
+
+
+def test_unknown_key_names_the_full_path(tmp_path):
+    text = X86.read_text().replace("per_channel = true\nreduce_range", "per_chanel = true\nreduce_range")
+    _expect(tmp_path, text, r"unknown key `stages\.quantize_torch\.per_chanel`; valid keys: engine, calibration")
+
+
+def test_bad_choice_lists_valid_values(tmp_path):
+    text = X86.read_text().replace('calibration = "minmax"', 'calibration = "kl"')
+    _expect(tmp_path, text, re.escape("`stages.quantize_onnx.calibration` must be one of minmax, entropy, percentile (got 'kl')"))
+
+
+def test_wrong_type(tmp_path):
+    text = X86.read_text().replace("threads = 2", 'threads = "two"')
+    _expect(tmp_path, text, r"`runtime\.threads` must be an integer")
+
+
+def test_unknown_stage_in_an_artifact(tmp_path):
+    text = X86.read_text().replace('"fuse", "quantize_torch"', '"fusion", "quantize_torch"')
+    _expect(tmp_path, text, r"`artifacts\.torch_int8\.stages\[0\]` = 'fusion' is not a stage; valid: .*fuse")
+
+
+def test_unknown_onnxoptimizer_pass(tmp_path):
+    text = X86.read_text().replace('"eliminate_deadend",', '"eliminate_everything",')
+    _expect(tmp_path, text, r"`stages\.onnx_passes\.passes\[0\]` = 'eliminate_everything' is not an onnxoptimizer pass; valid: .*fuse_bn_into_conv")
+
+
+def test_non_positive_counts_are_refused(tmp_path):
+    text = X86.read_text().replace("calibration_samples = 256", "calibration_samples = 0")
+    _expect(tmp_path, text, r"`data\.calibration_samples` must be at least 1")
+
+
+def test_profile_without_artifacts(tmp_path):
+    _expect(tmp_path, 'name = "empty"\n', r"`artifacts` must name at least one artifact")

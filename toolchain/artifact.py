@@ -1,0 +1,83 @@
+"""The one object that flows between stages."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import io
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+
+class Kind(str, Enum):
+    """What an artifact holds; stages declare which kinds they accept."""
+
+    EAGER = "torch.nn.Module"
+    FX = "torch.fx.GraphModule"
+    EXPORTED = "torch.export.ExportedProgram"
+    TORCHSCRIPT = "torchscript"
+    ONNX = "onnx"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclasses.dataclass(frozen=True)
+class Artifact:
+    """A model at one point of the pipeline.
+
+    ``model`` is the in-memory object for PyTorch kinds; ``path`` is set once the artifact
+    lives on disk (ONNX always does). Stages never mutate ``model``: they copy it first.
+    """
+
+    kind: Kind
+    precision: str
+    lineage: tuple[str, ...] = ()
+    model: Any = dataclasses.field(default=None, compare=False, repr=False)
+    path: Path | None = None
+    engine: str | None = None  # the quantized engine a torch INT8 model was packed for
+
+    def files(self) -> list[Path]:
+        """The files that make up the artifact on disk (ONNX external data included)."""
+        if self.path is None:
+            return []
+        extra = self.path.with_name(self.path.name + ".data")
+        return [self.path, extra] if extra.exists() else [self.path]
+
+    def size_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.files())
+
+    @functools.cached_property
+    def sha256(self) -> str:
+        """sha256 of the artifact's files, or of an in-memory model's code and weights."""
+        h = hashlib.sha256()
+        if self.path is not None:
+            for p in self.files():
+                with p.open("rb") as f:
+                    for chunk in iter(lambda: f.read(1 << 20), b""):
+                        h.update(chunk)
+        else:
+            h.update(_model_bytes(self.model))
+        return h.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    return Artifact(Kind.ONNX, "", path=path).sha256
+
+
+def _model_bytes(model: Any) -> bytes:
+    import torch
+
+    if isinstance(model, torch.export.ExportedProgram):
+        structure, state = str(model.graph), model.state_dict
+    elif isinstance(model, torch.jit.ScriptModule):
+        structure, state = model.code, model.state_dict()
+    elif isinstance(model, torch.fx.GraphModule):
+        structure, state = model.code, model.state_dict()
+    else:
+        structure, state = repr(model), model.state_dict()
+    buf = io.BytesIO()
+    torch.save(dict(sorted(state.items())), buf)
+    return structure.encode() + buf.getvalue()

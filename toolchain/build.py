@@ -1,0 +1,202 @@
+"""`toolchain.build(...)`: the one function the CLI and Python users call."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .artifact import Artifact, Kind
+from .context import BuildContext
+from .data import Dataset, check_sample_shape, load_dataset, synthetic_dataset
+from .errors import DataError, StageError, ToolchainError
+from .folder import check_output, staged_folder
+from .latency import measure
+from .load import LoadedModel, load_model, parse_shape
+from .manifest import write_manifest
+from .parity import accuracy_of, compare, run_batched
+from .pipeline import Pipeline, Skipped, plan
+from .report import ArtifactReport, Report, mark_primary, write
+from .runtime import load_runner, reference_runner
+from .target import Target, load_target
+
+log = logging.getLogger("toolchain")
+FORMATS = {"torchscript": ("torchscript", ".pt"), "onnxruntime": ("onnx", ".onnx")}
+
+
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    shape: tuple[int, ...]  # batch 1
+    calibration: Dataset
+    validation: Dataset
+    warnings: tuple[str, ...]
+
+
+def build(
+    model: str,
+    target: str = "x86_fbgemm",
+    out: str | Path | None = None,
+    calib: str | Path | None = None,
+    val: str | Path | None = None,
+    input_shape: str | tuple[int, ...] | None = None,
+    trust_pickle: bool = False,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> tuple[Report, Path]:
+    """Build every artifact of ``target`` from ``model``, check each against FP32, and write
+    the build folder. Returns the report and the folder. Raises ToolchainError on bad input."""
+    started = time.perf_counter()
+    profile = load_target(target)
+    loaded = load_model(model, trust_pickle)
+    folder = Path(out) if out else Path("build") / f"{loaded.name}-{profile.name}"
+    check_output(folder)
+    inputs = prepare_inputs(loaded, profile, calib, val, input_shape)
+    reference = reference_runner(loaded.artifact, profile.runtime.threads)
+    check_model_accepts(reference, inputs.shape)
+    plans, skipped = plan(profile, loaded.artifact.kind)
+    if not plans:
+        reasons = "; ".join(f"{s.name}: {s.reason}" for s in skipped)
+        raise ToolchainError(f"target `{profile.name}` has no artifact that can be built from a {loaded.artifact.kind} model ({reasons})")
+
+    with staged_folder(folder) as tmp:
+        work = tmp / "work"
+        work.mkdir()
+        ctx = BuildContext(work, inputs.calibration, inputs.shape, loaded.dynamic_batch is not False,
+                           profile.runtime.threads, progress or (lambda *a: None))
+        log.info("running FP32 reference on %d validation inputs", len(inputs.validation.x))
+        ref_out = run_batched(reference, inputs.validation.x, profile.parity.batch_size)
+        ref_accuracy = accuracy_of(ref_out, inputs.validation.y)
+        pipeline = Pipeline(ctx)
+        reports, records, files = [], {}, {}
+        for chain in plans:
+            try:
+                artifact, records[chain.name] = pipeline.run(chain, loaded.artifact)
+            except StageError as e:
+                log.warning("skipped %s: %s", chain.name, e)
+                skipped.append(Skipped(chain.name, str(e)))
+                continue
+            shipped = ship(artifact, chain.spec.runtime, chain.name, tmp)
+            checked = check_artifact(chain.name, shipped, chain.spec.runtime, profile, inputs, ref_out, ref_accuracy)
+            reports.append(dataclasses.replace(checked, eligible=chain.spec.primary))
+            files[chain.name] = {"file": reports[-1].path, "sha256": reports[-1].sha256, "lineage": list(shipped.lineage)}
+        shutil.rmtree(work)
+        report = Report(
+            target=profile.name, target_file=profile.source, model=model_facts(loaded, inputs),
+            reference=reference_facts(loaded, reference, inputs, profile, ref_accuracy),
+            data=data_facts(inputs), artifacts=tuple(mark_primary(reports)),
+            skipped=tuple({"name": s.name, "reason": s.reason} for s in skipped),
+            warnings=inputs.warnings, build_seconds=round(time.perf_counter() - started, 2),
+        )
+        write(report, tmp)
+        write_manifest(tmp, target_file=profile.source, model=report.model, data=report.data,
+                       artifacts=files, stages={n: records[n] for n in files})
+    return report, folder
+
+
+def prepare_inputs(loaded: LoadedModel, profile: Target, calib, val, input_shape) -> Inputs:
+    warnings = []
+    n_cal, n_val = profile.data.calibration_samples, profile.data.validation_samples
+    pre = profile.data.preprocess
+    calibration = load_dataset(Path(calib), "calibration", pre).take(n_cal) if calib else None
+    validation = load_dataset(Path(val), "validation", pre).take(n_val) if val else None
+    shape = _resolve_shape(loaded, input_shape, calibration or validation)
+    sample = shape[1:]
+    if calibration is None:
+        warnings.append(f"no --calib data: calibrating on {profile.data.synthetic_samples} synthetic (random normal) inputs; INT8 ranges will not match real data")
+        calibration = synthetic_dataset(sample, profile.data.synthetic_samples, seed=0)
+    if validation is None:
+        if calibration.synthetic:
+            warnings.append("no --val data: parity is measured on synthetic inputs and says little about accuracy")
+            validation = synthetic_dataset(sample, profile.data.synthetic_samples, seed=1)
+        else:
+            warnings.append("no --val data: parity is measured on the calibration inputs, not held-out data")
+            validation = calibration.take(n_val)
+    check_sample_shape(calibration, sample, "calibration")
+    check_sample_shape(validation, sample, "validation")
+    if loaded.weights.startswith("random"):
+        warnings.append(f"{loaded.source} has random weights: {loaded.weights}")
+    for w in warnings:
+        log.warning(w)
+    return Inputs(shape, calibration, validation, tuple(warnings))
+
+
+def _resolve_shape(loaded: LoadedModel, given, data: Dataset | None) -> tuple[int, ...]:
+    if given:
+        shape = parse_shape(given) if isinstance(given, str) else tuple(given)
+        return (1, *shape[1:])
+    if loaded.input_shape:
+        return loaded.input_shape
+    if data is not None:
+        return (1, *data.x.shape[1:])
+    raise DataError(f"cannot tell the input shape of `{loaded.source}`; pass --input-shape (e.g. 1x3x224x224) or --calib data")
+
+
+def check_model_accepts(reference, shape: tuple[int, ...]) -> None:
+    try:
+        reference(np.zeros(shape, dtype=np.float32))
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise DataError(f"the model rejects an input of shape {'x'.join(map(str, shape))}: {first}") from None
+
+
+def ship(artifact: Artifact, runtime: str, name: str, folder: Path) -> Artifact:
+    """Copy the artifact's files into the build folder under the artifact's name."""
+    dest = folder / f"{name}{FORMATS[runtime][1]}"
+    extra = artifact.files()[1:]
+    if extra:  # ONNX external data: the model names its data file, so re-save under the new name
+        import onnx
+
+        from .stages.export_onnx import save_onnx
+
+        save_onnx(onnx.load(str(artifact.path)), dest, external=True)
+    else:
+        shutil.copyfile(artifact.path, dest)
+    return dataclasses.replace(artifact, path=dest, model=None)
+
+
+def check_artifact(name, artifact: Artifact, runtime: str, profile: Target, inputs: Inputs,
+                   ref_out: np.ndarray, ref_accuracy) -> ArtifactReport:
+    """Load the shipped file in its own runtime, compare with FP32 and time it."""
+    log.info("checking %s in %s", name, runtime)
+    runner = load_runner(artifact, runtime, profile.runtime.threads)
+    outputs = run_batched(runner, inputs.validation.x, profile.parity.batch_size)
+    parity = compare(ref_out, outputs, inputs.validation.y, profile.parity, ref_accuracy)
+    r = profile.runtime
+    latency = measure(runner, inputs.validation.x[:1], r.warmup_runs, r.latency_runs, r.threads)
+    return ArtifactReport(
+        name=name, path=artifact.path.name, format=FORMATS[runtime][0], runtime=runtime,
+        precision=artifact.precision, engine=artifact.engine, size_bytes=artifact.size_bytes(),
+        sha256=artifact.sha256, latency=latency, parity=parity,
+    )
+
+
+def model_facts(loaded: LoadedModel, inputs: Inputs) -> dict:
+    return {
+        "source": loaded.source, "name": loaded.name, "kind": str(loaded.artifact.kind),
+        "weights": loaded.weights, "input_shape": list(inputs.shape), "dynamic_batch": loaded.dynamic_batch,
+        "sha256": loaded.artifact.sha256,
+    }
+
+
+def reference_facts(loaded: LoadedModel, reference, inputs: Inputs, profile: Target, accuracy) -> dict:
+    r = profile.runtime
+    latency = measure(reference, inputs.validation.x[:1], r.warmup_runs, r.latency_runs, r.threads)
+    path = Path(loaded.source)
+    size = path.stat().st_size if path.is_file() else _state_bytes(loaded.artifact)
+    return {"format": str(loaded.artifact.kind), "precision": "fp32", "size_bytes": size,
+            "latency_ms": latency.median_ms, "latency_p95_ms": latency.p95_ms, "accuracy": accuracy}
+
+
+def _state_bytes(artifact: Artifact) -> int:
+    return sum(t.numel() * t.element_size() for t in artifact.model.state_dict().values())
+
+
+def data_facts(inputs: Inputs) -> dict:
+    def one(d: Dataset) -> dict:
+        return {"origin": d.origin, "samples": len(d.x), "synthetic": d.synthetic, "labels": d.y is not None}
+
+    return {"calibration": one(inputs.calibration), "validation": one(inputs.validation)}

@@ -1,0 +1,103 @@
+"""The command line: a thin layer over :func:`toolchain.build` and friends."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import warnings
+
+import click
+
+from .errors import EXIT_PARITY_FAILURE, EXIT_USER_ERROR, ToolchainError
+
+
+class _UserErrors(click.Group):
+    """A ToolchainError prints one line and exits 2; anything else is a bug with its traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except ToolchainError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(EXIT_USER_ERROR)
+
+
+@click.group(cls=_UserErrors)
+@click.version_option(package_name="toolchain")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr.")
+def main(quiet: bool) -> None:
+    """Export, quantize and validate PyTorch models for deployment targets."""
+    # torch.ao / TorchScript deprecation notices: the choice is deliberate and documented per stage
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.")
+    logging.basicConfig(level=logging.ERROR if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
+    for noisy in ("onnxscript", "onnx_ir", "torch"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+@main.command()
+@click.argument("model")
+@click.option("-t", "--target", default="x86_fbgemm", show_default=True, help="Target name (see `toolchain targets`) or a .toml profile.")
+@click.option("-o", "--out", type=click.Path(), help="Build folder [default: build/<model>-<target>].")
+@click.option("--calib", type=click.Path(), help="Calibration inputs: .npy, .npz (x) or a folder of images.")
+@click.option("--val", type=click.Path(), help="Held-out validation inputs: .npy, .npz (x, optional labels y) or an image folder.")
+@click.option("--input-shape", help="Input shape with batch, e.g. 1x3x224x224 (when the model does not say).")
+@click.option("--trust-pickle", is_flag=True, help="Allow a pickled nn.Module (unpickling runs code from the file).")
+@click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead of the table.")
+def build(model, target, out, calib, val, input_shape, trust_pickle, as_json):
+    """Build MODEL (.pt2, TorchScript .pt, or torchvision:<name>) for a target."""
+    from .build import build as run_build
+    from .report import table
+
+    report, folder = run_build(model, target, out, calib, val, input_shape, trust_pickle, progress=_progress)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        click.echo(table(report))
+        for s in report.skipped:
+            click.echo(f"skipped {s['name']}: {s['reason']}")
+        verdict = "PASSED" if report.passed else "FAILED parity"
+        click.echo(f"{verdict} in {report.build_seconds:.1f} s; build folder: {folder}")
+    if not report.passed:
+        sys.exit(EXIT_PARITY_FAILURE)
+
+
+@main.command()
+@click.option("-v", "--verbose", is_flag=True, help="Show each target's artifacts and stage options.")
+def targets(verbose: bool) -> None:
+    """List the target profiles."""
+    from .options import options_as_dict
+    from .target import builtin_targets, parse_target
+
+    for name, path in builtin_targets().items():
+        t = parse_target(path)
+        click.echo(f"{name:24} {t.description}")
+        if verbose:
+            click.echo(f"{'':24} file: {path}")
+            for art, spec in t.artifacts.items():
+                click.echo(f"{'':24} artifact {art}: {' -> '.join(spec.stages)} ({spec.runtime})")
+            for stage, opts in t.stage_options.items():
+                click.echo(f"{'':24} [stages.{stage}] {options_as_dict(opts)}")
+
+
+@main.command()
+@click.argument("name", type=click.Choice(["digits"]), default="digits")
+@click.option("-o", "--out", type=click.Path(), default="build/example", show_default=True)
+def example(name: str, out: str) -> None:
+    """Train the built-in example model and write it with calibration and validation data."""
+    from .examples import write_digits_example
+
+    paths = write_digits_example(out)
+    for role, path in paths.items():
+        click.echo(f"{role:12} {path}")
+
+
+
+
+def _progress(label: str, done: int, total: int) -> None:
+    if not sys.stderr.isatty():
+        if done == total:
+            click.echo(f"{label}: {total} samples", err=True)
+        return
+    click.echo(f"\r{label}: {done}/{total}", err=True, nl=done == total)

@@ -1,0 +1,143 @@
+"""Calibration and validation inputs: `.npy`, `.npz` (`x`, optional labels `y`), image folders,
+or synthetic inputs when the user gives none."""
+
+from __future__ import annotations
+
+import dataclasses
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DataError
+from .options import option
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm"}
+
+
+@dataclasses.dataclass(frozen=True)
+class PreprocessOptions:
+    """How a folder of images becomes model inputs (arrays are used as they are)."""
+
+    resize: int = option(256, "resize the shorter image side to this many pixels")
+    crop: int = option(224, "then center-crop a square of this many pixels")
+    mean: tuple[float, ...] = option((0.485, 0.456, 0.406), "per-channel mean subtracted after scaling to [0, 1]")
+    std: tuple[float, ...] = option((0.229, 0.224, 0.225), "per-channel standard deviation divided by")
+    grayscale: bool = option(False, "convert images to one channel")
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """Model inputs ``x`` (N, *sample_shape) as float32, optional integer labels ``y``."""
+
+    x: np.ndarray
+    y: np.ndarray | None
+    origin: str  # the file or folder, or "synthetic"
+
+    @property
+    def synthetic(self) -> bool:
+        return self.origin == "synthetic"
+
+    def take(self, n: int) -> "Dataset":
+        return Dataset(self.x[:n], None if self.y is None else self.y[:n], self.origin)
+
+    def batches(self, size: int):
+        for i in range(0, len(self.x), size):
+            yield self.x[i : i + size]
+
+
+def load_dataset(path: Path, role: str, preprocess: PreprocessOptions) -> Dataset:
+    """Read inputs for ``role`` ("calibration" or "validation") and check them."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{role} data `{path}` does not exist")
+    if path.is_dir():
+        x, y = _read_image_folder(path, role, preprocess)
+    elif path.suffix in (".npy", ".npz"):
+        x, y = _read_array_file(path, role)
+    else:
+        raise DataError(f"{role} data `{path}` must be a .npy or .npz file or a folder of images")
+    return _checked(x, y, str(path), role)
+
+
+def synthetic_dataset(sample_shape: tuple[int, ...], count: int, seed: int = 0) -> Dataset:
+    rng = np.random.default_rng(seed)
+    return Dataset(rng.standard_normal((count, *sample_shape), dtype=np.float32), None, "synthetic")
+
+
+def check_sample_shape(data: Dataset, sample_shape: tuple[int, ...], role: str) -> None:
+    if tuple(data.x.shape[1:]) != tuple(sample_shape):
+        raise DataError(
+            f"{role} data `{data.origin}` has samples of shape {_fmt(data.x.shape[1:])}, "
+            f"but the model input is {_fmt(sample_shape)} (batch dimension excluded)"
+        )
+
+
+def _fmt(shape) -> str:
+    return "x".join(map(str, shape))
+
+
+def _read_array_file(path: Path, role: str) -> tuple[np.ndarray, np.ndarray | None]:
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise DataError(f"{role} data `{path}` cannot be read: {e}") from None
+    if isinstance(loaded, np.ndarray):
+        return loaded, None
+    with loaded:
+        names = list(loaded.files)
+        key = "x" if "x" in names else (names[0] if len(names) == 1 else None)
+        if key is None:
+            raise DataError(f"{role} data `{path}` must hold an array `x` (and optionally `y`); found {', '.join(names) or 'nothing'}")
+        return loaded[key], (loaded["y"] if "y" in names else None)
+
+
+def _read_image_folder(path: Path, role: str, pre: PreprocessOptions) -> tuple[np.ndarray, np.ndarray | None]:
+    from PIL import Image, UnidentifiedImageError
+
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DataError(f"{role} data `{path}` holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    classes = sorted({p.parent.relative_to(path).as_posix() for p in files})
+    labelled = classes != ["."]
+    xs, ys = [], []
+    for p in files:
+        try:
+            with Image.open(p) as img:
+                xs.append(_preprocess(img, pre))
+        except (UnidentifiedImageError, OSError) as e:
+            raise DataError(f"{role} image `{p}` cannot be decoded: {e}") from None
+        ys.append(classes.index(p.parent.relative_to(path).as_posix()))
+    return np.stack(xs), (np.asarray(ys) if labelled else None)
+
+
+def _preprocess(img, pre: PreprocessOptions) -> np.ndarray:
+    img = img.convert("L" if pre.grayscale else "RGB")
+    w, h = img.size
+    scale = pre.resize / min(w, h)
+    img = img.resize((max(pre.crop, round(w * scale)), max(pre.crop, round(h * scale))))
+    w, h = img.size
+    left, top = (w - pre.crop) // 2, (h - pre.crop) // 2
+    img = img.crop((left, top, left + pre.crop, top + pre.crop))
+    a = np.asarray(img, dtype=np.float32) / 255.0
+    a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+    channels = a.shape[0]
+    mean = np.asarray(pre.mean[:channels], dtype=np.float32).reshape(-1, 1, 1)
+    std = np.asarray(pre.std[:channels], dtype=np.float32).reshape(-1, 1, 1)
+    return (a - mean) / std
+
+
+def _checked(x: np.ndarray, y: np.ndarray | None, origin: str, role: str) -> Dataset:
+    if not np.issubdtype(x.dtype, np.number):
+        raise DataError(f"{role} data `{origin}` must be numeric (got dtype {x.dtype})")
+    if x.ndim < 2 or len(x) == 0:
+        raise DataError(f"{role} data `{origin}` is empty: need an array of shape (N, ...) with N >= 1")
+    x = x.astype(np.float32, copy=False)
+    if not np.isfinite(x).all():
+        bad = int((~np.isfinite(x)).reshape(len(x), -1).any(axis=1).sum())
+        raise DataError(f"{role} data `{origin}` has NaN or infinite values in {bad} of {len(x)} samples")
+    if y is not None:
+        y = np.asarray(y)
+        if y.shape != (len(x),) or not np.issubdtype(y.dtype, np.integer):
+            raise DataError(f"{role} labels `y` in `{origin}` must be {len(x)} integers (got shape {y.shape}, dtype {y.dtype})")
+    return Dataset(np.ascontiguousarray(x), y, origin)

@@ -1,0 +1,61 @@
+"""A small real model for the demo and the tests: a CNN trained on scikit-learn's digits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def digits_data(seed: int = 0):
+    """(x_train, y_train, x_test, y_test): 8x8 digit images scaled to [0, 1], shape (N, 1, 8, 8)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = (digits.images / 16.0).astype(np.float32)[:, None]
+    return train_test_split(x, digits.target.astype(np.int64), test_size=0.33, random_state=seed, stratify=digits.target)
+
+
+def digits_cnn():
+    from torch import nn
+
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.MaxPool2d(2), nn.Flatten(),
+        nn.Linear(32 * 4 * 4, 64), nn.ReLU(),
+        nn.Linear(64, 10),
+    )
+
+
+def train(model, x: np.ndarray, y: np.ndarray, epochs: int = 15, seed: int = 0):
+    import torch
+
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    model.train()
+    for _ in range(epochs):
+        for idx in torch.randperm(len(xt)).split(64):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
+            opt.step()
+    return model.eval()
+
+
+def write_digits_example(out: str | Path) -> dict[str, Path]:
+    """Train the digits CNN and write `digits_cnn.pt2`, `calib.npz` and `val.npz` (with labels)."""
+    import torch
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    x_train, x_test, y_train, y_test = digits_data()
+    model = train(digits_cnn(), x_train, y_train)
+    example = torch.from_numpy(x_train[:2])
+    ep = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},))
+    paths = {"model": out / "digits_cnn.pt2", "calibration": out / "calib.npz", "validation": out / "val.npz"}
+    torch.export.save(ep, str(paths["model"]))
+    np.savez(paths["calibration"], x=x_train[:256])
+    np.savez(paths["validation"], x=x_test, y=y_test)
+    return paths

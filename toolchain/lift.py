@@ -1,0 +1,141 @@
+"""Lift an exported (aten-level) graph back to module form.
+
+``ExportedProgram.module()`` calls ``aten.conv2d(x, weight, bias, ...)`` on parameters;
+FX graph-mode fusion and quantization match *modules* (``nn.Conv2d`` followed by
+``nn.BatchNorm2d``) and torch functionals. This pass rebuilds those modules from the
+parameters and maps aten calls onto the equivalent functionals, so a `.pt2` model goes
+through the same fusion and quantization as an eager one. Ops without a mapping stay as
+they are and simply run in FP32.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+aten = torch.ops.aten
+
+_FUNCTIONALS: dict[Any, Callable] = {
+    aten.add.Tensor: torch.add,
+    aten.add_.Tensor: torch.add,
+    aten.mul.Tensor: torch.mul,
+    aten.cat.default: torch.cat,
+    aten.flatten.using_ints: torch.flatten,
+    aten.mean.dim: torch.mean,
+    aten.adaptive_avg_pool2d.default: F.adaptive_avg_pool2d,
+    aten.avg_pool2d.default: F.avg_pool2d,
+    aten.max_pool2d.default: F.max_pool2d,
+    aten.hardswish.default: F.hardswish,
+    aten.hardswish_.default: F.hardswish,
+    aten.hardsigmoid.default: F.hardsigmoid,
+    aten.hardtanh.default: F.hardtanh,
+    aten.hardtanh_.default: F.hardtanh,
+    aten.sigmoid.default: torch.sigmoid,
+    aten.silu.default: F.silu,
+    aten.silu_.default: F.silu,
+    aten.dropout.default: lambda x, p, train: x,
+}
+_RELU = {aten.relu.default, aten.relu_.default}
+_CONV = {aten.conv1d.default: nn.Conv1d, aten.conv2d.default: nn.Conv2d, aten.conv3d.default: nn.Conv3d}
+_BATCH_NORM = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
+
+
+def lift_exported(ep: "torch.export.ExportedProgram") -> tuple[torch.fx.GraphModule, int]:
+    """Return the module-form GraphModule and how many calls were lifted to modules."""
+    gm = ep.module()
+    ranks = {n.name: len(n.meta["val"].shape) for n in ep.graph.nodes if hasattr(n.meta.get("val"), "shape")}
+    lifted = 0
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn" and not node.users:
+            gm.graph.erase_node(node)
+            continue
+        if node.op != "call_function":
+            continue
+        module = _module_for(gm, node, ranks)
+        if module is not None:
+            name = _unique_name(gm, _owner(node))
+            gm.add_submodule(name, module)
+            with gm.graph.inserting_before(node):
+                new = gm.graph.call_module(name, (node.args[0],))
+            if node.name in ranks:
+                ranks[new.name] = ranks[node.name]
+            node.replace_all_uses_with(new)
+            gm.graph.erase_node(node)
+            lifted += 1
+        elif node.target in _FUNCTIONALS:
+            node.target = _FUNCTIONALS[node.target]
+    gm.graph.eliminate_dead_code()
+    # a plain GraphModule: the exported one refuses .eval(), which fusion needs
+    plain = torch.fx.GraphModule(gm, gm.graph).eval()
+    plain.delete_all_unused_submodules()
+    plain.recompile()
+    return plain, lifted
+
+
+def _module_for(gm: torch.fx.GraphModule, node: torch.fx.Node, ranks: dict[str, int]) -> nn.Module | None:
+    if node.target in _RELU:
+        return nn.ReLU()
+    params = [_attr(gm, a) for a in node.args[1:]]
+    if node.target in _CONV:
+        return _conv(_CONV[node.target], params, node.args)
+    if node.target is aten.linear.default and params and isinstance(params[0], torch.Tensor):
+        weight, bias = params[0], (params[1] if len(params) > 1 else None)
+        mod = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+        return _load(mod, weight, bias)
+    rank = ranks.get(getattr(node.args[0], "name", None)) if node.args else None
+    if node.target is aten.batch_norm.default and rank in _BATCH_NORM and len(params) >= 4 and node.args[5] is False:
+        weight, bias, mean, var = params[:4]
+        if not all(isinstance(t, torch.Tensor) for t in (weight, bias, mean, var)):
+            return None
+        mod = _BATCH_NORM[rank](weight.shape[0], eps=node.args[7])
+        mod.load_state_dict({"weight": weight, "bias": bias, "running_mean": mean, "running_var": var}, strict=False)
+        return mod.eval()
+    return None
+
+
+def _conv(cls: type, params: list, args: tuple) -> nn.Module | None:
+    if not params or not isinstance(params[0], torch.Tensor):
+        return None
+    weight = params[0]
+    bias = params[1] if len(params) > 1 and isinstance(params[1], torch.Tensor) else None
+    stride, padding, dilation, groups = (list(args[3:7]) + [1, 0, 1, 1][len(args[3:7]):])
+    if isinstance(padding, str):
+        return None
+    mod = cls(
+        weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]),
+        stride=stride, padding=padding, dilation=dilation, groups=groups, bias=bias is not None,
+    )
+    return _load(mod, weight, bias)
+
+
+def _load(mod: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    with torch.no_grad():
+        mod.weight.copy_(weight)
+        if bias is not None:
+            mod.bias.copy_(bias)
+    return mod.eval()
+
+
+def _attr(gm: torch.fx.GraphModule, arg: Any) -> Any:
+    if isinstance(arg, torch.fx.Node) and arg.op == "get_attr":
+        return functools.reduce(getattr, arg.target.split("."), gm)
+    return arg
+
+
+def _owner(node: torch.fx.Node) -> str:
+    """`layer1.0.conv1.weight` -> `layer1_0_conv1`: name the module after its parameters."""
+    for arg in node.args[1:2]:
+        if isinstance(arg, torch.fx.Node) and arg.op == "get_attr":
+            return arg.target.rsplit(".", 1)[0].replace(".", "_") or "lifted"
+    return node.name
+
+
+def _unique_name(gm: torch.fx.GraphModule, base: str) -> str:
+    name, i = f"{base}_lifted", 1
+    while hasattr(gm, name):
+        name, i = f"{base}_lifted{i}", i + 1
+    return name

@@ -1,0 +1,49 @@
+"""Calibration observers for PyTorch INT8, chosen by the profile's `calibration` name."""
+
+from __future__ import annotations
+
+import torch
+from torch.ao.quantization.observer import HistogramObserver
+
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+
+
+class PercentileObserver(HistogramObserver):
+    """Clip activations at a percentile of the observed histogram instead of min/max.
+
+    ``torch.ao`` has no percentile observer; this reuses HistogramObserver's running
+    histogram and only changes how the range is chosen. A range that never goes below zero
+    (after ReLU) keeps its lower bound at zero.
+    """
+
+    def __init__(self, percentile: float = 99.99, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.percentile = percentile
+
+    @torch.jit.export
+    def calculate_qparams(self):
+        if self.histogram.sum() == 0 or self.min_val == self.max_val:
+            return super().calculate_qparams()
+        cdf = torch.cumsum(self.histogram, 0) / self.histogram.sum()
+        edges = torch.linspace(self.min_val.item(), self.max_val.item(), self.histogram.numel() + 1)
+        tail = (100.0 - self.percentile) / 100.0
+        hi = edges[1:][torch.searchsorted(cdf, torch.tensor(1.0 - tail)).clamp(max=cdf.numel() - 1)]
+        lo = self.min_val if self.min_val >= 0 else edges[torch.searchsorted(cdf, torch.tensor(tail))]
+        return self._calculate_qparams(torch.as_tensor(lo).reshape(1), torch.as_tensor(hi).reshape(1))
+
+
+def make_qconfig(calibration: str, percentile: float, per_channel: bool, reduce_range: bool, engine: str):
+    from torch.ao.quantization import QConfig
+    from torch.ao.quantization.observer import MinMaxObserver, PerChannelMinMaxObserver
+
+    act_kwargs = dict(dtype=torch.quint8, qscheme=torch.per_tensor_affine, reduce_range=reduce_range)
+    activation = {
+        "minmax": MinMaxObserver.with_args(**act_kwargs),
+        "entropy": HistogramObserver.with_args(**act_kwargs),
+        "percentile": PercentileObserver.with_args(percentile=percentile, **act_kwargs),
+    }[calibration]
+    if per_channel and engine != "qnnpack":
+        weight = PerChannelMinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_channel_symmetric)
+    else:
+        weight = MinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric)
+    return QConfig(activation=activation, weight=weight)

@@ -1,0 +1,79 @@
+"""Plan each artifact's chain of stages, check it before anything runs, then run it.
+
+Chains that share a prefix (FP32 ONNX and INT8 ONNX both start with export and graph
+passes) run the prefix once: results are cached on (stage, options, input sha256).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from .artifact import Artifact, Kind
+from .context import BuildContext
+from .errors import StageError
+from .stage import Stage, StageRecord
+from .target import ArtifactSpec, Target
+
+RUNTIME_KINDS = {"torchscript": Kind.TORCHSCRIPT, "onnxruntime": Kind.ONNX}
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    name: str
+    spec: ArtifactSpec
+    stages: tuple[Stage, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Skipped:
+    """An artifact the build could not make, and why; the report lists it."""
+
+    name: str
+    reason: str
+    stage: str | None = None  # the stage that failed, when one ran and failed
+
+
+def plan(target: Target, input_kind: Kind) -> tuple[list[Plan], list[Skipped]]:
+    plans, skipped = [], []
+    for name, spec in target.artifacts.items():
+        stages = tuple(target.stage(s) for s in spec.stages)
+        reason = check_chain(stages, input_kind, RUNTIME_KINDS[spec.runtime], spec.runtime)
+        if reason:
+            skipped.append(Skipped(name, reason))
+        else:
+            plans.append(Plan(name, spec, stages))
+    return plans, skipped
+
+
+def check_chain(stages: tuple[Stage, ...], kind: Kind, final: Kind, runtime: str) -> str | None:
+    """None when the chain can run on ``kind`` and ends in what ``runtime`` loads, else why not."""
+    for stage in stages:
+        if kind not in stage.transitions:
+            accepted = ", ".join(sorted(str(k) for k in stage.accepts()))
+            return f"stage `{stage.name}` accepts {accepted}; here it would get {kind}"
+        kind = stage.transitions[kind]
+    if kind is not final:
+        return f"the chain ends in {kind}, but the `{runtime}` runtime loads {final}"
+    return None
+
+
+class Pipeline:
+    def __init__(self, ctx: BuildContext) -> None:
+        self.ctx = ctx
+        self._cache: dict[tuple, tuple[Artifact, StageRecord] | StageError] = {}
+
+    def run(self, chain: Plan, reference: Artifact) -> tuple[Artifact, list[StageRecord]]:
+        artifact, records = reference, []
+        for stage in chain.stages:
+            key = (stage.name, repr(stage.options), artifact.sha256)
+            if key not in self._cache:
+                try:
+                    self._cache[key] = stage.run(artifact, self.ctx)
+                except StageError as e:
+                    self._cache[key] = e
+            outcome = self._cache[key]
+            if isinstance(outcome, StageError):
+                raise outcome
+            artifact, record = outcome
+            records.append(record)
+        return artifact, records

@@ -1,0 +1,91 @@
+"""Stages: one step of a build, with declared input and output kinds and its own options."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any, ClassVar, Mapping, NamedTuple
+
+from .artifact import Artifact, Kind
+from .context import BuildContext
+from .options import options_as_dict
+from .registry import Registry
+
+log = logging.getLogger("toolchain")
+
+
+@dataclasses.dataclass(frozen=True)
+class NoOptions:
+    """This stage has no options."""
+
+
+class StageResult(NamedTuple):
+    artifact: Artifact
+    facts: Mapping[str, Any] = {}  # what the stage found or did, for the manifest
+
+
+@dataclasses.dataclass(frozen=True)
+class StageRecord:
+    """One manifest entry: what ran, on what, with which options, and how long it took."""
+
+    stage: str
+    options: Mapping[str, Any]
+    input_kind: str
+    output_kind: str
+    input_sha256: str
+    output_sha256: str
+    seconds: float
+    facts: Mapping[str, Any]
+
+
+class Stage:
+    """Subclasses set ``name``, ``transitions`` (input kind -> output kind) and ``Options``,
+    and override :meth:`apply`. :meth:`run` does the bookkeeping."""
+
+    name: ClassVar[str]
+    transitions: ClassVar[Mapping[Kind, Kind]]
+    Options: ClassVar[type] = NoOptions
+
+    def __init__(self, options: Any = None) -> None:
+        self.options = options if options is not None else self.Options()
+
+    @classmethod
+    def accepts(cls) -> frozenset[Kind]:
+        return frozenset(cls.transitions)
+
+    @classmethod
+    def check_options(cls, options: Any, where: str, source: str) -> None:
+        """Checks beyond the option types (e.g. names a library must know); raise ConfigError."""
+
+    def run(self, artifact: Artifact, ctx: BuildContext) -> tuple[Artifact, StageRecord]:
+        log.info("stage %s: %s", self.name, artifact.kind)
+        start = time.perf_counter()
+        result = self.apply(artifact, ctx)
+        seconds = time.perf_counter() - start
+        out = dataclasses.replace(result.artifact, lineage=artifact.lineage + (self.name,))
+        expected = self.transitions[artifact.kind]
+        if out.kind is not expected:
+            raise AssertionError(f"stage {self.name} produced {out.kind}, declared {expected}")
+        record = StageRecord(
+            stage=self.name,
+            options=options_as_dict(self.options),
+            input_kind=str(artifact.kind),
+            output_kind=str(out.kind),
+            input_sha256=artifact.sha256,
+            output_sha256=out.sha256,
+            seconds=round(seconds, 3),
+            facts=dict(result.facts),
+        )
+        return out, record
+
+    def apply(self, artifact: Artifact, ctx: BuildContext) -> StageResult:
+        raise NotImplementedError
+
+
+STAGES: Registry[type[Stage]] = Registry("stage")
+
+
+def register_stage(cls: type[Stage]) -> type[Stage]:
+    STAGES.register(cls.name, cls)
+    return cls

@@ -1,0 +1,112 @@
+"""Export to ONNX, check it, and keep the batch dimension dynamic where the model allows."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import warnings
+
+from ..artifact import Artifact, Kind
+from ..context import BuildContext
+from ..errors import StageError
+from ..options import option
+from ..stage import Stage, StageResult, register_stage
+
+INPUT_NAME, OUTPUT_NAME = "input", "output"
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportOnnxOptions:
+    opset: int = option(18, "ONNX opset written; lower than the exporter's own means a checked version conversion")
+    dynamic_batch: bool = option(True, "keep the batch dimension dynamic (falls back to static if the model fixes it)")
+    external_data_mb: int = option(1024, "store weights in `<file>.data` beside the model above this size (protobuf caps files at 2 GiB)")
+
+
+@register_stage
+class ExportOnnx(Stage):
+    name = "export_onnx"
+    transitions = {Kind.EAGER: Kind.ONNX, Kind.EXPORTED: Kind.ONNX, Kind.TORCHSCRIPT: Kind.ONNX, Kind.FX: Kind.ONNX}
+    Options = ExportOnnxOptions
+
+    def apply(self, artifact: Artifact, ctx: BuildContext) -> StageResult:
+        import onnx
+
+        dynamic = self.options.dynamic_batch and ctx.dynamic_batch
+        try:
+            proto, exporter = _export(artifact, ctx, dynamic)
+        except Exception as e:
+            if not dynamic:
+                raise StageError(f"export_onnx: {_reason(e)}") from None
+            proto, exporter = _export(artifact, ctx, False)
+            dynamic = False
+        exported_opset = _opset(proto)
+        if self.options.opset < exported_opset:
+            proto = convert_opset(proto, self.options.opset)
+        path = ctx.workdir / f"{artifact.precision}-{artifact.sha256[:12]}.onnx"
+        external = proto.ByteSize() > self.options.external_data_mb * 2**20
+        save_onnx(proto, path, external)
+        onnx.checker.check_model(str(path), full_check=True)
+        facts = {
+            "exporter": exporter, "opset": _opset(proto), "exported_opset": exported_opset,
+            "dynamic_batch": dynamic, "external_data": external, "nodes": len(proto.graph.node),
+        }
+        return StageResult(dataclasses.replace(artifact, kind=Kind.ONNX, model=None, path=path), facts)
+
+
+def _export(artifact: Artifact, ctx: BuildContext, dynamic: bool):
+    import torch
+
+    example = (ctx.example(),)
+    quiet = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(quiet):
+        warnings.simplefilter("ignore")
+        if artifact.kind is Kind.TORCHSCRIPT:
+            # the dynamo exporter cannot trace TorchScript; the TorchScript exporter still ships in 2.14
+            f = io.BytesIO()
+            axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic else None
+            torch.onnx.export(artifact.model, example, f, dynamo=False, input_names=[INPUT_NAME],
+                              output_names=[OUTPUT_NAME], dynamic_axes=axes, opset_version=17)
+            import onnx
+
+            return onnx.load_from_string(f.getvalue()), "torchscript"
+        model = artifact.model
+        shapes = None
+        if artifact.kind is not Kind.EXPORTED and dynamic:
+            shapes = ({0: torch.export.Dim("batch", min=1, max=4096)},)
+        if artifact.kind is Kind.EXPORTED and not dynamic:
+            model = model.module()
+        program = torch.onnx.export(model, example, dynamo=True, dynamic_shapes=shapes,
+                                    input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], verbose=False)
+    return program.model_proto, "dynamo"
+
+
+def convert_opset(proto, opset: int):
+    import onnx
+    from onnx import version_converter
+
+    try:
+        converted = version_converter.convert_version(proto, opset)
+        onnx.checker.check_model(converted)
+    except Exception as e:
+        raise StageError(f"export_onnx: cannot convert the model down to opset {opset}: {_reason(e)}") from None
+    return converted
+
+
+def save_onnx(proto, path, external: bool) -> None:
+    import onnx
+
+    if external:
+        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(proto, str(path))
+
+
+def _opset(proto) -> int:
+    return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def _reason(e: BaseException) -> str:
+    lines = [l for l in str(e).splitlines() if l.strip()]
+    return (lines[0] if lines else type(e).__name__)[:300]

@@ -1,0 +1,91 @@
+"""Static INT8 post-training quantization of a PyTorch model, calibrated on real inputs.
+
+Why ``torch.ao.quantization`` (deprecated) and not torchao's pt2e flow here: the artifact
+this stage feeds is a self-contained TorchScript file that runs fbgemm/x86 (or qnnpack)
+INT8 kernels with no compiler on the target. pt2e's ``convert_pt2e`` yields a reference
+graph of quantize/dequantize ops that is only fast after ``torch.compile`` (inductor), so
+it cannot produce that artifact in torch 2.14.1. FX graph mode is used for eager and
+exported models, ``quantize_jit`` for TorchScript ones.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import warnings
+from typing import Literal
+
+from ..artifact import Artifact, Kind
+from ..context import BuildContext
+from ..errors import StageError
+from ..observers import make_qconfig
+from ..options import option
+from ..stage import Stage, StageResult, register_stage
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeTorchOptions:
+    engine: Literal["x86", "fbgemm", "qnnpack"] = option("x86", "PyTorch quantized engine the INT8 kernels are packed for")
+    calibration: Literal["minmax", "entropy", "percentile"] = option(
+        "entropy", "activation range: running min/max, histogram search for the least quantization error, or a percentile"
+    )
+    percentile: float = option(99.99, "with calibration = percentile: the percentile kept")
+    per_channel: bool = option(True, "per-output-channel symmetric weight scales (per-tensor when false)")
+    reduce_range: bool = option(True, "7-bit activations, avoiding accumulator overflow on CPUs without VNNI")
+    batch_size: int = option(32, "calibration batch size")
+
+
+@register_stage
+class QuantizeTorch(Stage):
+    name = "quantize_torch"
+    transitions = {Kind.FX: Kind.FX, Kind.TORCHSCRIPT: Kind.TORCHSCRIPT}
+    Options = QuantizeTorchOptions
+
+    def apply(self, artifact: Artifact, ctx: BuildContext) -> StageResult:
+        import torch
+
+        o = self.options
+        qconfig = make_qconfig(o.calibration, o.percentile, o.per_channel, o.reduce_range, o.engine)
+        batches = [torch.from_numpy(b) for b in ctx.calibration.batches(o.batch_size)]
+        torch.backends.quantized.engine = o.engine
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            try:
+                if artifact.kind is Kind.FX:
+                    model = _quantize_fx(artifact.model, qconfig, batches, ctx)
+                else:
+                    model = _quantize_jit(artifact.model, qconfig, batches, ctx)
+            except (RuntimeError, NotImplementedError, AssertionError) as e:
+                raise StageError(f"quantize_torch: {o.engine} cannot quantize this model: {str(e).splitlines()[0][:300]}") from None
+        facts = {"calibration_samples": len(ctx.calibration.x), "engine": o.engine}
+        return StageResult(dataclasses.replace(artifact, model=model, precision="int8", engine=o.engine), facts)
+
+
+def _quantize_fx(model, qconfig, batches, ctx: BuildContext):
+    import torch
+    from torch.ao.quantization import QConfigMapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    mapping = QConfigMapping().set_global(qconfig)
+    prepared = prepare_fx(copy.deepcopy(model), mapping, (batches[0][:1],))
+    with torch.inference_mode():
+        _calibrate(prepared, batches, ctx)
+    return convert_fx(prepared)
+
+
+def _quantize_jit(model, qconfig, batches, ctx: BuildContext):
+    import torch
+    from torch.ao.quantization import quantize_jit
+
+    return quantize_jit(model, {"": qconfig}, lambda m, bs: _calibrate(m, bs, ctx), [batches], inplace=False)
+
+
+def _calibrate(model, batches, ctx: BuildContext) -> None:
+    import torch
+
+    done, total = 0, sum(len(b) for b in batches)
+    with torch.no_grad():
+        for batch in batches:
+            model(batch)
+            done += len(batch)
+            ctx.progress("calibrating (torch)", done, total)

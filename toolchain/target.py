@@ -1,0 +1,163 @@
+"""Target profiles: per-hardware TOML files in `targets/` mapped onto typed options.
+
+A profile names the artifacts to build, each as a chain of registered stages, and gives
+options per stage under `[stages.<name>]`, data and runtime settings, and the parity
+thresholds every artifact must meet against the FP32 model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+from .data import PreprocessOptions
+from .errors import ConfigError
+from .options import option, parse_options
+from .stage import STAGES
+
+RUNTIMES = ("torchscript", "onnxruntime")
+
+
+@dataclasses.dataclass(frozen=True)
+class ArtifactSpec:
+    stages: tuple[str, ...] = option((), "stages applied in order to the FP32 model")
+    runtime: Literal["torchscript", "onnxruntime"] = option("onnxruntime", "runtime the artifact is loaded and checked in")
+    description: str = option("", "what the artifact is for")
+    primary: bool = option(True, "may be chosen as the primary artifact (fastest that passes parity)")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataOptions:
+    calibration_samples: int = option(256, "calibration inputs used (the first N of --calib)")
+    validation_samples: int = option(512, "validation inputs used for parity (the first N of --val)")
+    synthetic_samples: int = option(64, "inputs generated when no data is given (parity marked synthetic)")
+    preprocess: PreprocessOptions = option(PreprocessOptions(), "image-folder preprocessing")
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeOptions:
+    threads: int = option(2, "intra-op threads for every runtime, latency included")
+    layout: Literal["NCHW", "NHWC"] = option("NCHW", "input memory layout the artifacts expect")
+    batch_sizes: tuple[int, ...] = option((1,), "batch sizes the deployment runs; latency is reported at batch 1")
+    warmup_runs: int = option(5, "runs discarded before timing")
+    latency_runs: int = option(30, "timed runs; the median is reported")
+
+
+@dataclasses.dataclass(frozen=True)
+class ParityThresholds:
+    min_sqnr_db: float = option(20.0, "signal-to-quantization-noise ratio of the outputs against FP32, in dB")
+    min_cosine: float = option(0.99, "mean per-sample cosine similarity with FP32 outputs")
+    min_top1_agreement: float = option(0.99, "share of samples whose arg-max equals FP32's (classifiers)")
+    max_accuracy_drop: float = option(0.01, "largest accuracy loss against FP32 when labels are given (absolute)")
+    batch_size: int = option(32, "batch size for running the validation inputs")
+
+
+@dataclasses.dataclass(frozen=True)
+class _ProfileFile:
+    name: str = option("", "target name")
+    description: str = option("", "what hardware this target is for")
+    data: DataOptions = option(DataOptions(), "calibration and validation data")
+    runtime: RuntimeOptions = option(RuntimeOptions(), "how artifacts are run and timed")
+    parity: ParityThresholds = option(ParityThresholds(), "pass/fail thresholds against FP32")
+    artifacts: dict[str, Any] = option(None, "artifact name -> ArtifactSpec")
+    stages: dict[str, Any] = option(None, "stage name -> that stage's options")
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    name: str
+    description: str
+    source: str
+    data: DataOptions
+    runtime: RuntimeOptions
+    parity: ParityThresholds
+    artifacts: Mapping[str, ArtifactSpec]
+    stage_options: Mapping[str, Any]
+
+    def stage(self, name: str):
+        """An instance of stage ``name`` with this target's options for it."""
+        return STAGES.get(name)(self.stage_options.get(name))
+
+
+def targets_dirs() -> list[Path]:
+    dirs = [Path(os.environ["TOOLCHAIN_TARGETS"])] if os.environ.get("TOOLCHAIN_TARGETS") else []
+    dirs += [Path(__file__).resolve().parent.parent / "targets", Path(sys.prefix) / "share" / "toolchain" / "targets"]
+    return [d for d in dirs if d.is_dir()]
+
+
+def builtin_targets() -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for d in reversed(targets_dirs()):
+        found.update({p.stem: p for p in d.glob("*.toml")})
+    return dict(sorted(found.items()))
+
+
+def load_target(name_or_path: str) -> Target:
+    if name_or_path.endswith(".toml") or os.sep in name_or_path:
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise ConfigError(f"target profile `{name_or_path}` does not exist")
+    else:
+        known = builtin_targets()
+        if name_or_path not in known:
+            raise ConfigError(f"unknown target `{name_or_path}`; valid: {', '.join(known) or '(none found)'}")
+        path = known[name_or_path]
+    return parse_target(path)
+
+
+def parse_target(path: Path) -> Target:
+    from . import stages  # noqa: F401  (registers the stages)
+
+    source = str(path)
+    try:
+        table = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{source}: not valid TOML: {e}") from None
+    raw = parse_options(_ProfileFile, table, "", source)
+    if not raw.artifacts:
+        raise ConfigError(f"{source}: `artifacts` must name at least one artifact")
+    artifacts = {n: _artifact(n, t, source) for n, t in raw.artifacts.items()}
+    stage_options = {n: _stage_options(n, t, source) for n, t in (raw.stages or {}).items()}
+    _check_positive(raw, source)
+    return Target(
+        name=raw.name or path.stem, description=raw.description, source=source, data=raw.data,
+        runtime=raw.runtime, parity=raw.parity, artifacts=artifacts, stage_options=stage_options,
+    )
+
+
+def _artifact(name: str, table: Any, source: str) -> ArtifactSpec:
+    spec = parse_options(ArtifactSpec, table, f"artifacts.{name}", source)
+    if not spec.stages:
+        raise ConfigError(f"{source}: `artifacts.{name}.stages` must list at least one stage")
+    for i, stage in enumerate(spec.stages):
+        if stage not in STAGES:
+            raise ConfigError(f"{source}: `artifacts.{name}.stages[{i}]` = {stage!r} is not a stage; valid: {', '.join(STAGES)}")
+    return spec
+
+
+def _stage_options(name: str, table: Any, source: str) -> Any:
+    if name not in STAGES:
+        raise ConfigError(f"{source}: `stages.{name}` is not a stage; valid: {', '.join(STAGES)}")
+    cls = STAGES.get(name)
+    options = parse_options(cls.Options, table, f"stages.{name}", source)
+    cls.check_options(options, f"stages.{name}", source)
+    return options
+
+
+def _check_positive(raw: _ProfileFile, source: str) -> None:
+    checks = {
+        "data.calibration_samples": raw.data.calibration_samples,
+        "data.validation_samples": raw.data.validation_samples,
+        "data.synthetic_samples": raw.data.synthetic_samples,
+        "runtime.threads": raw.runtime.threads,
+        "runtime.latency_runs": raw.runtime.latency_runs,
+        "parity.batch_size": raw.parity.batch_size,
+    }
+    checks.update({f"runtime.batch_sizes[{i}]": b for i, b in enumerate(raw.runtime.batch_sizes)})
+    for key, value in checks.items():
+        if value < 1:
+            raise ConfigError(f"{source}: `{key}` must be at least 1 (got {value})")
