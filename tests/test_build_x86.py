@@ -172,3 +172,16 @@ def test_cli_bad_data_is_a_user_error(digits, tmp_path):
     r = _cli("build", str(digits["model"]), "--calib", str(tmp_path / "nan.npy"), "--out", str(tmp_path / "o"))
     assert r.returncode == EXIT_USER_ERROR and "NaN" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "o").exists() and list(tmp_path.iterdir()) == [tmp_path / "nan.npy"]
+
+
+def test_external_data_above_threshold(digits, tmp_path):
+    profile = fast_profile(tmp_path)
+    profile.write_text(profile.read_text().replace("dynamic_batch = true", "dynamic_batch = true\nexternal_data_mb = 0"))
+    report, folder = toolchain.build(str(digits["model"]), str(profile), tmp_path / "out",
+                                     digits["calibration"], digits["validation"])
+    assert report.passed
+    fp32 = next(a for a in report.artifacts if a.name == "onnx_fp32")
+    assert (folder / "onnx_fp32.onnx.data").is_file()
+    assert fp32.size_bytes > (folder / "onnx_fp32.onnx").stat().st_size  # weights live in the .data file
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["artifacts"]["onnx_fp32"]["stages"][0]["facts"]["external_data"] is True

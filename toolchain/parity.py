@@ -17,7 +17,7 @@ class Parity:
     mean_abs: float
     top1_agreement: float | None  # None when outputs are not (N, classes)
     accuracy: float | None  # None without labels
-    passed: bool
+    passed: bool | None  # None: measured but not judged (random weights)
     failures: tuple[str, ...] = ()  # which thresholds were missed, in words
     samples: int = 0
 
@@ -33,7 +33,8 @@ def run_batched(runner, x: np.ndarray, batch_size: int) -> np.ndarray:
 
 
 def compare(reference: np.ndarray, output: np.ndarray, labels: np.ndarray | None,
-            thresholds: ParityThresholds, reference_accuracy: float | None) -> Parity:
+            thresholds: ParityThresholds | None, reference_accuracy: float | None) -> Parity:
+    """Metrics of ``output`` against ``reference``; judged against ``thresholds`` unless None."""
     ref = reference.reshape(len(reference), -1).astype(np.float64)
     out = output.reshape(len(output), -1).astype(np.float64)
     if ref.shape != out.shape:
@@ -48,11 +49,11 @@ def compare(reference: np.ndarray, output: np.ndarray, labels: np.ndarray | None
         top1 = float(np.mean(ref.argmax(1) == out.argmax(1)))
         if labels is not None:
             accuracy = float(np.mean(out.argmax(1) == labels))
-    failures = _failures(sqnr, cosine, top1, accuracy, reference_accuracy, thresholds)
+    failures = _failures(sqnr, cosine, top1, accuracy, reference_accuracy, thresholds) if thresholds else []
     return Parity(
         sqnr_db=_round(sqnr), cosine=_round(cosine, 6), max_abs=_round(float(np.abs(err).max())),
         mean_abs=_round(float(np.abs(err).mean()), 6), top1_agreement=top1, accuracy=accuracy,
-        passed=not failures, failures=tuple(failures), samples=len(ref),
+        passed=None if thresholds is None else not failures, failures=tuple(failures), samples=len(ref),
     )
 
 

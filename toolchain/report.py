@@ -50,12 +50,13 @@ class Report:
     data: dict[str, Any]
     artifacts: tuple[ArtifactReport, ...]
     skipped: tuple[dict[str, Any], ...]
+    thresholds: Any  # the ParityThresholds applied
     warnings: tuple[str, ...]
     build_seconds: float
 
     @property
     def passed(self) -> bool:
-        return bool(self.artifacts) and all(a.parity.passed for a in self.artifacts)
+        return bool(self.artifacts) and all(a.parity.passed is not False for a in self.artifacts)
 
     @property
     def primary(self) -> ArtifactReport | None:
@@ -68,14 +69,16 @@ class Report:
             "parity_inputs": "synthetic" if self.data["validation"]["synthetic"] else "data",
             "model": self.model, "reference": self.reference, "data": self.data,
             "artifacts": [a.to_json() for a in self.artifacts],
+            "parity_judged": self.thresholds is not None,
+            "parity_thresholds": dataclasses.asdict(self.thresholds) if self.thresholds else None,
             "skipped": list(self.skipped), "warnings": list(self.warnings),
             "build_seconds": self.build_seconds,
         })
 
 
 def mark_primary(artifacts: list[ArtifactReport]) -> list[ArtifactReport]:
-    """The fastest artifact that passes parity becomes primary (none if none passes)."""
-    passing = [a for a in artifacts if a.parity.passed and a.eligible]
+    """The fastest eligible artifact that does not fail parity becomes primary (none if all fail)."""
+    passing = [a for a in artifacts if a.parity.passed is not False and a.eligible]
     best = min(passing, key=lambda a: a.latency.median_ms, default=None)
     return [dataclasses.replace(a, primary=a is best) for a in artifacts]
 
@@ -86,7 +89,7 @@ def write(report: Report, folder: Path) -> None:
 
 
 def markdown(report: Report) -> str:
-    status = "PASSED" if report.passed else "FAILED"
+    status = ("PASSED" if report.thresholds else "BUILT (parity not judged)") if report.passed else "FAILED"
     lines = [
         f"# {report.model['name']} → {report.target}: {status}",
         "",
@@ -111,7 +114,7 @@ def table(report: Report) -> str:
         rows.append([
             a.name + (" *" if a.primary else ""), a.precision, _mb(a.size_bytes), f"{a.latency.median_ms:.2f}",
             f"{p.sqnr_db:.1f}", f"{p.cosine:.4f}", _pct(p.top1_agreement), _pct(p.accuracy),
-            "pass" if p.passed else "FAIL: " + "; ".join(p.failures),
+            {True: "pass", None: "not judged"}.get(p.passed) or "FAIL: " + "; ".join(p.failures),
         ])
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     fmt = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"

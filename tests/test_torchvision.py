@@ -1,0 +1,41 @@
+"""Every torchvision model the x86 target promises builds, and its INT8 artifacts track FP32.
+
+Weights are random (no downloads here), so parity is measured but not judged; the SQNR
+floor below still catches a broken artifact (an all-zero output has SQNR 0 dB).
+"""
+
+import numpy as np
+import pytest
+
+import toolchain
+
+from .conftest import fast_profile
+
+MODELS = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0",
+          "regnet_x_400mf", "shufflenet_v2_x1_0", "squeezenet1_1"]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tv")
+    rng = np.random.default_rng(0)
+    np.savez(folder / "cal.npz", x=rng.standard_normal((16, 3, 224, 224), dtype=np.float32))
+    np.savez(folder / "val.npz", x=rng.standard_normal((8, 3, 224, 224), dtype=np.float32))
+    return folder
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_torchvision_model_builds_for_x86(name, images, tmp_path):
+    report, folder = toolchain.build(f"torchvision:{name}", str(fast_profile(tmp_path, 16, 8)), tmp_path / "out",
+                                     images / "cal.npz", images / "val.npz")
+    data = report.to_json()
+    assert data["passed"] is True and data["parity_judged"] is False and data["parity_thresholds"] is None
+    assert "random" in data["model"]["weights"]
+    assert data["skipped"] == []
+    int8 = {a["name"]: a for a in data["artifacts"] if a["precision"] == "int8"}
+    assert set(int8) == {"torch_int8", "onnx_int8"}
+    for a in int8.values():
+        assert a["parity"]["passed"] is None
+        assert a["parity"]["sqnr_db"] > 8.0, a
+        assert a["size_bytes"] < 0.35 * data["reference"]["size_bytes"], a
+        assert (folder / a["path"]).is_file()
