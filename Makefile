@@ -9,10 +9,8 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+$(STAMP): pyproject.toml docker/install.sh
+	PYTHON=$(PYTHON) sh docker/install.sh $(VENV) full
 	touch $(STAMP)
 
 demo: $(STAMP)

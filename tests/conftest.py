@@ -1,8 +1,6 @@
-import shutil
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 warnings.filterwarnings("ignore", category=FutureWarning)
@@ -34,9 +32,12 @@ def write_profile(tmp_path: Path, text: str, base: Path = X86, name: str = "cust
     return path
 
 
-def fast_profile(tmp_path: Path, calibration: int = 32, validation: int = 16, extra: str = "") -> Path:
-    """x86 profile with fewer samples and timed runs: for tests about behaviour, not speed."""
-    text = X86.read_text()
+XAVIER = REPO / "targets" / "nvidia_xavier.toml"
+
+
+def fast_profile(tmp_path: Path, calibration: int = 32, validation: int = 16, extra: str = "", base: Path = X86) -> Path:
+    """A profile with fewer samples and timed runs: for tests about behaviour, not speed."""
+    text = base.read_text()
     text = text.replace("calibration_samples = 256", f"calibration_samples = {calibration}")
     text = text.replace("validation_samples = 512", f"validation_samples = {validation}")
     text = text.replace("synthetic_samples = 64", f"synthetic_samples = {max(calibration, validation)}")

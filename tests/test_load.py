@@ -1,6 +1,5 @@
 """Model inputs: what loads, and what is refused with one clear message."""
 
-import pickle
 
 import pytest
 import torch

@@ -9,7 +9,7 @@ import pytest
 
 import toolchain
 
-from .conftest import fast_profile
+from .conftest import XAVIER, fast_profile
 
 MODELS = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0",
           "regnet_x_400mf", "shufflenet_v2_x1_0", "squeezenet1_1"]
@@ -39,3 +39,22 @@ def test_torchvision_model_builds_for_x86(name, images, tmp_path):
         assert a["parity"]["sqnr_db"] > 8.0, a
         assert a["size_bytes"] < 0.35 * data["reference"]["size_bytes"], a
         assert (folder / a["path"]).is_file()
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0"])
+def test_torchvision_model_builds_for_xavier(name, images, tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    report, folder = toolchain.build(f"torchvision:{name}", str(fast_profile(tmp_path, 16, 8, base=XAVIER)),
+                                     tmp_path / "out", images / "cal.npz", images / "val.npz")
+    data = report.to_json()
+    assert data["passed"] is True and data["skipped"] == [] and data["engine"]["status"] == "pending on device"
+    qdq = next(a for a in data["artifacts"] if a["name"] == "onnx_int8_qdq")
+    assert qdq["parity"]["sqnr_db"] > 8.0, qdq
+    model = onnx.load(str(folder / qdq["path"]))
+    onnx.checker.check_model(model)
+    assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [17]
+    consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    zero_points = [consts[n.input[2]] for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert zero_points and not any(np.any(z) for z in zero_points)

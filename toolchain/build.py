@@ -11,7 +11,7 @@ from typing import Callable
 
 import numpy as np
 
-from .artifact import Artifact, Kind
+from .artifact import Artifact
 from .context import BuildContext
 from .data import Dataset, check_sample_shape, load_dataset, synthetic_dataset
 from .errors import DataError, StageError, ToolchainError
@@ -86,12 +86,17 @@ def build(
             reports.append(dataclasses.replace(checked, eligible=chain.spec.primary))
             files[chain.name] = {"file": reports[-1].path, "sha256": reports[-1].sha256, "lineage": list(shipped.lineage)}
         shutil.rmtree(work)
+        engine = plan_engine(profile, reports, tmp, inputs.shape[1:])
+        if engine and engine["status"] == "pending on device":
+            from .tensorrt.device import save_parity_inputs
+
+            save_parity_inputs(tmp, inputs.validation.x, ref_out, inputs.validation.y, profile.tensorrt.parity_samples)
         report = Report(
             target=profile.name, target_file=profile.source, model=model_facts(loaded, inputs),
             reference=reference_facts(loaded, reference, inputs, profile, ref_accuracy),
             data=data_facts(inputs), artifacts=tuple(mark_primary(reports)),
             skipped=tuple({"name": s.name, "reason": s.reason} for s in skipped),
-            thresholds=thresholds, warnings=inputs.warnings, build_seconds=round(time.perf_counter() - started, 2),
+            thresholds=thresholds, engine=engine, warnings=inputs.warnings, build_seconds=round(time.perf_counter() - started, 2),
         )
         write(report, tmp)
         write_manifest(tmp, target_file=profile.source, model=report.model, data=report.data,
@@ -158,6 +163,21 @@ def ship(artifact: Artifact, runtime: str, name: str, folder: Path) -> Artifact:
     else:
         shutil.copyfile(artifact.path, dest)
     return dataclasses.replace(artifact, path=dest, model=None)
+
+
+def plan_engine(profile: Target, reports: list[ArtifactReport], folder: Path, sample_shape) -> dict | None:
+    """NVIDIA targets: the calibration cache and engine plan; the engine itself is built on the device."""
+    opts = profile.tensorrt
+    if opts is None:
+        return None
+    from .tensorrt.plan import write_plan
+
+    missing = {opts.engine_from, opts.calibration_from, opts.fp32_onnx} - {r.name for r in reports}
+    if missing:
+        return {"status": "not planned", "verified": False, "reason": f"artifacts not built: {', '.join(sorted(missing))}"}
+    engine = write_plan(folder, opts, sample_shape)
+    log.info("TensorRT engine: %s (%s)", engine["status"], engine["reason"])
+    return engine
 
 
 def applied_thresholds(loaded: LoadedModel, profile: Target) -> ParityThresholds | None:

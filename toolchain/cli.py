@@ -57,6 +57,8 @@ def build(model, target, out, calib, val, input_shape, trust_pickle, as_json):
         click.echo(table(report))
         for s in report.skipped:
             click.echo(f"skipped {s['name']}: {s['reason']}")
+        if report.engine:
+            click.echo(f"TensorRT engine: {report.engine['status']}; plan: {folder / 'engine_plan.json'}")
         verdict = ("PASSED" if report.thresholds else "BUILT, parity not judged (random weights)") if report.passed else "FAILED parity"
         click.echo(f"{verdict} in {report.build_seconds:.1f} s; build folder: {folder}")
     if not report.passed:
@@ -79,6 +81,35 @@ def targets(verbose: bool) -> None:
                 click.echo(f"{'':24} artifact {art}: {' -> '.join(spec.stages)} ({spec.runtime})")
             for stage, opts in t.stage_options.items():
                 click.echo(f"{'':24} [stages.{stage}] {options_as_dict(opts)}")
+
+
+@main.group()
+def engine() -> None:
+    """TensorRT engines: build on the device, check before use."""
+
+
+@engine.command("build")
+@click.argument("build_dir", type=click.Path())
+@click.option("--trtexec", "use_trtexec", is_flag=True, help="Build with the plan's trtexec command (no parity run).")
+def engine_build(build_dir: str, use_trtexec: bool) -> None:
+    """Build the TensorRT engine of BUILD_DIR here, run it on the kept inputs, compare with FP32."""
+    from .tensorrt.device import engine_build as run
+
+    record = run(build_dir, use_trtexec)
+    click.echo(json.dumps(record, indent=2, default=list))
+    if record.get("parity") and record["parity"]["passed"] is False:
+        sys.exit(EXIT_PARITY_FAILURE)
+
+
+@engine.command("check")
+@click.argument("engine_file", type=click.Path())
+def engine_check(engine_file: str) -> None:
+    """Refuse ENGINE_FILE if it was built by another TensorRT version or for another GPU."""
+    from pathlib import Path
+
+    from .tensorrt.engine import check_engine
+
+    click.echo(json.dumps(check_engine(Path(engine_file)), indent=2))
 
 
 @main.command()

@@ -51,6 +51,7 @@ class Report:
     artifacts: tuple[ArtifactReport, ...]
     skipped: tuple[dict[str, Any], ...]
     thresholds: Any  # the ParityThresholds applied
+    engine: dict[str, Any] | None  # TensorRT engine status, for NVIDIA targets
     warnings: tuple[str, ...]
     build_seconds: float
 
@@ -71,6 +72,7 @@ class Report:
             "artifacts": [a.to_json() for a in self.artifacts],
             "parity_judged": self.thresholds is not None,
             "parity_thresholds": dataclasses.asdict(self.thresholds) if self.thresholds else None,
+            "engine": self.engine,
             "skipped": list(self.skipped), "warnings": list(self.warnings),
             "build_seconds": self.build_seconds,
         })
@@ -100,6 +102,8 @@ def markdown(report: Report) -> str:
         table(report),
         "",
     ]
+    if report.engine:
+        lines += [f"- TensorRT engine: {report.engine['status']} ({report.engine['reason']})"]
     lines += [f"- skipped `{s['name']}`: {s['reason']}" for s in report.skipped]
     lines += [f"- warning: {w}" for w in report.warnings]
     return "\n".join(lines).rstrip() + "\n"

@@ -18,6 +18,7 @@ from .data import PreprocessOptions
 from .errors import ConfigError
 from .options import option, parse_options
 from .stage import STAGES
+from .tensorrt.plan import TensorRTOptions
 
 RUNTIMES = ("torchscript", "onnxruntime")
 
@@ -65,6 +66,7 @@ class _ProfileFile:
     parity: ParityThresholds = option(ParityThresholds(), "pass/fail thresholds against FP32")
     artifacts: dict[str, Any] = option(None, "artifact name -> ArtifactSpec")
     stages: dict[str, Any] = option(None, "stage name -> that stage's options")
+    tensorrt: TensorRTOptions | None = option(None, "TensorRT engine plan and calibration cache (NVIDIA targets)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +79,7 @@ class Target:
     parity: ParityThresholds
     artifacts: Mapping[str, ArtifactSpec]
     stage_options: Mapping[str, Any]
+    tensorrt: TensorRTOptions | None = None
 
     def stage(self, name: str):
         """An instance of stage ``name`` with this target's options for it."""
@@ -123,10 +126,22 @@ def parse_target(path: Path) -> Target:
     artifacts = {n: _artifact(n, t, source) for n, t in raw.artifacts.items()}
     stage_options = {n: _stage_options(n, t, source) for n, t in (raw.stages or {}).items()}
     _check_positive(raw, source)
+    _check_tensorrt(raw.tensorrt, artifacts, source)
     return Target(
         name=raw.name or path.stem, description=raw.description, source=source, data=raw.data,
         runtime=raw.runtime, parity=raw.parity, artifacts=artifacts, stage_options=stage_options,
+        tensorrt=raw.tensorrt,
     )
+
+
+def _check_tensorrt(opts: TensorRTOptions | None, artifacts: Mapping[str, ArtifactSpec], source: str) -> None:
+    if opts is None:
+        return
+    for key in ("engine_from", "calibration_from", "fp32_onnx"):
+        name = getattr(opts, key)
+        if artifacts.get(name) is None or artifacts[name].runtime != "onnxruntime":
+            onnx_names = [n for n, a in artifacts.items() if a.runtime == "onnxruntime"]
+            raise ConfigError(f"{source}: `tensorrt.{key}` = {name!r} must name an ONNX artifact; valid: {', '.join(onnx_names)}")
 
 
 def _artifact(name: str, table: Any, source: str) -> ArtifactSpec:

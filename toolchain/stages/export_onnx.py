@@ -87,10 +87,27 @@ def convert_opset(proto, opset: int):
 
     try:
         converted = version_converter.convert_version(proto, opset)
+        _drop_default_noop_with_empty_axes(converted, opset)
         onnx.checker.check_model(converted)
     except Exception as e:
         raise StageError(f"export_onnx: cannot convert the model down to opset {opset}: {_reason(e)}") from None
     return converted
+
+
+def _drop_default_noop_with_empty_axes(proto, opset: int) -> None:
+    """onnx's converter copies Reduce*-18's `noop_with_empty_axes` onto the opset-13 form,
+    which has no such attribute. At its default (0) it means nothing and is dropped; any
+    other value cannot be expressed below opset 18."""
+    if opset >= 18:
+        return
+    for node in proto.graph.node:
+        if not node.op_type.startswith("Reduce"):
+            continue
+        kept = [a for a in node.attribute if a.name != "noop_with_empty_axes"]
+        if any(a.name == "noop_with_empty_axes" and a.i != 0 for a in node.attribute):
+            raise StageError(f"export_onnx: {node.op_type} `{node.name}` needs noop_with_empty_axes, which opset {opset} lacks")
+        del node.attribute[:]
+        node.attribute.extend(kept)
 
 
 def save_onnx(proto, path, external: bool) -> None:

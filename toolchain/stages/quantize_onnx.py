@@ -8,7 +8,9 @@ ResNet18, 4.2 ms against 9.0 ms for the S8S8 default.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import logging
 import tempfile
 from pathlib import Path
@@ -34,6 +36,9 @@ class QuantizeOnnxOptions:
     weights: Literal["int8", "uint8"] = option("int8", "weight type")
     symmetric_activations: bool = option(False, "zero-point 0 for activations (TensorRT needs it)")
     reduce_range: bool = option(False, "7-bit weights, for CPUs without VNNI that overflow otherwise")
+    op_types: tuple[str, ...] = option((), "ONNX op types whose inputs get Q/DQ (empty: ONNX Runtime's default set)")
+    quantize_outputs: bool = option(True, "also quantize those ops' outputs (TensorRT wants inputs only)")
+    dedicated_qdq_pair: bool = option(False, "one Q/DQ pair per consumer, so each can be fused on its own (TensorRT)")
     preprocess: bool = option(True, "run ONNX Runtime's quantization pre-processing (shape inference, graph optimization) first")
     batch_size: int = option(32, "calibration batch size")
 
@@ -52,7 +57,10 @@ class QuantizeOnnx(Stage):
         types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
         method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                   "percentile": CalibrationMethod.Percentile}[o.calibration]
-        extra = {"ActivationSymmetric": o.symmetric_activations, "WeightSymmetric": True}
+        extra = {"ActivationSymmetric": o.symmetric_activations, "WeightSymmetric": True,
+                 "DedicatedQDQPair": o.dedicated_qdq_pair}
+        if not o.quantize_outputs:
+            extra["OpTypesToExcludeOutputQuantization"] = list(o.op_types)
         if o.calibration == "percentile":
             extra["CalibPercentile"] = o.percentile
         with tempfile.TemporaryDirectory(dir=ctx.workdir) as tmp, _quiet():
@@ -62,7 +70,7 @@ class QuantizeOnnx(Stage):
                     str(source), str(path), _Reader(source, ctx, o.batch_size),
                     quant_format=QuantFormat.QDQ, per_channel=o.per_channel, reduce_range=o.reduce_range,
                     activation_type=types[o.activations], weight_type=types[o.weights],
-                    calibrate_method=method, extra_options=extra,
+                    calibrate_method=method, extra_options=extra, op_types_to_quantize=list(o.op_types) or None,
                     use_external_data_format=artifact.path.with_name(artifact.path.name + ".data").exists(),
                 )
             except Exception as e:
@@ -124,11 +132,15 @@ def _static_batch(graph) -> int | None:
 
 
 class _quiet:
-    """ONNX Runtime's quantizer logs every tensor at INFO; keep the terminal short."""
+    """ONNX Runtime's quantizer logs every tensor at INFO and its histogram calibrators print()
+    progress; keep the terminal short and stdout clean for `--json`."""
 
     def __enter__(self):
         self.level = logging.root.level
         logging.root.setLevel(logging.WARNING)
+        self.stdout = contextlib.redirect_stdout(io.StringIO())
+        self.stdout.__enter__()
 
     def __exit__(self, *exc):
+        self.stdout.__exit__(*exc)
         logging.root.setLevel(self.level)

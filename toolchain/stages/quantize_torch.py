@@ -74,7 +74,6 @@ def _quantize_fx(model, qconfig, batches, ctx: BuildContext):
 
 
 def _quantize_jit(model, qconfig, batches, ctx: BuildContext):
-    import torch
     from torch.ao.quantization import quantize_jit
 
     return quantize_jit(model, {"": qconfig}, lambda m, bs: _calibrate(m, bs, ctx), [batches], inplace=False)

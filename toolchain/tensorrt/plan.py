@@ -1,0 +1,136 @@
+"""Everything a device needs to build a TensorRT engine, written without TensorRT.
+
+- `calibration.cache`: per-tensor activation scales in TensorRT's own text format, taken
+  from the same calibration as the INT8 Q/DQ ONNX, so an implicit-INT8 or DLA build on
+  the device needs no data.
+- `engine_plan.json`: precisions, optimization profile, workspace, DLA, timing cache,
+  builder level, the TensorRT version expected, and the equivalent `trtexec` command.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shlex
+import struct
+from pathlib import Path
+
+from ..errors import ToolchainError
+from ..options import option
+
+CALIBRATOR = "EntropyCalibration2"
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorRTOptions:
+    version: str = option("8.5.2", "TensorRT version on the device (JetPack 5.1.x ships 8.5.2)")
+    engine_from: str = option("onnx_int8_qdq", "artifact the engine is built from (explicit INT8 via Q/DQ)")
+    calibration_from: str = option("onnx_int8_qdq", "Q/DQ artifact whose activation scales fill the calibration cache")
+    fp32_onnx: str = option("onnx_fp32", "FP32 ONNX for implicit-INT8 / DLA builds that read the calibration cache")
+    fp16: bool = option(True, "allow FP16 kernels (fallback for layers without Q/DQ)")
+    profile_batch: tuple[int, ...] = option((1, 8, 16), "optimization profile batch sizes: min, opt, max")
+    workspace_mb: int = option(1024, "builder workspace memory pool, MiB")
+    dla_core: int = option(-1, "-1: GPU only; 0 or 1: that DLA core, with GPU fallback (needs the calibration cache)")
+    builder_optimization_level: int = option(3, "0-5; TensorRT 8.6 and later (ignored by 8.5)")
+    timing_cache: str = option("timing.cache", "timing cache file, reused between builds on the same device")
+    parity_samples: int = option(32, "validation inputs kept with their FP32 outputs, to check the engine on the device")
+
+
+def activation_scales(qdq_onnx: Path) -> dict[str, float]:
+    """Scale of every activation QuantizeLinear (weights excluded), keyed by tensor name."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(qdq_onnx), load_external_data=False).graph
+    consts = {i.name: i for i in graph.initializer}
+    scales = {}
+    for node in graph.node:
+        if node.op_type == "QuantizeLinear" and node.input[0] not in consts:
+            scale = numpy_helper.to_array(consts[node.input[1]])
+            if scale.size != 1:
+                raise ToolchainError(f"activation `{node.input[0]}` has per-channel scales; TensorRT's cache holds one per tensor")
+            scales[node.input[0]] = float(scale.reshape(()))
+    return scales
+
+
+def cache_header(version: str) -> str:
+    major, minor, patch = (int(p) for p in (version.split(".") + ["0", "0"])[:3])
+    return f"TRT-{major * 1000 + minor * 100 + patch}-{CALIBRATOR}"
+
+
+def write_calibration_cache(path: Path, scales: dict[str, float], version: str) -> None:
+    """One `name: hex` line per tensor; hex is the big-endian bit pattern of the float32 scale."""
+    lines = [cache_header(version)] + [f"{name}: {struct.pack('>f', s).hex()}" for name, s in scales.items()]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def read_calibration_cache(path: Path) -> tuple[str, dict[str, float]]:
+    header, *lines = path.read_text().splitlines()
+    scales = {}
+    for line in lines:
+        name, _, value = line.rpartition(": ")
+        scales[name] = struct.unpack(">f", bytes.fromhex(value))[0]
+    return header, scales
+
+
+def engine_plan(opts: TensorRTOptions, input_name: str, sample_shape: tuple[int, ...]) -> dict:
+    if len(opts.profile_batch) != 3 or not opts.profile_batch[0] <= opts.profile_batch[1] <= opts.profile_batch[2]:
+        raise ToolchainError(f"tensorrt.profile_batch must be [min, opt, max] with min <= opt <= max (got {list(opts.profile_batch)})")
+    dla = opts.dla_core >= 0
+    shapes = {k: [b, *sample_shape] for k, b in zip(("min", "opt", "max"), opts.profile_batch)}
+    plan = {
+        "tensorrt_version": opts.version,
+        "onnx": f"{opts.fp32_onnx if dla else opts.engine_from}.onnx",
+        "int8_mode": "implicit (calibration cache)" if dla else "explicit (Q/DQ)",
+        "calibration_cache": "calibration.cache",
+        "precisions": ["int8", *(["fp16"] if opts.fp16 else [])],
+        "input": {"name": input_name, **shapes},
+        "workspace_mb": opts.workspace_mb,
+        "dla_core": opts.dla_core if dla else None,
+        "gpu_fallback": dla,
+        "timing_cache": opts.timing_cache,
+        "builder_optimization_level": opts.builder_optimization_level if _at_least(opts.version, 8, 6) else None,
+        "engine": "model.engine",
+    }
+    plan["trtexec"] = shlex.join(trtexec_command(plan))
+    return plan
+
+
+def trtexec_command(plan: dict) -> list[str]:
+    name, io = plan["input"]["name"], plan["input"]
+    dims = lambda s: f"{name}:{'x'.join(map(str, s))}"
+    cmd = ["trtexec", f"--onnx={plan['onnx']}", "--int8", f"--minShapes={dims(io['min'])}",
+           f"--optShapes={dims(io['opt'])}", f"--maxShapes={dims(io['max'])}",
+           f"--memPoolSize=workspace:{plan['workspace_mb']}", f"--timingCacheFile={plan['timing_cache']}",
+           f"--saveEngine={plan['engine']}"]
+    if "fp16" in plan["precisions"]:
+        cmd.insert(2, "--fp16")
+    if plan["dla_core"] is not None:
+        cmd += [f"--useDLACore={plan['dla_core']}", "--allowGPUFallback", f"--calib={plan['calibration_cache']}"]
+    if plan["builder_optimization_level"] is not None:
+        cmd.append(f"--builderOptimizationLevel={plan['builder_optimization_level']}")
+    return cmd
+
+
+def write_plan(folder: Path, opts: TensorRTOptions, sample_shape: tuple[int, ...]) -> dict:
+    """Write the cache and plan into the build folder; return the report's `engine` entry."""
+    import onnx
+
+    input_name = onnx.load(str(folder / f"{opts.engine_from}.onnx"), load_external_data=False).graph.input[0].name
+    scales = activation_scales(folder / f"{opts.calibration_from}.onnx")
+    write_calibration_cache(folder / "calibration.cache", scales, opts.version)
+    plan = engine_plan(opts, input_name, sample_shape)
+    (folder / "engine_plan.json").write_text(json.dumps(plan, indent=2) + "\n")
+    return {
+        "status": "pending on device",
+        "verified": False,
+        "reason": "TensorRT engines are tied to the GPU and TensorRT version that build them: "
+                  "run `toolchain engine build <build folder>` (or the plan's trtexec command) on the device",
+        "plan": "engine_plan.json", "calibration_cache": "calibration.cache",
+        "calibration_tensors": len(scales), "trtexec": plan["trtexec"],
+    }
+
+
+def _at_least(version: str, major: int, minor: int) -> bool:
+    parts = [int(p) for p in version.split(".")[:2]]
+    return tuple(parts) >= (major, minor)
