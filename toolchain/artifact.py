@@ -52,19 +52,18 @@ class Artifact:
     @functools.cached_property
     def sha256(self) -> str:
         """sha256 of the artifact's files, or of an in-memory model's code and weights."""
-        h = hashlib.sha256()
         if self.path is not None:
-            for p in self.files():
-                with p.open("rb") as f:
-                    for chunk in iter(lambda: f.read(1 << 20), b""):
-                        h.update(chunk)
-        else:
-            h.update(_model_bytes(self.model))
-        return h.hexdigest()
+            return sha256_files(self.files())
+        return hashlib.sha256(_model_bytes(self.model)).hexdigest()
 
 
-def sha256_file(path: Path) -> str:
-    return Artifact(Kind.ONNX, "", path=path).sha256
+def sha256_files(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        with p.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 def _model_bytes(model: Any) -> bytes:

@@ -10,7 +10,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .artifact import sha256_file
+from .artifact import sha256_files
 from .stage import StageRecord
 
 TRACKED_PACKAGES = ("toolchain", "torch", "torchvision", "onnx", "onnxruntime", "onnxoptimizer", "onnxscript", "numpy")
@@ -31,7 +31,7 @@ def write_manifest(folder: Path, *, target_file: str, model: dict[str, Any], dat
     manifest = {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": library_versions(),
-        "target": {"file": target_file, "sha256": sha256_file(Path(target_file))},
+        "target": {"file": target_file, "sha256": sha256_files([Path(target_file)])},
         "model": model,
         "data": data,
         "artifacts": {

@@ -19,12 +19,10 @@ class Runner(Protocol):
 RUNTIMES: Registry[Callable[..., Runner]] = Registry("runtime")
 
 
-def torch_runner(model, threads: int, engine: str | None = None) -> Runner:
+def torch_runner(model, threads: int) -> Runner:
     import torch
 
     torch.set_num_threads(threads)
-    if engine:
-        torch.backends.quantized.engine = engine
 
     def run(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
@@ -43,8 +41,8 @@ def _torchscript(artifact: Artifact, threads: int) -> Runner:
     import torch
 
     if artifact.engine:
-        torch.backends.quantized.engine = artifact.engine  # packed weights must unpack on this engine
-    return torch_runner(torch.jit.load(str(artifact.path), map_location="cpu"), threads, artifact.engine)
+        torch.backends.quantized.engine = artifact.engine  # packed weights unpack on load, on this engine
+    return torch_runner(torch.jit.load(str(artifact.path), map_location="cpu"), threads)
 
 
 def _onnxruntime(artifact: Artifact, threads: int) -> Runner:

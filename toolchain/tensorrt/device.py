@@ -3,6 +3,7 @@ and record the outcome in the build folder's report."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -42,7 +43,7 @@ def engine_build(folder: Path, use_trtexec: bool = False) -> dict:
         thresholds = ParityThresholds(**report["parity_thresholds"]) if report.get("parity_thresholds") else None
         ref_acc = report["reference"]["accuracy"]
         parity = compare(data["reference"], outputs, data["y"] if "y" in data else None, thresholds, ref_acc)
-        record["parity"] = {k: v for k, v in parity.__dict__.items()}
+        record["parity"] = dataclasses.asdict(parity)
         record["verified"] = True
     (folder / "engine.json").write_text(json.dumps(record, indent=2, default=list) + "\n")
     report = json.loads(report_path.read_text())
