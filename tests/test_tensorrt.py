@@ -116,3 +116,27 @@ def test_engine_build_run_and_check_where_tensorrt_exists(xavier):
     assert record["verified"] and record["parity"]["passed"], record
     assert json.loads((folder / "report.json").read_text())["engine"]["status"] == "built"
     assert check_engine(folder / "model.engine")["ok"]
+
+
+def test_engine_parity_compares_on_the_kept_samples(xavier, tmp_path, monkeypatch):
+    """`engine build`'s bookkeeping, with TensorRT's build and run stubbed: an engine whose outputs
+    equal FP32's passes, even where the kept samples' accuracy differs from the full validation set's."""
+    import shutil
+
+    from toolchain.tensorrt import device
+    from toolchain.tensorrt import engine as trt_engine
+
+    folder = tmp_path / "b"
+    shutil.copytree(xavier[1], folder)
+    kept = dict(np.load(folder / "parity_inputs.npz"))
+    predicted = kept["reference"].argmax(1)
+    kept["y"] = np.where(np.arange(len(predicted)) % 2 == 0, predicted, (predicted + 1) % 10)  # 50 % accuracy
+    np.savez(folder / "parity_inputs.npz", **kept)
+    monkeypatch.setattr(trt_engine, "build_engine", lambda f: {"engine": "model.engine", "tensorrt_version": "stub"})
+    monkeypatch.setattr(trt_engine, "run_engine", lambda path, x: kept["reference"][: len(x)])
+    record = device.engine_build(folder)
+    assert record["verified"] and record["parity"]["passed"] is True, record["parity"]
+    assert record["parity"]["accuracy"] == pytest.approx(0.5)
+    report = json.loads((folder / "report.json").read_text())
+    assert report["engine"]["status"] == "built" and report["engine"]["parity"]["passed"] is True
+    assert report["engine"]["plan"] == "engine_plan.json"  # the plan entry is kept
