@@ -76,3 +76,8 @@ def test_non_positive_counts_are_refused(tmp_path):
 
 def test_profile_without_artifacts(tmp_path):
     _expect(tmp_path, 'name = "empty"\n', r"`artifacts` must name at least one artifact")
+
+
+def test_quantize_outputs_off_needs_op_types(tmp_path):
+    text = X86.read_text().replace('activations = "uint8"', 'activations = "uint8"\nquantize_outputs = false')
+    _expect(tmp_path, text, r"`stages\.quantize_onnx\.quantize_outputs` = false needs `stages\.quantize_onnx\.op_types`")

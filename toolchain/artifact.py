@@ -46,6 +46,10 @@ class Artifact:
         extra = self.path.with_name(self.path.name + ".data")
         return [self.path, extra] if extra.exists() else [self.path]
 
+    @property
+    def has_external_data(self) -> bool:
+        return len(self.files()) > 1
+
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.files())
 

@@ -124,7 +124,7 @@ def prepare_inputs(loaded: LoadedModel, profile: Target, calib, val, input_shape
             validation = calibration.take(n_val)
     check_sample_shape(calibration, sample, "calibration")
     check_sample_shape(validation, sample, "validation")
-    if loaded.weights.startswith("random"):
+    if loaded.random_weights:
         warnings.append(f"{loaded.source} has random weights: parity is measured but not judged (says nothing about accuracy)")
     for w in warnings:
         log.warning(w)
@@ -153,8 +153,7 @@ def check_model_accepts(reference, shape: tuple[int, ...]) -> None:
 def ship(artifact: Artifact, runtime: str, name: str, folder: Path) -> Artifact:
     """Copy the artifact's files into the build folder under the artifact's name."""
     dest = folder / f"{name}{FORMATS[runtime][1]}"
-    extra = artifact.files()[1:]
-    if extra:  # ONNX external data: the model names its data file, so re-save under the new name
+    if artifact.has_external_data:  # ONNX external data: the model names its data file, so re-save under the new name
         import onnx
 
         from .stages.export_onnx import save_onnx
@@ -188,7 +187,7 @@ def applied_thresholds(loaded: LoadedModel, profile: Target) -> ParityThresholds
     a pass or a fail would both be noise. Its build shows that every stage handles the
     architecture; the metrics are reported, the verdict is left out.
     """
-    return None if loaded.weights.startswith("random") else profile.parity
+    return None if loaded.random_weights else profile.parity
 
 
 def check_artifact(name, artifact: Artifact, runtime: str, profile: Target, thresholds: ParityThresholds | None,

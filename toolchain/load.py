@@ -24,6 +24,10 @@ class LoadedModel:
     input_shape: tuple[int, ...] | None  # batch-1 input shape, when the model says
     dynamic_batch: bool | None  # None when the model file does not say
 
+    @property
+    def random_weights(self) -> bool:
+        return self.weights.startswith("random")
+
 
 def parse_shape(text: str) -> tuple[int, ...]:
     """`1x3x224x224` -> (1, 3, 224, 224)."""
@@ -137,7 +141,7 @@ def settle_random_batchnorm(loaded: LoadedModel, x) -> LoadedModel:
     """
     import torch
 
-    if not loaded.weights.startswith("random") or loaded.artifact.kind is not Kind.EAGER:
+    if not loaded.random_weights or loaded.artifact.kind is not Kind.EAGER:
         return loaded
     model = loaded.artifact.model
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]

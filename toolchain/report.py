@@ -60,6 +60,12 @@ class Report:
         return bool(self.artifacts) and all(a.parity.passed is not False for a in self.artifacts)
 
     @property
+    def verdict(self) -> str:
+        if not self.passed:
+            return "FAILED parity"
+        return "PASSED" if self.thresholds else "BUILT, parity not judged (random weights)"
+
+    @property
     def primary(self) -> ArtifactReport | None:
         return next((a for a in self.artifacts if a.primary), None)
 
@@ -91,9 +97,8 @@ def write(report: Report, folder: Path) -> None:
 
 
 def markdown(report: Report) -> str:
-    status = ("PASSED" if report.thresholds else "BUILT (parity not judged)") if report.passed else "FAILED"
     lines = [
-        f"# {report.model['name']} → {report.target}: {status}",
+        f"# {report.model['name']} → {report.target}: {report.verdict}",
         "",
         f"Model `{report.model['source']}` (weights: {report.model['weights']}), "
         f"input {'x'.join(map(str, report.model['input_shape']))}; "

@@ -52,7 +52,7 @@ class OnnxPasses(Stage):
             raise StageError(f"onnx_passes: {str(e).splitlines()[0][:300]}") from None
         after = collections.Counter(n.op_type for n in optimized.graph.node)
         path = ctx.workdir / f"{artifact.precision}-passes-{artifact.sha256[:12]}.onnx"
-        save_onnx(optimized, path, external=artifact.path.with_name(artifact.path.name + ".data").exists())
+        save_onnx(optimized, path, external=artifact.has_external_data)
         facts = {
             "nodes_before": sum(before.values()), "nodes_after": sum(after.values()),
             "removed_by_op": {op: before[op] - after[op] for op in sorted(before) if before[op] > after[op]},

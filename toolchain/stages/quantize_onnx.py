@@ -20,7 +20,7 @@ import numpy as np
 
 from ..artifact import Artifact, Kind
 from ..context import BuildContext
-from ..errors import StageError
+from ..errors import ConfigError, StageError
 from ..options import option
 from ..stage import Stage, StageResult, register_stage
 
@@ -49,6 +49,11 @@ class QuantizeOnnx(Stage):
     transitions = {Kind.ONNX: Kind.ONNX}
     Options = QuantizeOnnxOptions
 
+    @classmethod
+    def check_options(cls, options: QuantizeOnnxOptions, where: str, source: str) -> None:
+        if not options.quantize_outputs and not options.op_types:
+            raise ConfigError(f"{source}: `{where}.quantize_outputs` = false needs `{where}.op_types` (whose outputs to leave in float)")
+
     def apply(self, artifact: Artifact, ctx: BuildContext) -> StageResult:
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -71,7 +76,7 @@ class QuantizeOnnx(Stage):
                     quant_format=QuantFormat.QDQ, per_channel=o.per_channel, reduce_range=o.reduce_range,
                     activation_type=types[o.activations], weight_type=types[o.weights],
                     calibrate_method=method, extra_options=extra, op_types_to_quantize=list(o.op_types) or None,
-                    use_external_data_format=artifact.path.with_name(artifact.path.name + ".data").exists(),
+                    use_external_data_format=artifact.has_external_data,
                 )
             except Exception as e:
                 raise StageError(f"quantize_onnx: ONNX Runtime cannot quantize this model: {str(e).splitlines()[0][:300]}") from None
@@ -131,16 +136,14 @@ def _static_batch(graph) -> int | None:
     return dim.dim_value if dim.HasField("dim_value") else None
 
 
-class _quiet:
+@contextlib.contextmanager
+def _quiet():
     """ONNX Runtime's quantizer logs every tensor at INFO and its histogram calibrators print()
     progress; keep the terminal short and stdout clean for `--json`."""
-
-    def __enter__(self):
-        self.level = logging.root.level
-        logging.root.setLevel(logging.WARNING)
-        self.stdout = contextlib.redirect_stdout(io.StringIO())
-        self.stdout.__enter__()
-
-    def __exit__(self, *exc):
-        self.stdout.__exit__(*exc)
-        logging.root.setLevel(self.level)
+    level = logging.root.level
+    logging.root.setLevel(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        logging.root.setLevel(level)
