@@ -141,7 +141,7 @@ def _quiet():
     """ONNX Runtime's quantizer logs every tensor at INFO and its histogram calibrators print()
     progress; keep the terminal short and stdout clean for `--json`."""
     level = logging.root.level
-    logging.root.setLevel(logging.WARNING)
+    logging.root.setLevel(logging.ERROR)  # also its "consider pre-processing" hint: off on purpose for TensorRT names
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             yield
