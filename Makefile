@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install browser demo test bench clean
 
 install: $(STAMP)
 
@@ -17,12 +17,19 @@ demo: $(STAMP)
 	$(VENV)/bin/toolchain example digits --out build/example
 	$(VENV)/bin/toolchain build build/example/digits_cnn.pt2 --target x86_fbgemm \
 		--calib build/example/calib.npz --val build/example/val.npz --out build/digits_cnn-x86_fbgemm
+	$(VENV)/bin/toolchain build build/example/digits_cnn.pt2 --target qualcomm_snapdragon \
+		--calib build/example/calib.npz --val build/example/val.npz --out build/digits_cnn-qualcomm_snapdragon
 
-test: $(STAMP)
-	$(PY) -m pytest -q
+# Debian's Chromium, for the test that renders report.html headless (needs root and apt).
+browser:
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+
+test: $(STAMP) browser
+	TOOLCHAIN_REQUIRE_BROWSER=1 $(PY) -m pytest -q
 
 bench: $(STAMP)
 	$(PY) benchmarks/x86_resnet18.py
+	$(PY) benchmarks/snapdragon_mobile.py
 
 clean:
 	rm -rf build

@@ -1,3 +1,4 @@
+import re
 import warnings
 from pathlib import Path
 
@@ -33,11 +34,17 @@ def write_profile(tmp_path: Path, text: str, base: Path = X86, name: str = "cust
 
 
 XAVIER = REPO / "targets" / "nvidia_xavier.toml"
+SNAPDRAGON = REPO / "targets" / "qualcomm_snapdragon.toml"
 
 
-def fast_profile(tmp_path: Path, calibration: int = 32, validation: int = 16, extra: str = "", base: Path = X86) -> Path:
-    """A profile with fewer samples and timed runs: for tests about behaviour, not speed."""
+def fast_profile(tmp_path: Path, calibration: int = 32, validation: int = 16, extra: str = "", base: Path = X86,
+                 batch_sizes: str | None = "[1, 2]") -> Path:
+    """A profile with fewer samples, timed runs and batch sizes: for tests about behaviour, not
+    speed (``batch_sizes=None`` keeps the target's)."""
     text = base.read_text()
+    if batch_sizes:
+        text = re.sub(r"^batch_sizes = \[[^\]]*\]", f"batch_sizes = {batch_sizes}", text, count=1, flags=re.M)
+    text = text.replace("profile_runs = 10", "profile_runs = 3")
     text = text.replace("calibration_samples = 256", f"calibration_samples = {calibration}")
     text = text.replace("validation_samples = 512", f"validation_samples = {validation}")
     text = text.replace("synthetic_samples = 64", f"synthetic_samples = {max(calibration, validation)}")

@@ -4,6 +4,8 @@ Weights are random (no downloads here), so parity is measured but not judged; th
 floor below still catches a broken artifact (an all-zero output has SQNR 0 dB).
 """
 
+import json
+
 import numpy as np
 import pytest
 
@@ -39,6 +41,7 @@ def test_torchvision_model_builds_for_x86(name, images, tmp_path):
         assert a["parity"]["sqnr_db"] > 8.0, a
         assert a["size_bytes"] < 0.35 * data["reference"]["size_bytes"], a
         assert (folder / a["path"]).is_file()
+    assert_report_with_profiles(folder, data)
 
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0"])
@@ -58,3 +61,12 @@ def test_torchvision_model_builds_for_xavier(name, images, tmp_path):
     consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     zero_points = [consts[n.input[2]] for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
     assert zero_points and not any(np.any(z) for z in zero_points)
+    assert_report_with_profiles(folder, data)
+
+
+def assert_report_with_profiles(folder, data):
+    """Every build folder, of every target, has report.html and a profile per runnable model."""
+    assert (folder / "report.html").read_text().startswith("<!doctype html>")
+    for entry in [data["reference"], *data["artifacts"]]:
+        profile = json.loads((folder / entry["profile"]).read_text())
+        assert profile["operators"] and profile["total_ms"] > 0, entry["profile"]

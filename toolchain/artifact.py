@@ -19,6 +19,8 @@ class Kind(str, Enum):
     EXPORTED = "torch.export.ExportedProgram"
     TORCHSCRIPT = "torchscript"
     ONNX = "onnx"
+    EXECUTORCH = "executorch"  # a .pte program (XNNPACK-delegated or portable kernels)
+    LITE = "torchscript-lite"  # a PyTorch Mobile lite-interpreter .ptl file
 
     def __str__(self) -> str:
         return self.value
@@ -29,7 +31,7 @@ class Artifact:
     """A model at one point of the pipeline.
 
     ``model`` is the in-memory object for PyTorch kinds; ``path`` is set once the artifact
-    lives on disk (ONNX always does). Stages never mutate ``model``: they copy it first.
+    lives on disk (ONNX, ExecuTorch and lite-interpreter artifacts always do). Stages never mutate ``model``: they copy it first.
     """
 
     kind: Kind

@@ -11,22 +11,27 @@ from typing import Callable
 
 import numpy as np
 
-from .artifact import Artifact
+from .artifact import Artifact, Kind
 from .context import BuildContext
 from .data import Dataset, check_sample_shape, load_dataset, synthetic_dataset
 from .errors import DataError, StageError, ToolchainError
 from .folder import check_output, staged_folder
-from .latency import measure
+from .bench import bench
 from .load import LoadedModel, load_model, parse_shape, settle_random_batchnorm
 from .manifest import write_manifest
 from .parity import accuracy_of, compare, run_batched
 from .pipeline import Pipeline, Skipped, plan
+from .profiling import PROFILERS, profile_torch, write_profile
 from .report import ArtifactReport, Report, mark_primary, write
 from .runtime import load_runner, reference_runner
+from .stage import reported_facts
 from .target import ParityThresholds, Target, load_target
 
 log = logging.getLogger("toolchain")
-FORMATS = {"torchscript": ("torchscript", ".pt"), "onnxruntime": ("onnx", ".onnx")}
+FORMATS = {
+    "torchscript": ("torchscript", ".pt"), "onnxruntime": ("onnx", ".onnx"),
+    "executorch": ("executorch", ".pte"), "lite_interpreter": ("torchscript-lite", ".ptl"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,10 +87,21 @@ def build(
                 skipped.append(Skipped(chain.name, str(e)))
                 continue
             shipped = ship(artifact, chain.spec.runtime, chain.name, tmp)
-            checked = check_artifact(chain.name, shipped, chain.spec.runtime, profile, thresholds, inputs, ref_out, ref_accuracy)
-            reports.append(dataclasses.replace(checked, eligible=chain.spec.primary))
+            try:
+                checked = check_artifact(chain.name, shipped, chain.spec.runtime, profile, thresholds, inputs, ref_out, ref_accuracy, tmp)
+            except RuntimeError as e:  # built, but its own runtime refuses it: not shipped
+                reason = f"{chain.spec.runtime} could not run the built file: {(str(e).strip().splitlines() or ['?'])[0][:300]}"
+                log.warning("skipped %s: %s", chain.name, reason)
+                skipped.append(Skipped(chain.name, reason))
+                for f in shipped.files():
+                    f.unlink()
+                continue
+            reports.append(dataclasses.replace(checked, eligible=chain.spec.primary, stage_facts=reported_facts(records[chain.name])))
             files[chain.name] = {"file": reports[-1].path, "sha256": reports[-1].sha256, "lineage": list(shipped.lineage)}
         shutil.rmtree(work)
+        if not reports:
+            reasons = "; ".join(f"{s.name}: {s.reason}" for s in skipped)
+            raise ToolchainError(f"no artifact of target `{profile.name}` could be built ({reasons})")
         engine = plan_engine(profile, reports, tmp, inputs.shape[1:])
         if engine and engine["status"] == "pending on device":
             from .tensorrt.device import save_parity_inputs
@@ -93,7 +109,7 @@ def build(
             save_parity_inputs(tmp, inputs.validation.x, ref_out, inputs.validation.y, profile.tensorrt.parity_samples)
         report = Report(
             target=profile.name, target_file=profile.source, model=model_facts(loaded, inputs),
-            reference=reference_facts(loaded, reference, inputs, profile, ref_accuracy),
+            reference=reference_facts(loaded, reference, inputs, profile, ref_accuracy, tmp),
             data=data_facts(inputs), artifacts=tuple(mark_primary(reports)),
             skipped=tuple({"name": s.name, "reason": s.reason} for s in skipped),
             thresholds=thresholds, engine=engine, warnings=inputs.warnings, build_seconds=round(time.perf_counter() - started, 2),
@@ -191,19 +207,26 @@ def applied_thresholds(loaded: LoadedModel, profile: Target) -> ParityThresholds
 
 
 def check_artifact(name, artifact: Artifact, runtime: str, profile: Target, thresholds: ParityThresholds | None,
-                   inputs: Inputs, ref_out: np.ndarray, ref_accuracy) -> ArtifactReport:
+                   inputs: Inputs, ref_out: np.ndarray, ref_accuracy, folder: Path) -> ArtifactReport:
     """Load the shipped file in its own runtime, compare with FP32 and time it."""
     log.info("checking %s in %s", name, runtime)
-    runner = load_runner(artifact, runtime, profile.runtime.threads)
-    outputs = run_batched(runner, inputs.validation.x, profile.parity.batch_size)
+    loaded = []
+    timed = run_bench(lambda: loaded.append(load_runner(artifact, runtime, profile.runtime.threads)) or loaded[0],
+                      profile, inputs.shape[1:])
+    outputs = run_batched(loaded[0], inputs.validation.x, profile.parity.batch_size)
     parity = compare(ref_out, outputs, inputs.validation.y, thresholds, ref_accuracy)
     r = profile.runtime
-    latency = measure(runner, inputs.validation.x[:1], r.warmup_runs, r.latency_runs, r.threads)
+    measured = PROFILERS.get(runtime)(artifact, inputs.validation.x[:1], r.profile_runs, r.threads)
     return ArtifactReport(
         name=name, path=artifact.path.name, format=FORMATS[runtime][0], runtime=runtime,
         precision=artifact.precision, engine=artifact.engine, size_bytes=artifact.size_bytes(),
-        sha256=artifact.sha256, latency=latency, parity=parity,
+        sha256=artifact.sha256, bench=timed, parity=parity, profile=write_profile(measured, folder, name),
     )
+
+
+def run_bench(load, profile: Target, sample_shape):
+    r = profile.runtime
+    return bench(load, tuple(sample_shape), r.batch_sizes, r.warmup_runs, r.latency_runs, r.threads, r.latency_budget_ms)
 
 
 def model_facts(loaded: LoadedModel, inputs: Inputs) -> dict:
@@ -214,13 +237,18 @@ def model_facts(loaded: LoadedModel, inputs: Inputs) -> dict:
     }
 
 
-def reference_facts(loaded: LoadedModel, reference, inputs: Inputs, profile: Target, accuracy) -> dict:
+def reference_facts(loaded: LoadedModel, reference, inputs: Inputs, profile: Target, accuracy, folder: Path) -> dict:
+    """The FP32 model in eager PyTorch: what every artifact is compared with, timed and profiled the same way."""
     r = profile.runtime
-    latency = measure(reference, inputs.validation.x[:1], r.warmup_runs, r.latency_runs, r.threads)
+    timed = run_bench(lambda: reference, profile, inputs.shape[1:])
+    module = loaded.artifact.model.module() if loaded.artifact.kind is Kind.EXPORTED else loaded.artifact.model
+    measured = profile_torch(module, inputs.validation.x[:1], r.profile_runs, r.threads)
     path = Path(loaded.source)
     size = path.stat().st_size if path.is_file() else _state_bytes(loaded.artifact)
+    b1 = timed.batch1
     return {"format": str(loaded.artifact.kind), "precision": "fp32", "size_bytes": size,
-            "latency_ms": latency.median_ms, "latency_p95_ms": latency.p95_ms, "accuracy": accuracy}
+            "latency_ms": b1.p50_ms, "latency_p95_ms": b1.p95_ms, "latency_p99_ms": b1.p99_ms, "accuracy": accuracy,
+            "bench": timed.to_json(), "profile": write_profile(measured, folder, "fp32_reference")}
 
 
 def _state_bytes(artifact: Artifact) -> int:

@@ -44,6 +44,29 @@ def train(model, x: np.ndarray, y: np.ndarray, epochs: int = 15, seed: int = 0):
     return model.eval()
 
 
+def digits_rgb(x: np.ndarray, size: int = 32) -> np.ndarray:
+    """Digits as the 3-channel, ``size`` x ``size``, [-1, 1] images ImageNet-style models take."""
+    import torch
+
+    t = torch.nn.functional.interpolate(torch.from_numpy(x), size=(size, size), mode="bilinear", align_corners=False)
+    return ((t - 0.5) / 0.5).repeat(1, 3, 1, 1).numpy()
+
+
+def train_torchvision(name: str, x: np.ndarray, y: np.ndarray, epochs: int = 4):
+    """A torchvision architecture (10 classes) trained on ``x`` from scratch.
+
+    BatchNorm statistics are re-estimated over ``x`` after training: MobileNetV3's BatchNorm
+    momentum (0.01) leaves running statistics far from the final weights' after a few epochs.
+    """
+    import torchvision
+
+    from .load import estimate_batchnorm
+
+    model = train(getattr(torchvision.models, name)(num_classes=10), x, y, epochs=epochs)
+    estimate_batchnorm(model, x)
+    return model
+
+
 def write_digits_example(out: str | Path) -> dict[str, Path]:
     """Train the digits CNN and write `digits_cnn.pt2`, `calib.npz` and `val.npz` (with labels)."""
     import torch

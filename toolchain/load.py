@@ -139,24 +139,31 @@ def settle_random_batchnorm(loaded: LoadedModel, x) -> LoadedModel:
     inputs gives activations of the scale trained models have, so the build exercises
     quantization the way a real model would. Only ever applied to random weights.
     """
-    import torch
-
     if not loaded.random_weights or loaded.artifact.kind is not Kind.EAGER:
         return loaded
     model = loaded.artifact.model
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    if not norms:
+    if not estimate_batchnorm(model, x):
         return loaded
+    weights = loaded.weights.replace("random", "random, BatchNorm statistics estimated on the calibration inputs", 1)
+    return dataclasses.replace(loaded, artifact=Artifact(Kind.EAGER, "fp32", model=model), weights=weights)
+
+
+def estimate_batchnorm(model, x, batch: int = 32) -> int:
+    """Replace every BatchNorm's running statistics by their average over ``x`` (in place);
+    returns how many BatchNorm layers there were. Leaves the model in eval mode."""
+    import torch
+
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # cumulative average over all batches
-    model.train()
-    with torch.no_grad():
-        for i in range(0, len(x), 32):
-            model(torch.from_numpy(x[i : i + 32]))
+    if norms:
+        model.train()
+        with torch.no_grad():
+            for i in range(0, len(x), batch):
+                model(torch.from_numpy(x[i : i + batch]))
     model.eval()
-    weights = loaded.weights.replace("random", "random, BatchNorm statistics estimated on the calibration inputs", 1)
-    return dataclasses.replace(loaded, artifact=Artifact(Kind.EAGER, "fp32", model=model), weights=weights)
+    return len(norms)
 
 
 def _is_torchscript(path: Path) -> bool:

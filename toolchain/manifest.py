@@ -13,7 +13,7 @@ from typing import Any
 from .artifact import sha256_files
 from .stage import StageRecord
 
-TRACKED_PACKAGES = ("toolchain", "torch", "torchvision", "onnx", "onnxruntime", "onnxoptimizer", "onnxscript", "numpy")
+TRACKED_PACKAGES = ("toolchain", "torch", "torchvision", "onnx", "onnxruntime", "onnxoptimizer", "onnxscript", "executorch", "torchao", "numpy")
 
 
 def library_versions() -> dict[str, str | None]:

@@ -42,7 +42,7 @@ def make_qconfig(calibration: str, percentile: float, per_channel: bool, reduce_
         "entropy": HistogramObserver.with_args(**act_kwargs),
         "percentile": PercentileObserver.with_args(percentile=percentile, **act_kwargs),
     }[calibration]
-    if per_channel and engine != "qnnpack":
+    if per_channel:  # fbgemm/x86 and qnnpack both have per-channel INT8 kernels
         weight = PerChannelMinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_channel_symmetric)
     else:
         weight = MinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric)

@@ -14,7 +14,10 @@ from .errors import StageError
 from .stage import Stage, StageRecord
 from .target import ArtifactSpec, Target
 
-RUNTIME_KINDS = {"torchscript": Kind.TORCHSCRIPT, "onnxruntime": Kind.ONNX}
+RUNTIME_KINDS = {
+    "torchscript": Kind.TORCHSCRIPT, "onnxruntime": Kind.ONNX,
+    "executorch": Kind.EXECUTORCH, "lite_interpreter": Kind.LITE,
+}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .latency import Latency
+from .bench import Bench
 from .parity import Parity
 
 
@@ -26,18 +26,26 @@ class ArtifactReport:
     engine: str | None
     size_bytes: int
     sha256: str
-    latency: Latency
+    bench: Bench  # latency percentiles at batch 1, the batch sweep, peak memory
     parity: Parity
     primary: bool = False
     eligible: bool = True  # the profile lets it be primary
+    stage_facts: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # e.g. mobile passes not applied
+    profile: str | None = None  # profiles/<name>.json, relative to the build folder
+
+    @property
+    def latency_ms(self) -> float:
+        return self.bench.batch1.p50_ms
 
     def to_json(self) -> dict[str, Any]:
         return {
             "name": self.name, "path": self.path, "format": self.format, "runtime": self.runtime,
             "precision": self.precision, "engine": self.engine, "size_bytes": self.size_bytes,
             "sha256": self.sha256, "primary": self.primary,
-            "latency_ms": self.latency.median_ms, "latency_p95_ms": self.latency.p95_ms,
-            "parity": _parity_json(self.parity),
+            "latency_ms": self.bench.batch1.p50_ms, "latency_p95_ms": self.bench.batch1.p95_ms,
+            "latency_p99_ms": self.bench.batch1.p99_ms,
+            "parity": _parity_json(self.parity), "stage_facts": self.stage_facts,
+            "bench": self.bench.to_json(), "profile": self.profile,
         }
 
 
@@ -87,13 +95,20 @@ class Report:
 def mark_primary(artifacts: list[ArtifactReport]) -> list[ArtifactReport]:
     """The fastest eligible artifact that does not fail parity becomes primary (none if all fail)."""
     passing = [a for a in artifacts if a.parity.passed is not False and a.eligible]
-    best = min(passing, key=lambda a: a.latency.median_ms, default=None)
+    best = min(passing, key=lambda a: a.latency_ms, default=None)
     return [dataclasses.replace(a, primary=a is best) for a in artifacts]
 
 
 def write(report: Report, folder: Path) -> None:
-    (folder / "report.json").write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    """`report.json`, `report.md` and `report.html` (drawn from the same dictionary as the JSON)."""
+    from .html import render
+
+    data = report.to_json()
+    (folder / "report.json").write_text(json.dumps(data, indent=2) + "\n")
     (folder / "report.md").write_text(markdown(report))
+    entries = [("fp32_reference", data["reference"])] + [(a["name"], a) for a in data["artifacts"]]
+    profiles = {n: json.loads((folder / e["profile"]).read_text()) for n, e in entries if e.get("profile")}
+    (folder / "report.html").write_text(render(data, profiles))
 
 
 def markdown(report: Report) -> str:
@@ -109,6 +124,8 @@ def markdown(report: Report) -> str:
     ]
     if report.engine:
         lines += [f"- TensorRT engine: {report.engine['status']} ({report.engine['reason']})"]
+    for a in report.artifacts:
+        lines += [f"- `{a.name}` {stage}: {_facts_line(facts)}" for stage, facts in a.stage_facts.items()]
     lines += [f"- skipped `{s['name']}`: {s['reason']}" for s in report.skipped]
     lines += [f"- warning: {w}" for w in report.warnings]
     return "\n".join(lines).rstrip() + "\n"
@@ -121,13 +138,24 @@ def table(report: Report) -> str:
     for a in report.artifacts:
         p = a.parity
         rows.append([
-            a.name + (" *" if a.primary else ""), a.precision, _mb(a.size_bytes), f"{a.latency.median_ms:.2f}",
+            a.name + (" *" if a.primary else ""), a.precision, _mb(a.size_bytes), f"{a.latency_ms:.2f}",
             f"{p.sqnr_db:.1f}", f"{p.cosine:.4f}", _pct(p.top1_agreement), _pct(p.accuracy),
             {True: "pass", None: "not judged"}.get(p.passed) or "FAIL: " + "; ".join(p.failures),
         ])
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     fmt = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
     return "\n".join([fmt(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, rows)])
+
+
+def _facts_line(facts: dict[str, Any]) -> str:
+    def one(v: Any) -> str:
+        if isinstance(v, dict):
+            return "; ".join(f"{k} ({w})" if isinstance(w, str) else f"{k} ×{w}" for k, w in v.items()) or "none"
+        if isinstance(v, (list, tuple)):
+            return ", ".join(map(str, v)) or "none"
+        return str(v)
+
+    return "; ".join(f"{k.replace('_', ' ')}: {one(v)}" for k, v in facts.items())
 
 
 def _parity_json(p: Parity) -> dict[str, Any]:

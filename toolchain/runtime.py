@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import io
+import os
+import sys
+import tempfile
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -37,12 +43,21 @@ def reference_runner(artifact: Artifact, threads: int) -> Runner:
     return torch_runner(model, threads)
 
 
-def _torchscript(artifact: Artifact, threads: int) -> Runner:
+def load_torch_module(artifact: Artifact):
+    """A TorchScript or lite-interpreter file, loaded under the engine its INT8 weights were packed for."""
     import torch
 
     if artifact.engine:
         torch.backends.quantized.engine = artifact.engine  # packed weights unpack on load, on this engine
-    return torch_runner(torch.jit.load(str(artifact.path), map_location="cpu"), threads)
+    if artifact.kind is Kind.LITE:
+        from torch.jit.mobile import _load_for_lite_interpreter  # PyTorch Mobile's runtime, on the host
+
+        return _load_for_lite_interpreter(str(artifact.path))
+    return torch.jit.load(str(artifact.path), map_location="cpu")
+
+
+def _torchscript(artifact: Artifact, threads: int) -> Runner:
+    return torch_runner(load_torch_module(artifact), threads)
 
 
 def _onnxruntime(artifact: Artifact, threads: int) -> Runner:
@@ -68,6 +83,38 @@ def onnxruntime_session(path: Path, threads: int, profile_prefix: str | None = N
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+@contextlib.contextmanager
+def native_stderr_off():
+    """Silence what native code writes to file descriptor 2 (Python's own errors still raise)."""
+    with native_stderr() as _:
+        yield
+
+
+@contextlib.contextmanager
+def native_stderr():
+    """Capture what native code logs: to file descriptor 2, or through Python's ``sys.stderr``
+    (ExecuTorch's Python bindings route the runtime's log there). The list holds the lines
+    after exit."""
+    lines: list[str] = []
+    sys.stderr.flush()
+    saved = os.dup(2)
+    python_side = io.StringIO()
+    try:
+        with tempfile.TemporaryFile() as sink:
+            os.dup2(sink.fileno(), 2)
+            try:
+                with contextlib.redirect_stderr(python_side):
+                    yield lines
+            finally:
+                ctypes.CDLL(None).fflush(None)  # C stdio buffers, so the lines land in the sink
+                os.dup2(saved, 2)
+                sink.seek(0)
+                lines.extend(sink.read().decode(errors="replace").splitlines())
+                lines.extend(python_side.getvalue().splitlines())
+    finally:
+        os.close(saved)
+
+
 def load_runner(artifact: Artifact, runtime: str, threads: int) -> Runner:
     """Load ``artifact`` back from its file, so what is checked is what ships."""
     if artifact.path is None:
@@ -84,5 +131,37 @@ def first_tensor(output):
     return output
 
 
+def _executorch(artifact: Artifact, threads: int) -> Runner:
+    """ExecuTorch's Python runtime (the same C++ runtime and XNNPACK kernels a phone runs).
+
+    The program is memory-planned for a fixed input shape; larger batches run sample-group
+    by sample-group in the planned batch size.
+    """
+    import torch
+    from executorch.extension.pybindings import portable_lib
+    from executorch.runtime import Runtime
+
+    with native_stderr_off():  # the C++ runtime logs CPU probing and thread-pool resets
+        portable_lib._unsafe_reset_threadpool(threads)  # XNNPACK's thread pool; it defaults to every core
+        method = Runtime.get().load_program(artifact.path).load_method("forward")
+        method.execute([torch.zeros(tuple(method.metadata.input_tensor_meta(0).sizes()))])
+    planned = method.metadata.input_tensor_meta(0).sizes()[0]
+
+    def run(x: np.ndarray) -> np.ndarray:
+        outs = []
+        for start in range(0, len(x), planned):
+            chunk = np.ascontiguousarray(x[start:start + planned], dtype=np.float32)
+            short = planned - len(chunk)
+            if short:
+                chunk = np.concatenate([chunk, np.zeros((short, *chunk.shape[1:]), np.float32)])
+            out = first_tensor(method.execute([torch.from_numpy(chunk)])).numpy()
+            outs.append(out[:planned - short])
+        return np.concatenate(outs)
+
+    return run
+
+
 RUNTIMES.register("torchscript", _torchscript)
 RUNTIMES.register("onnxruntime", _onnxruntime)
+RUNTIMES.register("executorch", _executorch)
+RUNTIMES.register("lite_interpreter", _torchscript)

@@ -46,6 +46,7 @@ class Stage:
     name: ClassVar[str]
     transitions: ClassVar[Mapping[Kind, Kind]]
     Options: ClassVar[type] = NoOptions
+    report_facts: ClassVar[tuple[str, ...]] = ()  # facts users need in report.json, not only the manifest
 
     def __init__(self, options: Any = None) -> None:
         self.options = options if options is not None else self.Options()
@@ -84,6 +85,16 @@ class Stage:
 
 
 STAGES: Registry[type[Stage]] = Registry("stage")
+
+
+def reported_facts(records: list[StageRecord]) -> dict[str, dict[str, Any]]:
+    """The facts each stage marks for the report, by stage name."""
+    out = {}
+    for r in records:
+        keys = STAGES.get(r.stage).report_facts
+        if keys:
+            out[r.stage] = {k: r.facts[k] for k in keys if k in r.facts}
+    return out
 
 
 def register_stage(cls: type[Stage]) -> type[Stage]:

@@ -20,13 +20,12 @@ from .options import option, parse_options
 from .stage import STAGES
 from .tensorrt.plan import TensorRTOptions
 
-RUNTIMES = ("torchscript", "onnxruntime")
 
 
 @dataclasses.dataclass(frozen=True)
 class ArtifactSpec:
     stages: tuple[str, ...] = option((), "stages applied in order to the FP32 model")
-    runtime: Literal["torchscript", "onnxruntime"] = option("onnxruntime", "runtime the artifact is loaded and checked in")
+    runtime: Literal["torchscript", "onnxruntime", "executorch", "lite_interpreter"] = option("onnxruntime", "runtime the artifact is loaded and checked in")
     description: str = option("", "what the artifact is for")
     primary: bool = option(True, "may be chosen as the primary artifact (fastest that passes parity)")
 
@@ -43,9 +42,11 @@ class DataOptions:
 class RuntimeOptions:
     threads: int = option(2, "intra-op threads for every runtime, latency included")
     layout: Literal["NCHW", "NHWC"] = option("NCHW", "input memory layout the artifacts expect")
-    batch_sizes: tuple[int, ...] = option((1,), "batch sizes the deployment runs; latency is reported at batch 1")
-    warmup_runs: int = option(5, "runs discarded before timing")
-    latency_runs: int = option(30, "timed runs; the median is reported")
+    batch_sizes: tuple[int, ...] = option((1,), "batch sizes the deployment runs: throughput is measured at each")
+    warmup_runs: int = option(5, "runs discarded before timing, at each batch size")
+    latency_runs: int = option(30, "timed runs at each batch size; p50 / p95 / p99 are reported")
+    latency_budget_ms: float | None = option(None, "largest p95 latency a batch may take; the best batch size is chosen under it")
+    profile_runs: int = option(10, "runs recorded by each per-operator profiler (batch 1)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,9 +171,12 @@ def _check_positive(raw: _ProfileFile, source: str) -> None:
         "data.synthetic_samples": raw.data.synthetic_samples,
         "runtime.threads": raw.runtime.threads,
         "runtime.latency_runs": raw.runtime.latency_runs,
+        "runtime.profile_runs": raw.runtime.profile_runs,
         "parity.batch_size": raw.parity.batch_size,
     }
     checks.update({f"runtime.batch_sizes[{i}]": b for i, b in enumerate(raw.runtime.batch_sizes)})
+    if raw.runtime.latency_budget_ms is not None and raw.runtime.latency_budget_ms <= 0:
+        raise ConfigError(f"{source}: `runtime.latency_budget_ms` must be positive (got {raw.runtime.latency_budget_ms})")
     for key, value in checks.items():
         if value < 1:
             raise ConfigError(f"{source}: `{key}` must be at least 1 (got {value})")

@@ -1,0 +1,170 @@
+"""Profiles, `toolchain bench` and report.html: the page shows exactly report.json's numbers,
+and headless Chromium lays out every chart."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from html.parser import HTMLParser
+
+import numpy as np
+import pytest
+
+import toolchain
+from toolchain.bench import bench
+from toolchain.errors import EXIT_USER_ERROR
+
+from .conftest import fast_profile
+
+
+@pytest.fixture(scope="module")
+def x86_build(digits, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("html")
+    report, folder = toolchain.build(str(digits["model"]), str(fast_profile(tmp, 64, 64, batch_sizes=None)), tmp / "out",
+                                     digits["calibration"], digits["validation"])
+    return report, folder
+
+
+class Marks(HTMLParser):
+    """Collects every chart mark (data-chart, data-label, data-batch, data-value) and the embedded JSON."""
+
+    def __init__(self):
+        super().__init__()
+        self.marks, self.json, self._in_json = [], "", False
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if "data-value" in a:
+            self.marks.append((a["data-chart"], a["data-label"], a.get("data-batch"), float(a["data-value"])))
+        self._in_json = a.get("id") == "report-json"
+
+    def handle_data(self, data):
+        if self._in_json:
+            self.json += data
+
+
+def _marks(folder):
+    parser = Marks()
+    parser.feed((folder / "report.html").read_text())
+    return parser
+
+
+def test_every_number_in_the_page_is_the_report_json_number(x86_build):
+    _, folder = x86_build
+    report = json.loads((folder / "report.json").read_text())
+    page = _marks(folder)
+    assert json.loads(page.json) == report
+    rows = {"fp32_reference": report["reference"], **{a["name"]: a for a in report["artifacts"]}}
+    by_chart = {}
+    for chart, label, batch, value in page.marks:
+        by_chart.setdefault(chart, {})[(label, batch)] = value
+    assert by_chart["latency"] == {(n, None): r["latency_ms"] for n, r in rows.items()}
+    assert by_chart["size"] == {(n, None): r["size_bytes"] for n, r in rows.items()}
+    assert by_chart["throughput"] == {(n, str(p["batch_size"])): p["throughput"] for n, r in rows.items() for p in r["bench"]["sweep"]}
+    for name, r in rows.items():
+        profile = json.loads((folder / r["profile"]).read_text())
+        shown = by_chart[f"operators:{name}"]
+        assert list(shown.values()) == [o["self_ms"] for o in profile["operators"][:8]]
+    assert "http://" not in (folder / "report.html").read_text() and "https://" not in (folder / "report.html").read_text()
+
+
+def test_profiles_are_kept_per_artifact_with_shares(x86_build):
+    report, folder = x86_build
+    tools = {"fp32_reference": "torch.profiler", "torch_int8": "torch.profiler", "onnx_fp32": "onnxruntime profiler",
+             "onnx_int8": "onnxruntime profiler"}
+    for name, tool in tools.items():
+        profile = json.loads((folder / "profiles" / f"{name}.json").read_text())
+        assert profile["tool"] == tool and profile["runs"] > 0 and profile["total_ms"] > 0
+        ops = profile["operators"]
+        assert ops and all(a["self_ms"] >= b["self_ms"] for a, b in zip(ops, ops[1:]))
+        assert 0 < sum(o["share"] for o in ops) <= 1.0001
+    names = lambda n: {o["name"] for o in json.loads((folder / "profiles" / f"{n}.json").read_text())["operators"]}
+    assert any(n.startswith("quantized::conv2d") for n in names("torch_int8"))
+    assert "QLinearConv" in names("onnx_int8") and "Conv" in names("onnx_fp32")
+    ref = json.loads((folder / "profiles" / "fp32_reference.json").read_text())
+    assert any(o["input_shapes"] for o in ref["operators"])
+
+
+def test_bench_numbers_in_report_json(x86_build):
+    report, folder = x86_build
+    data = json.loads((folder / "report.json").read_text())
+    for entry in [data["reference"], *data["artifacts"]]:
+        b = entry["bench"]
+        assert [p["batch_size"] for p in b["sweep"]] == [1, 8, 32]
+        assert entry["latency_ms"] == b["sweep"][0]["p50_ms"] and entry["latency_p99_ms"] == b["sweep"][0]["p99_ms"]
+        for p in b["sweep"]:
+            assert p["p50_ms"] <= p["p95_ms"] <= p["p99_ms"]
+            assert p["throughput"] == pytest.approx(p["batch_size"] * 1000 / p["p50_ms"], rel=1e-3)
+        assert b["latency_budget_ms"] == 50.0 and b["best_batch"] in (1, 8, 32) and b["threads"] == 2
+
+
+def test_best_batch_is_the_fastest_within_the_budget():
+    def load():
+        return lambda x: time.sleep(0.002 * len(x))  # 2 ms per sample: batch 8 takes 16 ms
+
+    b = bench(load, (1,), (1, 2, 8), warmup=1, runs=5, threads=1, budget_ms=10.0)
+    assert [p.batch_size for p in b.sweep] == [1, 2, 8]
+    assert b.best_batch == 2  # batch 8 has the best throughput (sleep overhead amortised) but is over budget
+    assert bench(load, (1,), (1, 2), warmup=0, runs=3, threads=1, budget_ms=0.5).best_batch is None
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "toolchain", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_bench_command_prints_percentiles_and_sweep(x86_build):
+    _, folder = x86_build
+    r = _cli("bench", str(folder), "--runs", "5")
+    assert r.returncode == 0, r.stderr
+    assert "p50 ms" in r.stdout and "p99 ms" in r.stdout and "b32 samples/s" in r.stdout and "best batch" in r.stdout
+    for name in ("fp32_reference", "torch_int8", "onnx_fp32", "onnx_int8"):
+        assert re.search(rf"^\| {name} ", r.stdout, re.M), r.stdout
+    data = json.loads((folder / "bench.json").read_text())
+    assert data["settings"]["runs"] == 5 and data["settings"]["threads"] == 2
+    assert set(data["results"]) == {"fp32_reference", "torch_int8", "onnx_fp32", "onnx_int8"}
+    r = _cli("bench", str(folder), "--runs", "3", "--budget-ms", "0.000001", "--batch-sizes", "1,4")
+    assert r.returncode == 0 and "none fits" in r.stdout and "b4 samples/s" in r.stdout
+
+
+def test_bench_refuses_a_folder_that_is_not_a_build(tmp_path):
+    r = _cli("bench", str(tmp_path))
+    assert r.returncode == EXIT_USER_ERROR and "is not a build folder" in r.stderr and "Traceback" not in r.stderr
+
+
+def _chromium():
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not found:
+        if os.environ.get("TOOLCHAIN_REQUIRE_BROWSER"):
+            pytest.fail("chromium is required here (make test installs Debian's chromium)")
+        pytest.skip("chromium is not installed (Debian package `chromium`; `make test` installs it)")
+    return found
+
+
+def test_report_renders_in_headless_chromium(x86_build, tmp_path):
+    _, folder = x86_build
+    browser = _chromium()
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=3000"]
+    r = subprocess.run([browser, *flags, "--dump-dom", (folder / "report.html").as_uri()], capture_output=True, text=True, timeout=120)
+    match = re.search(r'data-rendered="([^"]*)"', r.stdout)
+    assert match, r.stderr[-2000:]
+    rendered = json.loads(match.group(1).replace("&quot;", '"'))
+    report = json.loads((folder / "report.json").read_text())
+    n = 1 + len(report["artifacts"])
+    assert rendered["latency"]["marks"] == n and rendered["size"]["marks"] == n
+    assert rendered["throughput"]["marks"] == n * 3
+    for name in ["fp32_reference", *(a["name"] for a in report["artifacts"])]:
+        assert rendered[f"operators:{name}"]["marks"] > 0
+    assert all(c["width"] > 100 and c["height"] > 50 for c in rendered.values()), rendered
+    shot = tmp_path / "report.png"
+    subprocess.run([browser, *flags, f"--screenshot={shot}", "--window-size=1200,1800", (folder / "report.html").as_uri()],
+                   capture_output=True, timeout=120)
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(shot).convert("RGB"))
+    colours = {tuple(c) for c in pixels.reshape(-1, 3)[::97]}
+    assert len(colours) > 8  # bars in several colours, not a blank page

@@ -1,0 +1,169 @@
+"""Latency percentiles, a batch-size sweep and peak memory for one runnable model.
+
+The same function measures inside ``toolchain build`` and in ``toolchain bench BUILD_DIR``,
+so the two report the same quantities the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchPoint:
+    batch_size: int
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    throughput: float  # samples per second, at the median latency
+    runs: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Bench:
+    threads: int
+    warmup_runs: int
+    sweep: tuple[BatchPoint, ...]
+    best_batch: int | None  # best throughput with p95 within the latency budget (None: nothing fits)
+    latency_budget_ms: float | None
+    peak_memory_bytes: int | None  # resident memory added while loading and running at the largest batch
+
+    @property
+    def batch1(self) -> BatchPoint:
+        return self.sweep[0]
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def percentiles(times_ms: np.ndarray) -> tuple[float, float, float]:
+    p50, p95, p99 = np.percentile(times_ms, [50, 95, 99])
+    return round(float(p50), 4), round(float(p95), 4), round(float(p99), 4)
+
+
+def time_runs(runner: Callable[[np.ndarray], Any], x: np.ndarray, warmup: int, runs: int) -> np.ndarray:
+    for _ in range(warmup):
+        runner(x)
+    times = np.empty(runs)
+    for i in range(runs):
+        start = time.perf_counter_ns()
+        runner(x)
+        times[i] = (time.perf_counter_ns() - start) / 1e6
+    return times
+
+
+def bench(load: Callable[[], Callable[[np.ndarray], Any]], sample_shape: tuple[int, ...], batch_sizes: tuple[int, ...],
+          warmup: int, runs: int, threads: int, budget_ms: float | None, seed: int = 0) -> Bench:
+    """Load with ``load()`` (memory counted from here), then time every batch size.
+
+    Inputs are random normal of the model's input shape: latency does not depend on values.
+    Batch 1 is always measured first; the others follow in increasing order.
+    """
+    rng = np.random.default_rng(seed)
+    sizes = sorted({1, *batch_sizes})
+    baseline = _reset_peak()
+    runner = load()
+    points = []
+    for b in sizes:
+        x = rng.standard_normal((b, *sample_shape), dtype=np.float32)
+        times = time_runs(runner, x, warmup, runs)
+        p50, p95, p99 = percentiles(times)
+        points.append(BatchPoint(b, p50, p95, p99, round(b * 1000.0 / p50, 2) if p50 > 0 else float("inf"), runs))
+    peak = _peak_since(baseline)
+    fitting = [p for p in points if p.batch_size in batch_sizes and (budget_ms is None or p.p95_ms <= budget_ms)]
+    best = max(fitting, key=lambda p: p.throughput).batch_size if fitting else None
+    return Bench(threads, warmup, tuple(points), best, budget_ms, peak)
+
+
+def _status(key: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak() -> int | None:
+    """Reset the kernel's resident high-water mark (Linux ≥ 4.0); returns the current RSS."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return None
+    return _status("VmRSS")
+
+
+def _peak_since(baseline: int | None) -> int | None:
+    peak = _status("VmHWM")
+    return None if baseline is None or peak is None else max(0, peak - baseline)
+
+
+def bench_build(folder: Path, batch_sizes: tuple[int, ...] | None = None, runs: int | None = None,
+                threads: int | None = None, budget_ms: float | None = None) -> dict[str, Any]:
+    """Re-measure every artifact of a build folder (and the FP32 model, when its source can
+    still be loaded) with the settings recorded in its report.json unless given here."""
+    import json
+
+    from .artifact import Artifact
+    from .errors import ToolchainError
+    from .pipeline import RUNTIME_KINDS
+    from .runtime import load_runner, reference_runner
+
+    report_path = folder / "report.json"
+    if not report_path.is_file():
+        raise ToolchainError(f"`{folder}` is not a build folder (no report.json)")
+    try:
+        report = json.loads(report_path.read_text())
+        artifacts = report["artifacts"]
+        recorded = (artifacts[0] if artifacts else report["reference"])["bench"]
+    except (json.JSONDecodeError, KeyError, IndexError, TypeError) as e:
+        raise ToolchainError(f"{report_path}: not a report this toolchain version wrote ({e})") from None
+    sizes = batch_sizes or tuple(p["batch_size"] for p in recorded["sweep"])
+    threads = threads or recorded["threads"]
+    runs = runs or recorded["sweep"][0]["runs"]
+    budget = budget_ms if budget_ms is not None else recorded["latency_budget_ms"]
+    sample = tuple(report["model"]["input_shape"][1:])
+    settings = dict(batch_sizes=tuple(sizes), warmup=recorded["warmup_runs"], runs=runs, threads=threads, budget_ms=budget)
+
+    results = {}
+    for a in artifacts:
+        artifact = Artifact(RUNTIME_KINDS[a["runtime"]], a["precision"], path=folder / a["path"], engine=a["engine"])
+        if not artifact.path.is_file():
+            raise ToolchainError(f"{folder}: artifact file `{a['path']}` is missing")
+        b = bench(lambda: load_runner(artifact, a["runtime"], threads), sample, **settings)
+        results[a["name"]] = {"runtime": a["runtime"], "engine": a["engine"], "size_bytes": artifact.size_bytes(),
+                              "files": [p.name for p in artifact.files()], **b.to_json()}
+    note = None
+    try:
+        from .load import load_model
+
+        loaded = load_model(report["model"]["source"], trust_pickle=False)
+        b = bench(lambda: reference_runner(loaded.artifact, threads), sample, **settings)
+        results = {"fp32_reference": {"runtime": "torch eager", "engine": None, "size_bytes": report["reference"]["size_bytes"],
+                                      "files": [], **b.to_json()}, **results}
+    except ToolchainError as e:
+        note = f"FP32 reference not measured: {e}"
+    return {"build": str(folder), "target": report["target"], "input_shape": report["model"]["input_shape"],
+            "settings": {**settings, "batch_sizes": list(settings["batch_sizes"])}, "results": results, "note": note}
+
+
+def bench_table(data: dict[str, Any]) -> str:
+    sizes = data["settings"]["batch_sizes"]
+    head = ["model", "p50 ms", "p95 ms", "p99 ms", *[f"b{b} samples/s" for b in sizes], "best batch", "peak MB", "size MB"]
+    rows = []
+    for name, r in data["results"].items():
+        one = r["sweep"][0]
+        thr = {p["batch_size"]: p["throughput"] for p in r["sweep"]}
+        rows.append([name, f"{one['p50_ms']:.3f}", f"{one['p95_ms']:.3f}", f"{one['p99_ms']:.3f}",
+                     *[f"{thr[b]:,.1f}" for b in sizes], str(r["best_batch"] or "none fits"),
+                     "" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**20:.1f}",
+                     f"{r['size_bytes'] / 2**20:.2f}" if r["size_bytes"] else ""])
+    widths = [max(len(x[i]) for x in [head, *rows]) for i in range(len(head))]
+    fmt = lambda r: "| " + " | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) + " |"
+    return "\n".join([fmt(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, rows)])

@@ -1,0 +1,31 @@
+"""torch.export for the stages that need an ExportedProgram (pt2e quantization, ExecuTorch)."""
+
+from __future__ import annotations
+
+import warnings
+
+from .artifact import Artifact, Kind
+from .errors import StageError
+
+
+def as_module(artifact: Artifact):
+    """A callable module for any in-memory PyTorch artifact (exported programs unwrapped)."""
+    return artifact.model.module() if artifact.kind is Kind.EXPORTED else artifact.model
+
+
+def export_program(model, example, stage: str, dynamic_batch: bool = False):
+    """``torch.export`` ``model`` on ``example``; with ``dynamic_batch`` the first dimension
+    is left free (the example must then have a batch of at least 2).
+
+    Raises StageError naming the stage and the first line of torch's reason.
+    """
+    import torch
+
+    shapes = ({0: torch.export.Dim.AUTO},) if dynamic_batch else None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.export.export(model, (example,), dynamic_shapes=shapes)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise StageError(f"{stage}: torch.export failed: {first}") from None

@@ -1,0 +1,88 @@
+"""Static INT8 quantization through torchao's PT2E flow, for ExecuTorch backends.
+
+Why pt2e here (and ``torch.ao`` FX for TorchScript artifacts, see ``quantize_torch``): an
+ExecuTorch delegate does not run quantized PyTorch modules; it lowers the quantize /
+dequantize patterns that ``convert_pt2e`` leaves in the exported graph into its own INT8
+kernels. The quantizer is the backend's own (ExecuTorch's ``XNNPACKQuantizer``), so what
+is annotated is exactly what XNNPACK can run in INT8: per-channel symmetric int8 weights,
+int8 activations with ranges from a histogram of the calibration inputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from typing import Literal
+
+from ..artifact import Artifact, Kind
+from ..context import BuildContext
+from ..errors import StageError
+from ..export import as_module, export_program
+from ..options import option
+from ..stage import Stage, StageResult, register_stage
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizePT2EOptions:
+    quantizer: Literal["xnnpack"] = option("xnnpack", "the backend whose quantizer annotates the graph")
+    per_channel: bool = option(True, "per-output-channel symmetric int8 weights (per-tensor when false)")
+    batch_size: int = option(32, "calibration batch size (1 when the model exports only at a fixed batch)")
+
+
+@register_stage
+class QuantizePT2E(Stage):
+    name = "quantize_pt2e"
+    transitions = {Kind.EAGER: Kind.EXPORTED, Kind.FX: Kind.EXPORTED, Kind.EXPORTED: Kind.EXPORTED}
+    Options = QuantizePT2EOptions
+
+    def apply(self, artifact: Artifact, ctx: BuildContext) -> StageResult:
+        import torch
+
+        with _pytree_notice_off():
+            from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+                XNNPACKQuantizer,
+                get_symmetric_quantization_config,
+            )
+            from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+        o = self.options
+        module, cal = as_module(artifact), ctx.calibration.x
+        # Calibrate in batches when the model exports with a free batch dimension; some
+        # models (a reshape to a fixed batch) only export at batch 1.
+        batch = o.batch_size if len(cal) > 1 else 1
+        try:
+            ep = export_program(module, torch.from_numpy(cal[:2].copy()), self.name, dynamic_batch=True)
+        except StageError:
+            ep, batch = export_program(module, ctx.example(), self.name), 1
+        quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=o.per_channel))
+        try:
+            prepared = prepare_pt2e(ep.module(), quantizer)
+            with torch.no_grad():
+                for start in range(0, len(cal), batch):
+                    prepared(torch.from_numpy(cal[start:start + batch].copy()))
+                    ctx.progress("calibrating (pt2e)", min(start + batch, len(cal)), len(cal))
+            converted = convert_pt2e(prepared)
+        except (RuntimeError, NotImplementedError, AssertionError, ValueError) as e:
+            raise StageError(f"{self.name}: cannot quantize this model for XNNPACK: {str(e).strip().splitlines()[0][:300]}") from None
+        program = export_program(converted, ctx.example(), self.name)
+        facts = {"calibration_samples": len(cal), "calibration_batch": batch, "quantizer": o.quantizer,
+                 "quantize_nodes": _count(program, "quantize_per"), "per_channel": o.per_channel}
+        return StageResult(dataclasses.replace(artifact, kind=Kind.EXPORTED, model=program, precision="int8"), facts)
+
+
+@contextlib.contextmanager
+def _pytree_notice_off():
+    """torchao 0.18 registers an Enum with torch's pytree on import, and torch logs a
+    deprecation notice about it at WARNING; it concerns torchao, not the user's build."""
+    logger = logging.getLogger("torch.utils._pytree")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _count(program, name: str) -> int:
+    return sum(1 for n in program.graph.nodes if n.op == "call_function" and name in str(n.target))

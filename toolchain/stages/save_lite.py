@@ -1,0 +1,42 @@
+"""Save a TorchScript model for PyTorch Mobile's lite interpreter (``.ptl``).
+
+The lite interpreter is deprecated in favour of ExecuTorch; this artifact is for apps that
+already ship the PyTorch Mobile runtime. Packed INT8 weights are stored for the engine
+the model was quantized for (qnnpack on phones) and unpacked on load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+from ..artifact import Artifact, Kind
+from ..context import BuildContext
+from ..errors import StageError
+from ..stage import Stage, StageResult, register_stage
+
+
+@register_stage
+class SaveLite(Stage):
+    name = "save_lite"
+    transitions = {Kind.TORCHSCRIPT: Kind.LITE}
+
+    def apply(self, artifact: Artifact, ctx: BuildContext) -> StageResult:
+        import torch
+
+        model = artifact.model if artifact.model is not None else torch.jit.load(str(artifact.path))
+        path = ctx.workdir / f"{artifact.precision}-{artifact.sha256[:12]}.ptl"
+        if artifact.engine:
+            torch.backends.quantized.engine = artifact.engine
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                model._save_for_lite_interpreter(str(path))
+            except RuntimeError as e:
+                raise StageError(f"{self.name}: {_first(e)}") from None
+        return StageResult(dataclasses.replace(artifact, kind=Kind.LITE, model=None, path=path))
+
+
+def _first(e: Exception) -> str:
+    lines = [l for l in str(e).strip().splitlines() if l.strip()]
+    return (lines[-1] if lines else type(e).__name__)[:300]
