@@ -44,7 +44,7 @@ def fast_profile(tmp_path: Path, calibration: int = 32, validation: int = 16, ex
     text = base.read_text()
     if batch_sizes:
         text = re.sub(r"^batch_sizes = \[[^\]]*\]", f"batch_sizes = {batch_sizes}", text, count=1, flags=re.M)
-    text = text.replace("profile_runs = 10", "profile_runs = 3")
+    text = text.replace("profile_runs = 10", "profile_runs = 3").replace("sweep_runs = 10", "sweep_runs = 3")
     text = text.replace("calibration_samples = 256", f"calibration_samples = {calibration}")
     text = text.replace("validation_samples = 512", f"validation_samples = {validation}")
     text = text.replace("synthetic_samples = 64", f"synthetic_samples = {max(calibration, validation)}")

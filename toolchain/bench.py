@@ -46,23 +46,32 @@ def percentiles(times_ms: np.ndarray) -> tuple[float, float, float]:
     return round(float(p50), 4), round(float(p95), 4), round(float(p99), 4)
 
 
-def time_runs(runner: Callable[[np.ndarray], Any], x: np.ndarray, warmup: int, runs: int) -> np.ndarray:
+SWEEP_SECONDS = 2.0  # a larger batch stops after this much timed work, once it has 3 runs
+
+
+def time_runs(runner: Callable[[np.ndarray], Any], x: np.ndarray, warmup: int, runs: int,
+              max_seconds: float | None = None) -> np.ndarray:
     for _ in range(warmup):
         runner(x)
-    times = np.empty(runs)
-    for i in range(runs):
+    times = []
+    for _ in range(runs):
         start = time.perf_counter_ns()
         runner(x)
-        times[i] = (time.perf_counter_ns() - start) / 1e6
-    return times
+        times.append((time.perf_counter_ns() - start) / 1e6)
+        if max_seconds is not None and len(times) >= 3 and sum(times) > max_seconds * 1000:
+            break
+    return np.array(times)
 
 
 def bench(load: Callable[[], Callable[[np.ndarray], Any]], sample_shape: tuple[int, ...], batch_sizes: tuple[int, ...],
-          warmup: int, runs: int, threads: int, budget_ms: float | None, seed: int = 0) -> Bench:
+          warmup: int, runs: int, threads: int, budget_ms: float | None, sweep_runs: int | None = None, seed: int = 0) -> Bench:
     """Load with ``load()`` (memory counted from here), then time every batch size.
 
     Inputs are random normal of the model's input shape: latency does not depend on values.
-    Batch 1 is always measured first; the others follow in increasing order.
+    Batch 1 is always measured first, with ``runs`` timed runs after ``warmup``; larger
+    batches follow in increasing order with ``sweep_runs`` (default ``runs``) after at most
+    two warm-up runs, stopping early (never below 3 runs) after SWEEP_SECONDS of timed work:
+    a batch of 32 costs 32 times as much. Each point records how many runs it got.
     """
     rng = np.random.default_rng(seed)
     sizes = sorted({1, *batch_sizes})
@@ -71,9 +80,12 @@ def bench(load: Callable[[], Callable[[np.ndarray], Any]], sample_shape: tuple[i
     points = []
     for b in sizes:
         x = rng.standard_normal((b, *sample_shape), dtype=np.float32)
-        times = time_runs(runner, x, warmup, runs)
+        if b == 1:
+            times = time_runs(runner, x, warmup, runs)
+        else:
+            times = time_runs(runner, x, min(warmup, 2), sweep_runs or runs, SWEEP_SECONDS)
         p50, p95, p99 = percentiles(times)
-        points.append(BatchPoint(b, p50, p95, p99, round(b * 1000.0 / p50, 2) if p50 > 0 else float("inf"), runs))
+        points.append(BatchPoint(b, p50, p95, p99, round(b * 1000.0 / p50, 2) if p50 > 0 else float("inf"), len(times)))
     peak = _peak_since(baseline)
     fitting = [p for p in points if p.batch_size in batch_sizes and (budget_ms is None or p.p95_ms <= budget_ms)]
     best = max(fitting, key=lambda p: p.throughput).batch_size if fitting else None
@@ -105,7 +117,7 @@ def _peak_since(baseline: int | None) -> int | None:
 
 
 def bench_build(folder: Path, batch_sizes: tuple[int, ...] | None = None, runs: int | None = None,
-                threads: int | None = None, budget_ms: float | None = None) -> dict[str, Any]:
+                threads: int | None = None, budget_ms: float | None = None, sweep_runs: int | None = None) -> dict[str, Any]:
     """Re-measure every artifact of a build folder (and the FP32 model, when its source can
     still be loaded) with the settings recorded in its report.json unless given here."""
     import json
@@ -127,9 +139,11 @@ def bench_build(folder: Path, batch_sizes: tuple[int, ...] | None = None, runs: 
     sizes = batch_sizes or tuple(p["batch_size"] for p in recorded["sweep"])
     threads = threads or recorded["threads"]
     runs = runs or recorded["sweep"][0]["runs"]
+    sweep_runs = sweep_runs or max(p["runs"] for p in recorded["sweep"][1:] or recorded["sweep"])
     budget = budget_ms if budget_ms is not None else recorded["latency_budget_ms"]
     sample = tuple(report["model"]["input_shape"][1:])
-    settings = dict(batch_sizes=tuple(sizes), warmup=recorded["warmup_runs"], runs=runs, threads=threads, budget_ms=budget)
+    settings = dict(batch_sizes=tuple(sizes), warmup=recorded["warmup_runs"], runs=runs, sweep_runs=sweep_runs,
+                    threads=threads, budget_ms=budget)
 
     results = {}
     for a in artifacts:

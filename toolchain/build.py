@@ -226,7 +226,8 @@ def check_artifact(name, artifact: Artifact, runtime: str, profile: Target, thre
 
 def run_bench(load, profile: Target, sample_shape):
     r = profile.runtime
-    return bench(load, tuple(sample_shape), r.batch_sizes, r.warmup_runs, r.latency_runs, r.threads, r.latency_budget_ms)
+    return bench(load, tuple(sample_shape), r.batch_sizes, r.warmup_runs, r.latency_runs, r.threads, r.latency_budget_ms,
+                 r.sweep_runs)
 
 
 def model_facts(loaded: LoadedModel, inputs: Inputs) -> dict:

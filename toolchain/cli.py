@@ -68,11 +68,12 @@ def build(model, target, out, calib, val, input_shape, trust_pickle, as_json):
 @main.command("bench")
 @click.argument("build_dir", type=click.Path())
 @click.option("--batch-sizes", help="Comma-separated batch sizes [default: the build's].")
-@click.option("--runs", type=int, help="Timed runs per batch size [default: the build's].")
+@click.option("--runs", type=int, help="Timed runs at batch 1 [default: the build's].")
+@click.option("--sweep-runs", type=int, help="Timed runs at each larger batch size [default: the build's].")
 @click.option("--threads", type=int, help="Threads [default: the build's].")
 @click.option("--budget-ms", type=float, help="Latency budget (p95) for choosing the batch size [default: the profile's].")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def bench_cmd(build_dir, batch_sizes, runs, threads, budget_ms, as_json):
+def bench_cmd(build_dir, batch_sizes, runs, sweep_runs, threads, budget_ms, as_json):
     """Latency p50/p95/p99, throughput per batch size, best batch and peak memory of every
     artifact in BUILD_DIR (and of the FP32 model); writes BUILD_DIR/bench.json."""
     from pathlib import Path
@@ -85,14 +86,14 @@ def bench_cmd(build_dir, batch_sizes, runs, threads, budget_ms, as_json):
         raise ToolchainError(f"--batch-sizes must be integers separated by commas (got {batch_sizes!r})") from None
     if sizes and min(sizes) < 1:
         raise ToolchainError("--batch-sizes must be at least 1")
-    data = bench_build(Path(build_dir), sizes, runs, threads, budget_ms)
+    data = bench_build(Path(build_dir), sizes, runs, threads, budget_ms, sweep_runs)
     (Path(build_dir) / "bench.json").write_text(json.dumps(data, indent=2) + "\n")
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
     s = data["settings"]
     click.echo(f"{data['target']}: input {'x'.join(map(str, data['input_shape'][1:]))}, {s['threads']} threads, "
-               f"{s['runs']} runs per batch size after {s['warmup']} warm-up, budget "
+               f"{s['runs']} runs at batch 1 after {s['warmup']} warm-up, {s['sweep_runs']} at larger batches, budget "
                f"{'none' if s['budget_ms'] is None else str(s['budget_ms']) + ' ms (p95)'}")
     click.echo(bench_table(data))
     if data["note"]:

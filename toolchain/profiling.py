@@ -17,6 +17,7 @@ import dataclasses
 import json
 import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -146,7 +147,9 @@ def _executorch(artifact: Artifact, x: np.ndarray, runs: int, threads: int) -> P
         program.write_etdump_result_to_file(str(etdump), str(Path(tmp) / "debug.bin"))
         from executorch.devtools import Inspector
 
-        inspector = Inspector(etdump_path=str(etdump))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Output Buffer not found": no debug buffer asked for, timings only
+            inspector = Inspector(etdump_path=str(etdump))
     by_op: dict[str, list] = collections.defaultdict(lambda: [0.0, 0])
     whole = 0.0  # Method::execute spans every operator: only its time outside them is its own
     for block in inspector.event_blocks:

@@ -44,7 +44,8 @@ class RuntimeOptions:
     layout: Literal["NCHW", "NHWC"] = option("NCHW", "input memory layout the artifacts expect")
     batch_sizes: tuple[int, ...] = option((1,), "batch sizes the deployment runs: throughput is measured at each")
     warmup_runs: int = option(5, "runs discarded before timing, at each batch size")
-    latency_runs: int = option(30, "timed runs at each batch size; p50 / p95 / p99 are reported")
+    latency_runs: int = option(30, "timed runs at batch 1; p50 / p95 / p99 are reported")
+    sweep_runs: int = option(10, "timed runs at each batch size above 1 (after at most 2 warm-up runs)")
     latency_budget_ms: float | None = option(None, "largest p95 latency a batch may take; the best batch size is chosen under it")
     profile_runs: int = option(10, "runs recorded by each per-operator profiler (batch 1)")
 
@@ -172,6 +173,7 @@ def _check_positive(raw: _ProfileFile, source: str) -> None:
         "runtime.threads": raw.runtime.threads,
         "runtime.latency_runs": raw.runtime.latency_runs,
         "runtime.profile_runs": raw.runtime.profile_runs,
+        "runtime.sweep_runs": raw.runtime.sweep_runs,
         "parity.batch_size": raw.parity.batch_size,
     }
     checks.update({f"runtime.batch_sizes[{i}]": b for i, b in enumerate(raw.runtime.batch_sizes)})
