@@ -168,3 +168,22 @@ def test_report_renders_in_headless_chromium(x86_build, tmp_path):
     pixels = np.asarray(Image.open(shot).convert("RGB"))
     colours = {tuple(c) for c in pixels.reshape(-1, 3)[::97]}
     assert len(colours) > 8  # bars in several colours, not a blank page
+
+
+def test_a_failing_profiler_costs_only_the_profile(digits, tmp_path, monkeypatch):
+    build_module = sys.modules["toolchain.build"]  # `toolchain.build` the attribute is the function
+
+    class Broken:
+        @staticmethod
+        def get(runtime):
+            def fail(*args):
+                raise RuntimeError(f"{runtime} profiler broke")
+            return fail
+
+    monkeypatch.setattr(build_module, "PROFILERS", Broken)
+    report, folder = toolchain.build(str(digits["model"]), str(fast_profile(tmp_path)), tmp_path / "out",
+                                     digits["calibration"], digits["validation"])
+    assert report.passed and all(a.profile is None for a in report.artifacts)
+    assert report.reference["profile"] == "profiles/fp32_reference.json"  # the torch reference profiler still ran
+    page = _marks(folder)
+    assert {c for c, *_ in page.marks if c.startswith("operators:")} == {"operators:fp32_reference"}

@@ -50,8 +50,10 @@ class QuantizePT2E(Stage):
         module, cal = as_module(artifact), ctx.calibration.x
         # Calibrate in batches when the model exports with a free batch dimension; some
         # models (a reshape to a fixed batch) only export at batch 1.
-        batch = o.batch_size if len(cal) > 1 else 1
+        batch = o.batch_size
         try:
+            if len(cal) < 2:
+                raise StageError("one calibration input: nothing to batch")
             ep = export_program(module, torch.from_numpy(cal[:2].copy()), self.name, dynamic_batch=True)
         except StageError:
             ep, batch = export_program(module, ctx.example(), self.name), 1
