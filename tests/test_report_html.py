@@ -80,7 +80,7 @@ def test_profiles_are_kept_per_artifact_with_shares(x86_build):
         assert profile["tool"] == tool and profile["runs"] > 0 and profile["total_ms"] > 0
         ops = profile["operators"]
         assert ops and all(a["self_ms"] >= b["self_ms"] for a, b in zip(ops, ops[1:]))
-        assert 0 < sum(o["share"] for o in ops) <= 1.0001
+        assert 0 < sum(o["share"] for o in ops) <= 1.001  # each share rounded to 4 places
     names = lambda n: {o["name"] for o in json.loads((folder / "profiles" / f"{n}.json").read_text())["operators"]}
     assert any(n.startswith("quantized::conv2d") for n in names("torch_int8"))
     assert "QLinearConv" in names("onnx_int8") and "Conv" in names("onnx_fp32")

@@ -140,3 +140,4 @@ def test_engine_parity_compares_on_the_kept_samples(xavier, tmp_path, monkeypatc
     report = json.loads((folder / "report.json").read_text())
     assert report["engine"]["status"] == "built" and report["engine"]["parity"]["passed"] is True
     assert report["engine"]["plan"] == "engine_plan.json"  # the plan entry is kept
+    assert "TensorRT engine: built" in (folder / "report.html").read_text()  # the page follows report.json

@@ -11,10 +11,18 @@ from __future__ import annotations
 
 import html
 import json
+from pathlib import Path
 from typing import Any
 
 W, ROW, PAD = 560, 22, 150  # chart width, bar row height, label column
 COLORS = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7"]
+
+
+def write_html(folder: Path, report: dict[str, Any]) -> None:
+    """`report.html` for the report dictionary (as written to report.json) and the folder's profiles."""
+    entries = [("fp32_reference", report["reference"])] + [(a["name"], a) for a in report["artifacts"]]
+    profiles = {n: json.loads((folder / e["profile"]).read_text()) for n, e in entries if e.get("profile")}
+    (folder / "report.html").write_text(render(report, profiles))
 
 
 def render(report: dict[str, Any], profiles: dict[str, dict[str, Any]]) -> str:

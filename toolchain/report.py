@@ -101,14 +101,12 @@ def mark_primary(artifacts: list[ArtifactReport]) -> list[ArtifactReport]:
 
 def write(report: Report, folder: Path) -> None:
     """`report.json`, `report.md` and `report.html` (drawn from the same dictionary as the JSON)."""
-    from .html import render
+    from .html import write_html
 
     data = report.to_json()
     (folder / "report.json").write_text(json.dumps(data, indent=2) + "\n")
     (folder / "report.md").write_text(markdown(report))
-    entries = [("fp32_reference", data["reference"])] + [(a["name"], a) for a in data["artifacts"]]
-    profiles = {n: json.loads((folder / e["profile"]).read_text()) for n, e in entries if e.get("profile")}
-    (folder / "report.html").write_text(render(data, profiles))
+    write_html(folder, data)
 
 
 def markdown(report: Report) -> str:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ToolchainError
+from ..html import write_html
 from ..parity import accuracy_of, compare
 from ..target import ParityThresholds
 
@@ -49,4 +50,5 @@ def engine_build(folder: Path, use_trtexec: bool = False) -> dict:
     (folder / "engine.json").write_text(json.dumps(record, indent=2, default=list) + "\n")
     report["engine"] = {**(report.get("engine") or {}), **record, "status": "built"}
     report_path.write_text(json.dumps(report, indent=2, default=list) + "\n")
+    write_html(folder, json.loads(report_path.read_text()))  # the page shows what report.json now says
     return record
