@@ -26,13 +26,10 @@ THREADS = 2
 
 
 def measure(fn, x, warmup: int, runs: int) -> tuple[float, float]:
-    for _ in range(warmup):
-        fn(x)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter_ns()
-        fn(x)
-        times.append((time.perf_counter_ns() - start) / 1e6)
+    """Median and p95 in ms, timed the way the toolchain times its artifacts."""
+    from toolchain.bench import time_runs
+
+    times = time_runs(fn, x, warmup, runs)
     return float(np.median(times)), float(np.percentile(times, 95))
 
 

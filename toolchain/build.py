@@ -11,10 +11,11 @@ from typing import Callable
 
 import numpy as np
 
-from .artifact import Artifact, Kind
+from .artifact import Artifact
+from .export import as_module
 from .context import BuildContext
 from .data import Dataset, check_sample_shape, load_dataset, synthetic_dataset
-from .errors import DataError, StageError, ToolchainError
+from .errors import DataError, StageError, ToolchainError, reason
 from .folder import check_output, staged_folder
 from .bench import bench
 from .load import LoadedModel, load_model, parse_shape, settle_random_batchnorm
@@ -66,8 +67,7 @@ def build(
     thresholds = applied_thresholds(loaded, profile)
     plans, skipped = plan(profile, loaded.artifact.kind)
     if not plans:
-        reasons = "; ".join(f"{s.name}: {s.reason}" for s in skipped)
-        raise ToolchainError(f"target `{profile.name}` has no artifact that can be built from a {loaded.artifact.kind} model ({reasons})")
+        raise ToolchainError(f"target `{profile.name}` has no artifact that can be built from a {loaded.artifact.kind} model ({_reasons(skipped)})")
 
     with staged_folder(folder) as tmp:
         work = tmp / "work"
@@ -90,9 +90,9 @@ def build(
             try:
                 checked = check_artifact(chain.name, shipped, chain.spec.runtime, profile, thresholds, inputs, ref_out, ref_accuracy, tmp)
             except RuntimeError as e:  # built, but its own runtime refuses it: not shipped
-                reason = f"{chain.spec.runtime} could not run the built file: {(str(e).strip().splitlines() or ['?'])[0][:300]}"
-                log.warning("skipped %s: %s", chain.name, reason)
-                skipped.append(Skipped(chain.name, reason))
+                why = f"{chain.spec.runtime} could not run the built file: {reason(e)}"
+                log.warning("skipped %s: %s", chain.name, why)
+                skipped.append(Skipped(chain.name, why))
                 for f in shipped.files():
                     f.unlink()
                 continue
@@ -100,8 +100,7 @@ def build(
             files[chain.name] = {"file": reports[-1].path, "sha256": reports[-1].sha256, "lineage": list(shipped.lineage)}
         shutil.rmtree(work)
         if not reports:
-            reasons = "; ".join(f"{s.name}: {s.reason}" for s in skipped)
-            raise ToolchainError(f"no artifact of target `{profile.name}` could be built ({reasons})")
+            raise ToolchainError(f"no artifact of target `{profile.name}` could be built ({_reasons(skipped)})")
         engine = plan_engine(profile, reports, tmp, inputs.shape[1:])
         if engine and engine["status"] == "pending on device":
             from .tensorrt.device import save_parity_inputs
@@ -118,6 +117,10 @@ def build(
         write_manifest(tmp, target_file=profile.source, model=report.model, data=report.data,
                        artifacts=files, stages={n: records[n] for n in files})
     return report, folder
+
+
+def _reasons(skipped: list[Skipped]) -> str:
+    return "; ".join(f"{s.name}: {s.reason}" for s in skipped)
 
 
 def prepare_inputs(loaded: LoadedModel, profile: Target, calib, val, input_shape) -> Inputs:
@@ -162,8 +165,7 @@ def check_model_accepts(reference, shape: tuple[int, ...]) -> None:
     try:
         reference(np.zeros(shape, dtype=np.float32))
     except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        raise DataError(f"the model rejects an input of shape {'x'.join(map(str, shape))}: {first}") from None
+        raise DataError(f"the model rejects an input of shape {'x'.join(map(str, shape))}: {reason(e)}") from None
 
 
 def ship(artifact: Artifact, runtime: str, name: str, folder: Path) -> Artifact:
@@ -210,10 +212,15 @@ def check_artifact(name, artifact: Artifact, runtime: str, profile: Target, thre
                    inputs: Inputs, ref_out: np.ndarray, ref_accuracy, folder: Path) -> ArtifactReport:
     """Load the shipped file in its own runtime, compare with FP32 and time it."""
     log.info("checking %s in %s", name, runtime)
-    loaded = []
-    timed = run_bench(lambda: loaded.append(load_runner(artifact, runtime, profile.runtime.threads)) or loaded[0],
-                      profile, inputs.shape[1:])
-    outputs = run_batched(loaded[0], inputs.validation.x, profile.parity.batch_size)
+    runner = None
+
+    def load():  # timed by the bench, so its memory counts; the parity run reuses it
+        nonlocal runner
+        runner = load_runner(artifact, runtime, profile.runtime.threads)
+        return runner
+
+    timed = run_bench(load, profile, inputs.shape[1:])
+    outputs = run_batched(runner, inputs.validation.x, profile.parity.batch_size)
     parity = compare(ref_out, outputs, inputs.validation.y, thresholds, ref_accuracy)
     r = profile.runtime
     measured = _profiled(name, lambda: PROFILERS.get(runtime)(artifact, inputs.validation.x[:1], r.profile_runs, r.threads))
@@ -229,7 +236,7 @@ def _profiled(name: str, run):
     try:
         return run()
     except Exception as e:  # profilers are diagnostics: their failure must not hide a checked artifact
-        log.warning("no per-operator profile for %s: %s", name, (str(e).strip().splitlines() or [type(e).__name__])[0][:200])
+        log.warning("no per-operator profile for %s: %s", name, reason(e, limit=200))
         return None
 
 
@@ -251,7 +258,7 @@ def reference_facts(loaded: LoadedModel, reference, inputs: Inputs, profile: Tar
     """The FP32 model in eager PyTorch: what every artifact is compared with, timed and profiled the same way."""
     r = profile.runtime
     timed = run_bench(lambda: reference, profile, inputs.shape[1:])
-    module = loaded.artifact.model.module() if loaded.artifact.kind is Kind.EXPORTED else loaded.artifact.model
+    module = as_module(loaded.artifact)
     measured = _profiled("fp32_reference", lambda: profile_torch(module, inputs.validation.x[:1], r.profile_runs, r.threads))
     path = Path(loaded.source)
     size = path.stat().st_size if path.is_file() else _state_bytes(loaded.artifact)

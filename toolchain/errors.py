@@ -10,6 +10,14 @@ EXIT_USER_ERROR = 2  # the same code click uses for bad command-line usage
 EXIT_PARITY_FAILURE = 3
 
 
+def reason(e: BaseException, last: bool = False, limit: int = 300) -> str:
+    """One line of an exception's message, for a one-line error: the first non-empty line, or
+    the last (``last``: native libraries put the cause there), cut at ``limit`` characters;
+    the exception's type name when the message is empty."""
+    lines = [line for line in str(e).strip().splitlines() if line.strip()]
+    return (lines[-1] if last else lines[0])[:limit] if lines else type(e).__name__
+
+
 class ToolchainError(Exception):
     """An error the user can fix; its message is shown as it is."""
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 
 from .artifact import Artifact, Kind
-from .errors import StageError
+from .errors import StageError, reason
 
 
 def as_module(artifact: Artifact):
@@ -27,5 +27,4 @@ def export_program(model, example, stage: str, dynamic_batch: bool = False):
             warnings.simplefilter("ignore")
             return torch.export.export(model, (example,), dynamic_shapes=shapes)
     except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        raise StageError(f"{stage}: torch.export failed: {first}") from None
+        raise StageError(f"{stage}: torch.export failed: {reason(e)}") from None

@@ -14,6 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .report import facts_line, parity_verdict
+
 W, ROW, PAD = 560, 22, 150  # chart width, bar row height, label column
 COLORS = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7"]
 
@@ -29,11 +31,10 @@ def render(report: dict[str, Any], profiles: dict[str, dict[str, Any]]) -> str:
     names = ["fp32_reference"] + [a["name"] for a in report["artifacts"]]
     ref = report["reference"]
     rows = [("fp32_reference", ref)] + [(a["name"], a) for a in report["artifacts"]]
-    verdict = "PASSED" if report["passed"] else "FAILED"
-    if report["passed"] and not report.get("parity_judged", True):
-        verdict = "BUILT, parity not judged"
+    verdict = report["verdict"]
+    tone = verdict.split()[0].strip(",").lower()  # passed / failed / built: the heading's colour
     parts = [
-        f"<h1>{_e(report['model']['name'])} → {_e(report['target'])}: <span class='{verdict.split()[0].lower()}'>{verdict}</span></h1>",
+        f"<h1>{_e(report['model']['name'])} → {_e(report['target'])}: <span class='{tone}'>{verdict}</span></h1>",
         f"<p>Model <code>{_e(report['model']['source'])}</code> (weights: {_e(report['model'].get('weights', ''))}), input "
         f"{'x'.join(map(str, report['model']['input_shape']))}; primary artifact: <b>{_e(report['primary'] or 'none')}</b>; "
         f"built in {report['build_seconds']} s.</p>",
@@ -73,7 +74,7 @@ def _parity_table(report: dict) -> str:
     body = [f"<tr><td>fp32_reference</td><td>{_e(ref['format'])}</td><td>fp32</td><td></td><td></td><td></td><td>{acc}</td><td></td></tr>"]
     for a in report["artifacts"]:
         p = a["parity"]
-        verdict = {True: "pass", None: "not judged"}.get(p["passed"]) or "FAIL: " + "; ".join(p["failures"])
+        verdict = parity_verdict(p["passed"], p["failures"])
         cell = lambda v, f: "" if v is None else f.format(v)
         body.append(
             f"<tr class='{'primary' if a['primary'] else ''}'><td>{_e(a['name'])}{' ★' if a['primary'] else ''}</td><td>{_e(a['format'])}</td>"
@@ -142,7 +143,7 @@ def _operators(name: str, profile: dict) -> str:
 
 def _notes(report: dict) -> str:
     items = [f"<li>skipped <code>{_e(s['name'])}</code>: {_e(s['reason'])}</li>" for s in report["skipped"]]
-    items += [f"<li><code>{_e(a['name'])}</code> {_e(stage)}: {_e(json.dumps(facts))}</li>"
+    items += [f"<li><code>{_e(a['name'])}</code> {_e(stage)}: {_e(facts_line(facts))}</li>"
               for a in report["artifacts"] for stage, facts in a.get("stage_facts", {}).items()]
     items += [f"<li>warning: {_e(w)}</li>" for w in report["warnings"]]
     if report.get("engine"):

@@ -10,7 +10,7 @@ import zipfile
 from pathlib import Path
 
 from .artifact import Artifact, Kind
-from .errors import ModelLoadError
+from .errors import ModelLoadError, reason
 
 TORCHVISION_PREFIX = "torchvision:"
 
@@ -61,7 +61,7 @@ def _load_exported(path: Path, source: str) -> LoadedModel:
     try:
         ep = torch.export.load(str(path))
     except Exception as e:  # corrupt archives raise anything from RuntimeError to KeyError
-        raise ModelLoadError(f"model `{source}` is not a readable torch.export archive: {_first_line(e)}") from None
+        raise ModelLoadError(f"model `{source}` is not a readable torch.export archive: {reason(e)}") from None
     placeholders = [
         n for n in ep.graph.nodes
         if n.op == "placeholder" and n.name in ep.graph_signature.user_inputs
@@ -83,7 +83,7 @@ def _load_torch_file(path: Path, source: str, trust_pickle: bool) -> LoadedModel
         try:
             model = torch.jit.load(str(path), map_location="cpu").eval()
         except Exception as e:
-            raise ModelLoadError(f"model `{source}` is a damaged TorchScript archive: {_first_line(e)}") from None
+            raise ModelLoadError(f"model `{source}` is a damaged TorchScript archive: {reason(e)}") from None
         return LoadedModel(Artifact(Kind.TORCHSCRIPT, "fp32", model=model), path.stem, source, "from file", None, None)
     try:
         torch.load(str(path), map_location="cpu", weights_only=True)
@@ -95,7 +95,7 @@ def _load_torch_file(path: Path, source: str, trust_pickle: bool) -> LoadedModel
                 f"or torch.jit.save instead"
             ) from None
     except Exception as e:
-        raise ModelLoadError(f"model `{source}` is neither TorchScript nor a readable torch.save file: {_first_line(e)}") from None
+        raise ModelLoadError(f"model `{source}` is neither TorchScript nor a readable torch.save file: {reason(e)}") from None
     else:
         raise ModelLoadError(
             f"model `{source}` holds only tensors (a state_dict?); the toolchain needs the architecture too: "
@@ -104,7 +104,7 @@ def _load_torch_file(path: Path, source: str, trust_pickle: bool) -> LoadedModel
     try:
         model = torch.load(str(path), map_location="cpu", weights_only=False)
     except Exception as e:
-        raise ModelLoadError(f"model `{source}` could not be unpickled: {_first_line(e)}") from None
+        raise ModelLoadError(f"model `{source}` could not be unpickled: {reason(e)}") from None
     if not isinstance(model, torch.nn.Module):
         raise ModelLoadError(f"model `{source}` unpickles to {type(model).__name__}, not a torch.nn.Module")
     return LoadedModel(Artifact(Kind.EAGER, "fp32", model=model.eval()), path.stem, source, "from file", None, None)
@@ -175,7 +175,3 @@ def _is_torchscript(path: Path) -> bool:
     except zipfile.BadZipFile:
         return False
 
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:300] if text else type(e).__name__

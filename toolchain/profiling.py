@@ -130,16 +130,12 @@ def _onnxruntime(artifact: Artifact, x: np.ndarray, runs: int, threads: int) -> 
 
 def _executorch(artifact: Artifact, x: np.ndarray, runs: int, threads: int) -> Profile:
     import torch
-    from executorch.extension.pybindings import portable_lib
-    from executorch.runtime import Runtime
 
-    from .runtime import native_stderr_off
+    from .runtime import load_executorch, native_stderr_off
 
+    program, method, shape = load_executorch(artifact.path, threads, enable_etdump=True)
+    planned = shape[0]
     with native_stderr_off(), tempfile.TemporaryDirectory() as tmp:
-        portable_lib._unsafe_reset_threadpool(threads)
-        program = Runtime.get().load_program(artifact.path, enable_etdump=True)
-        method = program.load_method("forward")
-        planned = method.metadata.input_tensor_meta(0).sizes()[0]
         chunk = torch.from_numpy(np.ascontiguousarray(x[:planned], dtype=np.float32))
         for _ in range(WARMUP + runs):
             method.execute([chunk])

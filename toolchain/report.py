@@ -79,7 +79,7 @@ class Report:
 
     def to_json(self) -> dict[str, Any]:
         return _finite({
-            "target": self.target, "target_file": self.target_file, "passed": self.passed,
+            "target": self.target, "target_file": self.target_file, "passed": self.passed, "verdict": self.verdict,
             "primary": self.primary.name if self.primary else None,
             "parity_inputs": "synthetic" if self.data["validation"]["synthetic"] else "data",
             "model": self.model, "reference": self.reference, "data": self.data,
@@ -123,7 +123,7 @@ def markdown(report: Report) -> str:
     if report.engine:
         lines += [f"- TensorRT engine: {report.engine['status']} ({report.engine['reason']})"]
     for a in report.artifacts:
-        lines += [f"- `{a.name}` {stage}: {_facts_line(facts)}" for stage, facts in a.stage_facts.items()]
+        lines += [f"- `{a.name}` {stage}: {facts_line(facts)}" for stage, facts in a.stage_facts.items()]
     lines += [f"- skipped `{s['name']}`: {s['reason']}" for s in report.skipped]
     lines += [f"- warning: {w}" for w in report.warnings]
     return "\n".join(lines).rstrip() + "\n"
@@ -138,14 +138,18 @@ def table(report: Report) -> str:
         rows.append([
             a.name + (" *" if a.primary else ""), a.precision, _mb(a.size_bytes), f"{a.latency_ms:.2f}",
             f"{p.sqnr_db:.1f}", f"{p.cosine:.4f}", _pct(p.top1_agreement), _pct(p.accuracy),
-            {True: "pass", None: "not judged"}.get(p.passed) or "FAIL: " + "; ".join(p.failures),
+            parity_verdict(p.passed, p.failures),
         ])
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     fmt = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
     return "\n".join([fmt(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, rows)])
 
 
-def _facts_line(facts: dict[str, Any]) -> str:
+def parity_verdict(passed: bool | None, failures) -> str:
+    return {True: "pass", None: "not judged"}.get(passed) or "FAIL: " + "; ".join(failures)
+
+
+def facts_line(facts: dict[str, Any]) -> str:
     def one(v: Any) -> str:
         if isinstance(v, dict):
             return "; ".join(f"{k} ({w})" if isinstance(w, str) else f"{k} ×{w}" for k, w in v.items()) or "none"

@@ -15,6 +15,7 @@ import numpy as np
 
 from .artifact import Artifact, Kind
 from .errors import ToolchainError
+from .export import as_module
 from .registry import Registry
 
 
@@ -39,8 +40,7 @@ def torch_runner(model, threads: int) -> Runner:
 
 def reference_runner(artifact: Artifact, threads: int) -> Runner:
     """The FP32 model as loaded, in eager PyTorch."""
-    model = artifact.model.module() if artifact.kind is Kind.EXPORTED else artifact.model
-    return torch_runner(model, threads)
+    return torch_runner(as_module(artifact), threads)
 
 
 def load_torch_module(artifact: Artifact):
@@ -131,21 +131,31 @@ def first_tensor(output):
     return output
 
 
-def _executorch(artifact: Artifact, threads: int) -> Runner:
-    """ExecuTorch's Python runtime (the same C++ runtime and XNNPACK kernels a phone runs).
-
-    The program is memory-planned for a fixed input shape; larger batches run sample-group
-    by sample-group in the planned batch size.
-    """
-    import torch
+def load_executorch(path: Path, threads: int, enable_etdump: bool = False):
+    """An ExecuTorch program and its ``forward`` method, with XNNPACK's thread pool (which
+    defaults to every core) set to ``threads``. Returns (program, method, planned input shape):
+    the program is memory-planned for that one shape."""
     from executorch.extension.pybindings import portable_lib
     from executorch.runtime import Runtime
 
     with native_stderr_off():  # the C++ runtime logs CPU probing and thread-pool resets
-        portable_lib._unsafe_reset_threadpool(threads)  # XNNPACK's thread pool; it defaults to every core
-        method = Runtime.get().load_program(artifact.path).load_method("forward")
-        method.execute([torch.zeros(tuple(method.metadata.input_tensor_meta(0).sizes()))])
-    planned = method.metadata.input_tensor_meta(0).sizes()[0]
+        portable_lib._unsafe_reset_threadpool(threads)
+        program = Runtime.get().load_program(path, enable_etdump=enable_etdump)
+        method = program.load_method("forward")
+    return program, method, tuple(method.metadata.input_tensor_meta(0).sizes())
+
+
+def _executorch(artifact: Artifact, threads: int) -> Runner:
+    """ExecuTorch's Python runtime (the same C++ runtime and XNNPACK kernels a phone runs).
+
+    Larger batches than the planned one run group by group in the planned batch size.
+    """
+    import torch
+
+    _, method, shape = load_executorch(artifact.path, threads)
+    with native_stderr_off():  # the first run logs XNNPACK's CPU probing
+        method.execute([torch.zeros(shape)])
+    planned = shape[0]
 
     def run(x: np.ndarray) -> np.ndarray:
         outs = []

@@ -9,7 +9,7 @@ import warnings
 
 from ..artifact import Artifact, Kind
 from ..context import BuildContext
-from ..errors import StageError
+from ..errors import StageError, reason
 from ..options import option
 from ..stage import Stage, StageResult, register_stage
 
@@ -37,7 +37,7 @@ class ExportOnnx(Stage):
             proto, exporter = _export(artifact, ctx, dynamic)
         except Exception as e:
             if not dynamic:
-                raise StageError(f"export_onnx: {_reason(e)}") from None
+                raise StageError(f"export_onnx: {reason(e)}") from None
             proto, exporter = _export(artifact, ctx, False)
             dynamic = False
         exported_opset = _opset(proto)
@@ -90,7 +90,7 @@ def convert_opset(proto, opset: int):
         _drop_default_noop_with_empty_axes(converted, opset)
         onnx.checker.check_model(converted)
     except Exception as e:
-        raise StageError(f"export_onnx: cannot convert the model down to opset {opset}: {_reason(e)}") from None
+        raise StageError(f"export_onnx: cannot convert the model down to opset {opset}: {reason(e)}") from None
     return converted
 
 
@@ -123,7 +123,3 @@ def save_onnx(proto, path, external: bool) -> None:
 def _opset(proto) -> int:
     return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
 
-
-def _reason(e: BaseException) -> str:
-    lines = [l for l in str(e).splitlines() if l.strip()]
-    return (lines[0] if lines else type(e).__name__)[:300]

@@ -18,7 +18,7 @@ import warnings
 
 from ..artifact import Artifact, Kind
 from ..context import BuildContext
-from ..errors import StageError
+from ..errors import StageError, reason
 from ..stage import Stage, StageResult, register_stage
 
 PATTERNS = (("conv", "bn", "relu"), ("conv", "bn"), ("conv", "relu"), ("linear", "relu"), ("bn", "relu"))
@@ -45,7 +45,7 @@ class Fuse(Stage):
                 gm = torch.fx.symbolic_trace(copy.deepcopy(artifact.model))
             except Exception as e:
                 raise StageError(
-                    f"fuse: the model cannot be traced with torch.fx ({str(e).splitlines()[0][:200]}); "
+                    f"fuse: the model cannot be traced with torch.fx ({reason(e, limit=200)}); "
                     f"export it with torch.export and pass the .pt2 instead"
                 ) from None
         unshared = unshare_modules(gm)

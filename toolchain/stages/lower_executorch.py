@@ -17,7 +17,7 @@ from typing import Literal
 
 from ..artifact import Artifact, Kind
 from ..context import BuildContext
-from ..errors import StageError
+from ..errors import StageError, reason
 from ..export import as_module, export_program
 from ..options import option
 from ..stage import Stage, StageResult, register_stage
@@ -26,7 +26,6 @@ _NOT_CORE = re.compile(r"Operator (?:torch\._ops\.)?(\S+) is not in Core ATen op
 _MISSING_OUT = re.compile(r"Missing out variants: \{'?([^'}]+)")
 _IN_OPERATOR = re.compile(r"in operator (\S+?):? ")
 _CHECK_FAILED = re.compile(r"Check failed \(.*?\): (.+)$")
-_BOOKKEEPING = ("executorch_call_delegate", "getitem")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +54,7 @@ class LowerExecuTorch(Stage):
         try:
             edge = to_edge_transform_and_lower(program, partitioner=partitioners)
             outside = _ops(edge.exported_program().graph)
+            delegate_calls = outside.pop("executorch_call_delegate", 0)
             executorch = edge.to_executorch()
         except Exception as e:
             raise StageError(_explain(e)) from None
@@ -69,7 +69,7 @@ class LowerExecuTorch(Stage):
         smoke_run(path, ctx.example())
         facts = {
             "backend": self.options.backend, "input_shape": list(ctx.input_shape),
-            "delegate_calls": _delegate_calls(edge.exported_program().graph),
+            "delegate_calls": delegate_calls,
             "outside_delegate": dict(sorted(outside.items())),
         }
         return StageResult(dataclasses.replace(artifact, kind=Kind.EXECUTORCH, model=None, path=path,
@@ -77,17 +77,14 @@ class LowerExecuTorch(Stage):
 
 
 def _ops(graph) -> dict[str, int]:
-    """Operators run outside any delegate, by name (``aten.convolution.default``)."""
+    """Calls by target name: delegate calls (``executorch_call_delegate``) and the operators
+    run outside any delegate (``aten.convolution.default``)."""
     names = collections.Counter()
     for node in graph.nodes:
         name = getattr(node.target, "__name__", str(node.target)) if node.op == "call_function" else ""
-        if name and name not in _BOOKKEEPING:
+        if name and name != "getitem":  # unpacks a delegate's outputs: no work of its own
             names[name] += 1
     return dict(names)
-
-
-def _delegate_calls(graph) -> int:
-    return sum(1 for n in graph.nodes if n.op == "call_function" and getattr(n.target, "__name__", "") == "executorch_call_delegate")
 
 
 def smoke_run(path, example) -> None:
@@ -132,5 +129,4 @@ def _explain(e: Exception) -> str:
     if match:
         return (f"lower_executorch: ExecuTorch cannot lower operator {match.group(1)}: the delegate did not take it "
                 f"and ExecuTorch has no out-variant kernel for it")
-    first = (text.strip().splitlines() or [type(e).__name__])[0][:300]
-    return f"lower_executorch: ExecuTorch lowering failed ({type(e).__name__}): {first}"
+    return f"lower_executorch: ExecuTorch lowering failed ({type(e).__name__}): {reason(e)}"

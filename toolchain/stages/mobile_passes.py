@@ -14,6 +14,7 @@ import warnings
 
 from ..artifact import Artifact, Kind
 from ..context import BuildContext
+from ..errors import reason
 from ..stage import Stage, StageResult, register_stage
 
 
@@ -88,7 +89,7 @@ def _reason(e: RuntimeError) -> str:
     text = str(e)
     if "XNNPACK is not enabled" in text:
         return "needs XNNPACK, which this torch build was compiled without"
-    return (text.strip().splitlines() or ["RuntimeError"])[-1][:200]
+    return reason(e, last=True, limit=200)
 
 
 def _node_count(model) -> int:

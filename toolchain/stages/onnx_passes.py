@@ -7,7 +7,7 @@ import dataclasses
 
 from ..artifact import Artifact, Kind
 from ..context import BuildContext
-from ..errors import ConfigError, StageError
+from ..errors import ConfigError, StageError, reason
 from ..options import option
 from ..stage import Stage, StageResult, register_stage
 from .export_onnx import save_onnx
@@ -49,7 +49,7 @@ class OnnxPasses(Stage):
             optimized = onnxoptimizer.optimize(proto, list(self.options.passes))
             onnx.checker.check_model(optimized)
         except Exception as e:
-            raise StageError(f"onnx_passes: {str(e).splitlines()[0][:300]}") from None
+            raise StageError(f"onnx_passes: {reason(e)}") from None
         after = collections.Counter(n.op_type for n in optimized.graph.node)
         path = ctx.workdir / f"{artifact.precision}-passes-{artifact.sha256[:12]}.onnx"
         save_onnx(optimized, path, external=artifact.has_external_data)

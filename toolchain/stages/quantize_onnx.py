@@ -20,7 +20,7 @@ import numpy as np
 
 from ..artifact import Artifact, Kind
 from ..context import BuildContext
-from ..errors import ConfigError, StageError
+from ..errors import ConfigError, StageError, reason
 from ..options import option
 from ..stage import Stage, StageResult, register_stage
 
@@ -79,7 +79,7 @@ class QuantizeOnnx(Stage):
                     use_external_data_format=artifact.has_external_data,
                 )
             except Exception as e:
-                raise StageError(f"quantize_onnx: ONNX Runtime cannot quantize this model: {str(e).splitlines()[0][:300]}") from None
+                raise StageError(f"quantize_onnx: ONNX Runtime cannot quantize this model: {reason(e)}") from None
         facts = {"calibration_samples": len(ctx.calibration.x), **qdq_summary(path)}
         return StageResult(dataclasses.replace(artifact, path=path, precision="int8"), facts)
 

@@ -17,7 +17,7 @@ from typing import Literal
 
 from ..artifact import Artifact, Kind
 from ..context import BuildContext
-from ..errors import StageError
+from ..errors import StageError, reason
 from ..export import as_module, export_program
 from ..options import option
 from ..stage import Stage, StageResult, register_stage
@@ -50,12 +50,11 @@ class QuantizePT2E(Stage):
         module, cal = as_module(artifact), ctx.calibration.x
         # Calibrate in batches when the model exports with a free batch dimension; some
         # models (a reshape to a fixed batch) only export at batch 1.
-        batch = o.batch_size
-        try:
-            if len(cal) < 2:
-                raise StageError("one calibration input: nothing to batch")
-            ep = export_program(module, torch.from_numpy(cal[:2].copy()), self.name, dynamic_batch=True)
-        except StageError:
+        ep, batch = None, o.batch_size
+        if len(cal) > 1:
+            with contextlib.suppress(StageError):
+                ep = export_program(module, torch.from_numpy(cal[:2].copy()), self.name, dynamic_batch=True)
+        if ep is None:
             ep, batch = export_program(module, ctx.example(), self.name), 1
         quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=o.per_channel))
         try:
@@ -66,7 +65,7 @@ class QuantizePT2E(Stage):
                     ctx.progress("calibrating (pt2e)", min(start + batch, len(cal)), len(cal))
             converted = convert_pt2e(prepared)
         except (RuntimeError, NotImplementedError, AssertionError, ValueError) as e:
-            raise StageError(f"{self.name}: cannot quantize this model for XNNPACK: {str(e).strip().splitlines()[0][:300]}") from None
+            raise StageError(f"{self.name}: cannot quantize this model for XNNPACK: {reason(e)}") from None
         program = export_program(converted, ctx.example(), self.name)
         facts = {"calibration_samples": len(cal), "calibration_batch": batch, "quantizer": o.quantizer,
                  "quantize_nodes": _count(program, "quantize_per"), "per_channel": o.per_channel}

@@ -17,7 +17,7 @@ from typing import Literal
 
 from ..artifact import Artifact, Kind
 from ..context import BuildContext
-from ..errors import StageError
+from ..errors import StageError, reason
 from ..observers import make_qconfig
 from ..options import option
 from ..stage import Stage, StageResult, register_stage
@@ -56,7 +56,7 @@ class QuantizeTorch(Stage):
                 else:
                     model = _quantize_jit(artifact.model, qconfig, batches, ctx)
             except (RuntimeError, NotImplementedError, AssertionError) as e:
-                raise StageError(f"quantize_torch: {o.engine} cannot quantize this model: {str(e).splitlines()[0][:300]}") from None
+                raise StageError(f"quantize_torch: {o.engine} cannot quantize this model: {reason(e)}") from None
         check_kernels(model, o.engine)
         facts = {"calibration_samples": len(ctx.calibration.x), "engine": o.engine}
         if o.engine == "qnnpack" and artifact.kind is Kind.FX:
@@ -117,8 +117,8 @@ def check_kernels(model, engine: str) -> None:
         try:
             module._weight_bias()
         except RuntimeError as e:
-            reason = [l for l in str(e).strip().splitlines() if l.strip()][-1][:200]
-            raise StageError(f"quantize_torch: {engine} cannot run operator {type(module).__name__} (module `{name}`): {reason}") from None
+            raise StageError(f"quantize_torch: {engine} cannot run operator {type(module).__name__} (module `{name}`): "
+                             f"{reason(e, last=True, limit=200)}") from None
 
 
 def _quantize_jit(model, qconfig, batches, ctx: BuildContext):

@@ -12,7 +12,7 @@ import warnings
 
 from ..artifact import Artifact, Kind
 from ..context import BuildContext
-from ..errors import StageError
+from ..errors import StageError, reason
 from ..stage import Stage, StageResult, register_stage
 
 
@@ -33,10 +33,6 @@ class SaveLite(Stage):
             try:
                 model._save_for_lite_interpreter(str(path))
             except RuntimeError as e:
-                raise StageError(f"{self.name}: {_first(e)}") from None
+                raise StageError(f"{self.name}: {reason(e, last=True)}") from None
         return StageResult(dataclasses.replace(artifact, kind=Kind.LITE, model=None, path=path))
 
-
-def _first(e: Exception) -> str:
-    lines = [l for l in str(e).strip().splitlines() if l.strip()]
-    return (lines[-1] if lines else type(e).__name__)[:300]

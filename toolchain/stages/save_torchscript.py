@@ -7,7 +7,7 @@ import warnings
 
 from ..artifact import Artifact, Kind
 from ..context import BuildContext
-from ..errors import StageError
+from ..errors import StageError, reason
 from ..stage import Stage, StageResult, register_stage
 
 
@@ -26,7 +26,7 @@ class SaveTorchScript(Stage):
                 try:
                     model = torch.jit.trace(model, ctx.example())
                 except Exception as e:
-                    raise StageError(f"save_torchscript: tracing failed: {str(e).splitlines()[0][:300]}") from None
+                    raise StageError(f"save_torchscript: tracing failed: {reason(e)}") from None
             model = torch.jit.freeze(model.eval())
         path = ctx.workdir / f"{artifact.precision}-{artifact.sha256[:12]}.pt"
         torch.jit.save(model, str(path))
