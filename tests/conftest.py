@@ -1,4 +1,6 @@
 import re
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -52,3 +54,8 @@ def fast_profile(tmp_path: Path, calibration: int = 32, validation: int = 16, ex
     path = tmp_path / "fast.toml"
     path.write_text(text + "\n" + extra)
     return path
+
+
+def cli(*args, timeout: int = 600):
+    """`toolchain ARGS...` in a fresh process, as a user runs it (stderr not a terminal)."""
+    return subprocess.run([sys.executable, "-m", "toolchain", *args], capture_output=True, text=True, timeout=timeout)

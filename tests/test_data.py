@@ -65,3 +65,36 @@ def test_image_folder_with_class_subfolders(tmp_path):
 def test_folder_without_images(tmp_path):
     with pytest.raises(DataError, match="holds no images"):
         load_dataset(tmp_path, "calibration", PRE)
+
+
+def _images(folder, classes, per_class):
+    for c in classes:
+        (folder / c).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(np.full((8, 8, 3), 20 * i, np.uint8)).save(folder / c / f"{i:03d}.png")
+
+
+def test_image_folder_is_sampled_per_class(tmp_path):
+    """The first N files by path would all be `a`'s; a per-class sample has every class."""
+    _images(tmp_path / "imgs", ["a", "b", "c"], 10)
+    pre = PreprocessOptions(resize=8, crop=8)
+    d = load_dataset(tmp_path / "imgs", "calibration", pre, limit=6)
+    assert sorted(d.y.tolist()) == [0, 0, 1, 1, 2, 2]
+    again = load_dataset(tmp_path / "imgs", "calibration", pre, limit=6)
+    assert np.array_equal(d.x, again.x)  # a fixed seed: the same sample every time
+
+
+def test_nested_image_folders_are_refused_with_the_layout(tmp_path):
+    _images(tmp_path / "imgs", ["train/cat", "train/dog"], 2)
+    with pytest.raises(DataError, match=r"images two folders deep \(`train/cat/`\); lay it out as `.*imgs/<class>/<image>`"):
+        load_dataset(tmp_path / "imgs", "calibration", PRE)
+
+
+def test_hold_out_and_overlap(tmp_path):
+    from toolchain.data import Dataset
+
+    d = Dataset(np.arange(40, dtype=np.float32).reshape(10, 4), np.arange(10), "x.npy")
+    rest, held = d.hold_out(3)
+    assert len(rest.x) == 7 and len(held.x) == 3 and held.held_out and not rest.held_out
+    assert rest.overlap(held) == 0 and d.overlap(held) == 3
+    assert sorted(rest.y.tolist() + held.y.tolist()) == list(range(10))

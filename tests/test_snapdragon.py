@@ -92,7 +92,7 @@ def test_ptl_is_qnnpack_int8_and_reports_mobile_passes(digits_build):
 
 def test_parity_is_judged_per_artifact(digits, tmp_path):
     """An SQNR floor between INT8 (~40 dB) and FP32 (>100 dB): INT8 artifacts fail, the FP32 .pte passes."""
-    profile = fast_profile(tmp_path, 64, 128, base=SNAPDRAGON, batch_sizes=None)
+    profile = fast_profile(tmp_path, 64, 128, "[recovery]\nenabled = false\n", base=SNAPDRAGON, batch_sizes=None)
     profile.write_text(profile.read_text().replace("min_sqnr_db = 15.0", "min_sqnr_db = 80.0"))
     report, _ = toolchain.build(str(digits["model"]), str(profile), tmp_path / "out", digits["calibration"], digits["validation"])
     verdicts = {a.name: a.parity.passed for a in report.artifacts}
@@ -165,7 +165,7 @@ def test_operator_qnnpack_cannot_run_is_named(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-TORCHVISION = ["mobilenet_v2", "mobilenet_v3_small", "resnet18", "shufflenet_v2_x1_0"]
+TORCHVISION = ["mobilenet_v2", "mobilenet_v3_small", "resnet18", "shufflenet_v2_x1_0"]  # `make test`: mobilenet_v3_small (depthwise, HardSwish)
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +178,7 @@ def digits32(digits_arrays, tmp_path_factory):
     return folder, xtr, y_train
 
 
-@pytest.mark.parametrize("name", TORCHVISION)
+@pytest.mark.parametrize("name", [n if n == "mobilenet_v3_small" else pytest.param(n, marks=pytest.mark.slow) for n in TORCHVISION])
 def test_trained_torchvision_architecture_meets_parity(name, digits32, tmp_path):
     folder, x, y = digits32
     model = train_torchvision(name, x, y, epochs=8 if name == "mobilenet_v2" else 4)  # 4 epochs leave MobileNetV2 at ~93 %, near ties

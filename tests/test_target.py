@@ -45,7 +45,7 @@ def test_malformed_toml(tmp_path):
 
 
 def test_unknown_key_names_the_full_path(tmp_path):
-    text = X86.read_text().replace("per_channel = true\nreduce_range", "per_chanel = true\nreduce_range")
+    text = X86.read_text().replace("[stages.quantize_torch]\n", "[stages.quantize_torch]\nper_chanel = true\n")
     _expect(tmp_path, text, r"unknown key `stages\.quantize_torch\.per_chanel`; valid keys: engine, calibration")
 
 

@@ -1,7 +1,11 @@
 """Every torchvision model the x86 target promises builds, and its INT8 artifacts track FP32.
 
-Weights are random (no downloads here), so parity is measured but not judged; the SQNR
-floor below still catches a broken artifact (an all-zero output has SQNR 0 dB).
+Weights are random (no downloads here; seeded, so every run builds the same network), so
+parity is measured but not judged: how much INT8 error a random network accumulates is a
+property of that network, not of the code. What the code controls is that the artifact is
+that network quantized and run faithfully, which the floor below checks: a broken artifact
+(zeros, scrambled channels, the wrong model) has SQNR at or below 0 dB; a faithful INT8 copy
+of these random networks is 8 to 17 dB here.
 """
 
 import json
@@ -13,6 +17,7 @@ import toolchain
 
 from .conftest import XAVIER, fast_profile
 
+NOT_BROKEN_DB = 3.0  # error power below half the signal's: not garbage (see the module's docstring)
 MODELS = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0",
           "regnet_x_400mf", "shufflenet_v2_x1_0", "squeezenet1_1"]
 
@@ -26,25 +31,31 @@ def images(tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("name", MODELS)
+def _fast_first(names, fast):
+    """`make test` builds the ``fast`` ones; `make test-full` (pytest -m slow too) builds them all."""
+    return [n if n in fast else pytest.param(n, marks=pytest.mark.slow) for n in names]
+
+
+@pytest.mark.parametrize("name", _fast_first(MODELS, {"resnet18", "mobilenet_v3_small"}))
 def test_torchvision_model_builds_for_x86(name, images, tmp_path):
     report, folder = toolchain.build(f"torchvision:{name}", str(fast_profile(tmp_path, 16, 8)), tmp_path / "out",
                                      images / "cal.npz", images / "val.npz")
     data = report.to_json()
-    assert data["passed"] is True and data["parity_judged"] is False and data["parity_thresholds"] is None
+    assert data["passed"] is None and data["verdict"] == "NOT JUDGED (random weights)"
+    assert data["parity_judged"] is False and data["parity_thresholds"] is None
     assert "random" in data["model"]["weights"]
     assert data["skipped"] == []
     int8 = {a["name"]: a for a in data["artifacts"] if a["precision"] == "int8"}
     assert set(int8) == {"torch_int8", "onnx_int8"}
     for a in int8.values():
         assert a["parity"]["passed"] is None
-        assert a["parity"]["sqnr_db"] > 8.0, a
+        assert a["parity"]["sqnr_db"] > NOT_BROKEN_DB, a
         assert a["size_bytes"] < 0.35 * data["reference"]["size_bytes"], a
         assert (folder / a["path"]).is_file()
     assert_report_with_profiles(folder, data)
 
 
-@pytest.mark.parametrize("name", ["resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0"])
+@pytest.mark.parametrize("name", _fast_first(["resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0"], {"mobilenet_v2"}))
 def test_torchvision_model_builds_for_xavier(name, images, tmp_path):
     import onnx
     from onnx import numpy_helper
@@ -52,9 +63,9 @@ def test_torchvision_model_builds_for_xavier(name, images, tmp_path):
     report, folder = toolchain.build(f"torchvision:{name}", str(fast_profile(tmp_path, 16, 8, base=XAVIER)),
                                      tmp_path / "out", images / "cal.npz", images / "val.npz")
     data = report.to_json()
-    assert data["passed"] is True and data["skipped"] == [] and data["engine"]["status"] == "pending on device"
+    assert data["passed"] is None and data["skipped"] == [] and data["engine"]["status"] == "pending on device"
     qdq = next(a for a in data["artifacts"] if a["name"] == "onnx_int8_qdq")
-    assert qdq["parity"]["sqnr_db"] > 8.0, qdq
+    assert qdq["parity"]["sqnr_db"] > NOT_BROKEN_DB, qdq
     model = onnx.load(str(folder / qdq["path"]))
     onnx.checker.check_model(model)
     assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [17]

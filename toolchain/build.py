@@ -7,24 +7,26 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 
 from .artifact import Artifact
 from .export import as_module
 from .context import BuildContext
+from .cpu import isa_facts
 from .data import Dataset, check_sample_shape, load_dataset, synthetic_dataset
 from .errors import DataError, StageError, ToolchainError, reason
 from .folder import check_output, staged_folder
-from .bench import bench
+from .bench import bench, time_runs
 from .load import LoadedModel, load_model, parse_shape, settle_random_batchnorm
 from .manifest import write_manifest
-from .parity import accuracy_of, compare, run_batched
-from .pipeline import Pipeline, Skipped, plan
+from .parity import OutputRole, Parity, accuracy_of, check_reference, compare, resolve_roles, run_batched
+from .recovery import Outcome, recover, recoverable_stage, summary_line, write_sensitivity
+from .pipeline import Pipeline, Plan, Skipped, plan
 from .profiling import PROFILERS, profile_torch, write_profile
 from .report import ArtifactReport, Report, mark_primary, write
-from .runtime import load_runner, reference_runner
+from .runtime import load_runner, output_names, reference_runner
 from .stage import reported_facts
 from .target import ParityThresholds, Target, load_target
 
@@ -41,6 +43,7 @@ class Inputs:
     calibration: Dataset
     validation: Dataset
     warnings: tuple[str, ...]
+    overlap: int = 0  # validation samples that are also calibration samples
 
 
 def build(
@@ -52,18 +55,23 @@ def build(
     input_shape: str | tuple[int, ...] | None = None,
     trust_pickle: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
+    outputs: Mapping[str, str] | None = None,
 ) -> tuple[Report, Path]:
     """Build every artifact of ``target`` from ``model``, check each against FP32, and write
-    the build folder. Returns the report and the folder. Raises ToolchainError on bad input."""
+    the build folder. ``outputs`` declares output roles (index or name -> role) over the
+    profile's. Returns the report and the folder. Raises ToolchainError on bad input."""
     started = time.perf_counter()
     profile = load_target(target)
+    check_data_paths(calib, val)  # before the model loads: a typo costs no waiting
+    log.info("loading %s", model)
     loaded = load_model(model, trust_pickle)
     folder = Path(out) if out else Path("build") / f"{loaded.name}-{profile.name}"
     check_output(folder)
+    log.info("reading calibration and validation data")
     inputs = prepare_inputs(loaded, profile, calib, val, input_shape)
+    names = check_model_accepts(loaded, inputs.shape)
     loaded = settle_random_batchnorm(loaded, inputs.calibration.x)
     reference = reference_runner(loaded.artifact, profile.runtime.threads)
-    check_model_accepts(reference, inputs.shape)
     thresholds = applied_thresholds(loaded, profile)
     plans, skipped = plan(profile, loaded.artifact.kind)
     if not plans:
@@ -73,10 +81,12 @@ def build(
         work = tmp / "work"
         work.mkdir()
         ctx = BuildContext(work, inputs.calibration, inputs.shape, loaded.dynamic_batch is not False,
-                           profile.runtime.threads, progress or (lambda *a: None))
+                           profile.runtime.threads, progress or (lambda *a: None), profile.runtime.isa)
         log.info("running FP32 reference on %d validation inputs", len(inputs.validation.x))
         ref_out = run_batched(reference, inputs.validation.x, profile.parity.batch_size)
-        ref_accuracy = accuracy_of(ref_out, inputs.validation.y)
+        roles = resolve_roles(ref_out, names, {**(profile.parity.outputs or {}), **(outputs or {})})
+        check_reference(ref_out, roles)
+        expected = Expected(ref_out, roles, accuracy_of(ref_out, inputs.validation.y, roles))
         pipeline = Pipeline(ctx)
         reports, records, files = [], {}, {}
         for chain in plans:
@@ -88,16 +98,23 @@ def build(
                 continue
             shipped = ship(artifact, chain.spec.runtime, chain.name, tmp)
             try:
-                checked = check_artifact(chain.name, shipped, chain.spec.runtime, profile, thresholds, inputs, ref_out, ref_accuracy, tmp)
-            except RuntimeError as e:  # built, but its own runtime refuses it: not shipped
+                checked = check_artifact(chain.name, shipped, chain.spec.runtime, profile, thresholds, inputs, expected, tmp)
+            except Exception as e:  # built, but its own runtime refuses it (any library's error type): not shipped
                 why = f"{chain.spec.runtime} could not run the built file: {reason(e)}"
                 log.warning("skipped %s: %s", chain.name, why)
+                log.debug("", exc_info=True)
                 skipped.append(Skipped(chain.name, why))
                 for f in shipped.files():
                     f.unlink()
                 continue
-            reports.append(dataclasses.replace(checked, eligible=chain.spec.primary, stage_facts=reported_facts(records[chain.name])))
-            files[chain.name] = {"file": reports[-1].path, "sha256": reports[-1].sha256, "lineage": list(shipped.lineage)}
+            recovery = None
+            if checked.parity.passed is False and thresholds is not None and profile.recovery.enabled:
+                checked, shipped, records[chain.name], recovery = recover_artifact(
+                    chain, checked, shipped, records[chain.name], pipeline, loaded.artifact, profile, thresholds, inputs, expected, tmp)
+            reports.append(dataclasses.replace(checked, eligible=chain.spec.primary, stage_facts=reported_facts(records[chain.name]),
+                                               recovery=recovery and recovery.to_report()))
+            files[chain.name] = {"file": reports[-1].path, "sha256": reports[-1].sha256, "lineage": list(shipped.lineage),
+                                 "recovery_attempts": recovery and [a.to_json() for a in recovery.outcome.attempts]}
         shutil.rmtree(work)
         if not reports:
             raise ToolchainError(f"no artifact of target `{profile.name}` could be built ({_reasons(skipped)})")
@@ -105,11 +122,11 @@ def build(
         if engine and engine["status"] == "pending on device":
             from .tensorrt.device import save_parity_inputs
 
-            save_parity_inputs(tmp, inputs.validation.x, ref_out, inputs.validation.y, profile.tensorrt.parity_samples)
+            save_parity_inputs(tmp, inputs.validation.x, ref_out[0], inputs.validation.y, profile.tensorrt.parity_samples)
         report = Report(
-            target=profile.name, target_file=profile.source, model=model_facts(loaded, inputs),
-            reference=reference_facts(loaded, reference, inputs, profile, ref_accuracy, tmp),
-            data=data_facts(inputs), artifacts=tuple(mark_primary(reports)),
+            target=profile.name, target_file=profile.source, model=model_facts(loaded, inputs, roles),
+            reference=reference_facts(loaded, reference, inputs, profile, expected.accuracy, tmp),
+            data=data_facts(inputs), artifacts=tuple(mark_primary(reports)), cpu=isa_facts(profile.runtime.isa),
             skipped=tuple({"name": s.name, "reason": s.reason} for s in skipped),
             thresholds=thresholds, engine=engine, warnings=inputs.warnings, build_seconds=round(time.perf_counter() - started, 2),
         )
@@ -119,40 +136,139 @@ def build(
     return report, folder
 
 
+@dataclasses.dataclass(frozen=True)
+class Recovered:
+    """Recovery's outcome for one artifact, with what the report says of it."""
+
+    outcome: Outcome
+    line: str
+    before: Parity
+    sensitivity: str | None
+
+    def to_report(self) -> dict:
+        return {"status": self.outcome.status, "summary": self.line, "reason": self.outcome.reason,
+                "before": {"sqnr_db": self.before.sqnr_db, "top1_agreement": self.before.top1_agreement,
+                           "accuracy": self.before.accuracy, "failures": list(self.before.failures)},
+                "attempts": [a.to_json() for a in self.outcome.attempts], "sensitivity": self.sensitivity}
+
+
+def recover_artifact(chain: Plan, checked: ArtifactReport, shipped: Artifact, records, pipeline: Pipeline, source: Artifact,
+                     profile: Target, thresholds: ParityThresholds, inputs: Inputs, expected: "Expected", folder: Path):
+    """Run recovery on an artifact that failed parity; ship the recovered one in its place when
+    an attempt passes. Returns the (new or kept) report, artifact, stage records and outcome."""
+    runtime = chain.spec.runtime
+
+    def trial(stages):
+        artifact, _ = pipeline.run(Plan(chain.name, chain.spec, stages), source)
+        runner = load_runner(artifact, runtime, profile.runtime.threads)
+        parity = compare(expected.outputs, run_batched(runner, inputs.validation.x, profile.parity.batch_size),
+                         inputs.validation.y, thresholds, expected.roles)
+        latency = float(np.median(time_runs(runner, inputs.validation.x[:1], 2, 10)))
+        return parity, round(latency, 4), artifact.size_bytes()
+
+    def layers(stage):
+        index = recoverable_stage(chain.stages)
+        before, _ = pipeline.run(Plan(chain.name, chain.spec, chain.stages[:index]), source) if index else (source, None)
+        return stage.layers(before, pipeline.ctx)
+
+    log.info("recovering %s: %s", chain.name, "; ".join(checked.parity.failures)[:200])
+    outcome = recover(chain.stages, checked.parity, _errors_as_stage_errors(trial), layers, profile.recovery)
+    sensitivity = write_sensitivity(folder, chain.name, outcome, checked.parity)
+    if outcome.stages is None:
+        line = summary_line(chain.name, outcome, checked.parity, checked.latency_ms, None)
+        log.warning(line)
+        return checked, shipped, records, Recovered(outcome, line, checked.parity, sensitivity)
+    artifact, new_records = pipeline.run(Plan(chain.name, chain.spec, outcome.stages), source)
+    if outcome.final.float_layers:
+        artifact = dataclasses.replace(artifact, precision="mixed")
+    for f in shipped.files():
+        f.unlink()
+    shipped = ship(artifact, runtime, chain.name, folder)
+    report = check_artifact(chain.name, shipped, runtime, profile, thresholds, inputs, expected, folder)
+    report = dataclasses.replace(report, float_layers=outcome.final.float_layers)
+    line = summary_line(chain.name, outcome, checked.parity, checked.latency_ms, report.latency_ms)
+    log.info(line)
+    return report, shipped, new_records, Recovered(outcome, line, checked.parity, sensitivity)
+
+
+def _errors_as_stage_errors(trial):
+    """A variant its runtime cannot load or run is a failed attempt, not a crashed build."""
+    def run(stages):
+        try:
+            return trial(stages)
+        except StageError:
+            raise
+        except Exception as e:
+            raise StageError(f"{type(e).__name__}: {reason(e)}") from None
+    return run
+
+
+@dataclasses.dataclass(frozen=True)
+class Expected:
+    """What every artifact is compared with: FP32's outputs on the validation inputs, their roles, FP32's accuracy."""
+
+    outputs: list
+    roles: tuple[OutputRole, ...]
+    accuracy: float | None
+
+
 def _reasons(skipped: list[Skipped]) -> str:
     return "; ".join(f"{s.name}: {s.reason}" for s in skipped)
 
 
+def check_data_paths(calib, val) -> None:
+    for role, path in (("calibration", calib), ("validation", val)):
+        if path is not None and not Path(path).exists():
+            raise DataError(f"{role} data `{path}` does not exist")
+
+
 def prepare_inputs(loaded: LoadedModel, profile: Target, calib, val, input_shape) -> Inputs:
+    """Calibration and validation data, disjoint unless the user's files overlap (then counted and said)."""
     warnings = []
     n_cal, n_val = profile.data.calibration_samples, profile.data.validation_samples
     pre = profile.data.preprocess
-    calibration = load_dataset(Path(calib), "calibration", pre).take(n_cal) if calib else None
-    validation = load_dataset(Path(val), "validation", pre).take(n_val) if val else None
+    calibration = load_dataset(Path(calib), "calibration", pre, n_cal) if calib else None
+    validation = load_dataset(Path(val), "validation", pre, n_val) if val else None
     shape = _resolve_shape(loaded, input_shape, calibration or validation)
     sample = shape[1:]
     if calibration is None:
         warnings.append(f"no --calib data: calibrating on {profile.data.synthetic_samples} synthetic (random normal) inputs; INT8 ranges will not match real data")
         calibration = synthetic_dataset(sample, profile.data.synthetic_samples, seed=0)
+    check_sample_shape(calibration, sample, "calibration")
     if validation is None:
         if calibration.synthetic:
             warnings.append("no --val data: parity is measured on synthetic inputs and says little about accuracy")
             validation = synthetic_dataset(sample, profile.data.synthetic_samples, seed=1)
+        elif len(calibration.x) > 1:
+            calibration, validation = calibration.hold_out(max(1, min(n_val, len(calibration.x) // 4)), seed=0)
+            warnings.append(f"no --val data: parity runs on {len(validation.x)} samples held out from --calib, which "
+                            f"calibrates on the other {len(calibration.x)}; give --val for a held-out set of your own")
         else:
-            warnings.append("no --val data: parity is measured on the calibration inputs, not held-out data")
-            validation = calibration.take(n_val)
-    check_sample_shape(calibration, sample, "calibration")
+            warnings.append("no --val data and one calibration sample: parity runs on the calibration input itself")
+            validation = calibration
     check_sample_shape(validation, sample, "validation")
+    overlap = 0 if validation is calibration else calibration.overlap(validation)
+    if overlap:
+        warnings.append(f"{overlap} of the {len(validation.x)} validation samples are also calibration samples: "
+                        f"parity on them flatters INT8; use disjoint --calib and --val")
+    cpu = isa_facts(profile.runtime.isa)
+    if cpu["proxy"] and cpu["target_isa"]:  # device targets say so in their own reports; an x86 mismatch is a surprise
+        warnings.append(f"parity measured here is a proxy: {cpu['proxy_reason']}")
     if loaded.random_weights:
         warnings.append(f"{loaded.source} has random weights: parity is measured but not judged (says nothing about accuracy)")
     for w in warnings:
         log.warning(w)
-    return Inputs(shape, calibration, validation, tuple(warnings))
+    return Inputs(shape, calibration, validation, tuple(warnings), overlap)
 
 
 def _resolve_shape(loaded: LoadedModel, given, data: Dataset | None) -> tuple[int, ...]:
     if given:
         shape = parse_shape(given) if isinstance(given, str) else tuple(given)
+        known = loaded.input_shape or (None if data is None else (1, *data.x.shape[1:]))
+        if known and len(shape) != len(known):
+            raise DataError(f"--input-shape {'x'.join(map(str, shape))} has {len(shape)} dimensions, but the "
+                            f"{'model' if loaded.input_shape else 'data'} has {len(known)} ({'x'.join(map(str, known))}): "
+                            f"give the batch dimension first, e.g. 1x{'x'.join(map(str, known[1:]))}")
         return (1, *shape[1:])
     if loaded.input_shape:
         return loaded.input_shape
@@ -161,11 +277,16 @@ def _resolve_shape(loaded: LoadedModel, given, data: Dataset | None) -> tuple[in
     raise DataError(f"cannot tell the input shape of `{loaded.source}`; pass --input-shape (e.g. 1x3x224x224) or --calib data")
 
 
-def check_model_accepts(reference, shape: tuple[int, ...]) -> None:
+def check_model_accepts(loaded: LoadedModel, shape: tuple[int, ...]) -> list[str]:
+    """Run the FP32 model once on zeros of ``shape`` before anything else does; returns its output names."""
+    import torch
+
     try:
-        reference(np.zeros(shape, dtype=np.float32))
+        with torch.inference_mode():
+            out = as_module(loaded.artifact)(torch.zeros(shape))
     except Exception as e:
         raise DataError(f"the model rejects an input of shape {'x'.join(map(str, shape))}: {reason(e)}") from None
+    return output_names(out)
 
 
 def ship(artifact: Artifact, runtime: str, name: str, folder: Path) -> Artifact:
@@ -209,7 +330,7 @@ def applied_thresholds(loaded: LoadedModel, profile: Target) -> ParityThresholds
 
 
 def check_artifact(name, artifact: Artifact, runtime: str, profile: Target, thresholds: ParityThresholds | None,
-                   inputs: Inputs, ref_out: np.ndarray, ref_accuracy, folder: Path) -> ArtifactReport:
+                   inputs: Inputs, expected: Expected, folder: Path) -> ArtifactReport:
     """Load the shipped file in its own runtime, compare with FP32 and time it."""
     log.info("checking %s in %s", name, runtime)
     runner = None
@@ -219,10 +340,13 @@ def check_artifact(name, artifact: Artifact, runtime: str, profile: Target, thre
         runner = load_runner(artifact, runtime, profile.runtime.threads)
         return runner
 
+    log.info("timing %s (batch sizes %s)", name, ", ".join(map(str, sorted({1, *profile.runtime.batch_sizes}))))
     timed = run_bench(load, profile, inputs.shape[1:])
+    log.info("comparing %s with FP32 on %d inputs", name, len(inputs.validation.x))
     outputs = run_batched(runner, inputs.validation.x, profile.parity.batch_size)
-    parity = compare(ref_out, outputs, inputs.validation.y, thresholds, ref_accuracy)
+    parity = compare(expected.outputs, outputs, inputs.validation.y, thresholds, expected.roles)
     r = profile.runtime
+    log.info("profiling %s's operators", name)
     measured = _profiled(name, lambda: PROFILERS.get(runtime)(artifact, inputs.validation.x[:1], r.profile_runs, r.threads))
     return ArtifactReport(
         name=name, path=artifact.path.name, format=FORMATS[runtime][0], runtime=runtime,
@@ -246,17 +370,19 @@ def run_bench(load, profile: Target, sample_shape):
                  r.sweep_runs)
 
 
-def model_facts(loaded: LoadedModel, inputs: Inputs) -> dict:
+def model_facts(loaded: LoadedModel, inputs: Inputs, roles: tuple[OutputRole, ...]) -> dict:
     return {
         "source": loaded.source, "name": loaded.name, "kind": str(loaded.artifact.kind),
         "weights": loaded.weights, "input_shape": list(inputs.shape), "dynamic_batch": loaded.dynamic_batch,
         "sha256": loaded.artifact.sha256,
+        "outputs": [{"index": r.index, "name": r.name, "role": r.role, "role_inferred": r.inferred} for r in roles],
     }
 
 
 def reference_facts(loaded: LoadedModel, reference, inputs: Inputs, profile: Target, accuracy, folder: Path) -> dict:
     """The FP32 model in eager PyTorch: what every artifact is compared with, timed and profiled the same way."""
     r = profile.runtime
+    log.info("timing and profiling the FP32 reference")
     timed = run_bench(lambda: reference, profile, inputs.shape[1:])
     module = as_module(loaded.artifact)
     measured = _profiled("fp32_reference", lambda: profile_torch(module, inputs.validation.x[:1], r.profile_runs, r.threads))
@@ -274,6 +400,9 @@ def _state_bytes(artifact: Artifact) -> int:
 
 def data_facts(inputs: Inputs) -> dict:
     def one(d: Dataset) -> dict:
-        return {"origin": d.origin, "samples": len(d.x), "synthetic": d.synthetic, "labels": d.y is not None}
+        return {"origin": d.origin, "samples": len(d.x), "synthetic": d.synthetic, "labels": d.y is not None,
+                "held_out": d.held_out}
 
-    return {"calibration": one(inputs.calibration), "validation": one(inputs.validation)}
+    same = inputs.validation is inputs.calibration
+    return {"calibration": one(inputs.calibration), "validation": one(inputs.validation),
+            "overlap_samples": len(inputs.validation.x) if same else inputs.overlap}

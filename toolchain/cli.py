@@ -9,7 +9,7 @@ import warnings
 
 import click
 
-from .errors import EXIT_PARITY_FAILURE, EXIT_USER_ERROR, ToolchainError
+from .errors import EXIT_NOT_JUDGED, EXIT_OK, EXIT_PARITY_FAILURE, EXIT_USER_ERROR, ToolchainError
 
 
 class _UserErrors(click.Group):
@@ -26,14 +26,14 @@ class _UserErrors(click.Group):
 @click.group(cls=_UserErrors)
 @click.version_option(package_name="toolchain")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr.")
-def main(quiet: bool) -> None:
+@click.option("-v", "--verbose", is_flag=True, help="Debug detail, libraries' own logs and warnings, tracebacks of skipped artifacts.")
+@click.pass_context
+def main(ctx, quiet: bool, verbose: bool) -> None:
     """Export, quantize and validate PyTorch models for deployment targets."""
-    # torch.ao / TorchScript deprecation notices: the choice is deliberate and documented per stage
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.")
-    logging.basicConfig(level=logging.ERROR if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
-    for noisy in ("onnxscript", "onnx_ir", "torch"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    from .console import Terminal
+
+    ctx.obj = Terminal(quiet=quiet, verbose=verbose)
+    ctx.obj.configure()
 
 
 @main.command()
@@ -44,25 +44,54 @@ def main(quiet: bool) -> None:
 @click.option("--val", type=click.Path(), help="Held-out validation inputs: .npy, .npz (x, optional labels y) or an image folder.")
 @click.option("--input-shape", help="Input shape with batch, e.g. 1x3x224x224 (when the model does not say).")
 @click.option("--trust-pickle", is_flag=True, help="Allow a pickled nn.Module (unpickling runs code from the file).")
+@click.option("--outputs", "output_roles", metavar="KEY=ROLE,...",
+              help="Role of each output, by index or name: classification, probabilities, regression, embedding "
+                   "(e.g. 0=classification,landmarks=regression); overrides the profile's [parity.outputs].")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead of the table.")
-def build(model, target, out, calib, val, input_shape, trust_pickle, as_json):
-    """Build MODEL (.pt2, TorchScript .pt, or torchvision:<name>) for a target."""
-    from .build import build as run_build
-    from .report import table
+@click.pass_obj
+def build(terminal, model, target, out, calib, val, input_shape, trust_pickle, output_roles, as_json):
+    """Build MODEL (torch.export archive, TorchScript, pickled module, or torchvision:<name>) for a target.
 
-    report, folder = run_build(model, target, out, calib, val, input_shape, trust_pickle, progress=_progress)
+    Exit codes: 0 passed, 2 user error, 3 parity failed, 4 built but not judged (random weights)."""
+    from .build import build as run_build
+    from .report import recovery_lines, sensitivity_top, table
+
+    if as_json:
+        terminal.plain = True  # stdout is for the JSON; stderr gets plain lines
+    roles = parse_output_roles(output_roles)
+    with terminal.live():
+        report, folder = run_build(model, target, out, calib, val, input_shape, trust_pickle,
+                                   progress=terminal.progress, outputs=roles)
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
     else:
         click.echo(table(report))
+        for line in sensitivity_top(report, folder):
+            click.echo(line)
+        for line in recovery_lines(report):
+            click.echo(line)
         for s in report.skipped:
             click.echo(f"skipped {s['name']}: {s['reason']}")
         if report.engine:
             click.echo(f"TensorRT engine: {report.engine['status']}; plan: {folder / 'engine_plan.json'}")
-        click.echo(f"{report.verdict} in {report.build_seconds:.1f} s; build folder: {folder}")
+        colour = {True: "green", False: "red", None: "yellow"}[report.passed]
+        verdict = report.verdict if terminal.plain else click.style(report.verdict, fg=colour, bold=True)
+        click.echo(f"{verdict} in {report.build_seconds:.1f} s; build folder: {folder}")
         click.echo(f"report: {folder / 'report.html'}")
-    if not report.passed:
-        sys.exit(EXIT_PARITY_FAILURE)
+    sys.exit({True: EXIT_OK, False: EXIT_PARITY_FAILURE, None: EXIT_NOT_JUDGED}[report.passed])
+
+
+def parse_output_roles(text: str | None) -> dict[str, str]:
+    """`0=classification,landmarks=regression` -> {"0": "classification", "landmarks": "regression"}."""
+    from .parity import ROLES
+
+    roles = {}
+    for item in filter(None, (text or "").split(",")):
+        key, sep, role = (part.strip() for part in item.partition("="))
+        if not sep or not key or role not in ROLES:
+            raise ToolchainError(f"--outputs `{item}` must be KEY=ROLE with ROLE one of {', '.join(ROLES)}")
+        roles[key] = role
+    return roles
 
 
 @main.command("bench")
@@ -158,15 +187,3 @@ def example(name: str, out: str) -> None:
     paths = write_digits_example(out)
     for role, path in paths.items():
         click.echo(f"{role:12} {path}")
-
-
-
-
-def _progress(label: str, done: int, total: int) -> None:
-    if not logging.getLogger("toolchain").isEnabledFor(logging.INFO):
-        return
-    if not sys.stderr.isatty():
-        if done == total:
-            click.echo(f"{label}: {total} samples", err=True)
-        return
-    click.echo(f"\r{label}: {done}/{total}", err=True, nl=done == total)

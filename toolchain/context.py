@@ -17,6 +17,8 @@ class BuildContext:
     dynamic_batch: bool  # whether exports should keep the batch dimension dynamic
     threads: int
     progress: Callable[[str, int, int], None] = lambda label, done, total: None
+    isa: str | None = None  # the deployment CPU's x86 instruction set (target profile), None for others
+    cache: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)  # stages' shared work within a build
 
     def example(self):
         """One batch-1 input as a torch tensor, for tracing and exporting."""

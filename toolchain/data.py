@@ -4,6 +4,7 @@ or synthetic inputs when the user gives none."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import zipfile
 from pathlib import Path
 
@@ -33,28 +34,46 @@ class Dataset:
     x: np.ndarray
     y: np.ndarray | None
     origin: str  # the file or folder, or "synthetic"
+    held_out: bool = False  # validation samples set aside from the calibration data
 
     @property
     def synthetic(self) -> bool:
         return self.origin == "synthetic"
 
     def take(self, n: int) -> "Dataset":
-        return Dataset(self.x[:n], None if self.y is None else self.y[:n], self.origin)
+        return dataclasses.replace(self, x=self.x[:n], y=None if self.y is None else self.y[:n])
+
+    def hold_out(self, n: int, seed: int = 0) -> tuple["Dataset", "Dataset"]:
+        """(the rest, ``n`` samples drawn at random with ``seed``): disjoint calibration and validation sets."""
+        order = np.random.default_rng(seed).permutation(len(self.x))
+        keep, held = np.sort(order[n:]), np.sort(order[:n])
+        pick = lambda idx, **kw: dataclasses.replace(self, x=self.x[idx], y=None if self.y is None else self.y[idx], **kw)
+        return pick(keep), pick(held, held_out=True)
+
+    def overlap(self, other: "Dataset") -> int:
+        """How many of ``other``'s samples are byte-for-byte samples of this set."""
+        mine = {_digest(s) for s in self.x}
+        return sum(_digest(s) in mine for s in other.x)
 
     def batches(self, size: int):
         for i in range(0, len(self.x), size):
             yield self.x[i : i + size]
 
 
-def load_dataset(path: Path, role: str, preprocess: PreprocessOptions) -> Dataset:
-    """Read inputs for ``role`` ("calibration" or "validation") and check them."""
+def load_dataset(path: Path, role: str, preprocess: PreprocessOptions, limit: int | None = None, seed: int = 0) -> Dataset:
+    """Read up to ``limit`` inputs for ``role`` ("calibration" or "validation") and check them.
+
+    Arrays are cut to their first ``limit`` samples (their order is the user's); an image
+    folder is sampled per class, in turn, in an order fixed by ``seed``, so every class is in.
+    """
     path = Path(path)
     if not path.exists():
         raise DataError(f"{role} data `{path}` does not exist")
     if path.is_dir():
-        x, y = _read_image_folder(path, role, preprocess)
+        x, y = _read_image_folder(path, role, preprocess, limit, seed)
     elif path.suffix in (".npy", ".npz"):
         x, y = _read_array_file(path, role)
+        x, y = x[:limit], (None if y is None else y[:limit])
     else:
         raise DataError(f"{role} data `{path}` must be a .npy or .npz file or a folder of images")
     return _checked(x, y, str(path), role)
@@ -92,14 +111,17 @@ def _read_array_file(path: Path, role: str) -> tuple[np.ndarray, np.ndarray | No
         return loaded[key], (loaded["y"] if "y" in names else None)
 
 
-def _read_image_folder(path: Path, role: str, pre: PreprocessOptions) -> tuple[np.ndarray, np.ndarray | None]:
+def _read_image_folder(path: Path, role: str, pre: PreprocessOptions, limit: int | None,
+                       seed: int) -> tuple[np.ndarray, np.ndarray | None]:
     from PIL import Image, UnidentifiedImageError
 
     files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise DataError(f"{role} data `{path}` holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     classes = sorted({p.parent.relative_to(path).as_posix() for p in files})
+    _check_layout(path, role, classes)
     labelled = classes != ["."]
+    files = _per_class_sample(files, path, limit, seed)
     xs, ys = [], []
     for p in files:
         try:
@@ -109,6 +131,37 @@ def _read_image_folder(path: Path, role: str, pre: PreprocessOptions) -> tuple[n
             raise DataError(f"{role} image `{p}` cannot be decoded: {e}") from None
         ys.append(classes.index(p.parent.relative_to(path).as_posix()))
     return np.stack(xs), (np.asarray(ys) if labelled else None)
+
+
+def _check_layout(path: Path, role: str, classes: list[str]) -> None:
+    """Images directly in the folder (unlabelled) or one folder per class (ImageNet style), nothing else."""
+    nested = next((c for c in classes if "/" in c), None)
+    mixed = "." in classes and len(classes) > 1
+    if nested or mixed:
+        where = f"images two folders deep (`{nested}/`)" if nested else "images both in the folder itself and in sub-folders"
+        raise DataError(f"{role} data `{path}` has {where}; lay it out as `{path}/<class>/<image>` (one folder per "
+                        f"class, labels from the folder names) or put every image directly in `{path}` (no labels)")
+
+
+def _per_class_sample(files: list[Path], root: Path, limit: int | None, seed: int) -> list[Path]:
+    """Up to ``limit`` files, taking each class in turn, in a shuffled order fixed by ``seed``."""
+    if limit is None or limit >= len(files):
+        return files
+    rng = np.random.default_rng(seed)
+    by_class: dict[str, list[Path]] = {}
+    for p in files:
+        by_class.setdefault(p.parent.relative_to(root).as_posix(), []).append(p)
+    queues = [[group[i] for i in rng.permutation(len(group))] for _, group in sorted(by_class.items())]
+    picked: list[Path] = []
+    while len(picked) < limit:
+        for q in queues:
+            if q and len(picked) < limit:
+                picked.append(q.pop())
+    return sorted(picked)
+
+
+def _digest(sample: np.ndarray) -> bytes:
+    return hashlib.blake2b(np.ascontiguousarray(sample).tobytes(), digest_size=16).digest()
 
 
 def _preprocess(img, pre: PreprocessOptions) -> np.ndarray:

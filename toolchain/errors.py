@@ -5,17 +5,28 @@ profile, bad data): the CLI prints its message and exits with :data:`EXIT_USER_E
 traceback. Anything else is a bug in the toolchain and keeps its traceback.
 """
 
+import re
+
 EXIT_OK = 0
 EXIT_USER_ERROR = 2  # the same code click uses for bad command-line usage
 EXIT_PARITY_FAILURE = 3
+EXIT_NOT_JUDGED = 4  # built and measured, but nothing judged (random weights): not a pass
+
+# First lines that only announce where an error happened; the cause is further down.
+_HEADERS = ("The following operation failed in the TorchScript interpreter", "Traceback of TorchScript")
 
 
 def reason(e: BaseException, last: bool = False, limit: int = 300) -> str:
     """One line of an exception's message, for a one-line error: the first non-empty line, or
     the last (``last``: native libraries put the cause there), cut at ``limit`` characters;
     the exception's type name when the message is empty."""
-    lines = [line for line in str(e).strip().splitlines() if line.strip()]
-    return (lines[-1] if last else lines[0])[:limit] if lines else type(e).__name__
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(e).__name__
+    if not last and lines[0].startswith(_HEADERS):  # TorchScript: the cause is the last `...Error: ...` line
+        causes = [line for line in lines if re.match(r"^[\w.]*(Error|Exception): ", line)]
+        return (causes[-1] if causes else lines[-1])[:limit]
+    return (lines[-1] if last else lines[0])[:limit]
 
 
 class ToolchainError(Exception):

@@ -30,17 +30,24 @@ def digits_cnn():
 
 
 def train(model, x: np.ndarray, y: np.ndarray, epochs: int = 15, seed: int = 0):
+    """Seeded and single-threaded: the same model every run on the same kind of CPU (a
+    multithreaded reduction sums in a different order each run)."""
     import torch
 
     torch.manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    model.train()
-    for _ in range(epochs):
-        for idx in torch.randperm(len(xt)).split(64):
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
-            opt.step()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+        model.train()
+        for _ in range(epochs):
+            for idx in torch.randperm(len(xt)).split(64):
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
+                opt.step()
+    finally:
+        torch.set_num_threads(threads)
     return model.eval()
 
 
@@ -58,10 +65,12 @@ def train_torchvision(name: str, x: np.ndarray, y: np.ndarray, epochs: int = 4):
     BatchNorm statistics are re-estimated over ``x`` after training: MobileNetV3's BatchNorm
     momentum (0.01) leaves running statistics far from the final weights' after a few epochs.
     """
+    import torch
     import torchvision
 
     from .load import estimate_batchnorm
 
+    torch.manual_seed(0)  # the initial weights too
     model = train(getattr(torchvision.models, name)(num_classes=10), x, y, epochs=epochs)
     estimate_batchnorm(model, x)
     return model
@@ -74,6 +83,7 @@ def write_digits_example(out: str | Path) -> dict[str, Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     x_train, x_test, y_train, y_test = digits_data()
+    torch.manual_seed(0)  # the initial weights too
     model = train(digits_cnn(), x_train, y_train)
     example = torch.from_numpy(x_train[:2])
     ep = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},))

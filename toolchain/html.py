@@ -32,7 +32,7 @@ def render(report: dict[str, Any], profiles: dict[str, dict[str, Any]]) -> str:
     ref = report["reference"]
     rows = [("fp32_reference", ref)] + [(a["name"], a) for a in report["artifacts"]]
     verdict = report["verdict"]
-    tone = verdict.split()[0].strip(",").lower()  # passed / failed / built: the heading's colour
+    tone = {True: "passed", False: "failed", None: "built"}[report["passed"]]  # the heading's colour
     parts = [
         f"<h1>{_e(report['model']['name'])} → {_e(report['target'])}: <span class='{tone}'>{verdict}</span></h1>",
         f"<p>Model <code>{_e(report['model']['source'])}</code> (weights: {_e(report['model'].get('weights', ''))}), input "
@@ -75,7 +75,7 @@ def _parity_table(report: dict) -> str:
     for a in report["artifacts"]:
         p = a["parity"]
         verdict = parity_verdict(p["passed"], p["failures"])
-        cell = lambda v, f: "" if v is None else f.format(v)
+        cell = lambda v, f: "" if v is None else (v if isinstance(v, str) else f.format(v))  # "nan" / "inf" as written
         body.append(
             f"<tr class='{'primary' if a['primary'] else ''}'><td>{_e(a['name'])}{' ★' if a['primary'] else ''}</td><td>{_e(a['format'])}</td>"
             f"<td>{_e(a['precision'])}</td><td data-key='sqnr_db'>{cell(p['sqnr_db'], '{:.1f}')}</td><td>{cell(p['cosine'], '{:.4f}')}</td>"

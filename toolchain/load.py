@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import logging
 import pickle
 import re
 import zipfile
@@ -45,23 +47,52 @@ def load_model(source: str, trust_pickle: bool = False) -> LoadedModel:
     path = Path(source)
     if not path.is_file():
         raise ModelLoadError(f"model file `{source}` does not exist")
-    if path.suffix == ".pt2":
+    kind = sniff(path)
+    if kind == "torch.export":
         return _load_exported(path, source)
-    if path.suffix in (".pt", ".pth", ".ptl"):
+    if kind in ("torchscript", "torch.save"):
         return _load_torch_file(path, source, trust_pickle)
+    if path.suffix == ".pt2":  # a damaged archive: let the loader say what is wrong with it
+        return _load_exported(path, source)
+    with path.open("rb") as f:
+        if f.read(4) == b"PK\x03\x04":
+            raise ModelLoadError(f"model `{source}` is a damaged or truncated zip archive (the container torch.export, "
+                                 f"TorchScript and torch.save all write); save the model again")
     raise ModelLoadError(
-        f"model `{source}`: unknown kind; give a torch.export `.pt2`, a TorchScript `.pt`, "
-        f"a pickled module `.pt` with --trust-pickle, or `torchvision:<name>`"
+        f"model `{source}`: unknown kind (recognised by content, whatever the suffix); give a torch.export "
+        f"archive (torch.export.save), TorchScript (torch.jit.save), a pickled module (torch.save, with --trust-pickle), "
+        f"or `torchvision:<name>`"
     )
+
+
+def sniff(path: Path) -> str | None:
+    """What a model file holds, from its content: "torch.export", "torchscript", "torch.save" or None."""
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = [n.split("/", 1)[-1] for n in z.namelist()]
+        except zipfile.BadZipFile:
+            return None
+        if "archive_format" in names or "models/model.json" in names:
+            return "torch.export"
+        if any(n.startswith("code/") for n in names):
+            return "torchscript"
+        return "torch.save" if "data.pkl" in names else None
+    with path.open("rb") as f:
+        head = f.read(2)
+    return "torch.save" if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05") else None
 
 
 def _load_exported(path: Path, source: str) -> LoadedModel:
     import torch
 
+    logged: list[str] = []
     try:
-        ep = torch.export.load(str(path))
+        with _torch_logs_captured(logged):  # torch logs a traceback of its own, then raises a vaguer error
+            ep = torch.export.load(str(path))
     except Exception as e:  # corrupt archives raise anything from RuntimeError to KeyError
-        raise ModelLoadError(f"model `{source}` is not a readable torch.export archive: {reason(e)}") from None
+        cause = logged[-1].strip().splitlines()[-1] if logged else reason(e)
+        raise ModelLoadError(f"model `{source}` is not a readable torch.export archive: {cause}") from None
     placeholders = [
         n for n in ep.graph.nodes
         if n.op == "placeholder" and n.name in ep.graph_signature.user_inputs
@@ -79,7 +110,7 @@ def _load_exported(path: Path, source: str) -> LoadedModel:
 def _load_torch_file(path: Path, source: str, trust_pickle: bool) -> LoadedModel:
     import torch
 
-    if _is_torchscript(path):
+    if sniff(path) == "torchscript":
         try:
             model = torch.jit.load(str(path), map_location="cpu").eval()
         except Exception as e:
@@ -118,13 +149,17 @@ def _load_torchvision(name: str, source: str) -> LoadedModel:
         close = difflib.get_close_matches(name, available, n=5, cutoff=0.6)
         hint = f"; similar: {', '.join(close)}" if close else ""
         raise ModelLoadError(f"`{source}`: torchvision has no classification model `{name}`{hint}")
-    model = torchvision.models.get_model(name, weights=None).eval()
+    import torch
+
+    with torch.random.fork_rng():  # the same random weights every build, without touching the caller's RNG
+        torch.manual_seed(0)
+        model = torchvision.models.get_model(name, weights=None).eval()
     size = 299 if name == "inception_v3" else 224
     return LoadedModel(
         Artifact(Kind.EAGER, "fp32", model=model),
         name,
         source,
-        "random (torchvision weights cannot be downloaded here; parity is not evidence of accuracy)",
+        "random, seed 0 (torchvision weights cannot be downloaded here; parity is not evidence of accuracy)",
         (1, 3, size, size),
         True,
     )
@@ -166,12 +201,23 @@ def estimate_batchnorm(model, x, batch: int = 32) -> int:
     return len(norms)
 
 
-def _is_torchscript(path: Path) -> bool:
-    if not zipfile.is_zipfile(path):
-        return False
-    try:
-        with zipfile.ZipFile(path) as z:
-            return any(n.split("/", 1)[-1].startswith("code/") for n in z.namelist())
-    except zipfile.BadZipFile:
-        return False
+@contextlib.contextmanager
+def _torch_logs_captured(into: list[str]):
+    """What torch logs while a model loads goes into ``into`` (formatted, tracebacks included),
+    not to the terminal; with --verbose it is shown as well. torch gives several of its
+    loggers their own stderr handler (``torch``, ``torch.export``, ...): each is swapped."""
 
+    class Keep(logging.Handler):
+        def emit(self, record):
+            into.append(self.format(record))
+
+    keep, verbose = Keep(), logging.getLogger("toolchain").isEnabledFor(logging.DEBUG)
+    loggers = [logging.getLogger(n) for n in list(logging.root.manager.loggerDict) if n == "torch" or n.startswith("torch.")]
+    saved = {lg: lg.handlers[:] for lg in loggers if lg.handlers}
+    for lg, handlers in saved.items():
+        lg.handlers = [keep, *handlers] if verbose else [keep]
+    try:
+        yield
+    finally:
+        for lg, handlers in saved.items():
+            lg.handlers = handlers

@@ -1,83 +1,237 @@
-"""Compare an artifact's outputs with the FP32 model's, with explicit metrics."""
+"""Compare an artifact's outputs with the FP32 model's, every output, with explicit metrics.
+
+Each output has a role that decides which metrics judge it:
+
+| role           | judged on                                             | also reported          |
+|----------------|-------------------------------------------------------|------------------------|
+| classification | SQNR, cosine, top-1 agreement, accuracy (with labels) | max / mean abs error   |
+| probabilities  | SQNR, cosine, max abs error (probability units)       | top-1 agreement        |
+| regression     | SQNR, cosine                                          | relative max error     |
+| embedding      | cosine                                                | SQNR                   |
+
+A role is declared (`[parity.outputs.<index or name>] role = ...` or `--outputs`) or
+inferred where that is safe: a model with a single (N, C > 1) output is a classifier,
+anything else is a regression. Whatever the role or thresholds, an output with a NaN or an
+infinity, a missing output or a changed shape fails: those are never noise.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Mapping, Sequence
 
 import numpy as np
 
+from .errors import DataError
 from .target import ParityThresholds
+
+ROLES = ("classification", "probabilities", "regression", "embedding")
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputRole:
+    """Which output (index, and name when the model gives one) plays which role."""
+
+    index: int
+    name: str
+    role: str
+    inferred: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputParity:
+    index: int
+    name: str
+    shape: tuple[int, ...]  # per sample (batch dimension excluded)
+    role: str
+    role_inferred: bool
+    sqnr_db: float
+    cosine: float
+    max_abs: float
+    mean_abs: float
+    rel_max_error: float  # max |error| / max |FP32 output|
+    top1_agreement: float | None
+    accuracy: float | None
+    nonfinite: int  # NaN or infinite values in the artifact's output
+    passed: bool | None
+    failures: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
 class Parity:
-    sqnr_db: float  # 10*log10(signal power / error power) over all outputs
-    cosine: float  # mean per-sample cosine similarity
+    """The aggregate over every output (worst case) plus each output's own metrics."""
+
+    sqnr_db: float  # the lowest SQNR of any output
+    cosine: float  # the lowest mean per-sample cosine similarity of any output
     max_abs: float
     mean_abs: float
-    top1_agreement: float | None  # None when outputs are not (N, classes)
-    accuracy: float | None  # None without labels
+    top1_agreement: float | None  # the lowest of the classification outputs; None without one
+    accuracy: float | None  # of the labelled classification output; None without labels
     passed: bool | None  # None: measured but not judged (random weights)
-    failures: tuple[str, ...] = ()  # which thresholds were missed, in words
+    failures: tuple[str, ...] = ()  # what failed, in words (prefixed by the output when there are several)
     samples: int = 0
+    outputs: tuple[OutputParity, ...] = ()
 
 
-def run_batched(runner, x: np.ndarray, batch_size: int) -> np.ndarray:
-    """Run in batches; an artifact fixed to batch 1 is run one sample at a time."""
+Outputs = list  # one numpy array per model output, batch first
+
+
+def run_batched(runner, x: np.ndarray, batch_size: int) -> Outputs:
+    """Run in batches and join each output; an artifact fixed to batch 1 is run one sample at a time."""
     try:
-        return np.concatenate([runner(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+        parts = [runner(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
     except Exception:
         if batch_size == 1:
             raise
-        return np.concatenate([runner(x[i : i + 1]) for i in range(len(x))])
+        parts = [runner(x[i : i + 1]) for i in range(len(x))]
+    return [np.concatenate([np.atleast_1d(p[k]) for p in parts]) for k in range(len(parts[0]))]
 
 
-def compare(reference: np.ndarray, output: np.ndarray, labels: np.ndarray | None,
-            thresholds: ParityThresholds | None, reference_accuracy: float | None) -> Parity:
-    """Metrics of ``output`` against ``reference``; judged against ``thresholds`` unless None."""
+def resolve_roles(reference: Outputs, names: Sequence[str], declared: Mapping[str, str]) -> tuple[OutputRole, ...]:
+    """Each output's role: declared by index or name, else inferred (see the module's table)."""
+    keys = {str(i) for i in range(len(reference))} | set(names)
+    unknown = sorted(set(declared) - keys)
+    if unknown:
+        valid = ", ".join(f"{i} ({n})" if n != str(i) else str(i) for i, n in enumerate(names))
+        raise DataError(f"parity output `{unknown[0]}` is not an output of the model; its outputs are: {valid}")
+    roles = []
+    for i, (out, name) in enumerate(zip(reference, names)):
+        role = declared.get(name) or declared.get(str(i))
+        if role is not None and role not in ROLES:
+            raise DataError(f"parity output `{name}`: role `{role}` is not one of {', '.join(ROLES)}")
+        if role is None:
+            single_classifier = len(reference) == 1 and out.ndim == 2 and out.shape[1] > 1
+            role = "classification" if single_classifier else "regression"
+        roles.append(OutputRole(i, name, role, inferred=not (name in declared or str(i) in declared)))
+    return tuple(roles)
+
+
+def check_reference(reference: Outputs, roles: Sequence[OutputRole]) -> None:
+    """A non-finite FP32 output leaves nothing to compare with: the user's to fix."""
+    for r, out in zip(roles, reference):
+        bad = ~np.isfinite(out.astype(np.float64, copy=False))
+        if bad.any():
+            first = int(np.argmax(bad.reshape(len(out), -1).any(axis=1)))
+            raise DataError(f"the FP32 model's output {_label(r)} has {int(bad.sum())} NaN or infinite values on the "
+                            f"validation inputs (first in sample {first}); parity cannot be measured against it")
+
+
+def compare(reference: Outputs | np.ndarray, output: Outputs | np.ndarray, labels: np.ndarray | None,
+            thresholds: ParityThresholds | None, roles: Sequence[OutputRole] | None = None) -> Parity:
+    """Metrics of every output against FP32's; judged against ``thresholds`` unless None.
+
+    Labels go with the first classification output; FP32's accuracy is taken on the same samples.
+    """
+    reference, output = _as_list(reference), _as_list(output)
+    roles = tuple(roles) if roles is not None else resolve_roles(reference, [str(i) for i in range(len(reference))], {})
+    labelled = next((r.index for r in roles if r.role == "classification"), None) if labels is not None else None
+    if len(output) != len(reference):
+        failure = f"the artifact gives {len(output)} outputs, FP32 gives {len(reference)}"
+        return Parity(*(float("nan"),) * 4, None, None, False, (failure,), len(reference[0]), ())
+    per_output = tuple(
+        _compare_one(r, reference[r.index], output[r.index], labels if r.index == labelled else None, thresholds)
+        for r in roles
+    )
+    return _aggregate(per_output, labelled, len(reference[0]))
+
+
+def accuracy_of(outputs: Outputs | np.ndarray, labels: np.ndarray | None, roles: Sequence[OutputRole] | None = None) -> float | None:
+    """FP32's accuracy on its labelled (first classification) output; None without one."""
+    outputs = _as_list(outputs)
+    roles = roles if roles is not None else resolve_roles(outputs, [str(i) for i in range(len(outputs))], {})
+    index = next((r.index for r in roles if r.role == "classification"), None)
+    if labels is None or index is None:
+        return None
+    return float(np.mean(outputs[index].reshape(len(labels), -1).argmax(1) == labels))
+
+
+def _compare_one(role: OutputRole, reference: np.ndarray, output: np.ndarray, labels, t: ParityThresholds | None) -> OutputParity:
+    shape = tuple(reference.shape[1:])
+    if output.shape != reference.shape:
+        failure = f"shape {_fmt(output.shape)} differs from FP32's {_fmt(reference.shape)}"
+        nan = float("nan")
+        return OutputParity(role.index, role.name, shape, role.role, role.inferred, nan, nan, nan, nan, nan, None, None,
+                            0, False, (failure,))
     ref = reference.reshape(len(reference), -1).astype(np.float64)
     out = output.reshape(len(output), -1).astype(np.float64)
-    if ref.shape != out.shape:
-        raise ValueError(f"output shape {output.shape} differs from FP32's {reference.shape}")
+    finite = np.isfinite(out)
+    nonfinite = int((~finite).sum())
     err = ref - out
-    noise = float(np.sum(err**2))
-    sqnr = float("inf") if noise == 0 else 10 * np.log10(float(np.sum(ref**2)) / noise)
-    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(out, axis=1)
-    cosine = float(np.mean(np.sum(ref * out, axis=1) / np.maximum(norms, 1e-30)))
-    top1 = accuracy = None
-    if is_classifier_output(reference):
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        noise = float(np.sum(err**2))
+        signal = float(np.sum(ref**2))
+        sqnr = float("inf") if noise == 0 else (10 * np.log10(signal / noise) if signal > 0 else float("-inf"))
+        norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(out, axis=1)
+        cosine = float(np.mean(np.sum(ref * out, axis=1) / np.maximum(norms, 1e-30)))
+        max_abs = float(np.abs(err).max())
+        peak = float(np.abs(ref).max())
+        rel = max_abs / peak if peak > 0 else (0.0 if max_abs == 0 else float("inf"))
+    top1 = accuracy = ref_accuracy = None
+    if ref.shape[1] > 1 and role.role in ("classification", "probabilities"):
         top1 = float(np.mean(ref.argmax(1) == out.argmax(1)))
         if labels is not None:
             accuracy = float(np.mean(out.argmax(1) == labels))
-    failures = _failures(sqnr, cosine, top1, accuracy, reference_accuracy, thresholds) if thresholds else []
-    return Parity(
-        sqnr_db=_round(sqnr), cosine=_round(cosine, 6), max_abs=_round(float(np.abs(err).max())),
-        mean_abs=_round(float(np.abs(err).mean()), 6), top1_agreement=top1, accuracy=accuracy,
-        passed=None if thresholds is None else not failures, failures=tuple(failures), samples=len(ref),
+            ref_accuracy = float(np.mean(ref.argmax(1) == labels))
+    failures = []
+    if nonfinite:
+        first = int(np.argmax((~finite).any(axis=1)))
+        failures.append(f"{nonfinite} NaN or infinite values (first in sample {first})")
+    elif t is not None:
+        failures = _failures(role.role, sqnr, cosine, max_abs, top1, accuracy, ref_accuracy, t)
+    passed = False if failures else (None if t is None else True)
+    return OutputParity(
+        role.index, role.name, shape, role.role, role.inferred, _round(sqnr), _round(cosine, 6), _round(max_abs),
+        _round(float(np.abs(err).mean()), 6), _round(rel, 6), top1, accuracy, nonfinite, passed, tuple(failures),
     )
 
 
-def is_classifier_output(reference: np.ndarray) -> bool:
-    return reference.ndim == 2 and reference.shape[1] > 1
-
-
-def accuracy_of(outputs: np.ndarray, labels: np.ndarray | None) -> float | None:
-    if labels is None or not is_classifier_output(outputs):
-        return None
-    return float(np.mean(outputs.argmax(1) == labels))
-
-
-def _failures(sqnr, cosine, top1, accuracy, reference_accuracy, t: ParityThresholds) -> list[str]:
+def _failures(role, sqnr, cosine, max_abs, top1, accuracy, ref_accuracy, t: ParityThresholds) -> list[str]:
     out = []
-    if sqnr < t.min_sqnr_db:
+    if role != "embedding" and not sqnr >= t.min_sqnr_db:  # `not >=`: a NaN fails too
         out.append(f"SQNR {sqnr:.1f} dB < {t.min_sqnr_db} dB")
-    if cosine < t.min_cosine:
+    if not cosine >= t.min_cosine:
         out.append(f"cosine {cosine:.4f} < {t.min_cosine}")
-    if top1 is not None and top1 < t.min_top1_agreement:
-        out.append(f"top-1 agreement {top1:.2%} < {t.min_top1_agreement:.2%}")
-    if accuracy is not None and reference_accuracy is not None and reference_accuracy - accuracy > t.max_accuracy_drop:
-        out.append(f"accuracy {accuracy:.2%} is {reference_accuracy - accuracy:.2%} below FP32's {reference_accuracy:.2%}")
+    if role == "probabilities" and not max_abs <= t.max_probability_error:
+        out.append(f"max probability error {max_abs:.4f} > {t.max_probability_error}")
+    if role == "classification":
+        if top1 is not None and not top1 >= t.min_top1_agreement:
+            out.append(f"top-1 agreement {top1:.2%} < {t.min_top1_agreement:.2%}")
+        if accuracy is not None and not ref_accuracy - accuracy <= t.max_accuracy_drop:
+            out.append(f"accuracy {accuracy:.2%} is {ref_accuracy - accuracy:.2%} below FP32's {ref_accuracy:.2%}")
     return out
+
+
+def _aggregate(outputs: tuple[OutputParity, ...], labelled: int | None, samples: int) -> Parity:
+    several = len(outputs) > 1
+    failures = tuple(f"output {_label(o)}: {f}" if several else f for o in outputs for f in o.failures)
+    verdicts = {o.passed for o in outputs}
+    passed = False if False in verdicts else (None if None in verdicts else True)
+    top1s = [o.top1_agreement for o in outputs if o.role == "classification" and o.top1_agreement is not None]
+    accuracy = outputs[labelled].accuracy if labelled is not None else None
+    return Parity(
+        sqnr_db=_worst([o.sqnr_db for o in outputs], min), cosine=_worst([o.cosine for o in outputs], min),
+        max_abs=_worst([o.max_abs for o in outputs], max), mean_abs=_worst([o.mean_abs for o in outputs], max),
+        top1_agreement=min(top1s) if top1s else None, accuracy=accuracy, passed=passed, failures=failures,
+        samples=samples, outputs=outputs,
+    )
+
+
+def _worst(values: list[float], pick) -> float:
+    """The worst value; a NaN (no comparable number) wins, so it is never hidden."""
+    nans = [v for v in values if v != v]
+    return nans[0] if nans else pick(values)
+
+
+def _label(r) -> str:
+    return str(r.index) if r.name == str(r.index) else f"{r.index} ({r.name})"
+
+
+def _as_list(x) -> Outputs:
+    return [x] if isinstance(x, np.ndarray) else list(x)
+
+
+def _fmt(shape) -> str:
+    return "x".join(map(str, shape))
 
 
 def _round(v: float, digits: int = 4) -> float:

@@ -7,13 +7,15 @@ passes) run the prefix once: results are cached on (stage, options, input sha256
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 from .artifact import Artifact, Kind
 from .context import BuildContext
-from .errors import StageError
+from .errors import StageError, reason
 from .stage import Stage, StageRecord
 from .target import ArtifactSpec, Target
 
+log = logging.getLogger("toolchain")
 RUNTIME_KINDS = {
     "torchscript": Kind.TORCHSCRIPT, "onnxruntime": Kind.ONNX,
     "executorch": Kind.EXECUTORCH, "lite_interpreter": Kind.LITE,
@@ -74,6 +76,9 @@ class Pipeline:
                     self._cache[key] = stage.run(artifact, self.ctx)
                 except StageError as e:
                     self._cache[key] = e
+                except Exception as e:  # a crash inside a stage costs the artifacts that need it, not the build
+                    log.debug("stage %s crashed", stage.name, exc_info=True)
+                    self._cache[key] = StageError(f"{stage.name} crashed: {type(e).__name__}: {reason(e)}")
             outcome = self._cache[key]
             if isinstance(outcome, StageError):
                 raise outcome

@@ -15,6 +15,8 @@ from typing import Any
 from .bench import Bench
 from .parity import Parity
 
+NOT_JUDGED = "NOT JUDGED (random weights)"
+
 
 @dataclasses.dataclass(frozen=True)
 class ArtifactReport:
@@ -32,6 +34,8 @@ class ArtifactReport:
     eligible: bool = True  # the profile lets it be primary
     stage_facts: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # e.g. mobile passes not applied
     profile: str | None = None  # profiles/<name>.json, relative to the build folder
+    recovery: dict[str, Any] | None = None  # what recovery did when the first build missed parity
+    float_layers: tuple[str, ...] = ()  # layers kept in floating point (precision "mixed")
 
     @property
     def latency_ms(self) -> float:
@@ -46,6 +50,7 @@ class ArtifactReport:
             "latency_p99_ms": self.bench.batch1.p99_ms,
             "parity": _parity_json(self.parity), "stage_facts": self.stage_facts,
             "bench": self.bench.to_json(), "profile": self.profile,
+            "float_layers": list(self.float_layers), "recovery": self.recovery,
         }
 
 
@@ -62,16 +67,18 @@ class Report:
     engine: dict[str, Any] | None  # TensorRT engine status, for NVIDIA targets
     warnings: tuple[str, ...]
     build_seconds: float
+    cpu: dict[str, Any] | None = None  # host CPU, target instruction set, whether host parity is a proxy
 
     @property
-    def passed(self) -> bool:
-        return bool(self.artifacts) and all(a.parity.passed is not False for a in self.artifacts)
+    def passed(self) -> bool | None:
+        """False when any artifact fails; None when nothing was judged (random weights); else True."""
+        if not self.artifacts or any(a.parity.passed is False for a in self.artifacts):
+            return False
+        return None if self.thresholds is None else True
 
     @property
     def verdict(self) -> str:
-        if not self.passed:
-            return "FAILED parity"
-        return "PASSED" if self.thresholds else "BUILT, parity not judged (random weights)"
+        return {True: "PASSED", False: "FAILED parity", None: NOT_JUDGED}[self.passed]
 
     @property
     def primary(self) -> ArtifactReport | None:
@@ -81,12 +88,12 @@ class Report:
         return _finite({
             "target": self.target, "target_file": self.target_file, "passed": self.passed, "verdict": self.verdict,
             "primary": self.primary.name if self.primary else None,
-            "parity_inputs": "synthetic" if self.data["validation"]["synthetic"] else "data",
+            "parity_inputs": _parity_inputs(self.data),
             "model": self.model, "reference": self.reference, "data": self.data,
             "artifacts": [a.to_json() for a in self.artifacts],
             "parity_judged": self.thresholds is not None,
             "parity_thresholds": dataclasses.asdict(self.thresholds) if self.thresholds else None,
-            "engine": self.engine,
+            "engine": self.engine, "cpu": self.cpu, "parity_proxy": bool(self.cpu and self.cpu["proxy"]),
             "skipped": list(self.skipped), "warnings": list(self.warnings),
             "build_seconds": self.build_seconds,
         })
@@ -122,6 +129,7 @@ def markdown(report: Report) -> str:
     ]
     if report.engine:
         lines += [f"- TensorRT engine: {report.engine['status']} ({report.engine['reason']})"]
+    lines += [f"- recovery: {line}" for line in recovery_lines(report)]
     for a in report.artifacts:
         lines += [f"- `{a.name}` {stage}: {facts_line(facts)}" for stage, facts in a.stage_facts.items()]
     lines += [f"- skipped `{s['name']}`: {s['reason']}" for s in report.skipped]
@@ -140,9 +148,43 @@ def table(report: Report) -> str:
             f"{p.sqnr_db:.1f}", f"{p.cosine:.4f}", _pct(p.top1_agreement), _pct(p.accuracy),
             parity_verdict(p.passed, p.failures),
         ])
+        if len(p.outputs) > 1:  # each output on its own line under the artifact's worst case
+            rows += [[f"  output {output_label(o)}", "", "", "", f"{o.sqnr_db:.1f}", f"{o.cosine:.4f}",
+                      _pct(o.top1_agreement), _pct(o.accuracy), parity_verdict(o.passed, o.failures)] for o in p.outputs]
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     fmt = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
     return "\n".join([fmt(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, rows)])
+
+
+def recovery_lines(report: Report) -> list[str]:
+    """One line per artifact that recovery worked on: what it did, or why it could not."""
+    return [a.recovery["summary"] for a in report.artifacts if a.recovery]
+
+
+def sensitivity_top(report: Report, folder: Path, count: int = 5) -> list[str]:
+    """The most sensitive layers of each artifact recovery measured, for the terminal."""
+    out = []
+    for a in report.artifacts:
+        path = a.recovery and a.recovery.get("sensitivity")
+        if path:
+            rows = json.loads((folder / path).read_text())["layers"][:count]
+            out.append(f"{a.name}: most sensitive layers (one kept in float): " + ", ".join(
+                f"{r['layer']} ({_delta(r)})" for r in rows))
+    return out
+
+
+def _delta(row: dict[str, Any]) -> str:
+    gain = row.get("sqnr_gain_db")
+    top1 = row.get("top1_agreement")
+    parts = [] if gain in (None, "nan") else [f"SQNR {gain:+.1f} dB"]
+    parts += [] if top1 is None else [f"top-1 {top1:.1%}"]
+    return ", ".join(parts) or "n/a"
+
+
+def output_label(o) -> str:
+    """`1 landmarks (regression, inferred)`: index, name where the model gives one, role."""
+    name = "" if o.name == str(o.index) else f" {o.name}"
+    return f"{o.index}{name} ({o.role}{', inferred' if o.role_inferred else ''})"
 
 
 def parity_verdict(passed: bool | None, failures) -> str:
@@ -160,18 +202,27 @@ def facts_line(facts: dict[str, Any]) -> str:
     return "; ".join(f"{k.replace('_', ' ')}: {one(v)}" for k, v in facts.items())
 
 
+def _parity_inputs(data: dict[str, Any]) -> str:
+    """synthetic; data (held-out samples); or calibration (parity on calibration samples themselves)."""
+    if data["validation"]["synthetic"]:
+        return "synthetic"
+    return "calibration" if data.get("overlap_samples", 0) >= data["validation"]["samples"] else "data"
+
+
 def _parity_json(p: Parity) -> dict[str, Any]:
     return {
         "sqnr_db": p.sqnr_db, "cosine": p.cosine, "max_abs": p.max_abs, "mean_abs": p.mean_abs,
         "top1_agreement": p.top1_agreement, "accuracy": p.accuracy, "passed": p.passed,
         "failures": list(p.failures), "samples": p.samples,
+        "outputs": [{**dataclasses.asdict(o), "shape": list(o.shape)} for o in p.outputs],
     }
 
 
 def _finite(value: Any) -> Any:
-    """JSON has no infinity: an infinite SQNR (bit-identical outputs) is written as null."""
+    """JSON has no infinity or NaN: they are written as the strings "inf", "-inf" and "nan"
+    (an infinite SQNR means bit-identical outputs), never as null."""
     if isinstance(value, float) and not math.isfinite(value):
-        return None
+        return "nan" if value != value else ("inf" if value > 0 else "-inf")
     if isinstance(value, dict):
         return {k: _finite(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

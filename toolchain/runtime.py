@@ -20,7 +20,9 @@ from .registry import Registry
 
 
 class Runner(Protocol):
-    def __call__(self, x: np.ndarray) -> np.ndarray: ...
+    """Runs a batch; returns every output of the model, in order, as numpy arrays."""
+
+    def __call__(self, x: np.ndarray) -> list[np.ndarray]: ...
 
 
 RUNTIMES: Registry[Callable[..., Runner]] = Registry("runtime")
@@ -33,7 +35,7 @@ def torch_runner(model, threads: int) -> Runner:
 
     def run(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            return first_tensor(model(torch.from_numpy(x))).numpy()
+            return [t.numpy() for _, t in flatten_outputs(model(torch.from_numpy(x)))]
 
     return run
 
@@ -64,8 +66,8 @@ def _onnxruntime(artifact: Artifact, threads: int) -> Runner:
     session = onnxruntime_session(artifact.path, threads)
     name = session.get_inputs()[0].name
 
-    def run(x: np.ndarray) -> np.ndarray:
-        return session.run(None, {name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+    def run(x: np.ndarray) -> list[np.ndarray]:
+        return session.run(None, {name: np.ascontiguousarray(x, dtype=np.float32)})
 
     return run
 
@@ -122,13 +124,27 @@ def load_runner(artifact: Artifact, runtime: str, threads: int) -> Runner:
     return RUNTIMES.get(runtime)(artifact, threads)
 
 
-def first_tensor(output):
-    """Models that return tuples or dicts are compared on their first tensor."""
-    if isinstance(output, (tuple, list)):
-        return first_tensor(output[0])
+def flatten_outputs(output, path: str = "") -> list[tuple[str, object]]:
+    """Every tensor a model returns, in the order ONNX export and ExecuTorch flatten them,
+    named by its dict key or named-tuple field where it has one, else by its position."""
     if isinstance(output, dict):
-        return first_tensor(next(iter(output.values())))
-    return output
+        items = [(str(k), v) for k, v in output.items()]
+    elif isinstance(output, tuple) and hasattr(output, "_fields"):
+        items = list(zip(output._fields, output))
+    elif isinstance(output, (tuple, list)):
+        items = [(str(i), v) for i, v in enumerate(output)]
+    else:
+        return [(path, output)]
+    out = []
+    for key, value in items:
+        out += flatten_outputs(value, f"{path}.{key}" if path else key)
+    return out
+
+
+def output_names(model_output) -> list[str]:
+    """Names of a model's outputs (see flatten_outputs); position numbers where it gives none."""
+    flat = flatten_outputs(model_output)
+    return [name or str(i) for i, (name, _) in enumerate(flat)]
 
 
 def load_executorch(path: Path, threads: int, enable_etdump: bool = False):
@@ -157,16 +173,16 @@ def _executorch(artifact: Artifact, threads: int) -> Runner:
         method.execute([torch.zeros(shape)])
     planned = shape[0]
 
-    def run(x: np.ndarray) -> np.ndarray:
-        outs = []
+    def run(x: np.ndarray) -> list[np.ndarray]:
+        parts = []
         for start in range(0, len(x), planned):
             chunk = np.ascontiguousarray(x[start:start + planned], dtype=np.float32)
             short = planned - len(chunk)
             if short:
                 chunk = np.concatenate([chunk, np.zeros((short, *chunk.shape[1:]), np.float32)])
-            out = first_tensor(method.execute([torch.from_numpy(chunk)])).numpy()
-            outs.append(out[:planned - short])
-        return np.concatenate(outs)
+            outs = method.execute([torch.from_numpy(chunk)])
+            parts.append([t.numpy()[:planned - short] for _, t in flatten_outputs(list(outs))])
+        return [np.concatenate([p[k] for p in parts]) for k in range(len(parts[0]))]
 
     return run
 

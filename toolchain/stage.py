@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import time
+from pathlib import Path
 from typing import Any, ClassVar, Mapping, NamedTuple
 
 from .artifact import Artifact, Kind
@@ -82,6 +84,30 @@ class Stage:
 
     def apply(self, artifact: Artifact, ctx: BuildContext) -> StageResult:
         raise NotImplementedError
+
+    def output_path(self, artifact: Artifact, ctx: BuildContext, suffix: str) -> Path:
+        """A file in the work folder unique to (this stage, its options, its input): variants of
+        one stage on one input (recovery's attempts) never overwrite each other."""
+        digest = hashlib.sha256(f"{self.name}{self.options!r}{artifact.sha256}".encode()).hexdigest()[:16]
+        return ctx.workdir / f"{self.name}-{digest}{suffix}"
+
+
+class Recoverable:
+    """A quantization stage that recovery can re-run with other settings (a mixin beside Stage).
+
+    ``float_layers`` (an option of the stage) names layers kept in floating point;
+    :meth:`layers` lists the names it accepts for an input; ``calibrations`` are the
+    calibration methods the backend offers (the option ``calibration`` when it has one).
+    """
+
+    def layers(self, artifact: Artifact, ctx: BuildContext) -> list[str]:
+        raise NotImplementedError
+
+    def calibrations(self) -> tuple[str, ...]:
+        return ()
+
+    def variant(self, **changes) -> "Stage":
+        return type(self)(dataclasses.replace(self.options, **changes))
 
 
 STAGES: Registry[type[Stage]] = Registry("stage")

@@ -18,6 +18,7 @@ from .data import PreprocessOptions
 from .errors import ConfigError
 from .options import option, parse_options
 from .stage import STAGES
+from .recovery import RecoveryOptions
 from .tensorrt.plan import TensorRTOptions
 
 
@@ -42,6 +43,9 @@ class DataOptions:
 class RuntimeOptions:
     threads: int = option(2, "intra-op threads for every runtime, latency included")
     layout: Literal["NCHW", "NHWC"] = option("NCHW", "input memory layout the artifacts expect")
+    isa: Literal["avx2", "avx512", "avx512_vnni", "amx"] | None = option(
+        None, "x86 instruction set of the deployment CPU (INT8 settings follow it; unset for non-x86 targets)"
+    )
     batch_sizes: tuple[int, ...] = option((1,), "batch sizes the deployment runs: throughput is measured at each")
     warmup_runs: int = option(5, "runs discarded before timing, at each batch size")
     latency_runs: int = option(30, "timed runs at batch 1; p50 / p95 / p99 are reported")
@@ -56,7 +60,16 @@ class ParityThresholds:
     min_cosine: float = option(0.99, "mean per-sample cosine similarity with FP32 outputs")
     min_top1_agreement: float = option(0.99, "share of samples whose arg-max equals FP32's (classifiers)")
     max_accuracy_drop: float = option(0.01, "largest accuracy loss against FP32 when labels are given (absolute)")
+    max_probability_error: float = option(0.05, "largest absolute error of an output whose role is probabilities")
     batch_size: int = option(32, "batch size for running the validation inputs")
+    outputs: dict[str, Any] = option(None, "output index or name -> its role (`[parity.outputs.<key>] role = ...`); others are inferred")
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputOptions:
+    role: Literal["classification", "probabilities", "regression", "embedding"] = dataclasses.field(
+        metadata={"help": "which metrics judge this output (see the README's Parity section)"}
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +82,7 @@ class _ProfileFile:
     artifacts: dict[str, Any] = option(None, "artifact name -> ArtifactSpec")
     stages: dict[str, Any] = option(None, "stage name -> that stage's options")
     tensorrt: TensorRTOptions | None = option(None, "TensorRT engine plan and calibration cache (NVIDIA targets)")
+    recovery: RecoveryOptions = option(RecoveryOptions(), "what to try when an INT8 artifact misses parity")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +96,7 @@ class Target:
     artifacts: Mapping[str, ArtifactSpec]
     stage_options: Mapping[str, Any]
     tensorrt: TensorRTOptions | None = None
+    recovery: RecoveryOptions = RecoveryOptions()
 
     def stage(self, name: str):
         """An instance of stage ``name`` with this target's options for it."""
@@ -128,12 +143,17 @@ def parse_target(path: Path) -> Target:
     artifacts = {n: _artifact(n, t, source) for n, t in raw.artifacts.items()}
     stage_options = {n: _stage_options(n, t, source) for n, t in (raw.stages or {}).items()}
     _check_positive(raw, source)
+    parity = dataclasses.replace(raw.parity, outputs=_output_roles(raw.parity.outputs or {}, source))
     _check_tensorrt(raw.tensorrt, artifacts, source)
     return Target(
         name=raw.name or path.stem, description=raw.description, source=source, data=raw.data,
-        runtime=raw.runtime, parity=raw.parity, artifacts=artifacts, stage_options=stage_options,
-        tensorrt=raw.tensorrt,
+        runtime=raw.runtime, parity=parity, artifacts=artifacts, stage_options=stage_options,
+        tensorrt=raw.tensorrt, recovery=raw.recovery,
     )
+
+
+def _output_roles(table: dict[str, Any], source: str) -> dict[str, str]:
+    return {str(k): parse_options(OutputOptions, v, f"parity.outputs.{k}", source).role for k, v in table.items()}
 
 
 def _check_tensorrt(opts: TensorRTOptions | None, artifacts: Mapping[str, ArtifactSpec], source: str) -> None:

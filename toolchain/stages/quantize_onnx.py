@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 import io
 import logging
-import tempfile
+import shutil
 from pathlib import Path
 from typing import Literal
 
@@ -20,9 +20,10 @@ import numpy as np
 
 from ..artifact import Artifact, Kind
 from ..context import BuildContext
+from ..cpu import safe_reduce_range
 from ..errors import ConfigError, StageError, reason
 from ..options import option
-from ..stage import Stage, StageResult, register_stage
+from ..stage import Recoverable, Stage, StageResult, register_stage
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,19 +36,25 @@ class QuantizeOnnxOptions:
     activations: Literal["uint8", "int8"] = option("uint8", "activation type (uint8 is fastest on x86 CPUs)")
     weights: Literal["int8", "uint8"] = option("int8", "weight type")
     symmetric_activations: bool = option(False, "zero-point 0 for activations (TensorRT needs it)")
-    reduce_range: bool = option(False, "7-bit weights, for CPUs without VNNI that overflow otherwise")
+    reduce_range: bool | None = option(
+        None, "7-bit weights, for CPUs without VNNI whose U8S8 kernels saturate otherwise (unset: follow `runtime.isa`)"
+    )
     op_types: tuple[str, ...] = option((), "ONNX op types whose inputs get Q/DQ (empty: ONNX Runtime's default set)")
     quantize_outputs: bool = option(True, "also quantize those ops' outputs (TensorRT wants inputs only)")
     dedicated_qdq_pair: bool = option(False, "one Q/DQ pair per consumer, so each can be fused on its own (TensorRT)")
     preprocess: bool = option(True, "run ONNX Runtime's quantization pre-processing (shape inference, graph optimization) first")
     batch_size: int = option(32, "calibration batch size")
+    float_layers: tuple[str, ...] = option((), "node names kept in floating point (no Q/DQ at their inputs); recovery sets it")
 
+
+WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")  # the layers recovery can keep in float
 
 @register_stage
-class QuantizeOnnx(Stage):
+class QuantizeOnnx(Stage, Recoverable):
     name = "quantize_onnx"
     transitions = {Kind.ONNX: Kind.ONNX}
     Options = QuantizeOnnxOptions
+    report_facts = ("reduce_range",)
 
     @classmethod
     def check_options(cls, options: QuantizeOnnxOptions, where: str, source: str) -> None:
@@ -58,7 +65,8 @@ class QuantizeOnnx(Stage):
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
         o = self.options
-        path = ctx.workdir / f"int8-{artifact.sha256[:12]}.onnx"
+        reduce_range = reduce_range_for(o.reduce_range, o.activations, o.weights, ctx.isa)
+        path = self.output_path(artifact, ctx, ".onnx")
         types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
         method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                   "percentile": CalibrationMethod.Percentile}[o.calibration]
@@ -68,20 +76,54 @@ class QuantizeOnnx(Stage):
             extra["OpTypesToExcludeOutputQuantization"] = list(o.op_types)
         if o.calibration == "percentile":
             extra["CalibPercentile"] = o.percentile
-        with tempfile.TemporaryDirectory(dir=ctx.workdir) as tmp, _quiet():
-            source = _preprocessed(artifact.path, Path(tmp)) if o.preprocess else artifact.path
+        source = self._source(artifact, ctx)
+        # Activation ranges are kept per (input, calibration): recovery's variants reuse them instead of
+        # calibrating again. Only a run that keeps no layer in float writes them (it ranges every tensor).
+        ranges = ctx.workdir / f"ranges-{source.stem}-{o.calibration}-{o.percentile}-{o.symmetric_activations}.json"
+        cached = ranges.exists()
+        with _quiet():
             try:
                 quantize_static(
-                    str(source), str(path), _Reader(source, ctx, o.batch_size),
-                    quant_format=QuantFormat.QDQ, per_channel=o.per_channel, reduce_range=o.reduce_range,
+                    str(source), str(path), None if cached else _Reader(source, ctx, o.batch_size),
+                    quant_format=QuantFormat.QDQ, per_channel=o.per_channel, reduce_range=reduce_range,
                     activation_type=types[o.activations], weight_type=types[o.weights],
                     calibrate_method=method, extra_options=extra, op_types_to_quantize=list(o.op_types) or None,
-                    use_external_data_format=artifact.has_external_data,
+                    nodes_to_exclude=list(o.float_layers) or None, use_external_data_format=artifact.has_external_data,
+                    calibration_cache_path=str(ranges) if cached or not o.float_layers else None,
                 )
             except Exception as e:
                 raise StageError(f"quantize_onnx: ONNX Runtime cannot quantize this model: {reason(e)}") from None
-        facts = {"calibration_samples": len(ctx.calibration.x), **qdq_summary(path)}
+        facts = {"calibration_samples": len(ctx.calibration.x), "reduce_range": reduce_range, "ranges_reused": cached,
+                 "float_layers": list(o.float_layers), **qdq_summary(path)}
         return StageResult(dataclasses.replace(artifact, path=path, precision="int8"), facts)
+
+
+    def _source(self, artifact: Artifact, ctx: BuildContext) -> Path:
+        """The model quantized: ONNX Runtime's pre-processed form (kept, so variants share node names), or the input."""
+        if not self.options.preprocess:
+            return artifact.path
+        out = ctx.workdir / f"preprocessed-{artifact.sha256[:16]}.onnx"
+        if not out.exists():
+            with _quiet():
+                _preprocess_into(artifact.path, out)
+        return out
+
+    def layers(self, artifact: Artifact, ctx: BuildContext) -> list[str]:
+        import onnx
+
+        graph = onnx.load(str(self._source(artifact, ctx)), load_external_data=False).graph
+        return [n.name for n in graph.node if n.op_type in WEIGHTED and n.name]
+
+    def calibrations(self) -> tuple[str, ...]:
+        return ("minmax", "entropy", "percentile")
+
+
+def reduce_range_for(option: bool | None, activations: str, weights: str, isa: str | None) -> bool:
+    """The profile's explicit choice, else: 7-bit weights for U8S8 on a deployment CPU without
+    VNNI (its 16-bit intermediate sums saturate with full-range weights), full range elsewhere."""
+    if option is not None:
+        return option
+    return activations == "uint8" and weights == "int8" and safe_reduce_range(isa)
 
 
 def qdq_summary(path: Path) -> dict:
@@ -92,15 +134,13 @@ def qdq_summary(path: Path) -> dict:
     return {"quantize_nodes": ops.count("QuantizeLinear"), "dequantize_nodes": ops.count("DequantizeLinear"), "nodes": len(ops)}
 
 
-def _preprocessed(path: Path, tmp: Path) -> Path:
+def _preprocess_into(path: Path, out: Path) -> None:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    out = tmp / "preprocessed.onnx"
     try:
         quant_pre_process(str(path), str(out))
-    except Exception:
-        return path  # pre-processing is an optimisation; quantize the model as it is
-    return out
+    except Exception:  # pre-processing is an optimisation; quantize the model as it is
+        shutil.copyfile(path, out)
 
 
 class _Reader:

@@ -20,7 +20,7 @@ from ..context import BuildContext
 from ..errors import StageError, reason
 from ..export import as_module, export_program
 from ..options import option
-from ..stage import Stage, StageResult, register_stage
+from ..stage import Recoverable, Stage, StageResult, register_stage
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,10 +28,11 @@ class QuantizePT2EOptions:
     quantizer: Literal["xnnpack"] = option("xnnpack", "the backend whose quantizer annotates the graph")
     per_channel: bool = option(True, "per-output-channel symmetric int8 weights (per-tensor when false)")
     batch_size: int = option(32, "calibration batch size (1 when the model exports only at a fixed batch)")
+    float_layers: tuple[str, ...] = option((), "module names kept in floating point (left out of the quantizer); recovery sets it")
 
 
 @register_stage
-class QuantizePT2E(Stage):
+class QuantizePT2E(Stage, Recoverable):
     name = "quantize_pt2e"
     transitions = {Kind.EAGER: Kind.EXPORTED, Kind.FX: Kind.EXPORTED, Kind.EXPORTED: Kind.EXPORTED}
     Options = QuantizePT2EOptions
@@ -47,16 +48,11 @@ class QuantizePT2E(Stage):
             from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
         o = self.options
-        module, cal = as_module(artifact), ctx.calibration.x
-        # Calibrate in batches when the model exports with a free batch dimension; some
-        # models (a reshape to a fixed batch) only export at batch 1.
-        ep, batch = None, o.batch_size
-        if len(cal) > 1:
-            with contextlib.suppress(StageError):
-                ep = export_program(module, torch.from_numpy(cal[:2].copy()), self.name, dynamic_batch=True)
-        if ep is None:
-            ep, batch = export_program(module, ctx.example(), self.name), 1
+        cal = ctx.calibration.x
+        ep, batch = self._exported(artifact, ctx)
         quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=o.per_channel))
+        if o.float_layers:  # XNNPACKQuantizer refuses set_module_name(name, None); a filter leaves them out
+            quantizer.set_filter_function(lambda node: _module_of(node) not in o.float_layers)
         try:
             prepared = prepare_pt2e(ep.module(), quantizer)
             with torch.no_grad():
@@ -68,8 +64,47 @@ class QuantizePT2E(Stage):
             raise StageError(f"{self.name}: cannot quantize this model for XNNPACK: {reason(e)}") from None
         program = export_program(converted, ctx.example(), self.name)
         facts = {"calibration_samples": len(cal), "calibration_batch": batch, "quantizer": o.quantizer,
-                 "quantize_nodes": _count(program, "quantize_per"), "per_channel": o.per_channel}
+                 "quantize_nodes": _count(program, "quantize_per"), "per_channel": o.per_channel,
+                 "float_layers": list(o.float_layers)}
         return StageResult(dataclasses.replace(artifact, kind=Kind.EXPORTED, model=program, precision="int8"), facts)
+
+
+    def _exported(self, artifact: Artifact, ctx: BuildContext):
+        """The model exported for calibration, and the calibration batch size (cached per input).
+
+        Calibrate in batches when the model exports with a free batch dimension; some models
+        (a reshape to a fixed batch) only export at batch 1."""
+        import torch
+
+        key = ("quantize_pt2e", artifact.sha256)
+        if key not in ctx.cache:
+            module, cal = as_module(artifact), ctx.calibration.x
+            ep, batch = None, self.options.batch_size
+            if len(cal) > 1:
+                with contextlib.suppress(StageError):
+                    ep = export_program(module, torch.from_numpy(cal[:2].copy()), self.name, dynamic_batch=True)
+            if ep is None:
+                ep, batch = export_program(module, ctx.example(), self.name), 1
+            ctx.cache[key] = ep, batch
+        return ctx.cache[key]
+
+    def layers(self, artifact: Artifact, ctx: BuildContext) -> list[str]:
+        """Modules whose convolutions and matrix products the quantizer annotates, by the name
+        `set_module_name` matches (the innermost entry of each node's module stack)."""
+        ep, _ = self._exported(artifact, ctx)
+        names = []
+        for node in ep.graph.nodes:
+            if node.op == "call_function" and any(k in str(node.target) for k in ("conv", "linear", "addmm", "mm.")):
+                name = _module_of(node)
+                if name and name not in names:
+                    names.append(name)
+        return names
+
+
+def _module_of(node) -> str | None:
+    """The innermost module a graph node was traced in (its fully qualified name)."""
+    stack = list((node.meta.get("nn_module_stack") or {}).values())
+    return stack[-1][0].removeprefix("L['self'].") if stack else None
 
 
 @contextlib.contextmanager

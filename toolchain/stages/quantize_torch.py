@@ -17,10 +17,11 @@ from typing import Literal
 
 from ..artifact import Artifact, Kind
 from ..context import BuildContext
+from ..cpu import has_vnni
 from ..errors import StageError, reason
-from ..observers import make_qconfig
+from ..observers import CALIBRATION_METHODS, make_qconfig
 from ..options import option
-from ..stage import Stage, StageResult, register_stage
+from ..stage import Recoverable, Stage, StageResult, register_stage
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,49 +32,98 @@ class QuantizeTorchOptions:
     )
     percentile: float = option(99.99, "with calibration = percentile: the percentile kept")
     per_channel: bool = option(True, "per-output-channel symmetric weight scales (per-tensor when false)")
-    reduce_range: bool = option(True, "7-bit activations, avoiding accumulator overflow on CPUs without VNNI")
+    reduce_range: bool | None = option(
+        None, "7-bit activations, avoiding accumulator overflow on CPUs without VNNI (unset: follow `runtime.isa`)"
+    )
     batch_size: int = option(32, "calibration batch size")
+    float_layers: tuple[str, ...] = option((), "module names kept in floating point (FX models); recovery sets it")
 
 
 @register_stage
-class QuantizeTorch(Stage):
+class QuantizeTorch(Stage, Recoverable):
     name = "quantize_torch"
     transitions = {Kind.FX: Kind.FX, Kind.TORCHSCRIPT: Kind.TORCHSCRIPT}
     Options = QuantizeTorchOptions
+    report_facts = ("reduce_range",)
 
     def apply(self, artifact: Artifact, ctx: BuildContext) -> StageResult:
         import torch
 
         o = self.options
-        qconfig = make_qconfig(o.calibration, o.percentile, o.per_channel, o.reduce_range, o.engine)
+        reduce_range = o.reduce_range if o.reduce_range is not None else (o.engine != "qnnpack" and not has_vnni(ctx.isa))
+        qconfig = make_qconfig(o.calibration, o.percentile, o.per_channel, reduce_range, o.engine)
         batches = [torch.from_numpy(b) for b in ctx.calibration.batches(o.batch_size)]
         torch.backends.quantized.engine = o.engine
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             try:
                 if artifact.kind is Kind.FX:
-                    model = _quantize_fx(artifact.model, qconfig, batches, ctx)
+                    model = self._quantize_fx(artifact, qconfig, batches, ctx, reduce_range)
                 else:
                     model = _quantize_jit(artifact.model, qconfig, batches, ctx)
             except (RuntimeError, NotImplementedError, AssertionError) as e:
                 raise StageError(f"quantize_torch: {o.engine} cannot quantize this model: {reason(e)}") from None
         check_kernels(model, o.engine)
-        facts = {"calibration_samples": len(ctx.calibration.x), "engine": o.engine}
+        facts = {"calibration_samples": len(ctx.calibration.x), "engine": o.engine, "reduce_range": reduce_range,
+                 "float_layers": list(o.float_layers)}
         if o.engine == "qnnpack" and artifact.kind is Kind.FX:
             facts["contiguous_before_clamp"] = contiguous_before_clamp(model)
         return StageResult(dataclasses.replace(artifact, model=model, precision="int8", engine=o.engine), facts)
 
 
-def _quantize_fx(model, qconfig, batches, ctx: BuildContext):
-    import torch
-    from torch.ao.quantization import QConfigMapping
-    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+    def _quantize_fx(self, artifact: Artifact, qconfig, batches, ctx: BuildContext, reduce_range: bool):
+        """Prepare and calibrate once per (input, observers); each set of float layers is a
+        conversion of a copy of that calibrated model, so recovery's variants share its ranges."""
+        import torch
+        from torch.ao.quantization import QConfigMapping
+        from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
-    mapping = QConfigMapping().set_global(qconfig)
-    prepared = prepare_fx(copy.deepcopy(model), mapping, (batches[0][:1],))
-    with torch.inference_mode():
-        _calibrate(prepared, batches, ctx)
-    return convert_fx(prepared)
+        o = self.options
+        key = ("quantize_torch", artifact.sha256, o.calibration, o.percentile, o.per_channel, reduce_range, o.engine)
+        if key not in ctx.cache:
+            prepared = prepare_fx(copy.deepcopy(artifact.model), QConfigMapping().set_global(qconfig), (batches[0][:1],))
+            with torch.inference_mode():
+                _calibrate(prepared, batches, ctx)
+            ctx.cache[key] = prepared
+        mapping = QConfigMapping().set_global(qconfig)
+        for name in o.float_layers:
+            mapping.set_module_name(name, None)
+        converted = convert_fx(copy.deepcopy(ctx.cache[key]), qconfig_mapping=mapping)
+        return float_outputs(converted, o.float_layers) if o.float_layers else converted
+
+    def layers(self, artifact: Artifact, ctx: BuildContext) -> list[str]:
+        """Modules with weights (fused ones count once): what `float_layers` can name. FX models only."""
+        if artifact.kind is not Kind.FX:
+            return []
+        from torch import nn
+        from torch.ao.nn.intrinsic import _FusedModule
+
+        weighted = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, _FusedModule)
+        names = [n for n, m in artifact.model.named_modules() if n and isinstance(m, weighted)]
+        return [n for n in names if not any(n.startswith(p + ".") for p in names)]  # not the parts of a fused module
+
+    def calibrations(self) -> tuple[str, ...]:
+        return CALIBRATION_METHODS
+
+
+def float_outputs(gm, float_layers):
+    """A layer kept in float keeps its output in float too. FX's convert leaves a
+    quantize -> dequantize round trip after it (the observer at its output also served the
+    consumers), which would cost the same rounding the layer was kept in float to avoid."""
+    import torch
+
+    for node in list(gm.graph.nodes):
+        source = node.args[0] if node.args else None
+        if not (node.op == "call_function" and node.target is torch.quantize_per_tensor and getattr(source, "op", None) == "call_module"
+                and source.target in float_layers and node.users and all(u.op == "call_method" and u.target == "dequantize" for u in node.users)):
+            continue
+        for dequantize in list(node.users):
+            dequantize.replace_all_uses_with(source)
+            gm.graph.erase_node(dequantize)
+        gm.graph.erase_node(node)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
 
 
 CLAMPS = ("hardtanh", "relu6", "clamp")

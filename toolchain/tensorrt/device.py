@@ -11,7 +11,7 @@ import numpy as np
 
 from ..errors import ToolchainError
 from ..html import write_html
-from ..parity import accuracy_of, compare
+from ..parity import compare, resolve_roles
 from ..target import ParityThresholds
 
 PARITY_INPUTS = "parity_inputs.npz"
@@ -43,8 +43,11 @@ def engine_build(folder: Path, use_trtexec: bool = False) -> dict:
         outputs = trt_engine.run_engine(folder / record["engine"], data["x"])
         thresholds = ParityThresholds(**report["parity_thresholds"]) if report.get("parity_thresholds") else None
         labels = data["y"] if "y" in data else None
-        # FP32 accuracy on the same kept samples: the report's is over the whole validation set
-        parity = compare(data["reference"], outputs, labels, thresholds, accuracy_of(data["reference"], labels))
+        # FP32 accuracy is taken on the same kept samples (the report's is over the whole validation set).
+        # The kept reference is the model's first output, which is what the engine runner returns.
+        declared = {k: v for k, v in ((thresholds and thresholds.outputs) or {}).items() if k == "0"}
+        roles = resolve_roles([data["reference"]], ["0"], declared)
+        parity = compare([data["reference"]], [outputs], labels, thresholds, roles)
         record["parity"] = dataclasses.asdict(parity)
         record["verified"] = True
     (folder / "engine.json").write_text(json.dumps(record, indent=2, default=list) + "\n")

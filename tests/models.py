@@ -1,0 +1,136 @@
+"""Models and stages the tests build: small, trained here for real where accuracy matters."""
+
+import dataclasses
+
+import numpy as np
+import torch
+from torch import nn
+
+from toolchain.artifact import Artifact, Kind
+from toolchain.stage import STAGES, Stage, StageResult, register_stage
+
+
+class TwoHeads(nn.Module):
+    """Digits classifier (10 logits) and a regression head (the image's standardized ink), sharing features."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        )
+        self.hidden = nn.Linear(32 * 4 * 4, 80)  # channels 0-63 feed the classifier, 64-79 the regression
+        self.classify = nn.Linear(64, 10)
+        self.regress = nn.Linear(16, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.hidden(self.features(x)))
+        return self.classify(h[:, :64]), self.regress(h[:, 64:])
+
+
+def ink(x: np.ndarray) -> np.ndarray:
+    t = x.reshape(len(x), -1).mean(1)
+    return ((t - t.mean()) / t.std()).astype(np.float32)[:, None]
+
+
+def two_heads_with_outlier_channels(x: np.ndarray, y: np.ndarray, epochs: int = 15) -> TwoHeads:
+    """Train both heads, then rescale the regression channels of `hidden` by 1e-3 and the
+    regression head by 1e3: the same function in FP32 (ReLU is positively homogeneous), but
+    those channels now sit three orders of magnitude below the classifier's in one tensor,
+    as outlier channels do in real networks, and one INT8 scale for that tensor rounds them to 0."""
+    torch.manual_seed(0)
+    model = TwoHeads()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        xt, yt, rt = torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(ink(x))
+        model.train()
+        for _ in range(epochs):
+            for idx in torch.randperm(len(xt)).split(64):
+                opt.zero_grad()
+                logits, value = model(xt[idx])
+                loss = nn.functional.cross_entropy(logits, yt[idx]) + nn.functional.mse_loss(value, rt[idx])
+                loss.backward()
+                opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    model.eval()
+    with torch.no_grad():
+        model.hidden.weight[64:] *= 1e-3
+        model.hidden.bias[64:] *= 1e-3
+        model.regress.weight *= 1e3
+    return model
+
+
+class OutlierClassifier(nn.Module):
+    """Digits CNN whose last hidden layer feeds the classifier through one tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        )
+        self.hidden = nn.Linear(32 * 4 * 4, 64)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.hidden(self.features(x))))
+
+
+def outlier_classifier(x: np.ndarray, y: np.ndarray, epochs: int = 15) -> OutlierClassifier:
+    """Trained on digits, then half of `hidden`'s channels scaled by 1e-3 and the head's
+    weights on them by 1e3: the same function in FP32, but the head's input now spans three
+    orders of magnitude, and one INT8 scale for it (per-tensor activations, on every backend)
+    rounds the small half to zero: the classifier loses half its features."""
+    from toolchain.examples import train
+
+    torch.manual_seed(0)
+    model = train(OutlierClassifier(), x, y, epochs=epochs)
+    with torch.no_grad():
+        model.hidden.weight[32:] *= 1e-3
+        model.hidden.bias[32:] *= 1e-3
+        model.head.weight[:, 32:] *= 1e3
+    return model
+
+
+def export(model: nn.Module, x: np.ndarray, path) -> None:
+    torch.export.save(torch.export.export(model, (torch.from_numpy(x[:2]),),
+                                          dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},)), str(path))
+
+
+class PoisonOnnx(Stage):
+    """Multiplies the model's first output by NaN: an artifact that runs and is wrong everywhere."""
+
+    name = "poison_onnx"
+    transitions = {Kind.ONNX: Kind.ONNX}
+
+    def apply(self, artifact, ctx):
+        import onnx
+        from onnx import helper
+
+        model = onnx.load(str(artifact.path))
+        out = model.graph.output[0]
+        model.graph.initializer.append(helper.make_tensor("nan_scale", onnx.TensorProto.FLOAT, [], [float("nan")]))
+        model.graph.node.append(helper.make_node("Mul", [out.name, "nan_scale"], ["poisoned"]))
+        out.name = "poisoned"
+        path = ctx.workdir / "poisoned.onnx"
+        onnx.save(model, str(path))
+        return StageResult(dataclasses.replace(artifact, path=path))
+
+
+class CrashOnnx(Stage):
+    """Fails the way a library bug would: not a StageError, a plain AttributeError."""
+
+    name = "crash_onnx"
+    transitions = {Kind.ONNX: Kind.ONNX}
+
+    def apply(self, artifact, ctx):
+        return (3).numel()
+
+
+def register_test_stages() -> None:
+    for cls in (PoisonOnnx, CrashOnnx):
+        if cls.name not in STAGES:
+            register_stage(cls)

@@ -1,0 +1,67 @@
+"""INT8 that misses parity is recovered: sensitivity per layer, then calibration and float layers,
+on every backend, in its own runtime. The model is trained here and fails the same way on every
+CPU: its outlier channels are rounded away by any per-tensor INT8 activation scale."""
+
+import json
+
+import numpy as np
+import pytest
+
+import toolchain
+
+from .conftest import SNAPDRAGON, X86, XAVIER, fast_profile
+from .models import export, outlier_classifier
+
+
+@pytest.fixture(scope="module")
+def outlier(digits_arrays, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("outlier")
+    x_train, x_test, y_train, y_test = digits_arrays
+    export(outlier_classifier(x_train, y_train), x_train, folder / "outlier.pt2")
+    np.savez(folder / "cal.npz", x=x_train[:128])
+    np.savez(folder / "val.npz", x=x_test[:300], y=y_test[:300])
+    return folder
+
+
+def _build(outlier, tmp_path, base, extra=""):
+    profile = fast_profile(tmp_path, 128, 300, extra, base=base, batch_sizes=None if base is not X86 else "[1, 2]")
+    return toolchain.build(str(outlier / "outlier.pt2"), str(profile), tmp_path / "out", outlier / "cal.npz", outlier / "val.npz")
+
+
+@pytest.mark.parametrize("base, names", [(X86, ("torch_int8", "onnx_int8")), (XAVIER, ("onnx_int8_qdq",)),
+                                         (SNAPDRAGON, ("pte_int8", "ptl_int8"))], ids=["x86", "xavier", "snapdragon"])
+def test_outlier_channels_fail_int8_and_recovery_makes_it_pass(outlier, tmp_path, base, names):
+    report, folder = _build(outlier, tmp_path, base)
+    data = json.loads((folder / "report.json").read_text())
+    assert data["reference"]["accuracy"] > 0.95
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for name in names:
+        a = next(a for a in data["artifacts"] if a["name"] == name)
+        before, recovery = a["recovery"]["before"], a["recovery"]
+        assert before["top1_agreement"] < 0.5, before  # all-INT8, as first built and checked in its runtime
+        assert recovery["status"] == "recovered", recovery["summary"]
+        assert a["parity"]["passed"] is True and a["parity"]["top1_agreement"] >= data["parity_thresholds"]["min_top1_agreement"]
+        assert a["precision"] == "mixed" and 1 <= len(a["float_layers"]) < 4  # some layers stay INT8
+        assert recovery["summary"].startswith(f"{name}: recovered — ") and "top-1 agreement" in recovery["summary"]
+        assert recovery["attempts"][-1]["passed"] is True and recovery["attempts"][-1]["float_layers"] == a["float_layers"]
+        assert manifest["artifacts"][name]["recovery_attempts"] == recovery["attempts"]
+        sensitivity = json.loads((folder / recovery["sensitivity"]).read_text())
+        assert {r["layer"] for r in sensitivity["layers"]} >= {a["float_layers"][0]}
+        assert sensitivity["layers"][0]["layer"] == a["float_layers"][0]  # the most sensitive layer goes first
+        quantize = next(s for s in manifest["artifacts"][name]["stages"] if s["stage"].startswith("quantize"))
+        assert quantize["options"]["float_layers"] == a["float_layers"]  # the shipped file is the recovered one
+    assert data["passed"] is True and report.passed
+
+
+def test_without_recovery_the_same_build_fails(outlier, tmp_path):
+    report, _ = _build(outlier, tmp_path, XAVIER, "[recovery]\nenabled = false\n")
+    qdq = next(a for a in report.artifacts if a.name == "onnx_int8_qdq")
+    assert qdq.parity.passed is False and qdq.recovery is None and qdq.precision == "int8"
+    assert report.verdict == "FAILED parity"
+
+
+def test_a_build_that_passes_runs_no_recovery(digits, tmp_path):
+    report, folder = toolchain.build(str(digits["model"]), str(fast_profile(tmp_path)), tmp_path / "out",
+                                     digits["calibration"], digits["validation"])
+    assert report.passed and all(a.recovery is None and a.float_layers == () for a in report.artifacts)
+    assert not (folder / "sensitivity").exists()

@@ -1,0 +1,241 @@
+"""When an INT8 artifact misses parity: find the layers that break it, and fix it, cheapest first.
+
+1. Per-layer sensitivity, on the artifact's own backend and runtime: for each layer the
+   quantization stage can keep in floating point, the artifact is rebuilt with that one layer
+   in float (the rest INT8, with the same activation ranges: the stages reuse their
+   calibration), loaded back in its runtime and compared with FP32 on the validation inputs.
+   Keeping one layer in float, rather than quantizing one layer alone, measures what recovery
+   can act on: the gain of each possible single move from the artifact that failed.
+2. Recovery (profile `[recovery]`, on by default, within `max_float_layers` and `max_seconds`):
+   a. the backend's other calibration methods;
+   b. the most sensitive layers kept in float, one more at a time in sensitivity order, until
+      parity holds or the budget is spent.
+   Every attempt is recorded (what, its parity, latency and size). The thresholds never move:
+   an artifact that no attempt brings within them still fails, with the best attempt's numbers.
+
+Everything runs through the pipeline: a variant is the same chain of stages with other options
+for its quantization stage, so the stages before it run once and every file is what would ship.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from typing import TYPE_CHECKING
+
+from .errors import StageError
+from .options import option
+from .stage import Recoverable, Stage
+
+if TYPE_CHECKING:  # parity imports the target profile, which imports RecoveryOptions from here
+    from .parity import Parity
+
+log = logging.getLogger("toolchain")
+
+
+@dataclasses.dataclass(frozen=True)
+class RecoveryOptions:
+    enabled: bool = option(True, "try to bring an INT8 artifact that misses parity within the thresholds")
+    calibrations: bool = option(True, "first try the backend's other calibration methods")
+    max_float_layers: int = option(8, "most layers kept in floating point (one layer always stays INT8)")
+    max_seconds: float = option(600.0, "time budget per artifact, sensitivity included")
+
+
+@dataclasses.dataclass(frozen=True)
+class Attempt:
+    """One variant tried: its settings and how it measured."""
+
+    calibration: str | None
+    float_layers: tuple[str, ...]
+    parity: Parity
+    latency_ms: float | None
+    size_bytes: int | None
+    seconds: float
+
+    @property
+    def what(self) -> str:
+        layers = f" + {len(self.float_layers)} layer{'s' * (len(self.float_layers) != 1)} in float ({', '.join(self.float_layers)})" if self.float_layers else ""
+        return f"{self.calibration or 'default'} calibration{layers}"
+
+    def to_json(self) -> dict[str, Any]:
+        p = self.parity
+        return {"what": self.what, "calibration": self.calibration, "float_layers": list(self.float_layers),
+                "passed": p.passed, "failures": list(p.failures), "sqnr_db": p.sqnr_db, "cosine": p.cosine,
+                "top1_agreement": p.top1_agreement, "accuracy": p.accuracy, "latency_ms": self.latency_ms,
+                "size_bytes": self.size_bytes, "seconds": round(self.seconds, 2)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """What recovery did for one artifact."""
+
+    status: str  # "recovered", "failed" (budget spent, best attempt kept) or "not possible"
+    stages: tuple[Stage, ...] | None  # the chain of the artifact to ship (None: keep the original)
+    attempts: tuple[Attempt, ...]
+    sensitivity: tuple[dict[str, Any], ...]
+    reason: str = ""
+
+    @property
+    def final(self) -> Attempt | None:
+        return self.attempts[-1] if self.status == "recovered" else None
+
+
+def score(p: Parity) -> tuple:
+    """Higher is closer to passing: fewer failed checks, then top-1 agreement, then SQNR."""
+    top1 = p.top1_agreement if p.top1_agreement is not None else 1.0
+    sqnr = p.sqnr_db if p.sqnr_db == p.sqnr_db else float("-inf")  # NaN ranks last
+    return (p.passed is not False, -len(p.failures), top1, sqnr)
+
+
+def better(a: Parity, b: Parity, margin_db: float = 0.5) -> bool:
+    """``a`` is closer to passing than ``b``: fewer failures or a higher top-1 agreement, or the
+    same with an SQNR at least ``margin_db`` higher (smaller differences are noise)."""
+    sa, sb = score(a), score(b)
+    if sa[:3] != sb[:3]:
+        return sa[:3] > sb[:3]
+    return sa[3] > sb[3] + margin_db
+
+
+Trial = Callable[[tuple], tuple]  # stages -> (Parity, latency ms or None, size in bytes or None)
+
+
+def recoverable_stage(stages: tuple[Stage, ...]) -> int | None:
+    """Index of the chain's quantization stage that recovery can adjust (the last one)."""
+    found = [i for i, s in enumerate(stages) if isinstance(s, Recoverable)]
+    return found[-1] if found else None
+
+
+def recover(stages: tuple[Stage, ...], failed: Parity, trial: Trial, layers: Callable[[Stage], list[str]],
+            options: RecoveryOptions) -> Outcome:
+    """Try the ladder on ``stages`` (whose artifact measured ``failed``); see the module's docstring."""
+    index = recoverable_stage(stages)
+    if index is None:
+        return Outcome("not possible", None, (), (), "no quantization stage in the chain to adjust")
+    deadline = time.perf_counter() + options.max_seconds
+    stage = stages[index]
+    base_calibration = getattr(stage.options, "calibration", None)
+    attempts: list[Attempt] = []
+
+    def attempt(calibration, float_layers) -> Attempt:
+        changes = {"float_layers": tuple(float_layers)}
+        if calibration is not None:
+            changes["calibration"] = calibration
+        variant = stages[:index] + (stage.variant(**changes),) + stages[index + 1:]
+        start = time.perf_counter()
+        try:
+            parity, latency, size = trial(variant)
+        except StageError as e:
+            parity, latency, size = _failed_parity(f"could not build: {e}"), None, None
+        a = Attempt(calibration, tuple(float_layers), parity, latency, size, time.perf_counter() - start)
+        log.info("recovery: %s -> %s", a.what, "pass" if parity.passed else "; ".join(parity.failures)[:160])
+        return a
+
+    def done(status: str, sensitivity=(), why: str = "") -> Outcome:
+        final = attempts[-1] if status == "recovered" else None
+        chain = None
+        if final is not None:
+            changes = {"float_layers": final.float_layers}
+            if final.calibration is not None:
+                changes["calibration"] = final.calibration
+            chain = stages[:index] + (stage.variant(**changes),) + stages[index + 1:]
+        return Outcome(status, chain, tuple(attempts), tuple(sensitivity), why)
+
+    best_calibration, best = base_calibration, failed
+    if options.calibrations:
+        for method in stage.calibrations():
+            if method == base_calibration or time.perf_counter() > deadline:
+                continue
+            attempts.append(attempt(method, ()))
+            if attempts[-1].parity.passed:
+                return done("recovered")
+            if better(attempts[-1].parity, best):
+                best_calibration, best = method, attempts[-1].parity
+
+    candidates = layers(stage.variant(calibration=best_calibration) if best_calibration else stage)
+    if not candidates or options.max_float_layers < 1:
+        return done("failed", why="the backend has no layer to keep in float for this model" if not candidates else "max_float_layers is 0")
+    # Greedy forward selection: each round tries every remaining layer on top of those already kept in
+    # float and keeps the one that helps most. The first round is the per-layer sensitivity. Rounds after
+    # it re-measure, because layers act in pairs (a layer and the one that writes its input).
+    keep: list[str] = []
+    sensitivity: list[dict[str, Any]] = []
+    # At least one layer stays INT8: an all-float "INT8" artifact is the FP32 fallback under another name.
+    while len(keep) < min(options.max_float_layers, len(candidates) - 1) or (not keep and len(candidates) == 1):
+        rows = []
+        for layer in (c for c in candidates if c not in keep):
+            if time.perf_counter() > deadline:
+                return done("failed", sensitivity or _ranked(rows), f"time budget of {options.max_seconds:.0f} s spent")
+            attempts.append(attempt(best_calibration, (*keep, layer)))
+            rows.append(_sensitivity_row(layer, attempts[-1], best))
+            if attempts[-1].parity.passed:
+                return done("recovered", sensitivity or _ranked(rows))
+        ranked = _ranked(rows)
+        sensitivity = sensitivity or ranked
+        keep.append(ranked[0]["layer"])
+    why = f"{len(keep)} layer{'s' * (len(keep) != 1)} in float (max_float_layers = {options.max_float_layers}) did not reach the thresholds"
+    return done("failed", sensitivity, why)
+
+
+def _sensitivity_row(layer: str, a: Attempt, baseline: Parity) -> dict[str, Any]:
+    p = a.parity
+    gain = p.sqnr_db - baseline.sqnr_db if np.isfinite(p.sqnr_db) and np.isfinite(baseline.sqnr_db) else None
+    return {"layer": layer, "sqnr_db": p.sqnr_db, "sqnr_gain_db": None if gain is None else round(gain, 3),
+            "top1_agreement": p.top1_agreement, "accuracy": p.accuracy, "passed": p.passed,
+            "failures": list(p.failures), "_score": score(p)}
+
+
+def _ranked(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Most sensitive first: the layer whose keeping in float helps most (ties keep graph order)."""
+    return [{k: v for k, v in r.items() if k != "_score"} for r in sorted(rows, key=lambda r: r["_score"], reverse=True)]
+
+
+def _failed_parity(why: str) -> Parity:
+    from .parity import Parity
+
+    nan = float("nan")
+    return Parity(nan, nan, nan, nan, None, None, False, (why,), 0, ())
+
+
+def write_sensitivity(folder: Path, artifact: str, outcome: Outcome, baseline: Parity) -> str | None:
+    """`sensitivity/<artifact>.json`, relative to the build folder (None when none was measured)."""
+    if not outcome.sensitivity:
+        return None
+    path = folder / "sensitivity" / f"{artifact}.json"
+    path.parent.mkdir(exist_ok=True)
+    data = {"artifact": artifact, "method": "one layer kept in float, the rest INT8 with the same ranges",
+            "baseline": {"sqnr_db": baseline.sqnr_db, "top1_agreement": baseline.top1_agreement,
+                         "accuracy": baseline.accuracy, "failures": list(baseline.failures)},
+            "layers": list(outcome.sensitivity)}
+    from .report import _finite
+
+    path.write_text(json.dumps(_finite(data), indent=2) + "\n")
+    return str(path.relative_to(folder))
+
+
+def summary_line(name: str, outcome: Outcome, before: Parity, before_latency: float, after_latency: float | None) -> str:
+    """`onnx_int8: recovered — entropy calibration + 2 layers in float (a, b): top-1 agreement 91.2 % -> 99.4 %, latency +6 %`."""
+    final = outcome.final
+    if final is None:
+        best = max(outcome.attempts, key=lambda a: score(a.parity), default=None)
+        tail = f"; best attempt {best.what}: {'; '.join(best.parity.failures)}" if best else ""
+        return f"{name}: not recovered ({outcome.reason or outcome.status}){tail}"
+    return f"{name}: recovered — {final.what}: {_change(before, final.parity)}{_latency(before_latency, after_latency)}"
+
+
+def _change(before: Parity, after: Parity) -> str:
+    if before.top1_agreement is not None and after.top1_agreement is not None and before.top1_agreement < 1:
+        return f"top-1 agreement {before.top1_agreement:.1%} -> {after.top1_agreement:.1%}"
+    return f"SQNR {before.sqnr_db:.1f} dB -> {after.sqnr_db:.1f} dB"
+
+
+def _latency(before: float, after: float | None) -> str:
+    if after is None or not before:
+        return ""
+    return f", latency {100 * (after / before - 1):+.0f} %"
