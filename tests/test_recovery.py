@@ -65,3 +65,18 @@ def test_a_build_that_passes_runs_no_recovery(digits, tmp_path):
                                      digits["calibration"], digits["validation"])
     assert report.passed and all(a.recovery is None and a.float_layers == () for a in report.artifacts)
     assert not (folder / "sensitivity").exists()
+
+
+def test_sensitivity_command_measures_each_layer_of_a_build(outlier, tmp_path):
+    from .conftest import cli
+
+    _, folder = _build(outlier, tmp_path, XAVIER, "[recovery]\nenabled = false\n")
+    r = cli("sensitivity", str(folder))
+    assert r.returncode == 0, r.stderr
+    data = json.loads((folder / "sensitivity" / "onnx_int8_qdq.json").read_text())
+    assert len(data["layers"]) == 4 and data["baseline"]["top1_agreement"] < 0.5
+    assert data["layers"][0]["sqnr_gain_db"] > 1.0  # the head's input is where the outliers are rounded away
+    assert "onnx_int8_qdq: 4 layers, most sensitive first" in r.stdout
+    (folder.parent / "fast.toml").write_text((folder.parent / "fast.toml").read_text() + "\n# edited\n")
+    r = cli("sensitivity", str(folder))
+    assert r.returncode == 2 and "has changed or gone since the build" in r.stderr

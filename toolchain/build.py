@@ -82,11 +82,8 @@ def build(
         work.mkdir()
         ctx = BuildContext(work, inputs.calibration, inputs.shape, loaded.dynamic_batch is not False,
                            profile.runtime.threads, progress or (lambda *a: None), profile.runtime.isa)
-        log.info("running FP32 reference on %d validation inputs", len(inputs.validation.x))
-        ref_out = run_batched(reference, inputs.validation.x, profile.parity.batch_size)
-        roles = resolve_roles(ref_out, names, {**(profile.parity.outputs or {}), **(outputs or {})})
-        check_reference(ref_out, roles)
-        expected = Expected(ref_out, roles, accuracy_of(ref_out, inputs.validation.y, roles))
+        expected = expected_outputs(loaded, inputs, profile, {**(profile.parity.outputs or {}), **(outputs or {})}, names)
+        ref_out, roles = expected.outputs, expected.roles
         pipeline = Pipeline(ctx)
         reports, records, files = [], {}, {}
         for chain in plans:
@@ -157,22 +154,10 @@ def recover_artifact(chain: Plan, checked: ArtifactReport, shipped: Artifact, re
     """Run recovery on an artifact that failed parity; ship the recovered one in its place when
     an attempt passes. Returns the (new or kept) report, artifact, stage records and outcome."""
     runtime = chain.spec.runtime
-
-    def trial(stages):
-        artifact, _ = pipeline.run(Plan(chain.name, chain.spec, stages), source)
-        runner = load_runner(artifact, runtime, profile.runtime.threads)
-        parity = compare(expected.outputs, run_batched(runner, inputs.validation.x, profile.parity.batch_size),
-                         inputs.validation.y, thresholds, expected.roles)
-        latency = float(np.median(time_runs(runner, inputs.validation.x[:1], 2, 10)))
-        return parity, round(latency, 4), artifact.size_bytes()
-
-    def layers(stage):
-        index = recoverable_stage(chain.stages)
-        before, _ = pipeline.run(Plan(chain.name, chain.spec, chain.stages[:index]), source) if index else (source, None)
-        return stage.layers(before, pipeline.ctx)
-
+    trial = make_trial(pipeline, chain, source, profile, thresholds, inputs, expected)
     log.info("recovering %s: %s", chain.name, "; ".join(checked.parity.failures)[:200])
-    outcome = recover(chain.stages, checked.parity, _errors_as_stage_errors(trial), layers, profile.recovery)
+    outcome = recover(chain.stages, checked.parity, trial, lambda stage: quantizable_layers(pipeline, chain, source, stage),
+                      profile.recovery)
     sensitivity = write_sensitivity(folder, chain.name, outcome, checked.parity)
     if outcome.stages is None:
         line = summary_line(chain.name, outcome, checked.parity, checked.latency_ms, None)
@@ -191,16 +176,42 @@ def recover_artifact(chain: Plan, checked: ArtifactReport, shipped: Artifact, re
     return report, shipped, new_records, Recovered(outcome, line, checked.parity, sensitivity)
 
 
-def _errors_as_stage_errors(trial):
-    """A variant its runtime cannot load or run is a failed attempt, not a crashed build."""
-    def run(stages):
+def make_trial(pipeline: Pipeline, chain: Plan, source: Artifact, profile: Target, thresholds: ParityThresholds | None,
+               inputs: Inputs, expected: "Expected"):
+    """stages -> (parity, p50 latency at batch 1 over 10 runs, size): a variant of ``chain`` built
+    through the pipeline and checked in its runtime. A variant that its runtime cannot load or
+    run raises StageError: a failed attempt, not a crashed build."""
+    def trial(stages):
+        artifact, _ = pipeline.run(Plan(chain.name, chain.spec, stages), source)
         try:
-            return trial(stages)
-        except StageError:
-            raise
+            runner = load_runner(artifact, chain.spec.runtime, profile.runtime.threads)
+            outputs = run_batched(runner, inputs.validation.x, profile.parity.batch_size)
+            latency = float(np.median(time_runs(runner, inputs.validation.x[:1], 2, 10)))
         except Exception as e:
-            raise StageError(f"{type(e).__name__}: {reason(e)}") from None
-    return run
+            raise StageError(f"{chain.spec.runtime} could not run it: {type(e).__name__}: {reason(e)}") from None
+        parity = compare(expected.outputs, outputs, inputs.validation.y, thresholds, expected.roles)
+        return parity, round(latency, 4), artifact.size_bytes()
+
+    return trial
+
+
+def quantizable_layers(pipeline: Pipeline, chain: Plan, source: Artifact, stage) -> list[str]:
+    """What ``stage`` (the chain's quantization stage, or a variant of it) can keep in float."""
+    index = recoverable_stage(chain.stages)
+    before = pipeline.run(Plan(chain.name, chain.spec, chain.stages[:index]), source)[0] if index else source
+    return stage.layers(before, pipeline.ctx)
+
+
+def expected_outputs(loaded: LoadedModel, inputs: Inputs, profile: Target, declared: Mapping[str, str],
+                     names: list[str] | None = None) -> "Expected":
+    """The FP32 model's outputs on the validation inputs, with their roles, checked finite."""
+    names = names or check_model_accepts(loaded, inputs.shape)
+    reference = reference_runner(loaded.artifact, profile.runtime.threads)
+    log.info("running FP32 reference on %d validation inputs", len(inputs.validation.x))
+    ref_out = run_batched(reference, inputs.validation.x, profile.parity.batch_size)
+    roles = resolve_roles(ref_out, names, declared)
+    check_reference(ref_out, roles)
+    return Expected(ref_out, roles, accuracy_of(ref_out, inputs.validation.y, roles))
 
 
 @dataclasses.dataclass(frozen=True)

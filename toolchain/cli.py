@@ -131,6 +131,29 @@ def bench_cmd(build_dir, batch_sizes, runs, sweep_runs, threads, budget_ms, as_j
 
 
 @main.command()
+@click.argument("build_dir", type=click.Path())
+@click.argument("artifacts", nargs=-1)
+@click.pass_obj
+def sensitivity(terminal, build_dir, artifacts):
+    """Per-layer sensitivity of BUILD_DIR's INT8 ARTIFACTS (default: all with a quantization
+    stage): each layer kept in float alone, checked in the artifact's runtime against FP32.
+    Rebuilds from the model, data and profile the build recorded; writes sensitivity/<artifact>.json."""
+    from pathlib import Path
+
+    from .sensitivity import measure_build
+
+    with terminal.live():
+        written = measure_build(Path(build_dir), tuple(artifacts), progress=terminal.progress)
+    for name, path in written.items():
+        rows = json.loads((Path(build_dir) / path).read_text())["layers"]
+        click.echo(f"{name}: {len(rows)} layers, most sensitive first (SQNR gain with that layer in float); {Path(build_dir) / path}")
+        for r in rows[:5]:
+            gain = r["sqnr_gain_db"]
+            top1 = "" if r["top1_agreement"] is None else f", top-1 agreement {r['top1_agreement']:.2%}"
+            click.echo(f"  {r['layer']:40} {'n/a' if gain is None else f'{gain:+.1f} dB'}{top1}")
+
+
+@main.command()
 @click.option("-v", "--verbose", is_flag=True, help="Show each target's artifacts and stage options.")
 def targets(verbose: bool) -> None:
     """List the target profiles."""

@@ -183,6 +183,26 @@ def recover(stages: tuple[Stage, ...], failed: Parity, trial: Trial, layers: Cal
     return done("failed", sensitivity, why)
 
 
+def measure(stages: tuple[Stage, ...], trial: Trial, layers: Callable[[Stage], list[str]]) -> tuple[Outcome, Parity]:
+    """Per-layer sensitivity alone (`toolchain sensitivity`): the artifact as configured, then
+    each layer kept in float by itself. Returns the outcome (its sensitivity ranked) and the baseline."""
+    index = recoverable_stage(stages)
+    stage = stages[index]
+    baseline = trial(stages)[0]
+    attempts, rows = [], []
+    for layer in layers(stage):
+        start = time.perf_counter()
+        try:
+            parity, latency, size = trial(stages[:index] + (stage.variant(float_layers=(layer,)),) + stages[index + 1:])
+        except StageError as e:
+            parity, latency, size = _failed_parity(f"could not build: {e}"), None, None
+        attempts.append(Attempt(getattr(stage.options, "calibration", None), (layer,), parity, latency, size,
+                                time.perf_counter() - start))
+        rows.append(_sensitivity_row(layer, attempts[-1], baseline))
+        log.info("sensitivity: %s in float -> SQNR %s dB", layer, parity.sqnr_db)
+    return Outcome("measured", None, tuple(attempts), tuple(_ranked(rows))), baseline
+
+
 def _sensitivity_row(layer: str, a: Attempt, baseline: Parity) -> dict[str, Any]:
     p = a.parity
     gain = p.sqnr_db - baseline.sqnr_db if np.isfinite(p.sqnr_db) and np.isfinite(baseline.sqnr_db) else None

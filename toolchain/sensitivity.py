@@ -1,0 +1,86 @@
+"""`toolchain sensitivity BUILD_DIR [ARTIFACT]`: per-layer sensitivity of a build's INT8
+artifacts, measured again from the build's own model, data and target profile.
+
+The same measurement recovery starts with (see :mod:`toolchain.recovery`): each layer the
+artifact's quantization stage can keep in float is kept in float alone, the rest INT8 with the
+same activation ranges, and the variant is checked in the artifact's runtime against FP32.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+from .errors import ToolchainError
+
+log = logging.getLogger("toolchain")
+
+
+def measure_build(folder: Path, names: tuple[str, ...] = (), progress=None) -> dict[str, str]:
+    """Write `sensitivity/<artifact>.json` for ``names`` (default: every artifact with a
+    quantization stage); returns artifact -> file, relative to ``folder``."""
+    from .build import BuildContext, Pipeline, expected_outputs, make_trial, prepare_inputs
+    from .load import load_model, settle_random_batchnorm
+    from .pipeline import plan
+    from .recovery import measure, recoverable_stage, write_sensitivity
+    from .target import load_target
+
+    report = _read_report(folder)
+    _check_unchanged(folder, report["target_file"])
+    profile = load_target(report["target_file"])
+    data = report["data"]
+    calib = None if data["calibration"]["synthetic"] else data["calibration"]["origin"]
+    val = None if data["validation"]["synthetic"] or data["validation"].get("held_out") else data["validation"]["origin"]
+    loaded = load_model(report["model"]["source"])
+    inputs = prepare_inputs(loaded, profile, calib, val, tuple(report["model"]["input_shape"]))
+    loaded = settle_random_batchnorm(loaded, inputs.calibration.x)
+    declared = {str(o["index"]): o["role"] for o in report["model"].get("outputs", []) if not o["role_inferred"]}
+    plans, _ = plan(profile, loaded.artifact.kind)
+    chains = {p.name: p for p in plans if recoverable_stage(p.stages) is not None}
+    unknown = [n for n in names if n not in chains]
+    if unknown:
+        raise ToolchainError(f"`{unknown[0]}` is not an artifact of {folder} with a quantization stage; valid: {', '.join(chains) or '(none)'}")
+    written = {}
+    with tempfile.TemporaryDirectory(prefix="sensitivity-") as work:
+        ctx = BuildContext(Path(work), inputs.calibration, inputs.shape, loaded.dynamic_batch is not False,
+                           profile.runtime.threads, progress or (lambda *a: None), profile.runtime.isa)
+        expected = expected_outputs(loaded, inputs, profile, declared)
+        pipeline = Pipeline(ctx)
+        for name in names or tuple(chains):
+            chain = chains[name]
+            log.info("sensitivity of %s", name)
+            trial = make_trial(pipeline, chain, loaded.artifact, profile, profile.parity, inputs, expected)
+            outcome, baseline = measure(chain.stages, trial, lambda stage: _layers(pipeline, chain, loaded.artifact, stage))
+            written[name] = write_sensitivity(folder, name, outcome, baseline)
+    return written
+
+
+def _layers(pipeline, chain, source, stage):
+    from .pipeline import Plan
+    from .recovery import recoverable_stage
+
+    index = recoverable_stage(chain.stages)
+    before = pipeline.run(Plan(chain.name, chain.spec, chain.stages[:index]), source)[0] if index else source
+    return stage.layers(before, pipeline.ctx)
+
+
+def _check_unchanged(folder: Path, target_file: str) -> None:
+    """The measurement must use the profile the build used: refuse one edited since."""
+    from .artifact import sha256_files
+
+    manifest = json.loads((Path(folder) / "manifest.json").read_text())
+    path = Path(target_file)
+    if not path.is_file() or sha256_files([path]) != manifest["target"]["sha256"]:
+        raise ToolchainError(f"the target profile `{target_file}` of {folder} has changed or gone since the build; build again")
+
+
+def _read_report(folder: Path) -> dict:
+    path = Path(folder) / "report.json"
+    if not path.is_file():
+        raise ToolchainError(f"`{folder}` is not a build folder (no report.json)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ToolchainError(f"{path}: not a report this toolchain wrote ({e})") from None
