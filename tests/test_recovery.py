@@ -2,6 +2,7 @@
 on every backend, in its own runtime. The model is trained here and fails the same way on every
 CPU: its outlier channels are rounded away by any per-tensor INT8 activation scale."""
 
+import html
 import json
 
 import numpy as np
@@ -11,6 +12,7 @@ import toolchain
 
 from .conftest import SNAPDRAGON, X86, XAVIER, fast_profile
 from .models import export, outlier_classifier
+from .test_report_html import _marks
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +50,9 @@ def test_outlier_channels_fail_int8_and_recovery_makes_it_pass(outlier, tmp_path
         sensitivity = json.loads((folder / recovery["sensitivity"]).read_text())
         assert {r["layer"] for r in sensitivity["layers"]} >= {a["float_layers"][0]}
         assert sensitivity["layers"][0]["layer"] == a["float_layers"][0]  # the most sensitive layer goes first
+        shown = [v for chart, _, _, v in _marks(folder).marks if chart == f"sensitivity:{name}"]
+        assert shown == [r["sqnr_gain_db"] for r in sensitivity["layers"] if r["sqnr_gain_db"] is not None]  # report.html
+        assert html.escape(recovery["summary"]) in (folder / "report.html").read_text()
         quantize = next(s for s in manifest["artifacts"][name]["stages"] if s["stage"].startswith("quantize"))
         assert quantize["options"]["float_layers"] == a["float_layers"]  # the shipped file is the recovered one
     assert data["passed"] is True and report.passed

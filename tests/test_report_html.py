@@ -1,13 +1,13 @@
 """Profiles, `toolchain bench` and report.html: the page shows exactly report.json's numbers,
 and headless Chromium lays out every chart."""
 
+import html
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
-import time
 from html.parser import HTMLParser
 
 import numpy as np
@@ -98,16 +98,26 @@ def test_bench_numbers_in_report_json(x86_build):
         for p in b["sweep"]:
             assert p["p50_ms"] <= p["p95_ms"] <= p["p99_ms"]
             assert p["throughput"] == pytest.approx(p["batch_size"] * 1000 / p["p50_ms"], rel=1e-3)
-        assert b["latency_budget_ms"] == 50.0 and b["best_batch"] in (1, 8, 32) and b["threads"] == 2
+        assert b["latency_budget_ms"] == 50.0 and b["threads"] == 2
+        fitting = [p for p in b["sweep"] if p["p95_ms"] <= b["latency_budget_ms"]]  # what fits depends on the machine's load;
+        best = max(fitting, key=lambda p: p["throughput"])["batch_size"] if fitting else None  # the choice must follow it
+        assert b["best_batch"] == best
 
 
-def test_best_batch_is_the_fastest_within_the_budget():
+def test_best_batch_is_the_fastest_within_the_budget(monkeypatch):
+    import toolchain.bench as bench_module
+
+    clock = [0]  # a model that takes exactly 1 ms + 2 ms per sample, on a clock of its own: no timing in the test
+    monkeypatch.setattr(bench_module.time, "perf_counter_ns", lambda: clock[0])
+
     def load():
-        return lambda x: time.sleep(0.002 * len(x))  # 2 ms per sample: batch 8 takes 16 ms
+        def run(x):
+            clock[0] += 1_000_000 + 2_000_000 * len(x)  # batch 2: 5 ms (400/s); batch 8: 17 ms (471/s)
+        return run
 
     b = bench(load, (1,), (1, 2, 8), warmup=1, runs=5, threads=1, budget_ms=10.0)
     assert [p.batch_size for p in b.sweep] == [1, 2, 8]
-    assert b.best_batch == 2  # batch 8 has the best throughput (sleep overhead amortised) but is over budget
+    assert b.best_batch == 2  # batch 8 has the best throughput but is over budget
     assert bench(load, (1,), (1, 2), warmup=0, runs=3, threads=1, budget_ms=0.5).best_batch is None
 
 
@@ -187,3 +197,24 @@ def test_a_failing_profiler_costs_only_the_profile(digits, tmp_path, monkeypatch
     assert report.reference["profile"] == "profiles/fp32_reference.json"  # the torch reference profiler still ran
     page = _marks(folder)
     assert {c for c, *_ in page.marks if c.startswith("operators:")} == {"operators:fp32_reference"}
+
+
+def test_page_top_shows_warnings_and_recovery_before_the_tables(digits, tmp_path):
+    """No --val: a warning; the page shows it beside the verdict, above the parity table."""
+    report, folder = toolchain.build(str(digits["model"]), str(fast_profile(tmp_path, 64, 16, batch_sizes="[1]")),
+                                     tmp_path / "out", digits["calibration"])
+    page = (folder / "report.html").read_text()
+    warning = next(w for w in report.warnings if w.startswith("no --val data"))
+    assert page.index("class='warning'") < page.index("<h2>Parity against FP32</h2>")
+    assert html.escape(warning) in page[: page.index("<h2>Parity against FP32</h2>")]
+    marks = [m for m in _marks(folder).marks if m[0] == "throughput"]  # one batch size: a bar each, not lone dots
+    assert {(label, batch) for _, label, batch, _ in marks} == {(n, "1") for n in ["fp32_reference", *(a.name for a in report.artifacts)]}
+    assert "samples / s at batch 1" in page and " ms</text>" in page and " MB</text>" in page  # units on every chart
+
+
+def test_long_operator_names_are_whole_in_labels_and_tooltips():
+    from toolchain.html import _bars
+
+    name = "Convolution (NHWC, QC8) IGEMM with a long tail"
+    svg = _bars("operators:x", "t", [(name, 1.0)], "{:.3f} ms", label_w=210, limit=30)
+    assert f"data-label='{name}'" in svg and f"<title>{name}</title>" in svg and "Convolution (NHWC, QC8) IGEMM…" in svg

@@ -81,3 +81,33 @@ def test_profile_without_artifacts(tmp_path):
 def test_quantize_outputs_off_needs_op_types(tmp_path):
     text = X86.read_text().replace('activations = "uint8"', 'activations = "uint8"\nquantize_outputs = false')
     _expect(tmp_path, text, r"`stages\.quantize_onnx\.quantize_outputs` = false needs `stages\.quantize_onnx\.op_types`")
+
+
+def test_targets_verbose_is_toml_with_every_setting():
+    import subprocess
+    import sys
+    import tomllib
+
+    r = subprocess.run([sys.executable, "-m", "toolchain", "targets", "-v"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    blocks = re.split(r"\n(?=# (?!file:)\w+: )", r.stdout)
+    assert len(blocks) == len(builtin_targets())
+    for block in blocks:
+        parsed = tomllib.loads(block)  # a whole target's block is TOML (its heading lines are comments)
+        t = load_target(parsed["name"])
+        assert parsed["parity"]["min_top1_agreement"] == t.parity.min_top1_agreement
+        assert tuple(parsed["runtime"]["batch_sizes"]) == t.runtime.batch_sizes
+        assert set(parsed["artifacts"]) == set(t.artifacts) and parsed["recovery"]["max_float_layers"] == t.recovery.max_float_layers
+        used = {s for a in t.artifacts.values() for s in a.stages}
+        assert set(parsed["stages"]) == used  # every stage's options, defaults filled in
+    assert "isa = \"avx2\"" in r.stdout  # x86_fbgemm's deployment CPU
+
+
+def test_listing_targets_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys; from click.testing import CliRunner; from toolchain.cli import main; " \
+           "r = CliRunner().invoke(main, ['targets']); assert r.exit_code == 0, r.output; print('torch' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip() == "False", r.stderr

@@ -7,11 +7,14 @@ so the two report the same quantities the same way.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+
+log = logging.getLogger("toolchain")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +35,7 @@ class Bench:
     best_batch: int | None  # best throughput with p95 within the latency budget (None: nothing fits)
     latency_budget_ms: float | None
     peak_memory_bytes: int | None  # resident memory added while loading and running at the largest batch
+    sweep_runs: int | None = None  # timed runs asked for at each batch size above 1 (a point may stop early)
 
     @property
     def batch1(self) -> BatchPoint:
@@ -89,7 +93,7 @@ def bench(load: Callable[[], Callable[[np.ndarray], Any]], sample_shape: tuple[i
     peak = _peak_since(baseline)
     fitting = [p for p in points if p.batch_size in batch_sizes and (budget_ms is None or p.p95_ms <= budget_ms)]
     best = max(fitting, key=lambda p: p.throughput).batch_size if fitting else None
-    return Bench(threads, warmup, tuple(points), best, budget_ms, peak)
+    return Bench(threads, warmup, tuple(points), best, budget_ms, peak, sweep_runs or runs)
 
 
 def _status(key: str) -> int | None:
@@ -139,7 +143,7 @@ def bench_build(folder: Path, batch_sizes: tuple[int, ...] | None = None, runs: 
     sizes = batch_sizes or tuple(p["batch_size"] for p in recorded["sweep"])
     threads = threads or recorded["threads"]
     runs = runs or recorded["sweep"][0]["runs"]
-    sweep_runs = sweep_runs or max(p["runs"] for p in recorded["sweep"][1:] or recorded["sweep"])
+    sweep_runs = sweep_runs or recorded.get("sweep_runs") or max(p["runs"] for p in recorded["sweep"][1:] or recorded["sweep"])
     budget = budget_ms if budget_ms is not None else recorded["latency_budget_ms"]
     sample = tuple(report["model"]["input_shape"][1:])
     settings = dict(batch_sizes=tuple(sizes), warmup=recorded["warmup_runs"], runs=runs, sweep_runs=sweep_runs,
@@ -150,6 +154,7 @@ def bench_build(folder: Path, batch_sizes: tuple[int, ...] | None = None, runs: 
         artifact = Artifact(RUNTIME_KINDS[a["runtime"]], a["precision"], path=folder / a["path"], engine=a["engine"])
         if not artifact.path.is_file():
             raise ToolchainError(f"{folder}: artifact file `{a['path']}` is missing")
+        log.info("timing %s", a["name"])
         b = bench(lambda: load_runner(artifact, a["runtime"], threads), sample, **settings)
         results[a["name"]] = {"runtime": a["runtime"], "engine": a["engine"], "size_bytes": artifact.size_bytes(),
                               "files": [p.name for p in artifact.files()], **b.to_json()}
@@ -167,6 +172,11 @@ def bench_build(folder: Path, batch_sizes: tuple[int, ...] | None = None, runs: 
             "settings": {**settings, "batch_sizes": list(settings["batch_sizes"])}, "results": results, "note": note}
 
 
+def _memory_mb(n: int | None) -> str:
+    """Resident memory added; under 0.1 MB (pages a runtime reuses are not new) is said as such, not as 0.0."""
+    return "n/a" if n is None else (f"{n / 2**20:.1f}" if n >= 2**20 / 10 else "<0.1")
+
+
 def bench_table(data: dict[str, Any]) -> str:
     sizes = data["settings"]["batch_sizes"]
     head = ["model", "p50 ms", "p95 ms", "p99 ms", *[f"b{b} samples/s" for b in sizes], "best batch", "peak MB", "size MB"]
@@ -176,7 +186,7 @@ def bench_table(data: dict[str, Any]) -> str:
         thr = {p["batch_size"]: p["throughput"] for p in r["sweep"]}
         rows.append([name, f"{one['p50_ms']:.3f}", f"{one['p95_ms']:.3f}", f"{one['p99_ms']:.3f}",
                      *[f"{thr[b]:,.1f}" for b in sizes], str(r["best_batch"] or "none fits"),
-                     "" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**20:.1f}",
+                     _memory_mb(r["peak_memory_bytes"]),
                      f"{r['size_bytes'] / 2**20:.2f}" if r["size_bytes"] else ""])
     widths = [max(len(x[i]) for x in [head, *rows]) for i in range(len(head))]
     fmt = lambda r: "| " + " | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) + " |"

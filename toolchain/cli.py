@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
-import logging
 import sys
-import warnings
 
 import click
 
@@ -102,7 +101,8 @@ def parse_output_roles(text: str | None) -> dict[str, str]:
 @click.option("--threads", type=int, help="Threads [default: the build's].")
 @click.option("--budget-ms", type=float, help="Latency budget (p95) for choosing the batch size [default: the profile's].")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def bench_cmd(build_dir, batch_sizes, runs, sweep_runs, threads, budget_ms, as_json):
+@click.pass_obj
+def bench_cmd(terminal, build_dir, batch_sizes, runs, sweep_runs, threads, budget_ms, as_json):
     """Latency p50/p95/p99, throughput per batch size, best batch and peak memory of every
     artifact in BUILD_DIR (and of the FP32 model); writes BUILD_DIR/bench.json."""
     from pathlib import Path
@@ -115,7 +115,11 @@ def bench_cmd(build_dir, batch_sizes, runs, sweep_runs, threads, budget_ms, as_j
         raise ToolchainError(f"--batch-sizes must be integers separated by commas (got {batch_sizes!r})") from None
     if sizes and min(sizes) < 1:
         raise ToolchainError("--batch-sizes must be at least 1")
-    data = bench_build(Path(build_dir), sizes, runs, threads, budget_ms, sweep_runs)
+    from .runtime import native_stderr_off
+
+    quiet = native_stderr_off() if not terminal.verbose else contextlib.nullcontext()
+    with terminal.live(), quiet:  # TorchScript's kernels print deprecation notices from C++
+        data = bench_build(Path(build_dir), sizes, runs, threads, budget_ms, sweep_runs)
     (Path(build_dir) / "bench.json").write_text(json.dumps(data, indent=2) + "\n")
     if as_json:
         click.echo(json.dumps(data, indent=2))
@@ -154,21 +158,17 @@ def sensitivity(terminal, build_dir, artifacts):
 
 
 @main.command()
-@click.option("-v", "--verbose", is_flag=True, help="Show each target's artifacts and stage options.")
+@click.option("-v", "--verbose", is_flag=True, help="Print each target as TOML with every setting, defaults included.")
 def targets(verbose: bool) -> None:
-    """List the target profiles."""
-    from .options import options_as_dict
-    from .target import builtin_targets, parse_target
+    """List the target profiles (-v: each as TOML, every setting that applies, defaults included)."""
+    from .target import builtin_targets, parse_target, target_toml
 
     for name, path in builtin_targets().items():
         t = parse_target(path)
-        click.echo(f"{name:24} {t.description}")
         if verbose:
-            click.echo(f"{'':24} file: {path}")
-            for art, spec in t.artifacts.items():
-                click.echo(f"{'':24} artifact {art}: {' -> '.join(spec.stages)} ({spec.runtime})")
-            for stage, opts in t.stage_options.items():
-                click.echo(f"{'':24} [stages.{stage}] {options_as_dict(opts)}")
+            click.echo(f"# {name}: {t.description}\n# file: {path}\n{target_toml(t)}")
+        else:
+            click.echo(f"{name:24} {t.description}")
 
 
 @main.group()

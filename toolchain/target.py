@@ -103,6 +103,33 @@ class Target:
         return STAGES.get(name)(self.stage_options.get(name))
 
 
+def target_toml(t: Target) -> str:
+    """The profile as TOML with every setting that applies, defaults filled in (unset options
+    are left out: TOML has no null; they mean "follow another setting", as each option's help says)."""
+    import tomli_w
+
+    stages = dict.fromkeys(s for spec in t.artifacts.values() for s in spec.stages)
+    table = {
+        "name": t.name, "description": t.description,
+        "data": dataclasses.asdict(t.data), "runtime": dataclasses.asdict(t.runtime),
+        "parity": {**dataclasses.asdict(t.parity), "outputs": {k: {"role": v} for k, v in (t.parity.outputs or {}).items()} or None},
+        "recovery": dataclasses.asdict(t.recovery),
+        "artifacts": {n: dataclasses.asdict(a) for n, a in t.artifacts.items()},
+        "stages": {n: dataclasses.asdict(t.stage(n).options) for n in stages},
+    }
+    if t.tensorrt is not None:
+        table["tensorrt"] = dataclasses.asdict(t.tensorrt)
+    return tomli_w.dumps(_without_none(table))
+
+
+def _without_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, (list, tuple)):
+        return [_without_none(v) for v in value]
+    return value
+
+
 def targets_dirs() -> list[Path]:
     dirs = [Path(os.environ["TOOLCHAIN_TARGETS"])] if os.environ.get("TOOLCHAIN_TARGETS") else []
     dirs += [Path(__file__).resolve().parent.parent / "targets", Path(sys.prefix) / "share" / "toolchain" / "targets"]

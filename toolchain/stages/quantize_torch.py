@@ -11,6 +11,7 @@ exported models, ``quantize_jit`` for TorchScript ones.
 from __future__ import annotations
 
 import copy
+import typing
 import dataclasses
 import warnings
 from typing import Literal
@@ -19,7 +20,6 @@ from ..artifact import Artifact, Kind
 from ..context import BuildContext
 from ..cpu import has_vnni
 from ..errors import StageError, reason
-from ..observers import CALIBRATION_METHODS, make_qconfig
 from ..options import option
 from ..stage import Recoverable, Stage, StageResult, register_stage
 
@@ -48,6 +48,8 @@ class QuantizeTorch(Stage, Recoverable):
 
     def apply(self, artifact: Artifact, ctx: BuildContext) -> StageResult:
         import torch
+
+        from ..observers import make_qconfig  # imports torch: not at module import (`toolchain targets` stays light)
 
         o = self.options
         reduce_range = o.reduce_range if o.reduce_range is not None else (o.engine != "qnnpack" and not has_vnni(ctx.isa))
@@ -103,7 +105,7 @@ class QuantizeTorch(Stage, Recoverable):
         return [n for n in names if not any(n.startswith(p + ".") for p in names)]  # not the parts of a fused module
 
     def calibrations(self) -> tuple[str, ...]:
-        return CALIBRATION_METHODS
+        return typing.get_args(typing.get_type_hints(QuantizeTorchOptions)["calibration"])
 
 
 def float_outputs(gm, float_layers):
