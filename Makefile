@@ -35,6 +35,8 @@ test-full: $(STAMP) browser
 bench: $(STAMP)
 	$(PY) benchmarks/x86_resnet18.py
 	$(PY) benchmarks/snapdragon_mobile.py
+	$(PY) benchmarks/x86_isa_settings.py
+	$(PY) -c "import nncf" 2>/dev/null && $(PY) benchmarks/int8_recovery.py || echo "int8_recovery: pip install nncf to compare with NNCF"
 
 clean:
 	rm -rf build

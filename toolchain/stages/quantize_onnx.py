@@ -47,7 +47,10 @@ class QuantizeOnnxOptions:
     float_layers: tuple[str, ...] = option((), "node names kept in floating point (no Q/DQ at their inputs); recovery sets it")
 
 
-WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")  # the layers recovery can keep in float
+# What recovery can keep in float: layers with weights, and the ops that quantize an activation of their
+# own (normalizations, element-wise arithmetic, pooling and resizing that change values).
+RECOVERABLE = ("Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "InstanceNormalization",
+               "LayerNormalization", "Add", "Mul", "AveragePool", "GlobalAveragePool", "Resize")
 
 @register_stage
 class QuantizeOnnx(Stage, Recoverable):
@@ -111,8 +114,11 @@ class QuantizeOnnx(Stage, Recoverable):
     def layers(self, artifact: Artifact, ctx: BuildContext) -> list[str]:
         import onnx
 
+        from onnxruntime.quantization.registry import QDQRegistry
+
+        quantized = set(self.options.op_types) or set(QDQRegistry) | {"Add", "Mul"}  # Add / Mul: ORT's QDQ defaults
         graph = onnx.load(str(self._source(artifact, ctx)), load_external_data=False).graph
-        return [n.name for n in graph.node if n.op_type in WEIGHTED and n.name]
+        return [n.name for n in graph.node if n.op_type in RECOVERABLE and n.op_type in quantized and n.name]
 
     def calibrations(self) -> tuple[str, ...]:
         return ("minmax", "entropy", "percentile")

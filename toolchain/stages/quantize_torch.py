@@ -94,13 +94,15 @@ class QuantizeTorch(Stage, Recoverable):
         return float_outputs(converted, o.float_layers) if o.float_layers else converted
 
     def layers(self, artifact: Artifact, ctx: BuildContext) -> list[str]:
-        """Modules with weights (fused ones count once): what `float_layers` can name. FX models only."""
+        """Modules with weights or normalizations (fused ones count once): what `float_layers` can name. FX models only."""
         if artifact.kind is not Kind.FX:
             return []
         from torch import nn
         from torch.ao.nn.intrinsic import _FusedModule
+        from torch.nn.modules.batchnorm import _BatchNorm
 
-        weighted = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, _FusedModule)
+        weighted = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, _FusedModule, _BatchNorm, nn.LayerNorm, nn.GroupNorm,
+                    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
         names = [n for n, m in artifact.model.named_modules() if n and isinstance(m, weighted)]
         return [n for n in names if not any(n.startswith(p + ".") for p in names)]  # not the parts of a fused module
 
