@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from toolchain.artifact import Artifact, Kind
+from toolchain.examples import train
 from toolchain.stage import STAGES, Stage, StageResult, register_stage
 
 
@@ -39,22 +40,13 @@ def two_heads_with_outlier_channels(x: np.ndarray, y: np.ndarray, epochs: int = 
     those channels now sit three orders of magnitude below the classifier's in one tensor,
     as outlier channels do in real networks, and one INT8 scale for that tensor rounds them to 0."""
     torch.manual_seed(0)
-    model = TwoHeads()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-        xt, yt, rt = torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(ink(x))
-        model.train()
-        for _ in range(epochs):
-            for idx in torch.randperm(len(xt)).split(64):
-                opt.zero_grad()
-                logits, value = model(xt[idx])
-                loss = nn.functional.cross_entropy(logits, yt[idx]) + nn.functional.mse_loss(value, rt[idx])
-                loss.backward()
-                opt.step()
-    finally:
-        torch.set_num_threads(threads)
+    yt, rt = torch.from_numpy(y), torch.from_numpy(ink(x))
+
+    def loss(out, idx):
+        logits, value = out
+        return nn.functional.cross_entropy(logits, yt[idx]) + nn.functional.mse_loss(value, rt[idx])
+
+    model = train(TwoHeads(), x, None, epochs=epochs, loss=loss)
     model.eval()
     with torch.no_grad():
         model.hidden.weight[64:] *= 1e-3
@@ -84,8 +76,6 @@ def outlier_classifier(x: np.ndarray, y: np.ndarray, epochs: int = 15) -> Outlie
     weights on them by 1e3: the same function in FP32, but the head's input now spans three
     orders of magnitude, and one INT8 scale for it (per-tensor activations, on every backend)
     rounds the small half to zero: the classifier loses half its features."""
-    from toolchain.examples import train
-
     torch.manual_seed(0)
     model = train(OutlierClassifier(), x, y, epochs=epochs)
     with torch.no_grad():
@@ -134,3 +124,24 @@ def register_test_stages() -> None:
     for cls in (PoisonOnnx, CrashOnnx):
         if cls.name not in STAGES:
             register_stage(cls)
+
+
+BINS = 40
+
+
+def bins_of(x: np.ndarray) -> np.ndarray:
+    """The true bin (0..BINS-1) of each digit's standardized ink: an ordered quantity, like pitch."""
+    t = ink(x)[:, 0]
+    return np.clip(np.round((t + 2.5) / 5.0 * (BINS - 1)), 0, BINS - 1).astype(np.int64)
+
+
+def bin_estimator(x: np.ndarray, epochs: int = 20) -> nn.Module:
+    """A CNN with one logit per bin, trained on soft labels (a Gaussian two bins wide around the true
+    bin), so neighbouring bins' logits are close and INT8 noise moves the arg-max to a neighbour."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                          nn.Linear(32 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, BINS))
+    centers = torch.arange(BINS, dtype=torch.float32)
+    target = torch.softmax(-((centers[None] - torch.from_numpy(bins_of(x)).float()[:, None]) ** 2) / (2 * 2.0**2) * 4, 1)
+    return train(model, x, None, epochs=epochs, loss=lambda out, idx: -(target[idx] * torch.log_softmax(out, 1)).sum(1).mean())

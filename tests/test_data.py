@@ -32,7 +32,7 @@ def test_bad_arrays(tmp_path, x, message):
 
 def test_labels_must_match(tmp_path):
     np.savez(tmp_path / "d.npz", x=np.zeros((4, 2), np.float32), y=np.arange(3))
-    with pytest.raises(DataError, match="labels `y`.* must be 4 integers"):
+    with pytest.raises(DataError, match="labels `y`.* must have one entry per sample, 4"):
         load_dataset(tmp_path / "d.npz", "validation", PRE)
 
 

@@ -56,13 +56,17 @@ def build(
     trust_pickle: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
     outputs: Mapping[str, str] | None = None,
+    metric: str | None = None,
+    max_metric_drop: float | None = None,
 ) -> tuple[Report, Path]:
     """Build every artifact of ``target`` from ``model``, check each against FP32, and write
     the build folder. ``outputs`` declares output roles (index or name -> role) over the
-    profile's. Returns the report and the folder. Raises ToolchainError on bad input."""
+    profile's; ``metric`` (FILE.py:function) and ``max_metric_drop`` override the profile's
+    user metric. Returns the report and the folder. Raises ToolchainError on bad input."""
     started = time.perf_counter()
     profile = load_target(target)
     check_data_paths(calib, val)  # before the model loads: a typo costs no waiting
+    scorer = user_metric(profile, metric, max_metric_drop)
     log.info("loading %s", model)
     loaded = load_model(model, trust_pickle)
     folder = Path(out) if out else Path("build") / f"{loaded.name}-{profile.name}"
@@ -82,7 +86,7 @@ def build(
         work.mkdir()
         ctx = BuildContext(work, inputs.calibration, inputs.shape, loaded.dynamic_batch is not False,
                            profile.runtime.threads, progress or (lambda *a: None), profile.runtime.isa)
-        expected = expected_outputs(loaded, inputs, profile, {**(profile.parity.outputs or {}), **(outputs or {})}, names)
+        expected = expected_outputs(loaded, inputs, profile, {**(profile.parity.outputs or {}), **(outputs or {})}, names, scorer)
         ref_out, roles = expected.outputs, expected.roles
         pipeline = Pipeline(ctx)
         reports, records, files = [], {}, {}
@@ -126,6 +130,7 @@ def build(
             data=data_facts(inputs), artifacts=tuple(mark_primary(reports)), cpu=isa_facts(profile.runtime.isa),
             skipped=tuple({"name": s.name, "reason": s.reason} for s in skipped),
             thresholds=thresholds, engine=engine, warnings=inputs.warnings, build_seconds=round(time.perf_counter() - started, 2),
+            metric=expected.metric and expected.metric.to_json(),
         )
         write(report, tmp)
         write_manifest(tmp, target_file=profile.source, model=report.model, data=report.data,
@@ -189,7 +194,8 @@ def make_trial(pipeline: Pipeline, chain: Plan, source: Artifact, profile: Targe
             latency = float(np.median(time_runs(runner, inputs.validation.x[:1], 2, 10)))
         except Exception as e:
             raise StageError(f"{chain.spec.runtime} could not run it: {type(e).__name__}: {reason(e)}") from None
-        parity = compare(expected.outputs, outputs, inputs.validation.y, thresholds, expected.roles)
+        parity = compare(expected.outputs, outputs, inputs.validation.y, thresholds, expected.roles, expected.metric,
+                         inputs.validation.labels)
         return parity, round(latency, 4), artifact.size_bytes()
 
     return trial
@@ -202,16 +208,38 @@ def quantizable_layers(pipeline: Pipeline, chain: Plan, source: Artifact, stage)
     return stage.layers(before, pipeline.ctx)
 
 
+def user_metric(profile: Target, spec: str | None, max_drop: float | None):
+    """(FILE.py:function, its function, max drop) from the flags or the profile, loaded now so a bad
+    metric fails before the model loads; None without one."""
+    from .metric import load_metric
+
+    spec_from_profile = spec is None
+    spec = spec or profile.parity.metric
+    if not spec:
+        return None
+    fn = load_metric(spec, Path(profile.source).parent if spec_from_profile else None)
+    return spec, fn, profile.parity.max_metric_drop if max_drop is None else max_drop
+
+
 def expected_outputs(loaded: LoadedModel, inputs: Inputs, profile: Target, declared: Mapping[str, str],
-                     names: list[str] | None = None) -> "Expected":
-    """The FP32 model's outputs on the validation inputs, with their roles, checked finite."""
+                     names: list[str] | None = None, scorer=None) -> "Expected":
+    """The FP32 model's outputs on the validation inputs, with their roles, checked finite, and
+    FP32's score on the user's metric when there is one."""
     names = names or check_model_accepts(loaded, inputs.shape)
     reference = reference_runner(loaded.artifact, profile.runtime.threads)
     log.info("running FP32 reference on %d validation inputs", len(inputs.validation.x))
     ref_out = run_batched(reference, inputs.validation.x, profile.parity.batch_size)
     roles = resolve_roles(ref_out, names, declared)
     check_reference(ref_out, roles)
-    return Expected(ref_out, roles, accuracy_of(ref_out, inputs.validation.y, roles))
+    metric = None
+    if scorer is not None:
+        from .metric import Metric, score
+
+        spec, fn, max_drop = scorer
+        value, higher = score(fn, spec, ref_out, names, inputs.validation.labels)
+        metric = Metric(spec, fn, value, higher, max_drop, profile.parity.metric_drop == "relative")
+        log.info("metric %s: FP32 scores %.6g", spec, value)
+    return Expected(ref_out, roles, accuracy_of(ref_out, inputs.validation.y, roles), metric)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,6 +249,7 @@ class Expected:
     outputs: list
     roles: tuple[OutputRole, ...]
     accuracy: float | None
+    metric: object = None  # toolchain.metric.Metric with FP32's score, when the user gives one
 
 
 def _reasons(skipped: list[Skipped]) -> str:
@@ -355,7 +384,8 @@ def check_artifact(name, artifact: Artifact, runtime: str, profile: Target, thre
     timed = run_bench(load, profile, inputs.shape[1:])
     log.info("comparing %s with FP32 on %d inputs", name, len(inputs.validation.x))
     outputs = run_batched(runner, inputs.validation.x, profile.parity.batch_size)
-    parity = compare(expected.outputs, outputs, inputs.validation.y, thresholds, expected.roles)
+    parity = compare(expected.outputs, outputs, inputs.validation.y, thresholds, expected.roles, expected.metric,
+                     inputs.validation.labels)
     r = profile.runtime
     log.info("profiling %s's operators", name)
     measured = _profiled(name, lambda: PROFILERS.get(runtime)(artifact, inputs.validation.x[:1], r.profile_runs, r.threads))
@@ -412,7 +442,7 @@ def _state_bytes(artifact: Artifact) -> int:
 def data_facts(inputs: Inputs) -> dict:
     def one(d: Dataset) -> dict:
         return {"origin": d.origin, "samples": len(d.x), "synthetic": d.synthetic, "labels": d.y is not None,
-                "held_out": d.held_out}
+                "held_out": d.held_out, "label_arrays": sorted(d.labels)}
 
     same = inputs.validation is inputs.calibration
     return {"calibration": one(inputs.calibration), "validation": one(inputs.validation),

@@ -46,25 +46,30 @@ def main(ctx, quiet: bool, verbose: bool) -> None:
 @click.option("--outputs", "output_roles", metavar="KEY=ROLE,...",
               help="Role of each output, by index or name: classification, probabilities, regression, embedding "
                    "(e.g. 0=classification,landmarks=regression); overrides the profile's [parity.outputs].")
+@click.option("--metric", metavar="FILE.py:FUNCTION", help="Your metric of the outputs and the --val labels; with it, "
+              "the metric (and the sanity checks) decide the verdict [default: the profile's parity.metric].")
+@click.option("--max-metric-drop", type=float, help="Largest loss of the metric against FP32 [default: the profile's].")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead of the table.")
 @click.pass_obj
-def build(terminal, model, target, out, calib, val, input_shape, trust_pickle, output_roles, as_json):
+def build(terminal, model, target, out, calib, val, input_shape, trust_pickle, output_roles, metric, max_metric_drop, as_json):
     """Build MODEL (torch.export archive, TorchScript, pickled module, or torchvision:<name>) for a target.
 
     Exit codes: 0 passed, 2 user error, 3 parity failed, 4 built but not judged (random weights)."""
     from .build import build as run_build
-    from .report import recovery_lines, sensitivity_top, table
+    from .report import metric_lines, recovery_lines, sensitivity_top, table
 
     if as_json:
         terminal.plain = True  # stdout is for the JSON; stderr gets plain lines
     roles = parse_output_roles(output_roles)
     with terminal.live():
         report, folder = run_build(model, target, out, calib, val, input_shape, trust_pickle,
-                                   progress=terminal.progress, outputs=roles)
+                                   progress=terminal.progress, outputs=roles, metric=metric, max_metric_drop=max_metric_drop)
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
     else:
         click.echo(table(report))
+        for line in metric_lines(report):
+            click.echo(line)
         for line in sensitivity_top(report, folder):
             click.echo(line)
         for line in recovery_lines(report):

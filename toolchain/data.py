@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import zipfile
+from typing import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -32,23 +33,27 @@ class Dataset:
     """Model inputs ``x`` (N, *sample_shape) as float32, optional integer labels ``y``."""
 
     x: np.ndarray
-    y: np.ndarray | None
+    y: np.ndarray | None  # integer class labels (accuracy), when the data has them
     origin: str  # the file or folder, or "synthetic"
     held_out: bool = False  # validation samples set aside from the calibration data
+    labels: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)  # every .npz array but `x`, one entry per sample
+
+    def _pick(self, idx, **changes) -> "Dataset":
+        return dataclasses.replace(self, x=self.x[idx], y=None if self.y is None else self.y[idx],
+                                   labels={k: v[idx] for k, v in self.labels.items()}, **changes)
 
     @property
     def synthetic(self) -> bool:
         return self.origin == "synthetic"
 
     def take(self, n: int) -> "Dataset":
-        return dataclasses.replace(self, x=self.x[:n], y=None if self.y is None else self.y[:n])
+        return self._pick(slice(0, n))
 
     def hold_out(self, n: int, seed: int = 0) -> tuple["Dataset", "Dataset"]:
         """(the rest, ``n`` samples drawn at random with ``seed``): disjoint calibration and validation sets."""
         order = np.random.default_rng(seed).permutation(len(self.x))
         keep, held = np.sort(order[n:]), np.sort(order[:n])
-        pick = lambda idx, **kw: dataclasses.replace(self, x=self.x[idx], y=None if self.y is None else self.y[idx], **kw)
-        return pick(keep), pick(held, held_out=True)
+        return self._pick(keep), self._pick(held, held_out=True)
 
     def overlap(self, other: "Dataset") -> int:
         """How many of ``other``'s samples are byte-for-byte samples of this set."""
@@ -71,12 +76,13 @@ def load_dataset(path: Path, role: str, preprocess: PreprocessOptions, limit: in
         raise DataError(f"{role} data `{path}` does not exist")
     if path.is_dir():
         x, y = _read_image_folder(path, role, preprocess, limit, seed)
+        labels = {} if y is None else {"y": y}
     elif path.suffix in (".npy", ".npz"):
-        x, y = _read_array_file(path, role)
-        x, y = x[:limit], (None if y is None else y[:limit])
+        x, labels = _read_array_file(path, role)
+        x, labels = x[:limit], {k: v[:limit] for k, v in labels.items()}
     else:
         raise DataError(f"{role} data `{path}` must be a .npy or .npz file or a folder of images")
-    return _checked(x, y, str(path), role)
+    return _checked(x, labels, str(path), role)
 
 
 def synthetic_dataset(sample_shape: tuple[int, ...], count: int, seed: int = 0) -> Dataset:
@@ -96,19 +102,19 @@ def _fmt(shape) -> str:
     return "x".join(map(str, shape))
 
 
-def _read_array_file(path: Path, role: str) -> tuple[np.ndarray, np.ndarray | None]:
+def _read_array_file(path: Path, role: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     try:
         loaded = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
         raise DataError(f"{role} data `{path}` cannot be read: {e}") from None
     if isinstance(loaded, np.ndarray):
-        return loaded, None
+        return loaded, {}
     with loaded:
         names = list(loaded.files)
         key = "x" if "x" in names else (names[0] if len(names) == 1 else None)
         if key is None:
             raise DataError(f"{role} data `{path}` must hold an array `x` (and optionally `y`); found {', '.join(names) or 'nothing'}")
-        return loaded[key], (loaded["y"] if "y" in names else None)
+        return loaded[key], {n: loaded[n] for n in names if n != key}
 
 
 def _read_image_folder(path: Path, role: str, pre: PreprocessOptions, limit: int | None,
@@ -180,7 +186,7 @@ def _preprocess(img, pre: PreprocessOptions) -> np.ndarray:
     return (a - mean) / std
 
 
-def _checked(x: np.ndarray, y: np.ndarray | None, origin: str, role: str) -> Dataset:
+def _checked(x: np.ndarray, labels: dict[str, np.ndarray], origin: str, role: str) -> Dataset:
     if not np.issubdtype(x.dtype, np.number):
         raise DataError(f"{role} data `{origin}` must be numeric (got dtype {x.dtype})")
     if x.ndim < 2 or len(x) == 0:
@@ -189,8 +195,10 @@ def _checked(x: np.ndarray, y: np.ndarray | None, origin: str, role: str) -> Dat
     if not np.isfinite(x).all():
         bad = int((~np.isfinite(x)).reshape(len(x), -1).any(axis=1).sum())
         raise DataError(f"{role} data `{origin}` has NaN or infinite values in {bad} of {len(x)} samples")
-    if y is not None:
-        y = np.asarray(y)
-        if y.shape != (len(x),) or not np.issubdtype(y.dtype, np.integer):
-            raise DataError(f"{role} labels `y` in `{origin}` must be {len(x)} integers (got shape {y.shape}, dtype {y.dtype})")
-    return Dataset(np.ascontiguousarray(x), y, origin)
+    for name, a in labels.items():
+        if a.ndim == 0 or len(a) != len(x):
+            raise DataError(f"{role} labels `{name}` in `{origin}` must have one entry per sample, {len(x)} "
+                            f"(got shape {a.shape})")
+    y = labels.get("y")
+    accuracy_labels = y if y is not None and y.ndim == 1 and np.issubdtype(y.dtype, np.integer) else None  # classes
+    return Dataset(np.ascontiguousarray(x), accuracy_labels, origin, labels=labels)

@@ -102,7 +102,14 @@ class _Output:
 
 def _alerts(report: dict) -> str:
     """Beside the verdict: recovery's line per artifact, the warnings, and whether host parity is a proxy."""
-    items = [f"<li class='recovery'>{_e(a['recovery']['summary'])}</li>" for a in report["artifacts"] if a.get("recovery")]
+    items = []
+    if report.get("metric"):
+        m = report["metric"]
+        scores = "; ".join(f"{a['name']} {_num(a['parity']['metric'].get('value'))} ({'pass' if a['parity']['metric'].get('passed') else 'fail' if a['parity']['metric'].get('passed') is False else 'not judged'})"
+                           for a in report["artifacts"] if a["parity"].get("metric"))
+        items.append(f"<li class='metric'>metric <code>{_e(m['name'])}</code> (tolerance {m['max_drop']:g} {_e(m['drop_is'])}): "
+                     f"FP32 {_num(m['fp32'])}; {_e(scores)}</li>")
+    items += [f"<li class='recovery'>{_e(a['recovery']['summary'])}</li>" for a in report["artifacts"] if a.get("recovery")]
     items += [f"<li class='warning'>⚠ {_e(w)}</li>" for w in report["warnings"]]
     cpu = report.get("cpu") or {}
     if cpu.get("proxy") and not cpu.get("target_isa"):  # an x86 mismatch is among the warnings already
@@ -120,6 +127,10 @@ def _latency_table(rows) -> str:
         body.append(f"<tr><td>{_e(name)}</td><td>{one['p50_ms']:.3f}</td><td>{one['p95_ms']:.3f}</td><td>{one['p99_ms']:.3f}</td>"
                     f"<td>{b['best_batch'] if b['best_batch'] is not None else 'none fits'}</td><td>{mem}</td><td>{b['threads']}</td></tr>")
     return f"<table>{head}{''.join(body)}</table>"
+
+
+def _num(v) -> str:
+    return "n/a" if v is None else (v if isinstance(v, str) else f"{v:.6g}")
 
 
 def _memory(n: int | None) -> str:
@@ -222,7 +233,7 @@ td:first-child,th:first-child{text-align:left}tr.primary{background:#eef6ee}.row
 figure{margin:0}svg text{font-size:12px}svg .title{font-weight:600}code{background:#f4f4f4;padding:0 3px}
 ul.alerts{list-style:none;padding:0}ul.alerts li{padding:6px 10px;margin:4px 0;border-radius:4px}
 li.warning{background:#fff4d6;border-left:4px solid #e0a100}li.recovery{background:#eaf2fb;border-left:4px solid #4e79a7}
-li.proxy{background:#f1f1f1;border-left:4px solid #999}tr.output td{color:#555;font-size:13px}"""
+li.proxy{background:#f1f1f1;border-left:4px solid #999}li.metric{background:#eef6ee;border-left:4px solid #59a14f;font-weight:600}tr.output td{color:#555;font-size:13px}"""
 
 SCRIPT = """window.addEventListener('load',function(){var out={};
 document.querySelectorAll('svg.chart').forEach(function(svg){var n=0;

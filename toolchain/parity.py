@@ -71,6 +71,7 @@ class Parity:
     failures: tuple[str, ...] = ()  # what failed, in words (prefixed by the output when there are several)
     samples: int = 0
     outputs: tuple[OutputParity, ...] = ()
+    metric: dict | None = None  # the user's metric: value, drop, tolerance, passed (see toolchain.metric)
 
 
 Outputs = list  # one numpy array per model output, batch first
@@ -117,10 +118,14 @@ def check_reference(reference: Outputs, roles: Sequence[OutputRole]) -> None:
 
 
 def compare(reference: Outputs | np.ndarray, output: Outputs | np.ndarray, labels: np.ndarray | None,
-            thresholds: ParityThresholds | None, roles: Sequence[OutputRole] | None = None) -> Parity:
+            thresholds: ParityThresholds | None, roles: Sequence[OutputRole] | None = None, metric=None,
+            all_labels: Mapping[str, np.ndarray] | None = None) -> Parity:
     """Metrics of every output against FP32's; judged against ``thresholds`` unless None.
 
     Labels go with the first classification output; FP32's accuracy is taken on the same samples.
+    With the user's ``metric`` (a :class:`toolchain.metric.Metric`), it decides the verdict instead
+    of the thresholds, together with the sanity checks (finite values, outputs and shapes), which
+    always apply; the other metrics are still reported.
     """
     reference, output = _as_list(reference), _as_list(output)
     roles = tuple(roles) if roles is not None else resolve_roles(reference, [str(i) for i in range(len(reference))], {})
@@ -128,11 +133,28 @@ def compare(reference: Outputs | np.ndarray, output: Outputs | np.ndarray, label
     if len(output) != len(reference):
         failure = f"the artifact gives {len(output)} outputs, FP32 gives {len(reference)}"
         return Parity(*(float("nan"),) * 4, None, None, False, (failure,), len(reference[0]), ())
+    judge = None if metric is not None else thresholds
     per_output = tuple(
-        _compare_one(r, reference[r.index], output[r.index], labels if r.index == labelled else None, thresholds)
+        _compare_one(r, reference[r.index], output[r.index], labels if r.index == labelled else None, judge)
         for r in roles
     )
-    return _aggregate(per_output, labelled, len(reference[0]))
+    parity = _aggregate(per_output, labelled, len(reference[0]))
+    if metric is None:
+        return parity
+    return _with_metric(parity, metric, output, [r.name for r in roles], all_labels or {}, thresholds is not None)
+
+
+def _with_metric(parity: Parity, metric, output: Outputs, names: list[str], labels, judged: bool) -> Parity:
+    from .metric import score
+
+    if parity.passed is False:  # non-finite or misshapen: the sanity checks failed, the score would mean nothing
+        return dataclasses.replace(parity, metric={**metric.to_json(), "value": None, "drop": None, "passed": False})
+    value, _ = score(metric.fn, metric.name, output, names, labels)
+    ok, failure = metric.judge(value)
+    record = {**metric.to_json(), "value": value, "drop": metric.drop(value), "passed": ok if judged else None}
+    if not judged:
+        return dataclasses.replace(parity, metric=record)
+    return dataclasses.replace(parity, metric=record, passed=ok, failures=(failure,) if failure else ())
 
 
 def accuracy_of(outputs: Outputs | np.ndarray, labels: np.ndarray | None, roles: Sequence[OutputRole] | None = None) -> float | None:

@@ -68,7 +68,8 @@ class Attempt:
         p = self.parity
         return {"what": self.what, "calibration": self.calibration, "float_layers": list(self.float_layers),
                 "passed": p.passed, "failures": list(p.failures), "sqnr_db": p.sqnr_db, "cosine": p.cosine,
-                "top1_agreement": p.top1_agreement, "accuracy": p.accuracy, "latency_ms": self.latency_ms,
+                "top1_agreement": p.top1_agreement, "accuracy": p.accuracy,
+                "metric": None if p.metric is None else p.metric.get("value"), "latency_ms": self.latency_ms,
                 "size_bytes": self.size_bytes, "seconds": round(self.seconds, 2)}
 
 

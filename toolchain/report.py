@@ -68,6 +68,7 @@ class Report:
     warnings: tuple[str, ...]
     build_seconds: float
     cpu: dict[str, Any] | None = None  # host CPU, target instruction set, whether host parity is a proxy
+    metric: dict[str, Any] | None = None  # the user's metric: name, FP32 score, tolerance
 
     @property
     def passed(self) -> bool | None:
@@ -93,7 +94,7 @@ class Report:
             "artifacts": [a.to_json() for a in self.artifacts],
             "parity_judged": self.thresholds is not None,
             "parity_thresholds": dataclasses.asdict(self.thresholds) if self.thresholds else None,
-            "engine": self.engine, "cpu": self.cpu, "parity_proxy": bool(self.cpu and self.cpu["proxy"]),
+            "engine": self.engine, "metric": self.metric, "cpu": self.cpu, "parity_proxy": bool(self.cpu and self.cpu["proxy"]),
             "skipped": list(self.skipped), "warnings": list(self.warnings),
             "build_seconds": self.build_seconds,
         })
@@ -129,6 +130,7 @@ def markdown(report: Report) -> str:
     ]
     if report.engine:
         lines += [f"- TensorRT engine: {report.engine['status']} ({report.engine['reason']})"]
+    lines += [f"- {line}" for line in metric_lines(report)]
     lines += [f"- recovery: {line}" for line in recovery_lines(report)]
     for a in report.artifacts:
         lines += [f"- `{a.name}` {stage}: {facts_line(facts)}" for stage, facts in a.stage_facts.items()]
@@ -154,6 +156,24 @@ def table(report: Report) -> str:
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     fmt = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
     return "\n".join([fmt(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, rows)])
+
+
+def metric_lines(report: Report) -> list[str]:
+    """`metric m.py:f (higher is better, tolerance 0.01 absolute): FP32 0.955; onnx_int8 0.953 (drop 0.002) pass`."""
+    m = report.metric
+    if not m:
+        return []
+    head = (f"metric {m['name']} ({'higher' if m['higher_is_better'] else 'lower'} is better, tolerance {m['max_drop']:g} "
+            f"{m['drop_is']}): FP32 {m['fp32']:.6g}")
+    parts = []
+    for a in report.artifacts:
+        am = a.parity.metric or {}
+        if am.get("value") is None:
+            parts.append(f"{a.name} not scored (its outputs failed the sanity checks)")
+        else:
+            verdict = {True: "pass", False: "FAIL", None: "not judged"}[am["passed"]]
+            parts.append(f"{a.name} {am['value']:.6g} (drop {am['drop']:.4g}) {verdict}")
+    return [head + "; " + "; ".join(parts)]
 
 
 def recovery_lines(report: Report) -> list[str]:
@@ -213,7 +233,7 @@ def _parity_json(p: Parity) -> dict[str, Any]:
     return {
         "sqnr_db": p.sqnr_db, "cosine": p.cosine, "max_abs": p.max_abs, "mean_abs": p.mean_abs,
         "top1_agreement": p.top1_agreement, "accuracy": p.accuracy, "passed": p.passed,
-        "failures": list(p.failures), "samples": p.samples,
+        "failures": list(p.failures), "samples": p.samples, "metric": p.metric,
         "outputs": [{**dataclasses.asdict(o), "shape": list(o.shape)} for o in p.outputs],
     }
 

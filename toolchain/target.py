@@ -62,6 +62,10 @@ class ParityThresholds:
     max_accuracy_drop: float = option(0.01, "largest accuracy loss against FP32 when labels are given (absolute)")
     max_probability_error: float = option(0.05, "largest absolute error of an output whose role is probabilities")
     batch_size: int = option(32, "batch size for running the validation inputs")
+    metric: str | None = option(None, "FILE.py:function scoring outputs against the --val labels; when set, it decides the "
+                                      "verdict with the sanity checks (path relative to the profile)")
+    max_metric_drop: float = option(0.01, "largest loss of the metric against FP32")
+    metric_drop: Literal["absolute", "relative"] = option("absolute", "max_metric_drop in the metric's units, or a fraction of FP32's score")
     outputs: dict[str, Any] = option(None, "output index or name -> its role (`[parity.outputs.<key>] role = ...`); others are inferred")
 
 
