@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from toolchain.artifact import Artifact, Kind
+from toolchain.artifact import Kind
 from toolchain.examples import train
 from toolchain.stage import STAGES, Stage, StageResult, register_stage
 

@@ -2,7 +2,6 @@
 bins under INT8 fails top-1 agreement, while "within 2 bins of the truth" holds; recovery aims at
 the metric and stops as soon as it holds."""
 
-import html
 import json
 
 import numpy as np

@@ -2,8 +2,6 @@
 apart, random weights not called a pass, model files known by content, errors that say why."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest

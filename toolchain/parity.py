@@ -73,6 +73,12 @@ class Parity:
     outputs: tuple[OutputParity, ...] = ()
     metric: dict | None = None  # the user's metric: value, drop, tolerance, passed (see toolchain.metric)
 
+    @classmethod
+    def failed(cls, why: str, samples: int = 0) -> "Parity":
+        """Nothing comparable was measured (no output, or nothing built): a failure saying why."""
+        nan = float("nan")
+        return cls(nan, nan, nan, nan, None, None, False, (why,), samples, ())
+
 
 Outputs = list  # one numpy array per model output, batch first
 
@@ -131,8 +137,7 @@ def compare(reference: Outputs | np.ndarray, output: Outputs | np.ndarray, label
     roles = tuple(roles) if roles is not None else resolve_roles(reference, [str(i) for i in range(len(reference))], {})
     labelled = next((r.index for r in roles if r.role == "classification"), None) if labels is not None else None
     if len(output) != len(reference):
-        failure = f"the artifact gives {len(output)} outputs, FP32 gives {len(reference)}"
-        return Parity(*(float("nan"),) * 4, None, None, False, (failure,), len(reference[0]), ())
+        return Parity.failed(f"the artifact gives {len(output)} outputs, FP32 gives {len(reference)}", len(reference[0]))
     judge = None if metric is not None else thresholds
     per_output = tuple(
         _compare_one(r, reference[r.index], output[r.index], labels if r.index == labelled else None, judge)

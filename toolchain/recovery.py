@@ -218,10 +218,9 @@ def _ranked(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _failed_parity(why: str) -> Parity:
-    from .parity import Parity
+    from .parity import Parity  # imported here: parity imports the target profile, which imports this module
 
-    nan = float("nan")
-    return Parity(nan, nan, nan, nan, None, None, False, (why,), 0, ())
+    return Parity.failed(why)
 
 
 def write_sensitivity(folder: Path, artifact: str, outcome: Outcome, baseline: Parity) -> str | None:
