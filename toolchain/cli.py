@@ -130,8 +130,9 @@ def bench_cmd(terminal, build_dir, batch_sizes, runs, sweep_runs, threads, budge
         click.echo(json.dumps(data, indent=2))
         return
     s = data["settings"]
+    larger = f", {s['sweep_runs']} at larger batches" if max(s["batch_sizes"]) > 1 else ""
     click.echo(f"{data['target']}: input {'x'.join(map(str, data['input_shape'][1:]))}, {s['threads']} threads, "
-               f"{s['runs']} runs at batch 1 after {s['warmup']} warm-up, {s['sweep_runs']} at larger batches, budget "
+               f"{s['runs']} runs at batch 1 after {s['warmup']} warm-up{larger}, budget "
                f"{'none' if s['budget_ms'] is None else str(s['budget_ms']) + ' ms (p95)'}")
     click.echo(bench_table(data))
     if data["note"]:

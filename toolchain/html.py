@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +39,7 @@ def render(report: dict[str, Any], profiles: dict[str, dict[str, Any]], sensitiv
     tone = {True: "passed", False: "failed", None: "built"}[report["passed"]]  # the heading's colour
     parts = [
         f"<h1>{_e(report['model']['name'])} → {_e(report['target'])}: <span class='{tone}'>{verdict}</span></h1>",
-        f"<p>Model <code>{_e(report['model']['source'])}</code> (weights: {_e(report['model'].get('weights', ''))}), input "
-        f"{'x'.join(map(str, report['model']['input_shape']))}; primary artifact: <b>{_e(report['primary'] or 'none')}</b>; "
-        f"built in {report['build_seconds']} s.</p>",
+        _model_line(report),
         _alerts(report),
         _parity_table(report),
         "<h2>Latency and size, FP32 vs each artifact</h2><div class='row'>",
@@ -70,6 +69,14 @@ def render(report: dict[str, Any], profiles: dict[str, dict[str, Any]], sensitiv
 
 def _e(v: Any) -> str:
     return html.escape(str(v))
+
+
+def _model_line(report: dict) -> str:
+    """Source, weights, input, primary artifact, build time; the weights text has parentheses of its own."""
+    m = report["model"]
+    weights = f"; weights: {_e(m['weights'])}" if m.get("weights") else ""
+    return (f"<p>Model <code>{_e(m['source'])}</code>{weights}; input {'x'.join(map(str, m['input_shape']))}; "
+            f"primary artifact: <b>{_e(report['primary'] or 'none')}</b>; built in {report['build_seconds']} s.</p>")
 
 
 def _parity_table(report: dict) -> str:
@@ -118,7 +125,7 @@ def _alerts(report: dict) -> str:
 
 
 def _latency_table(rows) -> str:
-    head = "<tr><th></th><th>p50 ms</th><th>p95 ms</th><th>p99 ms</th><th>best batch</th><th>peak memory MB</th><th>threads</th></tr>"
+    head = "<tr><th></th><th>p50 ms</th><th>p95 ms</th><th>p99 ms</th><th>best batch</th><th title='resident memory the model adds while loading and running (its runtime library already loaded)'>peak memory MB</th><th>threads</th></tr>"
     body = []
     for name, r in rows:
         b = r["bench"]
@@ -134,10 +141,11 @@ def _num(v) -> str:
 
 
 def _memory(n: int | None) -> str:
-    """Resident memory added; pages a runtime reuses from earlier work are not new, so a small model can add none."""
+    """Resident memory the model added (its runtime's library loaded beforehand); n/a where the
+    system cannot say, "< 0.1" rather than 0.0 for a tiny model."""
     if n is None:
-        return "n/a"
-    return f"{n / 2**20:.1f}" if n >= 2**20 / 10 else "<span title='resident memory added while loading and running: under 0.1 MB (pages already resident are reused)'>&lt; 0.1</span>"
+        return "<span title='this system does not report a resident-memory high-water mark'>n/a</span>"
+    return f"{n / 2**20:.1f}" if n >= 2**20 / 10 else "<span title='resident memory added while loading and running: under 0.1 MB'>&lt; 0.1</span>"
 
 
 def _short(name: str, limit: int) -> str:
@@ -145,20 +153,25 @@ def _short(name: str, limit: int) -> str:
 
 
 def _bars(chart: str, title: str, values: list[tuple[str, float]], fmt: str, scale: float = 1.0, label_w: int = PAD,
-          limit: int = 24, base: float = 0.0) -> str:
-    """One bar per (full name, value), its length from ``base``; labels longer than ``limit`` end in
-    an ellipsis, the full name is in the bar's tooltip and its data-label."""
+          limit: int | None = None, base: float = 0.0, labels: list[str] | None = None) -> str:
+    """One bar per (full name, value), its length from ``base``; labels longer than ``limit``
+    (default: what fits in ``label_w``) end in an ellipsis, the full name is in the label's and
+    the bar's tooltip and in its data-label. Each bar is followed by its value with its unit
+    (``fmt``), or by ``labels[i]`` where given."""
+    limit = limit or (label_w - 8) // 7  # 12 px text: about 7 px a character
+    texts = labels or [fmt.format(v * scale) for _, v in values]
     top = max(((v - base) * scale for _, v in values), default=0) or 1.0
-    span = W - label_w - 90
+    span = W - label_w - 12 - 7 * max(map(len, texts), default=0)  # room for the longest value after its bar
     marks = []
     for i, (name, value) in enumerate(values):
         y = 24 + i * ROW
         w = max(1.0, (value - base) * scale / top * span)
+        shown = _e(texts[i])
         marks.append(
             f"<text x='{label_w - 6}' y='{y + 14}' text-anchor='end'><title>{_e(name)}</title>{_e(_short(name, limit))}</text>"
             f"<rect class='bar' data-chart='{chart}' data-label='{_e(name)}' data-value='{value}' x='{label_w}' y='{y + 2}' "
-            f"width='{w:.1f}' height='{ROW - 6}' fill='{COLORS[i % len(COLORS)]}'><title>{_e(name)}: {fmt.format(value * scale)}</title></rect>"
-            f"<text x='{label_w + w + 4:.1f}' y='{y + 14}'>{fmt.format(value * scale)}</text>")
+            f"width='{w:.1f}' height='{ROW - 6}' fill='{COLORS[i % len(COLORS)]}'><title>{_e(name)}: {shown}</title></rect>"
+            f"<text x='{label_w + w + 4:.1f}' y='{y + 14}'>{shown}</text>")
     height = 30 + len(values) * ROW
     return (f"<figure><svg class='chart' data-chart='{chart}' width='{W}' height='{height}' viewBox='0 0 {W} {height}'>"
             f"<text x='0' y='14' class='title'>{_e(title)}</text>{''.join(marks)}</svg></figure>")
@@ -168,35 +181,83 @@ def _throughput(series: list[tuple[str, list[dict]]]) -> str:
     """Samples per second: bars when the target runs one batch size, lines over batch sizes otherwise."""
     batches = sorted({p["batch_size"] for _, pts in series for p in pts})
     if len(batches) == 1:
-        bars = _bars("throughput", f"samples / s at batch {batches[0]}", [(n, pts[0]["throughput"]) for n, pts in series], "{:,.1f} /s")
+        bars = _bars("throughput", f"samples / s at batch {batches[0]}", [(n, pts[0]["throughput"]) for n, pts in series], "{:,.1f} samples/s")
         return bars.replace("class='bar' data-chart='throughput'", f"class='bar' data-chart='throughput' data-batch='{batches[0]}'")
     return _lines("throughput", "samples / s by batch size", series)
 
 
 DASHES = ["", "6 3", "2 3", "8 3 2 3", "1 2", "10 4"]
+MARKERS = ["circle", "square", "triangle", "diamond", "down", "plus"]  # with DASHES: series told apart without colour
+_CORNERS = {  # marker outlines in units of the marker's radius
+    "square": [(-0.9, -0.9), (0.9, -0.9), (0.9, 0.9), (-0.9, 0.9)],
+    "triangle": [(0, -1.2), (1.1, 0.9), (-1.1, 0.9)],
+    "diamond": [(0, -1.3), (1.3, 0), (0, 1.3), (-1.3, 0)],
+    "down": [(0, 1.2), (1.1, -0.9), (-1.1, -0.9)],
+    "plus": [(-0.4, -1.1), (0.4, -1.1), (0.4, -0.4), (1.1, -0.4), (1.1, 0.4), (0.4, 0.4), (0.4, 1.1), (-0.4, 1.1),
+             (-0.4, 0.4), (-1.1, 0.4), (-1.1, -0.4), (-0.4, -0.4)],
+}
+
+
+def _marker(shape: str, x: float, y: float, r: float) -> str:
+    """SVG path data of a marker about 2r across, centred on (x, y)."""
+    if shape == "circle":
+        return f"M{x - r:.1f},{y:.1f}a{r},{r} 0 1 0 {2 * r},0a{r},{r} 0 1 0 {-2 * r},0z"
+    return "M" + "L".join(f"{x + dx * r:.1f},{y + dy * r:.1f}" for dx, dy in _CORNERS[shape]) + "z"
+
+
+def _y_axis(values: list[float]) -> tuple[Any, list[float], bool]:
+    """(position 0..1 of a value, tick values, log scale?). Logarithmic where the values span more
+    than 20x, so that a slow runtime's line does not lie flat along the axis under a fast one's."""
+    shown = [v for v in values if v > 0 and math.isfinite(v)] or [1.0]
+    lo, hi = min(shown), max(shown)
+    if hi / lo > 20:
+        first, last = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
+        return lambda v: (math.log10(v) - first) / (last - first) if v > 0 else 0.0, [10.0 ** k for k in range(first, last + 1)], True
+    step = 10 ** math.floor(math.log10(hi / 4))
+    step *= next(m for m in (1, 2, 2.5, 5, 10) if hi / 4 <= step * m)
+    ticks = [i * step for i in range(math.ceil(hi / step - 1e-9) + 1)]
+    return lambda v: v / ticks[-1], ticks, False
+
+
+def _axes(x_of: dict[int, float], y_of: dict[float, float], box: tuple[float, float, float, float], y_title: str) -> list[str]:
+    """Grid lines and tick labels at ``y_of``'s values, batch sizes along x, both axes titled."""
+    left, top, right, bottom = box
+    tick = lambda t: f"{t:,.0f}" if t >= 10 else f"{t:g}"
+    marks = [f"<line x1='{left}' y1='{y:.1f}' x2='{right}' y2='{y:.1f}' stroke='#eee'/>"
+             f"<text x='{left - 6}' y='{y + 4:.1f}' text-anchor='end'>{tick(t)}</text>" for t, y in y_of.items()]
+    marks += [f"<text x='{x:.1f}' y='{bottom + 18}' text-anchor='middle'>{b}</text>" for b, x in x_of.items()]
+    middle = (top + bottom) / 2
+    return marks + [
+        f"<line x1='{left}' y1='{bottom}' x2='{right}' y2='{bottom}' stroke='#999'/><line x1='{left}' y1='{top}' x2='{left}' y2='{bottom}' stroke='#999'/>",
+        f"<text class='axis' x='{(left + right) / 2:.0f}' y='{bottom + 36}' text-anchor='middle'>batch size (samples per run)</text>",
+        f"<text class='axis' x='16' y='{middle:.0f}' text-anchor='middle' transform='rotate(-90 16 {middle:.0f})'>{_e(y_title)}</text>"]
 
 
 def _lines(chart: str, title: str, series: list[tuple[str, list[dict]]]) -> str:
+    """A line per series over the batch sizes, each with its own colour, dash and marker shape;
+    series are set a few pixels apart along x so that equal values stay visible side by side."""
     batches = sorted({p["batch_size"] for _, pts in series for p in pts})
-    top = max((p["throughput"] for _, pts in series for p in pts), default=0) or 1.0
-    left, right, h, bottom, plot_top = 70, W + 160, 280, 30, 40
-    x_of = {b: left + (i + 0.5) * (right - left - 180) / len(batches) for i, b in enumerate(batches)}
-    y_of = lambda v: plot_top + (h - plot_top) * (1 - v / top)
-    marks = [f"<line x1='{left}' y1='{h}' x2='{right - 180}' y2='{h}' stroke='#999'/>",
-             f"<line x1='{left}' y1='{plot_top}' x2='{left}' y2='{h}' stroke='#999'/>"]
-    marks += [f"<text x='{x:.1f}' y='{h + 18}' text-anchor='middle'>batch {b}</text>" for b, x in x_of.items()]
-    marks += [f"<text x='{left - 6}' y='{y_of(v) + 4:.1f}' text-anchor='end'>{v:,.0f}</text>" for v in (0, top / 2, top)]
+    position, ticks, log = _y_axis([p["throughput"] for _, pts in series for p in pts])
+    left, plot_right, legend, top, h = 80, W - 20, W - 4, 40, 280
+    x_of = {b: left + (i + 0.5) * (plot_right - left) / len(batches) for i, b in enumerate(batches)}
+    y_of = lambda v: h - (h - top) * min(1.0, max(0.0, position(v)))
+    marks = _axes(x_of, {t: y_of(t) for t in ticks}, (left, top, plot_right, h), f"samples / s{' (log scale)' if log else ''}")
     for i, (name, pts) in enumerate(series):
-        color, dash, radius = COLORS[i % len(COLORS)], DASHES[i % len(DASHES)], max(3, 7 - i)  # earlier series drawn larger: none hides another
-        coords = [(x_of[p["batch_size"]], y_of(p["throughput"]), p) for p in pts]
+        color, dash, shape = COLORS[i % len(COLORS)], DASHES[i % len(DASHES)], MARKERS[i % len(MARKERS)]
+        dx = (i - (len(series) - 1) / 2) * 5
+        coords = [(x_of[p["batch_size"]] + dx, y_of(p["throughput"]), p) for p in pts]
         if len(coords) > 1:
             marks.append(f"<polyline fill='none' stroke='{color}' stroke-width='2' stroke-dasharray='{dash}' "
                          f"points='{' '.join(f'{x:.1f},{y:.1f}' for x, y, _ in coords)}'/>")
-        marks += [f"<circle class='point' data-chart='{chart}' data-label='{_e(name)}' data-batch='{p['batch_size']}' data-value='{p['throughput']}' "
-                  f"cx='{x:.1f}' cy='{y:.1f}' r='{radius}' fill='{color}' fill-opacity='0.8'><title>{_e(name)}, batch {p['batch_size']}: {p['throughput']:,.1f} samples/s "
-                  f"(p50 {p['p50_ms']:.3f} ms)</title></circle>" for x, y, p in coords]
-        marks.append(f"<text x='{right - 170}' y='{plot_top + i * 18}' fill='{color}'>■ {_e(name)}</text>")
-    return (f"<figure><svg class='chart' data-chart='{chart}' width='{right}' height='{h + bottom}' viewBox='0 0 {right} {h + bottom}'>"
+        marks += [f"<path class='point' data-chart='{chart}' data-label='{_e(name)}' data-batch='{p['batch_size']}' data-value='{p['throughput']}' "
+                  f"d='{_marker(shape, x, y, 5)}' fill='{color}' stroke='#fff' stroke-width='1'><title>{_e(name)}, batch {p['batch_size']}: "
+                  f"{p['throughput']:,.1f} samples/s (p50 {p['p50_ms']:.3f} ms)</title></path>" for x, y, p in coords]
+        y = top + i * 20
+        marks.append(f"<line x1='{legend}' y1='{y}' x2='{legend + 28}' y2='{y}' stroke='{color}' stroke-width='2' stroke-dasharray='{dash}'/>"
+                     f"<path d='{_marker(shape, legend + 14, y, 5)}' fill='{color}' stroke='#fff'/>"
+                     f"<text x='{legend + 34}' y='{y + 4}'><title>{_e(name)}</title>{_e(_short(name, 20))}</text>")
+    width, height = W + 160, max(h, top + 20 * len(series)) + 46
+    return (f"<figure><svg class='chart' data-chart='{chart}' width='{width}' height='{height}' viewBox='0 0 {width} {height}'>"
             f"<text x='0' y='14' class='title'>{_e(title)}</text>{''.join(marks)}</svg></figure>")
 
 
@@ -206,14 +267,16 @@ def _sensitivity(name: str, data: dict) -> str:
     if not rows:
         return ""
     chart = _bars(f"sensitivity:{name}", f"{name}: SQNR gain with one layer in float (dB), most sensitive first",
-                  rows, "{:+.1f} dB", label_w=230, limit=32, base=min(0.0, min(v for _, v in rows)))
+                  rows, "{:+.1f} dB", label_w=230, base=min(0.0, min(v for _, v in rows)))
     return f"<h2>Sensitivity of {_e(name)}</h2>{chart}"
 
 
 def _operators(name: str, profile: dict) -> str:
+    """The top operators' self time per run in ms, each with its share of the profiled total."""
     ops = profile["operators"][:8]
-    chart = _bars(f"operators:{name}", f"{name} — {profile['tool']}: self time per run (ms), {profile['total_ms']:.3f} ms in all",
-                  [(o["name"], o["self_ms"]) for o in ops], "{:.3f} ms", label_w=210, limit=30)
+    chart = _bars(f"operators:{name}", f"{name} — {profile['tool']}: self time per run (ms, % of {profile['total_ms']:.3f} ms)",
+                  [(o["name"], o["self_ms"]) for o in ops], "{:.3f} ms", label_w=230,
+                  labels=[f"{o['self_ms']:.3f} ms · {o['share']:.1%}" for o in ops])
     return chart.replace("<figure>", f"<figure data-profile='{_e(name)}'>", 1)
 
 
@@ -222,7 +285,8 @@ def _notes(report: dict) -> str:
     items += [f"<li><code>{_e(a['name'])}</code> {_e(stage)}: {_e(facts_line(facts))}</li>"
               for a in report["artifacts"] for stage, facts in a.get("stage_facts", {}).items()]
     if report.get("engine"):
-        items.append(f"<li>TensorRT engine: {_e(report['engine']['status'])} ({_e(report['engine'].get('reason', ''))})</li>")
+        reason = report["engine"].get("reason")
+        items.append(f"<li>TensorRT engine: {_e(report['engine']['status'])}{': ' + _e(reason) if reason else ''}</li>")
     return f"<h2>Notes</h2><ul>{''.join(items)}</ul>" if items else ""
 
 
@@ -230,7 +294,7 @@ CSS = """body{font:14px system-ui,sans-serif;margin:24px;color:#222;max-width:12
 h1{font-size:20px}h2{font-size:16px;margin-top:28px}.passed{color:#2a7}.failed{color:#c33}.built{color:#a70}
 table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ddd;padding:3px 8px;text-align:right}
 td:first-child,th:first-child{text-align:left}tr.primary{background:#eef6ee}.row{display:flex;flex-wrap:wrap;gap:12px}
-figure{margin:0}svg text{font-size:12px}svg .title{font-weight:600}code{background:#f4f4f4;padding:0 3px}
+figure{margin:0}svg text{font-size:12px}svg .title{font-weight:600}svg .axis{fill:#555}code{background:#f4f4f4;padding:0 3px}
 ul.alerts{list-style:none;padding:0}ul.alerts li{padding:6px 10px;margin:4px 0;border-radius:4px}
 li.warning{background:#fff4d6;border-left:4px solid #e0a100}li.recovery{background:#eaf2fb;border-left:4px solid #4e79a7}
 li.proxy{background:#f1f1f1;border-left:4px solid #999}li.metric{background:#eef6ee;border-left:4px solid #59a14f;font-weight:600}tr.output td{color:#555;font-size:13px}"""
