@@ -21,7 +21,7 @@ log = logging.getLogger("toolchain")
 def measure_build(folder: Path, names: tuple[str, ...] = (), progress=None) -> dict[str, str]:
     """Write `sensitivity/<artifact>.json` for ``names`` (default: every artifact with a
     quantization stage); returns artifact -> file, relative to ``folder``."""
-    from .build import BuildContext, Pipeline, expected_outputs, make_trial, prepare_inputs
+    from .build import BuildContext, Pipeline, expected_outputs, make_trial, prepare_inputs, quantizable_layers
     from .load import load_model, settle_random_batchnorm
     from .pipeline import plan
     from .recovery import measure, recoverable_stage, write_sensitivity
@@ -52,18 +52,9 @@ def measure_build(folder: Path, names: tuple[str, ...] = (), progress=None) -> d
             chain = chains[name]
             log.info("sensitivity of %s", name)
             trial = make_trial(pipeline, chain, loaded.artifact, profile, profile.parity, inputs, expected)
-            outcome, baseline = measure(chain.stages, trial, lambda stage: _layers(pipeline, chain, loaded.artifact, stage))
+            outcome, baseline = measure(chain.stages, trial, lambda stage: quantizable_layers(pipeline, chain, loaded.artifact, stage))
             written[name] = write_sensitivity(folder, name, outcome, baseline)
     return written
-
-
-def _layers(pipeline, chain, source, stage):
-    from .pipeline import Plan
-    from .recovery import recoverable_stage
-
-    index = recoverable_stage(chain.stages)
-    before = pipeline.run(Plan(chain.name, chain.spec, chain.stages[:index]), source)[0] if index else source
-    return stage.layers(before, pipeline.ctx)
 
 
 def _check_unchanged(folder: Path, target_file: str) -> None:
