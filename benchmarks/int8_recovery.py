@@ -29,6 +29,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import toolchain  # noqa: E402
+from tests.models import bn_after_relu, depthwise_hardswish  # noqa: E402  (the failure-mode tests' models)
 from toolchain.examples import digits_data, train  # noqa: E402
 
 SIZE = 32
@@ -52,21 +53,6 @@ class Outliers(nn.Module):
             self.hidden.bias[64:] *= 1e-3
             self.head.weight[:, 64:] *= 1e3
         return self
-
-
-def depthwise_hardswish():
-    def block(c_in, c_out, stride):
-        return [nn.Conv2d(c_in, c_in, 3, stride, 1, groups=c_in), nn.BatchNorm2d(c_in), nn.Hardswish(),
-                nn.Conv2d(c_in, c_out, 1), nn.BatchNorm2d(c_out), nn.Hardswish()]
-    return nn.Sequential(nn.Conv2d(1, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.Hardswish(), *block(16, 32, 1), *block(32, 64, 2),
-                         *block(64, 96, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(96, 10))
-
-
-def bn_after_relu():
-    def block(c_in, c_out):
-        return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(c_out)]
-    return nn.Sequential(*block(1, 32), nn.MaxPool2d(2), *block(32, 64), nn.MaxPool2d(2), *block(64, 64),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
 
 
 def data():

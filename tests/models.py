@@ -145,3 +145,62 @@ def bin_estimator(x: np.ndarray, epochs: int = 20) -> nn.Module:
     centers = torch.arange(BINS, dtype=torch.float32)
     target = torch.softmax(-((centers[None] - torch.from_numpy(bins_of(x)).float()[:, None]) ** 2) / (2 * 2.0**2) * 4, 1)
     return train(model, x, None, epochs=epochs, loss=lambda out, idx: -(target[idx] * torch.log_softmax(out, 1)).sum(1).mean())
+
+
+def depthwise_hardswish() -> nn.Sequential:
+    """MobileNet-style: depthwise 3x3 + pointwise 1x1 blocks with BatchNorm and HardSwish."""
+    def block(c_in, c_out, stride):
+        return [nn.Conv2d(c_in, c_in, 3, stride, 1, groups=c_in), nn.BatchNorm2d(c_in), nn.Hardswish(),
+                nn.Conv2d(c_in, c_out, 1), nn.BatchNorm2d(c_out), nn.Hardswish()]
+    return nn.Sequential(nn.Conv2d(1, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.Hardswish(), *block(16, 32, 1), *block(32, 64, 2),
+                         *block(64, 96, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(96, 10))
+
+
+def bn_after_relu() -> nn.Sequential:
+    """Conv -> ReLU -> BatchNorm blocks: the BatchNorm cannot be folded into the convolution before it,
+    and its output (shifted, both signs) gets an INT8 range of its own."""
+    def block(c_in, c_out):
+        return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(c_out)]
+    return nn.Sequential(*block(1, 32), nn.MaxPool2d(2), *block(32, 64), nn.MaxPool2d(2), *block(64, 64),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+
+
+PITCH_RATE, PITCH_FRAME, PITCH_BINS = 8000, 1024, 120  # 20-cent bins from 110 Hz: two octaves, as pitch trackers use
+
+
+def pitch_frames(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Audio frames (n, 1, 1024) of a harmonic tone with noise, and the 20-cent bin of its pitch."""
+    rng = np.random.default_rng(seed)
+    label = rng.integers(0, PITCH_BINS, n)
+    f0 = 110 * 2 ** ((label * 20 + rng.uniform(-5, 5, n)) / 1200)
+    t = np.arange(PITCH_FRAME) / PITCH_RATE
+    x = np.zeros((n, PITCH_FRAME))
+    for h in range(1, 5):
+        x += rng.uniform(0.2, 1.0, (n, 1)) / h * np.sin(2 * np.pi * h * f0[:, None] * t + rng.uniform(0, 2 * np.pi, (n, 1)))
+    x += rng.normal(0, 0.1, x.shape)
+    x /= np.abs(x).max(1, keepdims=True)
+    return x[:, None, :].astype(np.float32), label.astype(np.int64)
+
+
+class Pitch(nn.Module):
+    """A pitch tracker in the CREPE mould: a 511-tap first convolution over raw audio, Conv -> ReLU ->
+    BatchNorm -> MaxPool blocks, one sigmoid per 20-cent bin."""
+
+    def __init__(self):
+        super().__init__()
+        def block(c_in, c_out, kernel, stride):
+            return [nn.Conv1d(c_in, c_out, kernel, stride, kernel // 2), nn.ReLU(), nn.BatchNorm1d(c_out), nn.MaxPool1d(2)]
+        self.features = nn.Sequential(*block(1, 32, 511, 4), *block(32, 16, 64, 1), *block(16, 16, 32, 1),
+                                      *block(16, 32, 16, 1), nn.Flatten())
+        self.head = nn.Linear(32 * 16, PITCH_BINS)
+
+    def forward(self, x):
+        return torch.sigmoid(self.head(self.features(x)))
+
+
+def pitch_tracker(x: np.ndarray, y: np.ndarray, epochs: int = 6) -> Pitch:
+    """Trained on soft targets (a Gaussian 1.25 bins wide around the true bin), as CREPE is."""
+    bins = np.arange(PITCH_BINS)
+    target = torch.from_numpy(np.exp(-((bins[None] - y[:, None]) ** 2) / (2 * 1.25**2)).astype(np.float32))
+    torch.manual_seed(0)
+    return train(Pitch(), x, None, epochs=epochs, loss=lambda out, idx: nn.functional.binary_cross_entropy(out, target[idx]))

@@ -32,7 +32,8 @@ def _build(outlier, tmp_path, base, extra=""):
 
 @pytest.mark.parametrize("base, names", [(X86, ("torch_int8", "onnx_int8")), (XAVIER, ("onnx_int8_qdq",)),
                                          (SNAPDRAGON, ("pte_int8", "ptl_int8"))], ids=["x86", "xavier", "snapdragon"])
-def test_outlier_channels_fail_int8_and_recovery_makes_it_pass(outlier, tmp_path, base, names):
+def test_outlier_channels_are_recovered_by_equalization_with_every_layer_int8(outlier, tmp_path, base, names):
+    """Cross-layer equalization undoes the outlier scaling exactly, before any layer has to be kept in float."""
     report, folder = _build(outlier, tmp_path, base)
     data = json.loads((folder / "report.json").read_text())
     assert data["reference"]["accuracy"] > 0.95
@@ -43,19 +44,43 @@ def test_outlier_channels_fail_int8_and_recovery_makes_it_pass(outlier, tmp_path
         assert before["top1_agreement"] < 0.5, before  # all-INT8, as first built and checked in its runtime
         assert recovery["status"] == "recovered", recovery["summary"]
         assert a["parity"]["passed"] is True and a["parity"]["top1_agreement"] >= data["parity_thresholds"]["min_top1_agreement"]
-        assert a["precision"] == "mixed" and 1 <= len(a["float_layers"]) < 4  # some layers stay INT8
+        assert a["precision"] == "int8" and a["float_layers"] == []
+        assert "cross-layer equalization: top-1 agreement" in recovery["summary"], recovery["summary"]
+        assert recovery["attempts"][-1]["fixes"] == ["equalize"] and recovery["attempts"][-1]["passed"] is True
+        assert manifest["artifacts"][name]["recovery_attempts"] == recovery["attempts"]
+        quantize = next(s for s in manifest["artifacts"][name]["stages"] if s["stage"].startswith("quantize"))
+        assert quantize["options"]["equalize"] is True  # the shipped file is the equalized one
+        facts = quantize["facts"]["equalization"]
+        assert facts["pairs"] >= 1 and facts["fp32_relative_error"] <= 1e-4  # checked: the same function in FP32
+        assert html.escape(recovery["summary"]) in (folder / "report.html").read_text()
+    assert data["passed"] is True and report.passed
+
+
+@pytest.mark.parametrize("base, names", [(X86, ("torch_int8", "onnx_int8")), (XAVIER, ("onnx_int8_qdq",)),
+                                         (SNAPDRAGON, ("pte_int8",))], ids=["x86", "xavier", "snapdragon"])
+def test_without_equalization_the_most_sensitive_layers_go_to_float(outlier, tmp_path, base, names):
+    report, folder = _build(outlier, tmp_path, base, "[recovery]\nfixes = false\n")
+    data = json.loads((folder / "report.json").read_text())
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for name in names:
+        a = next(a for a in data["artifacts"] if a["name"] == name)
+        recovery = a["recovery"]
+        assert recovery["status"] == "recovered", recovery["summary"]
+        assert a["parity"]["passed"] is True and a["precision"] == "mixed" and 1 <= len(a["float_layers"]) < 4  # some layers stay INT8
         assert recovery["summary"].startswith(f"{name}: recovered — ") and "top-1 agreement" in recovery["summary"]
         assert recovery["attempts"][-1]["passed"] is True and recovery["attempts"][-1]["float_layers"] == a["float_layers"]
-        assert manifest["artifacts"][name]["recovery_attempts"] == recovery["attempts"]
+        assert not any(attempt["fixes"] for attempt in recovery["attempts"])
         sensitivity = json.loads((folder / recovery["sensitivity"]).read_text())
         assert {r["layer"] for r in sensitivity["layers"]} >= {a["float_layers"][0]}
         assert sensitivity["layers"][0]["layer"] == a["float_layers"][0]  # the most sensitive layer goes first
         shown = [v for chart, _, _, v in _marks(folder).marks if chart == f"sensitivity:{name}"]
         assert shown == [r["sqnr_gain_db"] for r in sensitivity["layers"] if r["sqnr_gain_db"] is not None]  # report.html
-        assert html.escape(recovery["summary"]) in (folder / "report.html").read_text()
         quantize = next(s for s in manifest["artifacts"][name]["stages"] if s["stage"].startswith("quantize"))
         assert quantize["options"]["float_layers"] == a["float_layers"]  # the shipped file is the recovered one
-    assert data["passed"] is True and report.passed
+    if base is XAVIER:  # TensorRT is told which nodes have no Q/DQ, and in which precision it runs them
+        plan = json.loads((folder / "engine_plan.json").read_text())
+        assert plan["float_layers"]["nodes"] == a["float_layers"] and plan["float_layers"]["precision"] == "fp16"
+    assert report.passed
 
 
 def test_without_recovery_the_same_build_fails(outlier, tmp_path):

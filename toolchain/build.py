@@ -353,7 +353,8 @@ def plan_engine(profile: Target, reports: list[ArtifactReport], folder: Path, sa
     missing = {opts.engine_from, opts.calibration_from, opts.fp32_onnx} - {r.name for r in reports}
     if missing:
         return {"status": "not planned", "verified": False, "reason": f"artifacts not built: {', '.join(sorted(missing))}"}
-    engine = write_plan(folder, opts, sample_shape)
+    float_layers = next(r.float_layers for r in reports if r.name == opts.engine_from)
+    engine = write_plan(folder, opts, sample_shape, float_layers)
     log.info("TensorRT engine: %s (%s)", engine["status"], engine["reason"])
     return engine
 

@@ -8,8 +8,9 @@
    can act on: the gain of each possible single move from the artifact that failed.
 2. Recovery (profile `[recovery]`, on by default, within `max_float_layers` and `max_seconds`):
    a. the backend's other calibration methods;
-   b. the most sensitive layers kept in float, one more at a time in sensitivity order, until
-      parity holds or the budget is spent.
+   b. the stage's function-preserving fixes (cross-layer equalization), on the best calibration;
+   c. the most sensitive layers kept in float, one more at a time in sensitivity order, until
+      parity holds or the budget is spent, on top of the best of a and b.
    Every attempt is recorded (what, its parity, latency and size). The thresholds never move:
    an artifact that no attempt brings within them still fails, with the best attempt's numbers.
 
@@ -44,8 +45,12 @@ log = logging.getLogger("toolchain")
 class RecoveryOptions:
     enabled: bool = option(True, "try to bring an INT8 artifact that misses parity within the thresholds")
     calibrations: bool = option(True, "first try the backend's other calibration methods")
+    fixes: bool = option(True, "then the stage's function-preserving fixes (cross-layer equalization)")
     max_float_layers: int = option(8, "most layers kept in floating point (one layer always stays INT8)")
     max_seconds: float = option(600.0, "time budget per artifact, sensitivity included")
+
+
+FIX_WORDS = {"equalize": "cross-layer equalization"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,15 +63,26 @@ class Attempt:
     latency_ms: float | None
     size_bytes: int | None
     seconds: float
+    fixes: tuple[str, ...] = ()  # the stage's boolean options turned on (e.g. "equalize")
 
     @property
     def what(self) -> str:
-        layers = f" + {len(self.float_layers)} layer{'s' * (len(self.float_layers) != 1)} in float ({', '.join(self.float_layers)})" if self.float_layers else ""
-        return f"{self.calibration or 'default'} calibration{layers}"
+        parts = [f"{self.calibration} calibration"] if self.calibration else []
+        parts += [FIX_WORDS.get(f, f) for f in self.fixes]
+        if self.float_layers:
+            parts.append(f"{len(self.float_layers)} layer{'s' * (len(self.float_layers) != 1)} in float ({', '.join(self.float_layers)})")
+        return " + ".join(parts) or "default settings"
+
+    def changes(self) -> dict[str, Any]:
+        """The quantization stage's options that make this attempt's artifact."""
+        out: dict[str, Any] = {"float_layers": self.float_layers, **{f: True for f in self.fixes}}
+        if self.calibration is not None:
+            out["calibration"] = self.calibration
+        return out
 
     def to_json(self) -> dict[str, Any]:
         p = self.parity
-        return {"what": self.what, "calibration": self.calibration, "float_layers": list(self.float_layers),
+        return {"what": self.what, "calibration": self.calibration, "fixes": list(self.fixes), "float_layers": list(self.float_layers),
                 "passed": p.passed, "failures": list(p.failures), "sqnr_db": p.sqnr_db, "cosine": p.cosine,
                 "top1_agreement": p.top1_agreement, "accuracy": p.accuracy,
                 "metric": None if p.metric is None else p.metric.get("value"), "latency_ms": self.latency_ms,
@@ -124,42 +140,44 @@ def recover(stages: tuple[Stage, ...], failed: Parity, trial: Trial, layers: Cal
     base_calibration = getattr(stage.options, "calibration", None)
     attempts: list[Attempt] = []
 
-    def attempt(calibration, float_layers) -> Attempt:
-        changes = {"float_layers": tuple(float_layers)}
-        if calibration is not None:
-            changes["calibration"] = calibration
-        variant = stages[:index] + (stage.variant(**changes),) + stages[index + 1:]
+    def attempt(calibration, fixes, float_layers) -> Attempt:
+        a = Attempt(calibration, tuple(float_layers), None, None, None, 0.0, tuple(fixes))
+        variant = stages[:index] + (stage.variant(**a.changes()),) + stages[index + 1:]
         start = time.perf_counter()
         try:
             parity, latency, size = trial(variant)
         except StageError as e:
             parity, latency, size = _failed_parity(f"could not build: {e}"), None, None
-        a = Attempt(calibration, tuple(float_layers), parity, latency, size, time.perf_counter() - start)
+        a = dataclasses.replace(a, parity=parity, latency_ms=latency, size_bytes=size, seconds=time.perf_counter() - start)
         log.info("recovery: %s -> %s", a.what, "pass" if parity.passed else "; ".join(parity.failures)[:160])
         return a
 
     def done(status: str, sensitivity=(), why: str = "") -> Outcome:
         final = attempts[-1] if status == "recovered" else None
-        chain = None
-        if final is not None:
-            changes = {"float_layers": final.float_layers}
-            if final.calibration is not None:
-                changes["calibration"] = final.calibration
-            chain = stages[:index] + (stage.variant(**changes),) + stages[index + 1:]
+        chain = None if final is None else stages[:index] + (stage.variant(**final.changes()),) + stages[index + 1:]
         return Outcome(status, chain, tuple(attempts), tuple(sensitivity), why)
 
-    best_calibration, best = base_calibration, failed
+    best_calibration, best_fixes, best = base_calibration, (), failed
     if options.calibrations:
         for method in stage.calibrations():
             if method == base_calibration or time.perf_counter() > deadline:
                 continue
-            attempts.append(attempt(method, ()))
+            attempts.append(attempt(method, (), ()))
             if attempts[-1].parity.passed:
                 return done("recovered")
             if better(attempts[-1].parity, best):
                 best_calibration, best = method, attempts[-1].parity
+    if options.fixes:
+        for fix in stage.fixes():
+            if getattr(stage.options, fix) or time.perf_counter() > deadline:
+                continue
+            attempts.append(attempt(best_calibration, (*best_fixes, fix), ()))
+            if attempts[-1].parity.passed:
+                return done("recovered")
+            if better(attempts[-1].parity, best):
+                best_fixes, best = (*best_fixes, fix), attempts[-1].parity
 
-    candidates = layers(stage.variant(calibration=best_calibration) if best_calibration else stage)
+    candidates = layers(stage.variant(**Attempt(best_calibration, (), None, None, None, 0, best_fixes).changes()))
     if not candidates or options.max_float_layers < 1:
         return done("failed", why="the backend has no layer to keep in float for this model" if not candidates else "max_float_layers is 0")
     # Greedy forward selection: each round tries every remaining layer on top of those already kept in
@@ -173,7 +191,7 @@ def recover(stages: tuple[Stage, ...], failed: Parity, trial: Trial, layers: Cal
         for layer in (c for c in candidates if c not in keep):
             if time.perf_counter() > deadline:
                 return done("failed", sensitivity or _ranked(rows), f"time budget of {options.max_seconds:.0f} s spent")
-            attempts.append(attempt(best_calibration, (*keep, layer)))
+            attempts.append(attempt(best_calibration, best_fixes, (*keep, layer)))
             rows.append(_sensitivity_row(layer, attempts[-1], best))
             if attempts[-1].parity.passed:
                 return done("recovered", sensitivity or _ranked(rows))

@@ -97,13 +97,18 @@ class Recoverable:
 
     ``float_layers`` (an option of the stage) names layers kept in floating point;
     :meth:`layers` lists the names it accepts for an input; ``calibrations`` are the
-    calibration methods the backend offers (the option ``calibration`` when it has one).
+    calibration methods the backend offers (the option ``calibration`` when it has one);
+    ``fixes`` names boolean options that change the model without changing its function in
+    FP32 (e.g. ``equalize``), which recovery turns on before it keeps any layer in float.
     """
 
     def layers(self, artifact: Artifact, ctx: BuildContext) -> list[str]:
         raise NotImplementedError
 
     def calibrations(self) -> tuple[str, ...]:
+        return ()
+
+    def fixes(self) -> tuple[str, ...]:
         return ()
 
     def variant(self, **changes) -> "Stage":

@@ -45,6 +45,7 @@ class QuantizeOnnxOptions:
     preprocess: bool = option(True, "run ONNX Runtime's quantization pre-processing (shape inference, graph optimization) first")
     batch_size: int = option(32, "calibration batch size")
     float_layers: tuple[str, ...] = option((), "node names kept in floating point (no Q/DQ at their inputs); recovery sets it")
+    equalize: bool = option(False, "cross-layer equalization of Conv/Gemm/MatMul pairs first (same function in FP32); recovery tries it")
 
 
 # What recovery can keep in float: layers with weights, and the ops that quantize an activation of their
@@ -98,17 +99,25 @@ class QuantizeOnnx(Stage, Recoverable):
                 raise StageError(f"quantize_onnx: ONNX Runtime cannot quantize this model: {reason(e)}") from None
         facts = {"calibration_samples": len(ctx.calibration.x), "reduce_range": reduce_range, "ranges_reused": cached,
                  "float_layers": list(o.float_layers), **qdq_summary(path)}
+        if o.equalize:
+            facts["equalization"] = ctx.cache.get(("equalize_onnx", source.name))
         return StageResult(dataclasses.replace(artifact, path=path, precision="int8"), facts)
 
 
     def _source(self, artifact: Artifact, ctx: BuildContext) -> Path:
-        """The model quantized: ONNX Runtime's pre-processed form (kept, so variants share node names), or the input."""
-        if not self.options.preprocess:
-            return artifact.path
-        out = ctx.workdir / f"preprocessed-{artifact.sha256[:16]}.onnx"
+        """The model quantized: ONNX Runtime's pre-processed form (kept, so variants share node names)
+        or the input, equalized when the options say so."""
+        source = artifact.path
+        if self.options.preprocess:
+            source = ctx.workdir / f"preprocessed-{artifact.sha256[:16]}.onnx"
+            if not source.exists():
+                with _quiet():
+                    _preprocess_into(artifact.path, source)
+        if not self.options.equalize:
+            return source
+        out = source.with_name(f"equalized-{source.name}")
         if not out.exists():
-            with _quiet():
-                _preprocess_into(artifact.path, out)
+            ctx.cache[("equalize_onnx", out.name)] = _equalize_into(source, out, ctx)
         return out
 
     def layers(self, artifact: Artifact, ctx: BuildContext) -> list[str]:
@@ -122,6 +131,46 @@ class QuantizeOnnx(Stage, Recoverable):
 
     def calibrations(self) -> tuple[str, ...]:
         return ("minmax", "entropy", "percentile")
+
+    def fixes(self) -> tuple[str, ...]:
+        return ("equalize",)
+
+
+def _equalize_into(path: Path, out: Path, ctx: BuildContext) -> dict:
+    """Cross-layer equalization of ``path`` into ``out``, checked to compute the same function in
+    FP32 on calibration inputs (a StageError when it does not: the artifact would be wrong)."""
+    import onnx
+
+    from ..equalize import MAX_RELATIVE_ERROR, check_same, equalize_onnx
+
+    model = onnx.load(str(path))
+    pairs = equalize_onnx(model)
+    onnx.save(model, str(out))
+    error = check_same(_runner(path, ctx), _runner(out, ctx), ctx.calibration.x[:32])
+    if not error <= MAX_RELATIVE_ERROR:
+        out.unlink()
+        raise StageError(f"quantize_onnx: equalization changed the FP32 model's outputs (relative error {error:.2g}); not used")
+    return {"pairs": len(pairs), "fp32_relative_error": float(f"{error:.3g}"),
+            "layers": [f"{p.first} -> {p.second}" for p in pairs]}
+
+
+def _runner(path: Path, ctx: BuildContext):
+    """Batched FP32 runs of the model at ``path`` with ONNX Runtime on the CPU."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = ctx.threads
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    first = session.get_inputs()[0]
+    step = first.shape[0] if isinstance(first.shape[0], int) else None  # a model exported at a fixed batch
+
+    def run(x: np.ndarray) -> list[np.ndarray]:
+        size = step or 64
+        parts = [session.run(None, {first.name: np.ascontiguousarray(x[i:i + size])})
+                 for i in range(0, len(x) - (len(x) % step if step else 0), size)]
+        return [np.concatenate(outputs) for outputs in zip(*parts)]
+
+    return run
 
 
 def reduce_range_for(option: bool | None, activations: str, weights: str, isa: str | None) -> bool:

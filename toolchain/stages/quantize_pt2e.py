@@ -29,6 +29,7 @@ class QuantizePT2EOptions:
     per_channel: bool = option(True, "per-output-channel symmetric int8 weights (per-tensor when false)")
     batch_size: int = option(32, "calibration batch size (1 when the model exports only at a fixed batch)")
     float_layers: tuple[str, ...] = option((), "module names kept in floating point (left out of the quantizer); recovery sets it")
+    equalize: bool = option(False, "fuse, then cross-layer equalization of Conv/Linear pairs first (same function in FP32); recovery tries it")
 
 
 @register_stage
@@ -66,6 +67,8 @@ class QuantizePT2E(Stage, Recoverable):
         facts = {"calibration_samples": len(cal), "calibration_batch": batch, "quantizer": o.quantizer,
                  "quantize_nodes": _count(program, "quantize_per"), "per_channel": o.per_channel,
                  "float_layers": list(o.float_layers)}
+        if o.equalize:
+            facts["equalization"] = ctx.cache.get(("equalize_pt2e", artifact.sha256))
         return StageResult(dataclasses.replace(artifact, kind=Kind.EXPORTED, model=program, precision="int8"), facts)
 
 
@@ -76,9 +79,9 @@ class QuantizePT2E(Stage, Recoverable):
         (a reshape to a fixed batch) only export at batch 1."""
         import torch
 
-        key = ("quantize_pt2e", artifact.sha256)
+        key = ("quantize_pt2e", artifact.sha256, self.options.equalize)
         if key not in ctx.cache:
-            module, cal = as_module(artifact), ctx.calibration.x
+            module, cal = self._equalized(artifact, ctx) if self.options.equalize else as_module(artifact), ctx.calibration.x
             ep, batch = None, self.options.batch_size
             if len(cal) > 1:
                 with contextlib.suppress(StageError):
@@ -87,6 +90,20 @@ class QuantizePT2E(Stage, Recoverable):
                 ep, batch = export_program(module, ctx.example(), self.name), 1
             ctx.cache[key] = ep, batch
         return ctx.cache[key]
+
+    def _equalized(self, artifact: Artifact, ctx: BuildContext):
+        """The model fused (BatchNorm folded: equalization needs the convolutions next to each other)
+        and equalized; the quantizer sees the same function in FP32."""
+        from ..equalize import equalized_copy
+        from .fuse import Fuse
+
+        fused = Fuse().apply(artifact, ctx).artifact.model
+        model, facts = equalized_copy(fused, ctx.calibration.x[:32], self.name)
+        ctx.cache[("equalize_pt2e", artifact.sha256)] = facts
+        return model
+
+    def fixes(self) -> tuple[str, ...]:
+        return ("equalize",)
 
     def layers(self, artifact: Artifact, ctx: BuildContext) -> list[str]:
         """Modules whose convolutions and matrix products the quantizer annotates, by the name

@@ -37,6 +37,7 @@ class QuantizeTorchOptions:
     )
     batch_size: int = option(32, "calibration batch size")
     float_layers: tuple[str, ...] = option((), "module names kept in floating point (FX models); recovery sets it")
+    equalize: bool = option(False, "cross-layer equalization of Conv/Linear pairs first (FX models; same function in FP32); recovery tries it")
 
 
 @register_stage
@@ -68,6 +69,8 @@ class QuantizeTorch(Stage, Recoverable):
         check_kernels(model, o.engine)
         facts = {"calibration_samples": len(ctx.calibration.x), "engine": o.engine, "reduce_range": reduce_range,
                  "float_layers": list(o.float_layers)}
+        if o.equalize and artifact.kind is Kind.FX:
+            facts["equalization"] = ctx.cache.get(("equalize_fx", artifact.sha256))
         if o.engine == "qnnpack" and artifact.kind is Kind.FX:
             facts["contiguous_before_clamp"] = contiguous_before_clamp(model)
         return StageResult(dataclasses.replace(artifact, model=model, precision="int8", engine=o.engine), facts)
@@ -81,9 +84,10 @@ class QuantizeTorch(Stage, Recoverable):
         from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
         o = self.options
-        key = ("quantize_torch", artifact.sha256, o.calibration, o.percentile, o.per_channel, reduce_range, o.engine)
+        key = ("quantize_torch", artifact.sha256, o.calibration, o.percentile, o.per_channel, reduce_range, o.engine, o.equalize)
         if key not in ctx.cache:
-            prepared = prepare_fx(copy.deepcopy(artifact.model), QConfigMapping().set_global(qconfig), (batches[0][:1],))
+            model = _equalized(artifact, batches[0], ctx) if o.equalize else copy.deepcopy(artifact.model)
+            prepared = prepare_fx(model, QConfigMapping().set_global(qconfig), (batches[0][:1],))
             with torch.inference_mode():
                 _calibrate(prepared, batches, ctx)
             ctx.cache[key] = prepared
@@ -108,6 +112,17 @@ class QuantizeTorch(Stage, Recoverable):
 
     def calibrations(self) -> tuple[str, ...]:
         return typing.get_args(typing.get_type_hints(QuantizeTorchOptions)["calibration"])
+
+    def fixes(self) -> tuple[str, ...]:
+        return ("equalize",)
+
+
+def _equalized(artifact: Artifact, batch, ctx: BuildContext):
+    from ..equalize import equalized_copy
+
+    model, facts = equalized_copy(artifact.model, batch.numpy(), "quantize_torch")
+    ctx.cache[("equalize_fx", artifact.sha256)] = facts
+    return model
 
 
 def float_outputs(gm, float_layers):

@@ -112,14 +112,20 @@ def trtexec_command(plan: dict) -> list[str]:
     return cmd
 
 
-def write_plan(folder: Path, opts: TensorRTOptions, sample_shape: tuple[int, ...]) -> dict:
-    """Write the cache and plan into the build folder; return the report's `engine` entry."""
+def write_plan(folder: Path, opts: TensorRTOptions, sample_shape: tuple[int, ...], float_layers: tuple[str, ...] = ()) -> dict:
+    """Write the cache and plan into the build folder; return the report's `engine` entry.
+
+    ``float_layers``: the Q/DQ model's nodes that recovery left without Q/DQ; TensorRT runs them
+    in FP16 when the plan allows FP16, else in FP32."""
     import onnx
 
     input_name = onnx.load(str(folder / f"{opts.engine_from}.onnx"), load_external_data=False).graph.input[0].name
     scales = activation_scales(folder / f"{opts.calibration_from}.onnx")
     write_calibration_cache(folder / "calibration.cache", scales, opts.version)
     plan = engine_plan(opts, input_name, sample_shape)
+    if float_layers:
+        plan["float_layers"] = {"nodes": list(float_layers), "precision": "fp16" if opts.fp16 else "fp32",
+                                "why": "kept out of INT8 by recovery: no Q/DQ around them in the ONNX file"}
     (folder / "engine_plan.json").write_text(json.dumps(plan, indent=2) + "\n")
     return {
         "status": "pending on device",

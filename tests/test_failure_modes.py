@@ -1,0 +1,120 @@
+"""The ways real networks break INT8, each on a model trained here (the outlier channels of
+tests/test_recovery.py are the fourth): what fails is recovered, what is safe stays safe, on any
+x86 CPU (the profile's deployment instruction set, not the host's, sets the INT8 settings)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import toolchain
+from toolchain.examples import train
+
+from .conftest import SNAPDRAGON, X86, fast_profile
+from .models import bn_after_relu, depthwise_hardswish, export, pitch_frames, pitch_tracker
+
+WITHIN_2_BINS = '''
+import numpy as np
+
+def within_2_bins(outputs, labels):  # raw pitch accuracy: within 40 cents of the true pitch
+    return float(np.mean(np.abs(outputs.argmax(1) - labels) <= 2))
+'''
+
+
+def _upsampled(x: np.ndarray, size: int) -> np.ndarray:
+    return torch.nn.functional.interpolate(torch.from_numpy(x), size=(size, size), mode="bilinear").numpy()
+
+
+def _folder(tmp_path_factory, name, model, x_cal, x_val, y_val, **labels):
+    folder = tmp_path_factory.mktemp(name)
+    export(model, x_cal, folder / "model.pt2")
+    np.savez(folder / "cal.npz", x=x_cal[:256])
+    np.savez(folder / "val.npz", x=x_val, y=y_val, **labels)
+    return folder
+
+
+def _digits_build(digits_arrays, tmp_path_factory, tmp_path, make, size: int) -> tuple:
+    """``make()`` trained on digits upsampled to ``size`` x ``size`` (seeded), built for x86."""
+    x_train, x_test, y_train, y_test = digits_arrays
+    x_train, x_test = _upsampled(x_train, size), _upsampled(x_test, size)
+    torch.manual_seed(0)
+    model = train(make(), x_train, y_train, epochs=10)
+    return _build(_folder(tmp_path_factory, make.__name__, model, x_train, x_test[:512], y_test[:512]), tmp_path)
+
+
+def _build(folder, tmp_path, base=X86, extra="", **kwargs):
+    profile = fast_profile(tmp_path, 256, 512, extra, base=base, batch_sizes=None if base is not X86 else "[1, 2]")
+    report, out = toolchain.build(str(folder / "model.pt2"), str(profile), tmp_path / "out", folder / "cal.npz",
+                                  folder / "val.npz", **kwargs)
+    return report, json.loads((out / "report.json").read_text())
+
+
+def test_batchnorm_after_relu_fails_int8_and_is_recovered_on_both_x86_backends(digits_arrays, tmp_path_factory, tmp_path):
+    """Conv -> ReLU -> BatchNorm: the BatchNorm stays a layer of its own after a ReLU, and a
+    near-dead channel (variance ~1e-9) gives it a gain of ~300: its INT8 output range is
+    dominated by that channel (ONNX Runtime: SQNR ~2 dB, top-1 agreement ~66 %)."""
+    report, data = _digits_build(digits_arrays, tmp_path_factory, tmp_path, bn_after_relu, 32)
+    for name in ("torch_int8", "onnx_int8"):
+        a = next(a for a in data["artifacts"] if a["name"] == name)
+        assert a["recovery"]["before"]["top1_agreement"] < 0.99, a["recovery"]["before"]  # all-INT8 fails
+        assert a["recovery"]["status"] == "recovered" and a["parity"]["passed"] is True, a["recovery"]["summary"]
+        assert a["parity"]["top1_agreement"] >= 0.99 and a["precision"] == "mixed"
+    assert report.passed
+
+
+def test_depthwise_hardswish_passes_with_the_deployment_isa_settings(digits_arrays, tmp_path_factory, tmp_path):
+    """MobileNet-style blocks lose ~17 pt with full-range U8S8 weights on AVX2 CPUs without VNNI
+    (16-bit intermediate sums saturate). The profile deploys to `avx2`, so its INT8 settings are the
+    ones exact on every x86 CPU (7-bit weights), whatever this host has: no recovery needed."""
+    report, data = _digits_build(digits_arrays, tmp_path_factory, tmp_path, depthwise_hardswish, 16)
+    assert data["reference"]["accuracy"] > 0.9
+    for name in ("torch_int8", "onnx_int8"):
+        a = next(a for a in data["artifacts"] if a["name"] == name)
+        assert a["parity"]["passed"] is True and a["recovery"] is None and a["precision"] == "int8", a["parity"]
+        assert a["stage_facts"]["quantize_torch" if name == "torch_int8" else "quantize_onnx"]["reduce_range"] is True
+    assert report.passed
+
+
+@pytest.fixture(scope="module")
+def pitch(tmp_path_factory):
+    x, y = pitch_frames(1000, 0)
+    x_val, y_val = pitch_frames(512, 1)
+    folder = _folder(tmp_path_factory, "pitch", pitch_tracker(x, y), x, x_val, y_val)
+    (folder / "metrics.py").write_text(WITHIN_2_BINS)
+    return folder
+
+
+def test_a_pitch_tracker_with_long_1d_kernels_holds_its_pitch_accuracy_in_int8(pitch, tmp_path):
+    """A 511-tap Conv1d over raw audio, Conv -> ReLU -> BatchNorm blocks, 120 sigmoid outputs of
+    20 cents each. Top-1 agreement is the wrong yardstick here (INT8 moves the arg-max to the
+    neighbouring bin on a few % of frames at SQNR ~35 dB; no layer dominates, so no float layer
+    brings it to 99 %): the pitch tracker's own metric, raw pitch accuracy within 2 bins, decides."""
+    report, data = _build(pitch, tmp_path, metric=str(pitch / "metrics.py") + ":within_2_bins", max_metric_drop=0.01)
+    assert data["metric"]["fp32"] > 0.95
+    for name in ("torch_int8", "onnx_int8"):
+        a = next(a for a in data["artifacts"] if a["name"] == name)
+        assert a["parity"]["passed"] is True and a["parity"]["metric"]["passed"] is True, a["parity"]
+        assert a["parity"]["sqnr_db"] > 25  # the outputs are close; only near-ties between bins move
+    assert report.passed
+
+
+@pytest.fixture(scope="module")
+def pitch_on_snapdragon(pitch, tmp_path_factory):
+    _, data = _build(pitch, tmp_path_factory.mktemp("pitch_snapdragon"), SNAPDRAGON,
+                     metric=str(pitch / "metrics.py") + ":within_2_bins", max_metric_drop=0.01)
+    return data
+
+
+@pytest.mark.slow
+def test_the_pitch_tracker_on_snapdragon_qnnpack(pitch_on_snapdragon):
+    a = next(a for a in pitch_on_snapdragon["artifacts"] if a["name"] == "ptl_int8")
+    assert a["parity"]["passed"] is True, a["parity"]
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="known gap: ExecuTorch's XNNPACK lowering refuses this pt2e-quantized 1-D graph "
+                   "('Weight and Input should both be quantized'; cause not yet found): pte_int8 is skipped")
+def test_the_pitch_tracker_on_snapdragon_xnnpack(pitch_on_snapdragon):
+    names = [a["name"] for a in pitch_on_snapdragon["artifacts"]]
+    assert "pte_int8" in names, pitch_on_snapdragon.get("skipped")
