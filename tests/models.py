@@ -120,8 +120,29 @@ class CrashOnnx(Stage):
         return (3).numel()
 
 
+class UnknownOpOnnx(Stage):
+    """Writes a valid ONNX file with an operator ONNX Runtime does not have: the file builds, its
+    runtime refuses it with its own exception type (not a RuntimeError)."""
+
+    name = "unknown_op_onnx"
+    transitions = {Kind.ONNX: Kind.ONNX}
+
+    def apply(self, artifact, ctx):
+        import onnx
+        from onnx import helper
+
+        model = onnx.load(str(artifact.path))
+        out = model.graph.output[0]
+        model.graph.node.append(helper.make_node("NoSuchOp", [out.name], ["refused"], domain="toolchain.test"))
+        model.opset_import.append(helper.make_opsetid("toolchain.test", 1))
+        out.name = "refused"
+        path = ctx.workdir / "refused.onnx"
+        onnx.save(model, str(path))
+        return StageResult(dataclasses.replace(artifact, path=path))
+
+
 def register_test_stages() -> None:
-    for cls in (PoisonOnnx, CrashOnnx):
+    for cls in (PoisonOnnx, CrashOnnx, UnknownOpOnnx):
         if cls.name not in STAGES:
             register_stage(cls)
 

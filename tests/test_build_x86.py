@@ -113,6 +113,23 @@ def test_torchscript_mlp_input(digits_arrays, tmp_path):
         assert a.parity.top1_agreement >= 0.99
 
 
+def test_fuse_folds_batchnorm_into_the_convolution_of_a_torchscript_model():
+    """TorchScript's Conv-BN folding pass returns the folded module; the input module keeps its BatchNorm call."""
+    from toolchain.artifact import Artifact, Kind
+    from toolchain.stages.fuse import _count_batchnorm, _fold_torchscript
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU()).eval()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+    scripted = torch.jit.script(model)
+    folded = _fold_torchscript(Artifact(Kind.TORCHSCRIPT, "fp32", model=scripted))
+    assert folded.facts["patterns"] == {"conv-bn (folded)": 1} and _count_batchnorm(folded.artifact.model) == 0
+    x = torch.randn(4, 1, 8, 8)
+    torch.testing.assert_close(folded.artifact.model(x), model(x), rtol=1e-5, atol=1e-5)
+
+
 def test_pickled_module_with_trust(tmp_path, digits_arrays):
     from toolchain.examples import digits_cnn
 

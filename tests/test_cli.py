@@ -1,11 +1,14 @@
 """User errors: one line, exit 2, before anything slow runs, and no build folder left behind."""
 
+import importlib.util
+import json
+
 import pytest
 
 import toolchain
 from toolchain.errors import EXIT_USER_ERROR, DataError
 
-from .conftest import cli
+from .conftest import cli, fast_profile
 
 
 @pytest.mark.parametrize("shape, message", [
@@ -37,3 +40,32 @@ def test_missing_data_path_is_reported_before_the_model_loads(monkeypatch, tmp_p
 def test_bad_outputs_option(value, tmp_path):
     r = cli("build", "torchvision:squeezenet1_1", "--outputs", value)
     assert r.returncode == EXIT_USER_ERROR and "--outputs" in r.stderr and "KEY=ROLE" in r.stderr, r.stderr
+
+
+def test_doctor_lists_every_runtime_and_stage_with_versions_or_the_reason():
+    r = cli("doctor", "--json")
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    runtimes = {row["name"]: row for row in data["runtimes"]}
+    assert set(runtimes) == {"torchscript", "onnxruntime", "executorch", "lite_interpreter", "tensorrt"}
+    assert runtimes["onnxruntime"]["available"] and runtimes["onnxruntime"]["libraries"]["onnxruntime"]
+    stages = {row["name"]: row for row in data["stages"]}
+    assert {"export_onnx", "quantize_onnx", "quantize_pt2e", "lower_executorch"} <= set(stages)
+    if importlib.util.find_spec("tensorrt") is None:
+        assert runtimes["tensorrt"]["available"] is False and "tensorrt is not installed" in runtimes["tensorrt"]["reason"]
+
+
+def test_an_artifact_whose_library_is_missing_is_skipped_with_the_reason(digits, tmp_path, monkeypatch):
+    from toolchain import doctor
+
+    real = doctor.library
+    monkeypatch.setattr(doctor, "library", lambda name: doctor.Library(name, None, "pip install onnxruntime")
+                        if name == "onnxruntime" else real(name))
+    report, _ = toolchain.build(str(digits["model"]), str(fast_profile(tmp_path)), tmp_path / "out",
+                                digits["calibration"], digits["validation"])
+    skipped = {s["name"]: s["reason"] for s in report.skipped}
+    assert skipped == {
+        "onnx_fp32": "runtime `onnxruntime` is unavailable here: onnxruntime is not installed (pip install onnxruntime)",
+        "onnx_int8": "stage `quantize_onnx` is unavailable here: onnxruntime is not installed (pip install onnxruntime)",
+    }
+    assert [a.name for a in report.artifacts] == ["torch_int8"]

@@ -82,8 +82,12 @@ def test_engine_plan_and_report_never_claim_an_engine(xavier):
 
 
 def test_plan_variants():
-    assert cache_header("10.3.0") == "TRT-10300-EntropyCalibration2"
+    # NV_TENSORRT_VERSION: major*1000 + minor*100 + patch up to 8.x, major*10000 + ... from 10 on
+    assert cache_header("8.5.2") == "TRT-8502-EntropyCalibration2"
+    assert cache_header("10.3.0") == "TRT-100300-EntropyCalibration2"
     dla = engine_plan(TensorRTOptions(dla_core=0, version="8.6.1"), "input", (3, 8, 8))
+    # DLA has no dynamic dimensions: min = opt = max (TensorRT's DLA restrictions)
+    assert dla["input"]["min"] == dla["input"]["opt"] == dla["input"]["max"] == [8, 3, 8, 8] and dla["input"]["static"]
     cmd = shlex.split(dla["trtexec"])
     assert dla["onnx"] == "onnx_fp32.onnx" and "--useDLACore=0" in cmd and "--allowGPUFallback" in cmd
     assert "--calib=calibration.cache" in cmd and "--builderOptimizationLevel=3" in cmd
@@ -118,26 +122,120 @@ def test_engine_build_run_and_check_where_tensorrt_exists(xavier):
     assert check_engine(folder / "model.engine")["ok"]
 
 
-def test_engine_parity_compares_on_the_kept_samples(xavier, tmp_path, monkeypatch):
-    """`engine build`'s bookkeeping, with TensorRT's build and run stubbed: an engine whose outputs
-    equal FP32's passes, even where the kept samples' accuracy differs from the full validation set's."""
+def _copy(xavier, tmp_path):
     import shutil
-
-    from toolchain.tensorrt import device
-    from toolchain.tensorrt import engine as trt_engine
 
     folder = tmp_path / "b"
     shutil.copytree(xavier[1], folder)
+    return folder
+
+
+@pytest.mark.parametrize("version", ["8.5.2.2", "10.3.0.26", "11.0.0.11"])
+def test_engine_build_runs_end_to_end_on_each_tensorrt_version(xavier, tmp_path, monkeypatch, version):
+    """Against the fake TensorRT (tests/fake_tensorrt.py keeps the real API's contracts): build,
+    run all 32 kept inputs through a profile whose maximum batch is 16, compare, record, check."""
+    from toolchain.tensorrt.device import engine_build
+    from toolchain.tensorrt.engine import check_engine
+
+    from .fake_tensorrt import install
+
+    install(monkeypatch, version)
+    folder = _copy(xavier, tmp_path)
+    record = engine_build(folder)
+    assert record["verified"] and record["parity"]["passed"] is True, record["parity"]
+    assert record["parity"]["top1_agreement"] == 1.0 and record["tensorrt_version"] == version
+    report = json.loads((folder / "report.json").read_text())
+    assert report["engine"]["status"] == "built" and report["passed"] is True and report["verdict"] == "PASSED"
+    assert report["engine"]["plan"] == "engine_plan.json"  # the plan entry is kept
+    assert "TensorRT engine: built" in (folder / "report.html").read_text()  # the page follows report.json
+    assert check_engine(folder / "model.engine")["ok"]
+
+
+def test_a_failing_engine_fails_the_build_everywhere(xavier, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from toolchain.cli import main
+
+    from .fake_tensorrt import install
+
+    trt = install(monkeypatch)
+    trt.fault = lambda output: output * 0.5  # the engine computes something else: SQNR 6 dB
+    folder = _copy(xavier, tmp_path)
+    result = CliRunner().invoke(main, ["engine", "build", str(folder)])
+    assert result.exit_code == 3, result.output
+    report = json.loads((folder / "report.json").read_text())
+    assert report["passed"] is False and report["verdict"] == "FAILED parity"
+    assert report["engine"]["parity"]["passed"] is False and "SQNR" in report["engine"]["summary"]
+    markdown = (folder / "report.md").read_text()
+    assert markdown.splitlines()[0].endswith(": FAILED parity") and "engine: FAILED parity: SQNR" in markdown
+    assert "FAILED parity" in (folder / "report.html").read_text()
+
+
+def test_engine_parity_is_taken_on_the_kept_samples(xavier, tmp_path, monkeypatch):
+    """An engine whose outputs equal FP32's passes, even where the kept samples' accuracy differs
+    from the full validation set's."""
+    from toolchain.tensorrt.device import engine_build
+
+    from .fake_tensorrt import install
+
+    install(monkeypatch)
+    folder = _copy(xavier, tmp_path)
     kept = dict(np.load(folder / "parity_inputs.npz"))
     predicted = kept["reference"].argmax(1)
     kept["y"] = np.where(np.arange(len(predicted)) % 2 == 0, predicted, (predicted + 1) % 10)  # 50 % accuracy
     np.savez(folder / "parity_inputs.npz", **kept)
-    monkeypatch.setattr(trt_engine, "build_engine", lambda f: {"engine": "model.engine", "tensorrt_version": "stub"})
-    monkeypatch.setattr(trt_engine, "run_engine", lambda path, x: kept["reference"][: len(x)])
-    record = device.engine_build(folder)
-    assert record["verified"] and record["parity"]["passed"] is True, record["parity"]
-    assert record["parity"]["accuracy"] == pytest.approx(0.5)
-    report = json.loads((folder / "report.json").read_text())
-    assert report["engine"]["status"] == "built" and report["engine"]["parity"]["passed"] is True
-    assert report["engine"]["plan"] == "engine_plan.json"  # the plan entry is kept
-    assert "TensorRT engine: built" in (folder / "report.html").read_text()  # the page follows report.json
+    record = engine_build(folder)
+    assert record["parity"]["passed"] is True and record["parity"]["accuracy"] == pytest.approx(0.5)
+
+
+def test_a_trtexec_built_engine_is_accepted_by_the_same_tensorrt(xavier, tmp_path, monkeypatch):
+    """trtexec builds record the plan's `8.5.2`; `tensorrt.__version__` says `8.5.2.2`: the same release."""
+    from toolchain.tensorrt.device import engine_build
+    from toolchain.tensorrt.engine import check_engine
+
+    from .fake_tensorrt import install
+
+    install(monkeypatch, "8.5.2.2")
+    folder = _copy(xavier, tmp_path)
+    engine_build(folder)
+    record = json.loads((folder / "engine.json").read_text())
+    record["tensorrt_version"] = "8.5.2 (expected; trtexec)"
+    (folder / "engine.json").write_text(json.dumps(record))
+    assert check_engine(folder / "model.engine")["ok"]
+    install(monkeypatch, "8.6.1.6")
+    with pytest.raises(toolchain.ToolchainError, match="built by TensorRT 8.5.2, this is TensorRT 8.6.1.6"):
+        check_engine(folder / "model.engine")
+
+
+@pytest.mark.parametrize("version, ok", [("8.5.2.2", True), ("10.3.0.26", True), ("11.0.0.11", False)])
+def test_a_dla_engine_reads_the_calibration_cache_with_a_static_profile(xavier, tmp_path, monkeypatch, version, ok):
+    """DLA: the FP32 ONNX with the calibration cache (its header must name this TensorRT), one static
+    batch (32 kept inputs run as 4 x 8); TensorRT 11 has no implicit-INT8 calibrators."""
+    from toolchain.tensorrt.device import engine_build
+    from toolchain.tensorrt.plan import write_plan
+
+    from .fake_tensorrt import install
+
+    install(monkeypatch, version)
+    folder = _copy(xavier, tmp_path)
+    write_plan(folder, TensorRTOptions(dla_core=0, version=version.rsplit(".", 1)[0]), (1, 8, 8))
+    if not ok:
+        with pytest.raises(toolchain.ToolchainError, match="no implicit-INT8 calibrators"):
+            engine_build(folder)
+        return
+    record = engine_build(folder)
+    assert record["parity"]["passed"] is True  # the FP32 ONNX on the fake "DLA": the same outputs
+
+
+def test_a_shape_outside_the_profile_is_an_error_not_garbage(xavier, tmp_path, monkeypatch):
+    from toolchain.tensorrt.device import engine_build
+    from toolchain.tensorrt.engine import run_engine
+
+    from .fake_tensorrt import install
+
+    install(monkeypatch)
+    folder = _copy(xavier, tmp_path)
+    engine_build(folder)
+    x = np.load(folder / "parity_inputs.npz")["x"]
+    with pytest.raises(toolchain.ToolchainError, match=r"refuses input `input` of shape \(32, 1, 8, 8\)"):
+        run_engine(folder / "model.engine", x, max_batch=32)  # the profile's maximum is 16

@@ -150,6 +150,19 @@ runtime = "onnxruntime"
     assert {a.name for a in report.artifacts} == {"torch_int8", "onnx_fp32", "onnx_int8"} and report.passed
 
 
+def test_an_artifact_its_runtime_refuses_is_skipped_with_the_runtime_s_reason(digits, tmp_path):
+    """ONNX Runtime raises its own exception types (here NotImplemented for an unknown operator)."""
+    profile = fast_profile(tmp_path, extra="""
+[artifacts.onnx_refused]
+stages = ["export_onnx", "onnx_passes", "unknown_op_onnx"]
+runtime = "onnxruntime"
+""")
+    report, folder = toolchain.build(str(digits["model"]), str(profile), tmp_path / "out", digits["calibration"], digits["validation"])
+    skipped = {s["name"]: s["reason"] for s in report.skipped}
+    assert skipped["onnx_refused"].startswith("onnxruntime could not run the built file: ") and "NoSuchOp" in skipped["onnx_refused"]
+    assert not (folder / "onnx_refused.onnx").exists() and report.passed  # not shipped; the other artifacts are
+
+
 def test_fp32_nan_is_a_user_error(tmp_path):
     class Sqrt(torch.nn.Module):
         def forward(self, x):

@@ -123,7 +123,7 @@ def build(
         if engine and engine["status"] == "pending on device":
             from .tensorrt.device import save_parity_inputs
 
-            save_parity_inputs(tmp, inputs.validation.x, ref_out[0], inputs.validation.y, profile.tensorrt.parity_samples)
+            save_parity_inputs(tmp, inputs.validation.x, ref_out, roles, inputs.validation.y, profile.tensorrt.parity_samples)
         report = Report(
             target=profile.name, target_file=profile.source, model=model_facts(loaded, inputs, roles),
             reference=reference_facts(loaded, reference, inputs, profile, expected.accuracy, tmp),

@@ -169,12 +169,26 @@ def targets(verbose: bool) -> None:
     """List the target profiles (-v: each as TOML, every setting that applies, defaults included)."""
     from .target import builtin_targets, parse_target, target_toml
 
+    if verbose:
+        from .doctor import lines, report
+
+        click.echo("\n".join(f"# {line}" for line in ["this machine (toolchain doctor):", *lines(report())]) + "\n")
     for name, path in builtin_targets().items():
         t = parse_target(path)
         if verbose:
             click.echo(f"# {name}: {t.description}\n# file: {path}\n{target_toml(t)}")
         else:
             click.echo(f"{name:24} {t.description}")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def doctor(as_json: bool) -> None:
+    """What this machine can build and run: each runtime and stage, with its libraries' versions or why it is unavailable."""
+    from .doctor import lines, report
+
+    data = report()
+    click.echo(json.dumps(data, indent=2) if as_json else "\n".join(lines(data)))
 
 
 @main.group()

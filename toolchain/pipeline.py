@@ -42,12 +42,25 @@ def plan(target: Target, input_kind: Kind) -> tuple[list[Plan], list[Skipped]]:
     plans, skipped = [], []
     for name, spec in target.artifacts.items():
         stages = tuple(target.stage(s) for s in spec.stages)
-        reason = check_chain(stages, input_kind, RUNTIME_KINDS[spec.runtime], spec.runtime)
+        reason = check_chain(stages, input_kind, RUNTIME_KINDS[spec.runtime], spec.runtime) or unavailable(stages, spec.runtime)
         if reason:
             skipped.append(Skipped(name, reason))
         else:
             plans.append(Plan(name, spec, stages))
     return plans, skipped
+
+
+def unavailable(stages: tuple[Stage, ...], runtime: str) -> str | None:
+    """Why this machine cannot make or check the artifact (a library missing), else None."""
+    from .doctor import missing
+    from .runtime import RUNTIME_REQUIRES
+
+    for stage in stages:
+        why = missing(stage.requires)
+        if why:
+            return f"stage `{stage.name}` is unavailable here: {why}"
+    why = missing(RUNTIME_REQUIRES[runtime])
+    return f"runtime `{runtime}` is unavailable here: {why}" if why else None
 
 
 def check_chain(stages: tuple[Stage, ...], kind: Kind, final: Kind, runtime: str) -> str | None:

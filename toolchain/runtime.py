@@ -187,6 +187,12 @@ def _executorch(artifact: Artifact, threads: int) -> Runner:
     return run
 
 
+# The libraries each runtime needs (import names), for `toolchain doctor` and for skipping the
+# artifacts of a runtime that is missing here with the reason. TensorRT engines run on the device
+# only (`toolchain engine build`); the entry says what that needs.
+RUNTIME_REQUIRES = {"torchscript": ("torch",), "onnxruntime": ("onnxruntime",), "executorch": ("executorch",),
+                    "lite_interpreter": ("torch",), "tensorrt": ("tensorrt", "cuda")}
+
 RUNTIMES.register("torchscript", _torchscript)
 RUNTIMES.register("onnxruntime", _onnxruntime)
 RUNTIMES.register("executorch", _executorch)

@@ -26,6 +26,7 @@ class ExportOnnxOptions:
 @register_stage
 class ExportOnnx(Stage):
     name = "export_onnx"
+    requires = ("torch", "onnx")
     transitions = {Kind.EAGER: Kind.ONNX, Kind.EXPORTED: Kind.ONNX, Kind.TORCHSCRIPT: Kind.ONNX, Kind.FX: Kind.ONNX}
     Options = ExportOnnxOptions
 

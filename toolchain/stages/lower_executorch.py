@@ -36,6 +36,7 @@ class LowerExecuTorchOptions:
 @register_stage
 class LowerExecuTorch(Stage):
     name = "lower_executorch"
+    requires = ("torch", "executorch")
     transitions = {Kind.EAGER: Kind.EXECUTORCH, Kind.FX: Kind.EXECUTORCH, Kind.EXPORTED: Kind.EXECUTORCH}
     Options = LowerExecuTorchOptions
     report_facts = ("delegate_calls", "outside_delegate")

@@ -21,6 +21,7 @@ from ..stage import Stage, StageResult, register_stage
 @register_stage
 class MobilePasses(Stage):
     name = "mobile_passes"
+    requires = ("torch",)
     transitions = {Kind.TORCHSCRIPT: Kind.TORCHSCRIPT}
     report_facts = ("applied", "not_applied")
 

@@ -27,6 +27,7 @@ class OnnxPassesOptions:
 @register_stage
 class OnnxPasses(Stage):
     name = "onnx_passes"
+    requires = ("onnx", "onnxoptimizer")
     transitions = {Kind.ONNX: Kind.ONNX}
     Options = OnnxPassesOptions
 

@@ -56,6 +56,7 @@ RECOVERABLE = ("Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", 
 @register_stage
 class QuantizeOnnx(Stage, Recoverable):
     name = "quantize_onnx"
+    requires = ("onnx", "onnxruntime")
     transitions = {Kind.ONNX: Kind.ONNX}
     Options = QuantizeOnnxOptions
     report_facts = ("reduce_range",)

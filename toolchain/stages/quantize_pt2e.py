@@ -35,6 +35,7 @@ class QuantizePT2EOptions:
 @register_stage
 class QuantizePT2E(Stage, Recoverable):
     name = "quantize_pt2e"
+    requires = ("torch", "executorch", "torchao")
     transitions = {Kind.EAGER: Kind.EXPORTED, Kind.FX: Kind.EXPORTED, Kind.EXPORTED: Kind.EXPORTED}
     Options = QuantizePT2EOptions
 

@@ -43,6 +43,7 @@ class QuantizeTorchOptions:
 @register_stage
 class QuantizeTorch(Stage, Recoverable):
     name = "quantize_torch"
+    requires = ("torch",)
     transitions = {Kind.FX: Kind.FX, Kind.TORCHSCRIPT: Kind.TORCHSCRIPT}
     Options = QuantizeTorchOptions
     report_facts = ("reduce_range",)

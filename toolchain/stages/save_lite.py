@@ -19,6 +19,7 @@ from ..stage import Stage, StageResult, register_stage
 @register_stage
 class SaveLite(Stage):
     name = "save_lite"
+    requires = ("torch",)
     transitions = {Kind.TORCHSCRIPT: Kind.LITE}
 
     def apply(self, artifact: Artifact, ctx: BuildContext) -> StageResult:

@@ -14,6 +14,7 @@ from ..stage import Stage, StageResult, register_stage
 @register_stage
 class SaveTorchScript(Stage):
     name = "save_torchscript"
+    requires = ("torch",)
     transitions = {Kind.FX: Kind.TORCHSCRIPT, Kind.EAGER: Kind.TORCHSCRIPT, Kind.TORCHSCRIPT: Kind.TORCHSCRIPT}
 
     def apply(self, artifact: Artifact, ctx: BuildContext) -> StageResult:

@@ -5,27 +5,43 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import ToolchainError
 from ..html import write_html
-from ..parity import compare, resolve_roles
+from ..parity import OutputRole, compare, resolve_roles
 from ..target import ParityThresholds
 
 PARITY_INPUTS = "parity_inputs.npz"
 
 
-def save_parity_inputs(folder: Path, x: np.ndarray, reference: np.ndarray, y: np.ndarray | None, count: int) -> None:
-    """Keep a few validation inputs with the FP32 outputs, so the device can check the engine without torch."""
-    arrays = {"x": x[:count], "reference": reference[:count]}
+def save_parity_inputs(folder: Path, x: np.ndarray, reference: list[np.ndarray], roles, y: np.ndarray | None, count: int) -> None:
+    """Keep a few validation inputs with every FP32 output and its role, so the device can check
+    the engine without torch. `reference` stays the first output (older readers)."""
+    arrays = {"x": x[:count], "reference": reference[0][:count],
+              "output_names": np.array([r.name for r in roles]), "output_roles": np.array([r.role for r in roles])}
+    arrays.update({f"reference_{i}": out[:count] for i, out in enumerate(reference)})
     if y is not None:
         arrays["y"] = y[:count]
     np.savez_compressed(folder / PARITY_INPUTS, **arrays)
 
 
+def kept_outputs(data) -> tuple[list[np.ndarray], tuple[OutputRole, ...]]:
+    """The kept FP32 outputs and their roles (a folder from before roles were kept: the first output, inferred)."""
+    if "output_names" not in data:
+        return [data["reference"]], resolve_roles([data["reference"]], ["0"], {})
+    names, roles = [str(n) for n in data["output_names"]], [str(r) for r in data["output_roles"]]
+    return ([data[f"reference_{i}"] for i in range(len(names))],
+            tuple(OutputRole(i, n, r, inferred=False) for i, (n, r) in enumerate(zip(names, roles))))
+
+
 def engine_build(folder: Path, use_trtexec: bool = False) -> dict:
+    """Build the engine here; run it on the kept inputs and compare every output with FP32, the way
+    the build compares every artifact. A failure is the build's verdict too: report.json's
+    `passed` / `verdict`, report.md and report.html all say FAILED, and the CLI exits 3."""
     from . import engine as trt_engine
 
     folder = Path(folder)
@@ -33,6 +49,7 @@ def engine_build(folder: Path, use_trtexec: bool = False) -> dict:
     if not (folder / "engine_plan.json").is_file() or not report_path.is_file():
         raise ToolchainError(f"`{folder}` is not a build folder of an NVIDIA target (no engine_plan.json)")
     report = json.loads(report_path.read_text())
+    plan = json.loads((folder / "engine_plan.json").read_text())
     if use_trtexec:
         record = trt_engine.build_with_trtexec(folder)
         record["parity"] = None
@@ -40,18 +57,40 @@ def engine_build(folder: Path, use_trtexec: bool = False) -> dict:
     else:
         record = trt_engine.build_engine(folder)
         data = np.load(folder / PARITY_INPUTS)
-        outputs = trt_engine.run_engine(folder / record["engine"], data["x"])
+        reference, roles = kept_outputs(data)
+        io = plan["input"]
+        outputs = trt_engine.run_engine(folder / record["engine"], data["x"], io["max"][0], io["opt"][0] if io.get("static") else None)
         thresholds = ParityThresholds(**report["parity_thresholds"]) if report.get("parity_thresholds") else None
         labels = data["y"] if "y" in data else None
         # FP32 accuracy is taken on the same kept samples (the report's is over the whole validation set).
-        # The kept reference is the model's first output, which is what the engine runner returns.
-        declared = {k: v for k, v in ((thresholds and thresholds.outputs) or {}).items() if k == "0"}
-        roles = resolve_roles([data["reference"]], ["0"], declared)
-        parity = compare([data["reference"]], [outputs], labels, thresholds, roles)
+        parity = compare(reference, outputs, labels, thresholds, roles)
         record["parity"] = dataclasses.asdict(parity)
         record["verified"] = True
     (folder / "engine.json").write_text(json.dumps(record, indent=2, default=list) + "\n")
     report["engine"] = {**(report.get("engine") or {}), **record, "status": "built"}
+    if record["parity"] and record["parity"]["passed"] is False:
+        report["passed"], report["verdict"] = False, "FAILED parity"
+        report["engine"]["summary"] = "engine: FAILED parity: " + "; ".join(record["parity"]["failures"])
     report_path.write_text(json.dumps(report, indent=2, default=list) + "\n")
+    _update_markdown(folder / "report.md", report)
     write_html(folder, json.loads(report_path.read_text()))  # the page shows what report.json now says
     return record
+
+
+def _update_markdown(path: Path, report: dict) -> None:
+    """report.md's title carries the verdict and one line the engine: both follow report.json."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    if lines and lines[0].startswith("# "):
+        lines[0] = re.sub(r": [^:]*$", f": {report['verdict']}", lines[0])
+    engine = report["engine"]
+    parity = engine.get("parity")
+    state = "not checked (trtexec build)" if not parity else ("parity passed" if parity["passed"] else engine["summary"])
+    line = f"- TensorRT engine: built with TensorRT {engine.get('tensorrt_version')} on {engine.get('gpu', 'this device')}; {state}"
+    at = next((i for i, text in enumerate(lines) if text.startswith("- TensorRT engine:")), None)
+    if at is None:
+        lines.append(line)
+    else:
+        lines[at] = line
+    path.write_text("\n".join(lines) + "\n")

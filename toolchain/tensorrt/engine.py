@@ -3,11 +3,13 @@
 Written against the TensorRT Python API as documented for 8.5, 10 and 11:
 - 8.x needs the EXPLICIT_BATCH network flag; 10 made it the default (flag deprecated).
 - I/O by tensor name (`set_input_shape`, `set_tensor_address`, `execute_async_v3`) exists
-  from 8.5 on, so one code path runs on all three.
+  from 8.5 on, so one code path runs on all three. `set_input_shape` returns False for a shape
+  outside the optimization profile: inputs go in chunks that fit it, and a refusal is an error.
 - `builder_optimization_level` exists from 8.6; implicit INT8 calibrators were deprecated in
   10.1 and removed in 11, so DLA builds with the calibration cache need 8.x or 10.x.
 Device buffers use cuda-python (`cuda.bindings.runtime`, or `cuda.cudart` in older releases).
-This module cannot be run on machines without TensorRT; its tests skip there with the reason.
+CI runs this module against tests/fake_tensorrt.py, which keeps those contracts; the real
+library runs it where TensorRT is installed (test_tensorrt's real-engine test skips elsewhere).
 """
 
 from __future__ import annotations
@@ -153,42 +155,75 @@ def build_with_trtexec(folder: Path) -> dict:
             "sha256": hashlib.sha256(engine.read_bytes()).hexdigest(), "built_with": "trtexec"}
 
 
-def run_engine(engine_path: Path, x: np.ndarray) -> np.ndarray:
-    """Run a single-input, single-output engine on ``x`` with cuda-python buffers."""
+def run_engine(engine_path: Path, x: np.ndarray, max_batch: int, static_batch: int | None = None) -> list[np.ndarray]:
+    """Every output of a single-input engine on ``x``, in the engine's output order.
+
+    The inputs go in chunks the engine's optimization profile accepts: at most ``max_batch`` rows,
+    or exactly ``static_batch`` rows for a static (DLA) engine, the last chunk padded with copies
+    of its last row whose outputs are dropped. A shape the engine refuses is an error, not garbage.
+    """
     trt = import_tensorrt()
-    rt = cudart()
     engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(engine_path.read_bytes())
     if engine is None:
         raise ToolchainError(f"TensorRT {trt.__version__} cannot load {engine_path} (built by another version or for another GPU?)")
     context = engine.create_execution_context()
     names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-    inp = next(n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
-    out = next(n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
-    x = np.ascontiguousarray(x, dtype=trt.nptype(engine.get_tensor_dtype(inp)))
-    context.set_input_shape(inp, x.shape)
-    y = np.empty(tuple(context.get_tensor_shape(out)), dtype=trt.nptype(engine.get_tensor_dtype(out)))
+    inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+    outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+    if len(inputs) != 1:
+        raise ToolchainError(f"the engine has {len(inputs)} inputs; `engine build` checks single-input engines")
+    step = static_batch or max_batch
+    results: list[list[np.ndarray]] = [[] for _ in outputs]
+    for start in range(0, len(x), step):
+        chunk = x[start:start + step]
+        rows = len(chunk)
+        if static_batch and rows < static_batch:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], static_batch - rows, axis=0)])
+        for kept, y in zip(results, _execute(trt, engine, context, inputs[0], outputs, chunk)):
+            kept.append(y[:rows])
+    return [np.concatenate(parts) for parts in results]
+
+
+def _execute(trt, engine, context, name: str, outputs: list[str], x: np.ndarray) -> list[np.ndarray]:
+    """One execution with cuda-python buffers."""
+    rt = cudart()
+    x = np.ascontiguousarray(x, dtype=trt.nptype(engine.get_tensor_dtype(name)))
+    if not context.set_input_shape(name, x.shape):
+        raise ToolchainError(f"the engine refuses input `{name}` of shape {x.shape}: outside its optimization profile")
+    ys = [np.empty(tuple(context.get_tensor_shape(n)), dtype=trt.nptype(engine.get_tensor_dtype(n))) for n in outputs]
     stream = _check(rt.cudaStreamCreate())
-    d_in, d_out = _check(rt.cudaMalloc(x.nbytes)), _check(rt.cudaMalloc(y.nbytes))
+    device: list = []
     try:
-        _check(rt.cudaMemcpy(d_in, x.ctypes.data, x.nbytes, rt.cudaMemcpyKind.cudaMemcpyHostToDevice))
-        context.set_tensor_address(inp, int(d_in))
-        context.set_tensor_address(out, int(d_out))
+        for array in (x, *ys):
+            device.append(_check(rt.cudaMalloc(array.nbytes)))
+        _check(rt.cudaMemcpy(device[0], x.ctypes.data, x.nbytes, rt.cudaMemcpyKind.cudaMemcpyHostToDevice))
+        for tensor, address in zip((name, *outputs), device):
+            context.set_tensor_address(tensor, int(address))
         if not context.execute_async_v3(int(stream)):
             raise ToolchainError("TensorRT execution failed")
         _check(rt.cudaStreamSynchronize(stream))
-        _check(rt.cudaMemcpy(y.ctypes.data, d_out, y.nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost))
+        for y, address in zip(ys, device[1:]):
+            _check(rt.cudaMemcpy(y.ctypes.data, address, y.nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost))
     finally:
-        rt.cudaFree(d_in)
-        rt.cudaFree(d_out)
+        for address in device:
+            rt.cudaFree(address)
         rt.cudaStreamDestroy(stream)
-    return y.astype(np.float32)
+    return [y.astype(np.float32) for y in ys]
+
+
+def same_version(a: str, b: str) -> bool:
+    """Whether two TensorRT version strings name the same release: `8.5.2` (a plan, trtexec) is
+    `8.5.2.2` (`tensorrt.__version__`, four parts); compared on the parts both give."""
+    pa, pb = a.split("."), b.split(".")
+    n = min(len(pa), len(pb))
+    return n >= 3 and pa[:n] == pb[:n]
 
 
 def engine_mismatches(record: dict, tensorrt_version: str, gpu: dict) -> list[str]:
     """Why an engine described by ``record`` cannot run here (empty when it can)."""
     problems = []
     built = record.get("tensorrt_version", "").split(" ")[0]
-    if built and built != tensorrt_version:
+    if built and not same_version(built, tensorrt_version):
         problems.append(f"built by TensorRT {built}, this is TensorRT {tensorrt_version}")
     if record.get("gpu") and record["gpu"] != gpu["gpu"]:
         problems.append(f"built for {record['gpu']}, this GPU is {gpu['gpu']}")

@@ -28,7 +28,7 @@ class TensorRTOptions:
     calibration_from: str = option("onnx_int8_qdq", "Q/DQ artifact whose activation scales fill the calibration cache")
     fp32_onnx: str = option("onnx_fp32", "FP32 ONNX for implicit-INT8 / DLA builds that read the calibration cache")
     fp16: bool = option(True, "allow FP16 kernels (fallback for layers without Q/DQ)")
-    profile_batch: tuple[int, ...] = option((1, 8, 16), "optimization profile batch sizes: min, opt, max")
+    profile_batch: tuple[int, ...] = option((1, 8, 16), "TensorRT optimization profile batch sizes: min, opt, max (with a DLA core: opt only, DLA has no dynamic shapes)")
     workspace_mb: int = option(1024, "builder workspace memory pool, MiB")
     dla_core: int = option(-1, "-1: GPU only; 0 or 1: that DLA core, with GPU fallback (needs the calibration cache)")
     builder_optimization_level: int = option(3, "0-5; TensorRT 8.6 and later (ignored by 8.5)")
@@ -54,8 +54,12 @@ def activation_scales(qdq_onnx: Path) -> dict[str, float]:
 
 
 def cache_header(version: str) -> str:
+    """`TRT-<NV_TENSORRT_VERSION>-EntropyCalibration2`. NVIDIA's headers define the version integer
+    as major*1000 + minor*100 + patch up to 8.x (NvInferRuntimeCommon.h: 8.5.2 -> 8502) and as
+    major*10000 + minor*100 + patch from 10 on (NvInferRuntimeBase.h, NV_TENSORRT_VERSION_INT:
+    10.3.0 -> 100300); a cache whose header does not match the library is ignored by TensorRT."""
     major, minor, patch = (int(p) for p in (version.split(".") + ["0", "0"])[:3])
-    return f"TRT-{major * 1000 + minor * 100 + patch}-{CALIBRATOR}"
+    return f"TRT-{major * (10000 if major >= 10 else 1000) + minor * 100 + patch}-{CALIBRATOR}"
 
 
 def write_calibration_cache(path: Path, scales: dict[str, float], version: str) -> None:
@@ -77,14 +81,16 @@ def engine_plan(opts: TensorRTOptions, input_name: str, sample_shape: tuple[int,
     if len(opts.profile_batch) != 3 or not opts.profile_batch[0] <= opts.profile_batch[1] <= opts.profile_batch[2]:
         raise ToolchainError(f"tensorrt.profile_batch must be [min, opt, max] with min <= opt <= max (got {list(opts.profile_batch)})")
     dla = opts.dla_core >= 0
-    shapes = {k: [b, *sample_shape] for k, b in zip(("min", "opt", "max"), opts.profile_batch)}
+    # DLA has no dynamic dimensions: TensorRT needs min = opt = max, and runs only that shape
+    batches = (opts.profile_batch[1],) * 3 if dla else opts.profile_batch
+    shapes = {k: [b, *sample_shape] for k, b in zip(("min", "opt", "max"), batches)}
     plan = {
         "tensorrt_version": opts.version,
         "onnx": f"{opts.fp32_onnx if dla else opts.engine_from}.onnx",
         "int8_mode": "implicit (calibration cache)" if dla else "explicit (Q/DQ)",
         "calibration_cache": "calibration.cache",
         "precisions": ["int8", *(["fp16"] if opts.fp16 else [])],
-        "input": {"name": input_name, **shapes},
+        "input": {"name": input_name, **shapes, "static": dla},
         "workspace_mb": opts.workspace_mb,
         "dla_core": opts.dla_core if dla else None,
         "gpu_fallback": dla,
