@@ -138,29 +138,29 @@ runtime = "onnxruntime"
     assert "null" not in (folder / "report.json").read_text().split('"sqnr_db"')[1][:10]
 
 
-def test_a_crash_inside_a_stage_costs_only_its_artifact(digits, tmp_path):
-    profile = fast_profile(tmp_path, extra="""
-[artifacts.onnx_crashing]
-stages = ["export_onnx", "onnx_passes", "crash_onnx"]
-runtime = "onnxruntime"
-""")
-    report, _ = toolchain.build(str(digits["model"]), str(profile), tmp_path / "out", digits["calibration"], digits["validation"])
-    skipped = {s["name"]: s["reason"] for s in report.skipped}
-    assert skipped == {"onnx_crashing": "crash_onnx crashed: AttributeError: 'int' object has no attribute 'numel'"}
-    assert {a.name for a in report.artifacts} == {"torch_int8", "onnx_fp32", "onnx_int8"} and report.passed
-
-
-def test_an_artifact_its_runtime_refuses_is_skipped_with_the_runtime_s_reason(digits, tmp_path):
-    """ONNX Runtime raises its own exception types (here NotImplemented for an unknown operator)."""
-    profile = fast_profile(tmp_path, extra="""
-[artifacts.onnx_refused]
-stages = ["export_onnx", "onnx_passes", "unknown_op_onnx"]
+def _build_with_extra_artifact(digits, tmp_path, name: str, last_stage: str):
+    """The digits build with one more ONNX artifact whose chain ends in ``last_stage``; returns its skip reason."""
+    profile = fast_profile(tmp_path, extra=f"""
+[artifacts.{name}]
+stages = ["export_onnx", "onnx_passes", "{last_stage}"]
 runtime = "onnxruntime"
 """)
     report, folder = toolchain.build(str(digits["model"]), str(profile), tmp_path / "out", digits["calibration"], digits["validation"])
     skipped = {s["name"]: s["reason"] for s in report.skipped}
-    assert skipped["onnx_refused"].startswith("onnxruntime could not run the built file: ") and "NoSuchOp" in skipped["onnx_refused"]
-    assert not (folder / "onnx_refused.onnx").exists() and report.passed  # not shipped; the other artifacts are
+    assert set(skipped) == {name} and not (folder / f"{name}.onnx").exists()  # not shipped
+    assert {a.name for a in report.artifacts} == {"torch_int8", "onnx_fp32", "onnx_int8"} and report.passed  # the others are
+    return skipped[name]
+
+
+def test_a_crash_inside_a_stage_costs_only_its_artifact(digits, tmp_path):
+    why = _build_with_extra_artifact(digits, tmp_path, "onnx_crashing", "crash_onnx")
+    assert why == "crash_onnx crashed: AttributeError: 'int' object has no attribute 'numel'"
+
+
+def test_an_artifact_its_runtime_refuses_is_skipped_with_the_runtime_s_reason(digits, tmp_path):
+    """ONNX Runtime raises its own exception types (here NotImplemented for an unknown operator)."""
+    why = _build_with_extra_artifact(digits, tmp_path, "onnx_refused", "unknown_op_onnx")
+    assert why.startswith("onnxruntime could not run the built file: ") and "NoSuchOp" in why
 
 
 def test_fp32_nan_is_a_user_error(tmp_path):
