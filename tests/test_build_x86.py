@@ -1,6 +1,7 @@
 """End to end on x86 with models trained here: parity, report contract, exit codes, clean failures."""
 
 import hashlib
+import importlib.util
 import json
 
 import numpy as np
@@ -211,3 +212,21 @@ def test_external_data_above_threshold(digits, tmp_path):
     assert fp32.size_bytes > (folder / "onnx_fp32.onnx").stat().st_size  # weights live in the .data file
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["artifacts"]["onnx_fp32"]["stages"][0]["facts"]["external_data"] is True
+
+
+@pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="openvino is not installed (pip install 'toolchain[openvino]')")
+def test_a_runtime_is_one_module_openvino_checks_the_int8_onnx(digits, tmp_path):
+    """toolchain/runtimes/openvino.py is all of OpenVINO's support: a profile names it, and the same
+    Q/DQ ONNX is loaded, checked against FP32 and benchmarked in OpenVINO's CPU plugin."""
+    profile = fast_profile(tmp_path, extra="""
+[artifacts.onnx_int8_openvino]
+description = "the INT8 Q/DQ ONNX, run by OpenVINO"
+stages = ["export_onnx", "onnx_passes", "quantize_onnx"]
+runtime = "openvino"
+""")
+    report, folder = toolchain.build(str(digits["model"]), str(profile), tmp_path / "out", digits["calibration"], digits["validation"])
+    a = next(a for a in report.artifacts if a.name == "onnx_int8_openvino")
+    assert a.runtime == "openvino" and a.format == "onnx" and a.precision == "int8" and a.profile is None
+    assert a.parity.passed is True and a.parity.top1_agreement >= 0.99 and a.bench is not None
+    same = next(b for b in report.artifacts if b.name == "onnx_int8")
+    assert (folder / a.path).read_bytes() == (folder / same.path).read_bytes()  # one file, two runtimes

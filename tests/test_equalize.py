@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from toolchain import equalize
-from toolchain.equalize import check_same, equalize_fx, equalize_onnx, equalized_copy, input_ranges, output_ranges
+from toolchain.equalize import check_same, equalize_onnx, equalized_copy, input_ranges, output_ranges
 from toolchain.errors import StageError
 
 

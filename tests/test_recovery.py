@@ -31,7 +31,8 @@ def _build(outlier, tmp_path, base, extra=""):
 
 
 @pytest.mark.parametrize("base, names", [(X86, ("torch_int8", "onnx_int8")), (XAVIER, ("onnx_int8_qdq",)),
-                                         (SNAPDRAGON, ("pte_int8", "ptl_int8"))], ids=["x86", "xavier", "snapdragon"])
+                                         pytest.param(SNAPDRAGON, ("pte_int8", "ptl_int8"), marks=pytest.mark.slow)],
+                         ids=["x86", "xavier", "snapdragon"])
 def test_outlier_channels_are_recovered_by_equalization_with_every_layer_int8(outlier, tmp_path, base, names):
     """Cross-layer equalization undoes the outlier scaling exactly, before any layer has to be kept in float."""
     report, folder = _build(outlier, tmp_path, base)

@@ -21,6 +21,7 @@ class Kind(str, Enum):
     ONNX = "onnx"
     EXECUTORCH = "executorch"  # a .pte program (XNNPACK-delegated or portable kernels)
     LITE = "torchscript-lite"  # a PyTorch Mobile lite-interpreter .ptl file
+    ENGINE = "tensorrt-engine"  # a serialized TensorRT engine, built on the device it runs on
 
     def __str__(self) -> str:
         return self.value

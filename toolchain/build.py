@@ -24,17 +24,14 @@ from .manifest import write_manifest
 from .parity import OutputRole, Parity, accuracy_of, check_reference, compare, resolve_roles, run_batched
 from .recovery import Outcome, recover, recoverable_stage, summary_line, write_sensitivity
 from .pipeline import Pipeline, Plan, Skipped, plan
-from .profiling import PROFILERS, profile_torch, write_profile
+from .profiling import profile_torch, write_profile
+from . import runtimes
 from .report import ArtifactReport, Report, mark_primary, write
 from .runtime import load_runner, output_names, reference_runner
 from .stage import reported_facts
 from .target import ParityThresholds, Target, load_target
 
 log = logging.getLogger("toolchain")
-FORMATS = {
-    "torchscript": ("torchscript", ".pt"), "onnxruntime": ("onnx", ".onnx"),
-    "executorch": ("executorch", ".pte"), "lite_interpreter": ("torchscript-lite", ".ptl"),
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -331,7 +328,7 @@ def check_model_accepts(loaded: LoadedModel, shape: tuple[int, ...]) -> list[str
 
 def ship(artifact: Artifact, runtime: str, name: str, folder: Path) -> Artifact:
     """Copy the artifact's files into the build folder under the artifact's name."""
-    dest = folder / f"{name}{FORMATS[runtime][1]}"
+    dest = folder / f"{name}{runtimes.get(runtime).suffix}"
     if artifact.has_external_data:  # ONNX external data: the model names its data file, so re-save under the new name
         import onnx
 
@@ -389,9 +386,10 @@ def check_artifact(name, artifact: Artifact, runtime: str, profile: Target, thre
                      inputs.validation.labels)
     r = profile.runtime
     log.info("profiling %s's operators", name)
-    measured = _profiled(name, lambda: PROFILERS.get(runtime)(artifact, inputs.validation.x[:1], r.profile_runs, r.threads))
+    profiler = runtimes.get(runtime).profile  # None: the runtime has no operator profiler
+    measured = profiler and _profiled(name, lambda: profiler(artifact, inputs.validation.x[:1], r.profile_runs, r.threads))
     return ArtifactReport(
-        name=name, path=artifact.path.name, format=FORMATS[runtime][0], runtime=runtime,
+        name=name, path=artifact.path.name, format=runtimes.get(runtime).format, runtime=runtime,
         precision=artifact.precision, engine=artifact.engine, size_bytes=artifact.size_bytes(),
         sha256=artifact.sha256, bench=timed, parity=parity, profile=measured and write_profile(measured, folder, name),
     )

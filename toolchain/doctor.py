@@ -17,6 +17,7 @@ LIBRARIES = {
     "onnxruntime": ("onnxruntime", "pip install onnxruntime"),
     "executorch": ("executorch", "pip install executorch (Linux/macOS, Python 3.10-3.12)"),
     "torchao": ("torchao", "installed with executorch"),
+    "openvino": ("openvino", "pip install 'toolchain[openvino]'"),
     "tensorrt": ("tensorrt", "TensorRT is not on the package registries: use JetPack on the device or NVIDIA's images"),
     "cuda": ("cuda-python", "pip install 'toolchain[tensorrt]' (cuda-python)"),
 }
@@ -52,15 +53,14 @@ def missing(requires: tuple[str, ...]) -> str | None:
 
 def report() -> dict[str, list[dict]]:
     """Every runtime and stage with the libraries it needs, and whether it is available here."""
-    from . import stages  # noqa: F401  (registers every stage; none imports its libraries at import time)
-    from .runtime import RUNTIME_REQUIRES
+    from . import runtimes, stages  # noqa: F401  (stages register themselves; none imports its libraries at import time)
     from .stage import STAGES
 
     def row(name: str, requires: tuple[str, ...]) -> dict:
         return {"name": name, "available": missing(requires) is None, "reason": missing(requires),
                 "libraries": {n: library(n).version for n in requires}}
 
-    return {"runtimes": [row(n, RUNTIME_REQUIRES[n]) for n in sorted(RUNTIME_REQUIRES)],
+    return {"runtimes": [row(n, runtimes.get(n).requires) for n in runtimes.names()],
             "stages": [row(n, STAGES.get(n).requires) for n in STAGES]}
 
 

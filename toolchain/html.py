@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .report import facts_line, output_label, parity_verdict
+from .words import facts_line, output_label, parity_verdict
 
 W, ROW, PAD = 560, 22, 150  # chart width, bar row height, label column
 COLORS = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
+from . import runtimes
 from .artifact import Artifact, Kind
 from .context import BuildContext
 from .errors import StageError, reason
@@ -16,10 +17,6 @@ from .stage import Stage, StageRecord
 from .target import ArtifactSpec, Target
 
 log = logging.getLogger("toolchain")
-RUNTIME_KINDS = {
-    "torchscript": Kind.TORCHSCRIPT, "onnxruntime": Kind.ONNX,
-    "executorch": Kind.EXECUTORCH, "lite_interpreter": Kind.LITE,
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +39,7 @@ def plan(target: Target, input_kind: Kind) -> tuple[list[Plan], list[Skipped]]:
     plans, skipped = [], []
     for name, spec in target.artifacts.items():
         stages = tuple(target.stage(s) for s in spec.stages)
-        reason = check_chain(stages, input_kind, RUNTIME_KINDS[spec.runtime], spec.runtime) or unavailable(stages, spec.runtime)
+        reason = check_chain(stages, input_kind, runtimes.get(spec.runtime).kind, spec.runtime) or unavailable(stages, spec.runtime)
         if reason:
             skipped.append(Skipped(name, reason))
         else:
@@ -53,13 +50,12 @@ def plan(target: Target, input_kind: Kind) -> tuple[list[Plan], list[Skipped]]:
 def unavailable(stages: tuple[Stage, ...], runtime: str) -> str | None:
     """Why this machine cannot make or check the artifact (a library missing), else None."""
     from .doctor import missing
-    from .runtime import RUNTIME_REQUIRES
 
     for stage in stages:
         why = missing(stage.requires)
         if why:
             return f"stage `{stage.name}` is unavailable here: {why}"
-    why = missing(RUNTIME_REQUIRES[runtime])
+    why = missing(runtimes.get(runtime).requires)
     return f"runtime `{runtime}` is unavailable here: {why}" if why else None
 
 

@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from .bench import Bench
+from .html import write_html
 from .parity import Parity
+from .words import facts_line, output_label, parity_verdict
 
 NOT_JUDGED = "NOT JUDGED (random weights)"
 
@@ -109,7 +111,6 @@ def mark_primary(artifacts: list[ArtifactReport]) -> list[ArtifactReport]:
 
 def write(report: Report, folder: Path) -> None:
     """`report.json`, `report.md` and `report.html` (drawn from the same dictionary as the JSON)."""
-    from .html import write_html
 
     data = report.to_json()
     (folder / "report.json").write_text(json.dumps(data, indent=2) + "\n")
@@ -199,27 +200,6 @@ def _delta(row: dict[str, Any]) -> str:
     parts = [] if gain in (None, "nan") else [f"SQNR {gain:+.1f} dB"]
     parts += [] if top1 is None else [f"top-1 {top1:.1%}"]
     return ", ".join(parts) or "n/a"
-
-
-def output_label(o) -> str:
-    """`1 landmarks (regression, inferred)`: index, name where the model gives one, role."""
-    name = "" if o.name == str(o.index) else f" {o.name}"
-    return f"{o.index}{name} ({o.role}{', inferred' if o.role_inferred else ''})"
-
-
-def parity_verdict(passed: bool | None, failures) -> str:
-    return {True: "pass", None: "not judged"}.get(passed) or "FAIL: " + "; ".join(failures)
-
-
-def facts_line(facts: dict[str, Any]) -> str:
-    def one(v: Any) -> str:
-        if isinstance(v, dict):
-            return "; ".join(f"{k} ({w})" if isinstance(w, str) else f"{k} ×{w}" for k, w in v.items()) or "none"
-        if isinstance(v, (list, tuple)):
-            return ", ".join(map(str, v)) or "none"
-        return str(v)
-
-    return "; ".join(f"{k.replace('_', ' ')}: {one(v)}" for k, v in facts.items())
 
 
 def _parity_inputs(data: dict[str, Any]) -> str:

@@ -17,6 +17,8 @@ from typing import Any, Literal, Mapping
 from .data import PreprocessOptions
 from .errors import ConfigError
 from .options import option, parse_options
+from . import runtimes
+from .artifact import Kind
 from .stage import STAGES
 from .recovery import RecoveryOptions
 from .tensorrt.plan import TensorRTOptions
@@ -26,7 +28,7 @@ from .tensorrt.plan import TensorRTOptions
 @dataclasses.dataclass(frozen=True)
 class ArtifactSpec:
     stages: tuple[str, ...] = option((), "stages applied in order to the FP32 model")
-    runtime: Literal["torchscript", "onnxruntime", "executorch", "lite_interpreter"] = option("onnxruntime", "runtime the artifact is loaded and checked in")
+    runtime: str = option("onnxruntime", "runtime the artifact is loaded and checked in (`toolchain doctor` lists them)")
     description: str = option("", "what the artifact is for")
     primary: bool = option(True, "may be chosen as the primary artifact (fastest that passes parity)")
 
@@ -192,8 +194,8 @@ def _check_tensorrt(opts: TensorRTOptions | None, artifacts: Mapping[str, Artifa
         return
     for key in ("engine_from", "calibration_from", "fp32_onnx"):
         name = getattr(opts, key)
-        if artifacts.get(name) is None or artifacts[name].runtime != "onnxruntime":
-            onnx_names = [n for n, a in artifacts.items() if a.runtime == "onnxruntime"]
+        if artifacts.get(name) is None or runtimes.get(artifacts[name].runtime).kind is not Kind.ONNX:
+            onnx_names = [n for n, a in artifacts.items() if runtimes.get(a.runtime).kind is Kind.ONNX]
             raise ConfigError(f"{source}: `tensorrt.{key}` = {name!r} must name an ONNX artifact; valid: {', '.join(onnx_names)}")
 
 
@@ -204,6 +206,9 @@ def _artifact(name: str, table: Any, source: str) -> ArtifactSpec:
     for i, stage in enumerate(spec.stages):
         if stage not in STAGES:
             raise ConfigError(f"{source}: `artifacts.{name}.stages[{i}]` = {stage!r} is not a stage; valid: {', '.join(STAGES)}")
+    hosted = [n for n in runtimes.names() if runtimes.get(n).where == "host"]
+    if spec.runtime not in hosted:
+        raise ConfigError(f"{source}: `artifacts.{name}.runtime` must be one of {', '.join(hosted)} (got {spec.runtime!r})")
     return spec
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import runtimes
+from ..artifact import Artifact, Kind
 from ..errors import ToolchainError
 from ..html import write_html
 from ..parity import OutputRole, compare, resolve_roles
@@ -49,7 +51,6 @@ def engine_build(folder: Path, use_trtexec: bool = False) -> dict:
     if not (folder / "engine_plan.json").is_file() or not report_path.is_file():
         raise ToolchainError(f"`{folder}` is not a build folder of an NVIDIA target (no engine_plan.json)")
     report = json.loads(report_path.read_text())
-    plan = json.loads((folder / "engine_plan.json").read_text())
     if use_trtexec:
         record = trt_engine.build_with_trtexec(folder)
         record["parity"] = None
@@ -58,8 +59,8 @@ def engine_build(folder: Path, use_trtexec: bool = False) -> dict:
         record = trt_engine.build_engine(folder)
         data = np.load(folder / PARITY_INPUTS)
         reference, roles = kept_outputs(data)
-        io = plan["input"]
-        outputs = trt_engine.run_engine(folder / record["engine"], data["x"], io["max"][0], io["opt"][0] if io.get("static") else None)
+        engine = Artifact(Kind.ENGINE, "int8", path=folder / record["engine"])
+        outputs = runtimes.get("tensorrt").load(engine, 1)(data["x"])  # in chunks the plan's profile accepts
         thresholds = ParityThresholds(**report["parity_thresholds"]) if report.get("parity_thresholds") else None
         labels = data["y"] if "y" in data else None
         # FP32 accuracy is taken on the same kept samples (the report's is over the whole validation set).

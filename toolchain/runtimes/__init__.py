@@ -1,0 +1,59 @@
+"""The runtimes an artifact is loaded, checked and profiled in: one module each.
+
+A runtime module builds one :class:`Runtime` and registers it; nothing else in the package names
+a runtime. Adding one (say OpenVINO) is one new module here, added to ``MODULES``, and an
+artifact in a target profile whose ``runtime`` names it. Modules import their libraries only
+inside the functions that need them: listing runtimes (``toolchain targets``, ``doctor``) stays
+instant and works where a library is missing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import TYPE_CHECKING, Callable
+
+from ..artifact import Artifact, Kind
+from ..registry import Registry
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from ..profiling import Profile
+    from ..runtime import Runner
+
+MODULES = ("torchscript", "lite_interpreter", "onnxruntime", "executorch", "openvino", "tensorrt")
+
+
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+    name: str
+    kind: Kind  # what it loads: the kind an artifact's chain of stages must end in
+    format: str  # the artifact's format, as the report names it
+    suffix: str  # of the shipped file
+    requires: tuple[str, ...]  # libraries (import names): see `toolchain doctor`
+    load: Callable[[Artifact, int], "Runner"]  # (artifact, threads) -> runs a batch, returns every output
+    profile: Callable[[Artifact, "np.ndarray", int, int], "Profile"] | None = None  # (artifact, x, runs, threads)
+    where: str = "host"  # "host": checked in the build; "device": only where the target's hardware is
+
+
+RUNTIMES: Registry[Runtime] = Registry("runtime")
+
+
+def register(runtime: Runtime) -> Runtime:
+    return RUNTIMES.register(runtime.name, runtime)
+
+
+def get(name: str) -> Runtime:
+    _load_all()
+    return RUNTIMES.get(name)
+
+
+def names() -> list[str]:
+    _load_all()
+    return list(RUNTIMES)
+
+
+def _load_all() -> None:
+    for module in MODULES:
+        importlib.import_module(f"{__name__}.{module}")

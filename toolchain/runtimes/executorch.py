@@ -1,0 +1,103 @@
+"""ExecuTorch programs (`.pte`) in ExecuTorch's Python runtime: the same C++ runtime and XNNPACK
+kernels a phone runs. Profiled from an ETDump read with ExecuTorch's Inspector (delegated programs
+report XNNPACK's own operators, e.g. ``Convolution (NHWC, QC8) IGEMM``)."""
+
+from __future__ import annotations
+
+import collections
+import re
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from ..artifact import Artifact, Kind
+from . import Runtime, register
+
+_EVENT_NUMBER = re.compile(r"\s*#\d+$")
+
+
+def load_program(path: Path, threads: int, enable_etdump: bool = False):
+    """An ExecuTorch program and its ``forward`` method, with XNNPACK's thread pool (which
+    defaults to every core) set to ``threads``. Returns (program, method, planned input shape):
+    the program is memory-planned for that one shape."""
+    from executorch.extension.pybindings import portable_lib
+    from executorch.runtime import Runtime as ExecuTorchRuntime
+
+    from ..runtime import native_stderr_off
+
+    with native_stderr_off():  # the C++ runtime logs CPU probing and thread-pool resets
+        portable_lib._unsafe_reset_threadpool(threads)
+        program = ExecuTorchRuntime.get().load_program(path, enable_etdump=enable_etdump)
+        method = program.load_method("forward")
+    return program, method, tuple(method.metadata.input_tensor_meta(0).sizes())
+
+
+def load(artifact: Artifact, threads: int):
+    """Larger batches than the planned one run group by group in the planned batch size."""
+    import torch
+
+    from ..runtime import flatten_outputs, native_stderr_off
+
+    _, method, shape = load_program(artifact.path, threads)
+    with native_stderr_off():  # the first run logs XNNPACK's CPU probing
+        method.execute([torch.zeros(shape)])
+    planned = shape[0]
+
+    def run(x: np.ndarray) -> list[np.ndarray]:
+        parts = []
+        for start in range(0, len(x), planned):
+            chunk = np.ascontiguousarray(x[start:start + planned], dtype=np.float32)
+            short = planned - len(chunk)
+            if short:
+                chunk = np.concatenate([chunk, np.zeros((short, *chunk.shape[1:]), np.float32)])
+            outs = method.execute([torch.from_numpy(chunk)])
+            parts.append([t.numpy()[:planned - short] for _, t in flatten_outputs(list(outs))])
+        return [np.concatenate([p[k] for p in parts]) for k in range(len(parts[0]))]
+
+    return run
+
+
+def profile(artifact: Artifact, x: np.ndarray, runs: int, threads: int):
+    import torch
+
+    from ..profiling import WARMUP, summarize
+    from ..runtime import native_stderr_off
+
+    program, method, shape = load_program(artifact.path, threads, enable_etdump=True)
+    planned = shape[0]
+    with native_stderr_off(), tempfile.TemporaryDirectory() as tmp:
+        chunk = torch.from_numpy(np.ascontiguousarray(x[:planned], dtype=np.float32))
+        for _ in range(WARMUP + runs):
+            method.execute([chunk])
+        etdump = Path(tmp) / "run.etdp"
+        program.write_etdump_result_to_file(str(etdump), str(Path(tmp) / "debug.bin"))
+        from executorch.devtools import Inspector
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Output Buffer not found": no debug buffer asked for, timings only
+            inspector = Inspector(etdump_path=str(etdump))
+    by_op: dict[str, list] = collections.defaultdict(lambda: [0.0, 0])
+    whole = 0.0  # Method::execute spans every operator: only its time outside them is its own
+    for block in inspector.event_blocks:
+        if block.name != "Execute":
+            continue
+        for event in block.events:
+            if event.perf_data is None or event.name == "DELEGATE_CALL" and len(block.events) > 2:
+                continue
+            kept = event.perf_data.raw[WARMUP:]  # one entry per run, in order
+            if event.name == "Method::execute":
+                whole += float(sum(kept))
+                continue
+            row = by_op[_EVENT_NUMBER.sub("", event.name)]
+            row[0] += float(sum(kept))
+            row[1] += len(kept)
+    rows = [(op, ms, calls, None, None) for op, (ms, calls) in by_op.items()]
+    inside = sum(r[1] for r in rows)
+    if whole > inside:
+        rows.append(("(runtime, outside operators)", whole - inside, runs, None, None))
+    return summarize("executorch etdump", rows, runs, x[:planned], threads)
+
+
+RUNTIME = register(Runtime("executorch", Kind.EXECUTORCH, "executorch", ".pte", ("executorch",), load, profile))

@@ -1,0 +1,31 @@
+"""ONNX files in Intel's OpenVINO CPU plugin (optional: `pip install 'toolchain[openvino]'`).
+
+OpenVINO reads the Q/DQ ONNX as it is and runs the quantized parts in INT8 (its FakeQuantize
+transformations), so an artifact chain that ends in `quantize_onnx` ships to OpenVINO unchanged;
+what differs is the runtime that loads and checks it. This module is the whole of OpenVINO's
+support: the runtime it registers is what a target profile names (`runtime = "openvino"`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..artifact import Artifact, Kind
+from . import Runtime, register
+
+
+def load(artifact: Artifact, threads: int):
+    import openvino as ov
+
+    core = ov.Core()
+    compiled = core.compile_model(str(artifact.path), "CPU", {"INFERENCE_NUM_THREADS": threads})
+    request = compiled.create_infer_request()
+
+    def run(x: np.ndarray) -> list[np.ndarray]:
+        request.infer([np.ascontiguousarray(x, dtype=np.float32)])
+        return [np.array(request.get_output_tensor(i).data) for i in range(len(compiled.outputs))]
+
+    return run
+
+
+RUNTIME = register(Runtime("openvino", Kind.ONNX, "onnx", ".onnx", ("openvino",), load))

@@ -1,0 +1,28 @@
+"""The words the terminal, report.md and report.html share: a parity verdict, an output's label,
+a stage's facts. One place, so the three renderings never disagree (and report.html's module
+does not import the report's)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def output_label(o) -> str:
+    """`1 landmarks (regression, inferred)`: index, name where the model gives one, role."""
+    name = "" if o.name == str(o.index) else f" {o.name}"
+    return f"{o.index}{name} ({o.role}{', inferred' if o.role_inferred else ''})"
+
+
+def parity_verdict(passed: bool | None, failures) -> str:
+    return {True: "pass", None: "not judged"}.get(passed) or "FAIL: " + "; ".join(failures)
+
+
+def facts_line(facts: dict[str, Any]) -> str:
+    def one(v: Any) -> str:
+        if isinstance(v, dict):
+            return "; ".join(f"{k} ({w})" if isinstance(w, str) else f"{k} ×{w}" for k, w in v.items()) or "none"
+        if isinstance(v, (list, tuple)):
+            return ", ".join(map(str, v)) or "none"
+        return str(v)
+
+    return "; ".join(f"{k.replace('_', ' ')}: {one(v)}" for k, v in facts.items())
