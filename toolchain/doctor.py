@@ -18,6 +18,7 @@ LIBRARIES = {
     "executorch": ("executorch", "pip install executorch (Linux/macOS, Python 3.10-3.12)"),
     "torchao": ("torchao", "installed with executorch"),
     "openvino": ("openvino", "pip install 'toolchain[openvino]'"),
+    "onnxruntime_qnn": ("onnxruntime-qnn", "pip install 'toolchain[qnn]' (x86-64 Linux, glibc >= 2.35)"),
     "tensorrt": ("tensorrt", "TensorRT is not on the package registries: use JetPack on the device or NVIDIA's images"),
     "cuda": ("cuda-python", "pip install 'toolchain[tensorrt]' (cuda-python)"),
 }

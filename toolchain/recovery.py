@@ -50,7 +50,7 @@ class RecoveryOptions:
     max_seconds: float = option(600.0, "time budget per artifact, sensitivity included")
 
 
-FIX_WORDS = {"equalize": "cross-layer equalization"}
+FIX_WORDS = {"equalize": "cross-layer equalization", "a16w8": "16-bit activations (A16W8)"}
 
 
 @dataclasses.dataclass(frozen=True)

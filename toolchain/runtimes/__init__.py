@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from ..profiling import Profile
     from ..runtime import Runner
 
-MODULES = ("torchscript", "lite_interpreter", "onnxruntime", "executorch", "openvino", "tensorrt")
+MODULES = ("torchscript", "lite_interpreter", "onnxruntime", "executorch", "openvino", "qnn", "tensorrt")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,30 @@
+"""EPContext ONNX files with a Hexagon (HTP) context binary, run on the build host through the
+QNN execution provider's HTP library (host HTP emulation, onnxruntime-qnn): the same compiled
+context a phone runs, so its outputs are the phone's; its host latency says nothing about the phone."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..artifact import Artifact, Kind
+from . import Runtime, register
+
+
+def load(artifact: Artifact, threads: int):
+    import onnxruntime as ort
+
+    from ..runtime import native_stderr_off
+    from ..stages.compile_qnn import htp_session_options
+
+    with native_stderr_off():  # the QNN SDK's native logging
+        session = ort.InferenceSession(str(artifact.path), htp_session_options())
+    name = session.get_inputs()[0].name
+
+    def run(x: np.ndarray) -> list[np.ndarray]:  # compiled for batch 1
+        parts = [session.run(None, {name: np.ascontiguousarray(x[i:i + 1], dtype=np.float32)}) for i in range(len(x))]
+        return [np.concatenate([p[k] for p in parts]) for k in range(len(parts[0]))]
+
+    return run
+
+
+RUNTIME = register(Runtime("qnn", Kind.ONNX, "onnx-epcontext", ".onnx", ("onnxruntime", "onnxruntime_qnn"), load))
