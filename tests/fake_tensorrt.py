@@ -96,7 +96,7 @@ def _tensorrt(version: str) -> types.ModuleType:
             self.network.inputs = [i.name for i in model.graph.input if i.name not in inits]
             return True
 
-    class Profile:
+    class OptimizationProfile:
         def __init__(self):
             self.shapes = {}
 
@@ -161,7 +161,7 @@ def _tensorrt(version: str) -> types.ModuleType:
             return Config()
 
         def create_optimization_profile(self):
-            return Profile()
+            return OptimizationProfile()
 
         def build_serialized_network(self, network, config):
             if not config.profiles or set(config.profiles[0].shapes) != set(network.inputs):

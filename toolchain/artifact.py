@@ -40,7 +40,7 @@ class Artifact:
     lineage: tuple[str, ...] = ()
     model: Any = dataclasses.field(default=None, compare=False, repr=False)
     path: Path | None = None
-    engine: str | None = None  # the quantized engine a torch INT8 model was packed for
+    quantized_engine: str | None = None  # the kernels an INT8 model is packed or lowered for: a torch quantized engine (x86, fbgemm, qnnpack) or an ExecuTorch backend (xnnpack); not a TensorRT engine
 
     def files(self) -> list[Path]:
         """The files that make up the artifact on disk (ONNX external data included)."""

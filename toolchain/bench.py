@@ -172,7 +172,7 @@ def bench_build(folder: Path, batch_sizes: tuple[int, ...] | None = None, runs: 
 
     results = {}
     for a in artifacts:
-        artifact = Artifact(runtimes.get(a["runtime"]).kind, a["precision"], path=folder / a["path"], engine=a["engine"])
+        artifact = Artifact(runtimes.get(a["runtime"]).kind, a["precision"], path=folder / a["path"], quantized_engine=a["engine"])
         if not artifact.path.is_file():
             raise ToolchainError(f"{folder}: artifact file `{a['path']}` is missing")
         log.info("timing %s", a["name"])

@@ -390,7 +390,7 @@ def check_artifact(name, artifact: Artifact, runtime: str, profile: Target, thre
     measured = profiler and _profiled(name, lambda: profiler(artifact, inputs.validation.x[:1], r.profile_runs, r.threads))
     return ArtifactReport(
         name=name, path=artifact.path.name, format=runtimes.get(runtime).format, runtime=runtime,
-        precision=artifact.precision, engine=artifact.engine, size_bytes=artifact.size_bytes(),
+        precision=artifact.precision, quantized_engine=artifact.quantized_engine, size_bytes=artifact.size_bytes(),
         sha256=artifact.sha256, bench=timed, parity=parity, profile=measured and write_profile(measured, folder, name),
     )
 

@@ -31,7 +31,7 @@ class OperatorTime:
 
 
 @dataclasses.dataclass(frozen=True)
-class Profile:
+class OperatorProfile:
     tool: str
     runs: int
     batch_size: int
@@ -44,7 +44,7 @@ class Profile:
         return dataclasses.asdict(self)
 
 
-def summarize(tool: str, rows: list[tuple[str, float, float, Any, Any]], runs: int, x: np.ndarray, threads: int) -> Profile:
+def summarize(tool: str, rows: list[tuple[str, float, float, Any, Any]], runs: int, x: np.ndarray, threads: int) -> OperatorProfile:
     """``rows`` are (name, total self ms, total calls, input shapes, memory bytes) over all runs."""
     total = sum(r[1] for r in rows) / runs
     ops = sorted(rows, key=lambda r: -r[1])
@@ -53,10 +53,10 @@ def summarize(tool: str, rows: list[tuple[str, float, float, Any, Any]], runs: i
                      shapes, None if mem is None else int(mem / runs))
         for name, ms, calls, shapes, mem in ops[:TOP]
     )
-    return Profile(tool, runs, len(x), threads, round(total, 4), len(rows), top)
+    return OperatorProfile(tool, runs, len(x), threads, round(total, 4), len(rows), top)
 
 
-def profile_torch(call: Callable[[Any], Any], x: np.ndarray, runs: int, threads: int) -> Profile:
+def profile_torch(call: Callable[[Any], Any], x: np.ndarray, runs: int, threads: int) -> OperatorProfile:
     import torch
     from torch.profiler import ProfilerActivity, profile, schedule
 
@@ -80,7 +80,7 @@ def profile_torch(call: Callable[[Any], Any], x: np.ndarray, runs: int, threads:
     return summarize("torch.profiler", rows, runs, x, threads)
 
 
-def write_profile(profile: Profile, folder: Path, name: str) -> str:
+def write_profile(profile: OperatorProfile, folder: Path, name: str) -> str:
     """Write ``profiles/<name>.json``; returns its path relative to the build folder."""
     (folder / "profiles").mkdir(exist_ok=True)
     rel = f"profiles/{name}.json"

@@ -27,7 +27,7 @@ class ArtifactReport:
     format: str
     runtime: str
     precision: str
-    engine: str | None
+    quantized_engine: str | None  # torch INT8: the quantized engine its weights are packed for (JSON: `engine`)
     size_bytes: int
     sha256: str
     bench: Bench  # latency percentiles at batch 1, the batch sweep, peak memory
@@ -46,7 +46,7 @@ class ArtifactReport:
     def to_json(self) -> dict[str, Any]:
         return {
             "name": self.name, "path": self.path, "format": self.format, "runtime": self.runtime,
-            "precision": self.precision, "engine": self.engine, "size_bytes": self.size_bytes,
+            "precision": self.precision, "engine": self.quantized_engine, "size_bytes": self.size_bytes,
             "sha256": self.sha256, "primary": self.primary,
             "latency_ms": self.bench.batch1.p50_ms, "latency_p95_ms": self.bench.batch1.p95_ms,
             "latency_p99_ms": self.bench.batch1.p99_ms,

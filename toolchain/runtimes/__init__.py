@@ -19,7 +19,7 @@ from ..registry import Registry
 if TYPE_CHECKING:
     import numpy as np
 
-    from ..profiling import Profile
+    from ..profiling import OperatorProfile
     from ..runtime import Runner
 
 MODULES = ("torchscript", "lite_interpreter", "onnxruntime", "executorch", "openvino", "qnn", "tensorrt")
@@ -33,7 +33,7 @@ class Runtime:
     suffix: str  # of the shipped file
     requires: tuple[str, ...]  # libraries (import names): see `toolchain doctor`
     load: Callable[[Artifact, int], "Runner"]  # (artifact, threads) -> runs a batch, returns every output
-    profile: Callable[[Artifact, "np.ndarray", int, int], "Profile"] | None = None  # (artifact, x, runs, threads)
+    profile: Callable[[Artifact, "np.ndarray", int, int], "OperatorProfile"] | None = None  # (artifact, x, runs, threads)
     where: str = "host"  # "host": checked in the build; "device": only where the target's hardware is
 
 

@@ -74,7 +74,7 @@ class LowerExecuTorch(Stage):
             "outside_delegate": dict(sorted(outside.items())),
         }
         return StageResult(dataclasses.replace(artifact, kind=Kind.EXECUTORCH, model=None, path=path,
-                                               engine=self.options.backend), facts)
+                                               quantized_engine=self.options.backend), facts)
 
 
 def _ops(graph) -> dict[str, int]:

@@ -74,7 +74,7 @@ class QuantizeTorch(Stage, Recoverable):
             facts["equalization"] = ctx.cache.get(("equalize_fx", artifact.sha256))
         if o.engine == "qnnpack" and artifact.kind is Kind.FX:
             facts["contiguous_before_clamp"] = contiguous_before_clamp(model)
-        return StageResult(dataclasses.replace(artifact, model=model, precision="int8", engine=o.engine), facts)
+        return StageResult(dataclasses.replace(artifact, model=model, precision="int8", quantized_engine=o.engine), facts)
 
 
     def _quantize_fx(self, artifact: Artifact, qconfig, batches, ctx: BuildContext, reduce_range: bool):

@@ -27,8 +27,8 @@ class SaveLite(Stage):
 
         model = artifact.model if artifact.model is not None else torch.jit.load(str(artifact.path))
         path = ctx.workdir / f"{artifact.precision}-{artifact.sha256[:12]}.ptl"
-        if artifact.engine:
-            torch.backends.quantized.engine = artifact.engine
+        if artifact.quantized_engine:
+            torch.backends.quantized.engine = artifact.quantized_engine
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
