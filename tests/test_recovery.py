@@ -115,3 +115,48 @@ def test_sensitivity_command_measures_each_layer_of_a_build(outlier, tmp_path):
     (folder.parent / "fast.toml").write_text((folder.parent / "fast.toml").read_text() + "\n# edited\n")
     r = cli("sensitivity", str(folder))
     assert r.returncode == 2 and "has changed or gone since the build" in r.stderr
+
+
+def test_bias_correction_removes_the_mean_error_quantization_adds(digits, tmp_path):
+    """On the calibration inputs it is measured on, each corrected layer's per-channel mean error
+    against FP32 shrinks (what bias correction is for), and the model still computes with it."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    from toolchain.bias_correction import _biased_layers, _channel_means, _exposing, correct_biases
+    from toolchain.runtimes.onnxruntime import session
+
+    _, folder = toolchain.build(str(digits["model"]), str(fast_profile(tmp_path)), tmp_path / "out",
+                                digits["calibration"], digits["validation"])
+    fp32 = folder / "onnx_fp32.onnx"
+    x = np.load(digits["calibration"])["x"][:128]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([x[i:i + 32] for i in range(0, len(x), 32)])
+
+        def get_next(self):
+            batch = next(self.batches, None)
+            return None if batch is None else {"input": batch}
+
+    qdq = tmp_path / "qdq.onnx"
+    quantize_static(str(fp32), str(qdq), Reader(), quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+
+    def run(model):
+        path = tmp_path / "probe.onnx"
+        onnx.save(model, str(path))
+        return session(path, 1).run(None, {"input": x})
+
+    def mean_errors():
+        layers = _biased_layers(onnx.load(str(qdq)))
+        reference = {n.name: n.output[0] for n in onnx.load(str(fp32)).graph.node}  # the same layer, by node name
+        want = _channel_means(run(_exposing(onnx.load(str(fp32)), [reference[node.name] for node, _, _ in layers])))
+        got = _channel_means(run(_exposing(onnx.load(str(qdq)), [node.output[0] for node, _, _ in layers])))
+        return np.array([np.abs(w - g).mean() for w, g in zip(want, got)])
+
+    before = mean_errors()
+    facts = correct_biases(fp32, qdq, run)
+    after = mean_errors()
+    assert facts["layers"] == len(before) >= 3
+    assert after.sum() < 0.5 * before.sum(), (before, after)

@@ -8,7 +8,8 @@
    can act on: the gain of each possible single move from the artifact that failed.
 2. Recovery (profile `[recovery]`, on by default, within `max_float_layers` and `max_seconds`):
    a. the backend's other calibration methods;
-   b. the stage's function-preserving fixes (cross-layer equalization), on the best calibration;
+   b. the stage's fixes, one at a time, each kept if it helps: cross-layer equalization (the same
+      function in FP32), bias correction (ONNX Runtime), 16-bit activations (QNN HTP);
    c. the most sensitive layers kept in float, one more at a time in sensitivity order, until
       parity holds or the budget is spent, on top of the best of a and b.
    Every attempt is recorded (what, its parity, latency and size). The thresholds never move:
@@ -45,12 +46,12 @@ log = logging.getLogger("toolchain")
 class RecoveryOptions:
     enabled: bool = option(True, "try to bring an INT8 artifact that misses parity within the thresholds")
     calibrations: bool = option(True, "first try the backend's other calibration methods")
-    fixes: bool = option(True, "then the stage's function-preserving fixes (cross-layer equalization)")
+    fixes: bool = option(True, "then the stage's fixes: cross-layer equalization, bias correction, 16-bit activations (HTP)")
     max_float_layers: int = option(8, "most layers kept in floating point (one layer always stays INT8)")
     max_seconds: float = option(600.0, "time budget per artifact, sensitivity included")
 
 
-FIX_WORDS = {"equalize": "cross-layer equalization", "a16w8": "16-bit activations (A16W8)"}
+FIX_WORDS = {"equalize": "cross-layer equalization", "bias_correction": "bias correction", "a16w8": "16-bit activations (A16W8)"}
 
 
 @dataclasses.dataclass(frozen=True)

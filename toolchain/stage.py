@@ -99,8 +99,8 @@ class Recoverable:
     ``float_layers`` (an option of the stage) names layers kept in floating point;
     :meth:`layers` lists the names it accepts for an input; ``calibrations`` are the
     calibration methods the backend offers (the option ``calibration`` when it has one);
-    ``fixes`` names boolean options that change the model without changing its function in
-    FP32 (e.g. ``equalize``), which recovery turns on before it keeps any layer in float.
+    ``fixes`` names boolean options that recovery turns on, one at a time, before it keeps any
+    layer in float (e.g. ``equalize``, ``bias_correction``).
     """
 
     def layers(self, artifact: Artifact, ctx: BuildContext) -> list[str]:

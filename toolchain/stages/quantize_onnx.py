@@ -46,6 +46,7 @@ class QuantizeOnnxOptions:
     batch_size: int = option(32, "calibration batch size")
     float_layers: tuple[str, ...] = option((), "node names kept in floating point (no Q/DQ at their inputs); recovery sets it")
     equalize: bool = option(False, "cross-layer equalization of Conv/Gemm/MatMul pairs first (same function in FP32); recovery tries it")
+    bias_correction: bool = option(False, "shift each Conv/Gemm bias by the mean error quantization adds on calibration inputs; recovery tries it")
 
 
 # What recovery can keep in float: layers with weights, and the ops that quantize an activation of their
@@ -102,6 +103,10 @@ class QuantizeOnnx(Stage, Recoverable):
                  "float_layers": list(o.float_layers), **qdq_summary(path)}
         if o.equalize:
             facts["equalization"] = ctx.cache.get(("equalize_onnx", source.name))
+        if o.bias_correction:
+            from ..bias_correction import correct_biases
+
+            facts["bias_correction"] = correct_biases(source, path, lambda model: _runner(model, ctx)(ctx.calibration.x[:128]))
         return StageResult(dataclasses.replace(artifact, path=path, precision="int8"), facts)
 
 
@@ -134,7 +139,7 @@ class QuantizeOnnx(Stage, Recoverable):
         return ("minmax", "entropy", "percentile")
 
     def fixes(self) -> tuple[str, ...]:
-        return ("equalize",)
+        return ("equalize", "bias_correction")
 
 
 def _equalize_into(path: Path, out: Path, ctx: BuildContext) -> dict:
@@ -155,13 +160,15 @@ def _equalize_into(path: Path, out: Path, ctx: BuildContext) -> dict:
             "layers": [f"{p.first} -> {p.second}" for p in pairs]}
 
 
-def _runner(path: Path, ctx: BuildContext):
-    """Batched FP32 runs of the model at ``path`` with ONNX Runtime on the CPU."""
+def _runner(model, ctx: BuildContext):
+    """Batched runs of a model (a path or a ModelProto) with ONNX Runtime on the CPU."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = ctx.threads
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    options.log_severity_level = 3
+    source = model.SerializeToString() if hasattr(model, "SerializeToString") else str(model)
+    session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     first = session.get_inputs()[0]
     step = first.shape[0] if isinstance(first.shape[0], int) else None  # a model exported at a fixed batch
 
