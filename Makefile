@@ -24,7 +24,7 @@ demo: $(STAMP)
 browser:
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 
-# The suite CI runs (deterministic, no timing assertions, about 6 minutes alone on 2 cores).
+# The suite CI runs (deterministic, no timing assertions, about 8.5 minutes alone on 2 cores).
 test: $(STAMP) browser
 	TOOLCHAIN_REQUIRE_BROWSER=1 $(PY) -m pytest -q -m "not slow"
 
