@@ -59,7 +59,9 @@ def test_batchnorm_after_relu_fails_int8_and_is_recovered_on_both_x86_backends(d
         a = next(a for a in data["artifacts"] if a["name"] == name)
         assert a["recovery"]["before"]["top1_agreement"] < 0.99, a["recovery"]["before"]  # all-INT8 fails
         assert a["recovery"]["status"] == "recovered" and a["parity"]["passed"] is True, a["recovery"]["summary"]
-        assert a["parity"]["top1_agreement"] >= 0.99 and a["precision"] == "mixed"
+        assert a["parity"]["top1_agreement"] >= 0.99
+        # which rung recovers it (a calibration, a fix, float layers) depends on the model trained on this CPU
+        assert a["precision"] == ("mixed" if a["float_layers"] else "int8"), (a["precision"], a["float_layers"])
     assert report.passed
 
 

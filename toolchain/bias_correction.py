@@ -6,8 +6,11 @@ output drifts by a constant per channel, and the drift adds up through the netwo
 Conv / Gemm whose bias is an int32 initializer behind a DequantizeLinear (how ONNX Runtime writes
 Q/DQ biases), the FP32 model and the Q/DQ model are run on the same calibration inputs; the mean
 difference of that layer's output per channel, divided by the bias scale, is added to the int32
-bias. Layers are corrected all at once and the measurement repeated (``PASSES``): correcting an
-early layer changes what later layers see, and a second pass takes that out.
+bias. Layers are corrected one at a time in graph order, each measured after every layer before it
+was corrected: an early layer's drift is carried downstream, so a later layer's error is only
+known once the earlier ones are fixed. (Correcting every layer at once from one measurement, and
+repeating that, fixes one more layer per pass: on a digits CNN trained on another CPU, two passes
+left the last layer's error at 80 %.) One probe run per layer, on the calibration inputs.
 """
 
 from __future__ import annotations
@@ -16,9 +19,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-
-PASSES = 2
-
 
 def correct_biases(fp32: Path, qdq: Path, run: Callable[[object], list[np.ndarray]]) -> dict:
     """Correct ``qdq`` in place against ``fp32`` (same node names). ``run(model)`` returns the
@@ -34,17 +34,15 @@ def correct_biases(fp32: Path, qdq: Path, run: Callable[[object], list[np.ndarra
     if not layers:
         return {"layers": 0}
     expected = _channel_means(run(_exposing(reference, [by_name[n.name].output[0] for n, _, _ in layers])))
-    tensors = [node.output[0] for node, _, _ in layers]
     shifts = []
-    for _ in range(PASSES):
-        got = _channel_means(run(_exposing(model, tensors)))
-        for (node, bias, scale), want, have in zip(layers, expected, got):
-            step = np.round((want - have) / scale).astype(np.int64)
-            value = numpy_helper.to_array(bias).astype(np.int64) + step
-            bias.CopyFrom(numpy_helper.from_array(np.clip(value, -2**31, 2**31 - 1).astype(np.int32), bias.name))
-            shifts.append(float(np.abs(step * scale).mean()))
+    for (node, bias, scale), want in zip(layers, expected):  # graph order: every layer upstream is corrected already
+        (have,) = _channel_means(run(_exposing(model, [node.output[0]])))
+        step = np.round((want - have) / scale).astype(np.int64)
+        value = numpy_helper.to_array(bias).astype(np.int64) + step
+        bias.CopyFrom(numpy_helper.from_array(np.clip(value, -2**31, 2**31 - 1).astype(np.int32), bias.name))
+        shifts.append(float(np.abs(step * scale).mean()))
     onnx.save(model, str(qdq))
-    return {"layers": len(layers), "passes": PASSES, "mean_abs_shift": float(f"{np.mean(shifts):.4g}")}
+    return {"layers": len(layers), "mean_abs_shift": float(f"{np.mean(shifts):.4g}")}
 
 
 def _biased_layers(model) -> list[tuple]:
