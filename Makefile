@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install browser demo test test-full bench clean
+.PHONY: install browser services demo test test-full bench clean
 
 install: $(STAMP)
 
@@ -24,18 +24,23 @@ demo: $(STAMP)
 browser:
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 
-# The suite CI runs (deterministic, no timing assertions, about 8.5 minutes alone on 2 cores).
-test: $(STAMP) browser
-	TOOLCHAIN_REQUIRE_BROWSER=1 $(PY) -m pytest -q -m "not slow"
+# Debian's PostgreSQL server, for the test that keeps a matrix history in it (the test starts and stops its own).
+services:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq postgresql >/dev/null)
+
+# The suite CI runs (deterministic, no timing assertions, about 9.5 minutes alone on 2 cores).
+test: $(STAMP) browser services
+	TOOLCHAIN_REQUIRE_BROWSER=1 TOOLCHAIN_REQUIRE_SERVICES=1 $(PY) -m pytest -q -m "not slow"
 
 # Everything, the heavier end-to-end builds too (every torchvision architecture): nightly.
-test-full: $(STAMP) browser
-	TOOLCHAIN_REQUIRE_BROWSER=1 $(PY) -m pytest -q
+test-full: $(STAMP) browser services
+	TOOLCHAIN_REQUIRE_BROWSER=1 TOOLCHAIN_REQUIRE_SERVICES=1 $(PY) -m pytest -q
 
 bench: $(STAMP)
 	$(PY) benchmarks/x86_resnet18.py
 	$(PY) benchmarks/snapdragon_mobile.py
 	$(PY) benchmarks/x86_isa_settings.py
+	$(PY) benchmarks/matrix_workers.py
 	$(PY) -c "import nncf" 2>/dev/null && $(PY) benchmarks/int8_recovery.py || echo "int8_recovery: pip install nncf to compare with NNCF"
 
 clean:

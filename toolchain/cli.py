@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from .errors import EXIT_NOT_JUDGED, EXIT_OK, EXIT_PARITY_FAILURE, EXIT_USER_ERROR, ToolchainError
+from .errors import EXIT_NOT_JUDGED, EXIT_OK, EXIT_PARITY_FAILURE, EXIT_REGRESSION, EXIT_USER_ERROR, ToolchainError
 
 
 class _UserErrors(click.Group):
@@ -218,6 +218,103 @@ def engine_check(engine_file: str) -> None:
     from .tensorrt.engine import check_engine
 
     click.echo(json.dumps(check_engine(Path(engine_file)), indent=2))
+
+
+@main.group()
+def matrix() -> None:
+    """Nightly parity: a models x targets matrix of builds, its history, alarms and dashboard."""
+
+
+@matrix.command("run")
+@click.argument("matrix_file", type=click.Path())
+@click.option("--workers", type=click.IntRange(min=1), help="Cells built at once here [default: the file's, else the cores / each build's threads].")
+@click.option("--ray", metavar="local|auto|ADDRESS", help="Run the cells as Ray tasks: `local` starts Ray for this run, "
+              "`auto` or host:port joins a running cluster.")
+@click.option("--db", help="History: SQLite file or SQLAlchemy URL [default: the file's `matrix.db`].")
+@click.option("--resume", is_flag=True, help="Finish the matrix's interrupted run; finished cells are not built again.")
+@click.option("--junit", type=click.Path(), help="Also write the cells as JUnit XML test cases to this file.")
+@click.option("--target", "targets", multiple=True, metavar="NAME", help="Only this target's cells (repeatable): one "
+              "shard of the matrix, with runs, interruptions and --resume of its own.")
+@click.pass_obj
+def matrix_run(terminal, matrix_file, workers, ray, db, resume, junit, targets):
+    """Build every model of MATRIX_FILE for every target, each cell in its own process; record
+    the results, compare each cell with its last passing run.
+
+    Exit codes: 0 every cell passed (or was not judged), 2 user error, 3 a cell failed, erred or
+    crashed, 5 a regression alarm (with or without failures)."""
+    from pathlib import Path
+
+    from .matrix.history import History
+    from .matrix.junit import write_junit
+    from .matrix.run import run_matrix
+    from .matrix.spec import database_url, load_matrix
+
+    spec = load_matrix(matrix_file)
+    history = History(database_url(db) if db else spec.db_url)
+    with _matrix_progress(terminal, len(spec.cells)) as progress:
+        done = run_matrix(spec, history, workers=workers, ray=ray, resume=resume, targets=targets, progress=progress)
+    cells = history.cells_of([done.run.id])
+    for c in cells:
+        click.echo(f"{c['key']:40} {c['status']:10} {c['verdict'] or c['reason'] or ''}")
+    for a in done.alarms:
+        click.echo(f"ALARM {a['key']} {a['artifact'] or ''} [{a['kind']}]: {a['message']}; "
+                   f"changed: {', '.join(a['changes']) or 'nothing recorded'}")
+    if junit:
+        write_junit(Path(junit), spec.name, done.run.id, cells, list(done.alarms))
+    statuses = [c["status"] for c in cells]
+    click.echo(f"run {done.run.id}: {len(cells)} cells, {statuses.count('passed')} passed, "
+               f"{len(cells) - statuses.count('passed') - statuses.count('not_judged')} not, {len(done.alarms)} alarms; "
+               f"build folders: {done.folder}; history: {history.url}")
+    history.close()
+    if done.alarms:
+        sys.exit(EXIT_REGRESSION)
+    sys.exit(EXIT_PARITY_FAILURE if set(statuses) - {"passed", "not_judged"} else EXIT_OK)
+
+
+@contextlib.contextmanager
+def _matrix_progress(terminal, total: int):
+    """A bar with the count and an ETA on a terminal; a line per finished cell elsewhere."""
+    def line(done, of, result, left):
+        eta = f", ETA {left:.0f} s" if left else ""
+        return f"[{done}/{of}] {result.key}: {result.status} in {result.seconds:.1f} s{eta}"
+
+    if terminal.plain or terminal.quiet:
+        yield None if terminal.quiet else (lambda *a: click.echo(line(*a), err=True))
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    bar = Progress(SpinnerColumn(), TextColumn("matrix"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("ETA"), TimeRemainingColumn(), console=Console(stderr=True), transient=True)
+    task = bar.add_task("matrix", total=total)
+
+    def progress(done, of, result, left):
+        bar.update(task, total=of, completed=done)
+        bar.console.print(line(done, of, result, left), highlight=False)
+
+    with bar:
+        yield progress
+
+
+@matrix.command("report")
+@click.option("--db", default="matrix.sqlite", show_default=True, help="History: SQLite file or SQLAlchemy URL.")
+@click.option("--out", type=click.Path(), default="matrix.html", show_default=True, help="Dashboard file to write.")
+@click.option("--name", help="Matrix name [default: the matrix of the newest run].")
+def matrix_report(db, out, name):
+    """Write the dashboard: today's verdict per cell, alarms, trends per cell, links to each report."""
+    from pathlib import Path
+
+    from .matrix.dashboard import write_dashboard
+    from .matrix.history import History
+    from .matrix.spec import database_url
+
+    url = database_url(db)
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
+        raise ToolchainError(f"--db `{db}`: no such history file (`toolchain matrix run` writes one)")
+    history = History(url)
+    path = write_dashboard(history, Path(out), name)
+    history.close()
+    click.echo(f"written: {path}")
 
 
 @main.command()

@@ -11,6 +11,7 @@ EXIT_OK = 0
 EXIT_USER_ERROR = 2  # the same code click uses for bad command-line usage
 EXIT_PARITY_FAILURE = 3
 EXIT_NOT_JUDGED = 4  # built and measured, but nothing judged (random weights): not a pass
+EXIT_REGRESSION = 5  # `matrix run`: a cell regressed against its last passing run (an alarm)
 
 # First lines that only announce where an error happened; the cause is further down.
 _HEADERS = ("The following operation failed in the TorchScript interpreter", "Traceback of TorchScript")

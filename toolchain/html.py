@@ -243,15 +243,11 @@ def _lines(chart: str, title: str, series: list[tuple[str, list[dict]]]) -> str:
     y_of = lambda v: h - (h - top) * min(1.0, max(0.0, position(v)))
     marks = _axes(x_of, {t: y_of(t) for t in ticks}, (left, top, plot_right, h), f"samples / s{' (log scale)' if log else ''}")
     for i, (name, pts) in enumerate(series):
-        color, dash, shape = COLORS[i % len(COLORS)], DASHES[i % len(DASHES)], MARKERS[i % len(MARKERS)]
+        color, dash, shape = series_style(i)
         dx = (i - (len(series) - 1) / 2) * 5
-        coords = [(x_of[p["batch_size"]] + dx, y_of(p["throughput"]), p) for p in pts]
-        if len(coords) > 1:
-            marks.append(f"<polyline fill='none' stroke='{color}' stroke-width='2' stroke-dasharray='{dash}' "
-                         f"points='{' '.join(f'{x:.1f},{y:.1f}' for x, y, _ in coords)}'/>")
-        marks += [f"<path class='point' data-chart='{chart}' data-label='{_e(name)}' data-batch='{p['batch_size']}' data-value='{p['throughput']}' "
-                  f"d='{_marker(shape, x, y, 5)}' fill='{color}' stroke='#fff' stroke-width='1'><title>{_e(name)}, batch {p['batch_size']}: "
-                  f"{p['throughput']:,.1f} samples/s (p50 {p['p50_ms']:.3f} ms)</title></path>" for x, y, p in coords]
+        marks += series_marks(chart, name, i, 5, [
+            (x_of[p["batch_size"]] + dx, y_of(p["throughput"]), f"data-batch='{p['batch_size']}'", p["throughput"],
+             f"{name}, batch {p['batch_size']}: {p['throughput']:,.1f} samples/s (p50 {p['p50_ms']:.3f} ms)") for p in pts])
         y = top + i * 20
         marks.append(f"<line x1='{legend}' y1='{y}' x2='{legend + 28}' y2='{y}' stroke='{color}' stroke-width='2' stroke-dasharray='{dash}'/>"
                      f"<path d='{_marker(shape, legend + 14, y, 5)}' fill='{color}' stroke='#fff'/>"
@@ -259,6 +255,22 @@ def _lines(chart: str, title: str, series: list[tuple[str, list[dict]]]) -> str:
     width, height = W + 160, max(h, top + 20 * len(series)) + 46
     return (f"<figure><svg class='chart' data-chart='{chart}' width='{width}' height='{height}' viewBox='0 0 {width} {height}'>"
             f"<text x='0' y='14' class='title'>{_e(title)}</text>{''.join(marks)}</svg></figure>")
+
+
+def series_style(i: int) -> tuple[str, str, str]:
+    """The colour, dash and marker shape of the i-th series of a line chart."""
+    return COLORS[i % len(COLORS)], DASHES[i % len(DASHES)], MARKERS[i % len(MARKERS)]
+
+
+def series_marks(chart: str, name: str, i: int, radius: float, points: list[tuple[float, float, str, float, str]]) -> list[str]:
+    """A series of a line chart: its line and a marker per point (x, y, more data attributes,
+    value, tooltip), each point carrying its value in `data-value`."""
+    color, dash, shape = series_style(i)
+    marks = [f"<polyline fill='none' stroke='{color}' stroke-width='2' stroke-dasharray='{dash}' "
+             f"points='{' '.join(f'{x:.1f},{y:.1f}' for x, y, *_ in points)}'/>"] if len(points) > 1 else []
+    return marks + [f"<path class='point' data-chart='{_e(chart)}' data-label='{_e(name)}' {attrs} data-value='{value}' "
+                    f"d='{_marker(shape, x, y, radius)}' fill='{color}' stroke='#fff' stroke-width='1'><title>{_e(tip)}</title></path>"
+                    for x, y, attrs, value, tip in points]
 
 
 def _sensitivity(name: str, data: dict) -> str:

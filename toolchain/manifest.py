@@ -13,7 +13,8 @@ from typing import Any
 from .artifact import sha256_files
 from .stage import StageRecord
 
-TRACKED_PACKAGES = ("toolchain", "torch", "torchvision", "onnx", "onnxruntime", "onnxoptimizer", "onnxscript", "executorch", "torchao", "numpy")
+TRACKED_PACKAGES = ("toolchain", "torch", "torchvision", "onnx", "onnxruntime", "onnxoptimizer", "onnxscript", "executorch", "torchao",
+                    "numpy", "openvino", "onnxruntime-qnn", "tensorrt", "cuda-python")  # None: not installed
 
 
 def library_versions() -> dict[str, str | None]:

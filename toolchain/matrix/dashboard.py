@@ -1,0 +1,205 @@
+"""`matrix.html`: one self-contained page (inline CSS and SVG, no network) drawn from the history.
+
+At the top, the newest run's alarms; then the matrix, a row per model and a column per target,
+each cell's verdict in colour and words with links to its report.html and log; then, per cell,
+trend charts of accuracy, SQNR and batch-1 p50 latency over every run, a line per artifact.
+Every point carries its number in `data-value` and its run in `data-run`, and the data the page
+was drawn from is embedded as JSON, so that a script or a test can check the page against the
+database. The same inline script as report.html's records how many marks each chart laid out.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from ..errors import ToolchainError
+from ..html import CSS, SCRIPT, _e, _marker, _y_axis, series_marks, series_style
+from .alarms import spread
+from .history import History
+
+WORDS = {"passed": "PASSED", "failed": "FAILED", "not_judged": "NOT JUDGED", "error": "ERROR", "crashed": "CRASHED"}
+TONE = {"passed": "passed", "failed": "failed", "not_judged": "built", "error": "failed", "crashed": "failed"}
+TRENDS = (("quality", "accuracy (top-1 agreement without labels)", "{:.2%}"), ("sqnr_db", "SQNR (dB)", "{:.1f} dB"),
+          ("latency_ms", "batch-1 p50 latency, median of the repeats (ms)", "{:.3f} ms"))
+
+
+def write_dashboard(history: History, out: Path, name: str | None = None) -> Path:
+    """Write ``out`` for matrix ``name`` (default: the matrix of the newest run)."""
+    runs = history.runs()
+    if not runs:
+        raise ToolchainError(f"the history {history.url} holds no matrix run yet")
+    name = name or runs[-1].matrix
+    runs = [r for r in runs if r.matrix == name]
+    if not runs:
+        raise ToolchainError(f"the history holds no run of matrix `{name}`; it has {', '.join(sorted({r.matrix for r in history.runs()}))}")
+    data = dashboard_data(history, runs)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render(data, out.parent))
+    return out
+
+
+def dashboard_data(history: History, runs: list) -> dict[str, Any]:
+    """Everything the page shows, as plain data: the newest run (of each shard, when the matrix
+    runs sharded by target), its cells and alarms, and each cell's trend points over every run."""
+    latest = runs[-1]
+    newest = {r.shard: r.id for r in runs}  # the last run of each shard
+    cells = history.cells_of([r.id for r in runs])
+    trends: dict[str, dict[str, list[dict]]] = {}
+    for c in cells:
+        for a in c["artifacts"].values():
+            quality = a["accuracy"] if a["accuracy"] is not None else a["top1_agreement"]
+            point = {"run": c["run_id"], "started": c["started"], "quality": quality, "sqnr_db": a["sqnr_db"],
+                     "latency_ms": spread(a)[0]}
+            trends.setdefault(c["key"], {}).setdefault(a["name"], []).append(point)
+    now = list({c["key"]: c for c in cells if c["run_id"] in newest.values()}.values())  # the newest of each cell
+    return {
+        "matrix": latest.matrix,
+        "run": {"id": latest.id, "status": latest.status, "started": latest.started.isoformat(timespec="seconds"),
+                "executor": latest.executor, "host_cpu": latest.host_cpu, "toolchain_version": latest.toolchain_version,
+                "toolchain_commit": latest.toolchain_commit, "cells_total": latest.cells_total},
+        "runs": [r.id for r in runs],
+        "shown_runs": sorted(newest.values()),
+        "cells": [{k: c[k] for k in ("key", "model", "target", "status", "verdict", "reason", "folder", "log", "seconds")}
+                  | {"primary": next((n for n, a in c["artifacts"].items() if a["is_primary"]), None)} for c in now],
+        "alarms": [{k: a[k] for k in ("key", "artifact", "kind", "message", "baseline_run_id", "changes")}
+                   for run_id in sorted(newest.values()) for a in history.alarms_of(run_id)],
+        "trends": trends,
+    }
+
+
+def render(data: dict[str, Any], base: Path) -> str:
+    run = data["run"]
+    counts = {s: sum(c["status"] == s for c in data["cells"]) for s in WORDS}
+    summary = ", ".join(f"{n} {WORDS[s].lower()}" for s, n in counts.items() if n)
+    tone = "failed" if data["alarms"] or counts["failed"] + counts["error"] + counts["crashed"] else "passed"
+    parts = [
+        f"<h1>Matrix {_e(data['matrix'])}, run {run['id']}: <span class='{tone}'>{len(data['alarms'])} alarms</span></h1>",
+        f"<p>{_e(summary)} of {len(data['cells'])} cells; started {_e(run['started'])} ({_e(run['status'])}); {_e(run['executor'])}; "
+        f"host {_e(run['host_cpu'] or 'unknown')}; toolchain {_e(run['toolchain_version'] or '?')}"
+        f"{' at ' + _e(run['toolchain_commit'][:12]) if run['toolchain_commit'] else ''}; {len(data['runs'])} runs in the history"
+        f"{'; cells of the newest run of each shard: runs ' + ', '.join(map(str, data['shown_runs'])) if len(data['shown_runs']) > 1 else ''}.</p>",
+        _alarms(data["alarms"]),
+        _grid(data["cells"], base),
+        "<h2>Trends per cell</h2>",
+        *[_cell_trends(key, series) for key, series in data["trends"].items()],
+    ]
+    blob = json.dumps(_plain(data), allow_nan=False).replace("</", "<\\/")
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Matrix {_e(data['matrix'])}, run {run['id']}</title>
+<style>{CSS}{EXTRA_CSS}</style></head>
+<body>
+{''.join(parts)}
+<script type="application/json" id="matrix-json">{blob}</script>
+<script>{SCRIPT}</script>
+</body></html>
+"""
+
+
+def _alarms(alarms: list[dict]) -> str:
+    if not alarms:
+        return "<p class='passed'>No regression against each cell's last passing run.</p>"
+    items = [f"<li class='alarm' data-key='{_e(a['key'])}' data-kind='{_e(a['kind'])}'><b>{_e(a['key'])}</b>"
+             f"{' ' + _e(a['artifact']) if a['artifact'] else ''} [{_e(a['kind'])}]: {_e(a['message'])}"
+             f"<br><small>changed since run {a['baseline_run_id']}: {_e(', '.join(a['changes']) or 'nothing recorded')}</small></li>"
+             for a in alarms]
+    return f"<h2>Alarms</h2><ul class='alerts'>{''.join(items)}</ul>"
+
+
+def _grid(cells: list[dict], base: Path) -> str:
+    models = list(dict.fromkeys(c["model"] for c in cells))
+    targets = list(dict.fromkeys(c["target"] for c in cells))
+    by = {(c["model"], c["target"]): c for c in cells}
+    head = "<tr><th>model</th>" + "".join(f"<th>{_e(t)}</th>" for t in targets) + "</tr>"
+    rows = []
+    for m in models:
+        tds = []
+        for t in targets:
+            c = by.get((m, t))
+            if c is None:
+                tds.append("<td class='none'>—</td>")
+                continue
+            report = Path(c["folder"]) / "report.html" if c["folder"] else None
+            links = [f"<a href='{_e(_link(report, base))}'>report</a>" if report and report.is_file() else "",
+                     f"<a href='{_e(_link(Path(c['log']), base))}'>log</a>"]
+            detail = c["verdict"] if c["status"] in ("passed", "failed", "not_judged") else c["reason"]
+            detail = "" if detail == WORDS[c["status"]] else detail
+            tds.append(f"<td class='cell {c['status']}' data-key='{_e(c['key'])}' data-status='{c['status']}'>"
+                       f"<b class='{TONE[c['status']]}'>{WORDS[c['status']]}</b><br><small>{_e(detail or '')}</small><br>"
+                       f"{_e(c['primary'] or '')} {' · '.join(filter(None, links))} <small>{c['seconds']:.0f} s</small></td>")
+        rows.append(f"<tr><td>{_e(m)}</td>{''.join(tds)}</tr>")
+    return f"<h2>Verdict per cell</h2><table class='grid'>{head}{''.join(rows)}</table>"
+
+
+def _link(path: Path, base: Path) -> str:
+    return os.path.relpath(path.resolve(), base.resolve())
+
+
+def _cell_trends(key: str, series: dict[str, list[dict]]) -> str:
+    charts = [_trend(f"trend:{key}:{field}", title, series, field, fmt) for field, title, fmt in TRENDS]
+    return f"<h3>{_e(key)}</h3><div class='row'>{''.join(charts)}</div>"
+
+
+def _trend(chart: str, title: str, series: dict[str, list[dict]], field: str, fmt: str) -> str:
+    """A line per artifact over the runs; non-finite values (an exact FP32 copy's SQNR) are left out."""
+    points = {n: [p for p in pts if _shown_value(p[field])] for n, pts in series.items()}
+    runs = sorted({p["run"] for pts in points.values() for p in pts}) or [0]
+    values = [p[field] for pts in points.values() for p in pts]
+    position, ticks, log = _trend_axis(values, 1.0 if field == "quality" else None)
+    left, right, top, h, w = 70, 330, 30, 190, 480
+    x_of = {r: left + (i + 0.5) * (right - left) / len(runs) for i, r in enumerate(runs)}
+    y_of = lambda v: h - (h - top) * min(1.0, max(0.0, position(v)))
+    marks = [f"<line x1='{left}' y1='{y_of(t):.1f}' x2='{right}' y2='{y_of(t):.1f}' stroke='#eee'/>"
+             f"<text x='{left - 6}' y='{y_of(t) + 4:.1f}' text-anchor='end'>{_e(_tick(t, fmt))}</text>" for t in ticks]
+    marks += [f"<text x='{x:.1f}' y='{h + 16}' text-anchor='middle'>{r}</text>" for r, x in x_of.items()]
+    marks.append(f"<line x1='{left}' y1='{h}' x2='{right}' y2='{h}' stroke='#999'/>"
+                 f"<text class='axis' x='{(left + right) / 2:.0f}' y='{h + 32}' text-anchor='middle'>run</text>")
+    for i, (name, pts) in enumerate(points.items()):
+        color, _, shape = series_style(i)
+        dx = (i - (len(points) - 1) / 2) * 4
+        marks += series_marks(chart, name, i, 4, [(x_of[p["run"]] + dx, y_of(p[field]), f"data-run='{p['run']}'", p[field],
+                                                   f"{name}, run {p['run']}: {fmt.format(p[field])}") for p in pts])
+        ly = top + i * 18
+        marks.append(f"<path d='{_marker(shape, right + 16, ly, 4)}' fill='{color}'/><text x='{right + 26}' y='{ly + 4}'>{_e(name)}</text>")
+    height = h + 40
+    return (f"<figure><svg class='chart' data-chart='{_e(chart)}' width='{w}' height='{height}' viewBox='0 0 {w} {height}'>"
+            f"<text x='0' y='14' class='title'>{_e(title)}{' (log scale)' if log else ''}</text>{''.join(marks)}</svg></figure>")
+
+
+def _trend_axis(values: list[float], upper: float | None):
+    """Like report.html's axis, but a flat series (every run equal) gets a band around it, kept
+    under ``upper`` (100 % for accuracy)."""
+    lo, hi = min(values, default=0.0), max(values, default=1.0)
+    if lo > 0 and hi / lo > 20:
+        return _y_axis(values)
+    pad = (hi - lo) * 0.15 or abs(hi) * 0.05 or 1.0
+    lo, hi = lo - pad, hi + pad if upper is None else min(upper, hi + pad)
+    ticks = [lo + (hi - lo) * k / 4 for k in range(5)]
+    return (lambda v: (v - lo) / (hi - lo)), ticks, False
+
+
+def _tick(t: float, fmt: str) -> str:
+    return fmt.replace(" ms", "").replace(" dB", "").format(t)
+
+
+def _shown_value(v: Any) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def _plain(v: Any) -> Any:
+    """JSON without NaN / Infinity (which browsers' JSON.parse refuse): written "nan" / "inf", as report.json does."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return v
+
+
+EXTRA_CSS = """table.grid td{text-align:left;vertical-align:top;min-width:180px}td.cell.passed{background:#eef6ee}
+td.cell.failed,td.cell.error,td.cell.crashed{background:#fbeaea}td.cell.not_judged{background:#fff4d6}
+li.alarm{background:#fbeaea;border-left:4px solid #c33}h3{font-size:14px;margin:18px 0 4px}"""
