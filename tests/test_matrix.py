@@ -28,8 +28,10 @@ from .conftest import X86, XAVIER, cli, fast_profile
 from .models import export, outlier_classifier
 from .test_report_html import _chromium
 
-# The cells' models run in ~0.02 ms, where per-call overhead decides the p50 and its spread between
-# processes on a shared 2-core runner; the latency rule itself is tested on rows below.
+# The cells' models run in ~0.02 ms, where per-call overhead decides the p50, and whatever else runs
+# on a 2-core machine moves it between the two nights far beyond one night's spread: here only a
+# 10x slowdown counts (the cells are ONNX Runtime only, which load moves least). The latency rule
+# itself, at its default threshold, is tested on rows below.
 MATRIX = """
 [matrix]
 name = "nightly"
@@ -39,7 +41,7 @@ latency_repeats = 2
 out = "build"
 
 [alarms]
-latency_growth = 1.0
+latency_growth = 9.0
 
 [models.digits]
 model = "{digits}/digits_cnn.pt2"
@@ -419,3 +421,19 @@ def test_the_example_matrix_and_the_nightly_workflow_agree():
     done = cli("matrix", "run", "--help")
     for flag in re.findall(r"matrix run \S+ ((?:--[\w-]+ \S+ ?)+)", workflow)[0].split():
         assert not flag.startswith("--") or flag in done.stdout, flag
+
+
+def test_a_build_that_segfaults_is_a_crashed_cell_with_the_signal(tmp_path):
+    import torch
+
+    from toolchain.matrix.cell import run_cell
+    from toolchain.matrix.spec import Cell
+
+    from .models import Segfaults
+
+    torch.save(Segfaults(), tmp_path / "segv.pt")
+    cell = Cell("segv", str(fast_profile(tmp_path)), str(tmp_path / "segv.pt"), input_shape="1x1x8x8", trust_pickle=True)
+    result = run_cell(cell, tmp_path / "run" / "segv-fast", tmp_path / "run" / "segv-fast.log", repeats=2)
+    assert (result.status, result.reason) == ("crashed", "killed by SIGSEGV"), Path(result.log).read_text()[-2000:]
+    assert result.folder is None and result.report is None and result.latency_repeats == {}
+    assert list((tmp_path / "run").iterdir()) == [tmp_path / "run" / "segv-fast.log"]  # no half-written build folder
