@@ -1,5 +1,6 @@
-"""Bias correction for a Q/DQ ONNX model: shift each quantized layer's bias by the mean error its
-quantization adds, measured on calibration inputs (empirical bias correction, Nagel et al. 2019).
+"""Bias correction for a Q/DQ ONNX model and for a torch FX INT8 model: shift each quantized layer's
+bias by the mean error its quantization adds, measured on calibration inputs (empirical bias
+correction, Nagel et al. 2019).
 
 INT8 rounding of weights and activations is not zero-mean per output channel: a convolution's
 output drifts by a constant per channel, and the drift adds up through the network. For every
@@ -80,3 +81,57 @@ def _exposing(model, tensors: list[str]):
 def _channel_means(values: list[np.ndarray]) -> list[np.ndarray]:
     """Mean per channel (axis 1: a convolution's channels, a Gemm's outputs)."""
     return [v.astype(np.float64).mean(axis=tuple(d for d in range(v.ndim) if d != 1)) for v in values]
+
+
+FX_STEPS = 2
+
+
+def correct_module_biases(reference, quantized, x: np.ndarray) -> dict:
+    """The same correction for a torch FX model: ``quantized`` (convert_fx's GraphModule, changed
+    in place) against ``reference`` (the calibrated, prepared model it was converted from: the
+    same fused modules under the same names, computing in float). Each quantized Conv / Linear
+    (fused with its activation or not) gets the per-channel mean difference of its output on
+    ``x`` added to its float bias, which the quantized module rounds with its output scale. For a
+    layer fused with a ReLU the difference is measured after the ReLU, where a shift of the bias
+    moves the mean only on the inputs that pass it, so each layer is measured and corrected twice
+    (``FX_STEPS``): on the digits CNN the four layers' mean errors fell to 8-52 % (the first
+    ConvReLU the least), where one step left 15-58 %. Recovery keeps the fix only where it helps."""
+    import copy
+
+    import torch
+
+    reference = copy.deepcopy(reference).eval()  # its observers would otherwise record these inputs too
+    known = dict(reference.named_modules())
+    layers = [(name, m) for name, m in quantized.named_modules()
+              if name in known and hasattr(m, "set_weight_bias") and callable(getattr(m, "bias", None))]
+    if not layers:
+        return {"layers": 0}
+    inputs = torch.from_numpy(np.ascontiguousarray(x))
+    expected = module_means(reference, [known[name] for name, _ in layers], inputs)
+    shifts = []
+    for (name, module), want in zip(layers, expected):  # graph order: every layer upstream is corrected already
+        total = 0.0
+        for _ in range(FX_STEPS):
+            (have,) = module_means(quantized, [module], inputs)
+            delta = torch.from_numpy(want - have).float()
+            bias = module.bias()
+            module.set_weight_bias(module.weight(), delta if bias is None else bias + delta)
+            total = total + delta
+        shifts.append(float(torch.as_tensor(total).abs().mean()))
+    return {"layers": len(layers), "steps": FX_STEPS, "mean_abs_shift": float(f"{np.mean(shifts):.4g}")}
+
+
+def module_means(model, modules: list, x) -> list[np.ndarray]:
+    """Per-channel means of these modules' outputs when ``model`` runs on ``x``."""
+    import torch
+
+    outputs: dict[int, np.ndarray] = {}
+    hooks = [m.register_forward_hook(lambda _, __, out, i=i: outputs.__setitem__(
+        i, (out.dequantize() if out.is_quantized else out).detach().numpy())) for i, m in enumerate(modules)]
+    try:
+        with torch.inference_mode():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return _channel_means([outputs[i] for i in range(len(modules))])

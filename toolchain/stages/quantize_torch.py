@@ -38,6 +38,8 @@ class QuantizeTorchOptions:
     batch_size: int = option(32, "calibration batch size")
     float_layers: tuple[str, ...] = option((), "module names kept in floating point (FX models); recovery sets it")
     equalize: bool = option(False, "cross-layer equalization of Conv/Linear pairs first (FX models; same function in FP32); recovery tries it")
+    bias_correction: bool = option(False, "shift each quantized Conv/Linear bias by the mean error quantization adds on calibration "
+                                          "inputs (FX models); recovery tries it")
 
 
 @register_stage
@@ -74,6 +76,10 @@ class QuantizeTorch(Stage, Recoverable):
             facts["equalization"] = ctx.cache.get(("equalize_fx", artifact.sha256))
         if o.engine == "qnnpack" and artifact.kind is Kind.FX:
             facts["contiguous_before_clamp"] = contiguous_before_clamp(model)
+        if o.bias_correction and artifact.kind is Kind.FX:
+            from ..bias_correction import correct_module_biases
+
+            facts["bias_correction"] = correct_module_biases(self._prepared(artifact, ctx, reduce_range), model, ctx.calibration.x[:128])
         return StageResult(dataclasses.replace(artifact, model=model, precision="int8", quantized_engine=o.engine), facts)
 
 
@@ -85,7 +91,7 @@ class QuantizeTorch(Stage, Recoverable):
         from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
         o = self.options
-        key = ("quantize_torch", artifact.sha256, o.calibration, o.percentile, o.per_channel, reduce_range, o.engine, o.equalize)
+        key = self._key(artifact, reduce_range)
         if key not in ctx.cache:
             model = _equalized(artifact, batches[0], ctx) if o.equalize else copy.deepcopy(artifact.model)
             prepared = prepare_fx(model, QConfigMapping().set_global(qconfig), (batches[0][:1],))
@@ -97,6 +103,14 @@ class QuantizeTorch(Stage, Recoverable):
             mapping.set_module_name(name, None)
         converted = convert_fx(copy.deepcopy(ctx.cache[key]), qconfig_mapping=mapping)
         return float_outputs(converted, o.float_layers) if o.float_layers else converted
+
+    def _key(self, artifact: Artifact, reduce_range: bool) -> tuple:
+        o = self.options
+        return ("quantize_torch", artifact.sha256, o.calibration, o.percentile, o.per_channel, reduce_range, o.engine, o.equalize)
+
+    def _prepared(self, artifact: Artifact, ctx: BuildContext, reduce_range: bool):
+        """The calibrated model the INT8 one was converted from (float, the same fused modules)."""
+        return ctx.cache[self._key(artifact, reduce_range)]
 
     def layers(self, artifact: Artifact, ctx: BuildContext) -> list[str]:
         """Modules with weights or normalizations (fused ones count once): what `float_layers` can name. FX models only."""
@@ -115,7 +129,7 @@ class QuantizeTorch(Stage, Recoverable):
         return typing.get_args(typing.get_type_hints(QuantizeTorchOptions)["calibration"])
 
     def fixes(self) -> tuple[str, ...]:
-        return ("equalize",)
+        return ("equalize", "bias_correction")
 
 
 def _equalized(artifact: Artifact, batch, ctx: BuildContext):
