@@ -146,9 +146,10 @@ def test_the_first_night_builds_every_cell_and_records_it(two_nights):
         report = json.loads((Path(folder) / "report.json").read_text())
         assert json.loads(versions)["onnxruntime"] and model_sha == report["model"]["sha256"]
         assert len(profile_sha) == 64 and len(data_sha) == 64
-    for name, p50, repeats in rows(root / "matrix.sqlite", "select a.name, a.latency_p50_ms, a.latency_repeats from artifacts a "
-                                                           "join cells c on a.cell_id = c.id where c.run_id = 1"):
-        assert len(json.loads(repeats)) == 2 and json.loads(repeats)[0] == p50  # the build's own, then one more
+    for name, p50, repeats, busy in rows(root / "matrix.sqlite", "select a.name, a.latency_p50_ms, a.latency_repeats, c.timing_busy "
+                                                                 "from artifacts a join cells c on a.cell_id = c.id where c.run_id = 1"):
+        assert len(json.loads(repeats)) == 2 and all(v > 0 for v in json.loads(repeats)) and p50 > 0  # re-measured twice
+        assert 0 <= busy <= 1  # how much of the machine others used meanwhile (the other worker's build, here)
     (run,) = rows(root / "matrix.sqlite", "select status, toolchain_version, host_cpu, executor from runs where id = 1")
     assert run[0] == "finished" and run[1] and run[3] == "local, 2 workers"
     assert "[5/5]" in first.stderr
@@ -195,6 +196,8 @@ def test_the_dashboard_shows_the_database_and_renders_in_chromium(two_nights, tm
     assert page.index("class='alarm'") < page.index("Verdict per cell")  # alarms at the top
     for key, status in rows(root / "matrix.sqlite", "select key, status from cells where run_id = 2"):
         assert re.search(rf"data-key='{re.escape(key)}' data-status='{status}'", page)
+    assert re.search(r"data-key='outlier/x86_onnx' data-status='failed'><b[^>]*>FAILED</b> <span class='alarmed' data-alarms='1'>", page)
+    assert page.count("class='alarmed'") == 1  # the one cell that rang
     href = re.search(r"data-key='digits/xavier'.*?<a href='([^']+)'>report</a>", page, re.S).group(1)
     assert (out.parent / href).resolve() == (root / "build" / "run-2" / "digits-xavier" / "report.html").resolve()
     points = re.findall(r"data-chart='trend:outlier/x86_onnx:sqnr_db' data-label='onnx_int8' data-run='(\d)' data-value='([^']+)'", page)
@@ -277,7 +280,7 @@ def test_ray_runs_the_cells_into_a_postgresql_history(models, postgres, tmp_path
 
     engine = sa.create_engine(postgres)
     with engine.connect() as conn:
-        assert conn.execute(sa.text("select version_num from alembic_version")).scalar() == "0002"
+        assert conn.execute(sa.text("select version_num from alembic_version")).scalar() == "0003"
         assert conn.execute(sa.text("select executor, status, shard from runs")).all() == [("ray local", "finished", "x86_onnx")]
         cells = conn.execute(sa.text("select key, status, folder from cells")).all()
         names = conn.execute(sa.text("select name from artifacts order by name")).scalars().all()
@@ -348,7 +351,7 @@ def test_an_older_history_is_migrated_and_keeps_its_runs(tmp_path):
     assert history.start_run("nightly", "f", 1, "local", 1, None, None, None, shard="x86_fbgemm").shard == "x86_fbgemm"
     history.close()
     with sqlite3.connect(tmp_path / "old.sqlite") as conn:
-        assert conn.execute("select version_num from alembic_version").fetchall() == [("0002",)]
+        assert conn.execute("select version_num from alembic_version").fetchall() == [("0003",)]
 
 
 def _row(**kw):
@@ -364,7 +367,8 @@ def _cells(new: dict, old: dict, status: str = "passed", versions=None):
 
     run = lambda i, cpu="cpu A", workers=1: Run(i, "m", "finished", datetime.datetime.now(), None, 1, "local", workers, cpu, "0.1.0", "abc", "f")
     cell = {"key": "m/t", "status": status, "reason": "killed by SIGSEGV", "versions": versions or {"onnxruntime": "1.32.0"},
-            "model_sha256": "a" * 64, "data_sha256": "d" * 64, "profile_sha256": "p" * 64, "artifacts": {"onnx_int8": new}}
+            "model_sha256": "a" * 64, "data_sha256": "d" * 64, "profile_sha256": "p" * 64, "artifacts": {"onnx_int8": new},
+            "timing_busy": 0.02}
     base = {**cell, "status": "passed", "versions": {"onnxruntime": "1.31.1"}, "artifacts": {"onnx_int8": old}, "run": run(1)}
     return cell, run(2), base
 
@@ -403,6 +407,21 @@ def test_latency_alarms_only_beyond_the_measured_spread_and_on_the_same_machine(
     assert [a["kind"] for a in compare(cell, run, base, AlarmOptions())] == ["latency"]
     other_cpu = run.__class__(**{**run.__dict__, "host_cpu": "cpu B"})
     assert compare(cell, other_cpu, base, AlarmOptions()) == []  # another machine's latency is no regression
+    assert compare({**cell, "timing_busy": 0.5}, run, base, AlarmOptions()) == []  # nor one timed beside other work
+    assert compare({**cell, "timing_busy": None}, run, base, AlarmOptions()) == []  # nor one whose machine is unknown
+
+
+def test_the_share_of_the_machine_other_processes_use_is_measured():
+    from toolchain.matrix.remeasure import OthersCpu
+
+    spinner = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 3: pass"])
+    try:
+        time.sleep(0.5)
+        with OthersCpu() as busy:
+            time.sleep(1.5)  # this process idles; the spinner runs
+    finally:
+        spinner.wait()
+    assert busy.share >= 0.5 / os.cpu_count(), busy.share  # at least half a core of the machine, all of it not ours
 
 
 def test_the_example_matrix_and_the_nightly_workflow_agree():

@@ -262,8 +262,8 @@ def matrix_run(terminal, matrix_file, workers, ray, db, resume, junit, targets):
     if junit:
         write_junit(Path(junit), spec.name, done.run.id, cells, list(done.alarms))
     statuses = [c["status"] for c in cells]
-    click.echo(f"run {done.run.id}: {len(cells)} cells, {statuses.count('passed')} passed, "
-               f"{len(cells) - statuses.count('passed') - statuses.count('not_judged')} not, {len(done.alarms)} alarms; "
+    counts = ", ".join(f"{statuses.count(s)} {s.replace('_', ' ')}" for s in dict.fromkeys(statuses))
+    click.echo(f"run {done.run.id}: {len(cells)} cells ({counts}), {len(done.alarms)} alarms; "
                f"build folders: {done.folder}; history: {history.url}")
     history.close()
     if done.alarms:

@@ -10,8 +10,10 @@ A cell and its baseline are the same shape (a `cells` row with ``artifacts``: na
 - ``size``: the file grew by more than the threshold;
 - ``latency``: the median batch-1 p50 grew by more than the threshold *and* by more than the two
   runs' measured spreads together (max - min of the repeated measurements of each run), and only
-  between runs on the same CPU model with the same number of workers: a change inside the noise,
-  or between machines, is not a regression.
+  between runs on the same CPU model with the same number of workers, each re-measured on a quiet
+  machine (other processes used at most ``QUIET`` of its CPU meanwhile): a change inside the
+  noise, between machines, or while something else ran (torch's kernels slow down 10-100x beside
+  another process on 2 cores) is not a regression.
 
 Every alarm names what changed between the two runs: library versions, the model, data and
 profile hashes, the toolchain's version and commit, the host CPU.
@@ -25,6 +27,7 @@ from typing import Any
 from .spec import AlarmOptions
 
 KINDS = ("crashed", "missing", "parity", "accuracy", "sqnr", "size", "latency")
+QUIET = 0.10  # the largest share of the machine's CPU others may use while a cell's latency is measured
 
 
 def compare(cell: dict[str, Any], run: Any, baseline: dict[str, Any] | None, options: AlarmOptions) -> list[dict[str, Any]]:
@@ -40,7 +43,7 @@ def compare(cell: dict[str, Any], run: Any, baseline: dict[str, Any] | None, opt
     if cell["status"] in ("error", "crashed"):
         return [alarm(None, "crashed", f"{cell['key']} {cell['status']} ({cell['reason']}); it passed in run {base_run.id}")]
     found = []
-    comparable = run.host_cpu == base_run.host_cpu and run.workers == base_run.workers
+    comparable = run.host_cpu == base_run.host_cpu and run.workers == base_run.workers and quiet(cell) and quiet(baseline)
     for name, old in baseline["artifacts"].items():
         new = cell["artifacts"].get(name)
         if new is None:
@@ -81,14 +84,20 @@ def latency_regression(new: dict, old: dict, growth: float) -> str | None:
     return None
 
 
+def quiet(cell: dict) -> bool:
+    """Its latency was re-measured while other processes used at most QUIET of the machine."""
+    return cell.get("timing_busy") is not None and cell["timing_busy"] <= QUIET
+
+
 def spread(row: dict) -> tuple[float | None, float]:
-    """(median p50, spread) of an artifact's repeated measurements; with one measurement, its own
-    p95 - p50 stands for the spread."""
+    """(median p50, spread) of an artifact's repeated measurements; with one measurement, the
+    build's own p95 - p50 stands for the spread (and its p50 for the value, with none)."""
     values = [v for v in row.get("latency_repeats") or [] if v is not None]
     if len(values) > 1:
         return statistics.median(values), max(values) - min(values)
     p50, p95 = row.get("latency_p50_ms"), row.get("latency_p95_ms")
-    return p50, (p95 - p50) if p50 is not None and p95 is not None else 0.0
+    within = (p95 - p50) if p50 is not None and p95 is not None else 0.0
+    return (values[0] if values else p50), within
 
 
 def changes(cell: dict, run: Any, baseline: dict, base_run: Any) -> list[str]:

@@ -3,9 +3,10 @@
 The build runs as a child process in a new process group, so that a segfault in a runtime, the
 kernel's out-of-memory killer or the cell's time limit ends that build only: the cell is then
 recorded as ``crashed`` with the reason and its log, and the matrix goes on. After a build,
-each artifact's batch-1 latency is measured again (``latency_repeats`` in all, the build's own
-measurement the first) in one more process, so that the history knows each cell's run-to-run
-spread and a latency alarm can ignore changes inside it.
+each artifact's batch-1 latency is measured ``latency_repeats`` times more in one more process,
+which also records how much of the machine other processes used meanwhile: the history knows
+each cell's run-to-run spread, and whether its timings were taken on a quiet machine, so that a
+latency alarm can ignore changes inside the noise and timings taken beside other work.
 """
 
 from __future__ import annotations
@@ -47,8 +48,9 @@ class CellResult:
     folder: str | None  # the build folder (None when the build left none)
     log: str
     report: dict[str, Any] | None  # report.json of the build
-    latency_repeats: dict[str, list[float]]  # artifact (and fp32_reference) -> batch-1 p50 of each measurement, ms
+    latency_repeats: dict[str, list[float]]  # artifact (and fp32_reference) -> batch-1 p50 of each re-measurement, ms
     provenance: dict[str, Any]  # model / data / profile sha256 and library versions
+    timing_busy: float | None = None  # the largest share of the machine other processes used while it was re-measured
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -78,13 +80,13 @@ def run_cell(cell: Cell, folder: Path, log: Path, repeats: int = 3) -> CellResul
         why = f"exited with code {code}: {_last_error(log)}"
     elif status == "failed":
         why = _failures(report)
-    latency = {}
+    latency, busy = {}, None
     if report is not None:
         left = cell.time_limit_s - (time.monotonic() - t0)
-        latency = _latency_repeats(report, folder, log, repeats, left)
+        latency, busy = _remeasure(folder, log, repeats, left)
     manifest = _read_json(folder / "manifest.json") if report is not None else None
     return CellResult(cell.key, cell.model_name, cell.target_name, status, why, started, round(time.monotonic() - t0, 2),
-                      str(folder) if report is not None else None, str(log), report, latency, provenance(cell, manifest))
+                      str(folder) if report is not None else None, str(log), report, latency, provenance(cell, manifest), busy)
 
 
 def _child(args: list[str], log: Path, limit_s: float) -> tuple[int | None, str | None]:
@@ -155,27 +157,22 @@ def remove_partial(folder: Path) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def _latency_repeats(report: dict, folder: Path, log: Path, repeats: int, limit_s: float) -> dict[str, list[float]]:
-    """Batch-1 p50 of the FP32 reference and each artifact: the build's own, then ``repeats - 1``
-    more from one `toolchain.matrix.remeasure` process (skipped, with a line in the log, when
-    that fails or the time is up)."""
-    first = {a["name"]: a["latency_ms"] for a in report["artifacts"]}
-    first["fp32_reference"] = report["reference"]["latency_ms"]
-    series = {name: [v] for name, v in first.items() if v is not None}
-    if repeats <= 1 or limit_s <= 1:
-        return series
+def _remeasure(folder: Path, log: Path, repeats: int, limit_s: float) -> tuple[dict[str, list[float]], float | None]:
+    """({name: batch-1 p50 of each of ``repeats`` measurements}, the largest share of the machine
+    other processes used meanwhile), from one `toolchain.matrix.remeasure` process; nothing (and a
+    line in the log) when ``repeats`` is 0, the time is up or it fails."""
+    if repeats < 1 or limit_s <= 1:
+        return {}, None
     out = folder.parent / f".{folder.name}.latency.json"
-    code, why = _child([sys.executable, "-m", "toolchain.matrix.remeasure", str(folder), str(repeats - 1), str(out)], log, limit_s)
-    more = _read_json(out) if code == 0 else None
+    code, why = _child([sys.executable, "-m", "toolchain.matrix.remeasure", str(folder), str(repeats), str(out)], log, limit_s)
+    found = _read_json(out) if code == 0 else None
     out.unlink(missing_ok=True)
-    if more is None:
+    if found is None:
         with log.open("a") as f:
             f.write(f"latency not re-measured: {why or f'exit code {code}'}\n")
-        return series
-    for name, values in more.items():
-        if name in series:
-            series[name] += values
-    return series
+        return {}, None
+    shares = [v for v in found["others_cpu"] if v is not None]
+    return found["latency"], max(shares) if shares else None
 
 
 def provenance(cell: Cell, manifest: dict | None) -> dict[str, Any]:

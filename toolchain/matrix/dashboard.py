@@ -77,13 +77,13 @@ def render(data: dict[str, Any], base: Path) -> str:
     summary = ", ".join(f"{n} {WORDS[s].lower()}" for s, n in counts.items() if n)
     tone = "failed" if data["alarms"] or counts["failed"] + counts["error"] + counts["crashed"] else "passed"
     parts = [
-        f"<h1>Matrix {_e(data['matrix'])}, run {run['id']}: <span class='{tone}'>{len(data['alarms'])} alarms</span></h1>",
+        f"<h1>Matrix {_e(data['matrix'])}, run {run['id']}: <span class='{tone}'>{len(data['alarms'])} alarm{'s' * (len(data['alarms']) != 1)}</span></h1>",
         f"<p>{_e(summary)} of {len(data['cells'])} cells; started {_e(run['started'])} ({_e(run['status'])}); {_e(run['executor'])}; "
         f"host {_e(run['host_cpu'] or 'unknown')}; toolchain {_e(run['toolchain_version'] or '?')}"
-        f"{' at ' + _e(run['toolchain_commit'][:12]) if run['toolchain_commit'] else ''}; {len(data['runs'])} runs in the history"
+        f"{' at ' + _e(run['toolchain_commit'][:12]) if run['toolchain_commit'] else ''}; {len(data['runs'])} run{'s' * (len(data['runs']) != 1)} in the history"
         f"{'; cells of the newest run of each shard: runs ' + ', '.join(map(str, data['shown_runs'])) if len(data['shown_runs']) > 1 else ''}.</p>",
         _alarms(data["alarms"]),
-        _grid(data["cells"], base),
+        _grid(data["cells"], base, data["alarms"]),
         "<h2>Trends per cell</h2>",
         *[_cell_trends(key, series) for key, series in data["trends"].items()],
     ]
@@ -109,7 +109,7 @@ def _alarms(alarms: list[dict]) -> str:
     return f"<h2>Alarms</h2><ul class='alerts'>{''.join(items)}</ul>"
 
 
-def _grid(cells: list[dict], base: Path) -> str:
+def _grid(cells: list[dict], base: Path, alarms: list[dict]) -> str:
     models = list(dict.fromkeys(c["model"] for c in cells))
     targets = list(dict.fromkeys(c["target"] for c in cells))
     by = {(c["model"], c["target"]): c for c in cells}
@@ -127,8 +127,10 @@ def _grid(cells: list[dict], base: Path) -> str:
                      f"<a href='{_e(_link(Path(c['log']), base))}'>log</a>"]
             detail = c["verdict"] if c["status"] in ("passed", "failed", "not_judged") else c["reason"]
             detail = "" if detail == WORDS[c["status"]] else detail
+            rung = [a["kind"] for a in alarms if a["key"] == c["key"]]
+            flag = f" <span class='alarmed' data-alarms='{len(rung)}'>⚠ {_e(', '.join(rung))}</span>" if rung else ""
             tds.append(f"<td class='cell {c['status']}' data-key='{_e(c['key'])}' data-status='{c['status']}'>"
-                       f"<b class='{TONE[c['status']]}'>{WORDS[c['status']]}</b><br><small>{_e(detail or '')}</small><br>"
+                       f"<b class='{TONE[c['status']]}'>{WORDS[c['status']]}</b>{flag}<br><small>{_e(detail or '')}</small><br>"
                        f"{_e(c['primary'] or '')} {' · '.join(filter(None, links))} <small>{c['seconds']:.0f} s</small></td>")
         rows.append(f"<tr><td>{_e(m)}</td>{''.join(tds)}</tr>")
     return f"<h2>Verdict per cell</h2><table class='grid'>{head}{''.join(rows)}</table>"
@@ -177,7 +179,10 @@ def _trend_axis(values: list[float], upper: float | None):
         return _y_axis(values)
     pad = (hi - lo) * 0.15 or abs(hi) * 0.05 or 1.0
     lo, hi = lo - pad, hi + pad if upper is None else min(upper, hi + pad)
-    ticks = [lo + (hi - lo) * k / 4 for k in range(5)]
+    step = 10 ** math.floor(math.log10((hi - lo) / 4))
+    step *= next(m for m in (1, 2, 2.5, 5, 10) if (hi - lo) / 4 <= step * m)  # round ticks: 98.0 %, 98.5 %, ...
+    lo, hi = math.floor(lo / step) * step, math.ceil(hi / step) * step
+    ticks = [lo + k * step for k in range(round((hi - lo) / step) + 1)]
     return (lambda v: (v - lo) / (hi - lo)), ticks, False
 
 
@@ -202,4 +207,4 @@ def _plain(v: Any) -> Any:
 
 EXTRA_CSS = """table.grid td{text-align:left;vertical-align:top;min-width:180px}td.cell.passed{background:#eef6ee}
 td.cell.failed,td.cell.error,td.cell.crashed{background:#fbeaea}td.cell.not_judged{background:#fff4d6}
-li.alarm{background:#fbeaea;border-left:4px solid #c33}h3{font-size:14px;margin:18px 0 4px}"""
+li.alarm{background:#fbeaea;border-left:4px solid #c33}.alarmed{color:#c33;font-weight:600}h3{font-size:14px;margin:18px 0 4px}"""

@@ -160,7 +160,7 @@ def cell_row(result: CellResult) -> dict[str, Any]:
                 build_seconds=report.get("build_seconds"), folder=result.folder, log=result.log,
                 model_sha256=p.get("model_sha256"), data_sha256=p.get("data_sha256"), profile_sha256=p.get("profile_sha256"),
                 versions=p.get("versions") or {}, reference_accuracy=_number(ref.get("accuracy")),
-                reference_latency_ms=_number(ref.get("latency_ms")))
+                reference_latency_ms=_number(ref.get("latency_ms")), timing_busy=result.timing_busy)
 
 
 def artifact_rows(result: CellResult) -> list[dict[str, Any]]:
