@@ -57,8 +57,11 @@ def test_outlier_channels_are_recovered_by_equalization_with_every_layer_int8(ou
     assert data["passed"] is True and report.passed
 
 
+# Snapdragon's float-layer path (one .pte lowering per attempt, ~60 s) runs nightly (`make test-full`):
+# `make test` stays within its 10 minutes; the same path is checked here on ONNX Runtime and torch.
 @pytest.mark.parametrize("base, names", [(X86, ("torch_int8", "onnx_int8")), (XAVIER, ("onnx_int8_qdq",)),
-                                         (SNAPDRAGON, ("pte_int8",))], ids=["x86", "xavier", "snapdragon"])
+                                         pytest.param(SNAPDRAGON, ("pte_int8",), marks=pytest.mark.slow)],
+                         ids=["x86", "xavier", "snapdragon"])
 def test_without_equalization_the_most_sensitive_layers_go_to_float(outlier, tmp_path, base, names):
     report, folder = _build(outlier, tmp_path, base, "[recovery]\nfixes = false\n")
     data = json.loads((folder / "report.json").read_text())

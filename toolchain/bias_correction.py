@@ -101,9 +101,10 @@ def correct_module_biases(reference, quantized, x: np.ndarray) -> dict:
     import torch
 
     reference = copy.deepcopy(reference).eval()  # its observers would otherwise record these inputs too
-    known = dict(reference.named_modules())
-    layers = [(name, m) for name, m in quantized.named_modules()
-              if name in known and hasattr(m, "set_weight_bias") and callable(getattr(m, "bias", None))]
+    known, modules = dict(reference.named_modules()), dict(quantized.named_modules())
+    called = dict.fromkeys(n.target for n in quantized.graph.nodes if n.op == "call_module")  # graph order
+    layers = [(name, modules[name]) for name in called
+              if name in known and hasattr(modules[name], "set_weight_bias") and callable(getattr(modules[name], "bias", None))]
     if not layers:
         return {"layers": 0}
     inputs = torch.from_numpy(np.ascontiguousarray(x))
@@ -121,17 +122,27 @@ def correct_module_biases(reference, quantized, x: np.ndarray) -> dict:
     return {"layers": len(layers), "steps": FX_STEPS, "mean_abs_shift": float(f"{np.mean(shifts):.4g}")}
 
 
-def module_means(model, modules: list, x) -> list[np.ndarray]:
-    """Per-channel means of these modules' outputs when ``model`` runs on ``x``."""
+def module_means(model, modules: list, x, batch: int = 32) -> list[np.ndarray]:
+    """Per-channel means of these modules' outputs when ``model`` runs on ``x`` (in batches; only
+    the sums are kept). A convolution's channels are axis 1, a Linear's its last axis."""
     import torch
 
-    outputs: dict[int, np.ndarray] = {}
-    hooks = [m.register_forward_hook(lambda _, __, out, i=i: outputs.__setitem__(
-        i, (out.dequantize() if out.is_quantized else out).detach().numpy())) for i, m in enumerate(modules)]
+    sums: dict[int, np.ndarray] = {}
+    counts: dict[int, int] = {}
+
+    def hook(i, module, out):
+        v = (out.dequantize() if out.is_quantized else out).detach().double()
+        axis = v.ndim - 1 if "Linear" in type(module).__name__ else 1
+        v = v.movedim(axis, 0).reshape(v.shape[axis], -1)
+        sums[i] = sums.get(i, 0) + v.sum(1).numpy()
+        counts[i] = counts.get(i, 0) + v.shape[1]
+
+    hooks = [m.register_forward_hook(lambda module, _, out, i=i: hook(i, module, out)) for i, m in enumerate(modules)]
     try:
         with torch.inference_mode():
-            model(x)
+            for start in range(0, len(x), batch):
+                model(x[start:start + batch])
     finally:
         for h in hooks:
             h.remove()
-    return _channel_means([outputs[i] for i in range(len(modules))])
+    return [sums[i] / counts[i] for i in range(len(modules))]

@@ -264,7 +264,7 @@ def matrix_run(terminal, matrix_file, workers, ray, db, resume, junit, targets):
     statuses = [c["status"] for c in cells]
     counts = ", ".join(f"{statuses.count(s)} {s.replace('_', ' ')}" for s in dict.fromkeys(statuses))
     click.echo(f"run {done.run.id}: {len(cells)} cells ({counts}), {len(done.alarms)} alarms; "
-               f"build folders: {done.folder}; history: {history.url}")
+               f"build folders: {done.folder}; history: {history.shown}")
     history.close()
     if done.alarms:
         sys.exit(EXIT_REGRESSION)

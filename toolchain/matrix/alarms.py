@@ -30,30 +30,45 @@ KINDS = ("crashed", "missing", "parity", "accuracy", "sqnr", "size", "latency")
 QUIET = 0.10  # the largest share of the machine's CPU others may use while a cell's latency is measured
 
 
-def compare(cell: dict[str, Any], run: Any, baseline: dict[str, Any] | None, options: AlarmOptions) -> list[dict[str, Any]]:
+def compare(cell: dict[str, Any], run: Any, baseline: dict[str, Any] | None, options: AlarmOptions,
+            timing_baseline: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """The alarms of ``cell`` (built in ``run``) against ``baseline`` (its last passing run, with
-    ``run``), as rows for the history: artifact, kind, message, baseline_run_id, changes."""
+    ``run``), as rows for the history: artifact, kind, message, baseline_run_id, changes. Latency
+    is compared with ``timing_baseline``: its last passing run whose timings were quiet."""
     if baseline is None:
         return []
     base_run = baseline["run"]
     changed = changes(cell, run, baseline, base_run)
     since = f"since run {base_run.id}"
-    alarm = lambda artifact, kind, message: {"artifact": artifact, "kind": kind, "message": message,
-                                             "baseline_run_id": base_run.id, "changes": changed}
+    alarm = lambda artifact, kind, message, base=baseline, what=changed: {
+        "artifact": artifact, "kind": kind, "message": message, "baseline_run_id": base["run"].id, "changes": what}
     if cell["status"] in ("error", "crashed"):
         return [alarm(None, "crashed", f"{cell['key']} {cell['status']} ({cell['reason']}); it passed in run {base_run.id}")]
+    if cell["status"] == "not_judged":
+        return [alarm(None, "parity", f"{cell['key']} was not judged ({cell['reason'] or 'random weights?'}); it passed in run {base_run.id}")]
     found = []
-    comparable = run.host_cpu == base_run.host_cpu and run.workers == base_run.workers and quiet(cell) and quiet(baseline)
     for name, old in baseline["artifacts"].items():
         new = cell["artifacts"].get(name)
         if new is None:
             found.append(alarm(name, "missing", f"{name} of {cell['key']} was not built; it was in run {base_run.id}"))
             continue
-        found += [alarm(name, kind, message) for kind, message in _artifact_alarms(name, new, old, options, comparable, since)]
+        found += [alarm(name, kind, message) for kind, message in _artifact_alarms(name, new, old, options, since)]
+    if timing_baseline is not None and comparable_timings(cell, run, timing_baseline):
+        what = changes(cell, run, timing_baseline, timing_baseline["run"])
+        for name, old in timing_baseline["artifacts"].items():
+            new = cell["artifacts"].get(name)
+            slower = new is not None and new["passed"] is not False and latency_regression(new, old, options.latency_growth)
+            if slower:
+                found.append(alarm(name, "latency", f"{name} {slower} since run {timing_baseline['run'].id}", timing_baseline, what))
     return found
 
 
-def _artifact_alarms(name: str, new: dict, old: dict, o: AlarmOptions, comparable: bool, since: str) -> list[tuple[str, str]]:
+def comparable_timings(cell: dict, run: Any, base: dict) -> bool:
+    """Both timed on the same CPU model, with as many workers, each on a quiet machine."""
+    return cell.get("host_cpu") == base.get("host_cpu") and run.workers == base["run"].workers and quiet(cell) and quiet(base)
+
+
+def _artifact_alarms(name: str, new: dict, old: dict, o: AlarmOptions, since: str) -> list[tuple[str, str]]:
     drops = _drops(new, old)
     if old["passed"] and new["passed"] is False:
         detail = "; ".join(new["failures"]) or "parity failed"
@@ -67,9 +82,6 @@ def _artifact_alarms(name: str, new: dict, old: dict, o: AlarmOptions, comparabl
     if new["size_bytes"] and old["size_bytes"] and new["size_bytes"] > old["size_bytes"] * (1 + o.size_growth):
         found.append(("size", f"{name} grew {old['size_bytes'] / 2**20:.3f} -> {new['size_bytes'] / 2**20:.3f} MB {since} "
                               f"(+{new['size_bytes'] / old['size_bytes'] - 1:.0%}, threshold {o.size_growth:.0%})"))
-    slower = latency_regression(new, old, o.latency_growth) if comparable else None
-    if slower:
-        found.append(("latency", f"{name} {slower} {since}"))
     return found
 
 
@@ -110,9 +122,11 @@ def changes(cell: dict, run: Any, baseline: dict, base_run: Any) -> list[str]:
     for key, what in (("model_sha256", "model"), ("data_sha256", "data"), ("profile_sha256", "target profile")):
         if baseline.get(key) != cell.get(key):
             found.append(f"{what} sha256 {_short(baseline.get(key))} -> {_short(cell.get(key))}")
-    for attr, what in (("toolchain_commit", "toolchain commit"), ("host_cpu", "host CPU"), ("workers", "workers")):
+    for attr, what in (("toolchain_commit", "toolchain commit"), ("workers", "workers")):
         if getattr(base_run, attr) != getattr(run, attr):
             found.append(f"{what} {getattr(base_run, attr)} -> {getattr(run, attr)}")
+    if baseline.get("host_cpu") != cell.get("host_cpu"):
+        found.append(f"host CPU {baseline.get('host_cpu')} -> {cell.get('host_cpu')}")
     return found
 
 

@@ -32,6 +32,7 @@ STATUSES = ("passed", "failed", "not_judged", "error", "crashed")
 
 _RUNNING: set[subprocess.Popen] = set()  # the build processes of this process's cells
 _LOCK = threading.Lock()
+_STOPPING = threading.Event()  # set by kill_builds: no new build starts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +52,7 @@ class CellResult:
     latency_repeats: dict[str, list[float]]  # artifact (and fp32_reference) -> batch-1 p50 of each re-measurement, ms
     provenance: dict[str, Any]  # model / data / profile sha256 and library versions
     timing_busy: float | None = None  # the largest share of the machine other processes used while it was re-measured
+    host_cpu: str | None = None  # the CPU it was built and timed on (a Ray cell's node, not the driver's)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -86,7 +88,8 @@ def run_cell(cell: Cell, folder: Path, log: Path, repeats: int = 3) -> CellResul
         latency, busy = _remeasure(folder, log, repeats, left)
     manifest = _read_json(folder / "manifest.json") if report is not None else None
     return CellResult(cell.key, cell.model_name, cell.target_name, status, why, started, round(time.monotonic() - t0, 2),
-                      str(folder) if report is not None else None, str(log), report, latency, provenance(cell, manifest), busy)
+                      str(folder) if report is not None else None, str(log), report, latency, provenance(cell, manifest), busy,
+                      _host_cpu())
 
 
 def _child(args: list[str], log: Path, limit_s: float) -> tuple[int | None, str | None]:
@@ -94,9 +97,11 @@ def _child(args: list[str], log: Path, limit_s: float) -> tuple[int | None, str 
     with log.open("ab") as err:
         err.write(f"$ {' '.join(args)}\n".encode())
         err.flush()
-        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=err, stdin=subprocess.DEVNULL, start_new_session=True,
-                                preexec_fn=_die_with_parent)
         with _LOCK:
+            if _STOPPING.is_set():
+                return None, "the matrix was stopped before this build started"
+            proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=err, stdin=subprocess.DEVNULL, start_new_session=True,
+                                    preexec_fn=_die_with_parent)
             _RUNNING.add(proc)
         try:
             code = proc.wait(timeout=limit_s)
@@ -133,9 +138,15 @@ def _prctl():
 _PRCTL = _prctl()  # looked up once: between fork and exec only the call itself runs
 
 
+def allow_builds() -> None:
+    """A new fan-out may start builds again (after kill_builds stopped an earlier one)."""
+    _STOPPING.clear()
+
+
 def kill_builds() -> None:
     """Kill every build this process's cells are waiting on (the matrix is being stopped)."""
     with _LOCK:
+        _STOPPING.set()
         running = list(_RUNNING)
     for proc in running:
         _kill_group(proc)
@@ -199,6 +210,19 @@ def _profile_sha(target: str) -> str | None:
         return _sha(Path(load_target(target).source))
     except ToolchainError:
         return None
+
+
+def _host_cpu() -> str | None:
+    from ..cpu import host_cpu
+
+    return host_cpu()["model"]
+
+
+def crashed(cell: Cell, folder: Path, log: Path, why: str) -> CellResult:
+    """A cell whose build never reported back (its Ray worker died, say)."""
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return CellResult(cell.key, cell.model_name, cell.target_name, "crashed", why, started, 0.0, None, str(log), None, {},
+                      provenance(cell, None))
 
 
 def _read_json(path: Path) -> Any:

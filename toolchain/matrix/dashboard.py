@@ -31,7 +31,7 @@ def write_dashboard(history: History, out: Path, name: str | None = None) -> Pat
     """Write ``out`` for matrix ``name`` (default: the matrix of the newest run)."""
     runs = history.runs()
     if not runs:
-        raise ToolchainError(f"the history {history.url} holds no matrix run yet")
+        raise ToolchainError(f"the history {history.shown} holds no matrix run yet")
     name = name or runs[-1].matrix
     runs = [r for r in runs if r.matrix == name]
     if not runs:

@@ -17,7 +17,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from ..errors import ToolchainError
+from ..errors import ToolchainError, reason
 from .cell import CellResult
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
@@ -45,17 +45,19 @@ class History:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        shown = _shown(url)
+        self.shown = shown = _shown(url)  # the URL without its password: for messages
         try:
             self.engine = sa.create_engine(url)
             with self.engine.begin() as conn:
+                if conn.dialect.name == "postgresql":  # shards opening one database at once migrate it one at a time
+                    conn.execute(sa.text("SELECT pg_advisory_xact_lock(7311501)"))
                 _upgrade(conn)
                 tables = sa.MetaData()
                 tables.reflect(bind=conn)
         except ToolchainError:
             raise
         except Exception as e:  # a driver's own error types: unreachable server, bad file, missing driver
-            raise ToolchainError(f"cannot open the matrix history `{shown}`: {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}") from None
+            raise ToolchainError(f"cannot open the matrix history `{shown}`: {type(e).__name__}: {reason(e)}") from None
         self._runs, self._cells = tables.tables["runs"], tables.tables["cells"]
         self._artifacts, self._alarms = tables.tables["artifacts"], tables.tables["alarms"]
 
@@ -110,7 +112,7 @@ class History:
         """Write one finished cell, its artifacts and its alarms, in one transaction."""
         cell = cell_row(result)
         with self.engine.begin() as conn:
-            cell_id = conn.execute(self._cells.insert().values(run_id=run.id, host_cpu=run.host_cpu, **cell)).inserted_primary_key[0]
+            cell_id = conn.execute(self._cells.insert().values(run_id=run.id, **cell)).inserted_primary_key[0]
             rows = artifact_rows(result)
             if rows:
                 conn.execute(self._artifacts.insert(), [{**r, "cell_id": cell_id} for r in rows])
@@ -135,11 +137,14 @@ class History:
                 by_cell.setdefault(r["cell_id"], {})[r["name"]] = dict(r)
         return [{**c, "artifacts": by_cell.get(c["id"], {})} for c in found]
 
-    def last_passing(self, matrix: str, key: str, before_run: int) -> dict[str, Any] | None:
-        """The newest passing run of cell ``key`` before run ``before_run``, with its artifacts and run."""
+    def last_passing(self, matrix: str, key: str, before_run: int, quiet_below: float | None = None) -> dict[str, Any] | None:
+        """The newest passing run of cell ``key`` before run ``before_run``, with its artifacts and
+        run; with ``quiet_below``, the newest whose latency was measured on a quiet machine."""
         query = (sa.select(self._cells.c.id, self._cells.c.run_id).join(self._runs, self._runs.c.id == self._cells.c.run_id)
                  .where(self._runs.c.matrix == matrix, self._cells.c.key == key, self._cells.c.status == "passed", self._runs.c.id < before_run)
                  .order_by(self._runs.c.id.desc()).limit(1))
+        if quiet_below is not None:
+            query = query.where(self._cells.c.timing_busy <= quiet_below)
         with self.engine.connect() as conn:
             row = conn.execute(query).first()
         if row is None:
@@ -160,7 +165,7 @@ def cell_row(result: CellResult) -> dict[str, Any]:
                 build_seconds=report.get("build_seconds"), folder=result.folder, log=result.log,
                 model_sha256=p.get("model_sha256"), data_sha256=p.get("data_sha256"), profile_sha256=p.get("profile_sha256"),
                 versions=p.get("versions") or {}, reference_accuracy=_number(ref.get("accuracy")),
-                reference_latency_ms=_number(ref.get("latency_ms")), timing_busy=result.timing_busy)
+                reference_latency_ms=_number(ref.get("latency_ms")), timing_busy=result.timing_busy, host_cpu=result.host_cpu)
 
 
 def artifact_rows(result: CellResult) -> list[dict[str, Any]]:

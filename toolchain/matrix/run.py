@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from ..errors import ToolchainError
+from ..errors import ToolchainError, reason
 from . import alarms
-from .cell import CellResult, kill_builds, run_cell
+from .cell import CellResult, allow_builds, crashed, kill_builds, run_cell
 from .history import History, Run, artifact_rows, cell_row
 from .spec import Cell, Matrix
 
@@ -85,7 +85,7 @@ def _open_run(matrix: Matrix, history: History, resume: bool, executor: str, wor
     run = history.resumable_run(matrix.name, shard)
     if run is None:
         within = f" (targets {shard})" if shard else ""
-        raise ToolchainError(f"--resume: matrix `{matrix.name}`{within} has no unfinished run in {history.url}")
+        raise ToolchainError(f"--resume: matrix `{matrix.name}`{within} has no unfinished run in {history.shown}")
     if run.matrix_sha256 != matrix.sha256:
         raise ToolchainError(f"--resume: {matrix.source} changed since run {run.id} started; run it without --resume")
     return history.reopen_run(run, executor, workers), history.done_keys(run.id)
@@ -93,12 +93,14 @@ def _open_run(matrix: Matrix, history: History, resume: bool, executor: str, wor
 
 def _alarms(matrix: Matrix, history: History, run: Run, result: CellResult) -> list[dict]:
     baseline = history.last_passing(matrix.name, result.key, run.id)
+    timing = history.last_passing(matrix.name, result.key, run.id, quiet_below=alarms.QUIET) if baseline else None
     cell = {**cell_row(result), "artifacts": {r["name"]: r for r in artifact_rows(result)}}
-    return alarms.compare(cell, run, baseline, matrix.alarms)
+    return alarms.compare(cell, run, baseline, matrix.alarms, timing)
 
 
 def _local_cells(workers: int):
     def fan_out(cells: list[Cell], folder: Path, repeats: int) -> Iterator[CellResult]:
+        allow_builds()
         with concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cell") as pool:
             futures = [pool.submit(run_cell, c, folder / c.folder_name, folder / f"{c.folder_name}.log", repeats) for c in cells]
             try:
@@ -128,12 +130,21 @@ def _ray_cells(address: str):
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise ToolchainError(f"--ray {address}: cannot reach a Ray cluster: {e}") from None
         try:
+            available = ray.cluster_resources().get("CPU", 0)
+            wanted = {c.key: cpus_of(c) for c in cells}
+            too_big = [k for k, n in wanted.items() if n > available]
+            if too_big:
+                raise ToolchainError(f"--ray {address}: the cluster has {available:g} CPUs; {too_big[0]} asks for "
+                                     f"{wanted[too_big[0]]} (set `cpus` / `matrix.cpus_per_cell`)")
             task = ray.remote(_ray_task)
-            pending = {task.options(num_cpus=cpus_of(c), max_retries=0).remote(c, str(folder), repeats): c for c in cells}
+            pending = {task.options(num_cpus=wanted[c.key], max_retries=0).remote(c, str(folder), repeats): c for c in cells}
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1)
-                pending.pop(ready[0])
-                yield CellResult.from_json(ray.get(ready[0]))
+                cell = pending.pop(ready[0])
+                try:
+                    yield CellResult.from_json(ray.get(ready[0]))
+                except ray.exceptions.RayError as e:  # its worker or node died: the cell crashed, the matrix goes on
+                    yield crashed(cell, folder / cell.folder_name, folder / f"{cell.folder_name}.log", f"Ray: {reason(e, last=True)}")
         finally:
             ray.shutdown()
     return fan_out

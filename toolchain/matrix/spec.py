@@ -37,7 +37,8 @@ class MatrixOptions:
     workers: int | None = option(None, "cells built at once on this machine [default: its cores / the cells' runtime threads, at least 1]")
     time_limit_s: float = option(1800.0, "a cell still building after this long is killed and recorded as crashed")
     cpus_per_cell: int | None = option(None, "CPUs a cell asks Ray for [default: the target profile's runtime.threads]")
-    latency_repeats: int = option(3, "times each artifact's batch-1 latency is measured per cell (the spread is the noise)")
+    latency_repeats: int = option(3, "times each artifact's batch-1 latency is re-measured per cell (the spread is the noise; "
+                                     "0: none, and no latency alarm)")
     keep_runs: int = option(10, "run folders kept on disk (the database keeps every run)")
 
 
@@ -156,6 +157,10 @@ def load_matrix(path: str | Path) -> Matrix:
         raise ConfigError(f"{source}: `models` must name at least one model (a `[models.<name>]` table)")
     _check_positive(opts, source)
     cells = tuple(c for name, t in raw.models.items() for c in _cells(name, t, opts, path))
+    keys = [c.key for c in cells]
+    for key in keys:
+        if keys.count(key) > 1:
+            raise ConfigError(f"{source}: cell `{key}` appears twice (two targets of one name: a profile file named like a built-in target?)")
     return Matrix(opts.name or path.stem, path.resolve(), hashlib.sha256(data).hexdigest(), opts, raw.alarms, cells)
 
 
@@ -164,6 +169,9 @@ def _cells(name: str, table: Any, opts: MatrixOptions, path: Path) -> list[Cell]
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         raise ConfigError(f"{source}: model name `models.{name}` may only use letters, digits, '.', '_' and '-'")
     m = parse_options(ModelOptions, table, f"models.{name}", source)
+    for key, value in (("time_limit_s", m.time_limit_s), ("cpus", m.cpus), ("max_metric_drop", m.max_metric_drop)):
+        if value is not None and value <= 0 and not (key == "max_metric_drop" and value == 0):
+            raise ConfigError(f"{source}: `models.{name}.{key}` must be positive (got {value})")
     chosen = m.targets if m.targets is not None else opts.targets
     for i, t in enumerate(chosen):
         if t not in opts.targets:
@@ -174,7 +182,8 @@ def _cells(name: str, table: Any, opts: MatrixOptions, path: Path) -> list[Cell]
                     metric=m.metric and _metric_path(path, m.metric))
     return [Cell(name, _target(path, t), model, input_shape=m.input_shape, outputs=m.outputs,
                  max_metric_drop=m.max_metric_drop, trust_pickle=m.trust_pickle,
-                 time_limit_s=m.time_limit_s or opts.time_limit_s, cpus=m.cpus or opts.cpus_per_cell, **resolved)
+                 time_limit_s=opts.time_limit_s if m.time_limit_s is None else m.time_limit_s,
+                 cpus=opts.cpus_per_cell if m.cpus is None else m.cpus, **resolved)
             for t in chosen]
 
 
@@ -193,7 +202,9 @@ def _relative(matrix_file: Path, value: str) -> Path:
 
 
 def _check_positive(opts: MatrixOptions, source: str) -> None:
-    checks = {"matrix.time_limit_s": opts.time_limit_s, "matrix.latency_repeats": opts.latency_repeats,
+    if opts.latency_repeats < 0:
+        raise ConfigError(f"{source}: `matrix.latency_repeats` must be 0 or more (got {opts.latency_repeats})")
+    checks = {"matrix.time_limit_s": opts.time_limit_s,
               "matrix.keep_runs": opts.keep_runs, "matrix.workers": opts.workers or 1,
               "matrix.cpus_per_cell": opts.cpus_per_cell or 1}
     for key, value in checks.items():
