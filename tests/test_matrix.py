@@ -461,3 +461,27 @@ def test_a_build_that_segfaults_is_a_crashed_cell_with_the_signal(tmp_path):
     assert (result.status, result.reason) == ("crashed", "killed by SIGSEGV"), Path(result.log).read_text()[-2000:]
     assert result.folder is None and result.report is None and result.latency_repeats == {}
     assert list((tmp_path / "run").iterdir()) == [tmp_path / "run" / "segv-fast.log"]  # no half-written build folder
+
+
+def test_the_dashboard_shows_the_newest_cell_of_each_key_across_shards(tmp_path):
+    """An unsharded run, then a shard that builds one of its cells again: the page shows that
+    cell from the shard, the other from the older run, and the superseded cell's alarm no more."""
+    from toolchain.matrix.cell import CellResult
+    from toolchain.matrix.dashboard import dashboard_data
+    from toolchain.matrix.history import History
+
+    history = History(f"sqlite:///{tmp_path / 'h.sqlite'}")
+    result = lambda key, status: CellResult(key, key.split("/")[0], key.split("/")[1], status, None, "2026-12-01T02:00:00+00:00",
+                                            1.0, None, "log", None, {}, {"versions": {}})
+    whole = history.start_run("nightly", "f", 2, "local", 1, "cpu", None, None)
+    history.record_cell(whole, result("m/x86_fbgemm", "crashed"), [
+        {"artifact": None, "kind": "crashed", "message": "m/x86_fbgemm crashed", "baseline_run_id": 0, "changes": []}])
+    history.record_cell(whole, result("m/nvidia_xavier", "passed"), [])
+    history.finish_run(whole.id)
+    shard = history.start_run("nightly", "f", 1, "local", 1, "cpu", None, None, shard="x86_fbgemm")
+    history.record_cell(shard, result("m/x86_fbgemm", "passed"), [])
+    history.finish_run(shard.id)
+    data = dashboard_data(history, history.runs("nightly"))
+    history.close()
+    assert {c["key"]: c["status"] for c in data["cells"]} == {"m/x86_fbgemm": "passed", "m/nvidia_xavier": "passed"}
+    assert data["alarms"] == [] and data["shown_runs"] == [whole.id, shard.id]

@@ -66,7 +66,8 @@ def dashboard_data(history: History, runs: list) -> dict[str, Any]:
         "cells": [{k: c[k] for k in ("key", "model", "target", "status", "verdict", "reason", "folder", "log", "seconds")}
                   | {"primary": next((n for n, a in c["artifacts"].items() if a["is_primary"]), None)} for c in now],
         "alarms": [{k: a[k] for k in ("key", "artifact", "kind", "message", "baseline_run_id", "changes")}
-                   for run_id in sorted(newest.values()) for a in history.alarms_of(run_id)],
+                   for run_id in sorted(newest.values()) for a in history.alarms_of(run_id)
+                   if a["cell_id"] in {c["id"] for c in now}],  # a cell built again since: its old alarms are history
         "trends": trends,
     }
 
