@@ -23,7 +23,7 @@ def staged_folder(out: Path) -> Iterator[Path]:
     """Yield a temporary folder beside ``out``; on success it replaces ``out``, on any error it is removed."""
     check_output(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_partial_prefix(out), dir=out.parent))
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; a build folder is an ordinary folder
@@ -39,3 +39,14 @@ def staged_folder(out: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def remove_leftovers(out: Path) -> None:
+    """Remove what a build of ``out`` that was killed (SIGKILL: no cleanup) left beside it: its
+    half-written temporary folder."""
+    for p in out.parent.glob(_partial_prefix(out) + "*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _partial_prefix(out: Path) -> str:
+    return f".{out.name}.partial-"

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..artifact import sha256_files
+from ..folder import remove_leftovers
 from .spec import Cell
 
 # `toolchain build` exit codes -> cell status (see toolchain/errors.py)
@@ -68,11 +69,11 @@ def run_cell(cell: Cell, folder: Path, log: Path, repeats: int = 3) -> CellResul
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     t0 = time.monotonic()
     log.parent.mkdir(parents=True, exist_ok=True)
-    remove_partial(folder)  # left by this cell's build in a run that was killed, before --resume
+    remove_leftovers(folder)  # left by this cell's build in a run that was killed, before --resume
     code, why = _child([sys.executable, "-m", "toolchain", *cell.build_args(folder)], log, cell.time_limit_s)
     report = _read_json(folder / "report.json") if code in (0, 3, 4) else None
     if report is None:
-        remove_partial(folder)
+        remove_leftovers(folder)
     status = STATUS_OF_EXIT.get(code, "crashed") if why is None else "crashed"
     if status in ("passed", "failed", "not_judged") and report is None:
         status, why = "crashed", f"exited with code {code} but wrote no report.json"
@@ -158,14 +159,6 @@ def _kill_group(proc: subprocess.Popen) -> None:
     except (ProcessLookupError, PermissionError):
         pass
     proc.wait()
-
-
-def remove_partial(folder: Path) -> None:
-    """What a killed build leaves: its half-written folder beside ``folder`` (see toolchain/folder.py)."""
-    import shutil
-
-    for p in folder.parent.glob(f".{folder.name}.partial-*"):
-        shutil.rmtree(p, ignore_errors=True)
 
 
 def _remeasure(folder: Path, log: Path, repeats: int, limit_s: float) -> tuple[dict[str, list[float]], float | None]:
