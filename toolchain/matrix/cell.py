@@ -90,7 +90,7 @@ def run_cell(cell: Cell, folder: Path, log: Path, repeats: int = 3) -> CellResul
     manifest = _read_json(folder / "manifest.json") if report is not None else None
     return CellResult(cell.key, cell.model_name, cell.target_name, status, why, started, round(time.monotonic() - t0, 2),
                       str(folder) if report is not None else None, str(log), report, latency, provenance(cell, manifest), busy,
-                      _host_cpu())
+                      host_cpu_model())
 
 
 def _child(args: list[str], log: Path, limit_s: float) -> tuple[int | None, str | None]:
@@ -205,7 +205,8 @@ def _profile_sha(target: str) -> str | None:
         return None
 
 
-def _host_cpu() -> str | None:
+def host_cpu_model() -> str | None:
+    """This machine's CPU model, as the history records it for runs and cells."""
     from ..cpu import host_cpu
 
     return host_cpu()["model"]

@@ -19,7 +19,8 @@ from typing import Callable, Iterable, Iterator
 
 from ..errors import ToolchainError, reason
 from . import alarms
-from .cell import CellResult, allow_builds, crashed, kill_builds, run_cell
+from ..manifest import library_versions
+from .cell import CellResult, allow_builds, crashed, host_cpu_model, kill_builds, run_cell
 from .history import History, Run, artifact_rows, cell_row
 from .spec import Cell, Matrix
 
@@ -80,8 +81,8 @@ def shard_cells(matrix: Matrix, targets: tuple[str, ...]) -> list[Cell]:
 def _open_run(matrix: Matrix, history: History, resume: bool, executor: str, workers: int | None, shard: str | None,
               total: int) -> tuple[Run, set[str]]:
     if not resume:
-        return history.start_run(matrix.name, matrix.sha256, total, executor, workers, host_cpu(),
-                                 toolchain_version(), toolchain_commit(), shard), set()
+        return history.start_run(matrix.name, matrix.sha256, total, executor, workers, host_cpu_model(),
+                                 library_versions()["toolchain"], toolchain_commit(), shard), set()
     run = history.resumable_run(matrix.name, shard)
     if run is None:
         within = f" (targets {shard})" if shard else ""
@@ -173,21 +174,6 @@ def default_workers(cells: list[Cell]) -> int:
     """As many cells at once as this machine's cores hold without oversubscribing: each build
     runs its profile's `runtime.threads` threads (timing under contention is noise)."""
     return max(1, (os.cpu_count() or 1) // max(map(cpus_of, cells), default=1))
-
-
-def host_cpu() -> str | None:
-    from ..cpu import host_cpu as facts
-
-    return facts()["model"]
-
-
-def toolchain_version() -> str | None:
-    from importlib import metadata
-
-    try:
-        return metadata.version("toolchain")
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def toolchain_commit() -> str | None:
