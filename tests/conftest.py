@@ -56,6 +56,16 @@ def fast_profile(tmp_path: Path, calibration: int = 32, validation: int = 16, ex
     return path
 
 
+def without_artifacts(base: Path, tmp_path: Path, *names: str) -> Path:
+    """``base`` with the ``[artifacts.NAME]`` tables of ``names`` removed (TOML tables hold no blank lines)."""
+    text = base.read_text()
+    for name in names:
+        text = re.sub(rf"\[artifacts\.{name}\]\n(?:[^\[\n].*\n)*", "", text)
+    path = tmp_path / f"without-{base.name}"
+    path.write_text(text)
+    return path
+
+
 def cli(*args, timeout: int = 600):
     """`toolchain ARGS...` in a fresh process, as a user runs it (stderr not a terminal)."""
     return subprocess.run([sys.executable, "-m", "toolchain", *args], capture_output=True, text=True, timeout=timeout)

@@ -13,6 +13,7 @@ What it enforces, from NVIDIA's Python API documentation for 8.5, 10 and 11:
   engine then refuses to run (`execute_async_v3` returns False) until every input has a valid
   shape and every I/O tensor an address.
 - An engine built by one TensorRT version does not deserialize in another (None).
+- Before 8.6 the ONNX parser has no LayerNormalization (onnx-tensorrt's operator table, 8.5-GA: "N").
 The "GPU" runs the ONNX file with ONNX Runtime; device memory is host memory behind integer
 addresses, copied with `cudaMemcpy` like the real thing.
 """
@@ -91,6 +92,10 @@ def _tensorrt(version: str) -> types.ModuleType:
                 self.errors.append("Network must have explicit batch dimension (ONNX parser needs EXPLICIT_BATCH)")
                 return False
             model = onnx.load(path)
+            missing = sorted({n.op_type for n in model.graph.node if n.op_type == "LayerNormalization"}) if (major, minor) < (8, 6) else []
+            if missing:
+                self.errors.append(f"No importer registered for op: {missing[0]}. Attempting to import as plugin.")
+                return False
             inits = {i.name for i in model.graph.initializer}
             self.network.onnx = model.SerializeToString()
             self.network.inputs = [i.name for i in model.graph.input if i.name not in inits]

@@ -237,3 +237,59 @@ class Segfaults(nn.Module):
 
         os.kill(os.getpid(), signal.SIGSEGV)
         return x
+
+
+class TinyViT(nn.Module):
+    """A vision transformer for 8x8 digits: 2x2 patches (16 tokens), pre-norm encoder layers with
+    multi-head attention, LayerNorm and GELU, mean-pooled into a linear head."""
+
+    def __init__(self, dim: int = 32, heads: int = 2, layers: int = 2):
+        super().__init__()
+        self.patch = nn.Conv2d(1, dim, 2, stride=2)
+        self.pos = nn.Parameter(torch.zeros(1, 16, dim))
+        layer = nn.TransformerEncoderLayer(dim, heads, dim * 2, dropout=0.0, activation="gelu", batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x):
+        tokens = self.patch(x).flatten(2).transpose(1, 2) + self.pos
+        return self.head(self.norm(self.encoder(tokens)).mean(1))
+
+
+def tiny_vit(x: np.ndarray, y: np.ndarray, epochs: int = 25) -> TinyViT:
+    torch.manual_seed(0)
+    return train(TinyViT(), x, y, epochs=epochs)
+
+
+
+def sequences(n: int, seed: int, steps: int = 12, features: int = 6, classes: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """Noisy multichannel sequences (n, steps, features) whose class is the frequency of an
+    oscillation on two channels, at a random phase: it has to be integrated over time."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, n)
+    t = np.arange(steps)
+    freq = (y + 1) * np.pi / 12
+    phase = rng.uniform(0, 2 * np.pi, (n, 1))
+    x = rng.normal(0, 0.5, (n, steps, features))
+    x[:, :, 0] += np.sin(freq[:, None] * t + phase)
+    x[:, :, 1] += np.cos(freq[:, None] * t + phase)
+    return x.astype(np.float32), y.astype(np.int64)
+
+
+class SequenceClassifier(nn.Module):
+    """An LSTM (or GRU) over the time steps, the last step's hidden state into a linear head."""
+
+    def __init__(self, cell: type = nn.LSTM, features: int = 6, hidden: int = 32, layers: int = 1, classes: int = 4):
+        super().__init__()
+        self.rnn = cell(features, hidden, layers, batch_first=True)
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, x):
+        out, _ = self.rnn(x)
+        return self.head(out[:, -1])
+
+
+def sequence_classifier(x: np.ndarray, y: np.ndarray, cell: type = nn.LSTM, epochs: int = 15) -> SequenceClassifier:
+    torch.manual_seed(0)
+    return train(SequenceClassifier(cell), x, y, epochs=epochs)

@@ -67,5 +67,6 @@ def test_an_artifact_whose_library_is_missing_is_skipped_with_the_reason(digits,
     assert skipped == {
         "onnx_fp32": "runtime `onnxruntime` is unavailable here: onnxruntime is not installed (pip install onnxruntime)",
         "onnx_int8": "stage `quantize_onnx` is unavailable here: onnxruntime is not installed (pip install onnxruntime)",
+        "onnx_int8_dynamic": "stage `quantize_onnx_dynamic` is unavailable here: onnxruntime is not installed (pip install onnxruntime)",
     }
     assert [a.name for a in report.artifacts] == ["torch_int8"]

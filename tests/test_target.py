@@ -14,7 +14,7 @@ from .conftest import X86
 def test_builtin_x86_profile_loads_with_its_options():
     t = load_target("x86_fbgemm")
     assert t.name == "x86_fbgemm"
-    assert set(t.artifacts) == {"torch_int8", "onnx_fp32", "onnx_int8"}
+    assert set(t.artifacts) == {"torch_int8", "onnx_fp32", "onnx_int8", "onnx_int8_dynamic", "torch_int8_dynamic"}
     assert t.stage_options["quantize_onnx"] == QuantizeOnnxOptions(calibration="minmax", per_channel=True, activations="uint8", weights="int8")
     assert t.data.calibration_samples == 256
     assert "x86_fbgemm" in builtin_targets()

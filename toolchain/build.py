@@ -11,12 +11,12 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from .artifact import Artifact
+from .artifact import Artifact, Kind
 from .export import as_module
 from .context import BuildContext
 from .cpu import isa_facts
 from .data import Dataset, check_sample_shape, load_dataset, synthetic_dataset
-from .errors import DataError, StageError, ToolchainError, reason
+from .errors import DataError, NotApplicable, StageError, ToolchainError, reason
 from .folder import check_output, staged_folder
 from .bench import bench, time_runs
 from .load import LoadedModel, load_model, parse_shape, settle_random_batchnorm
@@ -86,13 +86,22 @@ def build(
         expected = expected_outputs(loaded, inputs, profile, {**(profile.parity.outputs or {}), **(outputs or {})}, names, scorer)
         ref_out, roles = expected.outputs, expected.roles
         pipeline = Pipeline(ctx)
-        reports, records, files = [], {}, {}
+        reports, records, files, not_applicable = [], {}, {}, []
         for chain in plans:
             try:
                 artifact, records[chain.name] = pipeline.run(chain, loaded.artifact)
+            except NotApplicable as e:
+                log.info("not applicable: %s: %s", chain.name, e)
+                not_applicable.append(Skipped(chain.name, str(e)))
+                continue
             except StageError as e:
                 log.warning("skipped %s: %s", chain.name, e)
                 skipped.append(Skipped(chain.name, str(e)))
+                continue
+            refused = parser_refuses(profile, chain.name, artifact)
+            if refused:
+                log.warning("skipped %s: %s", chain.name, refused)
+                skipped.append(Skipped(chain.name, refused))
                 continue
             shipped = ship(artifact, chain.spec.runtime, chain.name, tmp)
             try:
@@ -115,7 +124,7 @@ def build(
                                  "recovery_attempts": recovery and [a.to_json() for a in recovery.outcome.attempts]}
         shutil.rmtree(work)
         if not reports:
-            raise ToolchainError(f"no artifact of target `{profile.name}` could be built ({_reasons(skipped)})")
+            raise ToolchainError(f"no artifact of target `{profile.name}` could be built ({_reasons(skipped + not_applicable)})")
         engine = plan_engine(profile, reports, tmp, inputs.shape[1:])
         if engine and engine["status"] == "pending on device":
             from .tensorrt.device import save_parity_inputs
@@ -126,6 +135,7 @@ def build(
             reference=reference_facts(loaded, reference, inputs, profile, expected.accuracy, tmp),
             data=data_facts(inputs), artifacts=tuple(mark_primary(reports)), cpu=isa_facts(profile.runtime.isa),
             skipped=tuple({"name": s.name, "reason": s.reason} for s in skipped),
+            not_applicable=tuple({"name": s.name, "reason": s.reason} for s in not_applicable),
             thresholds=thresholds, engine=engine, warnings=inputs.warnings, build_seconds=round(time.perf_counter() - started, 2),
             metric=expected.metric and expected.metric.to_json(),
         )
@@ -338,6 +348,22 @@ def ship(artifact: Artifact, runtime: str, name: str, folder: Path) -> Artifact:
     else:
         shutil.copyfile(artifact.path, dest)
     return dataclasses.replace(artifact, path=dest, model=None)
+
+
+def parser_refuses(profile: Target, name: str, artifact) -> str | None:
+    """NVIDIA targets: why the device's TensorRT could not parse an artifact an engine is built
+    from (host parity says nothing about that), or None."""
+    opts = profile.tensorrt
+    if opts is None or name not in (opts.engine_from, opts.fp32_onnx, opts.calibration_from) or artifact.kind is not Kind.ONNX:
+        return None
+    import onnx
+
+    from .tensorrt.operators import describe, parser_gaps
+
+    gaps = parser_gaps(onnx.load(str(artifact.path), load_external_data=False), opts.version)
+    if not gaps:
+        return None
+    return describe(gaps, opts.version) + (" (add `decompose_onnx` to the chain)" if "LayerNormalization" in gaps else "")
 
 
 def plan_engine(profile: Target, reports: list[ArtifactReport], folder: Path, sample_shape) -> dict | None:

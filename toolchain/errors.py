@@ -52,3 +52,8 @@ class StageError(ToolchainError):
     The build records it against the artifact that needed the stage and carries on with
     the other artifacts.
     """
+
+
+class NotApplicable(StageError):
+    """The stage does not fit this kind of model (dynamic INT8 for a CNN): nothing went wrong; the
+    report lists the artifact under `not_applicable` with the reason, not as skipped."""

@@ -294,6 +294,7 @@ def _operators(name: str, profile: dict) -> str:
 
 def _notes(report: dict) -> str:
     items = [f"<li>skipped <code>{_e(s['name'])}</code>: {_e(s['reason'])}</li>" for s in report["skipped"]]
+    items += [f"<li>not applicable <code>{_e(s['name'])}</code>: {_e(s['reason'])}</li>" for s in report.get("not_applicable", [])]
     items += [f"<li><code>{_e(a['name'])}</code> {_e(stage)}: {_e(facts_line(facts))}</li>"
               for a in report["artifacts"] for stage, facts in a.get("stage_facts", {}).items()]
     if report.get("engine"):

@@ -60,7 +60,7 @@ def lift_exported(ep: "torch.export.ExportedProgram") -> tuple[torch.fx.GraphMod
             name = _unique_name(gm, _owner(node))
             gm.add_submodule(name, module)
             with gm.graph.inserting_before(node):
-                new = gm.graph.call_module(name, (node.args[0],))
+                new = gm.graph.call_module(name, module.call_args(node) if isinstance(module, Recurrent) else (node.args[0],))
             if node.name in ranks:
                 ranks[new.name] = ranks[node.name]
             node.replace_all_uses_with(new)
@@ -68,7 +68,17 @@ def lift_exported(ep: "torch.export.ExportedProgram") -> tuple[torch.fx.GraphMod
             lifted += 1
         elif node.target in _FUNCTIONALS:
             node.target = _FUNCTIONALS[node.target]
+        elif node.target is aten.sym_size.int:
+            # `x.size(d)`, which FX quantization knows yields an int: it would put an observer on a symbolic size
+            node.op, node.target = "call_method", "size"
+        elif node.target in _FACTORIES and _size_from_graph(node):
+            _as_tensor_method(node)
+        elif isinstance(node.target, torch._ops.OpOverload) and node.target.namespace == "aten":
+            # the op's packet (`aten.view`, not `aten.view.default`): the same call, and one that
+            # TorchScript can compile, so the quantized model can be scripted rather than traced
+            node.target = node.target.overloadpacket
     gm.graph.eliminate_dead_code()
+    _plain_signature(gm)
     # a plain GraphModule: the exported one refuses .eval(), which fusion needs
     plain = torch.fx.GraphModule(gm, gm.graph).eval()
     plain.delete_all_unused_submodules()
@@ -76,9 +86,103 @@ def lift_exported(ep: "torch.export.ExportedProgram") -> tuple[torch.fx.GraphMod
     return plain, lifted
 
 
+_FACTORIES = {aten.zeros.default: "new_zeros", aten.ones.default: "new_ones", aten.empty.memory_format: "new_empty",
+              aten.full.default: "new_full"}
+
+
+def _size_from_graph(node: torch.fx.Node) -> bool:
+    return isinstance(node.args[0], (list, tuple)) and any(isinstance(d, torch.fx.Node) for d in node.args[0])
+
+
+def _as_tensor_method(node: torch.fx.Node) -> None:
+    """`aten.zeros([2, x.size(0), 32])` -> `x.new_zeros([2, x.size(0), 32])` (dtype and device kept).
+
+    A factory whose size comes from the input (an LSTM's initial state) takes no tensor, so FX
+    tracing, which fusion and quantization redo, calls it with a proxy inside the size list and
+    fails ("aten::zeros() Expected a value of type 'List[int]'"); a method of a tensor the
+    size was read from is traced like any other call, and scripts."""
+    source = next(d for d in node.args[0] if isinstance(d, torch.fx.Node))
+    while source.op != "placeholder" and not (source.op == "call_method" and source.target == "size"):
+        source = next(a for a in source.args if isinstance(a, torch.fx.Node))
+    tensor = source.args[0] if source.op == "call_method" else source
+    kwargs = {k: v for k, v in node.kwargs.items() if k in ("dtype", "device", "pin_memory")}
+    node.op, node.target = "call_method", _FACTORIES[node.target]
+    node.args, node.kwargs = (tensor, *node.args), kwargs
+
+
+def _plain_signature(gm: torch.fx.GraphModule) -> None:
+    """Drop the pytree (un)flattening ``ExportedProgram.module()`` wraps around the graph when
+    the inputs are positional tensors and the output one tensor or a tuple of them: the same
+    function, which TorchScript can then script (it cannot compile the pytree helpers), so
+    sizes read from the input stay symbolic. Nested outputs keep their codegen."""
+    info = getattr(gm.graph._codegen, "pytree_info", None)
+    if info is None or info.in_spec is None or info.out_spec is None:
+        return
+    args, kwargs = info.in_spec.children() if info.in_spec.type is tuple and info.in_spec.num_children == 2 else (None, None)
+    if args is None or kwargs.num_children or not all(c.is_leaf() for c in args.children()):
+        return
+    out = info.out_spec
+    single = out.is_leaf()
+    if not single and not (out.type is tuple and all(c.is_leaf() for c in out.children())):
+        return
+    node = next(n for n in gm.graph.nodes if n.op == "output")
+    flat = list(node.args[0]) if isinstance(node.args[0], (list, tuple)) else [node.args[0]]
+    node.args = (flat[0] if single else tuple(flat),)
+    gm.graph._codegen = torch.fx.graph.CodeGen()
+
+
+class Recurrent(nn.Module):
+    """An LSTM or GRU lifted from `aten.lstm` / `aten.gru`, called as the aten op is: (input, h0[, c0])
+    -> (output, h[, c]). The nn.LSTM / nn.GRU inside is what dynamic quantization swaps."""
+
+    def __init__(self, rnn: nn.Module):
+        super().__init__()
+        self.rnn = rnn
+
+    @staticmethod
+    def call_args(node: torch.fx.Node) -> tuple:
+        hx = node.args[1]
+        return (node.args[0], *hx) if isinstance(hx, (list, tuple)) else (node.args[0], hx)
+
+
+class LiftedLSTM(Recurrent):
+    def forward(self, x, h0, c0):
+        result = self.rnn(x, (h0, c0))
+        return result[0], result[1][0], result[1][1]
+
+
+class LiftedGRU(Recurrent):
+    def forward(self, x, h0):
+        result = self.rnn(x, h0)
+        return result[0], result[1]
+
+
+_RNN = {aten.lstm.input: (nn.LSTM, LiftedLSTM), aten.gru.input: (nn.GRU, LiftedGRU)}
+
+
+def _recurrent(classes: tuple[type, type], gm: torch.fx.GraphModule, node: torch.fx.Node) -> nn.Module | None:
+    """`aten.lstm(x, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first)`."""
+    _, hx, params, has_biases, layers, dropout, train, bidirectional, batch_first = node.args
+    weights = [_attr(gm, p) for p in params]
+    if train or not all(isinstance(w, torch.Tensor) for w in weights):
+        return None
+    per_direction = 4 if has_biases else 2
+    if len(weights) != per_direction * layers * (2 if bidirectional else 1):
+        return None  # projections (proj_size) add weights this does not map
+    w_ih, w_hh = weights[0], weights[1]
+    cls, lifted = classes
+    rnn = cls(w_ih.shape[1], w_hh.shape[1], layers, bias=has_biases, batch_first=batch_first, bidirectional=bidirectional)
+    with torch.no_grad():
+        for name, w in zip(rnn._flat_weights_names, weights):
+            getattr(rnn, name).copy_(w)
+    return lifted(rnn).eval()
+
+
 def _module_for(gm: torch.fx.GraphModule, node: torch.fx.Node, ranks: dict[str, int]) -> nn.Module | None:
     if node.target in _RELU:
         return nn.ReLU()
+    if node.target in _RNN:
+        return _recurrent(_RNN[node.target], gm, node)
     params = [_attr(gm, a) for a in node.args[1:]]
     if node.target in _CONV:
         return _conv(_CONV[node.target], params, node.args)

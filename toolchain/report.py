@@ -71,6 +71,7 @@ class Report:
     build_seconds: float
     cpu: dict[str, Any] | None = None  # host CPU, target instruction set, whether host parity is a proxy
     metric: dict[str, Any] | None = None  # the user's metric: name, FP32 score, tolerance
+    not_applicable: tuple[dict[str, Any], ...] = ()  # artifacts for another kind of model (dynamic INT8 for a CNN)
 
     @property
     def passed(self) -> bool | None:
@@ -97,7 +98,7 @@ class Report:
             "parity_judged": self.thresholds is not None,
             "parity_thresholds": dataclasses.asdict(self.thresholds) if self.thresholds else None,
             "engine": self.engine, "metric": self.metric, "cpu": self.cpu, "parity_proxy": bool(self.cpu and self.cpu["proxy"]),
-            "skipped": list(self.skipped), "warnings": list(self.warnings),
+            "skipped": list(self.skipped), "not_applicable": list(self.not_applicable), "warnings": list(self.warnings),
             "build_seconds": self.build_seconds,
         })
 
@@ -136,6 +137,7 @@ def markdown(report: Report) -> str:
     for a in report.artifacts:
         lines += [f"- `{a.name}` {stage}: {facts_line(facts)}" for stage, facts in a.stage_facts.items()]
     lines += [f"- skipped `{s['name']}`: {s['reason']}" for s in report.skipped]
+    lines += [f"- not applicable `{s['name']}`: {s['reason']}" for s in report.not_applicable]
     lines += [f"- warning: {w}" for w in report.warnings]
     return "\n".join(lines).rstrip() + "\n"
 

@@ -18,7 +18,8 @@ INPUT_NAME, OUTPUT_NAME = "input", "output"
 
 @dataclasses.dataclass(frozen=True)
 class ExportOnnxOptions:
-    opset: int = option(18, "ONNX opset written; lower than the exporter's own means a checked version conversion")
+    opset: int = option(18, "ONNX opset written: the exporter is asked for it, so it picks operator forms that exist there "
+                            "(GELU as Erf below 20); below its floor (18) a checked version conversion of attribute forms")
     dynamic_batch: bool = option(True, "keep the batch dimension dynamic (falls back to static if the model fixes it)")
     external_data_mb: int = option(1024, "store weights in `<file>.data` beside the model above this size (protobuf caps files at 2 GiB)")
 
@@ -35,11 +36,11 @@ class ExportOnnx(Stage):
 
         dynamic = self.options.dynamic_batch and ctx.dynamic_batch
         try:
-            proto, exporter = _export(artifact, ctx, dynamic)
+            proto, exporter = _export(artifact, ctx, dynamic, self.options.opset)
         except Exception as e:
             if not dynamic:
                 raise StageError(f"export_onnx: {reason(e)}") from None
-            proto, exporter = _export(artifact, ctx, False)
+            proto, exporter = _export(artifact, ctx, False, self.options.opset)
             dynamic = False
         exported_opset = _opset(proto)
         if self.options.opset < exported_opset:
@@ -55,19 +56,19 @@ class ExportOnnx(Stage):
         return StageResult(dataclasses.replace(artifact, kind=Kind.ONNX, model=None, path=path), facts)
 
 
-def _export(artifact: Artifact, ctx: BuildContext, dynamic: bool):
+def _export(artifact: Artifact, ctx: BuildContext, dynamic: bool, opset: int):
     import torch
 
     example = (ctx.example(),)
     quiet = io.StringIO()
-    with warnings.catch_warnings(), contextlib.redirect_stdout(quiet):
+    with warnings.catch_warnings(), contextlib.redirect_stdout(quiet), _quiet_logger("torch.onnx._internal.exporter._compat"):
         warnings.simplefilter("ignore")
         if artifact.kind is Kind.TORCHSCRIPT:
             # the dynamo exporter cannot trace TorchScript; the TorchScript exporter still ships in 2.14
             f = io.BytesIO()
             axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic else None
             torch.onnx.export(artifact.model, example, f, dynamo=False, input_names=[INPUT_NAME],
-                              output_names=[OUTPUT_NAME], dynamic_axes=axes, opset_version=17)
+                              output_names=[OUTPUT_NAME], dynamic_axes=axes, opset_version=min(opset, 17))
             import onnx
 
             return onnx.load_from_string(f.getvalue()), "torchscript"
@@ -77,9 +78,26 @@ def _export(artifact: Artifact, ctx: BuildContext, dynamic: bool):
             shapes = ({0: torch.export.Dim("batch", min=1, max=4096)},)
         if artifact.kind is Kind.EXPORTED and not dynamic:
             model = model.module()
-        program = torch.onnx.export(model, example, dynamo=True, dynamic_shapes=shapes,
+        # asked for the target's opset, torchlib writes operators that exist there (GELU as Erf, not
+        # Gelu-20) at max(opset, 18), its floor; below 18 only attribute forms (Reduce*, Split) differ,
+        # which the checked conversion after this changes
+        program = torch.onnx.export(model, example, dynamo=True, dynamic_shapes=shapes, opset_version=opset,
                                     input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], verbose=False)
     return program.model_proto, "dynamo"
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str):
+    """torch logs that it exports at its floor opset (18) and converts down: the facts say so."""
+    import logging
+
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def convert_opset(proto, opset: int):

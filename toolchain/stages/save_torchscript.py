@@ -20,15 +20,51 @@ class SaveTorchScript(Stage):
     def apply(self, artifact: Artifact, ctx: BuildContext) -> StageResult:
         import torch
 
-        model = artifact.model
+        model, how = artifact.model, "as loaded"
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             if not isinstance(model, torch.jit.ScriptModule):
-                try:
-                    model = torch.jit.trace(model, ctx.example())
-                except Exception as e:
-                    raise StageError(f"save_torchscript: tracing failed: {reason(e)}") from None
+                model, how = _to_torchscript(model, ctx)
             model = torch.jit.freeze(model.eval())
         path = ctx.workdir / f"{artifact.precision}-{artifact.sha256[:12]}.pt"
         torch.jit.save(model, str(path))
-        return StageResult(dataclasses.replace(artifact, kind=Kind.TORCHSCRIPT, model=model, path=path))
+        return StageResult(dataclasses.replace(artifact, kind=Kind.TORCHSCRIPT, model=model, path=path), {"torchscript": how})
+
+
+def _to_torchscript(model, ctx: BuildContext):
+    """Traced, which records the example's sizes as constants; checked at another batch size
+    against the model, and scripted instead when the trace does not hold there (a transformer's
+    or LSTM's reshapes and initial states follow the batch). Scripting keeps those sizes
+    symbolic; tracing stays the default because it flattens the graph the kernels run."""
+    import torch
+
+    try:
+        traced = torch.jit.trace(model, ctx.example())
+    except Exception as e:
+        traced, error = None, e
+    if traced is not None and _holds(traced, model, ctx):
+        return traced, "traced"
+    if isinstance(model, torch.fx.GraphModule):
+        try:
+            return torch.jit.script(model), "scripted"
+        except Exception:
+            pass
+    if traced is None:
+        raise StageError(f"save_torchscript: tracing failed: {reason(error)}") from None
+    return traced, "traced (batch fixed: it does not script)"
+
+
+def _holds(traced, model, ctx: BuildContext) -> bool:
+    """Whether the trace computes what the model does at a batch size other than the example's."""
+    import numpy as np
+    import torch
+
+    from ..runtime import flatten_outputs
+
+    x = torch.from_numpy(np.resize(ctx.calibration.x, (3, *ctx.calibration.x.shape[1:])))  # 3 samples (repeated if fewer)
+    try:
+        got, want = flatten_outputs(traced(x)), flatten_outputs(model(x))
+    except Exception:
+        return False
+    return len(got) == len(want) and all(a.shape == b.shape and torch.allclose(a.float(), b.float(), atol=1e-4, rtol=1e-3)
+                                         for (_, a), (_, b) in zip(got, want))

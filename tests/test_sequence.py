@@ -1,0 +1,111 @@
+"""Sequence models trained here (an LSTM, a GRU) on every target, with dynamic INT8 where it fits."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+import toolchain
+from toolchain.lift import Recurrent, lift_exported
+
+from .conftest import SNAPDRAGON, X86, XAVIER, fast_profile, without_artifacts
+from .models import export, sequence_classifier, sequences
+
+
+@pytest.fixture(scope="module")
+def lstm(tmp_path_factory):
+    x_train, y_train = sequences(1500, seed=0)
+    x_val, y_val = sequences(256, seed=1)
+    folder = tmp_path_factory.mktemp("lstm")
+    export(sequence_classifier(x_train, y_train), x_train, folder / "lstm.pt2")
+    np.savez(folder / "calib.npz", x=x_train[:128])
+    np.savez(folder / "val.npz", x=x_val, y=y_val)
+    return folder
+
+
+def _build(folder, base, tmp_path, model="lstm.pt2"):
+    profile = fast_profile(tmp_path, calibration=128, validation=256, base=base)
+    report, out = toolchain.build(str(folder / model), str(profile), tmp_path / "out", folder / "calib.npz", folder / "val.npz")
+    return report.to_json(), out
+
+
+def _facts(out, artifact, stage):
+    manifest = json.loads((out / "manifest.json").read_text())
+    return next(s["facts"] for s in manifest["artifacts"][artifact]["stages"] if s["stage"] == stage)
+
+
+def test_x86_lstm_gets_static_and_dynamic_int8_and_dynamic_quantizes_the_lstm(lstm, tmp_path):
+    data, out = _build(lstm, X86, tmp_path)
+    artifacts = {a["name"]: a for a in data["artifacts"]}
+    assert set(artifacts) == {"torch_int8", "onnx_fp32", "onnx_int8", "onnx_int8_dynamic", "torch_int8_dynamic"}, data["skipped"]
+    assert data["passed"] is True and data["reference"]["accuracy"] > 0.9
+    for a in artifacts.values():
+        assert a["parity"]["passed"] is True and a["parity"]["top1_agreement"] >= 0.99, (a["name"], a["parity"])
+    # static INT8 leaves the LSTM in float (ONNX Runtime has no static LSTM kernel); dynamic quantizes it
+    assert "LSTM" in {n.op_type for n in onnx.load(str(out / "onnx_int8.onnx")).graph.node}
+    assert _facts(out, "onnx_int8_dynamic", "quantize_onnx_dynamic")["quantized_ops"]["DynamicQuantizeLSTM"] == 1
+    assert _facts(out, "torch_int8_dynamic", "quantize_torch_dynamic")["quantized_modules"] == {"LSTM": 1, "Linear": 1}
+    size = {name: a["size_bytes"] for name, a in artifacts.items()}
+    assert size["onnx_int8_dynamic"] < 0.5 * size["onnx_fp32"], size  # the same container, INT8 weights
+    assert size["torch_int8_dynamic"] < 0.75 * size["torch_int8"], size  # TorchScript holds code too
+    # the LSTM's initial state is sized from the input: the batch stays dynamic in TorchScript
+    assert {p["batch_size"] for p in artifacts["torch_int8_dynamic"]["bench"]["sweep"]} == {1, 2}
+
+
+def test_xavier_lstm_parses_in_tensorrt_85(lstm, tmp_path, monkeypatch):
+    from toolchain.tensorrt.device import engine_build
+
+    from .fake_tensorrt import install
+
+    data, out = _build(lstm, XAVIER, tmp_path)
+    assert {a["name"] for a in data["artifacts"]} == {"onnx_fp32", "onnx_int8_qdq"} and data["passed"] is True
+    install(monkeypatch, "8.5.2.2")
+    assert engine_build(out)["parity"]["passed"] is True
+
+
+def test_snapdragon_lstm_in_executorch_and_the_lite_interpreter(lstm, tmp_path):
+    # pte_fp32 lowers the same unrolled graph pte_int8 does (9 s here); left out to keep the suite's time
+    data, out = _build(lstm, without_artifacts(SNAPDRAGON, tmp_path, "pte_fp32"), tmp_path)
+    artifacts = {a["name"]: a for a in data["artifacts"]}
+    assert set(artifacts) == {"pte_int8", "ptl_int8", "ptl_int8_dynamic"}, data["skipped"]
+    for a in artifacts.values():
+        assert a["parity"]["passed"] is True and a["parity"]["top1_agreement"] >= 0.99, (a["name"], a["parity"])
+    assert _facts(out, "ptl_int8_dynamic", "quantize_torch_dynamic")["engine"] == "qnnpack"
+
+
+def test_a_cnn_lists_dynamic_int8_as_not_applicable_not_as_skipped(digits, tmp_path):
+    profile = fast_profile(tmp_path)
+    report, out = toolchain.build(str(digits["model"]), str(profile), tmp_path / "out", digits["calibration"], digits["validation"])
+    data = report.to_json()
+    assert {a["name"] for a in data["artifacts"]} == {"torch_int8", "onnx_fp32", "onnx_int8"}
+    assert data["skipped"] == []
+    reasons = {s["name"]: s["reason"] for s in data["not_applicable"]}
+    assert set(reasons) == {"onnx_int8_dynamic", "torch_int8_dynamic"}
+    assert "no LSTM, GRU or weighted MatMul" in reasons["onnx_int8_dynamic"]
+    assert "not applicable `torch_int8_dynamic`" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU])
+@pytest.mark.parametrize("layers, bidirectional", [(1, False), (2, True)])
+def test_lifted_recurrent_layers_compute_what_the_exported_ones_do(cell, layers, bidirectional):
+    torch.manual_seed(0)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = cell(5, 7, layers, batch_first=True, bidirectional=bidirectional)
+
+        def forward(self, x):
+            return self.rnn(x)[0]
+
+    x = torch.randn(3, 9, 5)
+    ep = torch.export.export(Model().eval(), (x,), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},))
+    gm, lifted = lift_exported(ep)
+    assert sum(isinstance(m, Recurrent) for m in gm.modules()) == 1 and lifted >= 1
+    other = torch.randn(5, 9, 5)  # another batch size: the initial state follows it
+    torch.testing.assert_close(gm(other), ep.module()(other))
+    scripted = torch.jit.script(gm)
+    torch.testing.assert_close(scripted(other), ep.module()(other))

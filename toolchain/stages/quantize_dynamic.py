@@ -1,0 +1,122 @@
+"""Dynamic INT8: weights quantized ahead of time, activations at run time, per batch.
+
+For models whose weights sit in recurrent layers and matrix products (LSTM, GRU, attention
+blocks): an LSTM's gates and a transformer's token projections see activation ranges that
+change with every input, and static INT8 quantizes neither LSTM nor GRU at all (ONNX Runtime
+and FX both leave them in float). Convolutional models are better served by static INT8;
+for them these stages skip with the reason.
+
+- ONNX Runtime `quantize_dynamic` writes DynamicQuantizeLSTM / DynamicQuantizeMatMul
+  (MatMulInteger) nodes: an ONNX Runtime artifact, not a portable Q/DQ file.
+- torch: ``torch.ao.quantization.quantize_dynamic`` swaps nn.Linear / nn.LSTM / nn.GRU for
+  their dynamically quantized modules, saved as TorchScript that runs fbgemm/x86 or qnnpack
+  kernels with no compiler. (torchao's successor flow targets torch.compile and LLM weight
+  layouts, and yields no TorchScript file, which the x86 and mobile artifacts are.)
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import dataclasses
+import warnings
+from typing import Literal
+
+from ..artifact import Artifact, Kind
+from ..context import BuildContext
+from ..errors import NotApplicable, StageError, reason
+from ..options import option
+from ..stage import Stage, StageResult, register_stage
+from .quantize_onnx import _quiet, reduce_range_for
+
+SEQUENCE_OPS = ("LSTM", "GRU", "MatMul")  # ONNX: a MatMul with a weight is a projection applied per token
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeOnnxDynamicOptions:
+    per_channel: bool = option(True, "per-output-channel weight scales")
+    weights: Literal["int8", "uint8"] = option("int8", "weight type")
+    reduce_range: bool | None = option(None, "7-bit weights for CPUs without VNNI (unset: follow `runtime.isa`)")
+    op_types: tuple[str, ...] = option(("MatMul", "Gemm", "LSTM", "GRU", "Attention"), "ONNX op types quantized")
+
+
+@register_stage
+class QuantizeOnnxDynamic(Stage):
+    name = "quantize_onnx_dynamic"
+    requires = ("onnx", "onnxruntime")
+    transitions = {Kind.ONNX: Kind.ONNX}
+    Options = QuantizeOnnxDynamicOptions
+    report_facts = ("reduce_range",)
+
+    def apply(self, artifact: Artifact, ctx: BuildContext) -> StageResult:
+        import onnx
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        o = self.options
+        graph = onnx.load(str(artifact.path), load_external_data=False).graph
+        weights = {i.name for i in graph.initializer}
+        fits = [n for n in graph.node if n.op_type in ("LSTM", "GRU") or (n.op_type == "MatMul" and set(n.input) & weights)]
+        if not fits:
+            raise NotApplicable("quantize_onnx_dynamic: the model has no LSTM, GRU or weighted MatMul "
+                             "(dynamic INT8 is for sequence models; static INT8 covers convolutions and Gemm)")
+        reduce_range = reduce_range_for(o.reduce_range, "uint8", o.weights, ctx.isa)
+        path = self.output_path(artifact, ctx, ".onnx")
+        with _quiet():
+            try:
+                quantize_dynamic(str(artifact.path), str(path), op_types_to_quantize=list(o.op_types), per_channel=o.per_channel,
+                                 reduce_range=reduce_range, weight_type={"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}[o.weights],
+                                 use_external_data_format=artifact.has_external_data)
+            except Exception as e:
+                raise StageError(f"quantize_onnx_dynamic: ONNX Runtime cannot quantize this model: {reason(e)}") from None
+        ops = collections.Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
+        dynamic = {op: n for op, n in sorted(ops.items()) if op.startswith("DynamicQuantize") or op.endswith("Integer")}
+        return StageResult(dataclasses.replace(artifact, path=path, precision="int8"),
+                           {"reduce_range": reduce_range, "quantized_ops": dynamic, "nodes": sum(ops.values())})
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeTorchDynamicOptions:
+    engine: Literal["x86", "fbgemm", "qnnpack"] = option("x86", "PyTorch quantized engine the INT8 kernels are packed for")
+    modules: tuple[Literal["Linear", "LSTM", "GRU"], ...] = option(("Linear", "LSTM", "GRU"), "module types quantized")
+
+
+@register_stage
+class QuantizeTorchDynamic(Stage):
+    name = "quantize_torch_dynamic"
+    requires = ("torch",)
+    transitions = {Kind.EAGER: Kind.EAGER, Kind.FX: Kind.FX}
+    Options = QuantizeTorchDynamicOptions
+
+    def apply(self, artifact: Artifact, ctx: BuildContext) -> StageResult:
+        import torch
+        from torch import nn
+        from torch.ao.quantization import quantize_dynamic
+
+        o = self.options
+        types = {getattr(nn, m) for m in o.modules}
+        counts = collections.Counter(type(m).__name__ for m in artifact.model.modules() if type(m) in types)
+        if not counts.keys() & {"LSTM", "GRU"} and not _attention(artifact.model):
+            raise NotApplicable("quantize_torch_dynamic: the model has no LSTM, GRU or attention "
+                             "(dynamic INT8 is for sequence models; static INT8 covers convolutions and linear heads)")
+        torch.backends.quantized.engine = o.engine
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                model = quantize_dynamic(copy.deepcopy(artifact.model), types, dtype=torch.qint8)
+            except (RuntimeError, NotImplementedError, AssertionError) as e:
+                raise StageError(f"quantize_torch_dynamic: {o.engine} cannot quantize this model: {reason(e)}") from None
+        return StageResult(dataclasses.replace(artifact, model=model, precision="int8", quantized_engine=o.engine),
+                           {"engine": o.engine, "quantized_modules": dict(sorted(counts.items()))})
+
+
+def _attention(model) -> bool:
+    """Whether the model computes attention: an nn.MultiheadAttention, or (lifted from torch.export) an
+    attention call in the graph."""
+    import torch
+    from torch import nn
+
+    if any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
+        return True
+    if isinstance(model, torch.fx.GraphModule):
+        return any("attention" in str(n.target) for n in model.graph.nodes if n.op == "call_function")
+    return False
