@@ -61,30 +61,43 @@ def test_xavier_lstm_parses_in_tensorrt_85(lstm, tmp_path, monkeypatch):
     from .fake_tensorrt import install
 
     data, out = _build(lstm, XAVIER, tmp_path)
-    assert {a["name"] for a in data["artifacts"]} == {"onnx_fp32", "onnx_int8_qdq"} and data["passed"] is True
+    assert {a["name"] for a in data["artifacts"]} == {"onnx_fp32", "onnx_fp16", "onnx_int8_qdq"} and data["passed"] is True
     install(monkeypatch, "8.5.2.2")
     assert engine_build(out)["parity"]["passed"] is True
 
 
 def test_snapdragon_lstm_in_executorch_and_the_lite_interpreter(lstm, tmp_path):
-    # pte_fp32 lowers the same unrolled graph pte_int8 does (9 s here); left out to keep the suite's time
+    # pte_fp32 lowers the same unrolled graph pte_int8 and pte_fp16 do (9 s here); left out for the suite's time
     data, out = _build(lstm, without_artifacts(SNAPDRAGON, tmp_path, "pte_fp32"), tmp_path)
     artifacts = {a["name"]: a for a in data["artifacts"]}
-    assert set(artifacts) == {"pte_int8", "ptl_int8", "ptl_int8_dynamic"}, data["skipped"]
+    assert set(artifacts) == {"pte_int8", "pte_fp16", "ptl_int8", "ptl_int8_dynamic"}, data["skipped"]
     for a in artifacts.values():
         assert a["parity"]["passed"] is True and a["parity"]["top1_agreement"] >= 0.99, (a["name"], a["parity"])
     assert _facts(out, "ptl_int8_dynamic", "quantize_torch_dynamic")["engine"] == "qnnpack"
 
 
-def test_a_cnn_lists_dynamic_int8_as_not_applicable_not_as_skipped(digits, tmp_path):
+def test_thresholds_are_per_precision(lstm, tmp_path):
+    """An FP16 bar no FP16 artifact can meet fails the FP16 artifact alone; INT8 keeps its own bar."""
+    strict = tmp_path / "strict.toml"
+    strict.write_text(XAVIER.read_text().replace("[parity.precisions.fp16]     # 11 mantissa bits\nmin_sqnr_db = 35.0",
+                                                 "[parity.precisions.fp16]\nmin_sqnr_db = 200.0"))
+    data, _ = _build(lstm, strict, tmp_path)
+    verdicts = {a["name"]: a["parity"] for a in data["artifacts"]}
+    assert verdicts["onnx_fp16"]["passed"] is False and any("SQNR" in f for f in verdicts["onnx_fp16"]["failures"])
+    assert verdicts["onnx_int8_qdq"]["passed"] is True and verdicts["onnx_fp32"]["passed"] is True
+    assert data["passed"] is False
+
+
+def test_a_cnn_lists_dynamic_int8_and_avx2_bf16_as_not_applicable_not_as_skipped(digits, tmp_path):
     profile = fast_profile(tmp_path)
     report, out = toolchain.build(str(digits["model"]), str(profile), tmp_path / "out", digits["calibration"], digits["validation"])
     data = report.to_json()
     assert {a["name"] for a in data["artifacts"]} == {"torch_int8", "onnx_fp32", "onnx_int8"}
     assert data["skipped"] == []
     reasons = {s["name"]: s["reason"] for s in data["not_applicable"]}
-    assert set(reasons) == {"onnx_int8_dynamic", "torch_int8_dynamic"}
+    assert set(reasons) == {"onnx_int8_dynamic", "torch_int8_dynamic", "torch_bf16"}
     assert "no LSTM, GRU or weighted MatMul" in reasons["onnx_int8_dynamic"]
+    assert "is not known to have BF16 instructions" in reasons["torch_bf16"]  # x86_fbgemm deploys to AVX2
     assert "not applicable `torch_int8_dynamic`" in (out / "report.md").read_text()
 
 

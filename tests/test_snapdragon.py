@@ -18,7 +18,8 @@ from toolchain.examples import digits_rgb, train_torchvision
 from .conftest import SNAPDRAGON, fast_profile
 from .test_torchvision import assert_report_with_profiles
 
-ARTIFACTS = {"pte_int8": ("executorch", ".pte"), "pte_fp32": ("executorch", ".pte"), "ptl_int8": ("torchscript-lite", ".ptl")}
+ARTIFACTS = {"pte_int8": ("executorch", ".pte"), "pte_fp32": ("executorch", ".pte"), "pte_fp16": ("executorch", ".pte"),
+             "ptl_int8": ("torchscript-lite", ".ptl")}
 
 
 def snapdragon_profile(tmp_path, calibration=64, validation=128, extra=""):
@@ -52,6 +53,7 @@ def test_digits_artifacts_meet_parity_in_their_own_runtimes(digits_build):
         assert ref_acc - a["parity"]["accuracy"] <= 0.01 and a["parity"]["top1_agreement"] >= 0.98, a
         assert a["latency_ms"] > 0
     assert by_name["pte_fp32"]["parity"]["sqnr_db"] > 80  # same FP32 math, another runtime
+    assert 35 < by_name["pte_fp16"]["parity"]["sqnr_db"] < 80 and by_name["pte_fp16"]["precision"] == "fp16"  # FP16 rounding: real, small
     assert by_name["pte_int8"]["size_bytes"] < 0.5 * by_name["pte_fp32"]["size_bytes"]
     assert_report_with_profiles(folder, data)
     pte = json.loads((folder / "profiles" / "pte_int8.json").read_text())
@@ -91,13 +93,15 @@ def test_ptl_is_qnnpack_int8_and_reports_mobile_passes(digits_build):
 
 
 def test_parity_is_judged_per_artifact(digits, tmp_path):
-    """An SQNR floor between INT8 (~40 dB) and FP32 (>100 dB): INT8 artifacts fail, the FP32 .pte passes."""
+    """An SQNR floor between INT8 (~40 dB) and FP32 (>100 dB): INT8 artifacts fail, the FP32 .pte passes,
+    and the FP16 .pte is judged by the profile's FP16 thresholds (35 dB), not that floor."""
     profile = fast_profile(tmp_path, 64, 128, "[recovery]\nenabled = false\n", base=SNAPDRAGON, batch_sizes=None)
     profile.write_text(profile.read_text().replace("min_sqnr_db = 15.0", "min_sqnr_db = 80.0"))
     report, _ = toolchain.build(str(digits["model"]), str(profile), tmp_path / "out", digits["calibration"], digits["validation"])
     verdicts = {a.name: a.parity.passed for a in report.artifacts}
-    assert verdicts == {"pte_int8": False, "pte_fp32": True, "ptl_int8": False}
-    assert not report.passed and report.primary is None  # the FP32 fallback is never primary (primary = false)
+    assert verdicts == {"pte_int8": False, "pte_fp32": True, "pte_fp16": True, "ptl_int8": False}
+    # the FP32 fallback is never primary (primary = false); the FP16 .pte passes and is eligible
+    assert not report.passed and report.primary.name == "pte_fp16"
 
 
 def test_qnnpack_relu6_workaround_keeps_parity():
@@ -142,7 +146,7 @@ def test_operator_executorch_cannot_lower_is_named(digits_arrays, tmp_path):
     report, folder = toolchain.build(str(tmp_path / "erfinv.pt2"), snapdragon_profile(tmp_path, 32, 16), tmp_path / "out",
                                      tmp_path / "cal.npy")
     skipped = {s["name"]: s["reason"] for s in report.skipped}
-    assert set(skipped) == {"pte_int8", "pte_fp32"}
+    assert set(skipped) == {"pte_int8", "pte_fp32", "pte_fp16"}
     for reason in skipped.values():
         assert "cannot lower operator aten.erfinv.default" in reason, reason
     assert [a.name for a in report.artifacts] == ["ptl_int8"]  # qnnpack runs erfinv in float between dequantize/quantize

@@ -8,13 +8,13 @@ from toolchain.errors import ConfigError
 from toolchain.stages.quantize_onnx import QuantizeOnnxOptions
 from toolchain.target import builtin_targets, load_target, parse_target
 
-from .conftest import X86
+from .conftest import X86, XAVIER as XAVIER_PROFILE, write_profile
 
 
 def test_builtin_x86_profile_loads_with_its_options():
     t = load_target("x86_fbgemm")
     assert t.name == "x86_fbgemm"
-    assert set(t.artifacts) == {"torch_int8", "onnx_fp32", "onnx_int8", "onnx_int8_dynamic", "torch_int8_dynamic"}
+    assert set(t.artifacts) == {"torch_int8", "onnx_fp32", "onnx_int8", "onnx_int8_dynamic", "torch_int8_dynamic", "torch_bf16"}
     assert t.stage_options["quantize_onnx"] == QuantizeOnnxOptions(calibration="minmax", per_channel=True, activations="uint8", weights="int8")
     assert t.data.calibration_samples == 256
     assert "x86_fbgemm" in builtin_targets()
@@ -112,3 +112,14 @@ def test_listing_targets_does_not_import_torch():
            "r = CliRunner().invoke(main, ['targets']); assert r.exit_code == 0, r.output; print('torch' in sys.modules)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.stdout.strip() == "False", r.stderr
+
+
+def test_precision_thresholds_replace_the_base_for_that_precision_only(tmp_path):
+    t = load_target(str(write_profile(tmp_path, "[parity.precisions.int8]\nmin_sqnr_db = 21.5\n", base=XAVIER_PROFILE)))
+    assert t.parity.for_precision("int8").min_sqnr_db == 21.5
+    assert t.parity.for_precision("fp16").min_sqnr_db == 35.0 and t.parity.for_precision("fp16").min_top1_agreement == 0.99
+    assert t.parity.for_precision("fp32").min_sqnr_db == t.parity.min_sqnr_db == 15.0
+    with pytest.raises(ConfigError, match=r"`parity\.precisions\.fp8` is not a precision; valid: fp32, fp16, bf16, int8"):
+        load_target(str(write_profile(tmp_path, "[parity.precisions.fp8]\nmin_sqnr_db = 1\n", name="bad.toml")))
+    with pytest.raises(ConfigError, match=r"unknown key `parity\.precisions\.bf16\.min_snr`"):
+        load_target(str(write_profile(tmp_path, "[parity.precisions.bf16]\nmin_snr = 1\n", name="bad2.toml", base=XAVIER_PROFILE)))

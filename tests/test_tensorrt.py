@@ -27,7 +27,7 @@ def xavier(digits, tmp_path_factory):
 
 def test_onnx_files_are_opset_17_and_pass_the_checker(xavier):
     data, folder = xavier
-    assert {a["name"] for a in data["artifacts"]} == {"onnx_fp32", "onnx_int8_qdq"}
+    assert {a["name"] for a in data["artifacts"]} == {"onnx_fp32", "onnx_fp16", "onnx_int8_qdq"}
     for a in data["artifacts"]:
         model = onnx.load(str(folder / a["path"]))
         onnx.checker.check_model(model, full_check=True)

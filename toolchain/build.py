@@ -98,7 +98,7 @@ def build(
                 log.warning("skipped %s: %s", chain.name, e)
                 skipped.append(Skipped(chain.name, str(e)))
                 continue
-            refused = parser_refuses(profile, chain.name, artifact)
+            refused = parser_refuses(profile, artifact)
             if refused:
                 log.warning("skipped %s: %s", chain.name, refused)
                 skipped.append(Skipped(chain.name, refused))
@@ -201,8 +201,8 @@ def make_trial(pipeline: Pipeline, chain: Plan, source: Artifact, profile: Targe
             latency = float(np.median(time_runs(runner, inputs.validation.x[:1], 2, 10)))
         except Exception as e:
             raise StageError(f"{chain.spec.runtime} could not run it: {type(e).__name__}: {reason(e)}") from None
-        parity = compare(expected.outputs, outputs, inputs.validation.y, thresholds, expected.roles, expected.metric,
-                         inputs.validation.labels)
+        parity = compare(expected.outputs, outputs, inputs.validation.y, thresholds and thresholds.for_precision(artifact.precision),
+                         expected.roles, expected.metric, inputs.validation.labels)
         return parity, round(latency, 4), artifact.size_bytes()
 
     return trial
@@ -350,11 +350,11 @@ def ship(artifact: Artifact, runtime: str, name: str, folder: Path) -> Artifact:
     return dataclasses.replace(artifact, path=dest, model=None)
 
 
-def parser_refuses(profile: Target, name: str, artifact) -> str | None:
-    """NVIDIA targets: why the device's TensorRT could not parse an artifact an engine is built
-    from (host parity says nothing about that), or None."""
+def parser_refuses(profile: Target, artifact: Artifact) -> str | None:
+    """NVIDIA targets: why the device's TensorRT could not parse an ONNX artifact (host parity
+    says nothing about that), or None."""
     opts = profile.tensorrt
-    if opts is None or name not in (opts.engine_from, opts.fp32_onnx, opts.calibration_from) or artifact.kind is not Kind.ONNX:
+    if opts is None or artifact.kind is not Kind.ONNX:
         return None
     import onnx
 
@@ -408,8 +408,8 @@ def check_artifact(name, artifact: Artifact, runtime: str, profile: Target, thre
     timed = run_bench(load, profile, inputs.shape[1:])
     log.info("comparing %s with FP32 on %d inputs", name, len(inputs.validation.x))
     outputs = run_batched(runner, inputs.validation.x, profile.parity.batch_size)
-    parity = compare(expected.outputs, outputs, inputs.validation.y, thresholds, expected.roles, expected.metric,
-                     inputs.validation.labels)
+    parity = compare(expected.outputs, outputs, inputs.validation.y, thresholds and thresholds.for_precision(artifact.precision),
+                     expected.roles, expected.metric, inputs.validation.labels)
     r = profile.runtime
     log.info("profiling %s's operators", name)
     profiler = runtimes.get(runtime).profile  # None: the runtime has no operator profiler

@@ -68,3 +68,9 @@ def isa_facts(target_isa: str | None) -> dict:
         why = None
     return {"host_cpu": host["model"], "host_isa": host["isa"], "host_flags": host["flags"],
             "target_isa": target_isa, "proxy": why is not None, "proxy_reason": why}
+
+
+def host_has_bf16() -> bool:
+    """Whether this host computes BF16 natively (AVX512-BF16 or AMX-BF16); elsewhere torch emulates it
+    in FP32 arithmetic, so a BF16 artifact's parity holds but its latency says nothing."""
+    return bool({"avx512_bf16", "amx_bf16"} & set(host_cpu()["flags"]))

@@ -2,8 +2,10 @@
 
 TensorRT 8.5 (JetPack 5.1, Jetson Xavier) parses ONNX up to opset 17 but has no
 LayerNormalization, which opset 17 added (onnx-tensorrt's operator table: "N" until 8.6).
-Expanded into ReduceMean / Sub / Mul / Add / Sqrt / Div, as ONNX's own function body for it
-reads, the same network parses, and TensorRT's builder fuses the pattern again on the device.
+Expanded into ReduceMean / Sub / Mul / Add / Sqrt / Div (the same arithmetic, in the input's
+type: LayerNormalization's `stash_type`, FP32 statistics for an FP16 input, has no counterpart,
+so an FP16 model's expanded statistics are FP16 and its parity check is what says whether that
+holds), the same network parses, and TensorRT's builder fuses the pattern again on the device.
 """
 
 from __future__ import annotations

@@ -71,8 +71,8 @@ def lift_exported(ep: "torch.export.ExportedProgram") -> tuple[torch.fx.GraphMod
         elif node.target is aten.sym_size.int:
             # `x.size(d)`, which FX quantization knows yields an int: it would put an observer on a symbolic size
             node.op, node.target = "call_method", "size"
-        elif node.target in _FACTORIES and _size_from_graph(node):
-            _as_tensor_method(node)
+        elif node.target in _FACTORIES and _size_from_graph(node) and _as_tensor_method(node):
+            pass
         elif isinstance(node.target, torch._ops.OpOverload) and node.target.namespace == "aten":
             # the op's packet (`aten.view`, not `aten.view.default`): the same call, and one that
             # TorchScript can compile, so the quantized model can be scripted rather than traced
@@ -94,20 +94,29 @@ def _size_from_graph(node: torch.fx.Node) -> bool:
     return isinstance(node.args[0], (list, tuple)) and any(isinstance(d, torch.fx.Node) for d in node.args[0])
 
 
-def _as_tensor_method(node: torch.fx.Node) -> None:
-    """`aten.zeros([2, x.size(0), 32])` -> `x.new_zeros([2, x.size(0), 32])` (dtype and device kept).
+def _as_tensor_method(node: torch.fx.Node) -> bool:
+    """`aten.zeros([2, x.size(0), 32])` -> `x.new_zeros([2, x.size(0), 32])` (device kept).
 
     A factory whose size comes from the input (an LSTM's initial state) takes no tensor, so FX
     tracing, which fusion and quantization redo, calls it with a proxy inside the size list and
     fails ("aten::zeros() Expected a value of type 'List[int]'"); a method of a tensor the
-    size was read from is traced like any other call, and scripts."""
+    size was read from is traced like any other call, and scripts. False (node unchanged) when
+    no such tensor is found."""
     source = next(d for d in node.args[0] if isinstance(d, torch.fx.Node))
     while source.op != "placeholder" and not (source.op == "call_method" and source.target == "size"):
-        source = next(a for a in source.args if isinstance(a, torch.fx.Node))
+        source = next((a for a in source.args if isinstance(a, torch.fx.Node)), None)
+        if source is None:
+            return False
     tensor = source.args[0] if source.op == "call_method" else source
-    kwargs = {k: v for k, v in node.kwargs.items() if k in ("dtype", "device", "pin_memory")}
+    value = tensor.meta.get("val")
+    floating = getattr(value, "dtype", None) is not None and value.dtype.is_floating_point
+    # float32 from a float input is left to the tensor's own type, so a model cast to BF16 / FP16
+    # builds its states in that type; any other dtype (or an integer input's) is kept
+    kwargs = {k: v for k, v in node.kwargs.items()
+              if k in ("dtype", "device", "pin_memory") and not (k == "dtype" and v == torch.float32 and floating)}
     node.op, node.target = "call_method", _FACTORIES[node.target]
     node.args, node.kwargs = (tensor, *node.args), kwargs
+    return True
 
 
 def _plain_signature(gm: torch.fx.GraphModule) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
 import tomllib
 from pathlib import Path
@@ -69,6 +70,25 @@ class ParityThresholds:
     max_metric_drop: float = option(0.01, "largest loss of the metric against FP32")
     metric_drop: Literal["absolute", "relative"] = option("absolute", "max_metric_drop in the metric's units, or a fraction of FP32's score")
     outputs: dict[str, Any] = option(None, "output index or name -> its role (`[parity.outputs.<key>] role = ...`); others are inferred")
+    precisions: dict[str, Any] = option(None, "precision (fp16, bf16, int8) -> thresholds replacing these for its artifacts "
+                                              "(`[parity.precisions.fp16] min_sqnr_db = 40`)")
+
+    def for_precision(self, precision: str) -> "ParityThresholds":
+        """The thresholds an artifact of ``precision`` is judged by (recovery's "mixed" INT8 artifact by int8's)."""
+        return dataclasses.replace(self, **(self.precisions or {}).get("int8" if precision == "mixed" else precision, {}))
+
+
+@dataclasses.dataclass(frozen=True)
+class PrecisionThresholds:
+    min_sqnr_db: float | None = option(None, "replaces parity.min_sqnr_db")
+    min_cosine: float | None = option(None, "replaces parity.min_cosine")
+    min_top1_agreement: float | None = option(None, "replaces parity.min_top1_agreement")
+    max_accuracy_drop: float | None = option(None, "replaces parity.max_accuracy_drop")
+    max_probability_error: float | None = option(None, "replaces parity.max_probability_error")
+    max_metric_drop: float | None = option(None, "replaces parity.max_metric_drop")
+
+
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,7 +138,8 @@ def target_toml(t: Target) -> str:
     table = {
         "name": t.name, "description": t.description,
         "data": dataclasses.asdict(t.data), "runtime": dataclasses.asdict(t.runtime),
-        "parity": {**dataclasses.asdict(t.parity), "outputs": {k: {"role": v} for k, v in (t.parity.outputs or {}).items()} or None},
+        "parity": {**dataclasses.asdict(t.parity), "outputs": {k: {"role": v} for k, v in (t.parity.outputs or {}).items()} or None,
+                   "precisions": t.parity.precisions or None},
         "recovery": dataclasses.asdict(t.recovery),
         "artifacts": {n: dataclasses.asdict(a) for n, a in t.artifacts.items()},
         "stages": {n: dataclasses.asdict(t.stage(n).options) for n in stages},
@@ -176,13 +197,24 @@ def parse_target(path: Path) -> Target:
     artifacts = {n: _artifact(n, t, source) for n, t in raw.artifacts.items()}
     stage_options = {n: _stage_options(n, t, source) for n, t in (raw.stages or {}).items()}
     _check_positive(raw, source)
-    parity = dataclasses.replace(raw.parity, outputs=_output_roles(raw.parity.outputs or {}, source))
+    parity = dataclasses.replace(raw.parity, outputs=_output_roles(raw.parity.outputs or {}, source),
+                                 precisions=_precision_thresholds(raw.parity.precisions or {}, source))
     _check_tensorrt(raw.tensorrt, artifacts, source)
     return Target(
         name=raw.name or path.stem, description=raw.description, source=source, data=raw.data,
         runtime=raw.runtime, parity=parity, artifacts=artifacts, stage_options=stage_options,
         tensorrt=raw.tensorrt, recovery=raw.recovery,
     )
+
+
+def _precision_thresholds(table: dict, source: str) -> dict[str, dict[str, float]]:
+    out = {}
+    for name, values in table.items():
+        if name not in PRECISIONS:
+            raise ConfigError(f"{source}: `parity.precisions.{name}` is not a precision; valid: {', '.join(PRECISIONS)}")
+        parsed = parse_options(PrecisionThresholds, values, f"parity.precisions.{name}", source)
+        out[name] = {k: v for k, v in dataclasses.asdict(parsed).items() if v is not None}
+    return out
 
 
 def _output_roles(table: dict[str, Any], source: str) -> dict[str, str]:
@@ -192,6 +224,8 @@ def _output_roles(table: dict[str, Any], source: str) -> dict[str, str]:
 def _check_tensorrt(opts: TensorRTOptions | None, artifacts: Mapping[str, ArtifactSpec], source: str) -> None:
     if opts is None:
         return
+    if not re.fullmatch(r"\d+\.\d+(\.\d+){0,2}", opts.version):
+        raise ConfigError(f"{source}: `tensorrt.version` = {opts.version!r} must be a version number like 8.5.2")
     for key in ("engine_from", "calibration_from", "fp32_onnx"):
         name = getattr(opts, key)
         if artifacts.get(name) is None or runtimes.get(artifacts[name].runtime).kind is not Kind.ONNX:

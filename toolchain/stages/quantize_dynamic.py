@@ -95,7 +95,7 @@ class QuantizeTorchDynamic(Stage):
         o = self.options
         types = {getattr(nn, m) for m in o.modules}
         counts = collections.Counter(type(m).__name__ for m in artifact.model.modules() if type(m) in types)
-        if not counts.keys() & {"LSTM", "GRU"} and not _attention(artifact.model):
+        if not counts or (not counts.keys() & {"LSTM", "GRU"} and not _attention(artifact.model)):
             raise NotApplicable("quantize_torch_dynamic: the model has no LSTM, GRU or attention "
                              "(dynamic INT8 is for sequence models; static INT8 covers convolutions and linear heads)")
         torch.backends.quantized.engine = o.engine

@@ -61,7 +61,7 @@ def engine_build(folder: Path, use_trtexec: bool = False) -> dict:
         reference, roles = kept_outputs(data)
         engine = Artifact(Kind.ENGINE, "int8", path=folder / record["engine"])
         outputs = runtimes.get("tensorrt").load(engine, 1)(data["x"])  # in chunks the plan's profile accepts
-        thresholds = ParityThresholds(**report["parity_thresholds"]) if report.get("parity_thresholds") else None
+        thresholds = ParityThresholds(**report["parity_thresholds"]).for_precision("int8") if report.get("parity_thresholds") else None
         labels = data["y"] if "y" in data else None
         # FP32 accuracy is taken on the same kept samples (the report's is over the whole validation set).
         parity = compare(reference, outputs, labels, thresholds, roles)

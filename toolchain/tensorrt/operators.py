@@ -28,13 +28,16 @@ _RELEASES = (
 
 def parser_gaps(proto, version: str) -> dict[str, list[str]]:
     """Operator type -> node names that TensorRT ``version``'s ONNX parser cannot import:
-    operators it marks unsupported, operators from other domains, and operators newer than
-    the highest opset it parses (Gelu-20 for 8.x)."""
+    operators it marks unsupported, operators from other domains, operators newer than the
+    highest opset it parses (Gelu-20 for 8.x), and a model opset above that one."""
     from onnx import defs
 
     release = tuple(int(p) for p in (version.split(".") + ["0"])[:2])
     lacks, max_opset = next((ops, top) for first, ops, top in _RELEASES if release >= first)
     gaps: dict[str, list[str]] = {}
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if max_opset is not None and opset is not None and opset > max_opset:
+        gaps[f"opset {opset} (it reads up to {max_opset})"] = ["the model"]
     for node in proto.graph.node:
         foreign = node.domain not in ("", "ai.onnx")
         newer = False
