@@ -46,6 +46,8 @@ def test_x86_lstm_gets_static_and_dynamic_int8_and_dynamic_quantizes_the_lstm(ls
         assert a["parity"]["passed"] is True and a["parity"]["top1_agreement"] >= 0.99, (a["name"], a["parity"])
     # static INT8 leaves the LSTM in float (ONNX Runtime has no static LSTM kernel); dynamic quantizes it
     assert "LSTM" in {n.op_type for n in onnx.load(str(out / "onnx_int8.onnx")).graph.node}
+    assert _facts(out, "onnx_int8", "quantize_onnx")["float_weight_share"] > 0.9  # and says so
+    assert _facts(out, "onnx_int8_dynamic", "quantize_onnx_dynamic")["float_weight_share"] < 0.1
     assert _facts(out, "onnx_int8_dynamic", "quantize_onnx_dynamic")["quantized_ops"]["DynamicQuantizeLSTM"] == 1
     assert _facts(out, "torch_int8_dynamic", "quantize_torch_dynamic")["quantized_modules"] == {"LSTM": 1, "Linear": 1}
     size = {name: a["size_bytes"] for name, a in artifacts.items()}

@@ -27,7 +27,7 @@ from ..context import BuildContext
 from ..errors import NotApplicable, StageError, reason
 from ..options import option
 from ..stage import Stage, StageResult, register_stage
-from .quantize_onnx import _quiet, reduce_range_for
+from .quantize_onnx import _preprocess_into, _quiet, float_weight_share, reduce_range_for
 
 SEQUENCE_OPS = ("LSTM", "GRU", "MatMul")  # ONNX: a MatMul with a weight is a projection applied per token
 
@@ -38,6 +38,8 @@ class QuantizeOnnxDynamicOptions:
     weights: Literal["int8", "uint8"] = option("int8", "weight type")
     reduce_range: bool | None = option(None, "7-bit weights for CPUs without VNNI (unset: follow `runtime.isa`)")
     op_types: tuple[str, ...] = option(("MatMul", "Gemm", "LSTM", "GRU", "Attention"), "ONNX op types quantized")
+    preprocess: bool = option(True, "ONNX Runtime's pre-processing first: it folds the weight reshapes a multi-layer LSTM's export "
+                                    "computes in the graph, without which those weights are not constants and stay FP32")
 
 
 @register_stage
@@ -61,17 +63,25 @@ class QuantizeOnnxDynamic(Stage):
                              "(dynamic INT8 is for sequence models; static INT8 covers convolutions and Gemm)")
         reduce_range = reduce_range_for(o.reduce_range, "uint8", o.weights, ctx.isa)
         path = self.output_path(artifact, ctx, ".onnx")
+        source = artifact.path
         with _quiet():
+            if o.preprocess:
+                source = ctx.workdir / f"preprocessed-{artifact.sha256[:16]}.onnx"
+                if not source.exists():
+                    _preprocess_into(artifact.path, source)
             try:
-                quantize_dynamic(str(artifact.path), str(path), op_types_to_quantize=list(o.op_types), per_channel=o.per_channel,
+                quantize_dynamic(str(source), str(path), op_types_to_quantize=list(o.op_types), per_channel=o.per_channel,
                                  reduce_range=reduce_range, weight_type={"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}[o.weights],
                                  use_external_data_format=artifact.has_external_data)
             except Exception as e:
                 raise StageError(f"quantize_onnx_dynamic: ONNX Runtime cannot quantize this model: {reason(e)}") from None
-        ops = collections.Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
+        quantized = onnx.load(str(path), load_external_data=False).graph
+        ops = collections.Counter(n.op_type for n in quantized.node)
         dynamic = {op: n for op, n in sorted(ops.items()) if op.startswith("DynamicQuantize") or op.endswith("Integer")}
         return StageResult(dataclasses.replace(artifact, path=path, precision="int8"),
-                           {"reduce_range": reduce_range, "quantized_ops": dynamic, "nodes": sum(ops.values())})
+                           {"reduce_range": reduce_range, "quantized_ops": dynamic, "nodes": sum(ops.values()),
+                            "float_weight_share": float_weight_share(quantized), "float_ops": sorted({"LSTM", "GRU"} & set(ops))})
+
 
 
 @dataclasses.dataclass(frozen=True)
