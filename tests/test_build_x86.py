@@ -25,6 +25,18 @@ def digits_build(digits, tmp_path_factory):
     return report, folder
 
 
+def test_a_cnn_lists_dynamic_int8_and_avx2_bf16_as_not_applicable_not_as_skipped(digits_build):
+    report, folder = digits_build
+    data = report.to_json()
+    assert {a["name"] for a in data["artifacts"]} == {"torch_int8", "onnx_fp32", "onnx_int8"}
+    assert data["skipped"] == []
+    reasons = {s["name"]: s["reason"] for s in data["not_applicable"]}
+    assert set(reasons) == {"onnx_int8_dynamic", "torch_int8_dynamic", "torch_bf16"}
+    assert "no LSTM, GRU or weighted MatMul" in reasons["onnx_int8_dynamic"]
+    assert "is not known to have BF16 instructions" in reasons["torch_bf16"]  # x86_fbgemm deploys to AVX2
+    assert "not applicable `torch_int8_dynamic`" in (folder / "report.md").read_text()
+
+
 def test_int8_keeps_accuracy_on_held_out_digits(digits_build):
     report, folder = digits_build
     data = json.loads((folder / "report.json").read_text())
