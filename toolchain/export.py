@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import warnings
 
 from .artifact import Artifact, Kind
@@ -28,3 +30,16 @@ def export_program(model, example, stage: str, dynamic_batch: bool = False):
             return torch.export.export(model, (example,), dynamic_shapes=shapes)
     except Exception as e:
         raise StageError(f"{stage}: torch.export failed: {reason(e)}") from None
+
+
+@contextlib.contextmanager
+def quiet_logger(name: str):
+    """Raise logger ``name`` to ERROR for the duration: a library's notice at WARNING that concerns
+    the library, not the user's build (torch's opset fallback note, torchao's pytree notice)."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

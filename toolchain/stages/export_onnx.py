@@ -10,6 +10,7 @@ import warnings
 from ..artifact import Artifact, Kind
 from ..context import BuildContext
 from ..errors import StageError, reason
+from ..export import quiet_logger
 from ..options import option
 from ..stage import Stage, StageResult, register_stage
 
@@ -61,7 +62,7 @@ def _export(artifact: Artifact, ctx: BuildContext, dynamic: bool, opset: int):
 
     example = (ctx.example(),)
     quiet = io.StringIO()
-    with warnings.catch_warnings(), contextlib.redirect_stdout(quiet), _quiet_logger("torch.onnx._internal.exporter._compat"):
+    with warnings.catch_warnings(), contextlib.redirect_stdout(quiet), quiet_logger("torch.onnx._internal.exporter._compat"):
         warnings.simplefilter("ignore")
         if artifact.kind is Kind.TORCHSCRIPT:
             # the dynamo exporter cannot trace TorchScript; the TorchScript exporter still ships in 2.14
@@ -84,20 +85,6 @@ def _export(artifact: Artifact, ctx: BuildContext, dynamic: bool, opset: int):
         program = torch.onnx.export(model, example, dynamo=True, dynamic_shapes=shapes, opset_version=opset,
                                     input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], verbose=False)
     return program.model_proto, "dynamo"
-
-
-@contextlib.contextmanager
-def _quiet_logger(name: str):
-    """torch logs that it exports at its floor opset (18) and converts down: the facts say so."""
-    import logging
-
-    logger = logging.getLogger(name)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def convert_opset(proto, opset: int):

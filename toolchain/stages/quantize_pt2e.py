@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
 from typing import Literal
 
 from ..artifact import Artifact, Kind
 from ..context import BuildContext
 from ..errors import StageError, reason
-from ..export import as_module, export_program
+from ..export import as_module, export_program, quiet_logger
 from ..options import option
 from ..stage import Recoverable, Stage, StageResult, register_stage
 
@@ -42,7 +41,7 @@ class QuantizePT2E(Stage, Recoverable):
     def apply(self, artifact: Artifact, ctx: BuildContext) -> StageResult:
         import torch
 
-        with _pytree_notice_off():
+        with quiet_logger("torch.utils._pytree"):  # torchao 0.18 registers an Enum with pytree; torch notes it
             from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
                 XNNPACKQuantizer,
                 get_symmetric_quantization_config,
@@ -123,19 +122,6 @@ def _module_of(node) -> str | None:
     """The innermost module a graph node was traced in (its fully qualified name)."""
     stack = list((node.meta.get("nn_module_stack") or {}).values())
     return stack[-1][0].removeprefix("L['self'].") if stack else None
-
-
-@contextlib.contextmanager
-def _pytree_notice_off():
-    """torchao 0.18 registers an Enum with torch's pytree on import, and torch logs a
-    deprecation notice about it at WARNING; it concerns torchao, not the user's build."""
-    logger = logging.getLogger("torch.utils._pytree")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def _count(program, name: str) -> int:
