@@ -6,6 +6,11 @@ FX graph-mode fusion and quantization match *modules* (``nn.Conv2d`` followed by
 parameters and maps aten calls onto the equivalent functionals, so a `.pt2` model goes
 through the same fusion and quantization as an eager one. Ops without a mapping stay as
 they are and simply run in FP32.
+
+So that FX can re-trace the graph (fusion and quantization do) and TorchScript can script it:
+symbolic sizes become ``x.size(d)``, factories sized from the input become tensor methods,
+`aten.lstm` / `aten.gru` become nn.LSTM / nn.GRU modules (which dynamic quantization swaps),
+other aten overloads their packets, and the pytree wrapper of a plain signature is dropped.
 """
 
 from __future__ import annotations
