@@ -27,9 +27,7 @@ from ..context import BuildContext
 from ..errors import NotApplicable, StageError, reason
 from ..options import option
 from ..stage import Stage, StageResult, register_stage
-from .quantize_onnx import _preprocess_into, _quiet, float_weight_share, reduce_range_for
-
-SEQUENCE_OPS = ("LSTM", "GRU", "MatMul")  # ONNX: a MatMul with a weight is a projection applied per token
+from .quantize_onnx import _quiet, float_weight_share, preprocessed, reduce_range_for
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,15 +58,11 @@ class QuantizeOnnxDynamic(Stage):
         fits = [n for n in graph.node if n.op_type in ("LSTM", "GRU") or (n.op_type == "MatMul" and set(n.input) & weights)]
         if not fits:
             raise NotApplicable("quantize_onnx_dynamic: the model has no LSTM, GRU or weighted MatMul "
-                             "(dynamic INT8 is for sequence models; static INT8 covers convolutions and Gemm)")
+                                "(dynamic INT8 is for sequence models; static INT8 covers convolutions and Gemm)")
         reduce_range = reduce_range_for(o.reduce_range, "uint8", o.weights, ctx.isa)
         path = self.output_path(artifact, ctx, ".onnx")
-        source = artifact.path
+        source = preprocessed(artifact, ctx) if o.preprocess else artifact.path
         with _quiet():
-            if o.preprocess:
-                source = ctx.workdir / f"preprocessed-{artifact.sha256[:16]}.onnx"
-                if not source.exists():
-                    _preprocess_into(artifact.path, source)
             try:
                 quantize_dynamic(str(source), str(path), op_types_to_quantize=list(o.op_types), per_channel=o.per_channel,
                                  reduce_range=reduce_range, weight_type={"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}[o.weights],

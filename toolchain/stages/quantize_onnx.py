@@ -113,12 +113,7 @@ class QuantizeOnnx(Stage, Recoverable):
     def _source(self, artifact: Artifact, ctx: BuildContext) -> Path:
         """The model quantized: ONNX Runtime's pre-processed form (kept, so variants share node names)
         or the input, equalized when the options say so."""
-        source = artifact.path
-        if self.options.preprocess:
-            source = ctx.workdir / f"preprocessed-{artifact.sha256[:16]}.onnx"
-            if not source.exists():
-                with _quiet():
-                    _preprocess_into(artifact.path, source)
+        source = preprocessed(artifact, ctx) if self.options.preprocess else artifact.path
         if not self.options.equalize:
             return source
         out = source.with_name(f"equalized-{source.name}")
@@ -212,6 +207,16 @@ def float_weight_share(graph) -> float:
             sizes[t.name] = (n, t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16))
     total = sum(n for n, _ in sizes.values())
     return round(sum(n for n, f in sizes.values() if f) / total, 4) if total else 0.0
+
+
+def preprocessed(artifact: Artifact, ctx: BuildContext) -> Path:
+    """ONNX Runtime's pre-processed form of ``artifact`` in the work folder, made once per input and
+    shared by the static and dynamic quantizers (and recovery's variants)."""
+    out = ctx.workdir / f"preprocessed-{artifact.sha256[:16]}.onnx"
+    if not out.exists():
+        with _quiet():
+            _preprocess_into(artifact.path, out)
+    return out
 
 
 def _preprocess_into(path: Path, out: Path) -> None:
