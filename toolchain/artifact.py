@@ -79,7 +79,12 @@ def _model_bytes(model: Any) -> bytes:
     if isinstance(model, torch.export.ExportedProgram):
         structure, state = str(model.graph), model.state_dict
     elif isinstance(model, torch.jit.ScriptModule):
-        structure, state = model.code, model.state_dict()
+        # The saved archive (deterministic): a frozen module has no state_dict and prints the same
+        # code whatever its weights, which are constants of its graph. Hashed by code and state,
+        # two frozen models with other weights looked the same to the pipeline's cache.
+        buf = io.BytesIO()
+        torch.jit.save(model, buf)
+        return buf.getvalue()
     elif isinstance(model, torch.fx.GraphModule):
         structure, state = model.code, model.state_dict()
     else:
