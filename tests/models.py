@@ -262,6 +262,24 @@ def tiny_vit(x: np.ndarray, y: np.ndarray, epochs: int = 25) -> TinyViT:
     return train(TinyViT(), x, y, epochs=epochs)
 
 
+def with_outlier_norms(vit: TinyViT, k: float = 50.0) -> TinyViT:
+    """The same function with the outliers of real transformers: in every encoder LayerNorm two
+    channels' gain and bias are ``k`` times larger and the Linear reading them divides those
+    input columns by ``k`` (exact in real arithmetic; FP32 differs by rounding)."""
+    import copy
+
+    vit = copy.deepcopy(vit)
+    rng = np.random.default_rng(0)
+    with torch.no_grad():
+        for layer in vit.encoder.layers:
+            for norm, weight in ((layer.norm1, layer.self_attn.in_proj_weight), (layer.norm2, layer.linear1.weight)):
+                channels = rng.choice(norm.weight.shape[0], 2, replace=False)
+                norm.weight[channels] *= k
+                norm.bias[channels] *= k
+                weight[:, channels] /= k
+    return vit
+
+
 
 def sequences(n: int, seed: int, steps: int = 12, features: int = 6, classes: int = 4) -> tuple[np.ndarray, np.ndarray]:
     """Noisy multichannel sequences (n, steps, features) whose class is the frequency of an

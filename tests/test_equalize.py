@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from toolchain import equalize
-from toolchain.equalize import check_same, equalize_onnx, equalized_copy, input_ranges, output_ranges
+from toolchain.equalize import check_same, equalize_onnx, input_ranges, output_ranges
 from toolchain.errors import StageError
+from toolchain.rescale import rescaled_copy
 
 
 class Chain(nn.Module):
@@ -96,7 +97,8 @@ def test_fx_equalization_is_the_same_function_and_fused_pairs_count(chain, input
     from torch.ao.quantization.quantize_fx import fuse_fx
 
     fused = fuse_fx(torch.fx.symbolic_trace(copy.deepcopy(chain)))
-    model, facts = equalized_copy(fused, inputs, "quantize_torch")
+    model, facts = rescaled_copy(fused, inputs, "quantize_torch")
+    facts = facts["equalization"]
     assert facts["pairs"] == 4 and facts["fp32_relative_error"] < equalize.MAX_RELATIVE_ERROR
     ranges = output_ranges(equalize._weighted(model.l1).weight.detach().numpy(), 0)
     assert ranges.max() / ranges.min() < 1e2  # the 10^3 outliers are gone
@@ -123,7 +125,7 @@ def test_a_rescale_that_does_not_commute_is_caught_by_the_fp32_check(inputs, mon
     original = _fx_pass_through()
     monkeypatch.setattr(equalize, "_fx_pass_through", lambda: original | {torch.sigmoid})
     with pytest.raises(StageError, match="equalization changed the FP32 model's outputs"):
-        equalized_copy(fused, inputs, "quantize_torch")
+        rescaled_copy(fused, inputs, "quantize_torch")
 
 
 def _fx_pass_through():

@@ -126,7 +126,7 @@ def test_bias_correction_removes_the_mean_error_quantization_adds(digits, tmp_pa
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
-    from toolchain.bias_correction import _biased_layers, _channel_means, _exposing, correct_biases
+    from toolchain.bias_correction import _biased_layers, _channel_means, exposing, correct_biases
     from toolchain.runtimes.onnxruntime import session
 
     _, folder = toolchain.build(str(digits["model"]), str(fast_profile(tmp_path)), tmp_path / "out",
@@ -154,8 +154,8 @@ def test_bias_correction_removes_the_mean_error_quantization_adds(digits, tmp_pa
     def mean_errors():
         layers = _biased_layers(onnx.load(str(qdq)))
         reference = {n.name: n.output[0] for n in onnx.load(str(fp32)).graph.node}  # the same layer, by node name
-        want = _channel_means(run(_exposing(onnx.load(str(fp32)), [reference[node.name] for node, _, _ in layers])))
-        got = _channel_means(run(_exposing(onnx.load(str(qdq)), [node.output[0] for node, _, _ in layers])))
+        want = _channel_means(run(exposing(onnx.load(str(fp32)), [reference[node.name] for node, _, _ in layers])))
+        got = _channel_means(run(exposing(onnx.load(str(qdq)), [node.output[0] for node, _, _ in layers])))
         return np.array([np.abs(w - g).mean() for w, g in zip(want, got)])
 
     before = mean_errors()
@@ -205,3 +205,49 @@ def test_fx_bias_correction_removes_the_mean_error_quantization_adds(digits_arra
     with torch.inference_mode():
         agree = (quantized(torch.from_numpy(x_test)).argmax(1) == model(torch.from_numpy(x_test)).argmax(1)).float().mean()
     assert agree >= 0.99
+
+
+def test_pt2e_bias_correction_removes_the_mean_error_quantization_adds(digits, digits_arrays):
+    """pte_int8's pt2e graph: every convolution / linear's per-channel mean error against the
+    calibrated float graph it was converted from (BatchNorm folded the same way) is gone on the
+    inputs it was measured on; the stage applies it, reports it, and the classifier is unchanged."""
+    import copy
+
+    import torch
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer, get_symmetric_quantization_config
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    from toolchain.artifact import Artifact, Kind
+    from toolchain.bias_correction import correct_graph_biases, node_means
+    from toolchain.context import BuildContext
+    from toolchain.data import Dataset
+    from toolchain.stages.quantize_pt2e import QuantizePT2E, QuantizePT2EOptions
+
+    x_train, x_test, y_train, y_test = digits_arrays
+    ep = torch.export.load(str(digits["model"]))  # the built-in example, trained on digits
+    model = ep.module()
+    x = torch.from_numpy(x_train[:128])
+    prepared = prepare_pt2e(ep.module(), XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True)))
+    with torch.no_grad():
+        prepared(x)
+    reference = copy.deepcopy(prepared)
+    converted = convert_pt2e(prepared)
+    layers = [("conv2d", False), ("conv2d_1", False), ("linear", True), ("linear_1", True)]
+
+    def errors():
+        want, got = node_means(copy.deepcopy(reference), layers, x), node_means(converted, layers, x)
+        return np.array([np.abs(w - g).mean() for w, g in zip(want, got)])
+
+    before = errors()
+    facts = correct_graph_biases(reference, converted, x_train[:128])
+    after = errors()
+    assert facts["layers"] == 4 and (before > 1e-3).all()
+    assert (after < 0.01 * before).all(), (before, after)  # measured before its ReLU: the shift is exact
+    ctx = BuildContext(None, Dataset(x_train[:128], None, "test"), (1, 1, 8, 8), True, 2)
+    _, record = QuantizePT2E(QuantizePT2EOptions(bias_correction=True)).run(Artifact(Kind.EXPORTED, "fp32", model=ep), ctx)
+    assert record.facts["bias_correction"]["layers"] == 4
+    for name, value in torch.export.load(str(digits["model"])).state_dict.items():  # the program's own tensors are left as they were
+        assert torch.equal(ep.state_dict[name], value), name
+    xt = torch.from_numpy(x_test)
+    with torch.no_grad():
+        assert (converted(xt).argmax(1) == model(xt).argmax(1)).float().mean() >= 0.99

@@ -12,7 +12,7 @@ from toolchain.errors import EXIT_NOT_JUDGED, EXIT_USER_ERROR, DataError, reason
 from toolchain.parity import compare, resolve_roles
 from toolchain.target import ParityThresholds
 
-from .conftest import cli, fast_profile
+from .conftest import X86, cli, fast_profile, without_artifacts
 from .models import TwoHeads, two_heads_with_outlier_channels, register_test_stages
 
 T = ParityThresholds(min_sqnr_db=20.0, min_cosine=0.99, min_top1_agreement=0.99, max_accuracy_drop=0.01)
@@ -195,11 +195,14 @@ def test_without_val_a_disjoint_part_of_calib_is_held_out(digits, tmp_path):
 
 
 def test_random_weights_are_not_judged(tmp_path):
+    # the verdict is the build's, whatever its artifacts: two of them keep this CLI build short
+    base = without_artifacts(X86, tmp_path, "torch_int8", "onnx_int8_dynamic", "torch_int8_dynamic", "torch_bf16")
     r = cli("build", "torchvision:squeezenet1_1", "--input-shape", "1x3x64x64", "--target",
-            str(fast_profile(tmp_path, 8, 8)), "--out", str(tmp_path / "out"), "--json")
+            str(fast_profile(tmp_path, 8, 8, base=base)), "--out", str(tmp_path / "out"), "--json")
     assert r.returncode == EXIT_NOT_JUDGED, r.stderr
     data = json.loads(r.stdout)
     assert data["passed"] is None and data["verdict"] == "NOT JUDGED (random weights)" and data["parity_judged"] is False
+    assert {a["name"] for a in data["artifacts"]} == {"onnx_fp32", "onnx_int8"}
     assert all(a["parity"]["passed"] is None for a in data["artifacts"])
 
 
@@ -228,3 +231,19 @@ def test_damaged_export_is_one_line_with_the_cause_torch_only_logged(digits, tmp
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1, r.stderr
     assert "not a readable torch.export archive: RuntimeError: setStorage" in lines[0] and "out of bounds" in lines[0]
+
+
+def test_frozen_torchscript_models_with_other_weights_are_other_artifacts():
+    """A frozen module's weights are graph constants (no state_dict, the same code): the pipeline's
+    cache and the manifest tell such models apart by their saved archive, so a variant that changes
+    only weights (recovery's smoothing, equalization, bias correction on a .ptl) is measured itself."""
+    from toolchain.artifact import Artifact, Kind
+
+    def frozen(seed):
+        torch.manual_seed(seed)
+        return torch.jit.freeze(torch.jit.script(torch.nn.Sequential(torch.nn.Linear(4, 4)).eval()))
+
+    a, b = frozen(0), frozen(1)
+    assert a.code == b.code and not a.state_dict()  # what the hash used to see
+    digests = [Artifact(kind=Kind.TORCHSCRIPT, precision="fp32", model=m).sha256 for m in (a, b, a)]
+    assert digests[0] != digests[1] and digests[0] == digests[2]

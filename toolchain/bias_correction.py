@@ -1,4 +1,4 @@
-"""Bias correction for a Q/DQ ONNX model and for a torch FX INT8 model: shift each quantized layer's
+"""Bias correction for a Q/DQ ONNX model, a torch FX INT8 model and a pt2e graph: shift each quantized layer's
 bias by the mean error its quantization adds, measured on calibration inputs (empirical bias
 correction, Nagel et al. 2019).
 
@@ -34,10 +34,10 @@ def correct_biases(fp32: Path, qdq: Path, run: Callable[[object], list[np.ndarra
     layers = [(node, bias, scale) for node, bias, scale in layers if node.name in by_name]
     if not layers:
         return {"layers": 0}
-    expected = _channel_means(run(_exposing(reference, [by_name[n.name].output[0] for n, _, _ in layers])))
+    expected = _channel_means(run(exposing(reference, [by_name[n.name].output[0] for n, _, _ in layers])))
     shifts = []
     for (node, bias, scale), want in zip(layers, expected):  # graph order: every layer upstream is corrected already
-        (have,) = _channel_means(run(_exposing(model, [node.output[0]])))
+        (have,) = _channel_means(run(exposing(model, [node.output[0]])))
         step = np.round((want - have) / scale).astype(np.int64)
         value = numpy_helper.to_array(bias).astype(np.int64) + step
         bias.CopyFrom(numpy_helper.from_array(np.clip(value, -2**31, 2**31 - 1).astype(np.int32), bias.name))
@@ -66,7 +66,7 @@ def _biased_layers(model) -> list[tuple]:
     return found
 
 
-def _exposing(model, tensors: list[str]):
+def exposing(model, tensors: list[str]):
     """A copy of ``model`` whose outputs are ``tensors``."""
     import onnx
     from onnx import helper
@@ -146,3 +146,65 @@ def module_means(model, modules: list, x, batch: int = 32) -> list[np.ndarray]:
         for h in hooks:
             h.remove()
     return [sums[i] / counts[i] for i in range(len(modules))]
+
+
+def correct_graph_biases(reference, converted, x: np.ndarray, batch: int = 32) -> dict:
+    """The same correction for a pt2e model (ExecuTorch's `pte_int8`): ``converted`` (convert_pt2e's
+    GraphModule, changed in place) against ``reference`` (a copy of the calibrated, prepared module it
+    was converted from: BatchNorm folded the same way, computing in float, the same node names).
+    Each convolution / linear node whose bias is a float constant (XNNPACK's quantizer leaves biases
+    float; the delegate rounds them to int32 at the product's scale) gets the per-channel mean
+    difference of its output on ``x`` added to that bias, one layer at a time in graph order. The
+    constant is replaced, not changed in place: it can be the exported program's own tensor, which
+    recovery's other variants convert again."""
+    import torch
+
+    aten = torch.ops.aten
+    layer_ops = (aten.conv1d, aten.conv2d, aten.conv3d, aten.linear)
+    known = {n.name for n in reference.graph.nodes}
+    layers = []
+    for node in converted.graph.nodes:
+        target = getattr(node.target, "overloadpacket", node.target)
+        bias = node.args[2] if node.op == "call_function" and target in layer_ops and len(node.args) > 2 else None
+        if isinstance(bias, torch.fx.Node) and bias.op == "get_attr" and node.name in known:
+            layers.append((node.name, bias.target, target is aten.linear))
+    if not layers:
+        return {"layers": 0}
+    inputs = torch.from_numpy(np.ascontiguousarray(x))
+    expected = node_means(reference, [(name, linear) for name, _, linear in layers], inputs, batch)
+    shifts = []
+    for (name, attr, linear), want in zip(layers, expected):  # graph order: every layer upstream is corrected already
+        (have,) = node_means(converted, [(name, linear)], inputs, batch)
+        owner_path, _, leaf = attr.rpartition(".")
+        owner = converted.get_submodule(owner_path) if owner_path else converted
+        old = getattr(owner, leaf)
+        new = old.detach() + torch.from_numpy(want - have).to(old.dtype)
+        setattr(owner, leaf, torch.nn.Parameter(new, requires_grad=False) if isinstance(old, torch.nn.Parameter) else new)
+        shifts.append(float(np.abs(want - have).mean()))
+    return {"layers": len(layers), "mean_abs_shift": float(f"{np.mean(shifts):.4g}")}
+
+
+def node_means(gm, nodes: list[tuple[str, bool]], x, batch: int = 32) -> list[np.ndarray]:
+    """Per-channel means of these graph nodes' outputs (name, is a linear: channels on the last axis,
+    else axis 1) when ``gm`` runs on ``x`` in batches; only the sums are kept."""
+    import torch
+
+    wanted = dict(nodes)
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+
+    class Probe(torch.fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n.name in wanted:
+                v = out.detach().double()
+                axis = v.ndim - 1 if wanted[n.name] else 1
+                v = v.movedim(axis, 0).reshape(v.shape[axis], -1)
+                sums[n.name] = sums.get(n.name, 0) + v.sum(1).numpy()
+                counts[n.name] = counts.get(n.name, 0) + v.shape[1]
+            return out
+
+    with torch.no_grad():
+        for start in range(0, len(x), batch):
+            Probe(gm).run(x[start:start + batch])
+    return [sums[name] / counts[name] for name, _ in nodes]

@@ -169,7 +169,7 @@ def recover_artifact(chain: Plan, checked: ArtifactReport, shipped: Artifact, re
     trial = make_trial(pipeline, chain, source, profile, thresholds, inputs, expected)
     log.info("recovering %s: %s", chain.name, "; ".join(checked.parity.failures)[:200])
     outcome = recover(chain.stages, checked.parity, trial, lambda stage: quantizable_layers(pipeline, chain, source, stage),
-                      profile.recovery)
+                      profile.recovery, lambda stage, fix: stage.applies(fix, stage_input(pipeline, chain, source), pipeline.ctx))
     sensitivity = write_sensitivity(folder, chain.name, outcome, checked.parity)
     if outcome.stages is None:
         line = summary_line(chain.name, outcome, checked.parity, checked.latency_ms, None)
@@ -210,9 +210,13 @@ def make_trial(pipeline: Pipeline, chain: Plan, source: Artifact, profile: Targe
 
 def quantizable_layers(pipeline: Pipeline, chain: Plan, source: Artifact, stage) -> list[str]:
     """What ``stage`` (the chain's quantization stage, or a variant of it) can keep in float."""
+    return stage.layers(stage_input(pipeline, chain, source), pipeline.ctx)
+
+
+def stage_input(pipeline: Pipeline, chain: Plan, source: Artifact) -> Artifact:
+    """What the chain's quantization stage takes (the stages before it run once: the pipeline caches them)."""
     index = recoverable_stage(chain.stages)
-    before = pipeline.run(Plan(chain.name, chain.spec, chain.stages[:index]), source)[0] if index else source
-    return stage.layers(before, pipeline.ctx)
+    return pipeline.run(Plan(chain.name, chain.spec, chain.stages[:index]), source)[0] if index else source
 
 
 def user_metric(profile: Target, spec: str | None, max_drop: float | None):

@@ -19,7 +19,7 @@ layer still had to go to float), and BatchNorm after ReLU as the first of a pair
 
 Two graph forms, one rule: ONNX (Conv / Gemm / MatMul with constant weights) for the ONNX
 Runtime artifacts, and the fused FX module (Conv / Linear, plain or fused with ReLU) for the
-torch quantized engine. Callers check the result is the same function in FP32 (:func:`check_same`).
+torch quantized engine. Callers check the result is the same function in FP32 (:mod:`toolchain.rescale`).
 """
 
 from __future__ import annotations
@@ -106,16 +106,8 @@ def equalize_onnx(model) -> list[Pair]:
     """Equalize every eligible pair of an ONNX model in place; returns the pairs."""
     from onnx import numpy_helper
 
-    graph = model.graph
-    inits = {i.name: i for i in graph.initializer}
-    uses: dict[str, int] = {}
-    consumers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            uses[name] = uses.get(name, 0) + 1
-            consumers.setdefault(name, []).append(node)
-    outputs = {o.name for o in graph.output}
-    pairs = [p for p in (_onnx_pair(n, consumers, inits, uses, outputs) for n in graph.node) if p]
+    inits = {i.name: i for i in model.graph.initializer}
+    pairs = onnx_pairs(model)
     arrays = {name: numpy_helper.to_array(inits[name]) for p in pairs for name in _names(p)}
     for _ in range(SWEEPS):
         for first, second, _ in pairs:
@@ -123,6 +115,24 @@ def equalize_onnx(model) -> list[Pair]:
     for name, array in arrays.items():
         inits[name].CopyFrom(numpy_helper.from_array(array.astype(numpy_helper.to_array(inits[name]).dtype), name))
     return [Pair(first.node.name, second.node.name) for first, second, _ in pairs]
+
+
+def onnx_pairs(model) -> list[tuple]:
+    """The eligible pairs of an ONNX model: (first layer, second layer, the tensor between them)."""
+    inits, uses, consumers, outputs = graph_index(model.graph)
+    return [p for p in (_onnx_pair(n, consumers, inits, uses, outputs) for n in model.graph.node) if p]
+
+
+def graph_index(graph) -> tuple[dict, dict[str, int], dict[str, list], set[str]]:
+    """An ONNX graph's initializers by name, how often each tensor is read, its readers, and the graph's outputs."""
+    inits = {i.name: i for i in graph.initializer}
+    uses: dict[str, int] = {}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+            consumers.setdefault(name, []).append(node)
+    return inits, uses, consumers, {o.name for o in graph.output}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,23 +228,6 @@ def equalize_fx(gm) -> list[Pair]:
             for first, second in pairs:
                 _balance_torch(_weighted(gm.get_submodule(first)), _weighted(gm.get_submodule(second)))
     return [Pair(a, b) for a, b in pairs]
-
-
-def equalized_copy(gm, x: np.ndarray, stage: str):
-    """A copy of a fused FX GraphModule with its pairs equalized, checked to compute the same function
-    in FP32 on ``x``; returns it with the facts for the manifest. A StageError when the check fails
-    (the artifact would be wrong)."""
-    import copy
-
-    from .errors import StageError
-
-    model = copy.deepcopy(gm).eval()
-    pairs = equalize_fx(model)
-    error = check_same(_torch_runner(gm), _torch_runner(model), x)
-    if not error <= MAX_RELATIVE_ERROR:
-        raise StageError(f"{stage}: equalization changed the FP32 model's outputs (relative error {error:.2g}); not used")
-    return model, {"pairs": len(pairs), "fp32_relative_error": float(f"{error:.3g}"),
-                   "layers": [f"{p.first} -> {p.second}" for p in pairs]}
 
 
 def _torch_runner(module):

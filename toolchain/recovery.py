@@ -8,8 +8,9 @@
    can act on: the gain of each possible single move from the artifact that failed.
 2. Recovery (profile `[recovery]`, on by default, within `max_float_layers` and `max_seconds`):
    a. the backend's other calibration methods;
-   b. the stage's fixes, one at a time, each kept if it helps: cross-layer equalization (the same
-      function in FP32), bias correction (ONNX Runtime), 16-bit activations (QNN HTP);
+   b. the stage's fixes, one at a time, each kept if it helps: cross-layer equalization and
+      SmoothQuant's LayerNorm -> Linear scale migration (both the same function in FP32, checked),
+      bias correction, 16-bit activations (QNN HTP);
    c. the most sensitive layers kept in float, one more at a time in sensitivity order, until
       parity holds or the budget is spent, on top of the best of a and b.
    Every attempt is recorded (what, its parity, latency and size). The thresholds never move:
@@ -46,12 +47,13 @@ log = logging.getLogger("toolchain")
 class RecoveryOptions:
     enabled: bool = option(True, "try to bring an INT8 artifact that misses parity within the thresholds")
     calibrations: bool = option(True, "first try the backend's other calibration methods")
-    fixes: bool = option(True, "then the stage's fixes: cross-layer equalization, bias correction, 16-bit activations (HTP)")
+    fixes: bool = option(True, "then the stage's fixes: cross-layer equalization, SmoothQuant migration, bias correction, 16-bit activations (HTP)")
     max_float_layers: int = option(8, "most layers kept in floating point (one layer always stays INT8)")
     max_seconds: float = option(600.0, "time budget per artifact, sensitivity included")
 
 
-FIX_WORDS = {"equalize": "cross-layer equalization", "bias_correction": "bias correction", "a16w8": "16-bit activations (A16W8)"}
+FIX_WORDS = {"equalize": "cross-layer equalization", "smooth": "SmoothQuant scale migration", "bias_correction": "bias correction",
+             "a16w8": "16-bit activations (A16W8)"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,8 +133,9 @@ def recoverable_stage(stages: tuple[Stage, ...]) -> int | None:
 
 
 def recover(stages: tuple[Stage, ...], failed: Parity, trial: Trial, layers: Callable[[Stage], list[str]],
-            options: RecoveryOptions) -> Outcome:
-    """Try the ladder on ``stages`` (whose artifact measured ``failed``); see the module's docstring."""
+            options: RecoveryOptions, applies: Callable[[Stage, str], bool] = lambda stage, fix: True) -> Outcome:
+    """Try the ladder on ``stages`` (whose artifact measured ``failed``); see the module's docstring.
+    ``applies(stage, fix)`` says whether a fix has anything to act on in this model (skipped if not)."""
     index = recoverable_stage(stages)
     if index is None:
         return Outcome("not possible", None, (), (), "no quantization stage in the chain to adjust")
@@ -170,7 +173,7 @@ def recover(stages: tuple[Stage, ...], failed: Parity, trial: Trial, layers: Cal
                 best_calibration, best = method, attempts[-1].parity
     if options.fixes:
         for fix in stage.fixes():
-            if getattr(stage.options, fix) or time.perf_counter() > deadline:
+            if getattr(stage.options, fix) or time.perf_counter() > deadline or not applies(stage, fix):
                 continue
             attempts.append(attempt(best_calibration, (*best_fixes, fix), ()))
             if attempts[-1].parity.passed:

@@ -112,6 +112,11 @@ class Recoverable:
     def fixes(self) -> tuple[str, ...]:
         return ()
 
+    def applies(self, fix: str, artifact: Artifact, ctx: BuildContext) -> bool:
+        """Whether ``fix`` has anything to act on for this input (recovery skips it otherwise: an
+        attempt that rebuilds the same artifact costs a build and a check for nothing)."""
+        return True
+
     def variant(self, **changes) -> "Stage":
         return type(self)(dataclasses.replace(self.options, **changes))
 

@@ -25,7 +25,7 @@ from ..errors import StageError, reason
 from ..options import option
 from ..runtime import native_stderr_off
 from ..stage import Recoverable, Stage, StageResult, register_stage
-from .quantize_onnx import _equalize_into, _quiet
+from .quantize_onnx import _quiet, _runner
 
 # Hexagon architectures and the phones that carry them
 HTP_ARCHS = {68: "Snapdragon 888", 69: "Snapdragon 8 Gen 1", 73: "Snapdragon 8 Gen 2", 75: "Snapdragon 8 Gen 3",
@@ -37,6 +37,7 @@ class CompileQnnOptions:
     htp_arch: Literal[68, 69, 73, 75, 79] = option(73, "Hexagon architecture of the phone: 68 (888), 69 (8 Gen 1), 73 (8 Gen 2), 75 (8 Gen 3), 79 (8 Elite)")
     soc_model: int = option(0, "QNN SoC model id of the phone (0: any SoC with that htp_arch)")
     equalize: bool = option(False, "cross-layer equalization first (same function in FP32); recovery tries it")
+    smooth: bool = option(False, "SmoothQuant's LayerNorm -> Linear scale migration first (same function in FP32); recovery tries it")
     a16w8: bool = option(False, "16-bit activations (A16W8), the HTP's answer to INT8 accuracy loss; recovery tries it")
     per_channel: bool = option(True, "per-channel weights where the HTP takes them")
     embed: bool = option(True, "context binary inside the .onnx (false: a side `<name>_qnn.bin`)")
@@ -59,13 +60,16 @@ class CompileQnn(Stage, Recoverable):
         from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config, qnn_preprocess_model
 
         o = self.options
-        stem = f"qnn-{artifact.sha256[:12]}-{o.a16w8}-{o.per_channel}-{o.equalize}"
+        from ..rescale import rescale_onnx_into
+
+        stem = f"qnn-{artifact.sha256[:12]}-{o.a16w8}-{o.per_channel}-{o.equalize}-{o.smooth}"
         static = ctx.workdir / f"{stem}-b1.onnx"
         onnx.save(batch_one(onnx.load(str(artifact.path))), str(static))
-        equalization = None
-        if o.equalize:
-            equalization = _equalize_into(static, static.with_name(f"{stem}-eq.onnx"), ctx)
-            static = static.with_name(f"{stem}-eq.onnx")
+        rescaled = {}
+        if o.equalize or o.smooth:
+            rescaled = rescale_onnx_into(static, static.with_name(f"{stem}-rescaled.onnx"), lambda model: _runner(model, ctx),
+                                         ctx.calibration.x[:128], self.name, o.equalize, o.smooth)
+            static = static.with_name(f"{stem}-rescaled.onnx")
         pre = ctx.workdir / f"{stem}-pre.onnx"
         source = pre if qnn_preprocess_model(str(static), str(pre)) else static
         name = onnx.load(str(source), load_external_data=False).graph.input[0].name
@@ -96,9 +100,7 @@ class CompileQnn(Stage, Recoverable):
             raise StageError(f"compile_qnn: the HTP cannot take this model (no CPU fallback): {reason(e)}") from None
         facts = {"checked_on": "host HTP emulation (libQnnHtp.so on x86): parity holds for the phone, latency does not",
                  "htp_arch": o.htp_arch, "phone": HTP_ARCHS[o.htp_arch], "soc_model": o.soc_model,
-                 "activations": "uint16" if o.a16w8 else "uint8", **context_facts(out)}
-        if equalization:
-            facts["equalization"] = equalization
+                 "activations": "uint16" if o.a16w8 else "uint8", **context_facts(out), **rescaled}
         precision = "a16w8" if o.a16w8 else "int8"
         return StageResult(dataclasses.replace(artifact, path=out, precision=precision), facts)
 
@@ -106,7 +108,12 @@ class CompileQnn(Stage, Recoverable):
         return []
 
     def fixes(self) -> tuple[str, ...]:
-        return ("equalize", "a16w8")
+        return ("equalize", "smooth", "a16w8")
+
+    def applies(self, fix: str, artifact: Artifact, ctx: BuildContext) -> bool:
+        from ..rescale import onnx_finds
+
+        return fix == "a16w8" or onnx_finds(artifact.path, fix)
 
 
 def batch_one(model):

@@ -26,8 +26,10 @@ from ..artifact import Artifact, Kind
 from ..context import BuildContext
 from ..errors import NotApplicable, StageError, reason
 from ..options import option
-from ..stage import Stage, StageResult, register_stage
-from .quantize_onnx import _quiet, float_weight_share, preprocessed, reduce_range_for
+from ..stage import Recoverable, Stage, StageResult, register_stage
+from .quantize_onnx import _quiet, float_weight_share, preprocessed, reduce_range_for, rescaled
+
+DYNAMIC_ONNX_LAYERS = ("MatMul", "Gemm", "LSTM", "GRU", "Attention")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,13 +37,16 @@ class QuantizeOnnxDynamicOptions:
     per_channel: bool = option(True, "per-output-channel weight scales")
     weights: Literal["int8", "uint8"] = option("int8", "weight type")
     reduce_range: bool | None = option(None, "7-bit weights for CPUs without VNNI (unset: follow `runtime.isa`)")
-    op_types: tuple[str, ...] = option(("MatMul", "Gemm", "LSTM", "GRU", "Attention"), "ONNX op types quantized")
+    op_types: tuple[str, ...] = option(DYNAMIC_ONNX_LAYERS, "ONNX op types quantized")
     preprocess: bool = option(True, "ONNX Runtime's pre-processing first: it folds the weight reshapes a multi-layer LSTM's export "
                                     "computes in the graph, without which those weights are not constants and stay FP32")
+    smooth: bool = option(False, "SmoothQuant: move LayerNorm outputs' outlier channel scales into the Linear weights that read "
+                                 "them (same function in FP32; activations are still quantized per tensor); recovery tries it")
+    float_layers: tuple[str, ...] = option((), "node names kept in floating point; recovery sets it")
 
 
 @register_stage
-class QuantizeOnnxDynamic(Stage):
+class QuantizeOnnxDynamic(Stage, Recoverable):
     name = "quantize_onnx_dynamic"
     requires = ("onnx", "onnxruntime")
     transitions = {Kind.ONNX: Kind.ONNX}
@@ -61,10 +66,11 @@ class QuantizeOnnxDynamic(Stage):
                                 "(dynamic INT8 is for sequence models; static INT8 covers convolutions and Gemm)")
         reduce_range = reduce_range_for(o.reduce_range, "uint8", o.weights, ctx.isa)
         path = self.output_path(artifact, ctx, ".onnx")
-        source = preprocessed(artifact, ctx) if o.preprocess else artifact.path
+        source = self._source(artifact, ctx, reduce_range)
         with _quiet():
             try:
                 quantize_dynamic(str(source), str(path), op_types_to_quantize=list(o.op_types), per_channel=o.per_channel,
+                                 nodes_to_exclude=list(o.float_layers) or None,
                                  reduce_range=reduce_range, weight_type={"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}[o.weights],
                                  use_external_data_format=artifact.has_external_data)
             except Exception as e:
@@ -72,9 +78,27 @@ class QuantizeOnnxDynamic(Stage):
         quantized = onnx.load(str(path), load_external_data=False).graph
         ops = collections.Counter(n.op_type for n in quantized.node)
         dynamic = {op: n for op, n in sorted(ops.items()) if op.startswith("DynamicQuantize") or op.endswith("Integer")}
-        return StageResult(dataclasses.replace(artifact, path=path, precision="int8"),
-                           {"reduce_range": reduce_range, "quantized_ops": dynamic, "nodes": sum(ops.values()),
-                            "float_weight_share": float_weight_share(quantized), "float_ops": sorted({"LSTM", "GRU"} & set(ops))})
+        facts = {"reduce_range": reduce_range, "quantized_ops": dynamic, "nodes": sum(ops.values()),
+                 "float_weight_share": float_weight_share(quantized), "float_ops": sorted({"LSTM", "GRU"} & set(ops)),
+                 "float_layers": list(o.float_layers), **ctx.cache.get(("rescale_onnx", source.name), {})}
+        return StageResult(dataclasses.replace(artifact, path=path, precision="int8"), facts)
+
+    def _source(self, artifact: Artifact, ctx: BuildContext, reduce_range: bool):
+        o = self.options
+        return rescaled(preprocessed(artifact, ctx) if o.preprocess else artifact.path, ctx, self.name, False, o.smooth, reduce_range)
+
+    def layers(self, artifact: Artifact, ctx: BuildContext) -> list[str]:
+        import onnx
+
+        o = self.options
+        source = self._source(artifact, ctx, reduce_range_for(o.reduce_range, "uint8", o.weights, ctx.isa))
+        graph = onnx.load(str(source), load_external_data=False).graph
+        weights = {i.name for i in graph.initializer}
+        return [n.name for n in graph.node if n.name and n.op_type in o.op_types and n.op_type in DYNAMIC_ONNX_LAYERS
+                and (n.op_type in ("LSTM", "GRU") or set(n.input[1:]) & weights)]
+
+    def fixes(self) -> tuple[str, ...]:
+        return ("smooth",)
 
 
 
@@ -82,10 +106,13 @@ class QuantizeOnnxDynamic(Stage):
 class QuantizeTorchDynamicOptions:
     engine: Literal["x86", "fbgemm", "qnnpack"] = option("x86", "PyTorch quantized engine the INT8 kernels are packed for")
     modules: tuple[Literal["Linear", "LSTM", "GRU"], ...] = option(("Linear", "LSTM", "GRU"), "module types quantized")
+    smooth: bool = option(False, "SmoothQuant: move LayerNorm outputs' outlier channel scales into the Linear weights that read "
+                                 "them (FX models; same function in FP32); recovery tries it")
+    float_layers: tuple[str, ...] = option((), "module names kept in floating point; recovery sets it")
 
 
 @register_stage
-class QuantizeTorchDynamic(Stage):
+class QuantizeTorchDynamic(Stage, Recoverable):
     name = "quantize_torch_dynamic"
     requires = ("torch",)
     transitions = {Kind.EAGER: Kind.EAGER, Kind.FX: Kind.FX}
@@ -94,7 +121,7 @@ class QuantizeTorchDynamic(Stage):
     def apply(self, artifact: Artifact, ctx: BuildContext) -> StageResult:
         import torch
         from torch import nn
-        from torch.ao.quantization import quantize_dynamic
+        from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
 
         o = self.options
         types = {getattr(nn, m) for m in o.modules}
@@ -103,14 +130,35 @@ class QuantizeTorchDynamic(Stage):
             raise NotApplicable("quantize_torch_dynamic: the model has no LSTM, GRU or attention "
                              "(dynamic INT8 is for sequence models; static INT8 covers convolutions and linear heads)")
         torch.backends.quantized.engine = o.engine
+        model, facts = copy.deepcopy(artifact.model), {}
+        if o.smooth and artifact.kind is Kind.FX:
+            from ..rescale import rescaled_copy
+
+            model, facts = rescaled_copy(artifact.model, ctx.calibration.x[:128], self.name, equalize=False, smooth=True)
+        spec = {t: default_dynamic_qconfig for t in types} | {name: None for name in o.float_layers}  # names override types
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
-                model = quantize_dynamic(copy.deepcopy(artifact.model), types, dtype=torch.qint8)
+                model = quantize_dynamic(model, spec, dtype=torch.qint8)
             except (RuntimeError, NotImplementedError, AssertionError) as e:
                 raise StageError(f"quantize_torch_dynamic: {o.engine} cannot quantize this model: {reason(e)}") from None
         return StageResult(dataclasses.replace(artifact, model=model, precision="int8", quantized_engine=o.engine),
-                           {"engine": o.engine, "quantized_modules": dict(sorted(counts.items()))})
+                           {"engine": o.engine, "quantized_modules": dict(sorted(counts.items())), "float_layers": list(o.float_layers),
+                            **facts})
+
+    def layers(self, artifact: Artifact, ctx: BuildContext) -> list[str]:
+        from torch import nn
+
+        types = tuple(getattr(nn, m) for m in self.options.modules)
+        return [name for name, m in artifact.model.named_modules() if name and isinstance(m, types)]
+
+    def fixes(self) -> tuple[str, ...]:
+        return ("smooth",)
+
+    def applies(self, fix: str, artifact: Artifact, ctx: BuildContext) -> bool:
+        from ..rescale import fx_finds
+
+        return artifact.kind is Kind.FX and fx_finds(artifact.model, fix, ctx.calibration.x)
 
 
 def _attention(model) -> bool:

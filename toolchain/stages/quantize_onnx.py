@@ -46,6 +46,8 @@ class QuantizeOnnxOptions:
     batch_size: int = option(32, "calibration batch size")
     float_layers: tuple[str, ...] = option((), "node names kept in floating point (no Q/DQ at their inputs); recovery sets it")
     equalize: bool = option(False, "cross-layer equalization of Conv/Gemm/MatMul pairs first (same function in FP32); recovery tries it")
+    smooth: bool = option(False, "SmoothQuant: move LayerNorm outputs' outlier channel scales into the Linear weights that read them "
+                                 "(same function in FP32); recovery tries it")
     bias_correction: bool = option(False, "shift each Conv/Gemm bias by the mean error quantization adds on calibration inputs; recovery tries it")
 
 
@@ -101,8 +103,7 @@ class QuantizeOnnx(Stage, Recoverable):
                 raise StageError(f"quantize_onnx: ONNX Runtime cannot quantize this model: {reason(e)}") from None
         facts = {"calibration_samples": len(ctx.calibration.x), "reduce_range": reduce_range, "ranges_reused": cached,
                  "float_layers": list(o.float_layers), **qdq_summary(path)}
-        if o.equalize:
-            facts["equalization"] = ctx.cache.get(("equalize_onnx", source.name))
+        facts.update(ctx.cache.get(("rescale_onnx", source.name), {}))  # equalization / smoothing, when done
         if o.bias_correction:
             from ..bias_correction import correct_biases
 
@@ -112,14 +113,11 @@ class QuantizeOnnx(Stage, Recoverable):
 
     def _source(self, artifact: Artifact, ctx: BuildContext) -> Path:
         """The model quantized: ONNX Runtime's pre-processed form (kept, so variants share node names)
-        or the input, equalized when the options say so."""
-        source = preprocessed(artifact, ctx) if self.options.preprocess else artifact.path
-        if not self.options.equalize:
-            return source
-        out = source.with_name(f"equalized-{source.name}")
-        if not out.exists():
-            ctx.cache[("equalize_onnx", out.name)] = _equalize_into(source, out, ctx)
-        return out
+        or the input, equalized and / or smoothed when the options say so (checked: the same function)."""
+        o = self.options
+        source = preprocessed(artifact, ctx) if o.preprocess else artifact.path
+        reduce_range = reduce_range_for(o.reduce_range, o.activations, o.weights, ctx.isa)
+        return rescaled(source, ctx, self.name, o.equalize, o.smooth, reduce_range)
 
     def layers(self, artifact: Artifact, ctx: BuildContext) -> list[str]:
         import onnx
@@ -134,25 +132,32 @@ class QuantizeOnnx(Stage, Recoverable):
         return ("minmax", "entropy", "percentile")
 
     def fixes(self) -> tuple[str, ...]:
-        return ("equalize", "bias_correction")
+        return ("equalize", "smooth", "bias_correction")
+
+    def applies(self, fix: str, artifact: Artifact, ctx: BuildContext) -> bool:
+        from ..rescale import onnx_finds
+
+        if fix not in ("equalize", "smooth"):
+            return True
+        return onnx_finds(preprocessed(artifact, ctx) if self.options.preprocess else artifact.path, fix)
 
 
-def _equalize_into(path: Path, out: Path, ctx: BuildContext) -> dict:
-    """Cross-layer equalization of ``path`` into ``out``, checked to compute the same function in
-    FP32 on calibration inputs (a StageError when it does not: the artifact would be wrong)."""
-    import onnx
+def rescaled(source: Path, ctx: BuildContext, stage: str, equalize: bool, smooth: bool, reduce_range: bool) -> Path:
+    """``source`` equalized and / or smoothed (checked: the same function in FP32), kept beside it so
+    recovery's variants share it; ``source`` itself when neither is asked. Its facts are cached under
+    ``("rescale_onnx", file name)``."""
+    from ..rescale import rescale_onnx_into
+    from ..smooth import Bits
 
-    from ..equalize import MAX_RELATIVE_ERROR, check_same, equalize_onnx
-
-    model = onnx.load(str(path))
-    pairs = equalize_onnx(model)
-    onnx.save(model, str(out))
-    error = check_same(_runner(path, ctx), _runner(out, ctx), ctx.calibration.x[:32])
-    if not error <= MAX_RELATIVE_ERROR:
-        out.unlink()
-        raise StageError(f"quantize_onnx: equalization changed the FP32 model's outputs (relative error {error:.2g}); not used")
-    return {"pairs": len(pairs), "fp32_relative_error": float(f"{error:.3g}"),
-            "layers": [f"{p.first} -> {p.second}" for p in pairs]}
+    if not (equalize or smooth):
+        return source
+    bits = Bits(weights=7 if reduce_range else 8)  # ONNX Runtime's reduce_range: 7-bit weights
+    prefix = "-".join(word for word, on in (("equalized", equalize), (f"smoothed{bits.weights}", smooth)) if on)
+    out = source.with_name(f"{prefix}-{source.name}")
+    if not out.exists():
+        ctx.cache[("rescale_onnx", out.name)] = rescale_onnx_into(
+            source, out, lambda model: _runner(model, ctx), ctx.calibration.x[:128], stage, equalize, smooth, bits)
+    return out
 
 
 def _runner(model, ctx: BuildContext):

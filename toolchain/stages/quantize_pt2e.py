@@ -11,6 +11,7 @@ int8 activations with ranges from a histogram of the calibration inputs.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 from typing import Literal
 
@@ -29,6 +30,10 @@ class QuantizePT2EOptions:
     batch_size: int = option(32, "calibration batch size (1 when the model exports only at a fixed batch)")
     float_layers: tuple[str, ...] = option((), "module names kept in floating point (left out of the quantizer); recovery sets it")
     equalize: bool = option(False, "fuse, then cross-layer equalization of Conv/Linear pairs first (same function in FP32); recovery tries it")
+    bias_correction: bool = option(False, "shift each convolution / linear's float bias by the mean error quantization adds on "
+                                          "calibration inputs; recovery tries it")
+    smooth: bool = option(False, "fuse, then SmoothQuant: move LayerNorm outputs' outlier channel scales into the Linear weights that read "
+                                 "them (same function in FP32); recovery tries it")
 
 
 @register_stage
@@ -60,15 +65,23 @@ class QuantizePT2E(Stage, Recoverable):
                 for start in range(0, len(cal), batch):
                     prepared(torch.from_numpy(cal[start:start + batch].copy()))
                     ctx.progress("calibrating (pt2e)", min(start + batch, len(cal)), len(cal))
+            reference = copy.deepcopy(prepared) if o.bias_correction else None  # convert_pt2e changes its input
             converted = convert_pt2e(prepared)
         except (RuntimeError, NotImplementedError, AssertionError, ValueError) as e:
             raise StageError(f"{self.name}: cannot quantize this model for XNNPACK: {reason(e)}") from None
+        corrected = None
+        if o.bias_correction:
+            from ..bias_correction import correct_graph_biases
+
+            corrected = correct_graph_biases(reference, converted, cal[:128], batch)
         program = export_program(converted, ctx.example(), self.name)
         facts = {"calibration_samples": len(cal), "calibration_batch": batch, "quantizer": o.quantizer,
                  "quantize_nodes": _count(program, "quantize_per"), "per_channel": o.per_channel,
                  "float_layers": list(o.float_layers)}
-        if o.equalize:
-            facts["equalization"] = ctx.cache.get(("equalize_pt2e", artifact.sha256))
+        if corrected is not None:
+            facts["bias_correction"] = corrected
+        if o.equalize or o.smooth:
+            facts.update(ctx.cache.get(("rescale_pt2e", artifact.sha256, o.equalize, o.smooth), {}))
         return StageResult(dataclasses.replace(artifact, kind=Kind.EXPORTED, model=program, precision="int8"), facts)
 
 
@@ -79,9 +92,10 @@ class QuantizePT2E(Stage, Recoverable):
         (a reshape to a fixed batch) only export at batch 1."""
         import torch
 
-        key = ("quantize_pt2e", artifact.sha256, self.options.equalize)
+        o = self.options
+        key = ("quantize_pt2e", artifact.sha256, o.equalize, o.smooth)
         if key not in ctx.cache:
-            module, cal = self._equalized(artifact, ctx) if self.options.equalize else as_module(artifact), ctx.calibration.x
+            module, cal = self._rescaled(artifact, ctx) if o.equalize or o.smooth else as_module(artifact), ctx.calibration.x
             ep, batch = None, self.options.batch_size
             if len(cal) > 1:
                 with contextlib.suppress(StageError):
@@ -91,19 +105,26 @@ class QuantizePT2E(Stage, Recoverable):
             ctx.cache[key] = ep, batch
         return ctx.cache[key]
 
-    def _equalized(self, artifact: Artifact, ctx: BuildContext):
-        """The model fused (BatchNorm folded: equalization needs the convolutions next to each other)
-        and equalized; the quantizer sees the same function in FP32."""
-        from ..equalize import equalized_copy
+    def _rescaled(self, artifact: Artifact, ctx: BuildContext):
+        """The model fused (BatchNorm folded: equalization needs the convolutions next to each other;
+        LayerNorms and Linears become modules) and rescaled; the quantizer sees the same function in FP32."""
+        from ..rescale import rescaled_copy
         from .fuse import Fuse
 
+        o = self.options
         fused = Fuse().apply(artifact, ctx).artifact.model
-        model, facts = equalized_copy(fused, ctx.calibration.x[:32], self.name)
-        ctx.cache[("equalize_pt2e", artifact.sha256)] = facts
+        model, facts = rescaled_copy(fused, ctx.calibration.x[:128], self.name, o.equalize, o.smooth)
+        ctx.cache[("rescale_pt2e", artifact.sha256, o.equalize, o.smooth)] = facts
         return model
 
     def fixes(self) -> tuple[str, ...]:
-        return ("equalize",)
+        return ("equalize", "smooth", "bias_correction")
+
+    def applies(self, fix: str, artifact: Artifact, ctx: BuildContext) -> bool:
+        from ..rescale import fx_finds
+        from .fuse import Fuse
+
+        return fix == "bias_correction" or fx_finds(Fuse().apply(artifact, ctx).artifact.model, fix, ctx.calibration.x)
 
     def layers(self, artifact: Artifact, ctx: BuildContext) -> list[str]:
         """Modules whose convolutions and matrix products the quantizer annotates, by the name

@@ -38,6 +38,8 @@ class QuantizeTorchOptions:
     batch_size: int = option(32, "calibration batch size")
     float_layers: tuple[str, ...] = option((), "module names kept in floating point (FX models); recovery sets it")
     equalize: bool = option(False, "cross-layer equalization of Conv/Linear pairs first (FX models; same function in FP32); recovery tries it")
+    smooth: bool = option(False, "SmoothQuant: move LayerNorm outputs' outlier channel scales into the Linear weights that read "
+                                 "them (FX models; same function in FP32); recovery tries it")
     bias_correction: bool = option(False, "shift each quantized Conv/Linear bias by the mean error quantization adds on calibration "
                                           "inputs (FX models); recovery tries it")
 
@@ -72,8 +74,8 @@ class QuantizeTorch(Stage, Recoverable):
         check_kernels(model, o.engine)
         facts = {"calibration_samples": len(ctx.calibration.x), "engine": o.engine, "reduce_range": reduce_range,
                  "float_layers": list(o.float_layers)}
-        if o.equalize and artifact.kind is Kind.FX:
-            facts["equalization"] = ctx.cache.get(("equalize_fx", artifact.sha256))
+        if (o.equalize or o.smooth) and artifact.kind is Kind.FX:
+            facts.update(ctx.cache.get(("rescale_fx", artifact.sha256, o.equalize, o.smooth), {}))
         if o.engine == "qnnpack" and artifact.kind is Kind.FX:
             facts["contiguous_before_clamp"] = contiguous_before_clamp(model)
         if o.bias_correction and artifact.kind is Kind.FX:
@@ -93,7 +95,7 @@ class QuantizeTorch(Stage, Recoverable):
         o = self.options
         key = self._key(artifact, reduce_range)
         if key not in ctx.cache:
-            model = _equalized(artifact, batches[0], ctx) if o.equalize else copy.deepcopy(artifact.model)
+            model = _rescaled(artifact, ctx, o.equalize, o.smooth, reduce_range) if o.equalize or o.smooth else copy.deepcopy(artifact.model)
             prepared = prepare_fx(model, QConfigMapping().set_global(qconfig), (batches[0][:1],))
             with torch.inference_mode():
                 _calibrate(prepared, batches, ctx)
@@ -106,7 +108,7 @@ class QuantizeTorch(Stage, Recoverable):
 
     def _key(self, artifact: Artifact, reduce_range: bool) -> tuple:
         o = self.options
-        return ("quantize_torch", artifact.sha256, o.calibration, o.percentile, o.per_channel, reduce_range, o.engine, o.equalize)
+        return ("quantize_torch", artifact.sha256, o.calibration, o.percentile, o.per_channel, reduce_range, o.engine, o.equalize, o.smooth)
 
     def _prepared(self, artifact: Artifact, ctx: BuildContext, reduce_range: bool):
         """The calibrated model the INT8 one was converted from (float, the same fused modules)."""
@@ -129,14 +131,24 @@ class QuantizeTorch(Stage, Recoverable):
         return typing.get_args(typing.get_type_hints(QuantizeTorchOptions)["calibration"])
 
     def fixes(self) -> tuple[str, ...]:
-        return ("equalize", "bias_correction")
+        return ("equalize", "smooth", "bias_correction")
+
+    def applies(self, fix: str, artifact: Artifact, ctx: BuildContext) -> bool:
+        """All three act on FX models only (a TorchScript input is quantized as it is)."""
+        from ..rescale import fx_finds
+
+        if artifact.kind is not Kind.FX:
+            return False
+        return fix == "bias_correction" or fx_finds(artifact.model, fix, ctx.calibration.x)
 
 
-def _equalized(artifact: Artifact, batch, ctx: BuildContext):
-    from ..equalize import equalized_copy
+def _rescaled(artifact: Artifact, ctx: BuildContext, equalize: bool, smooth: bool, reduce_range: bool):
+    from ..rescale import rescaled_copy
+    from ..smooth import Bits
 
-    model, facts = equalized_copy(artifact.model, batch.numpy(), "quantize_torch")
-    ctx.cache[("equalize_fx", artifact.sha256)] = facts
+    bits = Bits(activations=7 if reduce_range else 8)  # torch's reduce_range: 7-bit activations
+    model, facts = rescaled_copy(artifact.model, ctx.calibration.x[:128], "quantize_torch", equalize, smooth, bits)
+    ctx.cache[("rescale_fx", artifact.sha256, equalize, smooth)] = facts
     return model
 
 
