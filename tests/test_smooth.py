@@ -146,3 +146,23 @@ def test_the_strength_is_chosen_by_the_quantized_product_error():
     flat, uneven = rng.normal(size=(512, 16)), w * rng.uniform(0.1, 3, size=16)
     s_flat, _ = smooth.choose(flat, [uneven])
     assert _product_error(flat, uneven, s_flat) <= _product_error(flat, uneven, np.ones(16))
+
+
+def test_onnx_rescale_measures_tokens_first_tensors_in_batches_and_writes_only_a_checked_file(model, tmp_path):
+    """`f` reads a tokens-first (4, N, 8) tensor: 100 inputs in batches of 32 cannot be stacked on
+    axis 0, so each batch is measured as rows of channels. The output file exists only once checked."""
+    from toolchain.rescale import rescale_onnx_into
+
+    x = np.random.default_rng(1).normal(size=(100, 4, 8)).astype(np.float32)
+    source = tmp_path / "blocks.onnx"
+    _onnx(model, x, source)
+    out = tmp_path / "smoothed.onnx"
+    runner = lambda m: _session(m if hasattr(m, "SerializeToString") else __import__("onnx").load(str(m)))  # noqa: E731
+    facts = rescale_onnx_into(source, out, runner, x, "quantize_onnx", equalize=False, smooth=True)
+    assert facts["smoothing"]["groups"] == 3 and facts["smoothing"]["fp32_relative_error"] < 1e-5
+    assert out.exists() and not (tmp_path / "unchecked-smoothed.onnx").exists()
+    bad = tmp_path / "refused.onnx"
+    with pytest.raises(StageError, match="smoothing changed the FP32 model's outputs"):
+        broken = lambda m: (lambda v: [t + float(str(m).endswith("unchecked-refused.onnx")) for t in runner(m)(v)])  # noqa: E731
+        rescale_onnx_into(source, bad, broken, x, "quantize_onnx", equalize=False, smooth=True)  # the candidate computes otherwise
+    assert not bad.exists() and not (tmp_path / "unchecked-refused.onnx").exists()  # never left for a later variant to reuse

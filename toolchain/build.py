@@ -381,6 +381,13 @@ def plan_engine(profile: Target, reports: list[ArtifactReport], folder: Path, sa
     if missing:
         return {"status": "not planned", "verified": False, "reason": f"artifacts not built: {', '.join(sorted(missing))}"}
     float_layers = next(r.float_layers for r in reports if r.name == opts.engine_from)
+    calibration = next(r for r in reports if r.name == opts.calibration_from)
+    rescaled = sorted({k for facts in calibration.stage_facts.values() for k in ("equalization", "smoothing") if facts.get(k)})
+    if opts.dla_core >= 0 and rescaled:  # DLA calibrates onnx_fp32 with the Q/DQ model's activation scales
+        return {"status": "not planned", "verified": False,
+                "reason": f"recovery rescaled {opts.calibration_from}'s weights ({' and '.join(rescaled)}: the same function, other "
+                          f"activation ranges), so its activation scales do not fit {opts.fp32_onnx}, which a DLA build calibrates; "
+                          f"build on the GPU (tensorrt.dla_core = -1) from the Q/DQ model"}
     engine = write_plan(folder, opts, sample_shape, float_layers)
     log.info("TensorRT engine: %s (%s)", engine["status"], engine["reason"])
     return engine

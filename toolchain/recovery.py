@@ -173,7 +173,7 @@ def recover(stages: tuple[Stage, ...], failed: Parity, trial: Trial, layers: Cal
                 best_calibration, best = method, attempts[-1].parity
     if options.fixes:
         for fix in stage.fixes():
-            if getattr(stage.options, fix) or time.perf_counter() > deadline or not applies(stage, fix):
+            if getattr(stage.options, fix) or time.perf_counter() > deadline or not _applies(applies, stage, fix):
                 continue
             attempts.append(attempt(best_calibration, (*best_fixes, fix), ()))
             if attempts[-1].parity.passed:
@@ -204,6 +204,16 @@ def recover(stages: tuple[Stage, ...], failed: Parity, trial: Trial, layers: Cal
         keep.append(ranked[0]["layer"])
     why = f"{len(keep)} layer{'s' * (len(keep) != 1)} in float (max_float_layers = {options.max_float_layers}) did not reach the thresholds"
     return done("failed", sensitivity, why)
+
+
+def _applies(applies: Callable[[Stage, str], bool], stage: Stage, fix: str) -> bool:
+    """Whether to try ``fix``; a model the check cannot even look at (it raised) is not tried: the
+    attempt would fail the same way, one build later."""
+    try:
+        return applies(stage, fix)
+    except Exception as e:  # noqa: BLE001 - one fix not tried, never a crashed build
+        log.info("recovery: %s not tried (%s)", FIX_WORDS.get(fix, fix), f"{type(e).__name__}: {e}"[:160])
+        return False
 
 
 def measure(stages: tuple[Stage, ...], trial: Trial, layers: Callable[[Stage], list[str]]) -> tuple[Outcome, Parity]:

@@ -20,7 +20,7 @@ import numpy as np
 
 from .equalize import MAX_RELATIVE_ERROR, _torch_runner, check_same, equalize_fx, equalize_onnx
 from .errors import StageError
-from .smooth import Bits, smooth_fx, smooth_onnx
+from .smooth import Bits, rows, smooth_fx, smooth_onnx
 
 Runner = Callable[[np.ndarray], list[np.ndarray]]
 
@@ -41,22 +41,31 @@ def rescaled_copy(gm, x: np.ndarray, stage: str, equalize: bool = True, smooth: 
 
 def rescale_onnx_into(path: Path, out: Path, runner: Callable[[object], Runner], x: np.ndarray, stage: str,
                       equalize: bool = True, smooth: bool = False, bits: Bits = Bits()) -> dict:
-    """The same for the ONNX model at ``path``, written to ``out`` (removed again when the check
-    fails). ``runner(model)`` runs a ModelProto or a path with ONNX Runtime."""
+    """The same for the ONNX model at ``path``, written to ``out`` once the check passed (never when
+    it fails). ``runner(model)`` runs a ModelProto or a path with ONNX Runtime."""
     import onnx
 
     from .bias_correction import exposing
 
+    def values(m, tensors: list[str]) -> list[np.ndarray]:
+        """The tensors on ``x``, batch by batch, as (rows, channels): an exposed tensor can be
+        tokens-first (L, N, C), which batches of other sizes cannot be stacked as."""
+        run = runner(exposing(m, tensors))
+        parts = [run(x[i:i + 32]) for i in range(0, len(x), 32)]
+        return [np.concatenate([rows(p[k]) for p in parts]) for k in range(len(tensors))]
+
     model = onnx.load(str(path))
     pairs = equalize_onnx(model) if equalize else None
-    groups = smooth_onnx(model, lambda m, tensors: runner(exposing(m, tensors))(x), bits) if smooth else None
-    onnx.save(model, str(out))
-    error = check_same(runner(path), runner(out), x[:32])
+    groups = smooth_onnx(model, values, bits) if smooth else None
+    pending = out.with_name(f"unchecked-{out.name}")  # `out` exists only once checked: callers reuse it
+    onnx.save(model, str(pending))
     try:
-        return _facts(stage, what(equalize, smooth), error, pairs, groups)
-    except StageError:
-        out.unlink()
+        facts = _facts(stage, what(equalize, smooth), check_same(runner(path), runner(pending), x[:32]), pairs, groups)
+    except BaseException:
+        pending.unlink(missing_ok=True)
         raise
+    pending.replace(out)
+    return facts
 
 
 def onnx_finds(path: Path, fix: str) -> bool:
@@ -80,7 +89,7 @@ def fx_finds(gm, fix: str, x: np.ndarray) -> bool:
 
     if fix == "equalize":
         return bool(_fx_pairs(gm))
-    return bool(_fx_groups(copy.deepcopy(gm), torch.from_numpy(np.ascontiguousarray(x[:2]))))
+    return bool(_fx_groups(copy.deepcopy(gm), torch.from_numpy(np.ascontiguousarray(x[:1]))))
 
 
 def _facts(stage: str, done: str, error: float, pairs, groups) -> dict:

@@ -61,14 +61,16 @@ class CompileQnn(Stage, Recoverable):
 
         o = self.options
         from ..rescale import rescale_onnx_into
+        from ..smooth import Bits
 
         stem = f"qnn-{artifact.sha256[:12]}-{o.a16w8}-{o.per_channel}-{o.equalize}-{o.smooth}"
         static = ctx.workdir / f"{stem}-b1.onnx"
         onnx.save(batch_one(onnx.load(str(artifact.path))), str(static))
         rescaled = {}
         if o.equalize or o.smooth:
+            bits = Bits(activations=16 if o.a16w8 else 8, per_channel=o.per_channel)
             rescaled = rescale_onnx_into(static, static.with_name(f"{stem}-rescaled.onnx"), lambda model: _runner(model, ctx),
-                                         ctx.calibration.x[:128], self.name, o.equalize, o.smooth)
+                                         ctx.calibration.x[:128], self.name, o.equalize, o.smooth, bits)
             static = static.with_name(f"{stem}-rescaled.onnx")
         pre = ctx.workdir / f"{stem}-pre.onnx"
         source = pre if qnn_preprocess_model(str(static), str(pre)) else static

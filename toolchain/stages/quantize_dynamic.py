@@ -85,7 +85,8 @@ class QuantizeOnnxDynamic(Stage, Recoverable):
 
     def _source(self, artifact: Artifact, ctx: BuildContext, reduce_range: bool):
         o = self.options
-        return rescaled(preprocessed(artifact, ctx) if o.preprocess else artifact.path, ctx, self.name, False, o.smooth, reduce_range)
+        return rescaled(preprocessed(artifact, ctx) if o.preprocess else artifact.path, ctx, self.name, False, o.smooth, reduce_range,
+                        o.per_channel)
 
     def layers(self, artifact: Artifact, ctx: BuildContext) -> list[str]:
         import onnx
@@ -134,7 +135,11 @@ class QuantizeTorchDynamic(Stage, Recoverable):
         if o.smooth and artifact.kind is Kind.FX:
             from ..rescale import rescaled_copy
 
-            model, facts = rescaled_copy(artifact.model, ctx.calibration.x[:128], self.name, equalize=False, smooth=True)
+            from ..smooth import Bits
+
+            # default_dynamic_qconfig: per-tensor weights, so the migration is measured for those
+            model, facts = rescaled_copy(artifact.model, ctx.calibration.x[:128], self.name, equalize=False, smooth=True,
+                                         bits=Bits(per_channel=False))
         spec = {t: default_dynamic_qconfig for t in types} | {name: None for name in o.float_layers}  # names override types
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -81,7 +81,7 @@ class QuantizePT2E(Stage, Recoverable):
         if corrected is not None:
             facts["bias_correction"] = corrected
         if o.equalize or o.smooth:
-            facts.update(ctx.cache.get(("rescale_pt2e", artifact.sha256, o.equalize, o.smooth), {}))
+            facts.update(ctx.cache.get(("rescale_pt2e", artifact.sha256, o.equalize, o.smooth, o.per_channel), {}))
         return StageResult(dataclasses.replace(artifact, kind=Kind.EXPORTED, model=program, precision="int8"), facts)
 
 
@@ -93,7 +93,7 @@ class QuantizePT2E(Stage, Recoverable):
         import torch
 
         o = self.options
-        key = ("quantize_pt2e", artifact.sha256, o.equalize, o.smooth)
+        key = ("quantize_pt2e", artifact.sha256, o.equalize, o.smooth, o.per_channel)
         if key not in ctx.cache:
             module, cal = self._rescaled(artifact, ctx) if o.equalize or o.smooth else as_module(artifact), ctx.calibration.x
             ep, batch = None, self.options.batch_size
@@ -109,12 +109,13 @@ class QuantizePT2E(Stage, Recoverable):
         """The model fused (BatchNorm folded: equalization needs the convolutions next to each other;
         LayerNorms and Linears become modules) and rescaled; the quantizer sees the same function in FP32."""
         from ..rescale import rescaled_copy
+        from ..smooth import Bits
         from .fuse import Fuse
 
         o = self.options
         fused = Fuse().apply(artifact, ctx).artifact.model
-        model, facts = rescaled_copy(fused, ctx.calibration.x[:128], self.name, o.equalize, o.smooth)
-        ctx.cache[("rescale_pt2e", artifact.sha256, o.equalize, o.smooth)] = facts
+        model, facts = rescaled_copy(fused, ctx.calibration.x[:128], self.name, o.equalize, o.smooth, Bits(per_channel=o.per_channel))
+        ctx.cache[("rescale_pt2e", artifact.sha256, o.equalize, o.smooth, o.per_channel)] = facts
         return model
 
     def fixes(self) -> tuple[str, ...]:

@@ -75,7 +75,7 @@ class QuantizeTorch(Stage, Recoverable):
         facts = {"calibration_samples": len(ctx.calibration.x), "engine": o.engine, "reduce_range": reduce_range,
                  "float_layers": list(o.float_layers)}
         if (o.equalize or o.smooth) and artifact.kind is Kind.FX:
-            facts.update(ctx.cache.get(("rescale_fx", artifact.sha256, o.equalize, o.smooth), {}))
+            facts.update(ctx.cache.get(("rescale_fx", artifact.sha256, o.equalize, o.smooth, reduce_range, o.per_channel), {}))
         if o.engine == "qnnpack" and artifact.kind is Kind.FX:
             facts["contiguous_before_clamp"] = contiguous_before_clamp(model)
         if o.bias_correction and artifact.kind is Kind.FX:
@@ -95,7 +95,7 @@ class QuantizeTorch(Stage, Recoverable):
         o = self.options
         key = self._key(artifact, reduce_range)
         if key not in ctx.cache:
-            model = _rescaled(artifact, ctx, o.equalize, o.smooth, reduce_range) if o.equalize or o.smooth else copy.deepcopy(artifact.model)
+            model = _rescaled(artifact, ctx, o, reduce_range) if o.equalize or o.smooth else copy.deepcopy(artifact.model)
             prepared = prepare_fx(model, QConfigMapping().set_global(qconfig), (batches[0][:1],))
             with torch.inference_mode():
                 _calibrate(prepared, batches, ctx)
@@ -142,13 +142,13 @@ class QuantizeTorch(Stage, Recoverable):
         return fix == "bias_correction" or fx_finds(artifact.model, fix, ctx.calibration.x)
 
 
-def _rescaled(artifact: Artifact, ctx: BuildContext, equalize: bool, smooth: bool, reduce_range: bool):
+def _rescaled(artifact: Artifact, ctx: BuildContext, o: QuantizeTorchOptions, reduce_range: bool):
     from ..rescale import rescaled_copy
     from ..smooth import Bits
 
-    bits = Bits(activations=7 if reduce_range else 8)  # torch's reduce_range: 7-bit activations
-    model, facts = rescaled_copy(artifact.model, ctx.calibration.x[:128], "quantize_torch", equalize, smooth, bits)
-    ctx.cache[("rescale_fx", artifact.sha256, equalize, smooth)] = facts
+    bits = Bits(activations=7 if reduce_range else 8, per_channel=o.per_channel)  # torch's reduce_range: 7-bit activations
+    model, facts = rescaled_copy(artifact.model, ctx.calibration.x[:128], "quantize_torch", o.equalize, o.smooth, bits)
+    ctx.cache[("rescale_fx", artifact.sha256, o.equalize, o.smooth, reduce_range, o.per_channel)] = facts
     return model
 
 
