@@ -41,7 +41,15 @@ bench: $(STAMP)
 	$(PY) benchmarks/snapdragon_mobile.py
 	$(PY) benchmarks/x86_isa_settings.py
 	$(PY) benchmarks/matrix_workers.py
-	$(PY) -c "import nncf" 2>/dev/null && $(PY) benchmarks/int8_recovery.py || echo "int8_recovery: pip install nncf to compare with NNCF"
+	$(MAKE) $(PEERS)
+	$(PY) benchmarks/int8_recovery.py --peers-python $(PEERS)/bin/python
+
+# NNCF and Intel Neural Compressor for the INT8 recovery benchmark, apart from the toolchain's venv:
+# Neural Compressor's last ONNX Runtime back end (2.6) needs numpy < 2 and onnx < 1.17.
+PEERS = .venv-peers
+$(PEERS):
+	$(PYTHON) -m venv $(PEERS)
+	$(PEERS)/bin/pip install --quiet "numpy<2" "onnx<1.17" neural-compressor==2.6 six nncf onnxruntime
 
 clean:
 	rm -rf build
