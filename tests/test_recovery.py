@@ -251,3 +251,37 @@ def test_pt2e_bias_correction_removes_the_mean_error_quantization_adds(digits, d
     xt = torch.from_numpy(x_test)
     with torch.no_grad():
         assert (converted(xt).argmax(1) == model(xt).argmax(1)).float().mean() >= 0.99
+
+
+def test_a_fix_whose_check_raises_is_not_tried_and_the_build_goes_on():
+    """`applies` looks at the model (a shape propagation, a fuse); a model it cannot look at costs
+    that fix, never the build: recovery goes on to the next rung."""
+    import dataclasses
+
+    from toolchain.recovery import RecoveryOptions, _failed_parity, recover
+    from toolchain.stage import Recoverable, Stage
+
+    @dataclasses.dataclass(frozen=True)
+    class StubOptions:
+        smooth: bool = False
+        float_layers: tuple = ()
+
+    class Quantize(Stage, Recoverable):
+        name = "quantize_stub"
+        Options = StubOptions
+
+        def fixes(self):
+            return ("smooth",)
+
+        def layers(self, artifact, ctx):
+            return []
+
+    def trial(stages):
+        raise AssertionError("no attempt should be built")
+
+    def raising(stage, fix):
+        raise RuntimeError("shape propagation failed")
+
+    outcome = recover((Quantize(),), _failed_parity("SQNR 3 dB"), trial, lambda stage: [], RecoveryOptions(), raising)
+    assert outcome.status == "failed" and outcome.attempts == ()
+    assert "no layer to keep in float" in outcome.reason
