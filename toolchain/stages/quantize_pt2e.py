@@ -110,10 +110,9 @@ class QuantizePT2E(Stage, Recoverable):
         LayerNorms and Linears become modules) and rescaled; the quantizer sees the same function in FP32."""
         from ..rescale import rescaled_copy
         from ..smooth import Bits
-        from .fuse import Fuse
 
         o = self.options
-        fused = Fuse().apply(artifact, ctx).artifact.model
+        fused = _fused(artifact, ctx)
         model, facts = rescaled_copy(fused, ctx.calibration.x[:128], self.name, o.equalize, o.smooth, Bits(per_channel=o.per_channel))
         ctx.cache[("rescale_pt2e", artifact.sha256, o.equalize, o.smooth, o.per_channel)] = facts
         return model
@@ -123,9 +122,8 @@ class QuantizePT2E(Stage, Recoverable):
 
     def applies(self, fix: str, artifact: Artifact, ctx: BuildContext) -> bool:
         from ..rescale import fx_finds
-        from .fuse import Fuse
 
-        return fix == "bias_correction" or fx_finds(Fuse().apply(artifact, ctx).artifact.model, fix, ctx.calibration.x)
+        return fix == "bias_correction" or fx_finds(_fused(artifact, ctx), fix, ctx.calibration.x)
 
     def layers(self, artifact: Artifact, ctx: BuildContext) -> list[str]:
         """Modules whose convolutions and matrix products the quantizer annotates, by the name
@@ -138,6 +136,17 @@ class QuantizePT2E(Stage, Recoverable):
                 if name and name not in names:
                     names.append(name)
         return names
+
+
+def _fused(artifact: Artifact, ctx: BuildContext):
+    """The input fused into modules (BatchNorm folded), once per input: the fixes' checks and the
+    rescaled copy all start from it (and copy it; it is never changed)."""
+    from .fuse import Fuse
+
+    key = ("fused_for_pt2e", artifact.sha256)
+    if key not in ctx.cache:
+        ctx.cache[key] = Fuse().apply(artifact, ctx).artifact.model
+    return ctx.cache[key]
 
 
 def _module_of(node) -> str | None:
