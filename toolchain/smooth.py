@@ -63,6 +63,7 @@ class Bits:
     activations: int = 8
     weights: int = 8
     per_channel: bool = True  # weights: one scale per output channel (False: one per tensor, e.g. torch's dynamic Linear)
+    symmetric: bool = False  # activations with zero-point 0 (TensorRT's Q/DQ), else asymmetric min..max
 
 
 def choose(x: np.ndarray, weights: list[np.ndarray], bits: Bits = Bits()) -> tuple[np.ndarray, float | None]:
@@ -78,7 +79,7 @@ def choose(x: np.ndarray, weights: list[np.ndarray], bits: Bits = Bits()) -> tup
     wmax = np.max([np.abs(w).max(axis=0) for w in weights], axis=0)
 
     def error(s: np.ndarray) -> float:
-        qx = _fake_quant_activation(x / s, bits.activations)
+        qx = _fake_quant_activation(x / s, bits.activations, bits.symmetric)
         return sum(float(np.square(qx @ _fake_quant_weight(w * s, bits.weights, bits.per_channel).T - y).sum())
                    for w, y in zip(weights, want))
 
@@ -91,9 +92,11 @@ def choose(x: np.ndarray, weights: list[np.ndarray], bits: Bits = Bits()) -> tup
     return best_s, best_alpha
 
 
-def _fake_quant_activation(x: np.ndarray, bits: int) -> np.ndarray:
+def _fake_quant_activation(x: np.ndarray, bits: int, symmetric: bool = False) -> np.ndarray:
     levels = 2 ** bits - 1
     lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    if symmetric:
+        lo, hi = -max(-lo, hi), max(-lo, hi)
     scale = (hi - lo) / levels or 1.0
     zero = np.round(-lo / scale)
     return (np.clip(np.round(x / scale) + zero, 0, levels) - zero) * scale

@@ -117,7 +117,7 @@ class QuantizeOnnx(Stage, Recoverable):
         o = self.options
         source = preprocessed(artifact, ctx) if o.preprocess else artifact.path
         reduce_range = reduce_range_for(o.reduce_range, o.activations, o.weights, ctx.isa)
-        return rescaled(source, ctx, self.name, o.equalize, o.smooth, reduce_range, o.per_channel)
+        return rescaled(source, ctx, self.name, o.equalize, o.smooth, reduce_range, o.per_channel, o.symmetric_activations)
 
     def layers(self, artifact: Artifact, ctx: BuildContext) -> list[str]:
         import onnx
@@ -143,7 +143,7 @@ class QuantizeOnnx(Stage, Recoverable):
 
 
 def rescaled(source: Path, ctx: BuildContext, stage: str, equalize: bool, smooth: bool, reduce_range: bool,
-             per_channel: bool = True) -> Path:
+             per_channel: bool = True, symmetric: bool = False) -> Path:
     """``source`` equalized and / or smoothed (checked: the same function in FP32), kept beside it so
     recovery's variants share it; ``source`` itself when neither is asked. Its facts are cached under
     ``("rescale_onnx", file name)``."""
@@ -152,8 +152,9 @@ def rescaled(source: Path, ctx: BuildContext, stage: str, equalize: bool, smooth
 
     if not (equalize or smooth):
         return source
-    bits = Bits(weights=7 if reduce_range else 8, per_channel=per_channel)  # ONNX Runtime's reduce_range: 7-bit weights
-    prefix = "-".join(word for word, on in (("equalized", equalize), (f"smoothed{bits.weights}{'c' * per_channel}", smooth)) if on)
+    bits = Bits(weights=7 if reduce_range else 8, per_channel=per_channel, symmetric=symmetric)  # reduce_range: 7-bit weights
+    tag = f"smoothed{bits.weights}{'c' * per_channel}{'s' * symmetric}"
+    prefix = "-".join(word for word, on in (("equalized", equalize), (tag, smooth)) if on)
     out = source.with_name(f"{prefix}-{source.name}")
     if not out.exists():
         ctx.cache[("rescale_onnx", out.name)] = rescale_onnx_into(
