@@ -117,10 +117,10 @@ def test_a_smoothing_that_changes_the_function_is_caught_by_the_fp32_check(model
     """Scaling the post-norm LayerNorm changes what its residual adds; forced eligible, the check refuses it."""
     readers = smooth._fx_readers
 
-    def linears_only(gm, node, weighted, nn_):
+    def linears_only(gm, node):
         if node.target == "post":
             return ["g"]
-        return readers(gm, node, weighted, nn_)
+        return readers(gm, node)
 
     monkeypatch.setattr(smooth, "_fx_readers", linears_only)
     with pytest.raises(StageError, match="smoothing changed the FP32 model's outputs"):

@@ -26,6 +26,7 @@ Callers check the result computes the same function in FP32 (:func:`toolchain.eq
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import numpy as np
@@ -162,7 +163,7 @@ def _onnx_groups(model) -> list[_OnnxGroup]:
 
     graph = model.graph
     inits, uses, consumers, outputs = graph_index(graph)
-    ranks = _onnx_ranks(onnx, model)
+    ranks = _onnx_ranks(model)
     groups = []
     for node in graph.node:
         if node.op_type != "LayerNormalization" or len(node.input) < 2:
@@ -228,8 +229,10 @@ def _keeps_last_axis(node, rank: int, inits) -> int | None:
     return None
 
 
-def _onnx_ranks(onnx, model) -> dict[str, int]:
+def _onnx_ranks(model) -> dict[str, int]:
     """Each tensor's rank, from ONNX shape inference (what the pre-processed model already carries)."""
+    import onnx
+
     try:
         inferred = onnx.shape_inference.infer_shapes(model)
     except Exception:  # noqa: BLE001 - without ranks nothing is eligible
@@ -302,10 +305,6 @@ def _run_batches(gm, x: np.ndarray, batch: int) -> None:
 
 
 def _fx_groups(gm, example) -> list[_FxGroup]:
-    import functools
-
-    import torch
-    from torch import nn
     from torch.fx.passes.shape_prop import ShapeProp
 
     from .equalize import _weighted
@@ -317,18 +316,21 @@ def _fx_groups(gm, example) -> list[_FxGroup]:
             get_attr_users[n.target] = get_attr_users.get(n.target, 0) + len(n.users)
     groups = []
     for node in gm.graph.nodes:
-        norm = _fx_norm(gm, node, get_attr_users, functools, torch, nn)
+        norm = _fx_norm(gm, node, get_attr_users)
         if norm is None:
             continue
         gain, bias = norm
-        layers = _fx_readers(gm, node, _weighted, nn)
+        layers = _fx_readers(gm, node)
         if layers and all(_weighted(gm.get_submodule(n)).weight.shape[1] == gain.shape[0] for n in layers):
             groups.append(_FxGroup(node.target if node.op == "call_module" else node.name, gain, bias, tuple(layers)))
     return groups
 
 
-def _fx_norm(gm, node, get_attr_users, functools, torch, nn):
+def _fx_norm(gm, node, get_attr_users: dict[str, int]):
     """(gain, bias) of a LayerNorm over the last axis with parameters of its own; None otherwise."""
+    import torch
+    from torch import nn
+
     if node.op == "call_module":
         m = gm.get_submodule(node.target)
         if isinstance(m, nn.LayerNorm) and m.elementwise_affine and len(m.normalized_shape) == 1 and \
@@ -354,11 +356,12 @@ def _fx_norm(gm, node, get_attr_users, functools, torch, nn):
     return None if tensors[0] is None else tuple(tensors)
 
 
-def _fx_readers(gm, node, weighted, nn) -> list[str] | None:
+def _fx_readers(gm, node) -> list[str] | None:
     """The Linear modules reading ``node``'s output through channel-keeping ops; None when anything else does."""
-    import torch
+    from torch import nn
 
-    aten = torch.ops.aten
+    from .equalize import _weighted
+
     found, frontier = [], [node]
     outputs = {a for n in gm.graph.nodes if n.op == "output" for a in n.all_input_nodes}
     while frontier:
@@ -368,13 +371,13 @@ def _fx_readers(gm, node, weighted, nn) -> list[str] | None:
         for user in current.users:
             if not user.args or user.args[0] is not current:
                 return None
-            if user.op == "call_module" and isinstance(weighted(gm.get_submodule(user.target)), nn.Linear):
+            if user.op == "call_module" and isinstance(_weighted(gm.get_submodule(user.target)), nn.Linear):
                 if sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == user.target) != 1:
                     return None  # a module called twice would see the scale on its other input too
                 found.append(user.target)
                 continue
             rank = _rank(current)
-            if rank is None or not _fx_keeps_last_axis(user, rank, aten, torch):
+            if rank is None or not _fx_keeps_last_axis(user, rank):
                 return None
             frontier.append(user)
     return found
@@ -390,7 +393,10 @@ def _packet(target):
     return getattr(target, "overloadpacket", target)
 
 
-def _fx_keeps_last_axis(node, rank: int, aten, torch) -> bool:
+def _fx_keeps_last_axis(node, rank: int) -> bool:
+    import torch
+
+    aten = torch.ops.aten
     last = rank - 1
     target = _packet(node.target)
     args = list(node.args[1:])
