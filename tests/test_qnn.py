@@ -8,31 +8,45 @@ import pytest
 
 import toolchain
 
-from .conftest import SNAPDRAGON, fast_profile
+from .conftest import SNAPDRAGON, fast_profile, without_artifacts
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("onnxruntime_qnn") is None,
                                 reason="onnxruntime-qnn is not installed (pip install 'toolchain[qnn]', glibc >= 2.35)")
 
-ONLY_QNN = """
-[artifacts.qnn_int8]
-description = "Hexagon NPU context"
-stages = ["export_onnx", "onnx_passes", "compile_qnn"]
-runtime = "qnn"
-"""
+def _profile(tmp_path, validation=64, **settings):
+    """The shipped profile's `qnn_int8` alone, its `[stages.compile_qnn]` with ``settings`` changed."""
+    import re
+    import tomllib
 
-
-def _profile(tmp_path, extra=""):
-    text = fast_profile(tmp_path, 64, 64, base=SNAPDRAGON, batch_sizes=None).read_text()
-    head = text[:text.index("[artifacts.")]  # the target's data, runtime and parity settings, only this artifact
-    path = tmp_path / "qnn.toml"
-    path.write_text(head + ONLY_QNN + extra)
+    profile = fast_profile(tmp_path, 64, validation, base=SNAPDRAGON, batch_sizes=None)
+    others = [n for n in tomllib.loads(profile.read_text())["artifacts"] if n != "qnn_int8"]
+    path = without_artifacts(profile, tmp_path, *others)
+    text = path.read_text()
+    for key, value in settings.items():
+        text, n = re.subn(rf"^{key} = \S+", f"{key} = {value}", text, count=1, flags=re.M)
+        assert n == 1, key
+    path.write_text(text)
     return path
 
 
+def test_the_default_snapdragon_profile_ships_the_npu_artifact():
+    """In `qualcomm_snapdragon` as shipped: judged like every artifact, on a subset (the emulator runs one
+    input at a time), never chosen by host latency (the emulator's, not the phone's)."""
+    from toolchain.target import load_target
+
+    profile = load_target("qualcomm_snapdragon")
+    spec = profile.artifacts["qnn_int8"]
+    assert spec.runtime == "qnn" and spec.stages[-1] == "compile_qnn"
+    assert spec.primary is False and 0 < spec.parity_samples < profile.data.validation_samples
+    assert profile.stage_options["compile_qnn"].htp_arch == 73
+
+
 def test_qnn_int8_is_an_htp_context_that_keeps_parity(digits, tmp_path):
-    report, folder = toolchain.build(str(digits["model"]), str(_profile(tmp_path)), tmp_path / "out",
+    report, folder = toolchain.build(str(digits["model"]), str(_profile(tmp_path, 64, parity_samples=32)), tmp_path / "out",
                                      digits["calibration"], digits["validation"])
     a = next(a for a in report.artifacts if a.name == "qnn_int8")
+    assert a.parity.samples == 32 and report.data["validation"]["samples"] == 64  # the profile's subset, said in the report
+    assert "qnn_int8: parity on 32 of the 64 validation inputs" in (folder / "report.md").read_text()
     model = onnx.load(str(folder / a.path))
     assert [n.op_type for n in model.graph.node] == ["EPContext"]  # the whole graph on the HTP, nothing on the CPU
     facts = a.stage_facts["compile_qnn"]
@@ -46,7 +60,7 @@ def test_qnn_int8_is_an_htp_context_that_keeps_parity(digits, tmp_path):
 def test_a_wrong_htp_arch_is_a_config_error_naming_the_valid_values(digits, tmp_path):
     from .conftest import cli
 
-    profile = _profile(tmp_path, "\n[stages.compile_qnn]\nhtp_arch = 74\n")
+    profile = _profile(tmp_path, htp_arch=74)
     r = cli("build", str(digits["model"]), "--target", str(profile), "--calib", str(digits["calibration"]),
             "--out", str(tmp_path / "out"))
     assert r.returncode == 2 and "stages.compile_qnn.htp_arch" in r.stderr and "68, 69, 73, 75, 79" in r.stderr, r.stderr
@@ -54,7 +68,7 @@ def test_a_wrong_htp_arch_is_a_config_error_naming_the_valid_values(digits, tmp_
 
 
 def test_a16w8_is_built_and_checked_on_the_htp(digits, tmp_path):
-    profile = _profile(tmp_path, "\n[stages.compile_qnn]\na16w8 = true\n")
+    profile = _profile(tmp_path, a16w8="true")
     report, _ = toolchain.build(str(digits["model"]), str(profile), tmp_path / "out", digits["calibration"], digits["validation"])
     a = report.artifacts[0]
     assert a.precision == "a16w8" and a.stage_facts["compile_qnn"]["activations"] == "uint16"

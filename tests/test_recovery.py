@@ -10,7 +10,7 @@ import pytest
 
 import toolchain
 
-from .conftest import SNAPDRAGON, X86, XAVIER, fast_profile
+from .conftest import SNAPDRAGON, X86, XAVIER, fast_profile, without_artifacts
 from .models import export, outlier_classifier
 from .test_report_html import _marks
 
@@ -27,6 +27,7 @@ def outlier(digits_arrays, tmp_path_factory):
 
 def _build(outlier, tmp_path, base, extra=""):
     profile = fast_profile(tmp_path, 128, 300, extra, base=base, batch_sizes=None if base is not X86 else "[1, 2]")
+    profile = without_artifacts(profile, tmp_path, "qnn_int8")  # the NPU's recovery: tests/test_qnn.py
     return toolchain.build(str(outlier / "outlier.pt2"), str(profile), tmp_path / "out", outlier / "cal.npz", outlier / "val.npz")
 
 

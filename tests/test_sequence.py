@@ -71,7 +71,7 @@ def test_xavier_lstm_parses_in_tensorrt_85(lstm, tmp_path, monkeypatch):
 def test_snapdragon_lstm_in_executorch_and_the_lite_interpreter(lstm, tmp_path):
     # pte_fp32 / pte_fp16 lower the same unrolled graph pte_int8 does (9 s each here): left out for the
     # suite's time; the FP16 cast of an LSTM is checked below without lowering
-    data, out = _build(lstm, without_artifacts(SNAPDRAGON, tmp_path, "pte_fp32", "pte_fp16"), tmp_path)
+    data, out = _build(lstm, without_artifacts(SNAPDRAGON, tmp_path, "pte_fp32", "pte_fp16", "qnn_int8"), tmp_path)
     artifacts = {a["name"]: a for a in data["artifacts"]}
     assert set(artifacts) == {"pte_int8", "ptl_int8", "ptl_int8_dynamic"}, data["skipped"]
     for a in artifacts.values():

@@ -5,7 +5,9 @@ Every model here is trained in the test (digits; torchvision architectures on di
 3x32x32), so the thresholds are judged, not just measured.
 """
 
+import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,15 +17,19 @@ import toolchain
 from toolchain.errors import ToolchainError
 from toolchain.examples import digits_rgb, train_torchvision
 
-from .conftest import SNAPDRAGON, fast_profile
+from .conftest import SNAPDRAGON, fast_profile, without_artifacts
 from .test_torchvision import assert_report_with_profiles
 
 ARTIFACTS = {"pte_int8": ("executorch", ".pte"), "pte_fp32": ("executorch", ".pte"), "pte_fp16": ("executorch", ".pte"),
              "ptl_int8": ("torchscript-lite", ".ptl")}
+HAS_QNN = importlib.util.find_spec("onnxruntime_qnn") is not None
+NPU = {"qnn_int8": ("onnx-epcontext", ".onnx")}  # the default profile's Hexagon NPU artifact (tests/test_qnn.py)
 
 
 def snapdragon_profile(tmp_path, calibration=64, validation=128, extra=""):
-    return str(fast_profile(tmp_path, calibration, validation, extra, base=SNAPDRAGON, batch_sizes=None))
+    """The target's Arm-CPU artifacts (ExecuTorch, lite interpreter): the NPU's has tests of its own."""
+    profile = fast_profile(tmp_path, calibration, validation, extra, base=SNAPDRAGON, batch_sizes=None)
+    return str(without_artifacts(profile, tmp_path, "qnn_int8"))
 
 
 @pytest.fixture(scope="module")
@@ -32,19 +38,29 @@ def digits_build(digits, tmp_path_factory):
     return toolchain.build(str(digits["model"]), "qualcomm_snapdragon", tmp / "out", digits["calibration"], digits["validation"])
 
 
-def _judged_and_passed(data):
+def _judged_and_passed(data, expected=ARTIFACTS):
     failures = {a["name"]: (a["parity"]["failures"], a["parity"]["top1_agreement"], a["parity"]["accuracy"]) for a in data["artifacts"]}
     assert data["parity_judged"] is True and data["passed"] is True, (failures, data["reference"]["accuracy"])
-    assert {a["name"] for a in data["artifacts"]} == set(ARTIFACTS) and data["skipped"] == []
+    assert {a["name"] for a in data["artifacts"]} == set(expected), data["skipped"]
     for a in data["artifacts"]:
         assert a["parity"]["passed"] is True, a
-        assert a["format"] == ARTIFACTS[a["name"]][0] and a["path"].endswith(ARTIFACTS[a["name"]][1])
+        assert a["format"] == expected[a["name"]][0] and a["path"].endswith(expected[a["name"]][1])
 
 
 def test_digits_artifacts_meet_parity_in_their_own_runtimes(digits_build):
+    """The default profile as a user runs it: every artifact, the NPU's too where onnxruntime-qnn is installed."""
     report, folder = digits_build
     data = json.loads((folder / "report.json").read_text())
-    _judged_and_passed(data)
+    _judged_and_passed(data, {**ARTIFACTS, **NPU} if HAS_QNN else ARTIFACTS)
+    if HAS_QNN:
+        assert data["skipped"] == []
+        npu = next(a for a in data["artifacts"] if a["name"] == "qnn_int8")
+        # judged on the profile's 128 of the 512 validation inputs (the emulator runs one at a time); never primary
+        assert npu["parity"]["samples"] == 128 and data["data"]["validation"]["samples"] == 512 and not npu["primary"]
+        assert "qnn_int8: parity on 128 of the 512 validation inputs" in (folder / "report.md").read_text()
+        assert "(host emulation)" in (folder / "report.md").read_text()  # its latency column is the emulator's
+    else:
+        assert [s["name"] for s in data["skipped"]] == ["qnn_int8"] and "onnxruntime_qnn" in data["skipped"][0]["reason"]
     ref_acc = data["reference"]["accuracy"]
     assert ref_acc > 0.95
     by_name = {a["name"]: a for a in data["artifacts"]}
@@ -95,7 +111,7 @@ def test_ptl_is_qnnpack_int8_and_reports_mobile_passes(digits_build):
 def test_parity_is_judged_per_artifact(digits, tmp_path):
     """An SQNR floor between INT8 (~40 dB) and FP32 (>100 dB): INT8 artifacts fail, the FP32 .pte passes,
     and the FP16 .pte is judged by the profile's FP16 thresholds (35 dB), not that floor."""
-    profile = fast_profile(tmp_path, 64, 128, "[recovery]\nenabled = false\n", base=SNAPDRAGON, batch_sizes=None)
+    profile = Path(snapdragon_profile(tmp_path, 64, 128, "[recovery]\nenabled = false\n"))
     profile.write_text(profile.read_text().replace("min_sqnr_db = 15.0", "min_sqnr_db = 80.0"))
     report, _ = toolchain.build(str(digits["model"]), str(profile), tmp_path / "out", digits["calibration"], digits["validation"])
     verdicts = {a.name: a.parity.passed for a in report.artifacts}

@@ -8,7 +8,7 @@ from toolchain.errors import ConfigError
 from toolchain.stages.quantize_onnx import QuantizeOnnxOptions
 from toolchain.target import builtin_targets, load_target, parse_target
 
-from .conftest import X86, XAVIER as XAVIER_PROFILE, write_profile
+from .conftest import SNAPDRAGON, X86, XAVIER as XAVIER_PROFILE, write_profile
 
 
 def test_builtin_x86_profile_loads_with_its_options():
@@ -72,6 +72,8 @@ def test_unknown_onnxoptimizer_pass(tmp_path):
 def test_non_positive_counts_are_refused(tmp_path):
     text = X86.read_text().replace("calibration_samples = 256", "calibration_samples = 0")
     _expect(tmp_path, text, r"`data\.calibration_samples` must be at least 1")
+    text = SNAPDRAGON.read_text().replace("parity_samples = 128", "parity_samples = -1")
+    _expect(tmp_path, text, r"`artifacts\.qnn_int8\.parity_samples` must be 0 \(all\) or more \(got -1\)")
 
 
 def test_profile_without_artifacts(tmp_path):

@@ -78,8 +78,14 @@ def test_torchvision_model_builds_for_xavier(name, images, tmp_path):
 
 
 def assert_report_with_profiles(folder, data):
-    """Every build folder, of every target, has report.html and a profile per runnable model."""
+    """Every build folder, of every target, has report.html and a profile per runnable model (all but
+    the host HTP emulation's: one EPContext node, nothing to break down)."""
+    from toolchain import runtimes
+
     assert (folder / "report.html").read_text().startswith("<!doctype html>")
     for entry in [data["reference"], *data["artifacts"]]:
+        if "runtime" in entry and runtimes.get(entry["runtime"]).profile is None:
+            assert entry["profile"] is None, entry["name"]
+            continue
         profile = json.loads((folder / entry["profile"]).read_text())
         assert profile["operators"] and profile["total_ms"] > 0, entry["profile"]

@@ -247,3 +247,26 @@ def test_frozen_torchscript_models_with_other_weights_are_other_artifacts():
     assert a.code == b.code and not a.state_dict()  # what the hash used to see
     digests = [Artifact(kind=Kind.TORCHSCRIPT, precision="fp32", model=m).sha256 for m in (a, b, a)]
     assert digests[0] != digests[1] and digests[0] == digests[2]
+
+
+def test_a_parity_subset_keeps_every_class_and_rescores_fp32_on_it():
+    """`artifacts.NAME.parity_samples`: a file sorted by class still gives every class to the subset, and
+    FP32's accuracy and metric score are taken on the same inputs the artifact is judged on."""
+    from toolchain.build import Expected, Inputs, parity_subset
+    from toolchain.data import Dataset
+    from toolchain.metric import Metric
+
+    y = np.repeat(np.arange(8), 64)  # 512 samples sorted by class
+    logits = np.eye(8, dtype=np.float32)[y] + 0.1
+    logits[y == 7] = np.roll(logits[y == 7], 1, axis=1)  # FP32 is wrong on every sample of the last class
+    inputs = Inputs((1, 8), Dataset(logits, y, "cal"), Dataset(logits, y, "val", labels={"y": y}), ())
+    roles = resolve_roles([logits], ["logits"], {})
+    accuracy = lambda outputs, labels: float(np.mean(outputs.argmax(1) == labels))
+    expected = Expected([logits], roles, 7 / 8, Metric("m.py:accuracy", accuracy, 7 / 8))
+    part_inputs, part = parity_subset(inputs, expected, 128)
+    assert len(part_inputs.validation.x) == 128 and set(part_inputs.validation.y) == set(range(8))  # evenly spaced
+    assert np.array_equal(part.outputs[0], part_inputs.validation.x)  # FP32's outputs on the same samples
+    assert part.accuracy == pytest.approx(7 / 8) and part.metric.fp32 == pytest.approx(7 / 8)
+    assert parity_subset(inputs, expected, 0) == (inputs, expected) and parity_subset(inputs, expected, 512)[1] is expected
+    part_inputs, part = parity_subset(inputs, expected, 8)
+    assert part_inputs.validation.y.tolist() == list(range(8)) and part.metric.fp32 == pytest.approx(7 / 8)

@@ -104,8 +104,9 @@ def build(
                 skipped.append(Skipped(chain.name, refused))
                 continue
             shipped = ship(artifact, chain.spec.runtime, chain.name, tmp)
+            checked_on, against = parity_subset(inputs, expected, chain.spec.parity_samples)
             try:
-                checked = check_artifact(chain.name, shipped, chain.spec.runtime, profile, thresholds, inputs, expected, tmp)
+                checked = check_artifact(chain.name, shipped, chain.spec.runtime, profile, thresholds, checked_on, against, tmp)
             except Exception as e:  # built, but its own runtime refuses it (any library's error type): not shipped
                 why = f"{chain.spec.runtime} could not run the built file: {reason(e)}"
                 log.warning("skipped %s: %s", chain.name, why)
@@ -117,7 +118,7 @@ def build(
             recovery = None
             if checked.parity.passed is False and thresholds is not None and profile.recovery.enabled:
                 checked, shipped, records[chain.name], recovery = recover_artifact(
-                    chain, checked, shipped, records[chain.name], pipeline, loaded.artifact, profile, thresholds, inputs, expected, tmp)
+                    chain, checked, shipped, records[chain.name], pipeline, loaded.artifact, profile, thresholds, checked_on, against, tmp)
             reports.append(dataclasses.replace(checked, eligible=chain.spec.primary, stage_facts=reported_facts(records[chain.name]),
                                                recovery=recovery and recovery.to_report()))
             files[chain.name] = {"file": reports[-1].path, "sha256": reports[-1].sha256, "lineage": list(shipped.lineage),
@@ -251,6 +252,23 @@ def expected_outputs(loaded: LoadedModel, inputs: Inputs, profile: Target, decla
         metric = Metric(spec, fn, value, higher, max_drop, profile.parity.metric_drop == "relative")
         log.info("metric %s: FP32 scores %.6g", spec, value)
     return Expected(ref_out, roles, accuracy_of(ref_out, inputs.validation.y, roles), metric)
+
+
+def parity_subset(inputs: Inputs, expected: "Expected", n: int) -> tuple[Inputs, "Expected"]:
+    """``n`` validation inputs (:meth:`Dataset.spread`) and FP32's outputs, accuracy and metric score
+    on just those; all of them when ``n`` is 0 or at least their number."""
+    if not n or n >= len(inputs.validation.x):
+        return inputs, expected
+    validation, idx = inputs.validation.spread(n)
+    outputs = [o[idx] for o in expected.outputs]
+    metric = expected.metric
+    if metric is not None:
+        from .metric import score
+
+        value, _ = score(metric.fn, metric.name, outputs, [r.name for r in expected.roles], validation.labels)
+        metric = dataclasses.replace(metric, fp32=value)
+    return (dataclasses.replace(inputs, validation=validation),
+            Expected(outputs, expected.roles, accuracy_of(outputs, validation.y, expected.roles), metric))
 
 
 @dataclasses.dataclass(frozen=True)

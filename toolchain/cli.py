@@ -56,7 +56,7 @@ def build(terminal, model, target, out, calib, val, input_shape, trust_pickle, o
 
     Exit codes: 0 passed, 2 user error, 3 parity failed, 4 built but not judged (random weights)."""
     from .build import build as run_build
-    from .report import metric_lines, recovery_lines, sensitivity_top, table
+    from .report import metric_lines, recovery_lines, sensitivity_top, subset_lines, table
 
     if as_json:
         terminal.plain = True  # stdout is for the JSON; stderr gets plain lines
@@ -68,7 +68,7 @@ def build(terminal, model, target, out, calib, val, input_shape, trust_pickle, o
         click.echo(json.dumps(report.to_json(), indent=2))
     else:
         click.echo(table(report))
-        for line in metric_lines(report):
+        for line in metric_lines(report) + subset_lines(report):
             click.echo(line)
         for line in sensitivity_top(report, folder):
             click.echo(line)

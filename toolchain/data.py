@@ -49,6 +49,11 @@ class Dataset:
     def take(self, n: int) -> "Dataset":
         return self._pick(slice(0, n))
 
+    def spread(self, n: int) -> tuple["Dataset", np.ndarray]:
+        """``n`` samples evenly spaced over the set (a file sorted by class keeps every class), and their indices."""
+        idx = np.arange(n) * len(self.x) // n
+        return self._pick(idx), idx
+
     def hold_out(self, n: int, seed: int = 0) -> tuple["Dataset", "Dataset"]:
         """(the rest, ``n`` samples drawn at random with ``seed``): disjoint calibration and validation sets."""
         order = np.random.default_rng(seed).permutation(len(self.x))

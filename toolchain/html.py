@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .words import facts_line, output_label, parity_verdict
+from .words import facts_line, output_label, parity_verdict, subset_line
 
 W, ROW, PAD = 560, 22, 150  # chart width, bar row height, label column
 COLORS = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7"]
@@ -295,6 +295,8 @@ def _operators(name: str, profile: dict) -> str:
 def _notes(report: dict) -> str:
     items = [f"<li>skipped <code>{_e(s['name'])}</code>: {_e(s['reason'])}</li>" for s in report["skipped"]]
     items += [f"<li>not applicable <code>{_e(s['name'])}</code>: {_e(s['reason'])}</li>" for s in report.get("not_applicable", [])]
+    total = report["data"]["validation"]["samples"]
+    items += [f"<li>{_e(line)}</li>" for a in report["artifacts"] if (line := subset_line(a["name"], a["parity"]["samples"], total))]
     items += [f"<li><code>{_e(a['name'])}</code> {_e(stage)}: {_e(facts_line(facts))}</li>"
               for a in report["artifacts"] for stage, facts in a.get("stage_facts", {}).items()]
     if report.get("engine"):

@@ -15,7 +15,7 @@ from typing import Any
 from .bench import Bench
 from .html import write_html
 from .parity import Parity
-from .words import facts_line, output_label, parity_verdict
+from .words import facts_line, output_label, parity_verdict, subset_line
 
 NOT_JUDGED = "NOT JUDGED (random weights)"
 
@@ -133,6 +133,7 @@ def markdown(report: Report) -> str:
     if report.engine:
         lines += [f"- TensorRT engine: {report.engine['status']} ({report.engine['reason']})"]
     lines += [f"- {line}" for line in metric_lines(report)]
+    lines += [f"- {line}" for line in subset_lines(report)]
     lines += [f"- recovery: {line}" for line in recovery_lines(report)]
     for a in report.artifacts:
         lines += [f"- `{a.name}` {stage}: {facts_line(facts)}" for stage, facts in a.stage_facts.items()]
@@ -149,7 +150,7 @@ def table(report: Report) -> str:
     for a in report.artifacts:
         p = a.parity
         rows.append([
-            a.name + (" *" if a.primary else ""), a.precision, _mb(a.size_bytes), f"{a.latency_ms:.2f}",
+            a.name + (" *" if a.primary else ""), a.precision, _mb(a.size_bytes), _latency_cell(a),
             f"{p.sqnr_db:.1f}", f"{p.cosine:.4f}", _pct(p.top1_agreement), _pct(p.accuracy),
             parity_verdict(p.passed, p.failures),
         ])
@@ -159,6 +160,13 @@ def table(report: Report) -> str:
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     fmt = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
     return "\n".join([fmt(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, rows)])
+
+
+def _latency_cell(a: ArtifactReport) -> str:
+    from . import runtimes
+
+    emulated = a.runtime in runtimes.names() and runtimes.get(a.runtime).emulated
+    return f"{a.latency_ms:.2f}" + (" (host emulation)" if emulated else "")
 
 
 def metric_lines(report: Report) -> list[str]:
@@ -177,6 +185,12 @@ def metric_lines(report: Report) -> list[str]:
             verdict = {True: "pass", False: "FAIL", None: "not judged"}[am["passed"]]
             parts.append(f"{a.name} {am['value']:.6g} (drop {am['drop']:.4g}) {verdict}")
     return [head + "; " + "; ".join(parts)]
+
+
+def subset_lines(report: Report) -> list[str]:
+    """The artifacts checked on part of the validation inputs (``artifacts.NAME.parity_samples``)."""
+    total = report.data["validation"]["samples"]
+    return [line for a in report.artifacts if (line := subset_line(a.name, a.parity.samples, total))]
 
 
 def recovery_lines(report: Report) -> list[str]:

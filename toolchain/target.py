@@ -32,6 +32,9 @@ class ArtifactSpec:
     runtime: str = option("onnxruntime", "runtime the artifact is loaded and checked in (`toolchain doctor` lists them)")
     description: str = option("", "what the artifact is for")
     primary: bool = option(True, "may be chosen as the primary artifact (fastest that passes parity)")
+    parity_samples: int = option(
+        0, "validation inputs this artifact is checked on, evenly spaced over the validation set (0: all); for runtimes "
+           "that run one input at a time (host HTP emulation), so that a default build stays minutes, not hours")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,6 +246,8 @@ def _artifact(name: str, table: Any, source: str) -> ArtifactSpec:
     hosted = [n for n in runtimes.names() if runtimes.get(n).where == "host"]
     if spec.runtime not in hosted:
         raise ConfigError(f"{source}: `artifacts.{name}.runtime` must be one of {', '.join(hosted)} (got {spec.runtime!r})")
+    if spec.parity_samples < 0:
+        raise ConfigError(f"{source}: `artifacts.{name}.parity_samples` must be 0 (all) or more (got {spec.parity_samples})")
     return spec
 
 

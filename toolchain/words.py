@@ -26,3 +26,11 @@ def facts_line(facts: dict[str, Any]) -> str:
         return str(v)
 
     return "; ".join(f"{k.replace('_', ' ')}: {one(v)}" for k, v in facts.items())
+
+
+def subset_line(name: str, samples: int, total: int) -> str | None:
+    """Said of an artifact checked on part of the validation inputs; None when it saw them all."""
+    if not 0 < samples < total:
+        return None
+    return (f"{name}: parity on {samples} of the {total} validation inputs, evenly spaced "
+            f"(`artifacts.{name}.parity_samples`: its runtime runs one input at a time)")

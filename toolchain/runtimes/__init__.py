@@ -35,6 +35,7 @@ class Runtime:
     load: Callable[[Artifact, int], "Runner"]  # (artifact, threads) -> runs a batch, returns every output
     profile: Callable[[Artifact, "np.ndarray", int, int], "OperatorProfile"] | None = None  # (artifact, x, runs, threads)
     where: str = "host"  # "host": checked in the build; "device": only where the target's hardware is
+    emulated: bool = False  # runs the device's code through an emulator on the host: its outputs count, its latency does not
 
 
 RUNTIMES: Registry[Runtime] = Registry("runtime")

@@ -27,4 +27,5 @@ def load(artifact: Artifact, threads: int):
     return run
 
 
-RUNTIME = register(Runtime("qnn", Kind.ONNX, "onnx-epcontext", ".onnx", ("onnxruntime", "onnxruntime_qnn"), load))
+RUNTIME = register(Runtime("qnn", Kind.ONNX, "onnx-epcontext", ".onnx", ("onnxruntime", "onnxruntime_qnn"), load,
+                           emulated=True))
