@@ -66,7 +66,8 @@ def _tensorrt(version: str) -> types.ModuleType:
     trt.TensorIOMode = enum.Enum("TensorIOMode", "NONE INPUT OUTPUT")
     trt.DataType = enum.Enum("DataType", "FLOAT HALF INT8 INT32")
     trt.Logger = Logger
-    trt.nptype = lambda dtype: {trt.DataType.FLOAT: np.float32, trt.DataType.HALF: np.float16}[dtype]
+    trt.nptype = lambda dtype: {trt.DataType.FLOAT: np.float32, trt.DataType.HALF: np.float16, trt.DataType.INT32: np.int32,
+                                trt.DataType.INT8: np.int8}[dtype]
 
     class Network:
         def __init__(self, flags):
@@ -188,6 +189,9 @@ def _tensorrt(version: str) -> types.ModuleType:
             self.shapes = {k: tuple(map(tuple, v)) for k, v in header["shapes"].items()}
             self.session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
             self.inputs = [i.name for i in self.session.get_inputs()]
+            # TensorRT before 10 takes INT64 inputs (token ids) as INT32, the parser casting them
+            self.types = {i.name: np.int64 if i.type == "tensor(int64)" else np.int32 if i.type == "tensor(int32)" else np.float32
+                          for i in self.session.get_inputs()}
             self.outputs = [o.name for o in self.session.get_outputs()]
 
         @property
@@ -201,7 +205,7 @@ def _tensorrt(version: str) -> types.ModuleType:
             return trt.TensorIOMode.INPUT if name in self.inputs else trt.TensorIOMode.OUTPUT
 
         def get_tensor_dtype(self, name):
-            return trt.DataType.FLOAT
+            return trt.DataType.INT32 if self.types.get(name, np.float32) != np.float32 else trt.DataType.FLOAT
 
         def create_execution_context(self):
             return Context(self)
@@ -218,7 +222,7 @@ def _tensorrt(version: str) -> types.ModuleType:
             if len(shape) != len(low) or any(not a <= s <= b for a, s, b in zip(low, shape, high)):
                 return False
             self.input_shapes[name] = shape
-            feed = {n: np.zeros(s, np.float32) for n, s in self.input_shapes.items()}
+            feed = {n: np.zeros(s, self.engine.types[n]) for n, s in self.input_shapes.items()}
             if set(feed) == set(self.engine.inputs):
                 outs = self.engine.session.run(None, feed)
                 self.output_shapes = {n: o.shape for n, o in zip(self.engine.outputs, outs)}
@@ -234,7 +238,8 @@ def _tensorrt(version: str) -> types.ModuleType:
         def execute_async_v3(self, stream_handle):
             if set(self.input_shapes) != set(self.engine.inputs) or set(self.addresses) != set(self.engine.inputs + self.engine.outputs):
                 return False
-            feed = {n: _read(self.addresses[n], s) for n, s in self.input_shapes.items()}
+            feed = {n: _read(self.addresses[n], s, trt.nptype(self.engine.get_tensor_dtype(n))).astype(self.engine.types[n])
+                    for n, s in self.input_shapes.items()}
             for name, out in zip(self.engine.outputs, self.engine.session.run(None, feed)):
                 out = np.ascontiguousarray(trt.fault(out), np.float32)
                 ctypes.memmove(self.addresses[name], out.ctypes.data, out.nbytes)
@@ -264,9 +269,10 @@ def _tensorrt(version: str) -> types.ModuleType:
     return trt
 
 
-def _read(address: int, shape) -> np.ndarray:
+def _read(address: int, shape, dtype=np.float32) -> np.ndarray:
     count = int(np.prod(shape))
-    return np.frombuffer((ctypes.c_float * count).from_address(address), np.float32).reshape(shape).copy()
+    raw = (ctypes.c_char * (count * np.dtype(dtype).itemsize)).from_address(address)
+    return np.frombuffer(raw, dtype).reshape(shape).copy()
 
 
 def _cudart(gpu: str, capability: tuple[int, int]) -> types.ModuleType:

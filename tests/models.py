@@ -311,3 +311,83 @@ class SequenceClassifier(nn.Module):
 def sequence_classifier(x: np.ndarray, y: np.ndarray, cell: type = nn.LSTM, epochs: int = 15) -> SequenceClassifier:
     torch.manual_seed(0)
     return train(SequenceClassifier(cell), x, y, epochs=epochs)
+
+
+VOCAB, SEQ, TOPICS = 40, 16, 4  # ids 1-16: four topics' keywords (4 each); 17-39: filler; 0: padding
+
+
+def token_sentences(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Token ids (n, 16) int64, attention masks (n, 16) int64 and topics: a sentence of 6-16 tokens,
+    padded with id 0 (mask 0). Three keywords of its topic and one of another, among filler words:
+    the topic is the one whose keywords it holds most; padding must be ignored to count them."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(6, SEQ + 1, n)
+    y = rng.integers(0, TOPICS, n)
+    ids = rng.integers(1 + 4 * TOPICS, VOCAB, (n, SEQ))
+    for i in range(n):
+        other = (y[i] + rng.integers(1, TOPICS)) % TOPICS
+        words = [1 + 4 * y[i] + rng.integers(0, 4) for _ in range(3)] + [1 + 4 * other + rng.integers(0, 4)]
+        ids[i, rng.choice(lengths[i], 4, replace=False)] = words
+    mask = (np.arange(SEQ)[None] < lengths[:, None]).astype(np.int64)
+    ids[mask == 0] = 0
+    return ids.astype(np.int64), mask, y.astype(np.int64)
+
+
+class TextClassifier(nn.Module):
+    """A tiny BERT-style encoder: token and position embeddings, pre-norm attention with the padding
+    masked out (an additive bias from the integer mask), LayerNorm, GELU, masked mean pooling."""
+
+    def __init__(self, dim: int = 32, heads: int = 2, layers: int = 2):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, dim)
+        self.pos = nn.Parameter(torch.zeros(1, SEQ, dim))
+        self.heads = heads
+        self.blocks = nn.ModuleList(nn.ModuleDict({
+            "norm1": nn.LayerNorm(dim), "qkv": nn.Linear(dim, 3 * dim), "proj": nn.Linear(dim, dim),
+            "norm2": nn.LayerNorm(dim), "fc1": nn.Linear(dim, 2 * dim), "fc2": nn.Linear(2 * dim, dim)}) for _ in range(layers))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, TOPICS)
+
+    def forward(self, ids, mask):
+        x = self.embed(ids) + self.pos[:, :ids.shape[1]]  # any length up to SEQ
+        b, t, d = x.shape
+        keep = mask.to(x.dtype)
+        bias = (1.0 - keep)[:, None, None, :] * -1e4  # (batch, 1, 1, tokens): padding gets no attention
+        for blk in self.blocks:
+            q, k, v = blk["qkv"](blk["norm1"](x)).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+            att = torch.softmax(q @ k.transpose(-1, -2) / (d // self.heads) ** 0.5 + bias, dim=-1)
+            x = x + blk["proj"]((att @ v).transpose(1, 2).reshape(b, t, d))
+            x = x + blk["fc2"](nn.functional.gelu(blk["fc1"](blk["norm2"](x))))
+        pooled = (self.norm(x) * keep[..., None]).sum(1) / keep.sum(1, keepdim=True)
+        return self.head(pooled)
+
+
+def text_classifier(ids: np.ndarray, mask: np.ndarray, y: np.ndarray, epochs: int = 30) -> TextClassifier:
+    torch.manual_seed(0)
+    return train(TextClassifier(), (ids, mask), y, epochs=epochs)
+
+
+class ImageAndMeta(nn.Module):
+    """Two float inputs: a digit image and a side vector (its 8 row and 8 column ink sums, as a
+    camera pipeline would send beside the frame), fused before the head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+                                  nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.meta = nn.Sequential(nn.Linear(16, 32), nn.ReLU())
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, image, meta):
+        return self.head(torch.cat([self.conv(image), self.meta(meta)], dim=1))
+
+
+def ink_sums(x: np.ndarray) -> np.ndarray:
+    return np.concatenate([x[:, 0].sum(2), x[:, 0].sum(1)], axis=1).astype(np.float32) / 8.0
+
+
+def export_inputs(model: nn.Module, xs: tuple[np.ndarray, ...], path, dynamic: dict | None = None) -> None:
+    """torch.export with a dynamic batch shared by every input (and ``dynamic``: {input index: {axis: Dim}})."""
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    shapes = tuple({0: batch, **(dynamic or {}).get(i, {})} for i in range(len(xs)))
+    torch.export.save(torch.export.export(model, tuple(torch.from_numpy(a[:2]) for a in xs), dynamic_shapes=shapes), str(path))

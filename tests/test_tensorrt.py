@@ -12,6 +12,7 @@ import pytest
 from onnx import numpy_helper
 
 import toolchain
+from toolchain.feed import InputSpec, Signature
 from toolchain.tensorrt.engine import engine_mismatches
 from toolchain.tensorrt.plan import TensorRTOptions, activation_scales, cache_header, engine_plan, read_calibration_cache
 
@@ -85,14 +86,14 @@ def test_plan_variants():
     # NV_TENSORRT_VERSION: major*1000 + minor*100 + patch up to 8.x, major*10000 + ... from 10 on
     assert cache_header("8.5.2") == "TRT-8502-EntropyCalibration2"
     assert cache_header("10.3.0") == "TRT-100300-EntropyCalibration2"
-    dla = engine_plan(TensorRTOptions(dla_core=0, version="8.6.1"), "input", (3, 8, 8))
+    dla = engine_plan(TensorRTOptions(dla_core=0, version="8.6.1"), [("input", (3, 8, 8), ())])
     # DLA has no dynamic dimensions: min = opt = max (TensorRT's DLA restrictions)
     assert dla["input"]["min"] == dla["input"]["opt"] == dla["input"]["max"] == [8, 3, 8, 8] and dla["input"]["static"]
     cmd = shlex.split(dla["trtexec"])
     assert dla["onnx"] == "onnx_fp32.onnx" and "--useDLACore=0" in cmd and "--allowGPUFallback" in cmd
     assert "--calib=calibration.cache" in cmd and "--builderOptimizationLevel=3" in cmd
     with pytest.raises(toolchain.ToolchainError, match="min <= opt <= max"):
-        engine_plan(TensorRTOptions(profile_batch=(8, 1, 16)), "input", (3, 8, 8))
+        engine_plan(TensorRTOptions(profile_batch=(8, 1, 16)), [("input", (3, 8, 8), ())])
 
 
 def test_engine_mismatches():
@@ -218,7 +219,7 @@ def test_a_dla_engine_reads_the_calibration_cache_with_a_static_profile(xavier, 
 
     install(monkeypatch, version)
     folder = _copy(xavier, tmp_path)
-    write_plan(folder, TensorRTOptions(dla_core=0, version=version.rsplit(".", 1)[0]), (1, 8, 8))
+    write_plan(folder, TensorRTOptions(dla_core=0, version=version.rsplit(".", 1)[0]), Signature((InputSpec("input", (1, 8, 8)),)))
     if not ok:
         with pytest.raises(toolchain.ToolchainError, match="no implicit-INT8 calibrators"):
             engine_build(folder)

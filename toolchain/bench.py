@@ -70,11 +70,12 @@ def time_runs(runner: Callable[[np.ndarray], Any], x: np.ndarray, warmup: int, r
     return np.array(times)
 
 
-def bench(load: Callable[[], Callable[[np.ndarray], Any]], sample_shape: tuple[int, ...], batch_sizes: tuple[int, ...],
+def bench(load: Callable[[], Callable[[np.ndarray], Any]], inputs: "Signature | tuple[int, ...]", batch_sizes: tuple[int, ...],
           warmup: int, runs: int, threads: int, budget_ms: float | None, sweep_runs: int | None = None, seed: int = 0) -> Bench:
     """Load with ``load()``, then time every batch size.
 
-    Inputs are random normal of the model's input shape: latency does not depend on values.
+    Inputs are random normal of the model's input shape (``inputs``: a one-input model's sample
+    shape, or its :class:`Signature`; integer inputs uniform in [0, 2)): latency does not depend on values.
     Batch 1 is always measured first, with ``runs`` timed runs after ``warmup``; larger
     batches follow in increasing order with ``sweep_runs`` (default ``runs``) after at most
     two warm-up runs, stopping early (never below 3 runs) after SWEEP_SECONDS of timed work:
@@ -85,9 +86,11 @@ def bench(load: Callable[[], Callable[[np.ndarray], Any]], sample_shape: tuple[i
     thread pools and kernel caches; then the model is loaded again and measured
     from there (see `_reset_peak`).
     """
-    rng = np.random.default_rng(seed)
+    from .feed import InputSpec, Signature
+
+    signature = inputs if isinstance(inputs, Signature) else Signature((InputSpec("input", tuple(inputs)),))
     sizes = sorted({1, *batch_sizes})
-    inputs = {b: rng.standard_normal((b, *sample_shape), dtype=np.float32) for b in sizes}
+    inputs = {b: signature.synthetic(b, seed + b) for b in sizes}
     first = load()  # thrown away: what a runtime does once per process is not the model's memory
     first(inputs[1])  # batch 1 is enough to start its thread pools and caches; larger batches would only cost time
     del first
@@ -166,7 +169,7 @@ def bench_build(folder: Path, batch_sizes: tuple[int, ...] | None = None, runs: 
     runs = runs or recorded["sweep"][0]["runs"]
     sweep_runs = sweep_runs or recorded.get("sweep_runs") or max(p["runs"] for p in recorded["sweep"][1:] or recorded["sweep"])
     budget = budget_ms if budget_ms is not None else recorded["latency_budget_ms"]
-    sample = tuple(report["model"]["input_shape"][1:])
+    sample = recorded_signature(report["model"])
     settings = dict(batch_sizes=tuple(sizes), warmup=recorded["warmup_runs"], runs=runs, sweep_runs=sweep_runs,
                     threads=threads, budget_ms=budget)
 
@@ -191,6 +194,17 @@ def bench_build(folder: Path, batch_sizes: tuple[int, ...] | None = None, runs: 
         note = f"FP32 reference not measured: {e}"
     return {"build": str(folder), "target": report["target"], "input_shape": report["model"]["input_shape"],
             "settings": {**settings, "batch_sizes": list(settings["batch_sizes"])}, "results": results, "note": note}
+
+
+def recorded_signature(model: dict):
+    """The inputs a report.json records (older reports: one float input of `input_shape`)."""
+    from .feed import InputSpec, Signature
+
+    if not model.get("inputs"):
+        return tuple(model["input_shape"][1:])
+    return Signature(tuple(InputSpec(i["name"], tuple(i["shape"] if i["scalar"] else i["shape"][1:]), i["dtype"],
+                                     tuple(a - (0 if i["scalar"] else 1) for a in i["dynamic_axes"]), i["scalar"])
+                           for i in model["inputs"]))
 
 
 def _memory_mb(n: int | None) -> str:

@@ -21,6 +21,8 @@ from typing import Callable
 
 import numpy as np
 
+from .feed import torch_args
+
 def correct_biases(fp32: Path, qdq: Path, run: Callable[[object], list[np.ndarray]]) -> dict:
     """Correct ``qdq`` in place against ``fp32`` (same node names). ``run(model)`` returns the
     outputs of a ModelProto on the calibration inputs. Returns the facts for the manifest."""
@@ -107,7 +109,7 @@ def correct_module_biases(reference, quantized, x: np.ndarray) -> dict:
               if name in known and hasattr(modules[name], "set_weight_bias") and callable(getattr(modules[name], "bias", None))]
     if not layers:
         return {"layers": 0}
-    inputs = torch.from_numpy(np.ascontiguousarray(x))
+    inputs = x  # numpy (or a Feed): each batch becomes the model's arguments
     expected = module_means(reference, [known[name] for name, _ in layers], inputs)
     shifts = []
     for (name, module), want in zip(layers, expected):  # graph order: every layer upstream is corrected already
@@ -141,7 +143,7 @@ def module_means(model, modules: list, x, batch: int = 32) -> list[np.ndarray]:
     try:
         with torch.inference_mode():
             for start in range(0, len(x), batch):
-                model(x[start:start + batch])
+                model(*torch_args(x[start:start + batch]))
     finally:
         for h in hooks:
             h.remove()
@@ -170,7 +172,7 @@ def correct_graph_biases(reference, converted, x: np.ndarray, batch: int = 32) -
             layers.append((node.name, bias.target, target is aten.linear))
     if not layers:
         return {"layers": 0}
-    inputs = torch.from_numpy(np.ascontiguousarray(x))
+    inputs = x
     expected = node_means(reference, [(name, linear) for name, _, linear in layers], inputs, batch)
     shifts = []
     for (name, attr, linear), want in zip(layers, expected):  # graph order: every layer upstream is corrected already
@@ -206,5 +208,5 @@ def node_means(gm, nodes: list[tuple[str, bool]], x, batch: int = 32) -> list[np
 
     with torch.no_grad():
         for start in range(0, len(x), batch):
-            Probe(gm).run(x[start:start + batch])
+            Probe(gm).run(*torch_args(x[start:start + batch]))
     return [sums[name] / counts[name] for name, _ in nodes]

@@ -15,7 +15,8 @@ from .artifact import Artifact, Kind
 from .export import as_module
 from .context import BuildContext
 from .cpu import isa_facts
-from .data import Dataset, check_sample_shape, load_dataset, synthetic_dataset
+from .data import Dataset, check_signature, load_dataset, synthetic_dataset
+from .feed import InputSpec, Signature, torch_args
 from .errors import DataError, NotApplicable, StageError, ToolchainError, reason
 from .folder import check_output, staged_folder
 from .bench import bench, time_runs
@@ -41,6 +42,7 @@ class Inputs:
     validation: Dataset
     warnings: tuple[str, ...]
     overlap: int = 0  # validation samples that are also calibration samples
+    signature: Signature | None = None  # every input's name, shape, dtype (shape: the first one's, batch 1)
 
 
 def build(
@@ -70,7 +72,7 @@ def build(
     check_output(folder)
     log.info("reading calibration and validation data")
     inputs = prepare_inputs(loaded, profile, calib, val, input_shape)
-    names = check_model_accepts(loaded, inputs.shape)
+    names = check_model_accepts(loaded, inputs.signature)
     loaded = settle_random_batchnorm(loaded, inputs.calibration.x)
     reference = reference_runner(loaded.artifact, profile.runtime.threads)
     thresholds = applied_thresholds(loaded, profile)
@@ -82,7 +84,7 @@ def build(
         work = tmp / "work"
         work.mkdir()
         ctx = BuildContext(work, inputs.calibration, inputs.shape, loaded.dynamic_batch is not False,
-                           profile.runtime.threads, progress or (lambda *a: None), profile.runtime.isa)
+                           profile.runtime.threads, progress or (lambda *a: None), profile.runtime.isa, signature=inputs.signature)
         expected = expected_outputs(loaded, inputs, profile, {**(profile.parity.outputs or {}), **(outputs or {})}, names, scorer)
         ref_out, roles = expected.outputs, expected.roles
         pipeline = Pipeline(ctx)
@@ -126,7 +128,7 @@ def build(
         shutil.rmtree(work)
         if not reports:
             raise ToolchainError(f"no artifact of target `{profile.name}` could be built ({_reasons(skipped + not_applicable)})")
-        engine = plan_engine(profile, reports, tmp, inputs.shape[1:])
+        engine = plan_engine(profile, reports, tmp, inputs.signature)
         if engine and engine["status"] == "pending on device":
             from .tensorrt.device import save_parity_inputs
 
@@ -237,7 +239,7 @@ def expected_outputs(loaded: LoadedModel, inputs: Inputs, profile: Target, decla
                      names: list[str] | None = None, scorer=None) -> "Expected":
     """The FP32 model's outputs on the validation inputs, with their roles, checked finite, and
     FP32's score on the user's metric when there is one."""
-    names = names or check_model_accepts(loaded, inputs.shape)
+    names = names or check_model_accepts(loaded, inputs.signature)
     reference = reference_runner(loaded.artifact, profile.runtime.threads)
     log.info("running FP32 reference on %d validation inputs", len(inputs.validation.x))
     ref_out = run_batched(reference, inputs.validation.x, profile.parity.batch_size)
@@ -296,18 +298,27 @@ def prepare_inputs(loaded: LoadedModel, profile: Target, calib, val, input_shape
     warnings = []
     n_cal, n_val = profile.data.calibration_samples, profile.data.validation_samples
     pre = profile.data.preprocess
-    calibration = load_dataset(Path(calib), "calibration", pre, n_cal) if calib else None
-    validation = load_dataset(Path(val), "validation", pre, n_val) if val else None
-    shape = _resolve_shape(loaded, input_shape, calibration or validation)
-    sample = shape[1:]
+    several = _feed_names(loaded, input_shape)  # names of several (or non-float) inputs: data as one array per name
+    calibration = load_dataset(Path(calib), "calibration", pre, n_cal, inputs=several) if calib else None
+    validation = load_dataset(Path(val), "validation", pre, n_val, inputs=several) if val else None
+    signature = _resolve_signature(loaded, input_shape, calibration or validation, several)
+    integers = profile.data.integer_range
+
+    def synthetic(seed: int) -> Dataset:
+        if signature.plain:
+            return synthetic_dataset(signature.inputs[0].shape, profile.data.synthetic_samples, seed=seed)
+        return Dataset(signature.synthetic(profile.data.synthetic_samples, seed, integers), None, "synthetic")
+
     if calibration is None:
-        warnings.append(f"no --calib data: calibrating on {profile.data.synthetic_samples} synthetic (random normal) inputs; INT8 ranges will not match real data")
-        calibration = synthetic_dataset(sample, profile.data.synthetic_samples, seed=0)
-    check_sample_shape(calibration, sample, "calibration")
+        ints = f"; integer inputs uniform in [{integers[0]}, {integers[1]})" if any(s.integer for s in signature.inputs) else ""
+        warnings.append(f"no --calib data: calibrating on {profile.data.synthetic_samples} synthetic (random normal{ints}) "
+                        f"inputs; INT8 ranges will not match real data")
+        calibration = synthetic(0)
+    calibration = check_signature(calibration, signature, "calibration")
     if validation is None:
         if calibration.synthetic:
             warnings.append("no --val data: parity is measured on synthetic inputs and says little about accuracy")
-            validation = synthetic_dataset(sample, profile.data.synthetic_samples, seed=1)
+            validation = synthetic(1)
         elif len(calibration.x) > 1:
             calibration, validation = calibration.hold_out(max(1, min(n_val, len(calibration.x) // 4)), seed=0)
             warnings.append(f"no --val data: parity runs on {len(validation.x)} samples held out from --calib, which "
@@ -315,7 +326,7 @@ def prepare_inputs(loaded: LoadedModel, profile: Target, calib, val, input_shape
         else:
             warnings.append("no --val data and one calibration sample: parity runs on the calibration input itself")
             validation = calibration
-    check_sample_shape(validation, sample, "validation")
+    validation = check_signature(validation, signature, "validation")
     overlap = 0 if validation is calibration else calibration.overlap(validation)
     if overlap:
         warnings.append(f"{overlap} of the {len(validation.x)} validation samples are also calibration samples: "
@@ -327,7 +338,67 @@ def prepare_inputs(loaded: LoadedModel, profile: Target, calib, val, input_shape
         warnings.append(f"{loaded.source} has random weights: parity is measured but not judged (says nothing about accuracy)")
     for w in warnings:
         log.warning(w)
-    return Inputs(shape, calibration, validation, tuple(warnings), overlap)
+    return Inputs(signature.first_shape, calibration, validation, tuple(warnings), overlap, signature)
+
+
+def _feed_names(loaded: LoadedModel, given) -> tuple[str, ...] | None:
+    """The model's input names when its data comes as one array per input (several inputs, or a non-float one)."""
+    if loaded.signature is not None:
+        return None if loaded.signature.plain else loaded.signature.names
+    if isinstance(given, str) and "=" in given:
+        return tuple(name for name, _, _ in parse_input_shapes(given))
+    names = loaded.input_names
+    return names if names and len(names) > 1 else None
+
+
+def parse_input_shapes(text: str) -> list[tuple[str, tuple[int, ...], str | None]]:
+    """`ids=1x16:int64,mask=1x16:int64` -> [(name, batch-1 shape, dtype or None)]; `len=:int64`: a scalar."""
+    out = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, rest = item.partition("=")
+        shape, _, dtype = rest.partition(":")
+        if not sep or not name.strip():
+            raise DataError(f"--input-shape `{item}` must be NAME=SHAPE[:DTYPE] (e.g. ids=1x16:int64)")
+        if dtype:
+            try:
+                dtype = str(np.dtype(dtype.strip()))
+            except TypeError:
+                raise DataError(f"--input-shape `{item}`: `{dtype}` is not a dtype (float32, int64, int32, bool, ...)") from None
+        out.append((name.strip(), parse_shape(shape) if shape.strip() else (), dtype or None))
+    return out
+
+
+def _resolve_signature(loaded: LoadedModel, given, data: Dataset | None, several) -> Signature:
+    """Every input's name, shape and dtype: from the model file (.pt2), else --input-shape, else the data."""
+    if several is None:  # one float input, as before
+        shape = _resolve_shape(loaded, given, data)
+        name = (loaded.signature or Signature((InputSpec("input", ()),))).inputs[0].name
+        dynamic = loaded.signature.inputs[0].dynamic if loaded.signature else ()
+        return Signature((InputSpec(name, tuple(shape[1:]), dynamic=dynamic),))
+    if loaded.signature is not None and not (isinstance(given, str) and "=" in given):
+        return loaded.signature
+    if isinstance(given, str) and "=" in given:
+        told = {name: (shape, dtype) for name, shape, dtype in parse_input_shapes(given)}
+        known = dict(zip(several, data.x.arrays)) if data is not None else {}
+        unknown = sorted(set(told) - set(several))
+        if unknown:
+            raise DataError(f"--input-shape names {', '.join(unknown)}, but the model's inputs are {', '.join(several)}")
+        specs = []
+        for name in several:
+            if name not in told and name not in known:
+                raise DataError(f"--input-shape does not give input `{name}` (the model takes {', '.join(several)})")
+            shape, dtype = told.get(name, (None, None))
+            a = known.get(name)
+            dtype = dtype or (str(a.dtype) if a is not None else "float32")
+            scalar = shape == () if shape is not None else a.ndim == 0
+            sample = (shape[1:] if not scalar else ()) if shape is not None else (a.shape if scalar else a.shape[1:])
+            specs.append(InputSpec(name, tuple(sample), dtype, scalar=scalar))
+        return Signature(tuple(specs))
+    if data is None:
+        raise DataError(f"cannot tell the shapes of `{loaded.source}`'s inputs ({', '.join(several)}); pass --calib data "
+                        f"(an .npz with one array per input) or --input-shape NAME=SHAPE[:DTYPE],...")
+    return Signature(tuple(InputSpec(n, () if a.ndim == 0 else tuple(a.shape[1:]), str(a.dtype), scalar=a.ndim == 0)
+                           for n, a in zip(several, data.x.arrays)))
 
 
 def _resolve_shape(loaded: LoadedModel, given, data: Dataset | None) -> tuple[int, ...]:
@@ -346,15 +417,20 @@ def _resolve_shape(loaded: LoadedModel, given, data: Dataset | None) -> tuple[in
     raise DataError(f"cannot tell the input shape of `{loaded.source}`; pass --input-shape (e.g. 1x3x224x224) or --calib data")
 
 
-def check_model_accepts(loaded: LoadedModel, shape: tuple[int, ...]) -> list[str]:
-    """Run the FP32 model once on zeros of ``shape`` before anything else does; returns its output names."""
+def check_model_accepts(loaded: LoadedModel, signature: Signature) -> list[str]:
+    """Run the FP32 model once on zeros of every input before anything else does; returns its output names."""
     import torch
 
     try:
         with torch.inference_mode():
-            out = as_module(loaded.artifact)(torch.zeros(shape))
+            if signature.plain:
+                out = as_module(loaded.artifact)(torch.zeros(signature.first_shape))
+            else:
+                out = as_module(loaded.artifact)(*torch_args(signature.synthetic(1, integer_range=(0, 1))))
     except Exception as e:
-        raise DataError(f"the model rejects an input of shape {'x'.join(map(str, shape))}: {reason(e)}") from None
+        what = ", ".join(f"{s.name} {'x'.join(map(str, s.batch1())) or 'scalar'} {s.dtype}" for s in signature.inputs)
+        shown = "x".join(map(str, signature.first_shape)) if signature.plain else what
+        raise DataError(f"the model rejects {'an input of shape' if signature.plain else 'inputs'} {shown}: {reason(e)}") from None
     return output_names(out)
 
 
@@ -388,7 +464,7 @@ def parser_refuses(profile: Target, artifact: Artifact) -> str | None:
     return describe(gaps, opts.version) + (" (add `decompose_onnx` to the chain)" if "LayerNormalization" in gaps else "")
 
 
-def plan_engine(profile: Target, reports: list[ArtifactReport], folder: Path, sample_shape) -> dict | None:
+def plan_engine(profile: Target, reports: list[ArtifactReport], folder: Path, signature: Signature) -> dict | None:
     """NVIDIA targets: the calibration cache and engine plan; the engine itself is built on the device."""
     opts = profile.tensorrt
     if opts is None:
@@ -406,7 +482,7 @@ def plan_engine(profile: Target, reports: list[ArtifactReport], folder: Path, sa
                 "reason": f"recovery rescaled {opts.calibration_from}'s weights ({' and '.join(rescaled)}: the same function, other "
                           f"activation ranges), so its activation scales do not fit {opts.fp32_onnx}, which a DLA build calibrates; "
                           f"build on the GPU (tensorrt.dla_core = -1) from the Q/DQ model"}
-    engine = write_plan(folder, opts, sample_shape, float_layers)
+    engine = write_plan(folder, opts, signature, float_layers)
     log.info("TensorRT engine: %s (%s)", engine["status"], engine["reason"])
     return engine
 
@@ -434,7 +510,7 @@ def check_artifact(name, artifact: Artifact, runtime: str, profile: Target, thre
         return runner
 
     log.info("timing %s (batch sizes %s)", name, ", ".join(map(str, sorted({1, *profile.runtime.batch_sizes}))))
-    timed = run_bench(load, profile, inputs.shape[1:])
+    timed = run_bench(load, profile, inputs.signature)
     log.info("comparing %s with FP32 on %d inputs", name, len(inputs.validation.x))
     outputs = run_batched(runner, inputs.validation.x, profile.parity.batch_size)
     parity = compare(expected.outputs, outputs, inputs.validation.y, thresholds and thresholds.for_precision(artifact.precision),
@@ -459,16 +535,17 @@ def _profiled(name: str, run):
         return None
 
 
-def run_bench(load, profile: Target, sample_shape):
+def run_bench(load, profile: Target, signature: Signature):
     r = profile.runtime
-    return bench(load, tuple(sample_shape), r.batch_sizes, r.warmup_runs, r.latency_runs, r.threads, r.latency_budget_ms,
+    return bench(load, signature, r.batch_sizes, r.warmup_runs, r.latency_runs, r.threads, r.latency_budget_ms,
                  r.sweep_runs)
 
 
 def model_facts(loaded: LoadedModel, inputs: Inputs, roles: tuple[OutputRole, ...]) -> dict:
     return {
         "source": loaded.source, "name": loaded.name, "kind": str(loaded.artifact.kind),
-        "weights": loaded.weights, "input_shape": list(inputs.shape), "dynamic_batch": loaded.dynamic_batch,
+        "weights": loaded.weights, "input_shape": list(inputs.shape), "inputs": inputs.signature.to_json(),
+        "dynamic_batch": loaded.dynamic_batch,
         "sha256": loaded.artifact.sha256,
         "outputs": [{"index": r.index, "name": r.name, "role": r.role, "role_inferred": r.inferred} for r in roles],
     }
@@ -478,7 +555,7 @@ def reference_facts(loaded: LoadedModel, reference, inputs: Inputs, profile: Tar
     """The FP32 model in eager PyTorch: what every artifact is compared with, timed and profiled the same way."""
     r = profile.runtime
     log.info("timing and profiling the FP32 reference")
-    timed = run_bench(lambda: reference, profile, inputs.shape[1:])
+    timed = run_bench(lambda: reference, profile, inputs.signature)
     module = as_module(loaded.artifact)
     measured = _profiled("fp32_reference", lambda: profile_torch(module, inputs.validation.x[:1], r.profile_runs, r.threads))
     path = Path(loaded.source)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Callable
 
 from .data import Dataset
+from .feed import Signature, torch_args
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,9 +20,13 @@ class BuildContext:
     progress: Callable[[str, int, int], None] = lambda label, done, total: None
     isa: str | None = None  # the deployment CPU's x86 instruction set (target profile), None for others
     cache: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)  # stages' shared work within a build
+    signature: Signature | None = None  # every input's name, shape, dtype (None: one float input of input_shape)
 
-    def example(self):
-        """One batch-1 input as a torch tensor, for tracing and exporting."""
-        import torch
+    def example(self) -> tuple:
+        """The model's arguments for one batch-1 input, as torch tensors, for tracing and exporting."""
+        return torch_args(self.calibration.x[:1])
 
-        return torch.from_numpy(self.calibration.x[:1].copy())
+    @property
+    def several(self) -> bool:
+        """The model takes several inputs (or a non-float one): batches are Feeds."""
+        return self.signature is not None and not self.signature.plain

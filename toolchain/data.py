@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataError
+from .feed import Feed, Signature
 from .options import option
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm"}
@@ -30,9 +31,9 @@ class PreprocessOptions:
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-    """Model inputs ``x`` (N, *sample_shape) as float32, optional integer labels ``y``."""
+    """Model inputs ``x`` (N, *sample_shape) as float32, or a :class:`Feed` of several; optional integer labels ``y``."""
 
-    x: np.ndarray
+    x: np.ndarray | Feed
     y: np.ndarray | None  # integer class labels (accuracy), when the data has them
     origin: str  # the file or folder, or "synthetic"
     held_out: bool = False  # validation samples set aside from the calibration data
@@ -70,15 +71,20 @@ class Dataset:
             yield self.x[i : i + size]
 
 
-def load_dataset(path: Path, role: str, preprocess: PreprocessOptions, limit: int | None = None, seed: int = 0) -> Dataset:
+def load_dataset(path: Path, role: str, preprocess: PreprocessOptions, limit: int | None = None, seed: int = 0,
+                 inputs: tuple[str, ...] | None = None) -> Dataset:
     """Read up to ``limit`` inputs for ``role`` ("calibration" or "validation") and check them.
 
     Arrays are cut to their first ``limit`` samples (their order is the user's); an image
     folder is sampled per class, in turn, in an order fixed by ``seed``, so every class is in.
+    ``inputs``: the names of a model's several (or non-float) inputs: an `.npz` with one array
+    per name, read as a :class:`Feed`; its other arrays are labels.
     """
     path = Path(path)
     if not path.exists():
         raise DataError(f"{role} data `{path}` does not exist")
+    if inputs:
+        return _read_feed(path, role, inputs, limit)
     if path.is_dir():
         x, y = _read_image_folder(path, role, preprocess, limit, seed)
         labels = {} if y is None else {"y": y}
@@ -95,7 +101,66 @@ def synthetic_dataset(sample_shape: tuple[int, ...], count: int, seed: int = 0) 
     return Dataset(rng.standard_normal((count, *sample_shape), dtype=np.float32), None, "synthetic")
 
 
+def _read_feed(path: Path, role: str, names: tuple[str, ...], limit: int | None) -> Dataset:
+    """An `.npz` holding one array per model input (a 0-d array for a scalar input) and labels."""
+    if path.suffix != ".npz" or path.is_dir():
+        raise DataError(f"{role} data `{path}`: the model takes inputs {', '.join(names)}; give an .npz with one array "
+                        f"per input name (and optional labels `y`)")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise DataError(f"{role} data `{path}` cannot be read: {e}") from None
+    with loaded:
+        files = list(loaded.files)
+        missing = [n for n in names if n not in files]
+        if missing:
+            raise DataError(f"{role} data `{path}` has no array {', '.join(f'`{n}`' for n in missing)}: the model takes "
+                            f"inputs {', '.join(names)}, one array per name (found {', '.join(files) or 'nothing'})")
+        arrays = [loaded[n] for n in names]
+        labels = {n: loaded[n][:limit] for n in files if n not in names}
+    batched = [a for a in arrays if a.ndim]
+    if not batched or len(batched[0]) == 0:
+        raise DataError(f"{role} data `{path}` is empty: need arrays of shape (N, ...) with N >= 1")
+    count = len(batched[0])
+    for n, a in zip(names, arrays):
+        if not (np.issubdtype(a.dtype, np.number) or a.dtype == np.bool_):
+            raise DataError(f"{role} data `{path}`: input `{n}` must be numeric (got dtype {a.dtype})")
+        if a.ndim and len(a) != count:
+            raise DataError(f"{role} data `{path}`: input `{n}` has {len(a)} samples, `{names[0]}` {count}")
+        if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
+            raise DataError(f"{role} data `{path}`: input `{n}` has NaN or infinite values")
+    arrays = [(a.astype(np.float32) if np.issubdtype(a.dtype, np.floating) else a)[:limit] if a.ndim else a for a in arrays]
+    x = Feed(tuple(np.ascontiguousarray(a) for a in arrays), names)
+    for name, a in labels.items():
+        if a.ndim == 0 or len(a) != len(x):
+            raise DataError(f"{role} labels `{name}` in `{path}` must have one entry per sample, {len(x)} (got shape {a.shape})")
+    y = labels.get("y")
+    accuracy_labels = y if y is not None and y.ndim == 1 and np.issubdtype(y.dtype, np.integer) else None
+    return Dataset(x, accuracy_labels, str(path), labels=labels)
+
+
+def check_signature(data: Dataset, signature: Signature, role: str) -> Dataset:
+    """``data`` as the model takes it: each input's sample shape checked (dynamic axes may differ), dtype cast."""
+    if signature.plain:
+        check_sample_shape(data, signature.inputs[0].shape, role)
+        return data
+    arrays = []
+    for spec, a in zip(signature.inputs, data.x.arrays):
+        got = a.shape if spec.scalar else a.shape[1:]
+        fixed = [i for i in range(len(spec.shape)) if i not in spec.dynamic]
+        if len(got) != len(spec.shape) or any(got[i] != spec.shape[i] for i in fixed):
+            what = "a scalar" if spec.scalar else f"{_fmt(spec.shape) or 'one value'} per sample"
+            raise DataError(f"{role} data `{data.origin}`: input `{spec.name}` has shape {_fmt(got) or '()'}"
+                            f"{'' if spec.scalar else ' per sample'}, the model takes {what}")
+        if spec.integer and np.issubdtype(a.dtype, np.floating):
+            raise DataError(f"{role} data `{data.origin}`: input `{spec.name}` holds floats, the model takes {spec.dtype}")
+        arrays.append(np.ascontiguousarray(a.astype(spec.dtype, copy=False)))
+    return dataclasses.replace(data, x=Feed(tuple(arrays), signature.names))
+
+
 def check_sample_shape(data: Dataset, sample_shape: tuple[int, ...], role: str) -> None:
+    if isinstance(data.x, Feed):
+        raise DataError(f"{role} data `{data.origin}` holds several inputs ({', '.join(data.x.names)}); the model takes one")
     if tuple(data.x.shape[1:]) != tuple(sample_shape):
         raise DataError(
             f"{role} data `{data.origin}` has samples of shape {_fmt(data.x.shape[1:])}, "
@@ -171,8 +236,9 @@ def _per_class_sample(files: list[Path], root: Path, limit: int | None, seed: in
     return sorted(picked)
 
 
-def _digest(sample: np.ndarray) -> bytes:
-    return hashlib.blake2b(np.ascontiguousarray(sample).tobytes(), digest_size=16).digest()
+def _digest(sample) -> bytes:
+    raw = sample.tobytes() if isinstance(sample, Feed) else np.ascontiguousarray(sample).tobytes()
+    return hashlib.blake2b(raw, digest_size=16).digest()
 
 
 def _preprocess(img, pre: PreprocessOptions) -> np.ndarray:

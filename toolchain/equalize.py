@@ -233,11 +233,12 @@ def equalize_fx(gm) -> list[Pair]:
 def _torch_runner(module):
     import torch
 
+    from .feed import torch_args
     from .runtime import flatten_outputs
 
     def run(x: np.ndarray) -> list[np.ndarray]:
         with torch.inference_mode():
-            return [t.numpy() for _, t in flatten_outputs(module(torch.from_numpy(x)))]
+            return [t.numpy() for _, t in flatten_outputs(module(*torch_args(x)))]
 
     return run
 

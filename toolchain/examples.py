@@ -29,10 +29,10 @@ def digits_cnn():
     )
 
 
-def train(model, x: np.ndarray, y: np.ndarray | None, epochs: int = 15, seed: int = 0, loss=None):
+def train(model, x: np.ndarray | tuple, y: np.ndarray | None, epochs: int = 15, seed: int = 0, loss=None):
     """Seeded and single-threaded: the same model every run on the same kind of CPU (a
     multithreaded reduction sums in a different order each run). ``loss(outputs, batch_indices)``
-    replaces cross-entropy against ``y``."""
+    replaces cross-entropy against ``y``. ``x``: a tuple of arrays for a model of several inputs."""
     import torch
 
     torch.manual_seed(seed)
@@ -40,13 +40,14 @@ def train(model, x: np.ndarray, y: np.ndarray | None, epochs: int = 15, seed: in
     torch.set_num_threads(1)
     try:
         opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-        xt, yt = torch.from_numpy(x), None if y is None else torch.from_numpy(y)
+        xs = tuple(torch.from_numpy(a) for a in (x if isinstance(x, tuple) else (x,)))
+        yt = None if y is None else torch.from_numpy(y)
         model.train()
         loss = loss or (lambda out, idx: torch.nn.functional.cross_entropy(out, yt[idx]))
         for _ in range(epochs):
-            for idx in torch.randperm(len(xt)).split(64):
+            for idx in torch.randperm(len(xs[0])).split(64):
                 opt.zero_grad()
-                loss(model(xt[idx]), idx).backward()
+                loss(model(*(t[idx] for t in xs)), idx).backward()
                 opt.step()
     finally:
         torch.set_num_threads(threads)

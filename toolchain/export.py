@@ -16,18 +16,20 @@ def as_module(artifact: Artifact):
 
 
 def export_program(model, example, stage: str, dynamic_batch: bool = False):
-    """``torch.export`` ``model`` on ``example``; with ``dynamic_batch`` the first dimension
-    is left free (the example must then have a batch of at least 2).
+    """``torch.export`` ``model`` on ``example`` (a tensor, or a tuple of the model's arguments);
+    with ``dynamic_batch`` the first dimension of every batched argument is left free (the example
+    must then have a batch of at least 2).
 
     Raises StageError naming the stage and the first line of torch's reason.
     """
     import torch
 
-    shapes = ({0: torch.export.Dim.AUTO},) if dynamic_batch else None
+    args = example if isinstance(example, tuple) else (example,)
+    shapes = tuple({0: torch.export.Dim.AUTO} if a.dim() else None for a in args) if dynamic_batch else None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return torch.export.export(model, (example,), dynamic_shapes=shapes)
+            return torch.export.export(model, args, dynamic_shapes=shapes)
     except Exception as e:
         raise StageError(f"{stage}: torch.export failed: {reason(e)}") from None
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .artifact import Artifact, Kind
 from .errors import ModelLoadError, reason
+from .feed import InputSpec, Signature
 
 TORCHVISION_PREFIX = "torchvision:"
 
@@ -25,6 +26,8 @@ class LoadedModel:
     weights: str  # "from file" or "random (torchvision:NAME has no weights offline)"
     input_shape: tuple[int, ...] | None  # batch-1 input shape, when the model says
     dynamic_batch: bool | None  # None when the model file does not say
+    signature: Signature | None = None  # every input's name, shape and dtype, when the model file says (.pt2)
+    input_names: tuple[str, ...] | None = None  # the forward's parameter names, when known without shapes
 
     @property
     def random_weights(self) -> bool:
@@ -97,14 +100,35 @@ def _load_exported(path: Path, source: str) -> LoadedModel:
         n for n in ep.graph.nodes
         if n.op == "placeholder" and n.name in ep.graph_signature.user_inputs
     ]
-    if len(placeholders) != 1:
-        raise ModelLoadError(f"model `{source}` takes {len(placeholders)} inputs; the toolchain builds single-input models")
-    shape = placeholders[0].meta["val"].shape
-    dynamic = not isinstance(shape[0], int)
-    sample = tuple(int(d) if isinstance(d, int) else int(d.node.hint or 1) for d in shape[1:])
+    if not placeholders:
+        raise ModelLoadError(f"model `{source}` takes no inputs")
+    specs = [_input_spec(n, source) for n in placeholders]
+    batched = [(n, s) for n, s in zip(placeholders, specs) if not s.scalar]
+    if not batched:
+        raise ModelLoadError(f"model `{source}` takes only scalar inputs; the toolchain needs a batched tensor input")
+    dynamic = all(not isinstance(n.meta["val"].shape[0], int) for n, _ in batched)
+    signature = Signature(tuple(specs))
     return LoadedModel(
-        Artifact(Kind.EXPORTED, "fp32", model=ep), path.stem, source, "from file", (1, *sample), dynamic
+        Artifact(Kind.EXPORTED, "fp32", model=ep), path.stem, source, "from file", signature.first_shape, dynamic,
+        signature, signature.names,
     )
+
+
+def _input_spec(node, source: str) -> InputSpec:
+    """A torch.export placeholder as an input: its shape (size hints for symbolic dimensions), dtype, dynamic axes."""
+    import torch
+
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        raise ModelLoadError(f"model `{source}`: input `{node.name}` is a {type(val).__name__}, not a tensor; export "
+                             f"scalars as 0-d tensors (torch.tensor(16000)) so that they stay inputs")
+    dims = tuple(val.shape)
+    dtype = str(val.dtype).removeprefix("torch.")
+    if not dims:
+        return InputSpec(node.name, (), dtype, scalar=True)
+    sample = tuple(int(d) if isinstance(d, int) else int(d.node.hint or 1) for d in dims[1:])
+    dynamic = tuple(i for i, d in enumerate(dims[1:]) if not isinstance(d, int))
+    return InputSpec(node.name, sample, dtype, dynamic)
 
 
 def _load_torch_file(path: Path, source: str, trust_pickle: bool) -> LoadedModel:
@@ -115,7 +139,9 @@ def _load_torch_file(path: Path, source: str, trust_pickle: bool) -> LoadedModel
             model = torch.jit.load(str(path), map_location="cpu").eval()
         except Exception as e:
             raise ModelLoadError(f"model `{source}` is a damaged TorchScript archive: {reason(e)}") from None
-        return LoadedModel(Artifact(Kind.TORCHSCRIPT, "fp32", model=model), path.stem, source, "from file", None, None)
+        names = tuple(a.name for a in model.forward.schema.arguments[1:])  # after `self`
+        return LoadedModel(Artifact(Kind.TORCHSCRIPT, "fp32", model=model), path.stem, source, "from file", None, None,
+                           input_names=names)
     try:
         torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -138,7 +164,21 @@ def _load_torch_file(path: Path, source: str, trust_pickle: bool) -> LoadedModel
         raise ModelLoadError(f"model `{source}` could not be unpickled: {reason(e)}") from None
     if not isinstance(model, torch.nn.Module):
         raise ModelLoadError(f"model `{source}` unpickles to {type(model).__name__}, not a torch.nn.Module")
-    return LoadedModel(Artifact(Kind.EAGER, "fp32", model=model.eval()), path.stem, source, "from file", None, None)
+    return LoadedModel(Artifact(Kind.EAGER, "fp32", model=model.eval()), path.stem, source, "from file", None, None,
+                       input_names=_forward_names(model))
+
+
+def _forward_names(model) -> tuple[str, ...] | None:
+    """The positional parameters of an eager module's forward (None when it takes *args)."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
+        return None
+    return tuple(p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
 
 
 def _load_torchvision(name: str, source: str) -> LoadedModel:
@@ -188,6 +228,8 @@ def estimate_batchnorm(model, x, batch: int = 32) -> int:
     returns how many BatchNorm layers there were. Leaves the model in eval mode."""
     import torch
 
+    from .feed import torch_args
+
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     for m in norms:
         m.reset_running_stats()
@@ -196,7 +238,7 @@ def estimate_batchnorm(model, x, batch: int = 32) -> int:
         model.train()
         with torch.no_grad():
             for i in range(0, len(x), batch):
-                model(torch.from_numpy(x[i : i + batch]))
+                model(*torch_args(x[i : i + batch]))
     model.eval()
     return len(norms)
 

@@ -63,14 +63,16 @@ def profile_torch(call: Callable[[Any], Any], x: np.ndarray, runs: int, threads:
     from .runtime import native_stderr_off
 
     torch.set_num_threads(threads)
-    t = torch.from_numpy(np.ascontiguousarray(x))
+    from .feed import torch_args
+
+    args = torch_args(x)
     done = []  # the profiler's first recorded steps carry its own start-up cost: two warm-up steps are dropped
     plan = schedule(wait=0, warmup=WARMUP, active=runs, repeat=1)
     with torch.inference_mode(), native_stderr_off(), profile(
         activities=[ProfilerActivity.CPU], record_shapes=True, profile_memory=True, schedule=plan, on_trace_ready=done.append,
     ) as prof:
         for _ in range(WARMUP + runs):
-            call(t)
+            call(*args)
             prof.step()
     shapes = {}
     for e in done[0].key_averages(group_by_input_shape=True):

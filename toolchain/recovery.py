@@ -52,7 +52,7 @@ class RecoveryOptions:
     max_seconds: float = option(600.0, "time budget per artifact, sensitivity included")
 
 
-FIX_WORDS = {"equalize": "cross-layer equalization", "smooth": "SmoothQuant scale migration", "bias_correction": "bias correction",
+FIX_WORDS = {"float_masks": "attention masks kept in float", "equalize": "cross-layer equalization", "smooth": "SmoothQuant scale migration", "bias_correction": "bias correction",
              "a16w8": "16-bit activations (A16W8)"}
 
 

@@ -89,7 +89,9 @@ def fx_finds(gm, fix: str, x: np.ndarray) -> bool:
 
     if fix == "equalize":
         return bool(_fx_pairs(gm))
-    return bool(_fx_groups(copy.deepcopy(gm), torch.from_numpy(np.ascontiguousarray(x[:1]))))
+    from .feed import torch_args
+
+    return bool(_fx_groups(copy.deepcopy(gm), torch_args(x[:1])))
 
 
 def _facts(stage: str, done: str, error: float, pairs, groups) -> dict:

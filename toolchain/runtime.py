@@ -28,9 +28,11 @@ def torch_runner(model, threads: int) -> Runner:
 
     torch.set_num_threads(threads)
 
-    def run(x: np.ndarray) -> np.ndarray:
+    from .feed import torch_args
+
+    def run(x) -> list[np.ndarray]:
         with torch.inference_mode():
-            return [t.numpy() for _, t in flatten_outputs(model(torch.from_numpy(x)))]
+            return [t.numpy() for _, t in flatten_outputs(model(*torch_args(x)))]
 
     return run
 

@@ -34,7 +34,8 @@ def measure_build(folder: Path, names: tuple[str, ...] = (), progress=None) -> d
     calib = None if data["calibration"]["synthetic"] else data["calibration"]["origin"]
     val = None if data["validation"]["synthetic"] or data["validation"].get("held_out") else data["validation"]["origin"]
     loaded = load_model(report["model"]["source"])
-    inputs = prepare_inputs(loaded, profile, calib, val, tuple(report["model"]["input_shape"]))
+    given = None if report["model"].get("inputs") and len(report["model"]["inputs"]) > 1 else tuple(report["model"]["input_shape"])
+    inputs = prepare_inputs(loaded, profile, calib, val, given)
     loaded = settle_random_batchnorm(loaded, inputs.calibration.x)
     declared = {str(o["index"]): o["role"] for o in report["model"].get("outputs", []) if not o["role_inferred"]}
     plans, _ = plan(profile, loaded.artifact.kind)
@@ -45,7 +46,7 @@ def measure_build(folder: Path, names: tuple[str, ...] = (), progress=None) -> d
     written = {}
     with tempfile.TemporaryDirectory(prefix="sensitivity-") as work:
         ctx = BuildContext(Path(work), inputs.calibration, inputs.shape, loaded.dynamic_batch is not False,
-                           profile.runtime.threads, progress or (lambda *a: None), profile.runtime.isa)
+                           profile.runtime.threads, progress or (lambda *a: None), profile.runtime.isa, signature=inputs.signature)
         expected = expected_outputs(loaded, inputs, profile, declared)
         pipeline = Pipeline(ctx)
         for name in names or tuple(chains):

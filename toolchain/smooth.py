@@ -262,7 +262,9 @@ def smooth_fx(gm, x: np.ndarray, bits: Bits = Bits(), batch: int = 32) -> list[G
 
     from .equalize import _weighted
 
-    groups = _fx_groups(gm, torch.from_numpy(np.ascontiguousarray(x[:1])))
+    from .feed import torch_args
+
+    groups = _fx_groups(gm, torch_args(x[:1]))
     if not groups:
         return []
     names = sorted({g.layers[0] for g in groups})  # a group's layers read the same values (maybe transposed)
@@ -298,10 +300,10 @@ def smooth_fx(gm, x: np.ndarray, bits: Bits = Bits(), batch: int = 32) -> list[G
 
 
 def _run_batches(gm, x: np.ndarray, batch: int) -> None:
-    import torch
+    from .feed import torch_args
 
     for start in range(0, len(x), batch):
-        gm(torch.from_numpy(np.ascontiguousarray(x[start:start + batch])))
+        gm(*torch_args(x[start:start + batch]))
 
 
 def _fx_groups(gm, example) -> list[_FxGroup]:
@@ -309,7 +311,7 @@ def _fx_groups(gm, example) -> list[_FxGroup]:
 
     from .equalize import _weighted
 
-    ShapeProp(gm).propagate(example)  # ranks for the transposes and means between norm and layers
+    ShapeProp(gm).propagate(*example)  # ranks for the transposes and means between norm and layers
     get_attr_users: dict[str, int] = {}  # per parameter, over every get_attr node that reads it
     for n in gm.graph.nodes:
         if n.op == "get_attr":

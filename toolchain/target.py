@@ -42,6 +42,8 @@ class DataOptions:
     calibration_samples: int = option(256, "calibration inputs used (the first N of --calib)")
     validation_samples: int = option(512, "validation inputs used for parity (the first N of --val)")
     synthetic_samples: int = option(64, "inputs generated when no data is given (parity marked synthetic)")
+    integer_range: tuple[int, ...] = option((0, 2), "[low, high): synthetic integer inputs (token ids, masks) are drawn from "
+                                                    "it; give the vocabulary size for token ids, e.g. [0, 30522]")
     preprocess: PreprocessOptions = option(PreprocessOptions(), "image-folder preprocessing")
 
 
@@ -272,6 +274,9 @@ def _check_positive(raw: _ProfileFile, source: str) -> None:
         "parity.batch_size": raw.parity.batch_size,
     }
     checks.update({f"runtime.batch_sizes[{i}]": b for i, b in enumerate(raw.runtime.batch_sizes)})
+    low_high = raw.data.integer_range
+    if len(low_high) != 2 or low_high[0] >= low_high[1]:
+        raise ConfigError(f"{source}: `data.integer_range` must be [low, high] with low < high (got {list(low_high)})")
     if raw.runtime.latency_budget_ms is not None and raw.runtime.latency_budget_ms <= 0:
         raise ConfigError(f"{source}: `runtime.latency_budget_ms` must be positive (got {raw.runtime.latency_budget_ms})")
     for key, value in checks.items():

@@ -36,41 +36,49 @@ def load_program(path: Path, threads: int, enable_etdump: bool = False):
 
 def load(artifact: Artifact, threads: int):
     """Larger batches than the planned one run group by group in the planned batch size."""
-    import torch
-
     from ..runtime import flatten_outputs, native_stderr_off
 
     _, method, shape = load_program(artifact.path, threads)
-    with native_stderr_off():  # the first run logs XNNPACK's CPU probing
-        method.execute([torch.zeros(shape)])
     planned = shape[0]
+    quiet = [True]  # the first run logs XNNPACK's CPU probing
 
-    def run(x: np.ndarray) -> list[np.ndarray]:
+    def run(x) -> list[np.ndarray]:
         parts = []
         for start in range(0, len(x), planned):
-            chunk = np.ascontiguousarray(x[start:start + planned], dtype=np.float32)
-            short = planned - len(chunk)
-            if short:
-                chunk = np.concatenate([chunk, np.zeros((short, *chunk.shape[1:]), np.float32)])
-            outs = method.execute([torch.from_numpy(chunk)])
-            parts.append([t.numpy()[:planned - short] for _, t in flatten_outputs(list(outs))])
+            chunk = x[start:start + planned]
+            valid = len(chunk)
+            args = _planned_args(chunk, planned)
+            if quiet[0]:
+                with native_stderr_off():
+                    outs = method.execute(args)
+                quiet[0] = False
+            else:
+                outs = method.execute(args)
+            parts.append([t.numpy()[:valid] for _, t in flatten_outputs(list(outs))])
         return [np.concatenate([p[k] for p in parts]) for k in range(len(parts[0]))]
 
     return run
 
 
-def profile(artifact: Artifact, x: np.ndarray, runs: int, threads: int):
-    import torch
+def _planned_args(chunk, planned: int) -> list:
+    """A batch as the program's arguments, filled up to the planned batch size (the extra rows' outputs are dropped)."""
+    from ..feed import Feed, repeat_to, torch_args
 
+    if not isinstance(chunk, Feed):
+        chunk = np.ascontiguousarray(chunk, dtype=np.float32)
+    return list(torch_args(repeat_to(chunk, planned) if len(chunk) < planned else chunk))
+
+
+def profile(artifact: Artifact, x: np.ndarray, runs: int, threads: int):
     from ..profiling import WARMUP, summarize
     from ..runtime import native_stderr_off
 
     program, method, shape = load_program(artifact.path, threads, enable_etdump=True)
     planned = shape[0]
     with native_stderr_off(), tempfile.TemporaryDirectory() as tmp:
-        chunk = torch.from_numpy(np.ascontiguousarray(x[:planned], dtype=np.float32))
+        args = _planned_args(x[:planned], planned)
         for _ in range(WARMUP + runs):
-            method.execute([chunk])
+            method.execute(args)
         etdump = Path(tmp) / "run.etdp"
         program.write_etdump_result_to_file(str(etdump), str(Path(tmp) / "debug.bin"))
         from executorch.devtools import Inspector

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ..artifact import Artifact, Kind
+from ..feed import ort_feed
 from . import Runtime, register
 
 
@@ -28,10 +29,10 @@ def session(path: Path, threads: int, profile_prefix: str | None = None):
 
 def load(artifact: Artifact, threads: int):
     s = session(artifact.path, threads)
-    name = s.get_inputs()[0].name
+    names = [i.name for i in s.get_inputs()]
 
-    def run(x: np.ndarray) -> list[np.ndarray]:
-        return s.run(None, {name: np.ascontiguousarray(x, dtype=np.float32)})
+    def run(x) -> list[np.ndarray]:
+        return s.run(None, ort_feed(x, names))
 
     return run
 
@@ -42,7 +43,7 @@ def profile(artifact: Artifact, x: np.ndarray, runs: int, threads: int):
 
     with tempfile.TemporaryDirectory() as tmp:
         s = session(artifact.path, threads, profile_prefix=str(Path(tmp) / "ort"))
-        feed = {s.get_inputs()[0].name: np.ascontiguousarray(x, dtype=np.float32)}
+        feed = ort_feed(x, [i.name for i in s.get_inputs()])
         for _ in range(WARMUP + runs):
             s.run(None, feed)
         events = json.loads(Path(s.end_profiling()).read_text())

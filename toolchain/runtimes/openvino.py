@@ -21,8 +21,10 @@ def load(artifact: Artifact, threads: int):
     compiled = core.compile_model(str(artifact.path), "CPU", {"INFERENCE_NUM_THREADS": threads})
     request = compiled.create_infer_request()
 
-    def run(x: np.ndarray) -> list[np.ndarray]:
-        request.infer([np.ascontiguousarray(x, dtype=np.float32)])
+    from ..feed import Feed
+
+    def run(x) -> list[np.ndarray]:
+        request.infer([np.ascontiguousarray(a) for a in x.arrays] if isinstance(x, Feed) else [np.ascontiguousarray(x, dtype=np.float32)])
         return [np.array(request.get_output_tensor(i).data) for i in range(len(compiled.outputs))]
 
     return run

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..artifact import Artifact, Kind
+from ..feed import ort_feed
 from . import Runtime, register
 
 
@@ -18,10 +19,10 @@ def load(artifact: Artifact, threads: int):
 
     with native_stderr_off():  # the QNN SDK's native logging
         session = ort.InferenceSession(str(artifact.path), htp_session_options())
-    name = session.get_inputs()[0].name
+    names = [i.name for i in session.get_inputs()]
 
-    def run(x: np.ndarray) -> list[np.ndarray]:  # compiled for batch 1
-        parts = [session.run(None, {name: np.ascontiguousarray(x[i:i + 1], dtype=np.float32)}) for i in range(len(x))]
+    def run(x) -> list[np.ndarray]:  # compiled for batch 1
+        parts = [session.run(None, ort_feed(x[i:i + 1], names)) for i in range(len(x))]
         return [np.concatenate([p[k] for p in parts]) for k in range(len(parts[0]))]
 
     return run

@@ -50,7 +50,7 @@ class CastTorch(Stage):
         model = _cast_graph(module, dtype) if isinstance(module, torch.fx.GraphModule) else _cast_io()(module, dtype).eval()
         try:
             with torch.no_grad():
-                model(ctx.example())
+                model(*ctx.example())
         except Exception as e:
             raise StageError(f"cast_torch: the model does not run in {self.options.dtype}: {reason(e)}") from None
         precision = {"bfloat16": "bf16", "float16": "fp16"}[self.options.dtype]
@@ -72,6 +72,12 @@ def _cast_graph(gm, dtype):
         return isinstance(node, torch.fx.Node) and (value is None or getattr(getattr(value, "dtype", None), "is_floating_point", False))
 
     graph = gm.graph
+    # the model's own casts to FP32 (an integer mask made float: `mask.to(x.dtype)`, recorded as float32)
+    # follow the compute dtype, or FP32 values would meet FP16 ones in the next matmul
+    for node in graph.nodes:
+        if node.op in ("call_function", "call_method") and "to" in str(getattr(node.target, "__name__", node.target)).split(".")[-1:]:
+            node.args = tuple(dtype if a is torch.float32 else a for a in node.args)
+            node.kwargs = {k: dtype if v is torch.float32 else v for k, v in node.kwargs.items()}
     for node in [n for n in graph.nodes if n.op == "placeholder" and floating(n)]:
         with graph.inserting_after(node):
             cast = graph.call_method("to", (node, dtype))
@@ -102,8 +108,8 @@ def _cast_io():
             super().__init__()
             self.model, self.dtype = model, dtype
 
-        def forward(self, x):
-            out = self.model(x.to(self.dtype) if x.is_floating_point() else x)
+        def forward(self, *xs):
+            out = self.model(*(x.to(self.dtype) if x.is_floating_point() else x for x in xs))
             return torch.utils._pytree.tree_map(lambda t: t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t, out)
 
     return CastIO

@@ -20,6 +20,7 @@ from typing import Literal
 import numpy as np
 
 from ..artifact import Artifact, Kind
+from ..feed import ort_feed
 from ..context import BuildContext
 from ..errors import StageError, reason
 from ..options import option
@@ -65,7 +66,7 @@ class CompileQnn(Stage, Recoverable):
 
         stem = f"qnn-{artifact.sha256[:12]}-{o.a16w8}-{o.per_channel}-{o.equalize}-{o.smooth}"
         static = ctx.workdir / f"{stem}-b1.onnx"
-        onnx.save(batch_one(onnx.load(str(artifact.path))), str(static))
+        onnx.save(batch_one(onnx.load(str(artifact.path)), ctx.calibration.x[:1]), str(static))
         rescaled = {}
         if o.equalize or o.smooth:
             bits = Bits(activations=16 if o.a16w8 else 8, per_channel=o.per_channel)
@@ -74,7 +75,8 @@ class CompileQnn(Stage, Recoverable):
             static = static.with_name(f"{stem}-rescaled.onnx")
         pre = ctx.workdir / f"{stem}-pre.onnx"
         source = pre if qnn_preprocess_model(str(static), str(pre)) else static
-        name = onnx.load(str(source), load_external_data=False).graph.input[0].name
+        graph = onnx.load(str(source), load_external_data=False).graph
+        names = [i.name for i in graph.input if i.name not in {t.name for t in graph.initializer}]
         x = ctx.calibration.x[:o.samples]
 
         class Reader(CalibrationDataReader):
@@ -83,7 +85,7 @@ class CompileQnn(Stage, Recoverable):
 
             def get_next(self):
                 i = next(self.rows, None)
-                return None if i is None else {name: np.ascontiguousarray(x[i:i + 1], dtype=np.float32)}
+                return None if i is None else ort_feed(x[i:i + 1], names)
 
         qdq = ctx.workdir / f"{stem}-qdq.onnx"
         try:
@@ -118,13 +120,24 @@ class CompileQnn(Stage, Recoverable):
         return fix == "a16w8" or onnx_finds(artifact.path, fix)
 
 
-def batch_one(model):
-    """The model with a batch dimension of 1 wherever the batch was symbolic (the HTP is static)."""
+def batch_one(model, sample=None):
+    """The model with a batch dimension of 1 wherever the batch was symbolic (the HTP is static), and
+    any other symbolic axis (a sequence length) fixed to its size in ``sample`` (one batch of inputs)."""
     from onnxruntime.tools.onnx_model_utils import fix_output_shapes, make_dim_param_fixed
 
-    batch = model.graph.input[0].type.tensor_type.shape.dim[0]
-    if batch.HasField("dim_param"):
-        make_dim_param_fixed(model.graph, batch.dim_param, 1)
+    from ..feed import arrays
+
+    fixed = {}
+    given = arrays(sample) if sample is not None else ()
+    for k, i in enumerate(model.graph.input):
+        for axis, dim in enumerate(i.type.tensor_type.shape.dim):
+            if dim.HasField("dim_param") and dim.dim_param not in fixed:
+                fixed[dim.dim_param] = 1 if axis == 0 else (given[k].shape[axis] if k < len(given) else None)
+    for param, size in fixed.items():
+        if size is None:
+            raise StageError(f"compile_qnn: the HTP needs static shapes and axis `{param}` has no size to fix it to")
+        make_dim_param_fixed(model.graph, param, size)
+    if fixed:
         fix_output_shapes(model)
     return model
 

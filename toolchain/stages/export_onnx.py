@@ -57,18 +57,29 @@ class ExportOnnx(Stage):
         return StageResult(dataclasses.replace(artifact, kind=Kind.ONNX, model=None, path=path), facts)
 
 
+def input_names(ctx: BuildContext) -> list[str]:
+    """The ONNX inputs: `input` for a one-image model (the name every ONNX artifact has had), else the model's own."""
+    return list(ctx.signature.names) if ctx.several else [INPUT_NAME]
+
+
 def _export(artifact: Artifact, ctx: BuildContext, dynamic: bool, opset: int):
     import torch
 
-    example = (ctx.example(),)
+    example = ctx.example()
+    names = input_names(ctx)
+    specs = ctx.signature.inputs if ctx.several else ()
     quiet = io.StringIO()
     with warnings.catch_warnings(), contextlib.redirect_stdout(quiet), quiet_logger("torch.onnx._internal.exporter._compat"):
         warnings.simplefilter("ignore")
         if artifact.kind is Kind.TORCHSCRIPT:
             # the dynamo exporter cannot trace TorchScript; the TorchScript exporter still ships in 2.14
             f = io.BytesIO()
-            axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic else None
-            torch.onnx.export(artifact.model, example, f, dynamo=False, input_names=[INPUT_NAME],
+            axes = None
+            if dynamic:
+                axes = {OUTPUT_NAME: {0: "batch"}}
+                axes.update({INPUT_NAME: {0: "batch"}} if not specs else {
+                    s.name: {0: "batch", **{1 + a: f"{s.name}_{1 + a}" for a in s.dynamic}} for s in specs if not s.scalar})
+            torch.onnx.export(artifact.model, example, f, dynamo=False, input_names=names,
                               output_names=[OUTPUT_NAME], dynamic_axes=axes, opset_version=min(opset, 17))
             import onnx
 
@@ -76,14 +87,20 @@ def _export(artifact: Artifact, ctx: BuildContext, dynamic: bool, opset: int):
         model = artifact.model
         shapes = None
         if artifact.kind is not Kind.EXPORTED and dynamic:
-            shapes = ({0: torch.export.Dim("batch", min=1, max=4096)},)
+            batch = torch.export.Dim("batch", min=1, max=4096)
+            if not specs:
+                shapes = ({0: batch},)
+            else:  # one batch for every input; an axis the model leaves free (a sequence) shared by the inputs that have it
+                free = {}
+                shapes = tuple(None if s.scalar else {0: batch, **{1 + a: free.setdefault(a, torch.export.Dim(f"axis{1 + a}"))
+                                                                 for a in s.dynamic}} for s in specs)
         if artifact.kind is Kind.EXPORTED and not dynamic:
             model = model.module()
         # asked for the target's opset, torchlib writes operators that exist there (GELU as Erf, not
         # Gelu-20) at max(opset, 18), its floor; below 18 only attribute forms (Reduce*, Split) differ,
         # which the checked conversion after this changes
         program = torch.onnx.export(model, example, dynamo=True, dynamic_shapes=shapes, opset_version=opset,
-                                    input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], verbose=False)
+                                    input_names=names, output_names=[OUTPUT_NAME], verbose=False)
     return program.model_proto, "dynamo"
 
 

@@ -97,7 +97,7 @@ def smoke_run(path, example) -> None:
 
     with native_stderr() as log:
         try:
-            Runtime.get().load_program(path).load_method("forward").execute([example])
+            Runtime.get().load_program(path).load_method("forward").execute(list(example))
             return
         except RuntimeError as e:
             error = str(e)

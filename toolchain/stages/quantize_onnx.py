@@ -19,6 +19,7 @@ from typing import Literal
 import numpy as np
 
 from ..artifact import Artifact, Kind
+from ..feed import ort_feed
 from ..context import BuildContext
 from ..cpu import safe_reduce_range
 from ..errors import ConfigError, StageError, reason
@@ -49,6 +50,8 @@ class QuantizeOnnxOptions:
     smooth: bool = option(False, "SmoothQuant: move LayerNorm outputs' outlier channel scales into the Linear weights that read them "
                                  "(same function in FP32); recovery tries it")
     bias_correction: bool = option(False, "shift each Conv/Gemm bias by the mean error quantization adds on calibration inputs; recovery tries it")
+    float_masks: bool = option(False, "keep additive attention masks in float: each Softmax whose input a padding mask pushes below "
+                                      "-1e3 on calibration inputs, and the Add that applies the mask (weights stay INT8); recovery tries it")
 
 
 # What recovery can keep in float: layers with weights, and the ops that quantize an activation of their
@@ -85,6 +88,7 @@ class QuantizeOnnx(Stage, Recoverable):
         if o.calibration == "percentile":
             extra["CalibPercentile"] = o.percentile
         source = self._source(artifact, ctx)
+        masks = self._masks(source, ctx) if o.float_masks else []
         # Activation ranges are kept per (input, calibration): recovery's variants reuse them instead of
         # calibrating again. Only a run that keeps no layer in float writes them (it ranges every tensor).
         ranges = ctx.workdir / f"ranges-{source.stem}-{o.calibration}-{o.percentile}-{o.symmetric_activations}.json"
@@ -96,7 +100,7 @@ class QuantizeOnnx(Stage, Recoverable):
                     quant_format=QuantFormat.QDQ, per_channel=o.per_channel, reduce_range=reduce_range,
                     activation_type=types[o.activations], weight_type=types[o.weights],
                     calibrate_method=method, extra_options=extra, op_types_to_quantize=list(o.op_types) or None,
-                    nodes_to_exclude=list(o.float_layers) or None, use_external_data_format=artifact.has_external_data,
+                    nodes_to_exclude=[*o.float_layers, *masks] or None, use_external_data_format=artifact.has_external_data,
                     calibration_cache_path=str(ranges) if cached or not o.float_layers else None,
                 )
             except Exception as e:
@@ -104,12 +108,23 @@ class QuantizeOnnx(Stage, Recoverable):
         facts = {"calibration_samples": len(ctx.calibration.x), "reduce_range": reduce_range, "ranges_reused": cached,
                  "float_layers": list(o.float_layers), **qdq_summary(path)}
         facts.update(ctx.cache.get(("rescale_onnx", source.name), {}))  # equalization / smoothing, when done
+        if o.float_masks:
+            facts["float_masks"] = masks
         if o.bias_correction:
             from ..bias_correction import correct_biases
 
             facts["bias_correction"] = correct_biases(source, path, lambda model: _runner(model, ctx)(ctx.calibration.x[:128]))
         return StageResult(dataclasses.replace(artifact, path=path, precision="int8"), facts)
 
+
+    def _masks(self, source: Path, ctx: BuildContext) -> list[str]:
+        """The Softmax and Add nodes of additive attention masks in ``source`` (see toolchain.masks), once per file."""
+        from ..masks import onnx_mask_nodes
+
+        key = ("masks", source.name)
+        if key not in ctx.cache:
+            ctx.cache[key] = onnx_mask_nodes(source, lambda model: _runner(model, ctx), ctx.calibration.x[:64])
+        return ctx.cache[key]
 
     def _source(self, artifact: Artifact, ctx: BuildContext) -> Path:
         """The model quantized: ONNX Runtime's pre-processed form (kept, so variants share node names)
@@ -132,11 +147,18 @@ class QuantizeOnnx(Stage, Recoverable):
         return ("minmax", "entropy", "percentile")
 
     def fixes(self) -> tuple[str, ...]:
-        return ("equalize", "smooth", "bias_correction")
+        return ("float_masks", "equalize", "smooth", "bias_correction")
 
     def applies(self, fix: str, artifact: Artifact, ctx: BuildContext) -> bool:
         from ..rescale import onnx_finds
 
+        if fix == "float_masks":  # a mask's Softmax or Add that this quantizer would give Q/DQ
+            import onnx
+
+            masks = set(self._masks(self._source(artifact, ctx), ctx))
+            graph = onnx.load(str(self._source(artifact, ctx)), load_external_data=False).graph
+            quantized = set(self.options.op_types) or {"Add", "Softmax"}
+            return any(n.name in masks and n.op_type in quantized for n in graph.node)
         if fix not in ("equalize", "smooth"):
             return True
         return onnx_finds(preprocessed(artifact, ctx) if self.options.preprocess else artifact.path, fix)
@@ -171,12 +193,13 @@ def _runner(model, ctx: BuildContext):
     options.log_severity_level = 3
     source = model.SerializeToString() if hasattr(model, "SerializeToString") else str(model)
     session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-    first = session.get_inputs()[0]
+    names = [i.name for i in session.get_inputs()]
+    first = next((i for i in session.get_inputs() if i.shape), session.get_inputs()[0])
     step = first.shape[0] if isinstance(first.shape[0], int) else None  # a model exported at a fixed batch
 
-    def run(x: np.ndarray) -> list[np.ndarray]:
+    def run(x) -> list[np.ndarray]:
         size = step or 64
-        parts = [session.run(None, {first.name: np.ascontiguousarray(x[i:i + size])})
+        parts = [session.run(None, ort_feed(x[i:i + size], names))
                  for i in range(0, len(x) - (len(x) % step if step else 0), size)]
         return [np.concatenate(outputs) for outputs in zip(*parts)]
 
@@ -243,7 +266,7 @@ class _Reader:
 
         graph = onnx.load(str(model_path), load_external_data=False).graph
         initializers = {i.name for i in graph.initializer}
-        self.input_name = next(i.name for i in graph.input if i.name not in initializers)
+        self.input_names = [i.name for i in graph.input if i.name not in initializers]
         self.ctx, self.batch_size, self.start = ctx, batch_size, 0
         self.static_batch = _static_batch(graph)
 
@@ -257,14 +280,17 @@ class _Reader:
             return None
         self.start += len(batch)
         self.ctx.progress("calibrating (onnxruntime)", self.start, len(x))
-        return {self.input_name: np.ascontiguousarray(batch)}
+        return ort_feed(batch, self.input_names)
 
     def rewind(self) -> None:
         self.start = 0
 
 
 def _static_batch(graph) -> int | None:
-    dim = graph.input[0].type.tensor_type.shape.dim[0]
+    batched = [i for i in graph.input if i.type.tensor_type.shape.dim]  # a scalar input has no batch
+    if not batched:
+        return None
+    dim = batched[0].type.tensor_type.shape.dim[0]
     return dim.dim_value if dim.HasField("dim_value") else None
 
 

@@ -18,6 +18,7 @@ from typing import Literal
 from ..artifact import Artifact, Kind
 from ..context import BuildContext
 from ..errors import StageError, reason
+from ..feed import torch_args
 from ..export import as_module, export_program, quiet_logger
 from ..options import option
 from ..stage import Recoverable, Stage, StageResult, register_stage
@@ -34,6 +35,8 @@ class QuantizePT2EOptions:
                                           "calibration inputs; recovery tries it")
     smooth: bool = option(False, "fuse, then SmoothQuant: move LayerNorm outputs' outlier channel scales into the Linear weights that read "
                                  "them (same function in FP32); recovery tries it")
+    float_masks: bool = option(False, "leave additive attention masks unquantized: the add that pushes a Softmax's input below -1e3 "
+                                      "on calibration inputs (a padding mask); recovery tries it")
 
 
 @register_stage
@@ -57,13 +60,19 @@ class QuantizePT2E(Stage, Recoverable):
         cal = ctx.calibration.x
         ep, batch = self._exported(artifact, ctx)
         quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=o.per_channel))
-        if o.float_layers:  # XNNPACKQuantizer refuses set_module_name(name, None); a filter leaves them out
-            quantizer.set_filter_function(lambda node: _module_of(node) not in o.float_layers)
+        module = ep.module()
+        masks = set()
+        if o.float_masks:  # additive attention masks (see toolchain.masks): their add gets no quantization
+            from ..masks import fx_mask_nodes
+
+            masks = {n.name for n in fx_mask_nodes(module, cal)}
+        if o.float_layers or masks:  # XNNPACKQuantizer refuses set_module_name(name, None); a filter leaves them out
+            quantizer.set_filter_function(lambda node: _module_of(node) not in o.float_layers and node.name not in masks)
         try:
-            prepared = prepare_pt2e(ep.module(), quantizer)
+            prepared = prepare_pt2e(module, quantizer)
             with torch.no_grad():
                 for start in range(0, len(cal), batch):
-                    prepared(torch.from_numpy(cal[start:start + batch].copy()))
+                    prepared(*torch_args(cal[start:start + batch]))
                     ctx.progress("calibrating (pt2e)", min(start + batch, len(cal)), len(cal))
             reference = copy.deepcopy(prepared) if o.bias_correction else None  # convert_pt2e changes its input
             converted = convert_pt2e(prepared)
@@ -80,6 +89,8 @@ class QuantizePT2E(Stage, Recoverable):
                  "float_layers": list(o.float_layers)}
         if corrected is not None:
             facts["bias_correction"] = corrected
+        if o.float_masks:
+            facts["float_masks"] = sorted(masks)
         if o.equalize or o.smooth:
             facts.update(ctx.cache.get(("rescale_pt2e", artifact.sha256, o.equalize, o.smooth, o.per_channel), {}))
         return StageResult(dataclasses.replace(artifact, kind=Kind.EXPORTED, model=program, precision="int8"), facts)
@@ -99,7 +110,7 @@ class QuantizePT2E(Stage, Recoverable):
             ep, batch = None, self.options.batch_size
             if len(cal) > 1:
                 with contextlib.suppress(StageError):
-                    ep = export_program(module, torch.from_numpy(cal[:2].copy()), self.name, dynamic_batch=True)
+                    ep = export_program(module, torch_args(cal[:2]), self.name, dynamic_batch=True)
             if ep is None:
                 ep, batch = export_program(module, ctx.example(), self.name), 1
             ctx.cache[key] = ep, batch
@@ -118,11 +129,15 @@ class QuantizePT2E(Stage, Recoverable):
         return model
 
     def fixes(self) -> tuple[str, ...]:
-        return ("equalize", "smooth", "bias_correction")
+        return ("float_masks", "equalize", "smooth", "bias_correction")
 
     def applies(self, fix: str, artifact: Artifact, ctx: BuildContext) -> bool:
         from ..rescale import fx_finds
 
+        if fix == "float_masks":
+            from ..masks import fx_mask_nodes
+
+            return bool(fx_mask_nodes(self._exported(artifact, ctx)[0].module(), ctx.calibration.x))
         return fix == "bias_correction" or fx_finds(_fused(artifact, ctx), fix, ctx.calibration.x)
 
     def layers(self, artifact: Artifact, ctx: BuildContext) -> list[str]:

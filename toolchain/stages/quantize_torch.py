@@ -20,6 +20,7 @@ from ..artifact import Artifact, Kind
 from ..context import BuildContext
 from ..cpu import has_vnni
 from ..errors import StageError, reason
+from ..feed import torch_args
 from ..options import option
 from ..stage import Recoverable, Stage, StageResult, register_stage
 
@@ -42,6 +43,8 @@ class QuantizeTorchOptions:
                                  "them (FX models; same function in FP32); recovery tries it")
     bias_correction: bool = option(False, "shift each quantized Conv/Linear bias by the mean error quantization adds on calibration "
                                           "inputs (FX models); recovery tries it")
+    float_masks: bool = option(False, "keep additive attention masks in float: the add that pushes a Softmax's input below -1e3 "
+                                      "on calibration inputs (a padding mask; FX models); recovery tries it")
 
 
 @register_stage
@@ -60,7 +63,7 @@ class QuantizeTorch(Stage, Recoverable):
         o = self.options
         reduce_range = o.reduce_range if o.reduce_range is not None else (o.engine != "qnnpack" and not has_vnni(ctx.isa))
         qconfig = make_qconfig(o.calibration, o.percentile, o.per_channel, reduce_range, o.engine)
-        batches = [torch.from_numpy(b) for b in ctx.calibration.batches(o.batch_size)]
+        batches = [torch_args(b) for b in ctx.calibration.batches(o.batch_size)]  # each: the model's arguments
         torch.backends.quantized.engine = o.engine
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -76,6 +79,8 @@ class QuantizeTorch(Stage, Recoverable):
                  "float_layers": list(o.float_layers)}
         if (o.equalize or o.smooth) and artifact.kind is Kind.FX:
             facts.update(ctx.cache.get(("rescale_fx", artifact.sha256, o.equalize, o.smooth, reduce_range, o.per_channel), {}))
+        if o.float_masks and artifact.kind is Kind.FX:
+            facts["float_masks"] = len(ctx.cache.get(self._key(artifact, reduce_range) + ("masks",), []))
         if o.engine == "qnnpack" and artifact.kind is Kind.FX:
             facts["contiguous_before_clamp"] = contiguous_before_clamp(model)
         if o.bias_correction and artifact.kind is Kind.FX:
@@ -96,19 +101,31 @@ class QuantizeTorch(Stage, Recoverable):
         key = self._key(artifact, reduce_range)
         if key not in ctx.cache:
             model = _rescaled(artifact, ctx, o, reduce_range) if o.equalize or o.smooth else copy.deepcopy(artifact.model)
-            prepared = prepare_fx(model, QConfigMapping().set_global(qconfig), (batches[0][:1],))
+            mapping = QConfigMapping().set_global(qconfig)
+            masks = []
+            if o.float_masks:  # at prepare: no observer on the mask's add, so nothing downstream takes its range
+                from ..masks import fx_call_orders
+
+                masks = fx_call_orders(model, _mask_nodes(model, ctx))
+            for target, index in masks:
+                mapping.set_module_name_object_type_order("", target, index, None)
+            prepared = prepare_fx(model, mapping, tuple(t[:1] if t.dim() else t for t in batches[0]))
             with torch.inference_mode():
                 _calibrate(prepared, batches, ctx)
             ctx.cache[key] = prepared
+            ctx.cache[key + ("masks",)] = masks
         mapping = QConfigMapping().set_global(qconfig)
         for name in o.float_layers:
             mapping.set_module_name(name, None)
+        for target, index in ctx.cache[key + ("masks",)]:
+            mapping.set_module_name_object_type_order("", target, index, None)
         converted = convert_fx(copy.deepcopy(ctx.cache[key]), qconfig_mapping=mapping)
         return float_outputs(converted, o.float_layers) if o.float_layers else converted
 
     def _key(self, artifact: Artifact, reduce_range: bool) -> tuple:
         o = self.options
-        return ("quantize_torch", artifact.sha256, o.calibration, o.percentile, o.per_channel, reduce_range, o.engine, o.equalize, o.smooth)
+        return ("quantize_torch", artifact.sha256, o.calibration, o.percentile, o.per_channel, reduce_range, o.engine, o.equalize, o.smooth,
+                o.float_masks)
 
     def _prepared(self, artifact: Artifact, ctx: BuildContext, reduce_range: bool):
         """The calibrated model the INT8 one was converted from (float, the same fused modules)."""
@@ -131,15 +148,24 @@ class QuantizeTorch(Stage, Recoverable):
         return typing.get_args(typing.get_type_hints(QuantizeTorchOptions)["calibration"])
 
     def fixes(self) -> tuple[str, ...]:
-        return ("equalize", "smooth", "bias_correction")
+        return ("float_masks", "equalize", "smooth", "bias_correction")
 
     def applies(self, fix: str, artifact: Artifact, ctx: BuildContext) -> bool:
-        """All three act on FX models only (a TorchScript input is quantized as it is)."""
+        """All four act on FX models only (a TorchScript input is quantized as it is)."""
         from ..rescale import fx_finds
 
         if artifact.kind is not Kind.FX:
             return False
+        if fix == "float_masks":
+            return bool(_mask_nodes(artifact.model, ctx))
         return fix == "bias_correction" or fx_finds(artifact.model, fix, ctx.calibration.x)
+
+
+def _mask_nodes(gm, ctx: BuildContext) -> list:
+    """The adds of additive attention masks in ``gm`` (see toolchain.masks)."""
+    from ..masks import fx_mask_nodes
+
+    return fx_mask_nodes(gm, ctx.calibration.x)
 
 
 def _rescaled(artifact: Artifact, ctx: BuildContext, o: QuantizeTorchOptions, reduce_range: bool):
@@ -226,9 +252,10 @@ def _quantize_jit(model, qconfig, batches, ctx: BuildContext):
 def _calibrate(model, batches, ctx: BuildContext) -> None:
     import torch
 
-    done, total = 0, sum(len(b) for b in batches)
+    size = lambda batch: next(len(t) for t in batch if t.dim())
+    done, total = 0, sum(map(size, batches))
     with torch.no_grad():
         for batch in batches:
-            model(batch)
-            done += len(batch)
+            model(*batch)
+            done += size(batch)
             ctx.progress("calibrating (torch)", done, total)

@@ -56,14 +56,14 @@ def _to_torchscript(model, ctx: BuildContext):
 
 def _holds(traced, model, ctx: BuildContext) -> bool:
     """Whether the trace computes what the model does at a batch size other than the example's."""
-    import numpy as np
     import torch
 
+    from ..feed import repeat_to, torch_args
     from ..runtime import flatten_outputs
 
-    x = torch.from_numpy(np.resize(ctx.calibration.x, (3, *ctx.calibration.x.shape[1:])))  # 3 samples (repeated if fewer)
+    x = torch_args(repeat_to(ctx.calibration.x[:3], 3))  # 3 samples (repeated if fewer)
     try:
-        got, want = flatten_outputs(traced(x)), flatten_outputs(model(x))
+        got, want = flatten_outputs(traced(*x)), flatten_outputs(model(*x))
     except Exception:
         return False
     return len(got) == len(want) and all(a.shape == b.shape and torch.allclose(a.float(), b.float(), atol=1e-4, rtol=1e-3)

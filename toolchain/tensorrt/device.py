@@ -20,15 +20,33 @@ from ..target import ParityThresholds
 PARITY_INPUTS = "parity_inputs.npz"
 
 
-def save_parity_inputs(folder: Path, x: np.ndarray, reference: list[np.ndarray], roles, y: np.ndarray | None, count: int) -> None:
+def save_parity_inputs(folder: Path, x, reference: list[np.ndarray], roles, y: np.ndarray | None, count: int) -> None:
     """Keep a few validation inputs with every FP32 output and its role, so the device can check
-    the engine without torch. `reference` stays the first output (older readers)."""
-    arrays = {"x": x[:count], "reference": reference[0][:count],
+    the engine without torch. `reference` stays the first output (older readers); a model with
+    several inputs keeps them as `input_0`, `input_1`, ... with their names in `input_names`."""
+    from ..feed import Feed
+
+    kept = x[:count]
+    arrays = {"reference": reference[0][:count],
               "output_names": np.array([r.name for r in roles]), "output_roles": np.array([r.role for r in roles])}
+    if isinstance(kept, Feed):
+        arrays.update({f"input_{i}": a for i, a in enumerate(kept.arrays)}, input_names=np.array(kept.names))
+    else:
+        arrays["x"] = kept
     arrays.update({f"reference_{i}": out[:count] for i, out in enumerate(reference)})
     if y is not None:
         arrays["y"] = y[:count]
     np.savez_compressed(folder / PARITY_INPUTS, **arrays)
+
+
+def kept_inputs(data):
+    """The kept validation inputs: an ndarray, or a Feed for a model with several."""
+    from ..feed import Feed
+
+    if "input_names" not in data:
+        return data["x"]
+    names = tuple(str(n) for n in data["input_names"])
+    return Feed(tuple(data[f"input_{i}"] for i in range(len(names))), names)
 
 
 def kept_outputs(data) -> tuple[list[np.ndarray], tuple[OutputRole, ...]]:
@@ -60,7 +78,7 @@ def engine_build(folder: Path, use_trtexec: bool = False) -> dict:
         data = np.load(folder / PARITY_INPUTS)
         reference, roles = kept_outputs(data)
         engine = Artifact(Kind.ENGINE, "int8", path=folder / record["engine"])
-        outputs = runtimes.get("tensorrt").load(engine, 1)(data["x"])  # in chunks the plan's profile accepts
+        outputs = runtimes.get("tensorrt").load(engine, 1)(kept_inputs(data))  # in chunks the plan's profile accepts
         thresholds = ParityThresholds(**report["parity_thresholds"]).for_precision("int8") if report.get("parity_thresholds") else None
         labels = data["y"] if "y" in data else None
         # FP32 accuracy is taken on the same kept samples (the report's is over the whole validation set).

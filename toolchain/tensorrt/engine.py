@@ -100,9 +100,11 @@ def _builder_config(trt, builder, plan: dict, folder: Path):
         config.set_flag(trt.BuilderFlag.FP16)
     if hasattr(trt.BuilderFlag, "INT8"):
         config.set_flag(trt.BuilderFlag.INT8)
-    io = plan["input"]
+    from .plan import profiled_inputs
+
     profile = builder.create_optimization_profile()
-    profile.set_shape(io["name"], io["min"], io["opt"], io["max"])
+    for io in profiled_inputs(plan):  # every batched input by name (a scalar has one shape: nothing to optimize)
+        profile.set_shape(io["name"], io["min"], io["opt"], io["max"])
     config.add_optimization_profile(profile)
     cache_file = folder / plan["timing_cache"]
     cache = config.create_timing_cache(cache_file.read_bytes() if cache_file.exists() else b"")
@@ -155,13 +157,16 @@ def build_with_trtexec(folder: Path) -> dict:
             "sha256": hashlib.sha256(engine.read_bytes()).hexdigest(), "built_with": "trtexec"}
 
 
-def run_engine(engine_path: Path, x: np.ndarray, max_batch: int, static_batch: int | None = None) -> list[np.ndarray]:
-    """Every output of a single-input engine on ``x``, in the engine's output order.
+def run_engine(engine_path: Path, x, max_batch: int, static_batch: int | None = None) -> list[np.ndarray]:
+    """Every output of the engine on ``x`` (an ndarray, or a Feed for several inputs, in the
+    engine's input order), in the engine's output order.
 
     The inputs go in chunks the engine's optimization profile accepts: at most ``max_batch`` rows,
     or exactly ``static_batch`` rows for a static (DLA) engine, the last chunk padded with copies
-    of its last row whose outputs are dropped. A shape the engine refuses is an error, not garbage.
+    of its rows whose outputs are dropped. A shape the engine refuses is an error, not garbage.
     """
+    from ..feed import arrays, repeat_to
+
     trt = import_tensorrt()
     engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(engine_path.read_bytes())
     if engine is None:
@@ -170,39 +175,41 @@ def run_engine(engine_path: Path, x: np.ndarray, max_batch: int, static_batch: i
     names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
     inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
     outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-    if len(inputs) != 1:
-        raise ToolchainError(f"the engine has {len(inputs)} inputs; `engine build` checks single-input engines")
+    if len(inputs) != len(arrays(x)):
+        raise ToolchainError(f"the engine has {len(inputs)} inputs ({', '.join(inputs)}); the kept data has {len(arrays(x))}")
     step = static_batch or max_batch
     results: list[list[np.ndarray]] = [[] for _ in outputs]
     for start in range(0, len(x), step):
         chunk = x[start:start + step]
         rows = len(chunk)
         if static_batch and rows < static_batch:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], static_batch - rows, axis=0)])
-        for kept, y in zip(results, _execute(trt, engine, context, inputs[0], outputs, chunk)):
+            chunk = repeat_to(chunk, static_batch)
+        for kept, y in zip(results, _execute(trt, engine, context, inputs, outputs, arrays(chunk))):
             kept.append(y[:rows])
     return [np.concatenate(parts) for parts in results]
 
 
-def _execute(trt, engine, context, name: str, outputs: list[str], x: np.ndarray) -> list[np.ndarray]:
+def _execute(trt, engine, context, names: list[str], outputs: list[str], xs) -> list[np.ndarray]:
     """One execution with cuda-python buffers."""
     rt = cudart()
-    x = np.ascontiguousarray(x, dtype=trt.nptype(engine.get_tensor_dtype(name)))
-    if not context.set_input_shape(name, x.shape):
-        raise ToolchainError(f"the engine refuses input `{name}` of shape {x.shape}: outside its optimization profile")
+    xs = [np.ascontiguousarray(x, dtype=trt.nptype(engine.get_tensor_dtype(n))) for n, x in zip(names, xs)]
+    for name, x in zip(names, xs):
+        if not context.set_input_shape(name, x.shape):
+            raise ToolchainError(f"the engine refuses input `{name}` of shape {x.shape}: outside its optimization profile")
     ys = [np.empty(tuple(context.get_tensor_shape(n)), dtype=trt.nptype(engine.get_tensor_dtype(n))) for n in outputs]
     stream = _check(rt.cudaStreamCreate())
     device: list = []
     try:
-        for array in (x, *ys):
+        for array in (*xs, *ys):
             device.append(_check(rt.cudaMalloc(array.nbytes)))
-        _check(rt.cudaMemcpy(device[0], x.ctypes.data, x.nbytes, rt.cudaMemcpyKind.cudaMemcpyHostToDevice))
-        for tensor, address in zip((name, *outputs), device):
+        for x, address in zip(xs, device):
+            _check(rt.cudaMemcpy(address, x.ctypes.data, x.nbytes, rt.cudaMemcpyKind.cudaMemcpyHostToDevice))
+        for tensor, address in zip((*names, *outputs), device):
             context.set_tensor_address(tensor, int(address))
         if not context.execute_async_v3(int(stream)):
             raise ToolchainError("TensorRT execution failed")
         _check(rt.cudaStreamSynchronize(stream))
-        for y, address in zip(ys, device[1:]):
+        for y, address in zip(ys, device[len(xs):]):
             _check(rt.cudaMemcpy(y.ctypes.data, address, y.nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost))
     finally:
         for address in device:

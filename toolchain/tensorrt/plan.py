@@ -77,20 +77,30 @@ def read_calibration_cache(path: Path) -> tuple[str, dict[str, float]]:
     return header, scales
 
 
-def engine_plan(opts: TensorRTOptions, input_name: str, sample_shape: tuple[int, ...]) -> dict:
+def engine_plan(opts: TensorRTOptions, inputs: list[tuple[str, tuple[int, ...], tuple[int, ...]]]) -> dict:
+    """The plan for the engine. ``inputs``: each ONNX input's name, one sample's shape (batch excluded;
+    None for a scalar) and its axes that may change size (a sequence: min 1, opt = max = the data's)."""
     if len(opts.profile_batch) != 3 or not opts.profile_batch[0] <= opts.profile_batch[1] <= opts.profile_batch[2]:
         raise ToolchainError(f"tensorrt.profile_batch must be [min, opt, max] with min <= opt <= max (got {list(opts.profile_batch)})")
     dla = opts.dla_core >= 0
     # DLA has no dynamic dimensions: TensorRT needs min = opt = max, and runs only that shape
     batches = (opts.profile_batch[1],) * 3 if dla else opts.profile_batch
-    shapes = {k: [b, *sample_shape] for k, b in zip(("min", "opt", "max"), batches)}
+    profiles = []
+    for name, sample, dynamic in inputs:
+        if sample is None:  # a scalar: one shape, nothing to optimize over
+            profiles.append({"name": name, "min": [], "opt": [], "max": [], "static": True})
+            continue
+        low = [1 if i in dynamic and not dla else d for i, d in enumerate(sample)]
+        shapes = dict(zip(("min", "opt", "max"), ([b, *dims] for b, dims in zip(batches, (low, sample, sample)))))
+        profiles.append({"name": name, **shapes, "static": dla})
     plan = {
         "tensorrt_version": opts.version,
         "onnx": f"{opts.fp32_onnx if dla else opts.engine_from}.onnx",
         "int8_mode": "implicit (calibration cache)" if dla else "explicit (Q/DQ)",
         "calibration_cache": "calibration.cache",
         "precisions": ["int8", *(["fp16"] if opts.fp16 else [])],
-        "input": {"name": input_name, **shapes, "static": dla},
+        "input": next(p for p in profiles if p["min"]),  # the first batched input (the plan's key before `inputs`)
+        "inputs": profiles,  # every input's optimization profile, in the model's order
         "workspace_mb": opts.workspace_mb,
         "dla_core": opts.dla_core if dla else None,
         "gpu_fallback": dla,
@@ -102,11 +112,15 @@ def engine_plan(opts: TensorRTOptions, input_name: str, sample_shape: tuple[int,
     return plan
 
 
+def profiled_inputs(plan: dict) -> list[dict]:
+    """The inputs a plan gives optimization profiles for (a plan from before `inputs`: its one `input`)."""
+    return [p for p in plan.get("inputs", [plan["input"]]) if p["min"]]
+
+
 def trtexec_command(plan: dict) -> list[str]:
-    name, io = plan["input"]["name"], plan["input"]
-    dims = lambda s: f"{name}:{'x'.join(map(str, s))}"
-    cmd = ["trtexec", f"--onnx={plan['onnx']}", "--int8", f"--minShapes={dims(io['min'])}",
-           f"--optShapes={dims(io['opt'])}", f"--maxShapes={dims(io['max'])}",
+    dims = lambda key: ",".join(f"{p['name']}:{'x'.join(map(str, p[key]))}" for p in profiled_inputs(plan))
+    cmd = ["trtexec", f"--onnx={plan['onnx']}", "--int8", f"--minShapes={dims('min')}",
+           f"--optShapes={dims('opt')}", f"--maxShapes={dims('max')}",
            f"--memPoolSize=workspace:{plan['workspace_mb']}", f"--timingCacheFile={plan['timing_cache']}",
            f"--saveEngine={plan['engine']}"]
     if "fp16" in plan["precisions"]:
@@ -118,17 +132,18 @@ def trtexec_command(plan: dict) -> list[str]:
     return cmd
 
 
-def write_plan(folder: Path, opts: TensorRTOptions, sample_shape: tuple[int, ...], float_layers: tuple[str, ...] = ()) -> dict:
+def write_plan(folder: Path, opts: TensorRTOptions, signature, float_layers: tuple[str, ...] = ()) -> dict:
     """Write the cache and plan into the build folder; return the report's `engine` entry.
 
     ``float_layers``: the Q/DQ model's nodes that recovery left without Q/DQ; TensorRT runs them
     in FP16 when the plan allows FP16, else in FP32."""
     import onnx
 
-    input_name = onnx.load(str(folder / f"{opts.engine_from}.onnx"), load_external_data=False).graph.input[0].name
+    graph = onnx.load(str(folder / f"{opts.engine_from}.onnx"), load_external_data=False).graph
+    names = [i.name for i in graph.input if i.name not in {t.name for t in graph.initializer}]
     scales = activation_scales(folder / f"{opts.calibration_from}.onnx")
     write_calibration_cache(folder / "calibration.cache", scales, opts.version)
-    plan = engine_plan(opts, input_name, sample_shape)
+    plan = engine_plan(opts, [(name, None if s.scalar else s.shape, s.dynamic) for name, s in zip(names, signature.inputs)])
     if float_layers:
         plan["float_layers"] = {"nodes": list(float_layers), "precision": "fp16" if opts.fp16 else "fp32",
                                 "why": "kept out of INT8 by recovery: no Q/DQ around them in the ONNX file"}

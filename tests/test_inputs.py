@@ -1,0 +1,124 @@
+"""Models with several inputs, integer ones included: a tiny BERT-style text classifier (token ids and
+an attention mask, int64, trained here on sentences with known topics) and a two-input image model,
+built for each target with every input named, checked per artifact against FP32."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import toolchain
+from toolchain.build import parse_input_shapes
+from toolchain.errors import DataError
+from toolchain.examples import digits_data, train
+
+from .conftest import SNAPDRAGON, X86, XAVIER, fast_profile, without_artifacts
+from .models import SEQ, ImageAndMeta, export_inputs, ink_sums, text_classifier, token_sentences
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    ids, mask, y = token_sentences(3000, 0)
+    vi, vm, vy = token_sentences(256, 1)
+    folder = tmp_path_factory.mktemp("text")
+    seq = torch.export.Dim("seq", min=2, max=SEQ)  # any sentence length up to 16: the export keeps it free
+    export_inputs(text_classifier(ids, mask, y), (ids, mask), folder / "text.pt2", {0: {1: seq}, 1: {1: seq}})
+    np.savez(folder / "cal.npz", ids=ids[:128], mask=mask[:128])
+    np.savez(folder / "val.npz", ids=vi, mask=vm, y=vy)
+    return folder
+
+
+def _build(folder, base, tmp_path, model="text.pt2", drop=()):
+    profile = fast_profile(tmp_path, 128, 256, base=base, batch_sizes=None if base is not X86 else "[1, 2]")
+    profile = without_artifacts(profile, tmp_path, *drop) if drop else profile
+    report, out = toolchain.build(str(folder / model), str(profile), tmp_path / "out", folder / "cal.npz", folder / "val.npz")
+    return report.to_json(), out
+
+
+def test_a_text_classifier_with_token_ids_and_a_mask_builds_for_x86(text, tmp_path):
+    """Integer inputs end to end; the padding mask's -1e4 breaks static INT8 (it becomes the attention
+    scores' range) until recovery keeps the mask's add and Softmax in float."""
+    import onnx
+
+    data, out = _build(text, X86, tmp_path)
+    assert [(i["name"], i["shape"], i["dtype"]) for i in data["model"]["inputs"]] == [("ids", [1, 16], "int64"), ("mask", [1, 16], "int64")]
+    assert data["model"]["inputs"][0]["dynamic_axes"] == [1]  # the sentence length stays free
+    artifacts = {a["name"]: a for a in data["artifacts"]}
+    assert set(artifacts) == {"torch_int8", "onnx_fp32", "onnx_int8", "onnx_int8_dynamic"}, data["skipped"]
+    assert data["passed"] is True and data["reference"]["accuracy"] > 0.95
+    for a in artifacts.values():
+        assert a["parity"]["passed"] is True and a["parity"]["top1_agreement"] >= 0.99, (a["name"], a["parity"])
+    graph = onnx.load(str(out / "onnx_fp32.onnx")).graph
+    assert [i.name for i in graph.input] == ["ids", "mask"]
+    assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.INT64
+    assert graph.input[0].type.tensor_type.shape.dim[1].dim_param  # a symbolic sequence axis
+    for name in ("onnx_int8", "torch_int8"):  # all-INT8 as first built fails; the masks fix earns the pass
+        recovery = artifacts[name]["recovery"]
+        assert recovery["before"]["top1_agreement"] < 0.99 and recovery["status"] == "recovered", recovery
+        assert "float_masks" in recovery["attempts"][-1]["fixes"] and "attention masks kept in float" in recovery["summary"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    facts = next(s["facts"] for s in manifest["artifacts"]["onnx_int8"]["stages"] if s["stage"] == "quantize_onnx")
+    assert len(facts["float_masks"]) == 4  # two layers: each one's Softmax and the Add that applies the mask
+
+
+def test_the_text_classifier_on_xavier_has_an_optimization_profile_per_input(text, tmp_path, monkeypatch):
+    from toolchain.tensorrt.device import engine_build
+
+    from .fake_tensorrt import install
+
+    data, out = _build(text, XAVIER, tmp_path)
+    assert data["passed"] is True, [(a["name"], a["parity"]["failures"]) for a in data["artifacts"]]
+    assert {a["name"] for a in data["artifacts"]} == {"onnx_fp32", "onnx_fp16", "onnx_int8_qdq"}
+    plan = json.loads((out / "engine_plan.json").read_text())
+    assert [(p["name"], p["min"], p["opt"], p["max"]) for p in plan["inputs"]] == [
+        ("ids", [1, 1], [8, 16], [16, 16]), ("mask", [1, 1], [8, 16], [16, 16])]
+    assert "--minShapes=ids:1x1,mask:1x1" in plan["trtexec"] and "--maxShapes=ids:16x16,mask:16x16" in plan["trtexec"]
+    install(monkeypatch, "8.5.2.2")  # TensorRT 8.5 takes the INT64 ids as INT32, as the real parser does
+    record = engine_build(out)
+    assert record["parity"]["passed"] is True and record["parity"]["top1_agreement"] >= 0.99, record["parity"]
+
+
+@pytest.mark.slow
+def test_the_text_classifier_on_snapdragon(text, tmp_path):
+    data, _ = _build(text, SNAPDRAGON, tmp_path, drop=("pte_fp32",))
+    artifacts = {a["name"]: a for a in data["artifacts"]}
+    assert {"pte_int8", "pte_fp16", "ptl_int8"} <= set(artifacts), data["skipped"]
+    assert data["passed"] is True
+    for a in artifacts.values():
+        assert a["parity"]["passed"] is True, (a["name"], a["parity"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("base", [X86, XAVIER, SNAPDRAGON], ids=["x86", "xavier", "snapdragon"])
+def test_a_two_input_image_model_builds_on_every_target(tmp_path, base):
+    x_train, x_test, y_train, y_test = digits_data()
+    torch.manual_seed(0)
+    model = train(ImageAndMeta(), (x_train, ink_sums(x_train)), y_train, epochs=15)
+    export_inputs(model, (x_train, ink_sums(x_train)), tmp_path / "two.pt2")
+    np.savez(tmp_path / "cal.npz", image=x_train[:128], meta=ink_sums(x_train[:128]))
+    np.savez(tmp_path / "val.npz", image=x_test[:256], meta=ink_sums(x_test[:256]), y=y_test[:256])
+    data, _ = _build(tmp_path, base, tmp_path, "two.pt2", drop=("pte_fp32",) if base is SNAPDRAGON else ())
+    assert data["passed"] is True, [(a["name"], a["parity"]["failures"]) for a in data["artifacts"]]
+    assert [i["name"] for i in data["model"]["inputs"]] == ["image", "meta"]
+
+
+def test_data_for_several_inputs_must_name_each_one(text, tmp_path):
+    ids, mask, y = token_sentences(16, 2)
+    np.savez(tmp_path / "bad.npz", ids=ids, y=y)  # the mask is missing
+    profile = fast_profile(tmp_path, 16, 16)
+    with pytest.raises(DataError, match=r"has no array `mask`: the model takes inputs ids, mask"):
+        toolchain.build(str(text / "text.pt2"), str(profile), tmp_path / "out", tmp_path / "bad.npz")
+    assert not (tmp_path / "out").exists()
+    np.savez(tmp_path / "floats.npz", ids=ids.astype(np.float32), mask=mask)
+    with pytest.raises(DataError, match=r"input `ids` holds floats, the model takes int64"):
+        toolchain.build(str(text / "text.pt2"), str(profile), tmp_path / "out", tmp_path / "floats.npz")
+
+
+def test_input_shapes_per_input_name():
+    assert parse_input_shapes("ids=1x16:int64,mask=1x16:int64,rate=:int64") == [
+        ("ids", (1, 16), "int64"), ("mask", (1, 16), "int64"), ("rate", (), "int64")]
+    with pytest.raises(DataError, match="NAME=SHAPE"):
+        parse_input_shapes("1x16,mask")
+    with pytest.raises(DataError, match="is not a dtype"):
+        parse_input_shapes("ids=1x16:int65")
