@@ -41,7 +41,7 @@ def main(ctx, quiet: bool, verbose: bool) -> None:
 @click.option("-o", "--out", type=click.Path(), help="Build folder [default: build/<model>-<target>].")
 @click.option("--calib", type=click.Path(), help="Calibration inputs: .npy, .npz (x) or a folder of images.")
 @click.option("--val", type=click.Path(), help="Held-out validation inputs: .npy, .npz (x, optional labels y) or an image folder.")
-@click.option("--input-shape", help="Input shape with batch, e.g. 1x3x224x224 (when the model does not say).")
+@click.option("--input-shape", help="Input shape with batch, e.g. 1x3x224x224, or per input NAME=SHAPE[:DTYPE],... (when the model does not say).")
 @click.option("--trust-pickle", is_flag=True, help="Allow a pickled nn.Module (unpickling runs code from the file).")
 @click.option("--outputs", "output_roles", metavar="KEY=ROLE,...",
               help="Role of each output, by index or name: classification, probabilities, regression, embedding "
