@@ -155,8 +155,9 @@ class QuantizeOnnx(Stage, Recoverable):
         if fix == "float_masks":  # a mask's Softmax or Add that this quantizer would give Q/DQ
             import onnx
 
-            masks = set(self._masks(self._source(artifact, ctx), ctx))
-            graph = onnx.load(str(self._source(artifact, ctx)), load_external_data=False).graph
+            source = self._source(artifact, ctx)
+            masks = set(self._masks(source, ctx))
+            graph = onnx.load(str(source), load_external_data=False).graph
             quantized = set(self.options.op_types) or {"Add", "Softmax"}
             return any(n.name in masks and n.op_type in quantized for n in graph.node)
         if fix not in ("equalize", "smooth"):
