@@ -58,6 +58,28 @@ def test_int8_keeps_accuracy_on_held_out_digits(digits_build):
     for name in ("onnx_int8", "torch_int8"):  # the x86 profile deploys to AVX2: 7-bit, whatever this host has
         quantize = next(s for s in manifest["artifacts"][name]["stages"] if s["stage"].startswith("quantize"))
         assert quantize["facts"]["reduce_range"] is True, name
+    torch_int8 = next(s for s in manifest["artifacts"]["torch_int8"]["stages"] if s["stage"] == "quantize_torch")
+    assert torch_int8["facts"]["engine"] == "x86" and torch_int8["facts"]["kernels"] == "fbgemm"  # what an AVX2 CPU runs
+
+
+def test_host_parity_runs_the_kernels_the_deployment_cpu_dispatches_to(digits_build):
+    """torch's x86 engine runs fbgemm alone on CPUs without AVX512-VNNI; an AMX host would send the
+    same convolutions to oneDNN (whose AMX INT8 Conv1d kernels are wrong for some shapes in torch 2.14.1)."""
+    import torch
+
+    from toolchain.artifact import Artifact, Kind
+    from toolchain.cpu import torch_kernels
+    from toolchain.runtimes.torchscript import load_module
+
+    assert [torch_kernels("x86", isa) for isa in ("avx2", "avx512", "avx512_vnni", "amx")] == ["fbgemm", "fbgemm", "x86", "x86"]
+    assert torch_kernels("qnnpack", None) == "qnnpack" and torch_kernels("x86", None) == "x86"
+    _, folder = digits_build
+    before = torch.backends.quantized.engine
+    try:
+        load_module(Artifact(Kind.TORCHSCRIPT, "int8", path=folder / "torch_int8.pt", quantized_engine="x86", kernels="fbgemm"))
+        assert torch.backends.quantized.engine == "fbgemm"
+    finally:
+        torch.backends.quantized.engine = before
 
 
 def test_report_contract_keys(digits_build):

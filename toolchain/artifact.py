@@ -41,6 +41,7 @@ class Artifact:
     model: Any = dataclasses.field(default=None, compare=False, repr=False)
     path: Path | None = None
     quantized_engine: str | None = None  # the kernels an INT8 model is packed or lowered for: a torch quantized engine (x86, fbgemm, qnnpack) or an ExecuTorch backend (xnnpack); not a TensorRT engine
+    kernels: str | None = None  # the torch engine the deployment CPU dispatches to, where it differs (x86 without VNNI: fbgemm); host parity loads under it
 
     def files(self) -> list[Path]:
         """The files that make up the artifact on disk (ONNX external data included)."""

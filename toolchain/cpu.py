@@ -21,6 +21,18 @@ def has_vnni(isa: str | None) -> bool:
     return isa in _VNNI
 
 
+def torch_kernels(engine: str, isa: str | None) -> str:
+    """The torch quantized engine whose kernels run an ``engine`` model on the deployment CPU ``isa``.
+
+    torch's ``x86`` engine sends a convolution to oneDNN only on CPUs with AVX512-VNNI (ATen's
+    ``should_use_onednn_quant``) and everything else to fbgemm: on an ``avx2`` or ``avx512`` CPU it
+    runs fbgemm's kernels alone. Host parity runs those, not the host's own dispatch: an AMX host
+    would send the same convolutions to oneDNN's AMX kernels, which the device never runs (and
+    which, in torch 2.14.1, compute INT8 Conv1d with fewer than 32 input channels and an even
+    kernel size wrong: SQNR ~0 dB against ~40 dB on fbgemm, measured here)."""
+    return "fbgemm" if engine == "x86" and isa is not None and not has_vnni(isa) else engine
+
+
 def safe_reduce_range(isa: str | None) -> bool:
     """7-bit weights unless the deployment CPU has VNNI; False for non-x86 targets (``isa`` None)."""
     return isa is not None and not has_vnni(isa)

@@ -12,8 +12,9 @@ def load_module(artifact: Artifact):
     """A TorchScript or lite-interpreter file, loaded under the engine its INT8 weights were packed for."""
     import torch
 
-    if artifact.quantized_engine:
-        torch.backends.quantized.engine = artifact.quantized_engine  # packed weights unpack on load, on this engine
+    engine = artifact.kernels or artifact.quantized_engine  # the deployment CPU's kernels, not the host's dispatch
+    if engine:
+        torch.backends.quantized.engine = engine  # packed weights unpack on load, on this engine
     if artifact.kind is Kind.LITE:
         from torch.jit.mobile import _load_for_lite_interpreter  # PyTorch Mobile's runtime, on the host
 

@@ -18,7 +18,7 @@ from typing import Literal
 
 from ..artifact import Artifact, Kind
 from ..context import BuildContext
-from ..cpu import has_vnni
+from ..cpu import has_vnni, torch_kernels
 from ..errors import StageError, reason
 from ..feed import torch_args
 from ..options import option
@@ -64,7 +64,8 @@ class QuantizeTorch(Stage, Recoverable):
         reduce_range = o.reduce_range if o.reduce_range is not None else (o.engine != "qnnpack" and not has_vnni(ctx.isa))
         qconfig = make_qconfig(o.calibration, o.percentile, o.per_channel, reduce_range, o.engine)
         batches = [torch_args(b) for b in ctx.calibration.batches(o.batch_size)]  # each: the model's arguments
-        torch.backends.quantized.engine = o.engine
+        kernels = torch_kernels(o.engine, ctx.isa)  # packed for the kernels the deployment CPU runs
+        torch.backends.quantized.engine = kernels
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             try:
@@ -74,8 +75,8 @@ class QuantizeTorch(Stage, Recoverable):
                     model = _quantize_jit(artifact.model, qconfig, batches, ctx)
             except (RuntimeError, NotImplementedError, AssertionError) as e:
                 raise StageError(f"quantize_torch: {o.engine} cannot quantize this model: {reason(e)}") from None
-        check_kernels(model, o.engine)
-        facts = {"calibration_samples": len(ctx.calibration.x), "engine": o.engine, "reduce_range": reduce_range,
+        check_kernels(model, kernels)
+        facts = {"calibration_samples": len(ctx.calibration.x), "engine": o.engine, "kernels": kernels, "reduce_range": reduce_range,
                  "float_layers": list(o.float_layers)}
         if (o.equalize or o.smooth) and artifact.kind is Kind.FX:
             facts.update(ctx.cache.get(("rescale_fx", artifact.sha256, o.equalize, o.smooth, reduce_range, o.per_channel), {}))
@@ -87,8 +88,8 @@ class QuantizeTorch(Stage, Recoverable):
             from ..bias_correction import correct_module_biases
 
             facts["bias_correction"] = correct_module_biases(self._prepared(artifact, ctx, reduce_range), model, ctx.calibration.x[:128])
-        return StageResult(dataclasses.replace(artifact, model=model, precision="int8", quantized_engine=o.engine), facts)
-
+        return StageResult(dataclasses.replace(artifact, model=model, precision="int8", quantized_engine=o.engine,
+                                               kernels=kernels if kernels != o.engine else None), facts)
 
     def _quantize_fx(self, artifact: Artifact, qconfig, batches, ctx: BuildContext, reduce_range: bool):
         """Prepare and calibrate once per (input, observers); each set of float layers is a
