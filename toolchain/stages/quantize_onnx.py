@@ -251,12 +251,20 @@ def preprocessed(artifact: Artifact, ctx: BuildContext) -> Path:
 
 
 def _preprocess_into(path: Path, out: Path) -> None:
+    """Symbolic shape inference, ONNX shape inference and graph optimisation; without the symbolic
+    step where it cannot finish (a sequence axis sliced by the model, say), as the model is where
+    nothing works. ONNX Runtime saves an unfinished symbolic inference as `sym_shape_infer_temp.onnx`
+    (and its `<uuid>.data`) in the working directory before raising: run it in the work folder."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    try:
-        quant_pre_process(str(path), str(out))
-    except Exception:  # pre-processing is an optimisation; quantize the model as it is
-        shutil.copyfile(path, out)
+    with contextlib.chdir(out.parent):
+        for skip_symbolic in (False, True):
+            try:
+                quant_pre_process(str(path.resolve()), str(out.resolve()), skip_symbolic_shape=skip_symbolic)
+                return
+            except Exception:  # pre-processing is an optimisation
+                continue
+    shutil.copyfile(path, out)  # quantize the model as it is
 
 
 class _Reader:
