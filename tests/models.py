@@ -391,3 +391,68 @@ def export_inputs(model: nn.Module, xs: tuple[np.ndarray, ...], path, dynamic: d
     batch = torch.export.Dim("batch", min=1, max=1024)
     shapes = tuple({0: batch, **(dynamic or {}).get(i, {})} for i in range(len(xs)))
     torch.export.save(torch.export.export(model, tuple(torch.from_numpy(a[:2]) for a in xs), dynamic_shapes=shapes), str(path))
+
+
+RATE, FRAME = 16000, 512  # a voice-activity detector's frames: 32 ms at 16 kHz
+
+
+def audio_frames(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Frames (n, 512) at 16 kHz and whether a voice is in them: voiced frames hold a harmonic series
+    (f0 90-300 Hz, falling harmonics, a slow tremolo) under noise; the others noise alone, or noise
+    and a steady whistle (2-5 kHz), at random levels."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(FRAME) / RATE
+    y = rng.integers(0, 2, n)
+    x = rng.normal(0, 1, (n, FRAME)) * rng.uniform(0.02, 0.5, (n, 1))
+    for i in range(n):
+        if y[i]:
+            f0 = rng.uniform(90, 300)
+            voice = sum(np.sin(2 * np.pi * f0 * k * t + rng.uniform(0, 6.3)) / k for k in range(1, 9))
+            x[i] += rng.uniform(0.05, 1.0) * voice * (1 + 0.3 * np.sin(2 * np.pi * rng.uniform(3, 8) * t))
+        elif rng.random() < 0.5:
+            x[i] += rng.uniform(0.05, 1.0) * np.sin(2 * np.pi * rng.uniform(2000, 5000) * t)
+    return x.astype(np.float32), y.astype(np.int64)
+
+
+class VoiceActivity(nn.Module):
+    """A voice-activity detector as such models ship (TorchScript, ``forward(x, sr: int)``): the
+    sample rate says how far to decimate the frame to the 8 kHz its convolutions were trained at."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv1d(1, 16, 15, stride=2, padding=7), nn.ReLU(), nn.BatchNorm1d(16),
+            nn.Conv1d(16, 32, 9, stride=2, padding=4), nn.ReLU(), nn.BatchNorm1d(32),
+            nn.Conv1d(32, 32, 9, stride=2, padding=4), nn.ReLU(), nn.AdaptiveAvgPool1d(1), nn.Flatten())
+        self.head = nn.Linear(32, 2)
+
+    def forward(self, x: torch.Tensor, sr: int) -> torch.Tensor:
+        return self.detect(x, sr)
+
+    def detect(self, x: torch.Tensor, sr: int) -> torch.Tensor:
+        if sr % 8000 != 0:
+            raise ValueError("sr must be a multiple of 8000")
+        return self.head(self.body(x[:, None, :: sr // 8000]))
+
+
+class VoiceActivityAt16k(VoiceActivity):
+    """The same detector with a default sample rate."""
+
+    def forward(self, x: torch.Tensor, sr: int = 16000) -> torch.Tensor:
+        return self.detect(x, sr)
+
+
+class _At(nn.Module):
+    def __init__(self, model: nn.Module, sr: int):
+        super().__init__()
+        self.model, self.sr = model, sr
+
+    def forward(self, x):
+        return self.model(x, self.sr)
+
+
+def voice_activity(x: np.ndarray, y: np.ndarray, epochs: int = 8) -> VoiceActivity:
+    torch.manual_seed(0)
+    model = VoiceActivity()
+    train(_At(model, RATE), x, y, epochs=epochs)
+    return model.eval()

@@ -1,6 +1,7 @@
 """Models with several inputs, integer ones included: a tiny BERT-style text classifier (token ids and
-an attention mask, int64, trained here on sentences with known topics) and a two-input image model,
-built for each target with every input named, checked per artifact against FP32."""
+an attention mask, int64, trained here on sentences with known topics), a two-input image model, and
+a voice-activity detector in TorchScript whose sample rate is an ``int`` argument, built for each
+target with every input named, checked per artifact against FP32."""
 
 import json
 
@@ -10,11 +11,12 @@ import torch
 
 import toolchain
 from toolchain.build import parse_input_shapes
-from toolchain.errors import DataError
+from toolchain.errors import EXIT_USER_ERROR, DataError
 from toolchain.examples import digits_data, train
 
-from .conftest import SNAPDRAGON, X86, XAVIER, fast_profile, without_artifacts
-from .models import SEQ, ImageAndMeta, export_inputs, ink_sums, text_classifier, token_sentences
+from .conftest import SNAPDRAGON, X86, XAVIER, cli, fast_profile, without_artifacts
+from .models import (SEQ, ImageAndMeta, VoiceActivityAt16k, audio_frames, export_inputs, ink_sums, text_classifier,
+                     token_sentences, voice_activity)
 
 
 @pytest.fixture(scope="module")
@@ -126,3 +128,76 @@ def test_input_shapes_per_input_name():
         parse_input_shapes("1x16,mask")
     with pytest.raises(DataError, match="is not a dtype"):
         parse_input_shapes("ids=1x16:int65")
+
+
+@pytest.fixture(scope="module")
+def vad(tmp_path_factory):
+    """TorchScript ``forward(x, sr: int)``, trained on frames with and without a voice; the data
+    files carry the sample rate as a 0-d array beside the frames, as a user would save it."""
+    x, y = audio_frames(1500, 0)
+    vx, vy = audio_frames(512, 1)
+    folder = tmp_path_factory.mktemp("vad")
+    model = voice_activity(x, y)
+    torch.jit.script(model).save(str(folder / "vad.pt"))
+    default = VoiceActivityAt16k()
+    default.load_state_dict(model.state_dict())
+    torch.jit.script(default.eval()).save(str(folder / "vad_default.pt"))
+    np.savez(folder / "cal.npz", x=x[:256], sr=np.array(16000))
+    np.savez(folder / "val.npz", x=vx, sr=np.array(16000), y=vy)
+    np.savez(folder / "val_8k.npz", x=vx, sr=np.array(8000), y=vy)
+    np.savez(folder / "plain_cal.npz", x=x[:256])
+    np.savez(folder / "plain_val.npz", x=vx, y=vy)
+    return folder
+
+
+@pytest.mark.parametrize("base", [X86, XAVIER, SNAPDRAGON], ids=["x86", "xavier", "snapdragon"])
+def test_a_torchscript_voice_detector_with_an_int_sample_rate_builds_on_every_target(vad, tmp_path, base):
+    """The int argument is fixed at the data's 16000 in every artifact: each computes the model at
+    that rate (checked here against the TorchScript model called with 16000 itself, not only
+    against the bound reference the parity check uses)."""
+    import onnxruntime as ort
+
+    profile = fast_profile(tmp_path, 256, 512, base=base, batch_sizes=None if base is not X86 else "[1, 2]")
+    report, out = toolchain.build(str(vad / "vad.pt"), str(profile), tmp_path / "out", vad / "cal.npz", vad / "val.npz")
+    data = report.to_json()
+    assert data["model"]["constants"] == [{"name": "sr", "type": "int", "value": 16000, "source": str(vad / "cal.npz")}]
+    assert [i["shape"] for i in data["model"]["inputs"]] == [[1, 512]]
+    assert data["passed"] is True and data["reference"]["accuracy"] > 0.95, [(a["name"], a["parity"]["failures"]) for a in data["artifacts"]]
+    expected = {X86: {"torch_int8", "onnx_int8"}, XAVIER: {"onnx_fp16", "onnx_int8_qdq"}, SNAPDRAGON: {"ptl_int8"}}[base]
+    assert expected <= {a["name"] for a in data["artifacts"]}, data["skipped"]
+    if base is X86:  # the commands that rebuild or re-time from the folder fix the rate the build did
+        from toolchain.bench import bench_build
+        from toolchain.sensitivity import measure_build
+
+        assert bench_build(out, batch_sizes=(1,), runs=3)["results"]["fp32_reference"]["sweep"][0]["p50_ms"] > 0
+        written = measure_build(out, ("onnx_int8",))
+        assert json.loads((out / written["onnx_int8"]).read_text())["layers"]
+    if base is SNAPDRAGON:
+        return
+    x = np.load(vad / "val.npz")["x"][:64]
+    with torch.inference_mode():
+        at_16k = torch.jit.load(str(vad / "vad.pt"))(torch.from_numpy(x), 16000).numpy()
+    session = ort.InferenceSession(str(out / "onnx_fp32.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["input"]  # the rate is no input of the artifact
+    np.testing.assert_allclose(session.run(None, {"input": x})[0], at_16k, rtol=1e-4, atol=1e-4)
+
+
+def test_constants_come_from_the_flag_or_the_default_and_bad_ones_are_refused(vad, tmp_path):
+    profile = fast_profile(tmp_path, 64, 64)
+    with pytest.raises(DataError, match=r"argument `sr` is a Python int.*--constant sr=VALUE"):
+        toolchain.build(str(vad / "vad.pt"), str(profile), tmp_path / "out", vad / "plain_cal.npz", vad / "plain_val.npz")
+    with pytest.raises(DataError, match=r"disagree on `sr`: 16000 in .*cal.npz`, 8000 in .*val_8k.npz`"):
+        toolchain.build(str(vad / "vad.pt"), str(profile), tmp_path / "out", vad / "cal.npz", vad / "val_8k.npz")
+    with pytest.raises(DataError, match=r"--constant names rate, but the model's non-tensor arguments are sr"):
+        toolchain.build(str(vad / "vad.pt"), str(profile), tmp_path / "out", vad / "cal.npz", constants="rate=16000")
+    r = cli("-q", "build", str(vad / "vad.pt"), "--target", str(profile), "--calib", str(vad / "cal.npz"),
+            "--constant", "sr=16k", "--out", str(tmp_path / "out"))
+    assert r.returncode == EXIT_USER_ERROR and "--constant: `sr` must be an int, got `16k`" in r.stderr.strip().splitlines()[-1], r.stderr
+    assert not (tmp_path / "out").exists()
+    report, _ = toolchain.build(str(vad / "vad_default.pt"), str(profile), tmp_path / "default", vad / "plain_cal.npz",
+                                vad / "plain_val.npz")
+    assert report.to_json()["model"]["constants"] == [{"name": "sr", "type": "int", "value": 16000, "source": "default"}]
+    report, _ = toolchain.build(str(vad / "vad.pt"), str(profile), tmp_path / "flag", vad / "plain_cal.npz",
+                                vad / "plain_val.npz", constants={"sr": 8000})  # the flag wins over any data
+    data = report.to_json()
+    assert data["model"]["constants"][0]["value"] == 8000 and data["model"]["constants"][0]["source"] == "--constant"

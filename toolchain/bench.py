@@ -187,13 +187,24 @@ def bench_build(folder: Path, batch_sizes: tuple[int, ...] | None = None, runs: 
         from .load import load_model
 
         source = report["model"]["source"]  # loaded inside the bench, so its weights count in its memory, as an artifact's do
-        b = bench(lambda: reference_runner(load_model(source, trust_pickle=False).artifact, threads), sample, **settings)
+        def reference():
+            from .build import bind_constants, fix_constants
+
+            loaded = fix_constants(load_model(source, trust_pickle=False), recorded_constants(report["model"]), None, None)
+            return reference_runner(bind_constants(loaded, sample.synthetic(1)).artifact, threads)
+
+        b = bench(reference, sample, **settings)
         results = {"fp32_reference": {"runtime": "torch eager", "engine": None, "size_bytes": report["reference"]["size_bytes"],
                                       "files": [], **b.to_json()}, **results}
     except ToolchainError as e:
         note = f"FP32 reference not measured: {e}"
     return {"build": str(folder), "target": report["target"], "input_shape": report["model"]["input_shape"],
             "settings": {**settings, "batch_sizes": list(settings["batch_sizes"])}, "results": results, "note": note}
+
+
+def recorded_constants(model: dict) -> dict[str, object]:
+    """The values a build fixed the model's non-tensor arguments at (report.json `model.constants`)."""
+    return {c["name"]: c["value"] for c in model.get("constants", [])}
 
 
 def recorded_signature(model: dict):

@@ -7,16 +7,17 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
 from .artifact import Artifact, Kind
 from .export import as_module
+from .constants import bind, parse_constants, resolve as resolve_constants
 from .context import BuildContext
 from .cpu import isa_facts
 from .data import Dataset, check_signature, load_dataset, synthetic_dataset
-from .feed import InputSpec, Signature, torch_args
+from .feed import Batch, InputSpec, Signature, torch_args
 from .errors import DataError, NotApplicable, StageError, ToolchainError, reason
 from .folder import check_output, staged_folder
 from .bench import bench, time_runs
@@ -57,11 +58,14 @@ def build(
     outputs: Mapping[str, str] | None = None,
     metric: str | None = None,
     max_metric_drop: float | None = None,
+    constants: Mapping[str, object] | Sequence[str] | str | None = None,
 ) -> tuple[Report, Path]:
     """Build every artifact of ``target`` from ``model``, check each against FP32, and write
     the build folder. ``outputs`` declares output roles (index or name -> role) over the
     profile's; ``metric`` (FILE.py:function) and ``max_metric_drop`` override the profile's
-    user metric. Returns the report and the folder. Raises ToolchainError on bad input."""
+    user metric; ``constants`` fixes forward arguments that are Python numbers ({"sr": 16000} or
+    "sr=16000"; default: the data's 0-d arrays, else the arguments' defaults). Returns the report
+    and the folder. Raises ToolchainError on bad input."""
     started = time.perf_counter()
     profile = load_target(target)
     check_data_paths(calib, val)  # before the model loads: a typo costs no waiting
@@ -70,8 +74,10 @@ def build(
     loaded = load_model(model, trust_pickle)
     folder = Path(out) if out else Path("build") / f"{loaded.name}-{profile.name}"
     check_output(folder)
+    loaded = fix_constants(loaded, constants, calib, val)
     log.info("reading calibration and validation data")
     inputs = prepare_inputs(loaded, profile, calib, val, input_shape)
+    loaded = bind_constants(loaded, inputs.calibration.x[:1])
     names = check_model_accepts(loaded, inputs.signature)
     loaded = settle_random_batchnorm(loaded, inputs.calibration.x)
     reference = reference_runner(loaded.artifact, profile.runtime.threads)
@@ -299,8 +305,9 @@ def prepare_inputs(loaded: LoadedModel, profile: Target, calib, val, input_shape
     n_cal, n_val = profile.data.calibration_samples, profile.data.validation_samples
     pre = profile.data.preprocess
     several = _feed_names(loaded, input_shape)  # names of several (or non-float) inputs: data as one array per name
-    calibration = load_dataset(Path(calib), "calibration", pre, n_cal, inputs=several) if calib else None
-    validation = load_dataset(Path(val), "validation", pre, n_val, inputs=several) if val else None
+    fixed = tuple(c.name for c in loaded.constants)  # the data's 0-d arrays of constants are not labels
+    calibration = load_dataset(Path(calib), "calibration", pre, n_cal, inputs=several, constants=fixed) if calib else None
+    validation = load_dataset(Path(val), "validation", pre, n_val, inputs=several, constants=fixed) if val else None
     signature = _resolve_signature(loaded, input_shape, calibration or validation, several)
     integers = profile.data.integer_range
 
@@ -339,6 +346,27 @@ def prepare_inputs(loaded: LoadedModel, profile: Target, calib, val, input_shape
     for w in warnings:
         log.warning(w)
     return Inputs(signature.first_shape, calibration, validation, tuple(warnings), overlap, signature)
+
+
+def fix_constants(loaded: LoadedModel, constants, calib, val) -> LoadedModel:
+    """The values of the model's non-tensor arguments for this build (constants.py): ``constants``
+    ({name: value}, "NAME=VALUE,..." or a sequence of those), else the data's, else the defaults."""
+    given = {str(k): str(v) for k, v in constants.items()} if isinstance(constants, Mapping) else parse_constants(constants)
+    if not loaded.constants:
+        if given:
+            raise DataError(f"--constant {', '.join(given)}: `{loaded.source}` has no non-tensor forward argument to fix")
+        return loaded
+    return dataclasses.replace(loaded, bound=resolve_constants(loaded.constants, given, [Path(p) for p in (calib, val) if p]))
+
+
+def bind_constants(loaded: LoadedModel, example: Batch) -> LoadedModel:
+    """The model with its constants fixed: every stage then sees its tensor inputs alone (traced on ``example``)."""
+    if not loaded.bound:
+        return loaded
+    for b in loaded.bound:
+        log.info("%s = %s in every artifact (%s)", b.name, b.value, "its default" if b.source == "default" else f"from {b.source}")
+    model = bind(as_module(loaded.artifact), loaded.arguments, loaded.input_names or (), loaded.bound, torch_args(example))
+    return dataclasses.replace(loaded, artifact=dataclasses.replace(loaded.artifact, model=model))
 
 
 def _feed_names(loaded: LoadedModel, given) -> tuple[str, ...] | None:
@@ -545,6 +573,7 @@ def model_facts(loaded: LoadedModel, inputs: Inputs, roles: tuple[OutputRole, ..
     return {
         "source": loaded.source, "name": loaded.name, "kind": str(loaded.artifact.kind),
         "weights": loaded.weights, "input_shape": list(inputs.shape), "inputs": inputs.signature.to_json(),
+        "constants": [b.to_json() for b in loaded.bound],
         "dynamic_batch": loaded.dynamic_batch,
         "sha256": loaded.artifact.sha256,
         "outputs": [{"index": r.index, "name": r.name, "role": r.role, "role_inferred": r.inferred} for r in roles],

@@ -43,6 +43,9 @@ def main(ctx, quiet: bool, verbose: bool) -> None:
 @click.option("--val", type=click.Path(), help="Held-out validation inputs: .npy, .npz (x, optional labels y) or an image folder.")
 @click.option("--input-shape", help="Input shape with batch, e.g. 1x3x224x224, or per input NAME=SHAPE[:DTYPE],... (when the model does not say).")
 @click.option("--trust-pickle", is_flag=True, help="Allow a pickled nn.Module (unpickling runs code from the file).")
+@click.option("--constant", "constants", multiple=True, metavar="NAME=VALUE",
+              help="Fix a forward argument that is a Python number (a TorchScript `sr: int`) at VALUE in every artifact "
+                   "[default: the data's 0-d array of that name, else the argument's default]. Repeatable.")
 @click.option("--outputs", "output_roles", metavar="KEY=ROLE,...",
               help="Role of each output, by index or name: classification, probabilities, regression, embedding "
                    "(e.g. 0=classification,landmarks=regression); overrides the profile's [parity.outputs].")
@@ -51,7 +54,8 @@ def main(ctx, quiet: bool, verbose: bool) -> None:
 @click.option("--max-metric-drop", type=float, help="Largest loss of the metric against FP32 [default: the profile's].")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead of the table.")
 @click.pass_obj
-def build(terminal, model, target, out, calib, val, input_shape, trust_pickle, output_roles, metric, max_metric_drop, as_json):
+def build(terminal, model, target, out, calib, val, input_shape, trust_pickle, constants, output_roles, metric, max_metric_drop,
+          as_json):
     """Build MODEL (torch.export archive, TorchScript, pickled module, or torchvision:<name>) for a target.
 
     Exit codes: 0 passed, 2 user error, 3 parity failed, 4 built but not judged (random weights)."""
@@ -63,7 +67,8 @@ def build(terminal, model, target, out, calib, val, input_shape, trust_pickle, o
     roles = parse_output_roles(output_roles)
     with terminal.live():
         report, folder = run_build(model, target, out, calib, val, input_shape, trust_pickle,
-                                   progress=terminal.progress, outputs=roles, metric=metric, max_metric_drop=max_metric_drop)
+                                   progress=terminal.progress, outputs=roles, metric=metric, max_metric_drop=max_metric_drop,
+                                   constants=constants)
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
     else:
@@ -155,6 +160,9 @@ def sensitivity(terminal, build_dir, artifacts):
     with terminal.live():
         written = measure_build(Path(build_dir), tuple(artifacts), progress=terminal.progress)
     for name, path in written.items():
+        if path is None:  # a stage that cannot keep single layers in float (TorchScript models' torch_int8)
+            click.echo(f"{name}: no per-layer sensitivity (its quantization stage cannot keep single layers in float)")
+            continue
         rows = json.loads((Path(build_dir) / path).read_text())["layers"]
         click.echo(f"{name}: {len(rows)} layers, most sensitive first (SQNR gain with that layer in float); {Path(build_dir) / path}")
         for r in rows[:5]:

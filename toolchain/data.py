@@ -72,25 +72,26 @@ class Dataset:
 
 
 def load_dataset(path: Path, role: str, preprocess: PreprocessOptions, limit: int | None = None, seed: int = 0,
-                 inputs: tuple[str, ...] | None = None) -> Dataset:
+                 inputs: tuple[str, ...] | None = None, constants: tuple[str, ...] = ()) -> Dataset:
     """Read up to ``limit`` inputs for ``role`` ("calibration" or "validation") and check them.
 
     Arrays are cut to their first ``limit`` samples (their order is the user's); an image
     folder is sampled per class, in turn, in an order fixed by ``seed``, so every class is in.
     ``inputs``: the names of a model's several (or non-float) inputs: an `.npz` with one array
-    per name, read as a :class:`Feed`; its other arrays are labels.
+    per name, read as a :class:`Feed`; its other arrays are labels, but for ``constants`` (the
+    model's fixed non-tensor arguments, read by constants.py).
     """
     path = Path(path)
     if not path.exists():
         raise DataError(f"{role} data `{path}` does not exist")
     if inputs:
-        return _read_feed(path, role, inputs, limit)
+        return _read_feed(path, role, inputs, limit, constants)
     if path.is_dir():
         x, y = _read_image_folder(path, role, preprocess, limit, seed)
         labels = {} if y is None else {"y": y}
     elif path.suffix in (".npy", ".npz"):
         x, labels = _read_array_file(path, role)
-        x, labels = x[:limit], {k: v[:limit] for k, v in labels.items()}
+        x, labels = x[:limit], {k: v[:limit] for k, v in labels.items() if k not in constants}
     else:
         raise DataError(f"{role} data `{path}` must be a .npy or .npz file or a folder of images")
     return _checked(x, labels, str(path), role)
@@ -101,7 +102,7 @@ def synthetic_dataset(sample_shape: tuple[int, ...], count: int, seed: int = 0) 
     return Dataset(rng.standard_normal((count, *sample_shape), dtype=np.float32), None, "synthetic")
 
 
-def _read_feed(path: Path, role: str, names: tuple[str, ...], limit: int | None) -> Dataset:
+def _read_feed(path: Path, role: str, names: tuple[str, ...], limit: int | None, constants: tuple[str, ...] = ()) -> Dataset:
     """An `.npz` holding one array per model input (a 0-d array for a scalar input) and labels."""
     if path.suffix != ".npz" or path.is_dir():
         raise DataError(f"{role} data `{path}`: the model takes inputs {', '.join(names)}; give an .npz with one array "
@@ -117,7 +118,7 @@ def _read_feed(path: Path, role: str, names: tuple[str, ...], limit: int | None)
             raise DataError(f"{role} data `{path}` has no array {', '.join(f'`{n}`' for n in missing)}: the model takes "
                             f"inputs {', '.join(names)}, one array per name (found {', '.join(files) or 'nothing'})")
         arrays = [loaded[n] for n in names]
-        labels = {n: loaded[n][:limit] for n in files if n not in names}
+        labels = {n: loaded[n][:limit] for n in files if n not in names and n not in constants}
     batched = [a for a in arrays if a.ndim]
     if not batched or len(batched[0]) == 0:
         raise DataError(f"{role} data `{path}` is empty: need arrays of shape (N, ...) with N >= 1")

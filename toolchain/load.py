@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .artifact import Artifact, Kind
 from .errors import ModelLoadError, reason
+from .constants import Bound, Constant, eager_constants, script_arguments
 from .feed import InputSpec, Signature
 
 TORCHVISION_PREFIX = "torchvision:"
@@ -27,7 +28,10 @@ class LoadedModel:
     input_shape: tuple[int, ...] | None  # batch-1 input shape, when the model says
     dynamic_batch: bool | None  # None when the model file does not say
     signature: Signature | None = None  # every input's name, shape and dtype, when the model file says (.pt2)
-    input_names: tuple[str, ...] | None = None  # the forward's parameter names, when known without shapes
+    input_names: tuple[str, ...] | None = None  # the forward's tensor parameter names, when known without shapes
+    constants: tuple[Constant, ...] = ()  # forward arguments no runtime feeds (Python numbers), fixed per build
+    arguments: tuple[str, ...] | None = None  # every forward parameter, in order, when there are constants
+    bound: tuple[Bound, ...] = ()  # the constants' values, once the build has fixed them
 
     @property
     def random_weights(self) -> bool:
@@ -139,9 +143,12 @@ def _load_torch_file(path: Path, source: str, trust_pickle: bool) -> LoadedModel
             model = torch.jit.load(str(path), map_location="cpu").eval()
         except Exception as e:
             raise ModelLoadError(f"model `{source}` is a damaged TorchScript archive: {reason(e)}") from None
-        names = tuple(a.name for a in model.forward.schema.arguments[1:])  # after `self`
+        tensors, constants = script_arguments(model, source)
+        if not tensors:
+            raise ModelLoadError(f"model `{source}` takes no tensor argument; the toolchain needs a batched tensor input")
+        arguments = tuple(a.name for a in model.forward.schema.arguments[1:])  # after `self`
         return LoadedModel(Artifact(Kind.TORCHSCRIPT, "fp32", model=model), path.stem, source, "from file", None, None,
-                           input_names=names)
+                           input_names=tensors, constants=constants, arguments=arguments if constants else None)
     try:
         torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -164,8 +171,11 @@ def _load_torch_file(path: Path, source: str, trust_pickle: bool) -> LoadedModel
         raise ModelLoadError(f"model `{source}` could not be unpickled: {reason(e)}") from None
     if not isinstance(model, torch.nn.Module):
         raise ModelLoadError(f"model `{source}` unpickles to {type(model).__name__}, not a torch.nn.Module")
+    names = _forward_names(model)
+    constants = eager_constants(model) if names else ()
+    tensors = names and tuple(n for n in names if n not in {c.name for c in constants})
     return LoadedModel(Artifact(Kind.EAGER, "fp32", model=model.eval()), path.stem, source, "from file", None, None,
-                       input_names=_forward_names(model))
+                       input_names=tensors, constants=constants, arguments=names if constants else None)
 
 
 def _forward_names(model) -> tuple[str, ...] | None:

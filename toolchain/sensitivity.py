@@ -21,7 +21,9 @@ log = logging.getLogger("toolchain")
 def measure_build(folder: Path, names: tuple[str, ...] = (), progress=None) -> dict[str, str]:
     """Write `sensitivity/<artifact>.json` for ``names`` (default: every artifact with a
     quantization stage); returns artifact -> file, relative to ``folder``."""
-    from .build import BuildContext, Pipeline, expected_outputs, make_trial, prepare_inputs, quantizable_layers
+    from .bench import recorded_constants
+    from .build import (BuildContext, Pipeline, bind_constants, expected_outputs, fix_constants, make_trial, prepare_inputs,
+                        quantizable_layers)
     from .load import load_model, settle_random_batchnorm
     from .pipeline import plan
     from .recovery import measure, recoverable_stage, write_sensitivity
@@ -34,12 +36,15 @@ def measure_build(folder: Path, names: tuple[str, ...] = (), progress=None) -> d
     calib = None if data["calibration"]["synthetic"] else data["calibration"]["origin"]
     val = None if data["validation"]["synthetic"] or data["validation"].get("held_out") else data["validation"]["origin"]
     loaded = load_model(report["model"]["source"])
+    loaded = fix_constants(loaded, recorded_constants(report["model"]), calib, val)
     given = None if report["model"].get("inputs") and len(report["model"]["inputs"]) > 1 else tuple(report["model"]["input_shape"])
     inputs = prepare_inputs(loaded, profile, calib, val, given)
+    loaded = bind_constants(loaded, inputs.calibration.x[:1])
     loaded = settle_random_batchnorm(loaded, inputs.calibration.x)
     declared = {str(o["index"]): o["role"] for o in report["model"].get("outputs", []) if not o["role_inferred"]}
     plans, _ = plan(profile, loaded.artifact.kind)
-    chains = {p.name: p for p in plans if recoverable_stage(p.stages) is not None}
+    built = {a["name"] for a in report["artifacts"]}  # not those the build skipped or found not applicable
+    chains = {p.name: p for p in plans if p.name in built and recoverable_stage(p.stages) is not None}
     unknown = [n for n in names if n not in chains]
     if unknown:
         raise ToolchainError(f"`{unknown[0]}` is not an artifact of {folder} with a quantization stage; valid: {', '.join(chains) or '(none)'}")
