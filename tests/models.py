@@ -375,11 +375,11 @@ class ImageAndMeta(nn.Module):
         super().__init__()
         self.conv = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
                                   nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.meta = nn.Sequential(nn.Linear(16, 32), nn.ReLU())
+        self.side = nn.Sequential(nn.Linear(16, 32), nn.ReLU())  # not `meta`: torch.fx.GraphModule has that attribute
         self.head = nn.Linear(64, 10)
 
     def forward(self, image, meta):
-        return self.head(torch.cat([self.conv(image), self.meta(meta)], dim=1))
+        return self.head(torch.cat([self.conv(image), self.side(meta)], dim=1))
 
 
 def ink_sums(x: np.ndarray) -> np.ndarray:

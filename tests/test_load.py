@@ -66,6 +66,21 @@ def test_truncated_exported_program(digits, tmp_path):
         load_model(str(cut))
 
 
+def test_a_program_torch_cannot_make_a_module_of_is_refused_with_the_reason(tmp_path):
+    class Tagged(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.meta = torch.nn.Linear(4, 4)  # torch.fx.GraphModule.meta is a dict of its own
+
+        def forward(self, x):
+            return self.meta(x)
+
+    path = tmp_path / "tagged.pt2"
+    torch.export.save(torch.export.export(Tagged(), (torch.rand(2, 4),)), str(path))
+    with pytest.raises(ModelLoadError, match="a submodule named `meta` collides with torch.fx.GraphModule's own attribute"):
+        load_model(str(path))
+
+
 def test_missing_and_unknown_files(tmp_path):
     with pytest.raises(ModelLoadError, match="does not exist"):
         load_model(str(tmp_path / "nope.pt"))

@@ -100,6 +100,7 @@ def _load_exported(path: Path, source: str) -> LoadedModel:
     except Exception as e:  # corrupt archives raise anything from RuntimeError to KeyError
         cause = logged[-1].strip().splitlines()[-1] if logged else reason(e)
         raise ModelLoadError(f"model `{source}` is not a readable torch.export archive: {cause}") from None
+    _check_unliftable(ep, source)
     placeholders = [
         n for n in ep.graph.nodes
         if n.op == "placeholder" and n.name in ep.graph_signature.user_inputs
@@ -116,6 +117,18 @@ def _load_exported(path: Path, source: str) -> LoadedModel:
         Artifact(Kind.EXPORTED, "fp32", model=ep), path.stem, source, "from file", signature.first_shape, dynamic,
         signature, signature.names,
     )
+
+
+def _check_unliftable(ep, source: str) -> None:
+    """Every stage runs the program as a module (``ep.module()``): say why torch cannot make one."""
+    try:
+        ep.module()
+    except Exception as e:
+        owners = {spec.target.split(".")[0] for spec in ep.graph_signature.input_specs if spec.target}  # parameters' submodules
+        clash = sorted(owners & {"meta", "graph", "code"})
+        hint = (f"; a submodule named `{clash[0]}` collides with torch.fx.GraphModule's own attribute of that name: "
+                f"rename it and export again") if clash else ""
+        raise ModelLoadError(f"model `{source}`: torch.export cannot turn the program back into a module: {reason(e)}{hint}") from None
 
 
 def _input_spec(node, source: str) -> InputSpec:
