@@ -71,7 +71,7 @@ def _tensorrt(version: str) -> types.ModuleType:
 
     class Network:
         def __init__(self, flags):
-            self.flags, self.onnx, self.inputs = flags, None, []
+            self.flags, self.onnx, self.inputs, self.dynamic = flags, None, [], []
 
     class OnnxParser:
         def __init__(self, network, logger):
@@ -100,6 +100,8 @@ def _tensorrt(version: str) -> types.ModuleType:
             inits = {i.name for i in model.graph.initializer}
             self.network.onnx = model.SerializeToString()
             self.network.inputs = [i.name for i in model.graph.input if i.name not in inits]
+            self.network.dynamic = [i.name for i in model.graph.input if i.name not in inits
+                                    and any(not d.HasField("dim_value") for d in i.type.tensor_type.shape.dim)]
             return True
 
     class OptimizationProfile:
@@ -170,9 +172,10 @@ def _tensorrt(version: str) -> types.ModuleType:
             return OptimizationProfile()
 
         def build_serialized_network(self, network, config):
-            if not config.profiles or set(config.profiles[0].shapes) != set(network.inputs):
-                return None  # a dynamic network needs a profile for each input, by name
-            shapes = config.profiles[0].shapes
+            given = set(config.profiles[0].shapes) if config.profiles else set()
+            if network.dynamic and (not set(network.dynamic) <= given or not given <= set(network.inputs)):
+                return None  # a dynamic network needs a profile for each dynamic input, by name (static ones may be left out)
+            shapes = config.profiles[0].shapes if config.profiles else {}
             if config.default_device_type == trt.DeviceType.DLA and any(s[0] != s[2] for s in shapes.values()):
                 return None  # "DLA does not support dynamic dimensions: min, opt and max must be equal"
             if config.default_device_type == trt.DeviceType.DLA:
@@ -193,6 +196,9 @@ def _tensorrt(version: str) -> types.ModuleType:
             self.types = {i.name: np.int64 if i.type == "tensor(int64)" else np.int32 if i.type == "tensor(int32)" else np.float32
                           for i in self.session.get_inputs()}
             self.outputs = [o.name for o in self.session.get_outputs()]
+            for i in self.session.get_inputs():  # a static input (a 0-d one) takes its one shape, profile or not
+                if all(isinstance(d, int) for d in i.shape):
+                    self.shapes.setdefault(i.name, (tuple(i.shape),) * 3)
 
         @property
         def num_io_tensors(self):

@@ -456,3 +456,15 @@ def voice_activity(x: np.ndarray, y: np.ndarray, epochs: int = 8) -> VoiceActivi
     model = VoiceActivity()
     train(_At(model, RATE), x, y, epochs=epochs)
     return model.eval()
+
+
+class Tempered(nn.Module):
+    """The detector's logits over a temperature given at run time: a 0-d tensor input beside the
+    batched frames (exported with ``torch.tensor(1.5)``), the same for the whole batch."""
+
+    def __init__(self, detector: VoiceActivity):
+        super().__init__()
+        self.body, self.head = detector.body, detector.head
+
+    def forward(self, x, temperature):
+        return self.head(self.body(x[:, None, ::2])) / temperature

@@ -15,7 +15,7 @@ from toolchain.errors import EXIT_USER_ERROR, DataError
 from toolchain.examples import digits_data, train
 
 from .conftest import SNAPDRAGON, X86, XAVIER, cli, fast_profile, without_artifacts
-from .models import (SEQ, ImageAndMeta, VoiceActivityAt16k, audio_frames, export_inputs, ink_sums, text_classifier,
+from .models import (SEQ, ImageAndMeta, Tempered, VoiceActivityAt16k, audio_frames, export_inputs, ink_sums, text_classifier,
                      token_sentences, voice_activity)
 
 
@@ -143,6 +143,11 @@ def vad(tmp_path_factory):
     default = VoiceActivityAt16k()
     default.load_state_dict(model.state_dict())
     torch.jit.script(default.eval()).save(str(folder / "vad_default.pt"))
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    program = torch.export.export(Tempered(model).eval(), (torch.from_numpy(x[:2]), torch.tensor(1.5)), dynamic_shapes=({0: batch}, None))
+    torch.export.save(program, str(folder / "tempered.pt2"))
+    np.savez(folder / "tempered_cal.npz", x=x[:256], temperature=np.array(1.5, dtype=np.float32))
+    np.savez(folder / "tempered_val.npz", x=vx, temperature=np.array(1.5, dtype=np.float32), y=vy)
     np.savez(folder / "cal.npz", x=x[:256], sr=np.array(16000))
     np.savez(folder / "val.npz", x=vx, sr=np.array(16000), y=vy)
     np.savez(folder / "val_8k.npz", x=vx, sr=np.array(8000), y=vy)
@@ -202,3 +207,29 @@ def test_constants_come_from_the_flag_or_the_default_and_bad_ones_are_refused(va
                                 vad / "plain_val.npz", constants={"sr": 8000})  # the flag wins over any data
     data = report.to_json()
     assert data["model"]["constants"][0]["value"] == 8000 and data["model"]["constants"][0]["source"] == "--constant"
+
+
+@pytest.mark.parametrize("base", [X86, XAVIER, pytest.param(SNAPDRAGON, marks=pytest.mark.slow)], ids=["x86", "xavier", "snapdragon"])
+def test_a_0d_tensor_input_is_fed_as_one_value_for_the_whole_batch_on_every_target(vad, tmp_path, base, monkeypatch):
+    """A temperature exported as a 0-d tensor stays an input of every artifact, 0-d (no batch axis)."""
+    import onnx
+
+    profile = fast_profile(tmp_path, 256, 512, base=base, batch_sizes=None if base is not X86 else "[1, 2]")
+    report, out = toolchain.build(str(vad / "tempered.pt2"), str(profile), tmp_path / "out", vad / "tempered_cal.npz",
+                                  vad / "tempered_val.npz")
+    data = report.to_json()
+    assert data["model"]["inputs"][1] == {"name": "temperature", "shape": [], "dtype": "float32", "dynamic_axes": [], "scalar": True}
+    assert data["passed"] is True, [(a["name"], a["parity"]["failures"]) for a in data["artifacts"]]
+    expected = {X86: {"torch_int8", "onnx_int8"}, XAVIER: {"onnx_fp16", "onnx_int8_qdq"}, SNAPDRAGON: {"pte_fp16", "ptl_int8"}}[base]
+    assert expected <= {a["name"] for a in data["artifacts"]}, data["skipped"]
+    if base is not SNAPDRAGON:
+        graph = onnx.load(str(out / "onnx_fp32.onnx")).graph
+        assert [(i.name, len(i.type.tensor_type.shape.dim)) for i in graph.input] == [("x", 2), ("temperature", 0)]
+    if base is XAVIER:  # a static 0-d input needs no optimization profile; the engine takes it as it is
+        from toolchain.tensorrt.device import engine_build
+
+        from .fake_tensorrt import install
+
+        assert "temperature" not in json.loads((out / "engine_plan.json").read_text())["trtexec"]
+        install(monkeypatch, "8.5.2.2")
+        assert engine_build(out)["parity"]["passed"] is True

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataError
-from .feed import Feed, Signature
+from .feed import Feed, Signature, contiguous
 from .options import option
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm"}
@@ -131,7 +131,7 @@ def _read_feed(path: Path, role: str, names: tuple[str, ...], limit: int | None,
         if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
             raise DataError(f"{role} data `{path}`: input `{n}` has NaN or infinite values")
     arrays = [(a.astype(np.float32) if np.issubdtype(a.dtype, np.floating) else a)[:limit] if a.ndim else a for a in arrays]
-    x = Feed(tuple(np.ascontiguousarray(a) for a in arrays), names)
+    x = Feed(tuple(contiguous(a) for a in arrays), names)
     for name, a in labels.items():
         if a.ndim == 0 or len(a) != len(x):
             raise DataError(f"{role} labels `{name}` in `{path}` must have one entry per sample, {len(x)} (got shape {a.shape})")
@@ -155,7 +155,7 @@ def check_signature(data: Dataset, signature: Signature, role: str) -> Dataset:
                             f"{'' if spec.scalar else ' per sample'}, the model takes {what}")
         if spec.integer and np.issubdtype(a.dtype, np.floating):
             raise DataError(f"{role} data `{data.origin}`: input `{spec.name}` holds floats, the model takes {spec.dtype}")
-        arrays.append(np.ascontiguousarray(a.astype(spec.dtype, copy=False)))
+        arrays.append(contiguous(a.astype(spec.dtype, copy=False)))
     return dataclasses.replace(data, x=Feed(tuple(arrays), signature.names))
 
 

@@ -61,7 +61,7 @@ class Feed:
         return (self[i:i + 1] for i in range(len(self)))
 
     def tobytes(self) -> bytes:
-        return b"".join(np.ascontiguousarray(a).tobytes() for a in self.arrays)
+        return b"".join(contiguous(a).tobytes() for a in self.arrays)
 
 
 Batch = Union[np.ndarray, Feed]
@@ -103,6 +103,12 @@ class Signature:
         return [s.to_json() for s in self.inputs]
 
 
+def contiguous(a: np.ndarray) -> np.ndarray:
+    """A C-contiguous array of the same shape: a 0-d one (a scalar input) stays 0-d, where
+    ``np.ascontiguousarray`` would make it 1-d."""
+    return np.require(a, requirements="C")
+
+
 def arrays(x: Batch) -> tuple[np.ndarray, ...]:
     return x.arrays if isinstance(x, Feed) else (x,)
 
@@ -111,7 +117,7 @@ def torch_args(x: Batch) -> tuple:
     """The model's positional arguments for a batch (contiguous tensors sharing no memory with ``x``'s views)."""
     import torch
 
-    return tuple(torch.from_numpy(np.ascontiguousarray(a).copy()) for a in arrays(x))
+    return tuple(torch.from_numpy(contiguous(a).copy()) for a in arrays(x))
 
 
 def ort_feed(x: Batch, names: list[str]) -> dict[str, np.ndarray]:
@@ -119,7 +125,7 @@ def ort_feed(x: Batch, names: list[str]) -> dict[str, np.ndarray]:
     if isinstance(x, Feed):
         if len(names) != len(x.arrays):
             raise ValueError(f"the ONNX model takes {len(names)} inputs ({', '.join(names)}), the data has {len(x.arrays)}")
-        return {n: np.ascontiguousarray(a) for n, a in zip(names, x.arrays)}
+        return {n: contiguous(a) for n, a in zip(names, x.arrays)}
     return {names[0]: np.ascontiguousarray(x, dtype=np.float32)}
 
 

@@ -21,10 +21,10 @@ def load(artifact: Artifact, threads: int):
     compiled = core.compile_model(str(artifact.path), "CPU", {"INFERENCE_NUM_THREADS": threads})
     request = compiled.create_infer_request()
 
-    from ..feed import Feed
+    from ..feed import Feed, contiguous
 
     def run(x) -> list[np.ndarray]:
-        request.infer([np.ascontiguousarray(a) for a in x.arrays] if isinstance(x, Feed) else [np.ascontiguousarray(x, dtype=np.float32)])
+        request.infer([contiguous(a) for a in x.arrays] if isinstance(x, Feed) else [np.ascontiguousarray(x, dtype=np.float32)])
         return [np.array(request.get_output_tensor(i).data) for i in range(len(compiled.outputs))]
 
     return run

@@ -192,7 +192,7 @@ def run_engine(engine_path: Path, x, max_batch: int, static_batch: int | None = 
 def _execute(trt, engine, context, names: list[str], outputs: list[str], xs) -> list[np.ndarray]:
     """One execution with cuda-python buffers."""
     rt = cudart()
-    xs = [np.ascontiguousarray(x, dtype=trt.nptype(engine.get_tensor_dtype(n))) for n, x in zip(names, xs)]
+    xs = [np.require(x, trt.nptype(engine.get_tensor_dtype(n)), "C") for n, x in zip(names, xs)]  # a 0-d input stays 0-d
     for name, x in zip(names, xs):
         if not context.set_input_shape(name, x.shape):
             raise ToolchainError(f"the engine refuses input `{name}` of shape {x.shape}: outside its optimization profile")
