@@ -45,6 +45,7 @@ class QuantizePT2E(Stage, Recoverable):
     requires = ("torch", "executorch", "torchao")
     transitions = {Kind.EAGER: Kind.EXPORTED, Kind.FX: Kind.EXPORTED, Kind.EXPORTED: Kind.EXPORTED}
     Options = QuantizePT2EOptions
+    report_facts = ("batchnorm1d_as_conv",)
 
     def apply(self, artifact: Artifact, ctx: BuildContext) -> StageResult:
         import torch
@@ -61,6 +62,7 @@ class QuantizePT2E(Stage, Recoverable):
         ep, batch = self._exported(artifact, ctx)
         quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=o.per_channel))
         module = ep.module()
+        as_convs = _batchnorm1d_as_convs(module)
         masks = set()
         if o.float_masks:  # additive attention masks (see toolchain.masks): their add gets no quantization
             from ..masks import fx_mask_nodes
@@ -87,6 +89,8 @@ class QuantizePT2E(Stage, Recoverable):
         facts = {"calibration_samples": len(cal), "calibration_batch": batch, "quantizer": o.quantizer,
                  "quantize_nodes": _count(program, "quantize_per"), "per_channel": o.per_channel,
                  "float_layers": list(o.float_layers)}
+        if as_convs:
+            facts["batchnorm1d_as_conv"] = as_convs
         if corrected is not None:
             facts["bias_correction"] = corrected
         if o.float_masks:
@@ -162,6 +166,50 @@ def _fused(artifact: Artifact, ctx: BuildContext):
     if key not in ctx.cache:
         ctx.cache[key] = Fuse().apply(artifact, ctx).artifact.model
     return ctx.cache[key]
+
+
+def _batchnorm1d_as_convs(gm) -> list[str]:
+    """Each BatchNorm1d the quantizer cannot fold (one after a ReLU) as the 1x1 depthwise Conv1d it
+    computes (weight gamma/sqrt(var+eps), bias beta - mean*weight), in place; returns their names.
+
+    ExecuTorch's XNNPACK lowering turns such a BatchNorm into that convolution itself, after
+    quantization: with its input quantized and its new weights not, lowering stops ("Weight and
+    Input should both be quantized"; a 1-D Conv -> ReLU -> BatchNorm, measured with ExecuTorch
+    1.x here; the 2-D case lowers). Made a convolution before quantization, its weights are
+    quantized with the rest."""
+    import torch
+
+    replaced = []
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not torch.ops.aten.batch_norm.default:
+            continue
+        x, weight, bias, mean, var, training = node.args[:6]
+        eps = node.args[7] if len(node.args) > 7 else 1e-5
+        val = x.meta.get("val") if isinstance(x, torch.fx.Node) else None
+        if training or val is None or val.dim() != 3 or not all(isinstance(a, torch.fx.Node) and a.op == "get_attr" for a in (mean, var)):
+            continue
+        if x.op == "call_function" and x.target is torch.ops.aten.conv1d.default:
+            continue  # Conv -> BatchNorm: the quantizer folds it
+        tensor = lambda a: None if a is None else gm.get_parameter(a.target) if a.target in dict(gm.named_parameters()) else gm.get_buffer(a.target)
+        gamma, beta, mu, sigma2 = (tensor(a) for a in (weight, bias, mean, var))
+        scale = (gamma if gamma is not None else torch.ones_like(mu)) / torch.sqrt(sigma2 + eps)
+        shift = (beta if beta is not None else torch.zeros_like(mu)) - mu * scale
+        name = f"_bn_as_conv_{len(replaced)}"
+        gm.register_buffer(f"{name}_weight", scale.detach().reshape(-1, 1, 1).clone())
+        gm.register_buffer(f"{name}_bias", shift.detach().clone())
+        with gm.graph.inserting_before(node):
+            w = gm.graph.get_attr(f"{name}_weight")
+            b = gm.graph.get_attr(f"{name}_bias")
+            conv = gm.graph.call_function(torch.ops.aten.conv1d.default, (x, w, b, [1], [0], [1], int(mu.numel())))
+        conv.meta = dict(node.meta)
+        w.meta["val"], b.meta["val"] = gm.get_buffer(f"{name}_weight"), gm.get_buffer(f"{name}_bias")
+        node.replace_all_uses_with(conv)
+        gm.graph.erase_node(node)
+        replaced.append(_module_of(conv) or node.name)
+    if replaced:
+        gm.graph.lint()
+        gm.recompile()
+    return replaced
 
 
 def _module_of(node) -> str | None:
