@@ -173,8 +173,8 @@ def _tensorrt(version: str) -> types.ModuleType:
 
         def build_serialized_network(self, network, config):
             given = set(config.profiles[0].shapes) if config.profiles else set()
-            if network.dynamic and (not set(network.dynamic) <= given or not given <= set(network.inputs)):
-                return None  # a dynamic network needs a profile for each dynamic input, by name (static ones may be left out)
+            if not set(network.dynamic) <= given or not given <= set(network.inputs):
+                return None  # a profile for each dynamic input, by name (static ones may be left out), and for no unknown one
             shapes = config.profiles[0].shapes if config.profiles else {}
             if config.default_device_type == trt.DeviceType.DLA and any(s[0] != s[2] for s in shapes.values()):
                 return None  # "DLA does not support dynamic dimensions: min, opt and max must be equal"

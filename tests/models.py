@@ -1,6 +1,7 @@
 """Models and stages the tests build: small, trained here for real where accuracy matters."""
 
 import dataclasses
+import typing
 
 import numpy as np
 import torch
@@ -468,3 +469,26 @@ class Tempered(nn.Module):
 
     def forward(self, x, temperature):
         return self.head(self.body(x[:, None, ::2])) / temperature
+
+
+class Gained(VoiceActivity):
+    """The detector as an eager module with a Python-number argument (pickled, --trust-pickle)."""
+
+    def forward(self, x, gain: float = 1.0):
+        return self.detect(x * gain, RATE)
+
+
+class Masked(VoiceActivity):
+    """TorchScript with an optional tensor argument: a per-sample mask over the frame, or None."""
+
+    def forward(self, x: torch.Tensor, mask: typing.Optional[torch.Tensor] = None) -> torch.Tensor:
+        if mask is not None:
+            x = x * mask
+        return self.detect(x, 16000)
+
+
+class Rated(VoiceActivity):
+    """A .pt2 exported with ``sr`` a Python int: torch.export fixes it at the example's value."""
+
+    def forward(self, x, sr: int):
+        return self.detect(x, sr)

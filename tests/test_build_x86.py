@@ -3,6 +3,7 @@
 import hashlib
 import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -264,3 +265,22 @@ runtime = "openvino"
     assert a.parity.passed is True and a.parity.top1_agreement >= 0.99 and a.bench is not None
     same = next(b for b in report.artifacts if b.name == "onnx_int8")
     assert (folder / a.path).read_bytes() == (folder / same.path).read_bytes()  # one file, two runtimes
+
+
+def test_onnx_preprocessing_runs_with_relative_paths(digits_build, tmp_path, monkeypatch):
+    """The default build folder (`build/<model>-<target>`) is relative: pre-processing runs in the
+    work folder and must still find its files (it once fell back to a plain copy, silently)."""
+    import shutil
+
+    import onnx
+
+    from toolchain.stages.quantize_onnx import _preprocess_into
+
+    _, folder = digits_build
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "work").mkdir()
+    shutil.copyfile(folder / "onnx_fp32.onnx", tmp_path / "model.onnx")
+    _preprocess_into(Path("model.onnx"), Path("work") / "pre.onnx")
+    assert (tmp_path / "work" / "pre.onnx").read_bytes() != (tmp_path / "model.onnx").read_bytes()
+    assert onnx.load(str(tmp_path / "work" / "pre.onnx")).graph.value_info  # shapes inferred: it ran
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "work"]

@@ -15,7 +15,8 @@ from toolchain.errors import EXIT_USER_ERROR, DataError
 from toolchain.examples import digits_data, train
 
 from .conftest import SNAPDRAGON, X86, XAVIER, cli, fast_profile, without_artifacts
-from .models import (SEQ, ImageAndMeta, Tempered, VoiceActivityAt16k, audio_frames, export_inputs, ink_sums, text_classifier,
+from .models import _At
+from .models import (SEQ, Gained, ImageAndMeta, Masked, Rated, Tempered, VoiceActivityAt16k, audio_frames, export_inputs, ink_sums, text_classifier,
                      token_sentences, voice_activity)
 
 
@@ -50,6 +51,7 @@ def test_a_text_classifier_with_token_ids_and_a_mask_builds_for_x86(text, tmp_pa
     assert list((tmp_path / "cwd").iterdir()) == [], "a stage wrote into the working directory"
     assert [(i["name"], i["shape"], i["dtype"]) for i in data["model"]["inputs"]] == [("ids", [1, 16], "int64"), ("mask", [1, 16], "int64")]
     assert data["model"]["inputs"][0]["dynamic_axes"] == [1]  # the sentence length stays free
+    assert "inputs ids 1x16 int64, mask 1x16 int64" in (out / "report.md").read_text()
     artifacts = {a["name"]: a for a in data["artifacts"]}
     assert set(artifacts) == {"torch_int8", "onnx_fp32", "onnx_int8", "onnx_int8_dynamic"}, data["skipped"]
     assert data["passed"] is True and data["reference"]["accuracy"] > 0.95
@@ -120,6 +122,10 @@ def test_data_for_several_inputs_must_name_each_one(text, tmp_path):
     np.savez(tmp_path / "floats.npz", ids=ids.astype(np.float32), mask=mask)
     with pytest.raises(DataError, match=r"input `ids` holds floats, the model takes int64"):
         toolchain.build(str(text / "text.pt2"), str(profile), tmp_path / "out", tmp_path / "floats.npz")
+    with pytest.raises(DataError, match=r"--input-shape 1x12: the model takes several inputs \(ids, mask\); give each by name, "
+                                        r"e.g. --input-shape ids=1x16:int64,mask=1x16:int64"):
+        toolchain.build(str(text / "text.pt2"), str(profile), tmp_path / "out", input_shape="1x12")
+    assert not (tmp_path / "out").exists()
 
 
 def test_input_shapes_per_input_name():
@@ -168,6 +174,7 @@ def test_a_torchscript_voice_detector_with_an_int_sample_rate_builds_on_every_ta
     data = report.to_json()
     assert data["model"]["constants"] == [{"name": "sr", "type": "int", "value": 16000, "source": str(vad / "cal.npz")}]
     assert [i["shape"] for i in data["model"]["inputs"]] == [[1, 512]]
+    assert "fixed in every artifact: sr = 16000" in (out / "report.md").read_text()
     assert data["passed"] is True and data["reference"]["accuracy"] > 0.95, [(a["name"], a["parity"]["failures"]) for a in data["artifacts"]]
     expected = {X86: {"torch_int8", "onnx_int8"}, XAVIER: {"onnx_fp16", "onnx_int8_qdq"}, SNAPDRAGON: {"ptl_int8"}}[base]
     assert expected <= {a["name"] for a in data["artifacts"]}, data["skipped"]
@@ -233,3 +240,61 @@ def test_a_0d_tensor_input_is_fed_as_one_value_for_the_whole_batch_on_every_targ
         assert "temperature" not in json.loads((out / "engine_plan.json").read_text())["trtexec"]
         install(monkeypatch, "8.5.2.2")
         assert engine_build(out)["parity"]["passed"] is True
+
+
+def test_non_tensor_arguments_of_every_model_kind(vad, tmp_path):
+    """An exported `sr: int` is fixed as exported; an eager module's number argument and a
+    TorchScript optional tensor are bound too; an optional tensor the data gives is an input."""
+    trained = torch.jit.load(str(vad / "vad.pt")).state_dict()
+    profile = fast_profile(tmp_path, 64, 128)
+    x = torch.from_numpy(np.load(vad / "cal.npz")["x"][:2])
+
+    rated = Rated()
+    rated.load_state_dict(trained)
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    torch.export.save(torch.export.export(rated.eval(), (x, 16000), dynamic_shapes=({0: batch}, None)), str(tmp_path / "rated.pt2"))
+    report, _ = toolchain.build(str(tmp_path / "rated.pt2"), str(profile), tmp_path / "rated", vad / "cal.npz", vad / "val.npz")
+    data = report.to_json()
+    assert data["passed"] is True and data["model"]["constants"] == [{"name": "sr", "type": "int", "value": 16000, "source": "export"}]
+    with pytest.raises(DataError, match=r"--constant gives `sr` = 8000, but the program was exported with `sr` = 16000"):
+        toolchain.build(str(tmp_path / "rated.pt2"), str(profile), tmp_path / "out", vad / "cal.npz", constants={"sr": 8000})
+
+    gained = Gained()
+    gained.load_state_dict(trained)
+    torch.save(gained.eval(), str(tmp_path / "gained.pt"))
+    report, _ = toolchain.build(str(tmp_path / "gained.pt"), str(profile), tmp_path / "gained", vad / "plain_cal.npz",
+                                vad / "plain_val.npz", trust_pickle=True)
+    data = report.to_json()
+    assert data["model"]["constants"] == [{"name": "gain", "type": "float", "value": 1.0, "source": "default"}]
+    assert {"torch_int8", "onnx_int8"} <= {a["name"] for a in data["artifacts"]} and data["passed"] is True, data["skipped"]
+
+    masked = Masked()
+    masked.load_state_dict(trained)
+    torch.jit.script(masked.eval()).save(str(tmp_path / "masked.pt"))
+    report, _ = toolchain.build(str(tmp_path / "masked.pt"), str(profile), tmp_path / "unmasked", vad / "plain_cal.npz",
+                                vad / "plain_val.npz")
+    assert report.to_json()["model"]["constants"] == [{"name": "mask", "type": "Tensor?", "value": None, "source": "default"}]
+    frames = np.load(vad / "val.npz")
+    np.savez(tmp_path / "masked_cal.npz", x=frames["x"][:64], mask=np.ones((64, 512), np.float32))
+    np.savez(tmp_path / "masked_val.npz", x=frames["x"], mask=np.ones((512, 512), np.float32), y=frames["y"])
+    report, _ = toolchain.build(str(tmp_path / "masked.pt"), str(profile), tmp_path / "masked", tmp_path / "masked_cal.npz",
+                                tmp_path / "masked_val.npz")
+    data = report.to_json()
+    assert [i["name"] for i in data["model"]["inputs"]] == ["x", "mask"] and data["model"]["constants"] == []
+    assert data["passed"] is True
+
+
+def test_bad_constants_are_one_line_each(vad, tmp_path):
+    profile = fast_profile(tmp_path, 64, 64)
+    with pytest.raises(DataError, match=r"the model rejects sr=44100: .*multiple of 8000"):  # the model's own check
+        toolchain.build(str(vad / "vad.pt"), str(profile), tmp_path / "out", vad / "plain_cal.npz", constants={"sr": 44100})
+    for bad in ("sr=inf", "sr=16000.5", "sr=1e30x"):
+        with pytest.raises(DataError, match=r"`sr` must be an int"):
+            toolchain.build(str(vad / "vad.pt"), str(profile), tmp_path / "out", vad / "plain_cal.npz", constants=bad)
+    with pytest.raises(DataError, match=r"--constant gives `sr` twice"):
+        toolchain.build(str(vad / "vad.pt"), str(profile), tmp_path / "out", vad / "plain_cal.npz", constants=("sr=16000", "sr=8000"))
+    traced = torch.jit.trace(_At(torch.jit.load(str(vad / "vad.pt")), 16000), torch.from_numpy(np.load(vad / "cal.npz")["x"][:2]))
+    traced.save(str(tmp_path / "traced.pt"))  # takes x alone: the trace fixed sr
+    with pytest.raises(DataError, match=r"`sr` is a single value \(a 0-d array\), but the model has no argument `sr`"):
+        toolchain.build(str(tmp_path / "traced.pt"), str(profile), tmp_path / "out", vad / "cal.npz")
+    assert not (tmp_path / "out").exists()

@@ -175,7 +175,9 @@ def bench_build(folder: Path, batch_sizes: tuple[int, ...] | None = None, runs: 
 
     results = {}
     for a in artifacts:
-        artifact = Artifact(runtimes.get(a["runtime"]).kind, a["precision"], path=folder / a["path"], quantized_engine=a["engine"])
+        kernels = a.get("stage_facts", {}).get("quantize_torch", {}).get("kernels")  # as the build checked it (cpu.torch_kernels)
+        artifact = Artifact(runtimes.get(a["runtime"]).kind, a["precision"], path=folder / a["path"], quantized_engine=a["engine"],
+                            kernels=kernels if kernels != a["engine"] else None)
         if not artifact.path.is_file():
             raise ToolchainError(f"{folder}: artifact file `{a['path']}` is missing")
         log.info("timing %s", a["name"])
@@ -190,8 +192,9 @@ def bench_build(folder: Path, batch_sizes: tuple[int, ...] | None = None, runs: 
         def reference():
             from .build import bind_constants, fix_constants
 
-            loaded = fix_constants(load_model(source, trust_pickle=False), recorded_constants(report["model"]), None, None)
-            return reference_runner(bind_constants(loaded, sample.synthetic(1)).artifact, threads)
+            loaded = fix_constants(load_model(source, trust_pickle=False), recorded_constants(report["model"]), None, None,
+                                   tuple(i["name"] for i in report["model"].get("inputs", [])))
+            return reference_runner(bind_constants(loaded, sample.synthetic(2)).artifact, threads)
 
         b = bench(reference, sample, **settings)
         results = {"fp32_reference": {"runtime": "torch eager", "engine": None, "size_bytes": report["reference"]["size_bytes"],

@@ -13,7 +13,7 @@ import numpy as np
 
 from .artifact import Artifact, Kind
 from .export import as_module
-from .constants import bind, parse_constants, resolve as resolve_constants
+from .constants import bind, fed_from_data, parse_constants, resolve as resolve_constants
 from .context import BuildContext
 from .cpu import isa_facts
 from .data import Dataset, check_signature, load_dataset, synthetic_dataset
@@ -77,7 +77,7 @@ def build(
     loaded = fix_constants(loaded, constants, calib, val)
     log.info("reading calibration and validation data")
     inputs = prepare_inputs(loaded, profile, calib, val, input_shape)
-    loaded = bind_constants(loaded, inputs.calibration.x[:1])
+    loaded = bind_constants(loaded, inputs.calibration.x)
     names = check_model_accepts(loaded, inputs.signature)
     loaded = settle_random_batchnorm(loaded, inputs.calibration.x)
     reference = reference_runner(loaded.artifact, profile.runtime.threads)
@@ -348,25 +348,36 @@ def prepare_inputs(loaded: LoadedModel, profile: Target, calib, val, input_shape
     return Inputs(signature.first_shape, calibration, validation, tuple(warnings), overlap, signature)
 
 
-def fix_constants(loaded: LoadedModel, constants, calib, val) -> LoadedModel:
+def fix_constants(loaded: LoadedModel, constants, calib, val, inputs: tuple[str, ...] = ()) -> LoadedModel:
     """The values of the model's non-tensor arguments for this build (constants.py): ``constants``
-    ({name: value}, "NAME=VALUE,..." or a sequence of those), else the data's, else the defaults."""
-    given = {str(k): str(v) for k, v in constants.items()} if isinstance(constants, Mapping) else parse_constants(constants)
+    ({name: value}, "NAME=VALUE,..." or a sequence of those), else the data's, else the defaults.
+    An optional tensor argument the data gives (or ``inputs`` names: a build's recorded inputs)
+    becomes an input."""
+    given = dict(constants) if isinstance(constants, Mapping) else parse_constants(constants)
     if not loaded.constants:
         if given:
             raise DataError(f"--constant {', '.join(given)}: `{loaded.source}` has no non-tensor forward argument to fix")
         return loaded
-    return dataclasses.replace(loaded, bound=resolve_constants(loaded.constants, given, [Path(p) for p in (calib, val) if p]))
+    files = [Path(p) for p in (calib, val) if p]
+    fed = set(fed_from_data(loaded.constants, files)) | {c.name for c in loaded.constants if c.type == "Tensor?" and c.name in inputs}
+    if fed:
+        tensors = set(loaded.input_names or ()) | set(fed)
+        loaded = dataclasses.replace(loaded, input_names=tuple(n for n in loaded.arguments if n in tensors),
+                                     constants=tuple(c for c in loaded.constants if c.name not in fed))
+    return dataclasses.replace(loaded, bound=resolve_constants(loaded.constants, given, files))
 
 
 def bind_constants(loaded: LoadedModel, example: Batch) -> LoadedModel:
-    """The model with its constants fixed: every stage then sees its tensor inputs alone (traced on ``example``)."""
-    if not loaded.bound:
+    """The model with its constants fixed: every stage then sees its tensor inputs alone (a
+    TorchScript model stays TorchScript; an eager or exported one becomes a torch.export program)."""
+    if loaded.arguments is None:  # no argument to fix (an optional tensor the data gives is wrapped too: it folds its branch)
         return loaded
     for b in loaded.bound:
-        log.info("%s = %s in every artifact (%s)", b.name, b.value, "its default" if b.source == "default" else f"from {b.source}")
-    model = bind(as_module(loaded.artifact), loaded.arguments, loaded.input_names or (), loaded.bound, torch_args(example))
-    return dataclasses.replace(loaded, artifact=dataclasses.replace(loaded.artifact, model=model))
+        log.info("%s = %s in every artifact (%s)", b.name, b.value, {"default": "its default", "export": "as exported"}.get(b.source, f"from {b.source}"))
+    model = bind(as_module(loaded.artifact), loaded.arguments, loaded.input_names or (), loaded.bound, torch_args(example[:2]),
+                 loaded.dynamic_batch is not False)
+    kind = Kind.TORCHSCRIPT if loaded.artifact.kind is Kind.TORCHSCRIPT else Kind.EXPORTED
+    return dataclasses.replace(loaded, artifact=dataclasses.replace(loaded.artifact, kind=kind, model=model))
 
 
 def _feed_names(loaded: LoadedModel, given) -> tuple[str, ...] | None:
@@ -403,6 +414,11 @@ def _resolve_signature(loaded: LoadedModel, given, data: Dataset | None, several
         name = (loaded.signature or Signature((InputSpec("input", ()),))).inputs[0].name
         dynamic = loaded.signature.inputs[0].dynamic if loaded.signature else ()
         return Signature((InputSpec(name, tuple(shape[1:]), dynamic=dynamic),))
+    if given and not (isinstance(given, str) and "=" in given) and not isinstance(given, tuple):
+        known = loaded.signature.inputs if loaded.signature is not None else ()
+        example = ",".join(f"{s.name}={'x'.join(map(str, s.batch1()))}:{s.dtype}" for s in known) or ",".join(f"{n}=SHAPE:DTYPE" for n in several)
+        raise DataError(f"--input-shape {given}: the model takes several inputs ({', '.join(several)}); give each by name, "
+                        f"e.g. --input-shape {example}")
     if loaded.signature is not None and not (isinstance(given, str) and "=" in given):
         return loaded.signature
     if isinstance(given, str) and "=" in given:

@@ -91,10 +91,20 @@ def load_dataset(path: Path, role: str, preprocess: PreprocessOptions, limit: in
         labels = {} if y is None else {"y": y}
     elif path.suffix in (".npy", ".npz"):
         x, labels = _read_array_file(path, role)
-        x, labels = x[:limit], {k: v[:limit] for k, v in labels.items() if k not in constants}
+        labels = {k: v for k, v in labels.items() if k not in constants}
+        _no_scalar_labels(labels, path, role, ("x",))
+        x, labels = x[:limit], {k: v[:limit] for k, v in labels.items()}
     else:
         raise DataError(f"{role} data `{path}` must be a .npy or .npz file or a folder of images")
     return _checked(x, labels, str(path), role)
+
+
+def _no_scalar_labels(labels: dict[str, np.ndarray], path: Path, role: str, inputs) -> None:
+    """A 0-d array is one value for the whole file (a sample rate), never a label: the model must take it."""
+    for name, a in labels.items():
+        if a.ndim == 0:
+            raise DataError(f"{role} data `{path}`: `{name}` is a single value (a 0-d array), but the model has no "
+                            f"argument `{name}` to give it to (its inputs: {', '.join(inputs)}); remove it from the file")
 
 
 def synthetic_dataset(sample_shape: tuple[int, ...], count: int, seed: int = 0) -> Dataset:
@@ -118,7 +128,9 @@ def _read_feed(path: Path, role: str, names: tuple[str, ...], limit: int | None,
             raise DataError(f"{role} data `{path}` has no array {', '.join(f'`{n}`' for n in missing)}: the model takes "
                             f"inputs {', '.join(names)}, one array per name (found {', '.join(files) or 'nothing'})")
         arrays = [loaded[n] for n in names]
-        labels = {n: loaded[n][:limit] for n in files if n not in names and n not in constants}
+        labels = {n: loaded[n] for n in files if n not in names and n not in constants}
+        _no_scalar_labels(labels, path, role, names)
+        labels = {n: a[:limit] for n, a in labels.items()}
     batched = [a for a in arrays if a.ndim]
     if not batched or len(batched[0]) == 0:
         raise DataError(f"{role} data `{path}` is empty: need arrays of shape (N, ...) with N >= 1")

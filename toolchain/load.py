@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .artifact import Artifact, Kind
 from .errors import ModelLoadError, reason
-from .constants import Bound, Constant, eager_constants, script_arguments
+from .constants import Bound, Constant, eager_constants, exported_constants, script_arguments
 from .feed import InputSpec, Signature
 
 TORCHVISION_PREFIX = "torchvision:"
@@ -101,21 +101,24 @@ def _load_exported(path: Path, source: str) -> LoadedModel:
         cause = logged[-1].strip().splitlines()[-1] if logged else reason(e)
         raise ModelLoadError(f"model `{source}` is not a readable torch.export archive: {cause}") from None
     _check_unliftable(ep, source)
+    constants = exported_constants(ep)  # arguments torch.export fixed at their example values (an `sr: int`)
+    fixed = {c.name for c in constants}
     placeholders = [
         n for n in ep.graph.nodes
-        if n.op == "placeholder" and n.name in ep.graph_signature.user_inputs
+        if n.op == "placeholder" and n.name in ep.graph_signature.user_inputs and n.name not in fixed
     ]
     if not placeholders:
-        raise ModelLoadError(f"model `{source}` takes no inputs")
+        raise ModelLoadError(f"model `{source}` takes no tensor inputs")
     specs = [_input_spec(n, source) for n in placeholders]
     batched = [(n, s) for n, s in zip(placeholders, specs) if not s.scalar]
     if not batched:
         raise ModelLoadError(f"model `{source}` takes only scalar inputs; the toolchain needs a batched tensor input")
     dynamic = all(not isinstance(n.meta["val"].shape[0], int) for n, _ in batched)
     signature = Signature(tuple(specs))
+    arguments = tuple(spec.arg.name for spec in ep.graph_signature.input_specs if spec.kind.name == "USER_INPUT")
     return LoadedModel(
         Artifact(Kind.EXPORTED, "fp32", model=ep), path.stem, source, "from file", signature.first_shape, dynamic,
-        signature, signature.names,
+        signature, signature.names, constants=constants, arguments=arguments if constants else None,
     )
 
 

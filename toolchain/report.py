@@ -123,8 +123,7 @@ def markdown(report: Report) -> str:
     lines = [
         f"# {report.model['name']} → {report.target}: {report.verdict}",
         "",
-        f"Model `{report.model['source']}` (weights: {report.model['weights']}), "
-        f"input {'x'.join(map(str, report.model['input_shape']))}; "
+        f"Model `{report.model['source']}` (weights: {report.model['weights']}), {inputs_phrase(report.model)}; "
         f"parity on {report.data['validation']['samples']} {report.data['validation']['origin']} inputs.",
         "",
         table(report),
@@ -141,6 +140,17 @@ def markdown(report: Report) -> str:
     lines += [f"- not applicable `{s['name']}`: {s['reason']}" for s in report.not_applicable]
     lines += [f"- warning: {w}" for w in report.warnings]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def inputs_phrase(model: dict) -> str:
+    """`input 1x1x8x8`, or every input by name (`inputs ids 1x16 int64, mask 1x16 int64`), and the fixed arguments."""
+    inputs = model.get("inputs") or []
+    if len(inputs) > 1 or any(i["dtype"] != "float32" for i in inputs):
+        text = "inputs " + ", ".join(f"{i['name']} {'x'.join(map(str, i['shape'])) or 'scalar'} {i['dtype']}" for i in inputs)
+    else:
+        text = f"input {'x'.join(map(str, model['input_shape']))}"
+    fixed = [f"{c['name']} = {c['value']} ({c['source']})" for c in model.get("constants", [])]
+    return text + (f"; fixed in every artifact: {', '.join(fixed)}" if fixed else "")
 
 
 def table(report: Report) -> str:

@@ -39,7 +39,7 @@ def measure_build(folder: Path, names: tuple[str, ...] = (), progress=None) -> d
     loaded = fix_constants(loaded, recorded_constants(report["model"]), calib, val)
     given = None if report["model"].get("inputs") and len(report["model"]["inputs"]) > 1 else tuple(report["model"]["input_shape"])
     inputs = prepare_inputs(loaded, profile, calib, val, given)
-    loaded = bind_constants(loaded, inputs.calibration.x[:1])
+    loaded = bind_constants(loaded, inputs.calibration.x)
     loaded = settle_random_batchnorm(loaded, inputs.calibration.x)
     declared = {str(o["index"]): o["role"] for o in report["model"].get("outputs", []) if not o["role_inferred"]}
     plans, _ = plan(profile, loaded.artifact.kind)

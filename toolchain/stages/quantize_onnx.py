@@ -26,6 +26,8 @@ from ..errors import ConfigError, StageError, reason
 from ..options import option
 from ..stage import Recoverable, Stage, StageResult, register_stage
 
+log = logging.getLogger("toolchain")
+
 
 @dataclasses.dataclass(frozen=True)
 class QuantizeOnnxOptions:
@@ -257,14 +259,15 @@ def _preprocess_into(path: Path, out: Path) -> None:
     (and its `<uuid>.data`) in the working directory before raising: run it in the work folder."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    with contextlib.chdir(out.parent):
+    source, target = path.resolve(), out.resolve()  # before the chdir: either may be relative to the working directory
+    with contextlib.chdir(target.parent):
         for skip_symbolic in (False, True):
             try:
-                quant_pre_process(str(path.resolve()), str(out.resolve()), skip_symbolic_shape=skip_symbolic)
+                quant_pre_process(str(source), str(target), skip_symbolic_shape=skip_symbolic)
                 return
-            except Exception:  # pre-processing is an optimisation
-                continue
-    shutil.copyfile(path, out)  # quantize the model as it is
+            except Exception as e:  # pre-processing is an optimisation
+                log.debug("ONNX Runtime pre-processing%s failed: %s", " without symbolic shapes" if skip_symbolic else "", reason(e))
+    shutil.copyfile(source, target)  # quantize the model as it is
 
 
 class _Reader:

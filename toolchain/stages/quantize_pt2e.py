@@ -169,16 +169,20 @@ def _fused(artifact: Artifact, ctx: BuildContext):
 
 
 def _batchnorm1d_as_convs(gm) -> list[str]:
-    """Each BatchNorm1d the quantizer cannot fold (one after a ReLU) as the 1x1 depthwise Conv1d it
-    computes (weight gamma/sqrt(var+eps), bias beta - mean*weight), in place; returns their names.
+    """Each BatchNorm1d that does not follow a convolution (so the quantizer cannot fold it: one
+    after a ReLU, a pooling, an add) as the 1x1 depthwise Conv1d it computes (weight
+    gamma/sqrt(var+eps), bias beta - mean*weight), in place; returns their module names.
 
     ExecuTorch's XNNPACK lowering turns such a BatchNorm into that convolution itself, after
     quantization: with its input quantized and its new weights not, lowering stops ("Weight and
     Input should both be quantized"; a 1-D Conv -> ReLU -> BatchNorm, measured with ExecuTorch
     1.x here; the 2-D case lowers). Made a convolution before quantization, its weights are
-    quantized with the rest."""
+    quantized with the rest. The new node keeps the BatchNorm's module name, so `float_layers`
+    and sensitivity still name it."""
     import torch
 
+    convs = {torch.ops.aten.conv1d.default, getattr(torch.ops.aten.conv1d, "padding", None)}
+    params, buffers = dict(gm.named_parameters()), dict(gm.named_buffers())
     replaced = []
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target is not torch.ops.aten.batch_norm.default:
@@ -188,9 +192,9 @@ def _batchnorm1d_as_convs(gm) -> list[str]:
         val = x.meta.get("val") if isinstance(x, torch.fx.Node) else None
         if training or val is None or val.dim() != 3 or not all(isinstance(a, torch.fx.Node) and a.op == "get_attr" for a in (mean, var)):
             continue
-        if x.op == "call_function" and x.target is torch.ops.aten.conv1d.default:
+        if x.op == "call_function" and x.target in convs:
             continue  # Conv -> BatchNorm: the quantizer folds it
-        tensor = lambda a: None if a is None else gm.get_parameter(a.target) if a.target in dict(gm.named_parameters()) else gm.get_buffer(a.target)
+        tensor = lambda a: None if a is None else params.get(a.target, buffers.get(a.target))
         gamma, beta, mu, sigma2 = (tensor(a) for a in (weight, bias, mean, var))
         scale = (gamma if gamma is not None else torch.ones_like(mu)) / torch.sqrt(sigma2 + eps)
         shift = (beta if beta is not None else torch.zeros_like(mu)) - mu * scale

@@ -53,7 +53,7 @@ class QuantizeTorch(Stage, Recoverable):
     requires = ("torch",)
     transitions = {Kind.FX: Kind.FX, Kind.TORCHSCRIPT: Kind.TORCHSCRIPT}
     Options = QuantizeTorchOptions
-    report_facts = ("reduce_range",)
+    report_facts = ("reduce_range", "kernels")
 
     def apply(self, artifact: Artifact, ctx: BuildContext) -> StageResult:
         import torch
