@@ -43,6 +43,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/matrix_workers.py
 	$(MAKE) $(PEERS)
 	$(PY) benchmarks/int8_recovery.py --peers-python $(PEERS)/bin/python
+	$(PY) benchmarks/recovery_cost.py
 
 # NNCF and Intel Neural Compressor for the INT8 recovery benchmark, apart from the toolchain's venv:
 # Neural Compressor's last ONNX Runtime back end (2.6) needs numpy < 2 and onnx < 1.17.
