@@ -41,6 +41,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/snapdragon_mobile.py
 	$(PY) benchmarks/x86_isa_settings.py
 	$(PY) benchmarks/matrix_workers.py
+	$(PY) benchmarks/snapdragon_npu.py
+	$(PY) benchmarks/sequence_precisions.py
 	$(MAKE) $(PEERS)
 	$(PY) benchmarks/int8_recovery.py --peers-python $(PEERS)/bin/python
 	$(PY) benchmarks/recovery_cost.py
