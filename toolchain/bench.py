@@ -205,6 +205,17 @@ def bench_build(folder: Path, batch_sizes: tuple[int, ...] | None = None, runs: 
             "settings": {**settings, "batch_sizes": list(settings["batch_sizes"])}, "results": results, "note": note}
 
 
+def busy_cores(p50_ms: float, profiled_ms: float, factor: float = 20.0) -> str | None:
+    """Why a timed batch-1 latency cannot be trusted, or None: ``factor`` times the operator profile's
+    own time per run (taken right after, on the same input). Torch's OpenMP threads wait on each
+    other when other processes hold the cores, and its latency inflates 10-100x while the
+    profiler's per-operator times barely move (a 0.05 ms model measured at 47 ms, seen here)."""
+    if profiled_ms <= 0 or p50_ms < 1.0 or p50_ms < factor * profiled_ms:
+        return None
+    return (f"batch-1 latency {p50_ms:.2f} ms is {p50_ms / profiled_ms:.0f}x its operator profile's {profiled_ms:.3f} ms "
+            f"per run: the cores were busy while it was timed; re-time the build alone (`toolchain bench BUILD_DIR`)")
+
+
 def recorded_constants(model: dict) -> dict[str, object]:
     """The values a build fixed the model's non-tensor arguments at (report.json `model.constants`)."""
     return {c["name"]: c["value"] for c in model.get("constants", [])}

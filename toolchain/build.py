@@ -20,7 +20,7 @@ from .data import Dataset, check_signature, load_dataset, synthetic_dataset
 from .feed import Batch, InputSpec, Signature, torch_args
 from .errors import DataError, NotApplicable, StageError, ToolchainError, reason
 from .folder import check_output, staged_folder
-from .bench import bench, time_runs
+from .bench import bench, busy_cores, time_runs
 from .load import LoadedModel, load_model, parse_shape, settle_random_batchnorm
 from .manifest import write_manifest
 from .parity import OutputRole, Parity, accuracy_of, check_reference, compare, resolve_roles, run_batched
@@ -145,7 +145,8 @@ def build(
             data=data_facts(inputs), artifacts=tuple(mark_primary(reports)), cpu=isa_facts(profile.runtime.isa),
             skipped=tuple({"name": s.name, "reason": s.reason} for s in skipped),
             not_applicable=tuple({"name": s.name, "reason": s.reason} for s in not_applicable),
-            thresholds=thresholds, engine=engine, warnings=inputs.warnings, build_seconds=round(time.perf_counter() - started, 2),
+            thresholds=thresholds, engine=engine,
+            warnings=inputs.warnings + tuple(f"{a.name}: {a.latency_note}" for a in reports if a.latency_note), build_seconds=round(time.perf_counter() - started, 2),
             metric=expected.metric and expected.metric.to_json(),
         )
         write(report, tmp)
@@ -563,7 +564,11 @@ def check_artifact(name, artifact: Artifact, runtime: str, profile: Target, thre
     log.info("profiling %s's operators", name)
     profiler = runtimes.get(runtime).profile  # None: the runtime has no operator profiler
     measured = profiler and _profiled(name, lambda: profiler(artifact, inputs.validation.x[:1], r.profile_runs, r.threads))
+    note = measured and busy_cores(timed.batch1.p50_ms, measured.total_ms)
+    if note:
+        log.warning("%s: %s", name, note)
     return ArtifactReport(
+        latency_note=note or None,
         name=name, path=artifact.path.name, format=runtimes.get(runtime).format, runtime=runtime,
         precision=artifact.precision, quantized_engine=artifact.quantized_engine, size_bytes=artifact.size_bytes(),
         sha256=artifact.sha256, bench=timed, parity=parity, profile=measured and write_profile(measured, folder, name),
