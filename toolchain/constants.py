@@ -123,7 +123,7 @@ def parse_constants(items) -> dict[str, str]:
 def fed_from_data(constants: tuple[Constant, ...], data_files: list[Path]) -> tuple[str, ...]:
     """The optional tensor arguments the data gives (a batched array of that name): inputs, not constants."""
     return tuple(c.name for c in constants if c.type == "Tensor?" and not c.fixed
-                 and any(_array(p, c.name) is not None and _array(p, c.name).ndim for p in data_files))
+                 and any(getattr(_array(p, c.name), "ndim", 0) for p in data_files))
 
 
 def resolve(constants: tuple[Constant, ...], given: Mapping[str, Any], data_files: list[Path]) -> tuple[Bound, ...]:
@@ -224,7 +224,7 @@ def bind(model, names: tuple[str, ...], tensors: tuple[str, ...], bound: tuple[B
     import torch
 
     wrapper = _bound_class()(model, names, tensors, {b.name: b.value for b in bound})
-    at = ", ".join(f"{b.name}={b.value}" for b in bound)
+    at = ", ".join(f"{b.name}={b.value}" for b in bound) or "its inputs"
     try:
         if isinstance(model, torch.jit.ScriptModule):
             with torch.inference_mode(False), torch.no_grad():
