@@ -294,3 +294,21 @@ def test_a_latency_far_above_its_operator_profile_is_flagged():
     assert note and "484x its operator profile's 0.097 ms" in note and "toolchain bench" in note
     assert busy_cores(0.9, 0.01) is None  # sub-millisecond: interpreter overhead dominates small models
     assert busy_cores(5.0, 1.0) is None and busy_cores(5.0, 0.0) is None
+
+
+def test_fbgemm_kernels_pack_torch_int8_for_fbgemm_on_a_vnni_or_amx_target(digits, tmp_path):
+    """The recovery fix for oneDNN's AMX INT8 Conv1d defect, checked on any host: on a target
+    where the x86 engine would run oneDNN, the artifact is packed and run under fbgemm, and says so."""
+    from toolchain.context import BuildContext
+    from toolchain.stages.quantize_torch import QuantizeTorch
+
+    stage = QuantizeTorch()
+    ctx = lambda isa: BuildContext(tmp_path, None, (1, 1, 8, 8), True, 1, lambda *a: None, isa)
+    assert stage.applies("fbgemm_kernels", None, ctx("amx")) and stage.applies("fbgemm_kernels", None, ctx("avx512_vnni"))
+    assert not stage.applies("fbgemm_kernels", None, ctx("avx2"))  # fbgemm's kernels there already
+    text = fast_profile(tmp_path, 64, 64).read_text().replace('isa = "avx2"', 'isa = "amx"', 1)
+    profile = tmp_path / "amx.toml"
+    profile.write_text(text.replace('engine = "x86"', 'engine = "x86"\nfbgemm_kernels = true', 1))
+    report, _ = toolchain.build(str(digits["model"]), str(profile), tmp_path / "out", digits["calibration"], digits["validation"])
+    a = next(a for a in report.to_json()["artifacts"] if a["name"] == "torch_int8")
+    assert a["engine"] == "fbgemm" and a["stage_facts"]["quantize_torch"]["kernels"] == "fbgemm" and a["parity"]["passed"] is True

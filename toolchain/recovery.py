@@ -53,7 +53,7 @@ class RecoveryOptions:
 
 
 FIX_WORDS = {"float_masks": "attention masks kept in float", "equalize": "cross-layer equalization", "smooth": "SmoothQuant scale migration", "bias_correction": "bias correction",
-             "a16w8": "16-bit activations (A16W8)"}
+             "a16w8": "16-bit activations (A16W8)", "fbgemm_kernels": "fbgemm kernels (run it with quantized engine fbgemm)"}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -45,6 +45,9 @@ class QuantizeTorchOptions:
                                           "inputs (FX models); recovery tries it")
     float_masks: bool = option(False, "keep additive attention masks in float: the add that pushes a Softmax's input below -1e3 "
                                       "on calibration inputs (a padding mask; FX models); recovery tries it")
+    fbgemm_kernels: bool = option(False, "with engine x86 on a VNNI / AMX target: pack for fbgemm's kernels, not the oneDNN ones the "
+                                         "x86 engine picks there (torch 2.14.1's oneDNN AMX INT8 Conv1d is wrong for some shapes); "
+                                         "the artifact then runs under torch.backends.quantized.engine = 'fbgemm'; recovery tries it")
 
 
 @register_stage
@@ -64,7 +67,8 @@ class QuantizeTorch(Stage, Recoverable):
         reduce_range = o.reduce_range if o.reduce_range is not None else (o.engine != "qnnpack" and not has_vnni(ctx.isa))
         qconfig = make_qconfig(o.calibration, o.percentile, o.per_channel, reduce_range, o.engine)
         batches = [torch_args(b) for b in ctx.calibration.batches(o.batch_size)]  # each: the model's arguments
-        kernels = torch_kernels(o.engine, ctx.isa)  # packed for the kernels the deployment CPU runs
+        engine = "fbgemm" if o.fbgemm_kernels and o.engine == "x86" else o.engine  # what the device must run it under
+        kernels = torch_kernels(engine, ctx.isa)  # packed for the kernels the deployment CPU runs
         torch.backends.quantized.engine = kernels
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -76,7 +80,7 @@ class QuantizeTorch(Stage, Recoverable):
             except (RuntimeError, NotImplementedError, AssertionError) as e:
                 raise StageError(f"quantize_torch: {o.engine} cannot quantize this model: {reason(e)}") from None
         check_kernels(model, kernels)
-        facts = {"calibration_samples": len(ctx.calibration.x), "engine": o.engine, "kernels": kernels, "reduce_range": reduce_range,
+        facts = {"calibration_samples": len(ctx.calibration.x), "engine": engine, "kernels": kernels, "reduce_range": reduce_range,
                  "float_layers": list(o.float_layers)}
         if (o.equalize or o.smooth) and artifact.kind is Kind.FX:
             facts.update(ctx.cache.get(("rescale_fx", artifact.sha256, o.equalize, o.smooth, reduce_range, o.per_channel), {}))
@@ -88,8 +92,8 @@ class QuantizeTorch(Stage, Recoverable):
             from ..bias_correction import correct_module_biases
 
             facts["bias_correction"] = correct_module_biases(self._prepared(artifact, ctx, reduce_range), model, ctx.calibration.x[:128])
-        return StageResult(dataclasses.replace(artifact, model=model, precision="int8", quantized_engine=o.engine,
-                                               kernels=kernels if kernels != o.engine else None), facts)
+        return StageResult(dataclasses.replace(artifact, model=model, precision="int8", quantized_engine=engine,
+                                               kernels=kernels if kernels != engine else None), facts)
 
     def _quantize_fx(self, artifact: Artifact, qconfig, batches, ctx: BuildContext, reduce_range: bool):
         """Prepare and calibrate once per (input, observers); each set of float layers is a
@@ -149,12 +153,15 @@ class QuantizeTorch(Stage, Recoverable):
         return typing.get_args(typing.get_type_hints(QuantizeTorchOptions)["calibration"])
 
     def fixes(self) -> tuple[str, ...]:
-        return ("float_masks", "equalize", "smooth", "bias_correction")
+        return ("float_masks", "equalize", "smooth", "bias_correction", "fbgemm_kernels")
 
     def applies(self, fix: str, artifact: Artifact, ctx: BuildContext) -> bool:
-        """All four act on FX models only (a TorchScript input is quantized as it is)."""
+        """`fbgemm_kernels` where the x86 engine would run oneDNN's kernels (a VNNI / AMX target);
+        the other four on FX models only (a TorchScript input is quantized as it is)."""
         from ..rescale import fx_finds
 
+        if fix == "fbgemm_kernels":
+            return self.options.engine == "x86" and torch_kernels("x86", ctx.isa) == "x86"
         if artifact.kind is not Kind.FX:
             return False
         if fix == "float_masks":
