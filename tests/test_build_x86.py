@@ -294,6 +294,7 @@ def test_a_latency_far_above_its_operator_profile_is_flagged():
     assert note and "484x its operator profile's 0.097 ms" in note and "toolchain bench" in note
     assert busy_cores(0.9, 0.01) is None  # sub-millisecond: interpreter overhead dominates small models
     assert busy_cores(5.0, 1.0) is None and busy_cores(5.0, 0.0) is None
+    assert busy_cores(2.0, 0.1) and busy_cores(1.99, 0.1) is None  # the bar: 20x the profile's time
 
 
 def test_fbgemm_kernels_pack_torch_int8_for_fbgemm_on_a_vnni_or_amx_target(digits, tmp_path):
@@ -304,11 +305,14 @@ def test_fbgemm_kernels_pack_torch_int8_for_fbgemm_on_a_vnni_or_amx_target(digit
 
     stage = QuantizeTorch()
     ctx = lambda isa: BuildContext(tmp_path, None, (1, 1, 8, 8), True, 1, lambda *a: None, isa)
-    assert stage.applies("fbgemm_kernels", None, ctx("amx")) and stage.applies("fbgemm_kernels", None, ctx("avx512_vnni"))
+    assert stage.applies("fbgemm_kernels", None, ctx("amx"))
     assert not stage.applies("fbgemm_kernels", None, ctx("avx2"))  # fbgemm's kernels there already
+    assert not stage.applies("fbgemm_kernels", None, ctx("avx512_vnni"))  # oneDNN's VNNI kernels are right
+    assert not stage.variant(engine="qnnpack").applies("fbgemm_kernels", None, ctx("amx"))
     text = fast_profile(tmp_path, 64, 64).read_text().replace('isa = "avx2"', 'isa = "amx"', 1)
     profile = tmp_path / "amx.toml"
     profile.write_text(text.replace('engine = "x86"', 'engine = "x86"\nfbgemm_kernels = true', 1))
     report, _ = toolchain.build(str(digits["model"]), str(profile), tmp_path / "out", digits["calibration"], digits["validation"])
     a = next(a for a in report.to_json()["artifacts"] if a["name"] == "torch_int8")
     assert a["engine"] == "fbgemm" and a["stage_facts"]["quantize_torch"]["kernels"] == "fbgemm" and a["parity"]["passed"] is True
+    assert a["stage_facts"]["quantize_torch"]["reduce_range"] is False  # fbgemm's kernels use VNNI on an AMX CPU: full range

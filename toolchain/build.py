@@ -146,7 +146,7 @@ def build(
             skipped=tuple({"name": s.name, "reason": s.reason} for s in skipped),
             not_applicable=tuple({"name": s.name, "reason": s.reason} for s in not_applicable),
             thresholds=thresholds, engine=engine,
-            warnings=inputs.warnings + tuple(f"{a.name}: {a.latency_note}" for a in reports if a.latency_note), build_seconds=round(time.perf_counter() - started, 2),
+            warnings=inputs.warnings + tuple(f"{a.name}: {a.latency_warning}" for a in reports if a.latency_warning), build_seconds=round(time.perf_counter() - started, 2),
             metric=expected.metric and expected.metric.to_json(),
         )
         write(report, tmp)
@@ -568,7 +568,7 @@ def check_artifact(name, artifact: Artifact, runtime: str, profile: Target, thre
     if note:
         log.warning("%s: %s", name, note)
     return ArtifactReport(
-        latency_note=note or None,
+        latency_warning=note or None,
         name=name, path=artifact.path.name, format=runtimes.get(runtime).format, runtime=runtime,
         precision=artifact.precision, quantized_engine=artifact.quantized_engine, size_bytes=artifact.size_bytes(),
         sha256=artifact.sha256, bench=timed, parity=parity, profile=measured and write_profile(measured, folder, name),

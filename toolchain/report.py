@@ -38,7 +38,7 @@ class ArtifactReport:
     profile: str | None = None  # profiles/<name>.json, relative to the build folder
     recovery: dict[str, Any] | None = None  # what recovery did when the first build missed parity
     float_layers: tuple[str, ...] = ()  # layers kept in floating point (precision "mixed")
-    latency_note: str | None = None  # why its timed latency is not to be trusted (bench.busy_cores)
+    latency_warning: str | None = None  # why its timed latency is not to be trusted (bench.busy_cores)
 
     @property
     def latency_ms(self) -> float:
@@ -53,7 +53,7 @@ class ArtifactReport:
             "latency_p99_ms": self.bench.batch1.p99_ms,
             "parity": _parity_json(self.parity), "stage_facts": self.stage_facts,
             "bench": self.bench.to_json(), "profile": self.profile,
-            "float_layers": list(self.float_layers), "recovery": self.recovery, "latency_note": self.latency_note,
+            "float_layers": list(self.float_layers), "recovery": self.recovery, "latency_warning": self.latency_warning,
         }
 
 
