@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import toolchain  # noqa: E402
 from tests.models import bn_after_relu, depthwise_hardswish, tiny_vit, with_outlier_norms  # noqa: E402  (the tests' models)
+from toolchain.bench import time_alternating  # noqa: E402
 from toolchain.examples import digits_data, train  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -226,18 +227,8 @@ def main():
                 rows[label] = {"accuracy": float(np.mean(out.argmax(1) == y_test)),
                                "agreement": float(np.mean(out.argmax(1) == ref.argmax(1))),
                                "int8_weights": int8_weight_share(what) if kind == "onnx" else None}
-            times = {label: [] for label in runners}
-            x1 = x_test[:1].copy()
-            for label in runners:
-                for _ in range(20):
-                    runners[label](x1)
-            for _ in range(200):  # alternate the variants, so a slow moment of the machine hits all of them
-                for label, run in runners.items():
-                    t = time.perf_counter_ns()
-                    run(x1)
-                    times[label].append((time.perf_counter_ns() - t) / 1e6)
-            for label in runners:
-                rows[label]["latency_ms"] = float(np.median(times[label]))
+            for label, ms in time_alternating(runners, x_test[:1].copy(), 200).items():  # a slow moment hits every variant
+                rows[label]["latency_ms"] = ms
             results[title] = {"build_seconds": round(build_s, 1), "rows": rows,
                               "recovery": [a.recovery["summary"] for a in report.artifacts if a.recovery]}
             print(f"\n## {title} (toolchain build {build_s:.1f} s)")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import toolchain  # noqa: E402
 from int8_recovery import Outliers, data  # noqa: E402  (the same models, trained the same way)
 from tests.models import bn_after_relu, tiny_vit, with_outlier_norms  # noqa: E402
+from toolchain.bench import time_alternating  # noqa: E402
 from toolchain.examples import train  # noqa: E402
 
 RUNS = 2000
@@ -83,17 +83,7 @@ def main():
                 if a is None or not a.recovery or a.recovery["status"] != "recovered":
                     continue  # nothing recovered: the two files are the same
                 files = {"all-INT8": builds["all-INT8"][1] / a.path, "recovered": builds["recovered"][1] / a.path}
-                runners = {label: session(path) for label, path in files.items()}
-                times = {label: [] for label in runners}
-                for run in runners.values():
-                    for _ in range(50):
-                        run(x1)
-                for _ in range(RUNS):
-                    for label, run in runners.items():
-                        t = time.perf_counter_ns()
-                        run(x1)
-                        times[label].append((time.perf_counter_ns() - t) / 1e6)
-                ms = {label: float(np.median(v)) for label, v in times.items()}
+                ms = time_alternating({label: session(path) for label, path in files.items()}, x1, RUNS, warmup=50)
                 results[f"{title} / {name}"] = {
                     "all_int8_ms": round(ms["all-INT8"], 4), "recovered_ms": round(ms["recovered"], 4),
                     "ratio": round(ms["recovered"] / ms["all-INT8"], 3), "recovery": a.recovery["summary"],

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import toolchain  # noqa: E402
 from tests.models import SequenceClassifier, TinyViT, export, sequences  # noqa: E402
+from toolchain.bench import time_alternating  # noqa: E402
 from toolchain.cpu import host_cpu, host_has_bf16  # noqa: E402
 from toolchain.examples import digits_data, train  # noqa: E402
 
@@ -83,20 +83,10 @@ def runner(entry):
     return lambda x: session.run(None, {name: x})
 
 
-def time_alternating(entries, x):
+def latencies(entries, x):
     torch.set_num_threads(THREADS)
-    runners = {k: runner(v) for k, v in entries.items()}
-    times = {k: [] for k in runners}
     with torch.inference_mode():
-        for run in runners.values():
-            for _ in range(20):
-                run(x)
-        for _ in range(ROUNDS):
-            for k, run in runners.items():
-                start = time.perf_counter()
-                run(x)
-                times[k].append((time.perf_counter() - start) * 1e3)
-    return {k: float(np.median(v)) for k, v in times.items()}
+        return time_alternating({k: runner(v) for k, v in entries.items()}, x, ROUNDS)
 
 
 def main():
@@ -106,7 +96,7 @@ def main():
             folder = Path(tmp) / name
             folder.mkdir()
             entries = build_all(name, model, x_cal, x_val, y_val, folder)
-            latency = time_alternating(entries, x_val[:1])
+            latency = latencies(entries, x_val[:1])
             base = latency.get("onnx_fp32") or latency["fp32 reference"]
             passing = [k for k, v in entries.items() if v["passed"] is True]
             fastest = min(passing, key=latency.get) if passing else None

@@ -70,6 +70,22 @@ def time_runs(runner: Callable[[np.ndarray], Any], x: np.ndarray, warmup: int, r
     return np.array(times)
 
 
+def time_alternating(runners: dict[str, Callable[[Any], Any]], x, rounds: int, warmup: int = 20) -> dict[str, float]:
+    """Median milliseconds of each runner on ``x``, the runners timed in turn, ``rounds`` times
+    (after ``warmup`` runs each): a slow moment of the machine hits all of them, so their ratios
+    hold where their absolute figures would not (benchmarks compare variants this way)."""
+    for run in runners.values():
+        for _ in range(warmup):
+            run(x)
+    times: dict[str, list[float]] = {label: [] for label in runners}
+    for _ in range(rounds):
+        for label, run in runners.items():
+            start = time.perf_counter_ns()
+            run(x)
+            times[label].append((time.perf_counter_ns() - start) / 1e6)
+    return {label: float(np.median(v)) for label, v in times.items()}
+
+
 def bench(load: Callable[[], Callable[[np.ndarray], Any]], inputs: "Signature | tuple[int, ...]", batch_sizes: tuple[int, ...],
           warmup: int, runs: int, threads: int, budget_ms: float | None, sweep_runs: int | None = None, seed: int = 0) -> Bench:
     """Load with ``load()``, then time every batch size.
