@@ -47,3 +47,41 @@ def test_regression_outputs_have_no_top1():
 def test_shape_mismatch_fails_parity():
     p = compare(np.zeros((2, 3)), np.zeros((2, 4)), None, T)
     assert p.passed is False and "shape 2x4 differs from FP32's 2x3" in p.failures[0]
+
+
+def _near_tie_outputs(n: int = 4000, classes: int = 20, seed: int = 0) -> np.ndarray:
+    """FP32 scores whose top two are 0.05 apart on average (exponential gaps: many near-ties)."""
+    rng = np.random.default_rng(seed)
+    ref = rng.uniform(0, 0.5, (n, classes))
+    top, second = rng.choice(classes, 2, replace=False)
+    ref[:, second] = 1.0
+    ref[:, top] = 1.0 + rng.exponential(0.05, n)
+    return ref
+
+
+def test_a_missed_top1_bar_is_predicted_by_the_noise_between_fp32s_top_two_and_the_cut_it_names_holds_it():
+    ref = _near_tie_outputs()
+    noise = np.random.default_rng(1).standard_normal(ref.shape) * 0.02
+    p = compare(ref, ref + noise, None, T)
+    ties = p.outputs[0].near_ties
+    assert p.top1_agreement < 0.99 and ties is not None
+    assert ties.share == pytest.approx(0.01) and ties.gap == pytest.approx(np.quantile(ref.max(1) - 1.0, 0.01), rel=1e-3)
+    assert ties.noise == pytest.approx(0.02 * np.sqrt(2), rel=0.05)  # the difference of two independent errors
+    assert ties.predicted == pytest.approx(p.top1_agreement, abs=0.01)
+    assert ties.noise_cut_db > 3
+    # the same noise, that many dB lower, holds the bar (up to sampling: 1 % of 4000 samples is 40 swaps)
+    held = compare(ref, ref + noise * 10 ** (-ties.noise_cut_db / 20), None, T)
+    assert held.top1_agreement >= 0.985, (held.top1_agreement, ties)
+    assert compare(ref, ref + noise * 10 ** (-(ties.noise_cut_db + 6) / 20), None, T).passed
+
+
+def test_near_ties_are_said_only_for_a_judged_top1_failure_and_exact_fp32_ties_put_the_bar_out_of_reach():
+    ref = _near_tie_outputs()
+    assert compare(ref, ref + 1e-6, None, T).outputs[0].near_ties is None  # the bar holds
+    noisy = ref + np.random.default_rng(1).standard_normal(ref.shape) * 0.02
+    assert compare(ref, noisy, None, None).outputs[0].near_ties is None  # not judged (random weights)
+    tied = ref.copy()
+    tied[:100] = np.eye(20)[0] + np.eye(20)[1]  # 2.5 % of the samples: FP32's top two exactly equal
+    noisy = tied + np.random.default_rng(2).standard_normal(ref.shape) * 1e-3
+    ties = compare(tied, noisy, None, T).outputs[0].near_ties
+    assert ties is not None and ties.gap == 0 and ties.noise_cut_db == float("inf")

@@ -60,7 +60,7 @@ def build(terminal, model, target, out, calib, val, input_shape, trust_pickle, c
 
     Exit codes: 0 passed, 2 user error, 3 parity failed, 4 built but not judged (random weights)."""
     from .build import build as run_build
-    from .report import metric_lines, recovery_lines, sensitivity_top, subset_lines, table
+    from .report import metric_lines, near_ties_lines, recovery_lines, sensitivity_top, subset_lines, table
 
     if as_json:
         terminal.plain = True  # stdout is for the JSON; stderr gets plain lines
@@ -77,7 +77,7 @@ def build(terminal, model, target, out, calib, val, input_shape, trust_pickle, c
             click.echo(line)
         for line in sensitivity_top(report, folder):
             click.echo(line)
-        for line in recovery_lines(report):
+        for line in recovery_lines(report) + near_ties_lines(report):
             click.echo(line)
         for s in report.skipped:
             click.echo(f"skipped {s['name']}: {s['reason']}")

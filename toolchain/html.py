@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .words import facts_line, output_label, parity_verdict, subset_line
+from .words import facts_line, near_ties_line, output_label, parity_verdict, subset_line
 
 W, ROW, PAD = 560, 22, 150  # chart width, bar row height, label column
 COLORS = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7"]
@@ -117,6 +117,9 @@ def _alerts(report: dict) -> str:
         items.append(f"<li class='metric'>metric <code>{_e(m['name'])}</code> (tolerance {m['max_drop']:g} {_e(m['drop_is'])}): "
                      f"FP32 {_num(m['fp32'])}; {_e(scores)}</li>")
     items += [f"<li class='recovery'>{_e(a['recovery']['summary'])}</li>" for a in report["artifacts"] if a.get("recovery")]
+    several = lambda a: len(a["parity"]["outputs"]) > 1
+    items += [f"<li class='ties'>{_e(near_ties_line(a['name'], output_label(_Output(o)) if several(a) else None, o['top1_agreement'], o['near_ties']))}</li>"
+              for a in report["artifacts"] for o in a["parity"]["outputs"] if o.get("near_ties")]
     items += [f"<li class='warning'>⚠ {_e(w)}</li>" for w in report["warnings"]]
     cpu = report.get("cpu") or {}
     if cpu.get("proxy") and not cpu.get("target_isa"):  # an x86 mismatch is among the warnings already
@@ -311,7 +314,7 @@ table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ddd;padding:
 td:first-child,th:first-child{text-align:left}tr.primary{background:#eef6ee}.row{display:flex;flex-wrap:wrap;gap:12px}
 figure{margin:0}svg text{font-size:12px}svg .title{font-weight:600}svg .axis{fill:#555}code{background:#f4f4f4;padding:0 3px}
 ul.alerts{list-style:none;padding:0}ul.alerts li{padding:6px 10px;margin:4px 0;border-radius:4px}
-li.warning{background:#fff4d6;border-left:4px solid #e0a100}li.recovery{background:#eaf2fb;border-left:4px solid #4e79a7}
+li.warning{background:#fff4d6;border-left:4px solid #e0a100}li.ties{background:#f3eefa;border-left:4px solid #8e6cbf}li.recovery{background:#eaf2fb;border-left:4px solid #4e79a7}
 li.proxy{background:#f1f1f1;border-left:4px solid #999}li.metric{background:#eef6ee;border-left:4px solid #59a14f;font-weight:600}tr.output td{color:#555;font-size:13px}"""
 
 SCRIPT = """window.addEventListener('load',function(){var out={};

@@ -276,9 +276,19 @@ def summary_line(name: str, outcome: Outcome, before: Parity, before_latency: fl
     final = outcome.final
     if final is None:
         best = max(outcome.attempts, key=lambda a: score(a.parity), default=None)
-        tail = f"; best attempt {best.what}: {'; '.join(best.parity.failures)}" if best else ""
+        tail = f"; best attempt {best.what}: {'; '.join(best.parity.failures)}{_ties(best.parity)}" if best else ""
         return f"{name}: not recovered ({outcome.reason or outcome.status}){tail}"
     return f"{name}: recovered — {final.what}: {_change(before, final.parity)}{_latency(before_latency, after_latency)}"
+
+
+def _ties(p: Parity) -> str:
+    """How far a top-1 failure is from its bar in noise (see toolchain.parity.NearTies), when that was its failure."""
+    cuts = [o.near_ties.noise_cut_db for o in p.outputs if o.near_ties is not None]
+    if not cuts:
+        return ""
+    cut = max(cuts)
+    return (" (FP32's own exact ties put the top-1 bar out of reach)" if cut == float("inf") else
+            f" (its top-1 needs the error between FP32's top two {cut:.1f} dB lower)")
 
 
 def _change(before: Parity, after: Parity) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 from .bench import Bench
 from .html import write_html
 from .parity import Parity
-from .words import facts_line, output_label, parity_verdict, subset_line
+from .words import facts_line, near_ties_line, output_label, parity_verdict, subset_line
 
 NOT_JUDGED = "NOT JUDGED (random weights)"
 
@@ -135,6 +135,7 @@ def markdown(report: Report) -> str:
     lines += [f"- {line}" for line in metric_lines(report)]
     lines += [f"- {line}" for line in subset_lines(report)]
     lines += [f"- recovery: {line}" for line in recovery_lines(report)]
+    lines += [f"- {line}" for line in near_ties_lines(report)]
     for a in report.artifacts:
         lines += [f"- `{a.name}` {stage}: {facts_line(facts)}" for stage, facts in a.stage_facts.items()]
     lines += [f"- skipped `{s['name']}`: {s['reason']}" for s in report.skipped]
@@ -207,6 +208,13 @@ def subset_lines(report: Report) -> list[str]:
 def recovery_lines(report: Report) -> list[str]:
     """One line per artifact that recovery worked on: what it did, or why it could not."""
     return [a.recovery["summary"] for a in report.artifacts if a.recovery]
+
+
+def near_ties_lines(report: Report) -> list[str]:
+    """Per output whose top-1 agreement missed its bar: how close FP32's top two were, against the artifact's error."""
+    return [near_ties_line(a.name, output_label(o) if len(a.parity.outputs) > 1 else None, o.top1_agreement,
+                           dataclasses.asdict(o.near_ties))
+            for a in report.artifacts for o in a.parity.outputs if o.near_ties is not None]
 
 
 def sensitivity_top(report: Report, folder: Path, count: int = 5) -> list[str]:
