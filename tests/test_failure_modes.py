@@ -116,7 +116,8 @@ def test_the_pitch_trackers_top1_failure_is_explained_by_fp32s_near_ties_and_the
         assert ties["share"] == pytest.approx(0.01) and 0 < ties["gap"] < ties["noise"]
         assert ties["predicted"] == pytest.approx(out["top1_agreement"], abs=0.015), (ties, out["top1_agreement"])
         assert ties["noise_cut_db"] > 3  # INT8 with every layer in it is far from the bar, by this much noise
-        assert f"{name}: top-1 agreement" in (tmp_path / "out" / "report.md").read_text()
+        assert f"- {name}: top-1 agreement" in (tmp_path / "out" / "report.md").read_text()
+        assert f"<li class='ties'>{name}: top-1 agreement" in (tmp_path / "out" / "report.html").read_text()
     assert next(a for a in data["artifacts"] if a["name"] == "onnx_fp32")["parity"]["outputs"][0]["near_ties"] is None
 
 

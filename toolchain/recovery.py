@@ -287,8 +287,9 @@ def _ties(p: Parity) -> str:
     if not cuts:
         return ""
     cut = max(cuts)
-    return (" (FP32's own exact ties put the top-1 bar out of reach)" if cut == float("inf") else
-            f" (its top-1 needs the error between FP32's top two {cut:.1f} dB lower)")
+    if cut == float("inf"):
+        return " (FP32's own exact ties put the top-1 bar out of reach)"
+    return f" (its top-1 needs the error between FP32's top two {cut:.1f} dB lower)" if cut else ""
 
 
 def _change(before: Parity, after: Parity) -> str:

@@ -40,11 +40,13 @@ def near_ties_line(name: str, output: str | None, top1: float, ties: dict[str, A
     """Why an output's top-1 agreement missed its bar, in numbers (``toolchain.parity.NearTies``)."""
     bar = 1 - ties["share"]
     where = f"{name}{f' output {output}' if output else ''}"
-    head = (f"{where}: top-1 agreement {top1:.1%} < {bar:.1%}: on {ties['share']:.0%} of the validation samples FP32's "
+    head = (f"{where}: top-1 agreement {top1:.1%} < {bar:.1%}: on {ties['share']:.1%} of the validation samples FP32's "
             f"top two scores are within {ties['gap']:.3g}, and the artifact's error between them is {ties['noise']:.3g} RMS, "
             f"which predicts {ties['predicted']:.1%}")
     cut = ties["noise_cut_db"]
     if cut in ("inf", float("inf")):
-        return head + f"; FP32 itself ties exactly on too many samples for {bar:.0%}: judge this output with a metric (--metric)"
-    return (head + f"; {bar:.0%} needs that error {cut:.1f} dB lower (where arg-max swaps between near-equal classes are "
+        return head + f"; FP32 itself ties exactly on too many samples for {bar:.1%}: judge this output with a metric (--metric)"
+    if not cut:
+        return head + ": the error between FP32's top two does not explain the miss (other classes overtake them)"
+    return (head + f"; {bar:.1%} needs that error {cut:.1f} dB lower (where arg-max swaps between near-equal classes are "
             f"harmless, as between neighbouring bins, judge the output with your metric: --metric)")
