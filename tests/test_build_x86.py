@@ -19,11 +19,27 @@ ARTIFACT_KEYS = {"name", "path", "format", "precision", "size_bytes", "primary",
 PARITY_KEYS = {"sqnr_db", "cosine", "max_abs", "mean_abs", "top1_agreement", "accuracy", "passed"}
 
 
+AROUND_THE_BUILD = {}  # torch's process-wide settings before and after the library call
+
+
 @pytest.fixture(scope="module")
 def digits_build(digits, tmp_path_factory):
     out = tmp_path_factory.mktemp("b") / "digits"
-    report, folder = toolchain.build(str(digits["model"]), "x86_fbgemm", out, digits["calibration"], digits["validation"])
+    threads = torch.get_num_threads()
+    torch.backends.quantized.engine, _ = "x86", torch.set_num_threads(1)  # the caller's own settings
+    try:
+        report, folder = toolchain.build(str(digits["model"]), "x86_fbgemm", out, digits["calibration"], digits["validation"])
+        AROUND_THE_BUILD.update(engine=torch.backends.quantized.engine, threads=torch.get_num_threads())
+    finally:
+        torch.set_num_threads(threads)
     return report, folder
+
+
+def test_a_library_call_gives_the_caller_its_torch_settings_back(digits_build):
+    report, _ = digits_build
+    assert next(a for a in report.artifacts if a.name == "torch_int8").quantized_engine in ("x86", "fbgemm")
+    assert report.to_json()["artifacts"][0]["stage_facts"]["quantize_torch"]["kernels"] == "fbgemm"  # what the build set
+    assert AROUND_THE_BUILD == {"engine": "x86", "threads": 1}
 
 
 def test_a_cnn_lists_dynamic_int8_and_avx2_bf16_as_not_applicable_not_as_skipped(digits_build):

@@ -17,6 +17,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .runtime import keeps_torch_settings
+
 log = logging.getLogger("toolchain")
 
 
@@ -160,6 +162,7 @@ def _peak_since(baseline: int | None) -> int | None:
     return None if baseline is None or peak is None else max(0, peak - baseline)
 
 
+@keeps_torch_settings
 def bench_build(folder: Path, batch_sizes: tuple[int, ...] | None = None, runs: int | None = None,
                 threads: int | None = None, budget_ms: float | None = None, sweep_runs: int | None = None) -> dict[str, Any]:
     """Re-measure every artifact of a build folder (and the FP32 model, when its source can

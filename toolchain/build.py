@@ -29,7 +29,7 @@ from .pipeline import Pipeline, Plan, Skipped, plan
 from .profiling import profile_torch, write_profile
 from . import runtimes
 from .report import ArtifactReport, Report, mark_primary, write
-from .runtime import load_runner, output_names, reference_runner
+from .runtime import keeps_torch_settings, load_runner, output_names, reference_runner
 from .stage import reported_facts
 from .target import ParityThresholds, Target, load_target
 
@@ -46,6 +46,7 @@ class Inputs:
     signature: Signature | None = None  # every input's name, shape, dtype (shape: the first one's, batch 1)
 
 
+@keeps_torch_settings
 def build(
     model: str,
     target: str = "x86_fbgemm",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import io
 import os
 import sys
@@ -21,6 +22,24 @@ class Runner(Protocol):
     """Runs a batch; returns every output of the model, in order, as numpy arrays."""
 
     def __call__(self, x: np.ndarray) -> list[np.ndarray]: ...
+
+
+def keeps_torch_settings(fn):
+    """Stages and runtimes set torch's process-wide quantized engine and thread count for the
+    artifact at hand; a library caller gets its own back when the call returns, however it ends."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import torch
+
+        engine, threads = torch.backends.quantized.engine, torch.get_num_threads()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.backends.quantized.engine = engine
+            torch.set_num_threads(threads)
+
+    return wrapper
 
 
 def torch_runner(model, threads: int) -> Runner:

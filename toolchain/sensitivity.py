@@ -14,10 +14,12 @@ import tempfile
 from pathlib import Path
 
 from .errors import ToolchainError
+from .runtime import keeps_torch_settings
 
 log = logging.getLogger("toolchain")
 
 
+@keeps_torch_settings
 def measure_build(folder: Path, names: tuple[str, ...] = (), progress=None) -> dict[str, str]:
     """Write `sensitivity/<artifact>.json` for ``names`` (default: every artifact with a
     quantization stage); returns artifact -> file, relative to ``folder``."""
