@@ -30,7 +30,7 @@ services:
 
 # The suite CI runs (deterministic, no timing assertions, about 9 minutes alone on 2 cores).
 test: $(STAMP) browser services
-	TOOLCHAIN_REQUIRE_BROWSER=1 TOOLCHAIN_REQUIRE_SERVICES=1 $(PY) -m pytest -q -m "not slow"
+	TOOLCHAIN_REQUIRE_BROWSER=1 TOOLCHAIN_REQUIRE_SERVICES=1 $(PY) -m pytest -q -m "not slow" --durations=20
 
 # Everything, the heavier end-to-end builds too (every torchvision architecture): nightly.
 test-full: $(STAMP) browser services
