@@ -28,7 +28,7 @@ browser:
 services:
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq postgresql >/dev/null)
 
-# The suite CI runs (deterministic, no timing assertions, about 9 minutes alone on 2 cores).
+# The suite CI runs (deterministic, no timing assertions, 9-11 minutes alone on 2 cores).
 test: $(STAMP) browser services
 	TOOLCHAIN_REQUIRE_BROWSER=1 TOOLCHAIN_REQUIRE_SERVICES=1 $(PY) -m pytest -q -m "not slow" --durations=20
 
