@@ -30,8 +30,10 @@ def keeps_torch_settings(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        import torch
-
+        try:
+            import torch
+        except ImportError:  # a device image without torch (TensorRT engines only): nothing to keep
+            return fn(*args, **kwargs)
         engine, threads = torch.backends.quantized.engine, torch.get_num_threads()
         try:
             return fn(*args, **kwargs)
