@@ -38,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import toolchain  # noqa: E402
 from tests.models import bn_after_relu, depthwise_hardswish, tiny_vit, with_outlier_norms  # noqa: E402  (the tests' models)
-from toolchain.bench import time_alternating  # noqa: E402
-from toolchain.examples import digits_data, train  # noqa: E402
+from toolchain.inputs.examples import digits_data, train  # noqa: E402
+from toolchain.measure.timing import time_alternating  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peers_quantize import session as ort_session  # noqa: E402  (numpy and onnxruntime only: it runs in the peers' venv too)
@@ -50,8 +50,17 @@ SIZE = 32
 class Outliers(nn.Module):
     def __init__(self):
         super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-                                      nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(4), nn.Flatten())
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.BatchNorm2d(64),
+            nn.ReLU(),
+            nn.MaxPool2d(4),
+            nn.Flatten(),
+        )
         self.hidden = nn.Linear(64 * 4 * 4, 128)
         self.head = nn.Linear(128, 10)
 
@@ -71,7 +80,9 @@ def data(size: int):
     x_train, x_test, y_train, y_test = digits_data()
     if size == x_train.shape[-1]:
         return x_train, x_test, y_train, y_test
-    up = lambda x: torch.nn.functional.interpolate(torch.from_numpy(x), size=(size, size), mode="bilinear").numpy()
+    up = lambda x: torch.nn.functional.interpolate(
+        torch.from_numpy(x), size=(size, size), mode="bilinear"
+    ).numpy()
     return up(x_train), up(x_test), y_train, y_test
 
 
@@ -85,7 +96,8 @@ def int8_weight_share(path) -> float:
     sizes = {i.name: int(np.prod(i.dims)) for i in graph.initializer}
     producer = {o: n for n in graph.node for o in n.output}
 
-    def origin(name, seen=0):  # (the constant behind a weight input, whether a DequantizeLinear is on the way)
+    # (the constant behind a weight input, whether a DequantizeLinear is on the way)
+    def origin(name, seen=0):
         node = producer.get(name)
         if node is None or seen > 4:
             return name, False
@@ -97,7 +109,12 @@ def int8_weight_share(path) -> float:
 
     total = quantized = 0
     for node in graph.node:
-        dynamic = node.op_type in ("MatMulInteger", "DynamicQuantizeMatMul", "ConvInteger", "DynamicQuantizeLSTM")
+        dynamic = node.op_type in (
+            "MatMulInteger",
+            "DynamicQuantizeMatMul",
+            "ConvInteger",
+            "DynamicQuantizeLSTM",
+        )
         if node.op_type not in ("Conv", "Gemm", "MatMul") and not dynamic:
             continue
         const, through_dq = origin(node.input[1] if len(node.input) > 1 else "")
@@ -111,11 +128,12 @@ def torch_runner(module):
     def run(x):
         with torch.inference_mode():
             return module(torch.from_numpy(x)).numpy()
+
     return run
 
 
 def predict(run, x):
-    return np.concatenate([run(x[i:i + 64]) for i in range(0, len(x), 64)])
+    return np.concatenate([run(x[i : i + 64]) for i in range(0, len(x), 64)])
 
 
 class Reader:
@@ -129,7 +147,7 @@ class Reader:
         if self.i >= len(self.x):
             return None
         self.i += 32
-        return {self.name: self.x[self.i - 32:self.i]}
+        return {self.name: self.x[self.i - 32 : self.i]}
 
     def rewind(self):
         self.i = 0
@@ -139,21 +157,36 @@ def peers(fp32_onnx: Path, model: nn.Module, cal, x_test, y_test, work: Path, pe
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     out = {}
-    quantize_static(str(fp32_onnx), str(work / "ort_default.onnx"), Reader(fp32_onnx, cal), quant_format=QuantFormat.QDQ)
+    quantize_static(
+        str(fp32_onnx), str(work / "ort_default.onnx"), Reader(fp32_onnx, cal), quant_format=QuantFormat.QDQ
+    )
     out["ORT quantize_static defaults"] = ("onnx", work / "ort_default.onnx")
-    quantize_static(str(fp32_onnx), str(work / "ort_x86.onnx"), Reader(fp32_onnx, cal), quant_format=QuantFormat.QDQ,
-                    per_channel=True, reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    quantize_static(
+        str(fp32_onnx),
+        str(work / "ort_x86.onnx"),
+        Reader(fp32_onnx, cal),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        reduce_range=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+    )
     out["ORT U8S8 per-channel 7-bit (profile, no recovery)"] = ("onnx", work / "ort_x86.onnx")
     from torch.ao.quantization import get_default_qconfig_mapping
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
     torch.backends.quantized.engine = "x86"
     try:
-        prepared = prepare_fx(copy.deepcopy(model).eval(), get_default_qconfig_mapping("x86"), (torch.from_numpy(cal[:1]),))
+        prepared = prepare_fx(
+            copy.deepcopy(model).eval(), get_default_qconfig_mapping("x86"), (torch.from_numpy(cal[:1]),)
+        )
         with torch.no_grad():
             for i in range(0, len(cal), 32):
-                prepared(torch.from_numpy(cal[i:i + 32]))
-        out["torch FX x86 PTQ (defaults)"] = ("torch", torch.jit.freeze(torch.jit.script(convert_fx(prepared))))
+                prepared(torch.from_numpy(cal[i : i + 32]))
+        out["torch FX x86 PTQ (defaults)"] = (
+            "torch",
+            torch.jit.freeze(torch.jit.script(convert_fx(prepared))),
+        )
     except Exception as e:  # noqa: BLE001 - symbolic tracing refuses some models (a transformer's fast path)
         out["torch FX x86 PTQ (defaults)"] = ("skipped", f"{type(e).__name__}: {str(e)[:120]}")
     np.savez(work / "peer_cal.npz", x=cal)
@@ -161,8 +194,20 @@ def peers(fp32_onnx: Path, model: nn.Module, cal, x_test, y_test, work: Path, pe
     script = Path(__file__).resolve().parent / "peers_quantize.py"
     listed = work / "peers" / "peers.json"
     try:  # in the work folder: Neural Compressor writes an nc_workspace/ where it runs
-        run = subprocess.run([peers_python, str(script), str(fp32_onnx), str(work / "peer_cal.npz"), str(work / "peer_val.npz"),
-                              str(work / "peers")], capture_output=True, text=True, cwd=work, timeout=1800)
+        run = subprocess.run(
+            [
+                peers_python,
+                str(script),
+                str(fp32_onnx),
+                str(work / "peer_cal.npz"),
+                str(work / "peer_val.npz"),
+                str(work / "peers"),
+            ],
+            capture_output=True,
+            text=True,
+            cwd=work,
+            timeout=1800,
+        )
         why = (run.stderr.strip().splitlines() or [f"exit {run.returncode}"])[-1]
     except (OSError, subprocess.TimeoutExpired) as e:
         why = f"{type(e).__name__}: {e}"
@@ -170,13 +215,17 @@ def peers(fp32_onnx: Path, model: nn.Module, cal, x_test, y_test, work: Path, pe
         out["NNCF / INC"] = ("skipped", f"{peers_python} {script.name} failed: {why}")
         return out
     for label, result in json.loads(listed.read_text()).items():
-        out[label] = ("onnx", work / "peers" / result) if isinstance(result, str) else ("skipped", result["failed"])
+        out[label] = (
+            ("onnx", work / "peers" / result) if isinstance(result, str) else ("skipped", result["failed"])
+        )
     return out
 
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--peers-python", default=sys.executable, help="the interpreter with nncf and neural-compressor")
+    parser.add_argument(
+        "--peers-python", default=sys.executable, help="the interpreter with nncf and neural-compressor"
+    )
     parser.add_argument("--only", nargs="*", help="model titles to run (default: all)")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -200,14 +249,22 @@ def main():
             np.savez(work / "val.npz", x=x_test, y=y_test)
             torch.manual_seed(0)
             model = make(x_train, y_train).eval()
-            ep = torch.export.export(model, (torch.from_numpy(cal[:2]),), dynamic_shapes=({0: torch.export.Dim("b", min=1, max=1024)},))
+            ep = torch.export.export(
+                model,
+                (torch.from_numpy(cal[:2]),),
+                dynamic_shapes=({0: torch.export.Dim("b", min=1, max=1024)},),
+            )
             torch.export.save(ep, work / "model.pt2")
             start = time.perf_counter()
-            report, folder = toolchain.build(str(work / "model.pt2"), "x86_fbgemm", work / "build", work / "cal.npz", work / "val.npz")
+            report, folder = toolchain.build(
+                str(work / "model.pt2"), "x86_fbgemm", work / "build", work / "cal.npz", work / "val.npz"
+            )
             build_s = time.perf_counter() - start
             ref = predict(torch_runner(model), x_test)
             variants = {"FP32 (eager)": ("torch", model)}
-            variants.update(peers(folder / "onnx_fp32.onnx", model, cal, x_test, y_test, work, args.peers_python))
+            variants.update(
+                peers(folder / "onnx_fp32.onnx", model, cal, x_test, y_test, work, args.peers_python)
+            )
             for a in report.artifacts:
                 if a.name in ("onnx_int8", "torch_int8", "onnx_int8_dynamic", "torch_int8_dynamic"):
                     kind = "onnx" if a.runtime == "onnxruntime" else "ts"
@@ -224,21 +281,32 @@ def main():
                 else:
                     runners[label] = ort_session(what) if kind == "onnx" else torch_runner(what)
                 out = predict(runners[label], x_test)
-                rows[label] = {"accuracy": float(np.mean(out.argmax(1) == y_test)),
-                               "agreement": float(np.mean(out.argmax(1) == ref.argmax(1))),
-                               "int8_weights": int8_weight_share(what) if kind == "onnx" else None}
-            for label, ms in time_alternating(runners, x_test[:1].copy(), 200).items():  # a slow moment hits every variant
+                rows[label] = {
+                    "accuracy": float(np.mean(out.argmax(1) == y_test)),
+                    "agreement": float(np.mean(out.argmax(1) == ref.argmax(1))),
+                    "int8_weights": int8_weight_share(what) if kind == "onnx" else None,
+                }
+            for label, ms in time_alternating(
+                runners, x_test[:1].copy(), 200
+            ).items():  # a slow moment hits every variant
                 rows[label]["latency_ms"] = ms
-            results[title] = {"build_seconds": round(build_s, 1), "rows": rows,
-                              "recovery": [a.recovery["summary"] for a in report.artifacts if a.recovery]}
+            results[title] = {
+                "build_seconds": round(build_s, 1),
+                "rows": rows,
+                "recovery": [a.recovery["summary"] for a in report.artifacts if a.recovery],
+            }
             print(f"\n## {title} (toolchain build {build_s:.1f} s)")
-            print("| variant | accuracy | top-1 agreement | INT8 weights | batch-1 ms |\n|---|---|---|---|---|")
+            print(
+                "| variant | accuracy | top-1 agreement | INT8 weights | batch-1 ms |\n|---|---|---|---|---|"
+            )
             for label, r in rows.items():
                 if "skipped" in r:
                     print(f"| {label} | skipped: {r['skipped']} | | | |")
                 else:
                     share = "" if r["int8_weights"] is None else f"{r['int8_weights']:.0%}"
-                    print(f"| {label} | {r['accuracy']:.2%} | {r['agreement']:.2%} | {share} | {r['latency_ms']:.3f} |")
+                    print(
+                        f"| {label} | {r['accuracy']:.2%} | {r['agreement']:.2%} | {share} | {r['latency_ms']:.3f} |"
+                    )
             for line in results[title]["recovery"]:
                 print(f"- {line}")
     target = Path(__file__).resolve().parent / "int8_recovery.json"

@@ -37,7 +37,7 @@ def session(path):
 
 def accuracy_of(path, x, y) -> float:
     run = session(path)
-    out = np.concatenate([run(x[i:i + 64]) for i in range(0, len(x), 64)])
+    out = np.concatenate([run(x[i : i + 64]) for i in range(0, len(x), 64)])
     return float(np.mean(out.argmax(1) == y))
 
 
@@ -47,11 +47,11 @@ def nncf_peers(fp32: Path, cal, x, y, out: Path) -> dict:
 
     proto = onnx.load(str(fp32))
     name = proto.graph.input[0].name
-    calib = nncf.Dataset([cal[i:i + 1] for i in range(len(cal))], lambda v: {name: v})
+    calib = nncf.Dataset([cal[i : i + 1] for i in range(len(cal))], lambda v: {name: v})
     found = {}
     onnx.save(nncf.quantize(proto, calib), str(out / "nncf.onnx"))
     found["NNCF quantize (ONNX)"] = "nncf.onnx"
-    val = nncf.Dataset([(x[i:i + 1], y[i]) for i in range(len(x))], lambda item: {name: item[0]})
+    val = nncf.Dataset([(x[i : i + 1], y[i]) for i in range(len(x))], lambda item: {name: item[0]})
 
     def validate(model, items):
         onnx.save(model, str(out / "nncf_eval.onnx"))
@@ -59,7 +59,10 @@ def nncf_peers(fp32: Path, cal, x, y, out: Path) -> dict:
         return float(np.mean([run(v)[0].argmax() == label for v, label in items]))
 
     try:
-        onnx.save(nncf.quantize_with_accuracy_control(proto, calib, val, validate, max_drop=MAX_DROP), str(out / "nncf_ac.onnx"))
+        onnx.save(
+            nncf.quantize_with_accuracy_control(proto, calib, val, validate, max_drop=MAX_DROP),
+            str(out / "nncf_ac.onnx"),
+        )
         found["NNCF quantize_with_accuracy_control"] = "nncf_ac.onnx"
     except Exception as e:  # noqa: BLE001 - a peer's failure is a row of the table
         found["NNCF quantize_with_accuracy_control"] = {"failed": f"{type(e).__name__}: {str(e)[:160]}"}
@@ -77,7 +80,7 @@ def inc_peer(fp32: Path, cal, x, y, out: Path) -> dict:
 
         def __iter__(self):
             for i in range(0, len(self.inputs), self.batch_size):
-                yield self.inputs[i:i + self.batch_size], self.labels[i:i + self.batch_size]
+                yield self.inputs[i : i + self.batch_size], self.labels[i : i + self.batch_size]
 
     def evaluate(model) -> float:
         import onnx
@@ -85,12 +88,20 @@ def inc_peer(fp32: Path, cal, x, y, out: Path) -> dict:
         onnx.save(model if isinstance(model, onnx.ModelProto) else model.model, str(out / "inc_eval.onnx"))
         return accuracy_of(out / "inc_eval.onnx", x, y)
 
-    conf = PostTrainingQuantConfig(approach="static", quant_format="QDQ", device="cpu",
-                                   accuracy_criterion=AccuracyCriterion(criterion="absolute", tolerable_loss=MAX_DROP),
-                                   tuning_criterion=TuningCriterion(max_trials=30, timeout=600))
-    model = quantization.fit(str(fp32), conf, calib_dataloader=Loader(cal, np.zeros(len(cal), np.int64)), eval_func=evaluate)
+    conf = PostTrainingQuantConfig(
+        approach="static",
+        quant_format="QDQ",
+        device="cpu",
+        accuracy_criterion=AccuracyCriterion(criterion="absolute", tolerable_loss=MAX_DROP),
+        tuning_criterion=TuningCriterion(max_trials=30, timeout=600),
+    )
+    model = quantization.fit(
+        str(fp32), conf, calib_dataloader=Loader(cal, np.zeros(len(cal), np.int64)), eval_func=evaluate
+    )
     if model is None:
-        return {"INC tuning (ONNX Runtime)": {"failed": "no configuration met the accuracy goal within 30 trials"}}
+        return {
+            "INC tuning (ONNX Runtime)": {"failed": "no configuration met the accuracy goal within 30 trials"}
+        }
     model.save(str(out / "inc.onnx"))
     return {"INC tuning (ONNX Runtime)": "inc.onnx"}
 
@@ -100,13 +111,21 @@ def main(fp32: str, cal: str, val: str, out: str) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     c, v = np.load(cal), np.load(val)
     results = {}
-    for peer, names in ((nncf_peers, ("NNCF quantize (ONNX)", "NNCF quantize_with_accuracy_control")),
-                        (inc_peer, ("INC tuning (ONNX Runtime)",))):
+    for peer, names in (
+        (nncf_peers, ("NNCF quantize (ONNX)", "NNCF quantize_with_accuracy_control")),
+        (inc_peer, ("INC tuning (ONNX Runtime)",)),
+    ):
         try:
             results.update(peer(fp32_path, c["x"], v["x"], v["y"], out_dir))
         except Exception as e:  # noqa: BLE001 - an import error or a crash of a peer is its row
             traceback.print_exc()
-            results.update({name: {"failed": f"{type(e).__name__}: {str(e)[:160]}"} for name in names if name not in results})
+            results.update(
+                {
+                    name: {"failed": f"{type(e).__name__}: {str(e)[:160]}"}
+                    for name in names
+                    if name not in results
+                }
+            )
     (out_dir / "peers.json").write_text(json.dumps(results, indent=1))
 
 

@@ -22,11 +22,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import toolchain  # noqa: E402
 from int8_recovery import Outliers, data  # noqa: E402  (the same models, trained the same way)
+
+import toolchain  # noqa: E402
 from tests.models import bn_after_relu, tiny_vit, with_outlier_norms  # noqa: E402
-from toolchain.bench import time_alternating  # noqa: E402
-from toolchain.examples import train  # noqa: E402
+from toolchain.inputs.examples import train  # noqa: E402
+from toolchain.measure.timing import time_alternating  # noqa: E402
 
 RUNS = 2000
 MODELS = {  # the models of int8_recovery.py whose INT8 artifacts need recovering
@@ -69,12 +70,18 @@ def main():
             np.savez(work / "val.npz", x=x_test, y=y_test)
             torch.manual_seed(0)
             model = make(x_train, y_train).eval()
-            ep = torch.export.export(model, (torch.from_numpy(x_train[:2]),), dynamic_shapes=({0: torch.export.Dim("b", min=1, max=1024)},))
+            ep = torch.export.export(
+                model,
+                (torch.from_numpy(x_train[:2]),),
+                dynamic_shapes=({0: torch.export.Dim("b", min=1, max=1024)},),
+            )
             torch.export.save(ep, work / "model.pt2")
             (work / "off.toml").write_text(base + "\n[recovery]\nenabled = false\n")
             builds = {}
             for label, target in (("all-INT8", str(work / "off.toml")), ("recovered", "x86_fbgemm")):
-                report, folder = toolchain.build(str(work / "model.pt2"), target, work / label, work / "cal.npz", work / "val.npz")
+                report, folder = toolchain.build(
+                    str(work / "model.pt2"), target, work / label, work / "cal.npz", work / "val.npz"
+                )
                 builds[label] = (report, folder)
             recovered = {a.name: a for a in builds["recovered"][0].artifacts}
             x1 = x_test[:1].copy()
@@ -82,14 +89,26 @@ def main():
                 a = recovered.get(name)
                 if a is None or not a.recovery or a.recovery["status"] != "recovered":
                     continue  # nothing recovered: the two files are the same
-                files = {"all-INT8": builds["all-INT8"][1] / a.path, "recovered": builds["recovered"][1] / a.path}
-                ms = time_alternating({label: session(path) for label, path in files.items()}, x1, RUNS, warmup=50)
+                files = {
+                    "all-INT8": builds["all-INT8"][1] / a.path,
+                    "recovered": builds["recovered"][1] / a.path,
+                }
+                ms = time_alternating(
+                    {label: session(path) for label, path in files.items()}, x1, RUNS, warmup=50
+                )
                 results[f"{title} / {name}"] = {
-                    "all_int8_ms": round(ms["all-INT8"], 4), "recovered_ms": round(ms["recovered"], 4),
-                    "ratio": round(ms["recovered"] / ms["all-INT8"], 3), "recovery": a.recovery["summary"],
-                    "float_layers": list(a.float_layers), "ops_all_int8": ops(files["all-INT8"]), "ops_recovered": ops(files["recovered"])}
+                    "all_int8_ms": round(ms["all-INT8"], 4),
+                    "recovered_ms": round(ms["recovered"], 4),
+                    "ratio": round(ms["recovered"] / ms["all-INT8"], 3),
+                    "recovery": a.recovery["summary"],
+                    "float_layers": list(a.float_layers),
+                    "ops_all_int8": ops(files["all-INT8"]),
+                    "ops_recovered": ops(files["recovered"]),
+                }
                 r = results[f"{title} / {name}"]
-                print(f"{title} / {name}: {r['recovered_ms']:.4f} vs {r['all_int8_ms']:.4f} ms = {r['ratio']:.2f}x  ({r['recovery']})")
+                print(
+                    f"{title} / {name}: {r['recovered_ms']:.4f} vs {r['all_int8_ms']:.4f} ms = {r['ratio']:.2f}x  ({r['recovery']})"
+                )
     (Path(__file__).resolve().parent / "recovery_cost.json").write_text(json.dumps(results, indent=2) + "\n")
 
 

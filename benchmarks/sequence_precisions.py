@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import toolchain  # noqa: E402
 from tests.models import SequenceClassifier, TinyViT, export, sequences  # noqa: E402
-from toolchain.bench import time_alternating  # noqa: E402
-from toolchain.cpu import host_cpu, host_has_bf16  # noqa: E402
-from toolchain.examples import digits_data, train  # noqa: E402
+from toolchain.inputs.examples import digits_data, train  # noqa: E402
+from toolchain.measure.cpu import host_cpu, host_has_bf16  # noqa: E402
+from toolchain.measure.timing import time_alternating  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 ROUNDS, THREADS = 300, 2
@@ -52,18 +52,38 @@ def build_all(name, model, x_cal, x_val, y_val, tmp: Path):
     np.savez(tmp / "val.npz", x=x_val, y=y_val)
     amx = tmp / "x86_amx.toml"
     amx.write_text((REPO / "targets" / "x86_fbgemm.toml").read_text().replace('isa = "avx2"', 'isa = "amx"'))
-    out = {"fp32 reference": {"file": tmp / f"{name}.pt2", "runtime": "torch.export", "precision": "fp32",
-                              "size_bytes": (tmp / f"{name}.pt2").stat().st_size, "passed": None, "top1_agreement": 1.0,
-                              "sqnr_db": None}}  # the FP32 model itself: not an artifact, never "fastest passing"
+    # the FP32 model itself: not an artifact, never "fastest passing"
+    out = {
+        "fp32 reference": {
+            "file": tmp / f"{name}.pt2",
+            "runtime": "torch.export",
+            "precision": "fp32",
+            "size_bytes": (tmp / f"{name}.pt2").stat().st_size,
+            "passed": None,
+            "top1_agreement": 1.0,
+            "sqnr_db": None,
+        }
+    }
     for target in (str(amx), "nvidia_xavier"):
-        report, folder = toolchain.build(str(tmp / f"{name}.pt2"), target, tmp / f"{name}-{Path(target).stem}",
-                                         tmp / "cal.npz", tmp / "val.npz")
+        report, folder = toolchain.build(
+            str(tmp / f"{name}.pt2"),
+            target,
+            tmp / f"{name}-{Path(target).stem}",
+            tmp / "cal.npz",
+            tmp / "val.npz",
+        )
         for a in report.to_json()["artifacts"]:
             if target == "nvidia_xavier" and a["name"] != "onnx_fp16":
                 continue
-            out[a["name"]] = {"file": folder / a["path"], "runtime": a["runtime"], "precision": a["precision"],
-                              "size_bytes": a["size_bytes"], "passed": a["parity"]["passed"],
-                              "top1_agreement": a["parity"]["top1_agreement"], "sqnr_db": a["parity"]["sqnr_db"]}
+            out[a["name"]] = {
+                "file": folder / a["path"],
+                "runtime": a["runtime"],
+                "precision": a["precision"],
+                "size_bytes": a["size_bytes"],
+                "passed": a["parity"]["passed"],
+                "top1_agreement": a["parity"]["top1_agreement"],
+                "sqnr_db": a["parity"]["sqnr_db"],
+            }
     return out
 
 
@@ -90,7 +110,13 @@ def latencies(entries, x):
 
 
 def main():
-    results = {"host": host_cpu(), "host_has_bf16": host_has_bf16(), "rounds": ROUNDS, "threads": THREADS, "models": {}}
+    results = {
+        "host": host_cpu(),
+        "host_has_bf16": host_has_bf16(),
+        "rounds": ROUNDS,
+        "threads": THREADS,
+        "models": {},
+    }
     with tempfile.TemporaryDirectory() as tmp:
         for name, (model, x_cal, x_val, y_val) in models().items():
             folder = Path(tmp) / name
@@ -100,20 +126,32 @@ def main():
             base = latency.get("onnx_fp32") or latency["fp32 reference"]
             passing = [k for k, v in entries.items() if v["passed"] is True]
             fastest = min(passing, key=latency.get) if passing else None
-            results["models"][name] = {k: {**{f: v[f] for f in v if f != "file"}, "p50_ms": round(latency[k], 4),
-                                           "vs_onnx_fp32": round(latency[k] / base, 2), "fastest_passing": k == fastest}
-                                       for k, v in entries.items()}
+            results["models"][name] = {
+                k: {
+                    **{f: v[f] for f in v if f != "file"},
+                    "p50_ms": round(latency[k], 4),
+                    "vs_onnx_fp32": round(latency[k] / base, 2),
+                    "fastest_passing": k == fastest,
+                }
+                for k, v in entries.items()
+            }
     (Path(__file__).with_suffix(".json")).write_text(json.dumps(results, indent=2) + "\n")
-    print(f"host: {results['host']['model']} ({results['host']['isa']}, BF16 {'native' if results['host_has_bf16'] else 'emulated'})")
+    print(
+        f"host: {results['host']['model']} ({results['host']['isa']}, BF16 {'native' if results['host_has_bf16'] else 'emulated'})"
+    )
     for name, rows in results["models"].items():
-        print(f"\n{name}\n| artifact | precision | size | batch-1 p50 (ms) | vs onnx_fp32 | top-1 agr. | SQNR | parity |")
+        print(
+            f"\n{name}\n| artifact | precision | size | batch-1 p50 (ms) | vs onnx_fp32 | top-1 agr. | SQNR | parity |"
+        )
         print("|---|---|---|---|---|---|---|---|")
         for k, r in sorted(rows.items(), key=lambda kv: kv[1]["p50_ms"]):
             mark = " **fastest passing**" if r["fastest_passing"] else ""
             sqnr = "" if r["sqnr_db"] is None else f"{r['sqnr_db']:.1f} dB"
             verdict = {True: "pass", False: "FAIL", None: ""}[r["passed"]]
-            print(f"| `{k}`{mark} | {r['precision']} | {r['size_bytes'] / 1e6:.3f} MB | {r['p50_ms']:.3f} | {r['vs_onnx_fp32']:.2f}x | "
-                  f"{r['top1_agreement']:.2%} | {sqnr} | {verdict} |")
+            print(
+                f"| `{k}`{mark} | {r['precision']} | {r['size_bytes'] / 1e6:.3f} MB | {r['p50_ms']:.3f} | {r['vs_onnx_fp32']:.2f}x | "
+                f"{r['top1_agreement']:.2%} | {sqnr} | {verdict} |"
+            )
 
 
 if __name__ == "__main__":

@@ -33,22 +33,29 @@ def main() -> None:
     import toolchain
 
     rng = np.random.default_rng(0)
-    head = f"| {'model':<20} | {'FP32 eager ms':>13} | {'pte_int8 ms':>11} | {'pte_fp32 ms':>11} | {'ptl_int8 ms':>11} | " \
-           f"{'FP32 MB':>7} | {'pte_int8 MB':>11} | {'int8/fp32 size':>14} | {'int8 vs eager':>13} |"
+    head = (
+        f"| {'model':<20} | {'FP32 eager ms':>13} | {'pte_int8 ms':>11} | {'pte_fp32 ms':>11} | {'ptl_int8 ms':>11} | "
+        f"{'FP32 MB':>7} | {'pte_int8 MB':>11} | {'int8/fp32 size':>14} | {'int8 vs eager':>13} |"
+    )
     print(head)
     print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
     with tempfile.TemporaryDirectory() as tmp:
         calib = Path(tmp) / "calib.npy"
         np.save(calib, rng.standard_normal((args.calib, 3, 224, 224), dtype=np.float32))
         for name in args.models.split(","):
-            report, _ = toolchain.build(f"torchvision:{name}", "qualcomm_snapdragon", Path(tmp) / name, calib, calib)
+            report, _ = toolchain.build(
+                f"torchvision:{name}", "qualcomm_snapdragon", Path(tmp) / name, calib, calib
+            )
             a = {x.name: x for x in report.artifacts}
             fp32_eager = report.reference["latency_ms"]
             fp32_size = a["pte_fp32"].size_bytes
             int8 = a["pte_int8"]
-            print(f"| {name:<20} | {fp32_eager:>13.2f} | {int8.latency_ms:>11.2f} | {a['pte_fp32'].latency_ms:>11.2f} | "
-                  f"{a['ptl_int8'].latency_ms:>11.2f} | {fp32_size / 1e6:>7.2f} | {int8.size_bytes / 1e6:>11.2f} | "
-                  f"{int8.size_bytes / fp32_size:>13.2f}x | {fp32_eager / int8.latency_ms:>12.1f}x |", flush=True)
+            print(
+                f"| {name:<20} | {fp32_eager:>13.2f} | {int8.latency_ms:>11.2f} | {a['pte_fp32'].latency_ms:>11.2f} | "
+                f"{a['ptl_int8'].latency_ms:>11.2f} | {fp32_size / 1e6:>7.2f} | {int8.size_bytes / 1e6:>11.2f} | "
+                f"{int8.size_bytes / fp32_size:>13.2f}x | {fp32_eager / int8.latency_ms:>12.1f}x |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ def profile(folder: Path) -> Path:
 
 def per_input_seconds(folder: Path, a) -> float:
     """Median seconds of one emulated inference, timed apart from the build."""
-    from toolchain.artifact import Artifact, Kind
+    from toolchain.core.artifact import Artifact, Kind
     from toolchain.runtimes import get
 
     run = get("qnn").load(Artifact(Kind.ONNX, "int8", path=folder / a.path), 1)
@@ -56,7 +56,7 @@ def main() -> None:
     import torch
 
     import toolchain
-    from toolchain.examples import digits_data, digits_rgb, train_torchvision
+    from toolchain.inputs.examples import digits_data, digits_rgb, train_torchvision
 
     x_train, x_test, y_train, y_test = digits_data()
     xtr, xte = digits_rgb(x_train), digits_rgb(x_test)
@@ -67,23 +67,35 @@ def main() -> None:
         np.savez(tmp / "val.npz", x=xte, y=y_test)
         for name, epochs in ARCHITECTURES.items():
             model = train_torchvision(name, xtr, y_train, epochs=epochs)
-            ep = torch.export.export(model, (torch.from_numpy(xtr[:2]),), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},))
+            ep = torch.export.export(
+                model,
+                (torch.from_numpy(xtr[:2]),),
+                dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},),
+            )
             torch.export.save(ep, str(tmp / f"{name}.pt2"))
             start = time.perf_counter()
-            report, folder = toolchain.build(str(tmp / f"{name}.pt2"), str(profile(tmp)), tmp / name, tmp / "cal.npz", tmp / "val.npz")
+            report, folder = toolchain.build(
+                str(tmp / f"{name}.pt2"), str(profile(tmp)), tmp / name, tmp / "cal.npz", tmp / "val.npz"
+            )
             seconds = time.perf_counter() - start
             a = report.artifacts[0]
             facts = a.stage_facts["compile_qnn"]
             rows.append((name, report.reference["accuracy"], a, facts, seconds, per_input_seconds(folder, a)))
-    print(f"parity on {rows[0][2].parity.samples} of {report.data['validation']['samples']} validation inputs")
-    print("| model | FP32 accuracy | qnn_int8 accuracy | top-1 agreement | SQNR dB | context MB | file MB | other nodes | parity | "
-          "s per emulated input | build s |")
+    print(
+        f"parity on {rows[0][2].parity.samples} of {report.data['validation']['samples']} validation inputs"
+    )
+    print(
+        "| model | FP32 accuracy | qnn_int8 accuracy | top-1 agreement | SQNR dB | context MB | file MB | other nodes | parity | "
+        "s per emulated input | build s |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, fp32, a, facts, seconds, one in rows:
         p = a.parity
-        print(f"| {name} | {fp32:.2%} | {p.accuracy:.2%} | {p.top1_agreement:.2%} | "
-              f"{p.sqnr_db:.1f} | {facts['context_bytes'] / 2**20:.2f} | {a.size_bytes / 2**20:.2f} | "
-              f"{facts.get('other_nodes') or 'none'} | {'pass' if p.passed else 'FAIL'} | {one:.3f} | {seconds:.0f} |")
+        print(
+            f"| {name} | {fp32:.2%} | {p.accuracy:.2%} | {p.top1_agreement:.2%} | "
+            f"{p.sqnr_db:.1f} | {facts['context_bytes'] / 2**20:.2f} | {a.size_bytes / 2**20:.2f} | "
+            f"{facts.get('other_nodes') or 'none'} | {'pass' if p.passed else 'FAIL'} | {one:.3f} | {seconds:.0f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ THREADS = 2
 
 def measure(fn, x, warmup: int, runs: int) -> tuple[float, float]:
     """Median and p95 in ms, timed the way the toolchain times its artifacts."""
-    from toolchain.bench import time_runs
+    from toolchain.measure.timing import time_runs
 
     times = time_runs(fn, x, warmup, runs)
     return float(np.median(times)), float(np.percentile(times, 95))
@@ -37,6 +37,7 @@ def torch_fn(model):
     def run(x):
         with torch.inference_mode():
             return model(torch.from_numpy(x))
+
     return run
 
 
@@ -75,7 +76,9 @@ def ort_default_int8(fp32: torch.nn.Module, calib: np.ndarray, folder: Path) -> 
     from onnxruntime.quantization import CalibrationDataReader, quantize_static
 
     src, dst = folder / "ort_fp32.onnx", folder / "ort_default_int8.onnx"
-    torch.onnx.export(fp32, (torch.from_numpy(calib[:1]),), str(src), input_names=["input"], dynamo=True, verbose=False)
+    torch.onnx.export(
+        fp32, (torch.from_numpy(calib[:1]),), str(src), input_names=["input"], dynamo=True, verbose=False
+    )
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -103,8 +106,9 @@ def main() -> int:
     calib = rng.standard_normal((args.calib, 3, 224, 224), dtype=np.float32)
     x = calib[:1]
 
-    import toolchain
     import torchvision
+
+    import toolchain
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -112,14 +116,32 @@ def main() -> int:
         np.savez(tmp / "calib.npz", x=calib)
         np.savez(tmp / "val.npz", x=calib[:64])
         fp32 = torchvision.models.resnet18(weights=None).eval()
-        rows.append(("fp32 eager", *measure(torch_fn(fp32), x, args.warmup, args.runs), state_size(fp32), False))
+        rows.append(
+            ("fp32 eager", *measure(torch_fn(fp32), x, args.warmup, args.runs), state_size(fp32), False)
+        )
         tut = tutorial_int8(calib)
-        rows.append(("tutorial int8 (eager, fbgemm)", *measure(torch_fn(tut), x, args.warmup, args.runs), state_size(tut), False))
+        rows.append(
+            (
+                "tutorial int8 (eager, fbgemm)",
+                *measure(torch_fn(tut), x, args.warmup, args.runs),
+                state_size(tut),
+                False,
+            )
+        )
         ort_default = ort_default_int8(fp32, calib, tmp)
-        rows.append(("ort quantize_static defaults", *measure(ort_fn(ort_default), x, args.warmup, args.runs), ort_default.stat().st_size, False))
+        rows.append(
+            (
+                "ort quantize_static defaults",
+                *measure(ort_fn(ort_default), x, args.warmup, args.runs),
+                ort_default.stat().st_size,
+                False,
+            )
+        )
 
         started = time.perf_counter()
-        report, folder = toolchain.build("torchvision:resnet18", "x86_fbgemm", tmp / "build", tmp / "calib.npz", tmp / "val.npz")
+        report, folder = toolchain.build(
+            "torchvision:resnet18", "x86_fbgemm", tmp / "build", tmp / "calib.npz", tmp / "val.npz"
+        )
         build_s = time.perf_counter() - started
         for a in report.artifacts:
             path = folder / a.path
@@ -128,11 +150,19 @@ def main() -> int:
             else:
                 torch.backends.quantized.engine = a.engine or torch.backends.quantized.engine
                 fn = torch_fn(torch.jit.load(str(path)))
-            rows.append((f"toolchain {a.name}" + (" (primary)" if a.primary else ""),
-                         *measure(fn, x, args.warmup, args.runs), a.size_bytes, a.primary))
+            rows.append(
+                (
+                    f"toolchain {a.name}" + (" (primary)" if a.primary else ""),
+                    *measure(fn, x, args.warmup, args.runs),
+                    a.size_bytes,
+                    a.primary,
+                )
+            )
 
-    print(f"ResNet18, batch 1, {THREADS} threads, median of {args.runs} runs after {args.warmup} warm-up; "
-          f"toolchain build with {args.calib} calibration samples took {build_s:.1f} s")
+    print(
+        f"ResNet18, batch 1, {THREADS} threads, median of {args.runs} runs after {args.warmup} warm-up; "
+        f"toolchain build with {args.calib} calibration samples took {build_s:.1f} s"
+    )
     print(f"{'variant':44} {'median ms':>10} {'p95 ms':>8} {'size MB':>8}")
     for name, median, p95, size, _ in rows:
         print(f"{name:44} {median:10.2f} {p95:8.2f} {size / 2**20:8.2f}")

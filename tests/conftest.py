@@ -16,14 +16,14 @@ X86 = REPO / "targets" / "x86_fbgemm.toml"
 @pytest.fixture(scope="session")
 def digits(tmp_path_factory):
     """The built-in example: a CNN trained on scikit-learn digits, with calib and val data."""
-    from toolchain.examples import write_digits_example
+    from toolchain.inputs.examples import write_digits_example
 
     return write_digits_example(tmp_path_factory.mktemp("digits"))
 
 
 @pytest.fixture(scope="session")
 def digits_arrays():
-    from toolchain.examples import digits_data
+    from toolchain.inputs.examples import digits_data
 
     return digits_data()
 
@@ -39,8 +39,14 @@ XAVIER = REPO / "targets" / "nvidia_xavier.toml"
 SNAPDRAGON = REPO / "targets" / "qualcomm_snapdragon.toml"
 
 
-def fast_profile(tmp_path: Path, calibration: int = 32, validation: int = 16, extra: str = "", base: Path = X86,
-                 batch_sizes: str | None = "[1, 2]") -> Path:
+def fast_profile(
+    tmp_path: Path,
+    calibration: int = 32,
+    validation: int = 16,
+    extra: str = "",
+    base: Path = X86,
+    batch_sizes: str | None = "[1, 2]",
+) -> Path:
     """A profile with fewer samples, timed runs and batch sizes: for tests about behaviour, not
     speed (``batch_sizes=None`` keeps the target's)."""
     text = base.read_text()
@@ -68,4 +74,6 @@ def without_artifacts(base: Path, tmp_path: Path, *names: str) -> Path:
 
 def cli(*args, timeout: int = 600):
     """`toolchain ARGS...` in a fresh process, as a user runs it (stderr not a terminal)."""
-    return subprocess.run([sys.executable, "-m", "toolchain", *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "toolchain", *args], capture_output=True, text=True, timeout=timeout
+    )

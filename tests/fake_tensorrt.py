@@ -35,7 +35,12 @@ def install(monkeypatch, version: str = "8.5.2.2", gpu: str = "Xavier", capabili
     rt = _cudart(gpu, capability)
     cuda, bindings = types.ModuleType("cuda"), types.ModuleType("cuda.bindings")
     cuda.bindings, bindings.runtime = bindings, rt
-    for name, module in (("tensorrt", trt), ("cuda", cuda), ("cuda.bindings", bindings), ("cuda.bindings.runtime", rt)):
+    for name, module in (
+        ("tensorrt", trt),
+        ("cuda", cuda),
+        ("cuda.bindings", bindings),
+        ("cuda.bindings.runtime", rt),
+    ):
         monkeypatch.setitem(sys.modules, name, module)
     return trt
 
@@ -66,8 +71,12 @@ def _tensorrt(version: str) -> types.ModuleType:
     trt.TensorIOMode = enum.Enum("TensorIOMode", "NONE INPUT OUTPUT")
     trt.DataType = enum.Enum("DataType", "FLOAT HALF INT8 INT32")
     trt.Logger = Logger
-    trt.nptype = lambda dtype: {trt.DataType.FLOAT: np.float32, trt.DataType.HALF: np.float16, trt.DataType.INT32: np.int32,
-                                trt.DataType.INT8: np.int8}[dtype]
+    trt.nptype = lambda dtype: {
+        trt.DataType.FLOAT: np.float32,
+        trt.DataType.HALF: np.float16,
+        trt.DataType.INT32: np.int32,
+        trt.DataType.INT8: np.int8,
+    }[dtype]
 
     class Network:
         def __init__(self, flags):
@@ -87,21 +96,35 @@ def _tensorrt(version: str) -> types.ModuleType:
         def parse_from_file(self, path):
             import onnx
 
-            explicit = "EXPLICIT_BATCH" not in trt.NetworkDefinitionCreationFlag.__members__ or \
-                self.network.flags & (1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH))
+            explicit = (
+                "EXPLICIT_BATCH" not in trt.NetworkDefinitionCreationFlag.__members__
+                or self.network.flags & (1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH))
+            )
             if major < 10 and not explicit:
-                self.errors.append("Network must have explicit batch dimension (ONNX parser needs EXPLICIT_BATCH)")
+                self.errors.append(
+                    "Network must have explicit batch dimension (ONNX parser needs EXPLICIT_BATCH)"
+                )
                 return False
             model = onnx.load(path)
-            missing = sorted({n.op_type for n in model.graph.node if n.op_type == "LayerNormalization"}) if (major, minor) < (8, 6) else []
+            missing = (
+                sorted({n.op_type for n in model.graph.node if n.op_type == "LayerNormalization"})
+                if (major, minor) < (8, 6)
+                else []
+            )
             if missing:
-                self.errors.append(f"No importer registered for op: {missing[0]}. Attempting to import as plugin.")
+                self.errors.append(
+                    f"No importer registered for op: {missing[0]}. Attempting to import as plugin."
+                )
                 return False
             inits = {i.name for i in model.graph.initializer}
             self.network.onnx = model.SerializeToString()
             self.network.inputs = [i.name for i in model.graph.input if i.name not in inits]
-            self.network.dynamic = [i.name for i in model.graph.input if i.name not in inits
-                                    and any(not d.HasField("dim_value") for d in i.type.tensor_type.shape.dim)]
+            self.network.dynamic = [
+                i.name
+                for i in model.graph.input
+                if i.name not in inits
+                and any(not d.HasField("dim_value") for d in i.type.tensor_type.shape.dim)
+            ]
             return True
 
     class OptimizationProfile:
@@ -109,7 +132,11 @@ def _tensorrt(version: str) -> types.ModuleType:
             self.shapes = {}
 
         def set_shape(self, name, min, opt, max):
-            if not (len(min) == len(opt) == len(max)) or any(a > b for a, b in zip(min, opt)) or any(a > b for a, b in zip(opt, max)):
+            if (
+                not (len(min) == len(opt) == len(max))
+                or any(a > b for a, b in zip(min, opt))
+                or any(a > b for a, b in zip(opt, max))
+            ):
                 raise ValueError(f"optimization profile for {name}: need min <= opt <= max")
             self.shapes[name] = (tuple(min), tuple(opt), tuple(max))
 
@@ -122,7 +149,12 @@ def _tensorrt(version: str) -> types.ModuleType:
 
     class Config:
         def __init__(self):
-            self.flags, self.profiles, self.cache, self.default_device_type = set(), [], None, trt.DeviceType.GPU
+            self.flags, self.profiles, self.cache, self.default_device_type = (
+                set(),
+                [],
+                None,
+                trt.DeviceType.GPU,
+            )
             self.DLA_core, self._calibrator = -1, None
 
         def set_memory_pool_limit(self, pool, size):
@@ -176,13 +208,17 @@ def _tensorrt(version: str) -> types.ModuleType:
             if not set(network.dynamic) <= given or not given <= set(network.inputs):
                 return None  # a profile for each dynamic input, by name (static ones may be left out), and for no unknown one
             shapes = config.profiles[0].shapes if config.profiles else {}
-            if config.default_device_type == trt.DeviceType.DLA and any(s[0] != s[2] for s in shapes.values()):
+            if config.default_device_type == trt.DeviceType.DLA and any(
+                s[0] != s[2] for s in shapes.values()
+            ):
                 return None  # "DLA does not support dynamic dimensions: min, opt and max must be equal"
             if config.default_device_type == trt.DeviceType.DLA:
                 cache = config.int8_calibrator.read_calibration_cache() if config.int8_calibrator else b""
                 if not cache.decode().startswith(f"TRT-{version_int(version)}-"):
                     return None  # TensorRT ignores a cache of another version; with no data, INT8 calibration fails
-            header = json.dumps({"version": version, "shapes": {k: list(map(list, v)) for k, v in shapes.items()}}).encode()
+            header = json.dumps(
+                {"version": version, "shapes": {k: list(map(list, v)) for k, v in shapes.items()}}
+            ).encode()
             return len(header).to_bytes(4, "little") + header + network.onnx
 
     class Engine:
@@ -193,10 +229,18 @@ def _tensorrt(version: str) -> types.ModuleType:
             self.session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
             self.inputs = [i.name for i in self.session.get_inputs()]
             # TensorRT before 10 takes INT64 inputs (token ids) as INT32, the parser casting them
-            self.types = {i.name: np.int64 if i.type == "tensor(int64)" else np.int32 if i.type == "tensor(int32)" else np.float32
-                          for i in self.session.get_inputs()}
+            self.types = {
+                i.name: np.int64
+                if i.type == "tensor(int64)"
+                else np.int32
+                if i.type == "tensor(int32)"
+                else np.float32
+                for i in self.session.get_inputs()
+            }
             self.outputs = [o.name for o in self.session.get_outputs()]
-            for i in self.session.get_inputs():  # a static input (a 0-d one) takes its one shape, profile or not
+            for (
+                i
+            ) in self.session.get_inputs():  # a static input (a 0-d one) takes its one shape, profile or not
                 if all(isinstance(d, int) for d in i.shape):
                     self.shapes.setdefault(i.name, (tuple(i.shape),) * 3)
 
@@ -211,7 +255,9 @@ def _tensorrt(version: str) -> types.ModuleType:
             return trt.TensorIOMode.INPUT if name in self.inputs else trt.TensorIOMode.OUTPUT
 
         def get_tensor_dtype(self, name):
-            return trt.DataType.INT32 if self.types.get(name, np.float32) != np.float32 else trt.DataType.FLOAT
+            return (
+                trt.DataType.INT32 if self.types.get(name, np.float32) != np.float32 else trt.DataType.FLOAT
+            )
 
         def create_execution_context(self):
             return Context(self)
@@ -242,10 +288,16 @@ def _tensorrt(version: str) -> types.ModuleType:
             return True
 
         def execute_async_v3(self, stream_handle):
-            if set(self.input_shapes) != set(self.engine.inputs) or set(self.addresses) != set(self.engine.inputs + self.engine.outputs):
+            if set(self.input_shapes) != set(self.engine.inputs) or set(self.addresses) != set(
+                self.engine.inputs + self.engine.outputs
+            ):
                 return False
-            feed = {n: _read(self.addresses[n], s, trt.nptype(self.engine.get_tensor_dtype(n))).astype(self.engine.types[n])
-                    for n, s in self.input_shapes.items()}
+            feed = {
+                n: _read(self.addresses[n], s, trt.nptype(self.engine.get_tensor_dtype(n))).astype(
+                    self.engine.types[n]
+                )
+                for n, s in self.input_shapes.items()
+            }
             for name, out in zip(self.engine.outputs, self.engine.session.run(None, feed)):
                 out = np.ascontiguousarray(trt.fault(out), np.float32)
                 ctypes.memmove(self.addresses[name], out.ctypes.data, out.nbytes)
@@ -258,19 +310,21 @@ def _tensorrt(version: str) -> types.ModuleType:
         def deserialize_cuda_engine(self, data):
             size = int.from_bytes(data[:4], "little")
             try:
-                header = json.loads(data[4:4 + size])
+                header = json.loads(data[4 : 4 + size])
             except ValueError:
                 return None
             if header.get("version") != version:
                 return None  # engines are tied to the TensorRT version that built them
-            return Engine(header, data[4 + size:])
+            return Engine(header, data[4 + size :])
 
     trt.Builder, trt.OnnxParser, trt.Runtime = Builder, OnnxParser, Runtime
     trt.fault = lambda output: output  # tests replace it to make an engine compute something else
     if major < 11:
+
         class IInt8EntropyCalibrator2:
             def __init__(self):
                 pass
+
         trt.IInt8EntropyCalibrator2 = IInt8EntropyCalibrator2
     return trt
 
@@ -302,7 +356,9 @@ def _cudart(gpu: str, capability: tuple[int, int]) -> types.ModuleType:
     props = types.SimpleNamespace(name=gpu.encode(), major=capability[0], minor=capability[1])
     rt.cudaMalloc = malloc
     rt.cudaMemcpy = memcpy
-    rt.cudaFree = lambda ptr: (ok.cudaSuccess,) if buffers.pop(int(ptr), None) is not None else (ok.cudaErrorMemoryAllocation,)
+    rt.cudaFree = lambda ptr: (
+        (ok.cudaSuccess,) if buffers.pop(int(ptr), None) is not None else (ok.cudaErrorMemoryAllocation,)
+    )
     rt.cudaStreamCreate = lambda: (ok.cudaSuccess, 1)
     rt.cudaStreamSynchronize = lambda stream: (ok.cudaSuccess,)
     rt.cudaStreamDestroy = lambda stream: (ok.cudaSuccess,)

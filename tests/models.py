@@ -7,9 +7,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from toolchain.artifact import Kind
-from toolchain.examples import train
-from toolchain.stage import STAGES, Stage, StageResult, register_stage
+from toolchain.core.artifact import Kind
+from toolchain.core.stage import STAGES, Stage, StageResult, register_stage
+from toolchain.inputs.examples import train
 
 
 class TwoHeads(nn.Module):
@@ -18,8 +18,14 @@ class TwoHeads(nn.Module):
     def __init__(self):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-            nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
         )
         self.hidden = nn.Linear(32 * 4 * 4, 80)  # channels 0-63 feed the classifier, 64-79 the regression
         self.classify = nn.Linear(64, 10)
@@ -62,8 +68,14 @@ class OutlierClassifier(nn.Module):
     def __init__(self):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-            nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
         )
         self.hidden = nn.Linear(32 * 4 * 4, 64)
         self.head = nn.Linear(64, 10)
@@ -87,8 +99,14 @@ def outlier_classifier(x: np.ndarray, y: np.ndarray, epochs: int = 15) -> Outlie
 
 
 def export(model: nn.Module, x: np.ndarray, path) -> None:
-    torch.export.save(torch.export.export(model, (torch.from_numpy(x[:2]),),
-                                          dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},)), str(path))
+    torch.export.save(
+        torch.export.export(
+            model,
+            (torch.from_numpy(x[:2]),),
+            dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},),
+        ),
+        str(path),
+    )
 
 
 class PoisonOnnx(Stage):
@@ -103,7 +121,9 @@ class PoisonOnnx(Stage):
 
         model = onnx.load(str(artifact.path))
         out = model.graph.output[0]
-        model.graph.initializer.append(helper.make_tensor("nan_scale", onnx.TensorProto.FLOAT, [], [float("nan")]))
+        model.graph.initializer.append(
+            helper.make_tensor("nan_scale", onnx.TensorProto.FLOAT, [], [float("nan")])
+        )
         model.graph.node.append(helper.make_node("Mul", [out.name, "nan_scale"], ["poisoned"]))
         out.name = "poisoned"
         path = ctx.workdir / "poisoned.onnx"
@@ -134,7 +154,9 @@ class UnknownOpOnnx(Stage):
 
         model = onnx.load(str(artifact.path))
         out = model.graph.output[0]
-        model.graph.node.append(helper.make_node("NoSuchOp", [out.name], ["refused"], domain="toolchain.test"))
+        model.graph.node.append(
+            helper.make_node("NoSuchOp", [out.name], ["refused"], domain="toolchain.test")
+        )
         model.opset_import.append(helper.make_opsetid("toolchain.test", 1))
         out.name = "refused"
         path = ctx.workdir / "refused.onnx"
@@ -161,33 +183,79 @@ def bin_estimator(x: np.ndarray, epochs: int = 20) -> nn.Module:
     """A CNN with one logit per bin, trained on soft labels (a Gaussian two bins wide around the true
     bin), so neighbouring bins' logits are close and INT8 noise moves the arg-max to a neighbour."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                          nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-                          nn.Linear(32 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, BINS))
+    model = nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 4 * 4, 64),
+        nn.ReLU(),
+        nn.Linear(64, BINS),
+    )
     centers = torch.arange(BINS, dtype=torch.float32)
-    target = torch.softmax(-((centers[None] - torch.from_numpy(bins_of(x)).float()[:, None]) ** 2) / (2 * 2.0**2) * 4, 1)
-    return train(model, x, None, epochs=epochs, loss=lambda out, idx: -(target[idx] * torch.log_softmax(out, 1)).sum(1).mean())
+    target = torch.softmax(
+        -((centers[None] - torch.from_numpy(bins_of(x)).float()[:, None]) ** 2) / (2 * 2.0**2) * 4, 1
+    )
+    return train(
+        model,
+        x,
+        None,
+        epochs=epochs,
+        loss=lambda out, idx: -(target[idx] * torch.log_softmax(out, 1)).sum(1).mean(),
+    )
 
 
 def depthwise_hardswish() -> nn.Sequential:
     """MobileNet-style: depthwise 3x3 + pointwise 1x1 blocks with BatchNorm and HardSwish."""
+
     def block(c_in, c_out, stride):
-        return [nn.Conv2d(c_in, c_in, 3, stride, 1, groups=c_in), nn.BatchNorm2d(c_in), nn.Hardswish(),
-                nn.Conv2d(c_in, c_out, 1), nn.BatchNorm2d(c_out), nn.Hardswish()]
-    return nn.Sequential(nn.Conv2d(1, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.Hardswish(), *block(16, 32, 1), *block(32, 64, 2),
-                         *block(64, 96, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(96, 10))
+        return [
+            nn.Conv2d(c_in, c_in, 3, stride, 1, groups=c_in),
+            nn.BatchNorm2d(c_in),
+            nn.Hardswish(),
+            nn.Conv2d(c_in, c_out, 1),
+            nn.BatchNorm2d(c_out),
+            nn.Hardswish(),
+        ]
+
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, 2, 1),
+        nn.BatchNorm2d(16),
+        nn.Hardswish(),
+        *block(16, 32, 1),
+        *block(32, 64, 2),
+        *block(64, 96, 2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(96, 10),
+    )
 
 
 def bn_after_relu() -> nn.Sequential:
     """Conv -> ReLU -> BatchNorm blocks: the BatchNorm cannot be folded into the convolution before it,
     and its output (shifted, both signs) gets an INT8 range of its own."""
+
     def block(c_in, c_out):
         return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(c_out)]
-    return nn.Sequential(*block(1, 32), nn.MaxPool2d(2), *block(32, 64), nn.MaxPool2d(2), *block(64, 64),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+
+    return nn.Sequential(
+        *block(1, 32),
+        nn.MaxPool2d(2),
+        *block(32, 64),
+        nn.MaxPool2d(2),
+        *block(64, 64),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(64, 10),
+    )
 
 
-PITCH_RATE, PITCH_FRAME, PITCH_BINS = 8000, 1024, 120  # 20-cent bins from 110 Hz: two octaves, as pitch trackers use
+# 20-cent bins from 110 Hz: two octaves, as pitch trackers use
+PITCH_RATE, PITCH_FRAME, PITCH_BINS = (8000, 1024, 120)
 
 
 def pitch_frames(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -198,7 +266,11 @@ def pitch_frames(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     t = np.arange(PITCH_FRAME) / PITCH_RATE
     x = np.zeros((n, PITCH_FRAME))
     for h in range(1, 5):
-        x += rng.uniform(0.2, 1.0, (n, 1)) / h * np.sin(2 * np.pi * h * f0[:, None] * t + rng.uniform(0, 2 * np.pi, (n, 1)))
+        x += (
+            rng.uniform(0.2, 1.0, (n, 1))
+            / h
+            * np.sin(2 * np.pi * h * f0[:, None] * t + rng.uniform(0, 2 * np.pi, (n, 1)))
+        )
     x += rng.normal(0, 0.1, x.shape)
     x /= np.abs(x).max(1, keepdims=True)
     return x[:, None, :].astype(np.float32), label.astype(np.int64)
@@ -210,10 +282,22 @@ class Pitch(nn.Module):
 
     def __init__(self):
         super().__init__()
+
         def block(c_in, c_out, kernel, stride):
-            return [nn.Conv1d(c_in, c_out, kernel, stride, kernel // 2), nn.ReLU(), nn.BatchNorm1d(c_out), nn.MaxPool1d(2)]
-        self.features = nn.Sequential(*block(1, 32, 511, 4), *block(32, 16, 64, 1), *block(16, 16, 32, 1),
-                                      *block(16, 32, 16, 1), nn.Flatten())
+            return [
+                nn.Conv1d(c_in, c_out, kernel, stride, kernel // 2),
+                nn.ReLU(),
+                nn.BatchNorm1d(c_out),
+                nn.MaxPool1d(2),
+            ]
+
+        self.features = nn.Sequential(
+            *block(1, 32, 511, 4),
+            *block(32, 16, 64, 1),
+            *block(16, 16, 32, 1),
+            *block(16, 32, 16, 1),
+            nn.Flatten(),
+        )
         self.head = nn.Linear(32 * 16, PITCH_BINS)
 
     def forward(self, x):
@@ -225,7 +309,13 @@ def pitch_tracker(x: np.ndarray, y: np.ndarray, epochs: int = 6) -> Pitch:
     bins = np.arange(PITCH_BINS)
     target = torch.from_numpy(np.exp(-((bins[None] - y[:, None]) ** 2) / (2 * 1.25**2)).astype(np.float32))
     torch.manual_seed(0)
-    return train(Pitch(), x, None, epochs=epochs, loss=lambda out, idx: nn.functional.binary_cross_entropy(out, target[idx]))
+    return train(
+        Pitch(),
+        x,
+        None,
+        epochs=epochs,
+        loss=lambda out, idx: nn.functional.binary_cross_entropy(out, target[idx]),
+    )
 
 
 class Segfaults(nn.Module):
@@ -248,7 +338,9 @@ class TinyViT(nn.Module):
         super().__init__()
         self.patch = nn.Conv2d(1, dim, 2, stride=2)
         self.pos = nn.Parameter(torch.zeros(1, 16, dim))
-        layer = nn.TransformerEncoderLayer(dim, heads, dim * 2, dropout=0.0, activation="gelu", batch_first=True, norm_first=True)
+        layer = nn.TransformerEncoderLayer(
+            dim, heads, dim * 2, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+        )
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, 10)
@@ -273,7 +365,10 @@ def with_outlier_norms(vit: TinyViT, k: float = 50.0) -> TinyViT:
     rng = np.random.default_rng(0)
     with torch.no_grad():
         for layer in vit.encoder.layers:
-            for norm, weight in ((layer.norm1, layer.self_attn.in_proj_weight), (layer.norm2, layer.linear1.weight)):
+            for norm, weight in (
+                (layer.norm1, layer.self_attn.in_proj_weight),
+                (layer.norm2, layer.linear1.weight),
+            ):
                 channels = rng.choice(norm.weight.shape[0], 2, replace=False)
                 norm.weight[channels] *= k
                 norm.bias[channels] *= k
@@ -281,8 +376,9 @@ def with_outlier_norms(vit: TinyViT, k: float = 50.0) -> TinyViT:
     return vit
 
 
-
-def sequences(n: int, seed: int, steps: int = 12, features: int = 6, classes: int = 4) -> tuple[np.ndarray, np.ndarray]:
+def sequences(
+    n: int, seed: int, steps: int = 12, features: int = 6, classes: int = 4
+) -> tuple[np.ndarray, np.ndarray]:
     """Noisy multichannel sequences (n, steps, features) whose class is the frequency of an
     oscillation on two channels, at a random phase: it has to be integrated over time."""
     rng = np.random.default_rng(seed)
@@ -299,7 +395,9 @@ def sequences(n: int, seed: int, steps: int = 12, features: int = 6, classes: in
 class SequenceClassifier(nn.Module):
     """An LSTM (or GRU) over the time steps, the last step's hidden state into a linear head."""
 
-    def __init__(self, cell: type = nn.LSTM, features: int = 6, hidden: int = 32, layers: int = 1, classes: int = 4):
+    def __init__(
+        self, cell: type = nn.LSTM, features: int = 6, hidden: int = 32, layers: int = 1, classes: int = 4
+    ):
         super().__init__()
         self.rnn = cell(features, hidden, layers, batch_first=True)
         self.head = nn.Linear(hidden, classes)
@@ -309,7 +407,9 @@ class SequenceClassifier(nn.Module):
         return self.head(out[:, -1])
 
 
-def sequence_classifier(x: np.ndarray, y: np.ndarray, cell: type = nn.LSTM, epochs: int = 15) -> SequenceClassifier:
+def sequence_classifier(
+    x: np.ndarray, y: np.ndarray, cell: type = nn.LSTM, epochs: int = 15
+) -> SequenceClassifier:
     torch.manual_seed(0)
     return train(SequenceClassifier(cell), x, y, epochs=epochs)
 
@@ -343,19 +443,33 @@ class TextClassifier(nn.Module):
         self.embed = nn.Embedding(VOCAB, dim)
         self.pos = nn.Parameter(torch.zeros(1, SEQ, dim))
         self.heads = heads
-        self.blocks = nn.ModuleList(nn.ModuleDict({
-            "norm1": nn.LayerNorm(dim), "qkv": nn.Linear(dim, 3 * dim), "proj": nn.Linear(dim, dim),
-            "norm2": nn.LayerNorm(dim), "fc1": nn.Linear(dim, 2 * dim), "fc2": nn.Linear(2 * dim, dim)}) for _ in range(layers))
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict(
+                {
+                    "norm1": nn.LayerNorm(dim),
+                    "qkv": nn.Linear(dim, 3 * dim),
+                    "proj": nn.Linear(dim, dim),
+                    "norm2": nn.LayerNorm(dim),
+                    "fc1": nn.Linear(dim, 2 * dim),
+                    "fc2": nn.Linear(2 * dim, dim),
+                }
+            )
+            for _ in range(layers)
+        )
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, TOPICS)
 
     def forward(self, ids, mask):
-        x = self.embed(ids) + self.pos[:, :ids.shape[1]]  # any length up to SEQ
+        x = self.embed(ids) + self.pos[:, : ids.shape[1]]  # any length up to SEQ
         b, t, d = x.shape
         keep = mask.to(x.dtype)
         bias = (1.0 - keep)[:, None, None, :] * -1e4  # (batch, 1, 1, tokens): padding gets no attention
         for blk in self.blocks:
-            q, k, v = blk["qkv"](blk["norm1"](x)).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+            q, k, v = (
+                blk["qkv"](blk["norm1"](x))
+                .reshape(b, t, 3, self.heads, d // self.heads)
+                .permute(2, 0, 3, 1, 4)
+            )
             att = torch.softmax(q @ k.transpose(-1, -2) / (d // self.heads) ** 0.5 + bias, dim=-1)
             x = x + blk["proj"]((att @ v).transpose(1, 2).reshape(b, t, d))
             x = x + blk["fc2"](nn.functional.gelu(blk["fc1"](blk["norm2"](x))))
@@ -374,9 +488,18 @@ class ImageAndMeta(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.conv = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
-                                  nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.side = nn.Sequential(nn.Linear(16, 32), nn.ReLU())  # not `meta`: torch.fx.GraphModule has that attribute
+        self.conv = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
+        # not `meta`: torch.fx.GraphModule has that attribute
+        self.side = nn.Sequential(nn.Linear(16, 32), nn.ReLU())
         self.head = nn.Linear(64, 10)
 
     def forward(self, image, meta):
@@ -391,7 +514,10 @@ def export_inputs(model: nn.Module, xs: tuple[np.ndarray, ...], path, dynamic: d
     """torch.export with a dynamic batch shared by every input (and ``dynamic``: {input index: {axis: Dim}})."""
     batch = torch.export.Dim("batch", min=1, max=1024)
     shapes = tuple({0: batch, **(dynamic or {}).get(i, {})} for i in range(len(xs)))
-    torch.export.save(torch.export.export(model, tuple(torch.from_numpy(a[:2]) for a in xs), dynamic_shapes=shapes), str(path))
+    torch.export.save(
+        torch.export.export(model, tuple(torch.from_numpy(a[:2]) for a in xs), dynamic_shapes=shapes),
+        str(path),
+    )
 
 
 RATE, FRAME = 16000, 512  # a voice-activity detector's frames: 32 ms at 16 kHz
@@ -422,9 +548,17 @@ class VoiceActivity(nn.Module):
     def __init__(self):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv1d(1, 16, 15, stride=2, padding=7), nn.ReLU(), nn.BatchNorm1d(16),
-            nn.Conv1d(16, 32, 9, stride=2, padding=4), nn.ReLU(), nn.BatchNorm1d(32),
-            nn.Conv1d(32, 32, 9, stride=2, padding=4), nn.ReLU(), nn.AdaptiveAvgPool1d(1), nn.Flatten())
+            nn.Conv1d(1, 16, 15, stride=2, padding=7),
+            nn.ReLU(),
+            nn.BatchNorm1d(16),
+            nn.Conv1d(16, 32, 9, stride=2, padding=4),
+            nn.ReLU(),
+            nn.BatchNorm1d(32),
+            nn.Conv1d(32, 32, 9, stride=2, padding=4),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool1d(1),
+            nn.Flatten(),
+        )
         self.head = nn.Linear(32, 2)
 
     def forward(self, x: torch.Tensor, sr: int) -> torch.Tensor:

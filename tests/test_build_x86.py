@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import toolchain
-from toolchain.errors import EXIT_PARITY_FAILURE, EXIT_USER_ERROR, DataError
+from toolchain.core.errors import EXIT_PARITY_FAILURE, EXIT_USER_ERROR, DataError
 
 from .conftest import cli, fast_profile
 
@@ -28,7 +28,9 @@ def digits_build(digits, tmp_path_factory):
     threads = torch.get_num_threads()
     torch.backends.quantized.engine, _ = "x86", torch.set_num_threads(1)  # the caller's own settings
     try:
-        report, folder = toolchain.build(str(digits["model"]), "x86_fbgemm", out, digits["calibration"], digits["validation"])
+        report, folder = toolchain.build(
+            str(digits["model"]), "x86_fbgemm", out, digits["calibration"], digits["validation"]
+        )
         AROUND_THE_BUILD.update(engine=torch.backends.quantized.engine, threads=torch.get_num_threads())
     finally:
         torch.set_num_threads(threads)
@@ -38,7 +40,8 @@ def digits_build(digits, tmp_path_factory):
 def test_a_library_call_gives_the_caller_its_torch_settings_back(digits_build):
     report, _ = digits_build
     assert next(a for a in report.artifacts if a.name == "torch_int8").quantized_engine in ("x86", "fbgemm")
-    assert report.to_json()["artifacts"][0]["stage_facts"]["quantize_torch"]["kernels"] == "fbgemm"  # what the build set
+    # what the build set
+    assert report.to_json()["artifacts"][0]["stage_facts"]["quantize_torch"]["kernels"] == "fbgemm"
     assert AROUND_THE_BUILD == {"engine": "x86", "threads": 1}
 
 
@@ -75,8 +78,11 @@ def test_int8_keeps_accuracy_on_held_out_digits(digits_build):
     for name in ("onnx_int8", "torch_int8"):  # the x86 profile deploys to AVX2: 7-bit, whatever this host has
         quantize = next(s for s in manifest["artifacts"][name]["stages"] if s["stage"].startswith("quantize"))
         assert quantize["facts"]["reduce_range"] is True, name
-    torch_int8 = next(s for s in manifest["artifacts"]["torch_int8"]["stages"] if s["stage"] == "quantize_torch")
-    assert torch_int8["facts"]["engine"] == "x86" and torch_int8["facts"]["kernels"] == "fbgemm"  # what an AVX2 CPU runs
+    torch_int8 = next(
+        s for s in manifest["artifacts"]["torch_int8"]["stages"] if s["stage"] == "quantize_torch"
+    )
+    # what an AVX2 CPU runs
+    assert torch_int8["facts"]["engine"] == "x86" and torch_int8["facts"]["kernels"] == "fbgemm"
 
 
 def test_host_parity_runs_the_kernels_the_deployment_cpu_dispatches_to(digits_build):
@@ -84,16 +90,29 @@ def test_host_parity_runs_the_kernels_the_deployment_cpu_dispatches_to(digits_bu
     same convolutions to oneDNN (whose AMX INT8 Conv1d kernels are wrong for some shapes in torch 2.14.1)."""
     import torch
 
-    from toolchain.artifact import Artifact, Kind
-    from toolchain.cpu import torch_kernels
+    from toolchain.core.artifact import Artifact, Kind
+    from toolchain.measure.cpu import torch_kernels
     from toolchain.runtimes.torchscript import load_module
 
-    assert [torch_kernels("x86", isa) for isa in ("avx2", "avx512", "avx512_vnni", "amx")] == ["fbgemm", "fbgemm", "x86", "x86"]
+    assert [torch_kernels("x86", isa) for isa in ("avx2", "avx512", "avx512_vnni", "amx")] == [
+        "fbgemm",
+        "fbgemm",
+        "x86",
+        "x86",
+    ]
     assert torch_kernels("qnnpack", None) == "qnnpack" and torch_kernels("x86", None) == "x86"
     _, folder = digits_build
     before = torch.backends.quantized.engine
     try:
-        load_module(Artifact(Kind.TORCHSCRIPT, "int8", path=folder / "torch_int8.pt", quantized_engine="x86", kernels="fbgemm"))
+        load_module(
+            Artifact(
+                Kind.TORCHSCRIPT,
+                "int8",
+                path=folder / "torch_int8.pt",
+                quantized_engine="x86",
+                kernels="fbgemm",
+            )
+        )
         assert torch.backends.quantized.engine == "fbgemm"
     finally:
         torch.backends.quantized.engine = before
@@ -109,7 +128,9 @@ def test_report_contract_keys(digits_build):
         assert a["latency_ms"] > 0
     primaries = [a for a in data["artifacts"] if a["primary"]]
     assert len(primaries) == 1 and primaries[0]["precision"] in ("int8", "mixed")
-    passing_int8 = [a for a in data["artifacts"] if a["precision"] in ("int8", "mixed") and a["parity"]["passed"]]
+    passing_int8 = [
+        a for a in data["artifacts"] if a["precision"] in ("int8", "mixed") and a["parity"]["passed"]
+    ]
     assert primaries[0]["latency_ms"] == min(a["latency_ms"] for a in passing_int8)
     assert (folder / "report.md").read_text().startswith("# digits_cnn")
 
@@ -141,23 +162,32 @@ def test_manifest_records_each_stage(digits_build):
 def test_reloaded_int8_torchscript_uses_quantized_kernels(digits_build, digits):
     _, folder = digits_build
     model = torch.jit.load(str(folder / "torch_int8.pt"))
-    assert "quantized::conv2d_relu" in str(model.graph) or "quantized::conv2d_relu" in str(model.inlined_graph)
+    assert "quantized::conv2d_relu" in str(model.graph) or "quantized::conv2d_relu" in str(
+        model.inlined_graph
+    )
     x = torch.from_numpy(np.load(digits["validation"])["x"][:4])
     assert model(x).shape == (4, 10)  # batch stays dynamic
 
 
 def test_torchscript_mlp_input(digits_arrays, tmp_path):
     """A second trained model, given as TorchScript: quantize_jit path and ONNX via the TorchScript exporter."""
-    from toolchain.examples import train
+    from toolchain.inputs.examples import train
 
     x_train, x_test, y_train, y_test = digits_arrays
-    mlp = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+    mlp = torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10)
+    )
     train(mlp, x_train, y_train, epochs=20)
     torch.jit.save(torch.jit.script(mlp), str(tmp_path / "mlp.pt"))
     np.savez(tmp_path / "cal.npz", x=x_train[:128])
     np.savez(tmp_path / "val.npz", x=x_test, y=y_test)
-    report, folder = toolchain.build(str(tmp_path / "mlp.pt"), str(fast_profile(tmp_path, 128, 600)), tmp_path / "out",
-                                     tmp_path / "cal.npz", tmp_path / "val.npz")
+    report, folder = toolchain.build(
+        str(tmp_path / "mlp.pt"),
+        str(fast_profile(tmp_path, 128, 600)),
+        tmp_path / "out",
+        tmp_path / "cal.npz",
+        tmp_path / "val.npz",
+    )
     assert report.passed, report.to_json()
     names = {a.name for a in report.artifacts}
     assert names == {"torch_int8", "onnx_fp32", "onnx_int8"}
@@ -167,7 +197,7 @@ def test_torchscript_mlp_input(digits_arrays, tmp_path):
 
 def test_fuse_folds_batchnorm_into_the_convolution_of_a_torchscript_model():
     """TorchScript's Conv-BN folding pass returns the folded module; the input module keeps its BatchNorm call."""
-    from toolchain.artifact import Artifact, Kind
+    from toolchain.core.artifact import Artifact, Kind
     from toolchain.stages.fuse import _count_batchnorm, _fold_torchscript
 
     torch.manual_seed(0)
@@ -177,20 +207,27 @@ def test_fuse_folds_batchnorm_into_the_convolution_of_a_torchscript_model():
         model[1].running_var.uniform_(0.5, 2)
     scripted = torch.jit.script(model)
     folded = _fold_torchscript(Artifact(Kind.TORCHSCRIPT, "fp32", model=scripted))
-    assert folded.facts["patterns"] == {"conv-bn (folded)": 1} and _count_batchnorm(folded.artifact.model) == 0
+    assert (
+        folded.facts["patterns"] == {"conv-bn (folded)": 1} and _count_batchnorm(folded.artifact.model) == 0
+    )
     x = torch.randn(4, 1, 8, 8)
     torch.testing.assert_close(folded.artifact.model(x), model(x), rtol=1e-5, atol=1e-5)
 
 
 def test_pickled_module_with_trust(tmp_path, digits_arrays):
-    from toolchain.examples import digits_cnn
+    from toolchain.inputs.examples import digits_cnn
 
     torch.save(digits_cnn().eval(), str(tmp_path / "m.pt"))
     with pytest.raises(toolchain.ToolchainError, match="--trust-pickle"):
         toolchain.build(str(tmp_path / "m.pt"), "x86_fbgemm", tmp_path / "out", input_shape="1x1x8x8")
     assert not (tmp_path / "out").exists()
-    report, _ = toolchain.build(str(tmp_path / "m.pt"), str(fast_profile(tmp_path)), tmp_path / "out",
-                                input_shape="1x1x8x8", trust_pickle=True)
+    report, _ = toolchain.build(
+        str(tmp_path / "m.pt"),
+        str(fast_profile(tmp_path)),
+        tmp_path / "out",
+        input_shape="1x1x8x8",
+        trust_pickle=True,
+    )
     assert report.to_json()["parity_inputs"] == "synthetic"
     assert any("synthetic" in w for w in report.warnings)
 
@@ -222,8 +259,19 @@ _cli = cli
 def test_cli_parity_failure_exit_code_and_json(digits, tmp_path):
     strict = fast_profile(tmp_path, extra="[recovery]\ncalibrations = false\nmax_float_layers = 1\n")
     strict.write_text(strict.read_text().replace("min_sqnr_db = 15.0", "min_sqnr_db = 200.0"))
-    r = _cli("build", str(digits["model"]), "--target", str(strict), "--out", str(tmp_path / "o"),
-             "--calib", str(digits["calibration"]), "--val", str(digits["validation"]), "--json")
+    r = _cli(
+        "build",
+        str(digits["model"]),
+        "--target",
+        str(strict),
+        "--out",
+        str(tmp_path / "o"),
+        "--calib",
+        str(digits["calibration"]),
+        "--val",
+        str(digits["validation"]),
+        "--json",
+    )
     assert r.returncode == EXIT_PARITY_FAILURE, r.stderr
     data = json.loads(r.stdout)
     assert data["passed"] is False and data["primary"] is None
@@ -231,14 +279,20 @@ def test_cli_parity_failure_exit_code_and_json(digits, tmp_path):
     assert all("SQNR" in a["parity"]["failures"][0] and a["precision"] == "int8" for a in int8)
     for a in int8:  # a bar no variant can reach: recovery spends its budget and the artifact fails, honestly
         assert a["recovery"]["status"] == "failed" and a["float_layers"] == [], a["recovery"]
-        assert a["recovery"]["summary"].startswith(f"{a['name']}: not recovered") and len(a["recovery"]["attempts"]) >= 1
+        assert (
+            a["recovery"]["summary"].startswith(f"{a['name']}: not recovered")
+            and len(a["recovery"]["attempts"]) >= 1
+        )
     assert (tmp_path / "o" / "report.json").exists()  # the evidence of a failed check is kept
 
 
-@pytest.mark.parametrize("args, message", [
-    (["build", "missing.pt2"], "model file `missing.pt2` does not exist"),
-    (["build", "torchvision:resnet18", "--target", "nowhere"], "unknown target `nowhere`"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["build", "missing.pt2"], "model file `missing.pt2` does not exist"),
+        (["build", "torchvision:resnet18", "--target", "nowhere"], "unknown target `nowhere`"),
+    ],
+)
 def test_cli_user_errors_are_one_line(args, message):
     r = _cli(*args)
     assert r.returncode == EXIT_USER_ERROR
@@ -247,16 +301,21 @@ def test_cli_user_errors_are_one_line(args, message):
 
 def test_cli_bad_data_is_a_user_error(digits, tmp_path):
     np.save(tmp_path / "nan.npy", np.full((4, 1, 8, 8), np.nan, np.float32))
-    r = _cli("build", str(digits["model"]), "--calib", str(tmp_path / "nan.npy"), "--out", str(tmp_path / "o"))
+    r = _cli(
+        "build", str(digits["model"]), "--calib", str(tmp_path / "nan.npy"), "--out", str(tmp_path / "o")
+    )
     assert r.returncode == EXIT_USER_ERROR and "NaN" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "o").exists() and list(tmp_path.iterdir()) == [tmp_path / "nan.npy"]
 
 
 def test_external_data_above_threshold(digits, tmp_path):
     profile = fast_profile(tmp_path)
-    profile.write_text(profile.read_text().replace("dynamic_batch = true", "dynamic_batch = true\nexternal_data_mb = 0"))
-    report, folder = toolchain.build(str(digits["model"]), str(profile), tmp_path / "out",
-                                     digits["calibration"], digits["validation"])
+    profile.write_text(
+        profile.read_text().replace("dynamic_batch = true", "dynamic_batch = true\nexternal_data_mb = 0")
+    )
+    report, folder = toolchain.build(
+        str(digits["model"]), str(profile), tmp_path / "out", digits["calibration"], digits["validation"]
+    )
     assert report.passed
     fp32 = next(a for a in report.artifacts if a.name == "onnx_fp32")
     assert (folder / "onnx_fp32.onnx.data").is_file()
@@ -265,17 +324,25 @@ def test_external_data_above_threshold(digits, tmp_path):
     assert manifest["artifacts"]["onnx_fp32"]["stages"][0]["facts"]["external_data"] is True
 
 
-@pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="openvino is not installed (pip install 'toolchain[openvino]')")
+@pytest.mark.skipif(
+    importlib.util.find_spec("openvino") is None,
+    reason="openvino is not installed (pip install 'toolchain[openvino]')",
+)
 def test_a_runtime_is_one_module_openvino_checks_the_int8_onnx(digits, tmp_path):
     """toolchain/runtimes/openvino.py is all of OpenVINO's support: a profile names it, and the same
     Q/DQ ONNX is loaded, checked against FP32 and benchmarked in OpenVINO's CPU plugin."""
-    profile = fast_profile(tmp_path, extra="""
+    profile = fast_profile(
+        tmp_path,
+        extra="""
 [artifacts.onnx_int8_openvino]
 description = "the INT8 Q/DQ ONNX, run by OpenVINO"
 stages = ["export_onnx", "onnx_passes", "quantize_onnx"]
 runtime = "openvino"
-""")
-    report, folder = toolchain.build(str(digits["model"]), str(profile), tmp_path / "out", digits["calibration"], digits["validation"])
+""",
+    )
+    report, folder = toolchain.build(
+        str(digits["model"]), str(profile), tmp_path / "out", digits["calibration"], digits["validation"]
+    )
     a = next(a for a in report.artifacts if a.name == "onnx_int8_openvino")
     assert a.runtime == "openvino" and a.format == "onnx" and a.precision == "int8" and a.profile is None
     assert a.parity.passed is True and a.parity.top1_agreement >= 0.99 and a.bench is not None
@@ -304,7 +371,7 @@ def test_onnx_preprocessing_runs_with_relative_paths(digits_build, tmp_path, mon
 
 def test_a_latency_far_above_its_operator_profile_is_flagged():
     """Timed while other processes held the cores (torch's threads wait on each other); never a timing assertion."""
-    from toolchain.bench import busy_cores
+    from toolchain.measure.timing import busy_cores
 
     note = busy_cores(46.91, 0.097)
     assert note and "484x its operator profile's 0.097 ms" in note and "toolchain bench" in note
@@ -316,7 +383,7 @@ def test_a_latency_far_above_its_operator_profile_is_flagged():
 def test_fbgemm_kernels_pack_torch_int8_for_fbgemm_on_a_vnni_or_amx_target(digits, tmp_path):
     """The recovery fix for oneDNN's AMX INT8 Conv1d defect, checked on any host: on a target
     where the x86 engine would run oneDNN, the artifact is packed and run under fbgemm, and says so."""
-    from toolchain.context import BuildContext
+    from toolchain.core.context import BuildContext
     from toolchain.stages.quantize_torch import QuantizeTorch
 
     stage = QuantizeTorch()
@@ -328,7 +395,14 @@ def test_fbgemm_kernels_pack_torch_int8_for_fbgemm_on_a_vnni_or_amx_target(digit
     text = fast_profile(tmp_path, 64, 64).read_text().replace('isa = "avx2"', 'isa = "amx"', 1)
     profile = tmp_path / "amx.toml"
     profile.write_text(text.replace('engine = "x86"', 'engine = "x86"\nfbgemm_kernels = true', 1))
-    report, _ = toolchain.build(str(digits["model"]), str(profile), tmp_path / "out", digits["calibration"], digits["validation"])
+    report, _ = toolchain.build(
+        str(digits["model"]), str(profile), tmp_path / "out", digits["calibration"], digits["validation"]
+    )
     a = next(a for a in report.to_json()["artifacts"] if a["name"] == "torch_int8")
-    assert a["engine"] == "fbgemm" and a["stage_facts"]["quantize_torch"]["kernels"] == "fbgemm" and a["parity"]["passed"] is True
-    assert a["stage_facts"]["quantize_torch"]["reduce_range"] is False  # fbgemm's kernels use VNNI on an AMX CPU: full range
+    assert (
+        a["engine"] == "fbgemm"
+        and a["stage_facts"]["quantize_torch"]["kernels"] == "fbgemm"
+        and a["parity"]["passed"] is True
+    )
+    # fbgemm's kernels use VNNI on an AMX CPU: full range
+    assert a["stage_facts"]["quantize_torch"]["reduce_range"] is False

@@ -6,17 +6,25 @@ import json
 import pytest
 
 import toolchain
-from toolchain.errors import EXIT_USER_ERROR, DataError
+from toolchain.core.errors import EXIT_USER_ERROR, DataError
 
 from .conftest import cli, fast_profile
 
 
-@pytest.mark.parametrize("shape, message", [
-    ("3x224x224", "--input-shape 3x224x224 has 3 dimensions, but the model has 4 (1x3x224x224): give the batch dimension first, e.g. 1x3x224x224"),
-    ("1x1x28x28", "the model rejects an input of shape 1x1x28x28"),
-])
+@pytest.mark.parametrize(
+    "shape, message",
+    [
+        (
+            "3x224x224",
+            "--input-shape 3x224x224 has 3 dimensions, but the model has 4 (1x3x224x224): give the batch dimension first, e.g. 1x3x224x224",
+        ),
+        ("1x1x28x28", "the model rejects an input of shape 1x1x28x28"),
+    ],
+)
 def test_wrong_input_shape_is_one_line(shape, message, tmp_path):
-    r = cli("-q", "build", "torchvision:squeezenet1_1", "--input-shape", shape, "--out", str(tmp_path / "out"))
+    r = cli(
+        "-q", "build", "torchvision:squeezenet1_1", "--input-shape", shape, "--out", str(tmp_path / "out")
+    )
     assert r.returncode == EXIT_USER_ERROR, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in r.stderr, r.stderr
@@ -47,22 +55,42 @@ def test_doctor_lists_every_runtime_and_stage_with_versions_or_the_reason():
     assert r.returncode == 0, r.stderr
     data = json.loads(r.stdout)
     runtimes = {row["name"]: row for row in data["runtimes"]}
-    assert set(runtimes) >= {"torchscript", "onnxruntime", "executorch", "lite_interpreter", "openvino", "tensorrt"}
+    assert set(runtimes) >= {
+        "torchscript",
+        "onnxruntime",
+        "executorch",
+        "lite_interpreter",
+        "openvino",
+        "tensorrt",
+    }
     assert runtimes["onnxruntime"]["available"] and runtimes["onnxruntime"]["libraries"]["onnxruntime"]
     stages = {row["name"]: row for row in data["stages"]}
     assert {"export_onnx", "quantize_onnx", "quantize_pt2e", "lower_executorch"} <= set(stages)
     if importlib.util.find_spec("tensorrt") is None:
-        assert runtimes["tensorrt"]["available"] is False and "tensorrt is not installed" in runtimes["tensorrt"]["reason"]
+        assert (
+            runtimes["tensorrt"]["available"] is False
+            and "tensorrt is not installed" in runtimes["tensorrt"]["reason"]
+        )
 
 
 def test_an_artifact_whose_library_is_missing_is_skipped_with_the_reason(digits, tmp_path, monkeypatch):
-    from toolchain import doctor
+    from toolchain.core import libraries
 
-    real = doctor.library
-    monkeypatch.setattr(doctor, "library", lambda name: doctor.Library(name, None, "pip install onnxruntime")
-                        if name == "onnxruntime" else real(name))
-    report, _ = toolchain.build(str(digits["model"]), str(fast_profile(tmp_path)), tmp_path / "out",
-                                digits["calibration"], digits["validation"])
+    real = libraries.library
+    monkeypatch.setattr(
+        libraries,
+        "library",
+        lambda name: (
+            libraries.Library(name, None, "pip install onnxruntime") if name == "onnxruntime" else real(name)
+        ),
+    )
+    report, _ = toolchain.build(
+        str(digits["model"]),
+        str(fast_profile(tmp_path)),
+        tmp_path / "out",
+        digits["calibration"],
+        digits["validation"],
+    )
     skipped = {s["name"]: s["reason"] for s in report.skipped}
     assert skipped == {
         "onnx_fp32": "runtime `onnxruntime` is unavailable here: onnxruntime is not installed (pip install onnxruntime)",

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from toolchain.data import PreprocessOptions, check_sample_shape, load_dataset
-from toolchain.errors import DataError
+from toolchain.core.errors import DataError
+from toolchain.inputs.data import PreprocessOptions, check_sample_shape, load_dataset
 
 PRE = PreprocessOptions()
 
@@ -19,11 +19,14 @@ def test_npz_with_labels_and_npy(tmp_path):
     assert load_dataset(tmp_path / "d.npy", "calibration", PRE).y is None
 
 
-@pytest.mark.parametrize("x, message", [
-    (np.zeros((0, 3, 4, 4), np.float32), "is empty"),
-    (np.array([[np.nan, 1.0], [1.0, 2.0]], np.float32), "NaN or infinite values in 1 of 2 samples"),
-    (np.array([[np.inf, 1.0]], np.float32), "NaN or infinite"),
-])
+@pytest.mark.parametrize(
+    "x, message",
+    [
+        (np.zeros((0, 3, 4, 4), np.float32), "is empty"),
+        (np.array([[np.nan, 1.0], [1.0, 2.0]], np.float32), "NaN or infinite values in 1 of 2 samples"),
+        (np.array([[np.inf, 1.0]], np.float32), "NaN or infinite"),
+    ],
+)
 def test_bad_arrays(tmp_path, x, message):
     np.save(tmp_path / "bad.npy", x)
     with pytest.raises(DataError, match=message):
@@ -86,12 +89,14 @@ def test_image_folder_is_sampled_per_class(tmp_path):
 
 def test_nested_image_folders_are_refused_with_the_layout(tmp_path):
     _images(tmp_path / "imgs", ["train/cat", "train/dog"], 2)
-    with pytest.raises(DataError, match=r"images two folders deep \(`train/cat/`\); lay it out as `.*imgs/<class>/<image>`"):
+    with pytest.raises(
+        DataError, match=r"images two folders deep \(`train/cat/`\); lay it out as `.*imgs/<class>/<image>`"
+    ):
         load_dataset(tmp_path / "imgs", "calibration", PRE)
 
 
 def test_hold_out_and_overlap(tmp_path):
-    from toolchain.data import Dataset
+    from toolchain.core.dataset import Dataset
 
     d = Dataset(np.arange(40, dtype=np.float32).reshape(10, 4), np.arange(10), "x.npy")
     rest, held = d.hold_out(3)

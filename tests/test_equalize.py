@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from toolchain import equalize
-from toolchain.equalize import check_same, equalize_onnx, input_ranges, output_ranges
-from toolchain.errors import StageError
-from toolchain.rescale import rescaled_copy
+from toolchain.core.errors import StageError
+from toolchain.passes import equalize
+from toolchain.passes.equalize import check_same, equalize_onnx, input_ranges, output_ranges
+from toolchain.passes.rescale import rescaled_copy
 
 
 class Chain(nn.Module):
@@ -54,8 +54,14 @@ def inputs():
 
 
 def _onnx(model, inputs, path):
-    torch.onnx.export(model, (torch.from_numpy(inputs[:1]),), str(path), dynamo=False, input_names=["x"],
-                      dynamic_axes={"x": {0: "n"}})
+    torch.onnx.export(
+        model,
+        (torch.from_numpy(inputs[:1]),),
+        str(path),
+        dynamo=False,
+        input_names=["x"],
+        dynamic_axes={"x": {0: "n"}},
+    )
     import onnx
 
     return onnx.load(str(path))
@@ -87,7 +93,8 @@ def test_onnx_equalization_is_the_same_function_with_balanced_ranges(chain, inpu
     first, second = (nodes[p] for p in (pairs[0].first, pairs[0].second))
     r1 = output_ranges(w[first.input[1]], 0)
     r2 = input_ranges(w[second.input[1]], 1, 1)
-    np.testing.assert_allclose(r1, r2, rtol=0.02)  # both layers: sqrt(r1 * r2) per channel (chains converge over sweeps)
+    # both layers: sqrt(r1 * r2) per channel (chains converge over sweeps)
+    np.testing.assert_allclose(r1, r2, rtol=0.02)
     assert r1.max() / r1.min() < 1e2  # the 10^3 outliers are gone
     old = output_ranges(_weights(before)[first.input[1]], 0)
     assert old.max() / old.min() > 1e2
@@ -102,7 +109,8 @@ def test_fx_equalization_is_the_same_function_and_fused_pairs_count(chain, input
     assert facts["pairs"] == 4 and facts["fp32_relative_error"] < equalize.MAX_RELATIVE_ERROR
     ranges = output_ranges(equalize._weighted(model.l1).weight.detach().numpy(), 0)
     assert ranges.max() / ranges.min() < 1e2  # the 10^3 outliers are gone
-    assert not torch.equal(equalize._weighted(model.l1).weight, equalize._weighted(fused.l1).weight)  # the input is left as it was
+    # the input is left as it was
+    assert not torch.equal(equalize._weighted(model.l1).weight, equalize._weighted(fused.l1).weight)
 
 
 def test_a_rescale_that_does_not_commute_is_caught_by_the_fp32_check(inputs, monkeypatch):

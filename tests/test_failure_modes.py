@@ -9,17 +9,17 @@ import pytest
 import torch
 
 import toolchain
-from toolchain.examples import train
+from toolchain.inputs.examples import train
 
 from .conftest import SNAPDRAGON, X86, XAVIER, fast_profile
 from .models import bn_after_relu, depthwise_hardswish, export, pitch_frames, pitch_tracker
 
-WITHIN_2_BINS = '''
+WITHIN_2_BINS = """
 import numpy as np
 
 def within_2_bins(outputs, labels):  # raw pitch accuracy: within 40 cents of the true pitch
     return float(np.mean(np.abs(outputs.argmax(1) - labels) <= 2))
-'''
+"""
 
 
 def _upsampled(x: np.ndarray, size: int) -> np.ndarray:
@@ -40,17 +40,29 @@ def _digits_build(digits_arrays, tmp_path_factory, tmp_path, make, size: int) ->
     x_train, x_test = _upsampled(x_train, size), _upsampled(x_test, size)
     torch.manual_seed(0)
     model = train(make(), x_train, y_train, epochs=10)
-    return _build(_folder(tmp_path_factory, make.__name__, model, x_train, x_test[:512], y_test[:512]), tmp_path)
+    return _build(
+        _folder(tmp_path_factory, make.__name__, model, x_train, x_test[:512], y_test[:512]), tmp_path
+    )
 
 
 def _build(folder, tmp_path, base=X86, extra="", **kwargs):
-    profile = fast_profile(tmp_path, 256, 512, extra, base=base, batch_sizes=None if base is not X86 else "[1, 2]")
-    report, out = toolchain.build(str(folder / "model.pt2"), str(profile), tmp_path / "out", folder / "cal.npz",
-                                  folder / "val.npz", **kwargs)
+    profile = fast_profile(
+        tmp_path, 256, 512, extra, base=base, batch_sizes=None if base is not X86 else "[1, 2]"
+    )
+    report, out = toolchain.build(
+        str(folder / "model.pt2"),
+        str(profile),
+        tmp_path / "out",
+        folder / "cal.npz",
+        folder / "val.npz",
+        **kwargs,
+    )
     return report, json.loads((out / "report.json").read_text())
 
 
-def test_batchnorm_after_relu_fails_int8_and_is_recovered_on_both_x86_backends(digits_arrays, tmp_path_factory, tmp_path):
+def test_batchnorm_after_relu_fails_int8_and_is_recovered_on_both_x86_backends(
+    digits_arrays, tmp_path_factory, tmp_path
+):
     """Conv -> ReLU -> BatchNorm: the BatchNorm stays a layer of its own after a ReLU, and a
     near-dead channel (variance ~1e-9) gives it a gain of ~300: its INT8 output range is
     dominated by that channel (ONNX Runtime: SQNR ~2 dB, top-1 agreement ~66 %)."""
@@ -58,15 +70,23 @@ def test_batchnorm_after_relu_fails_int8_and_is_recovered_on_both_x86_backends(d
     for name in ("torch_int8", "onnx_int8"):
         a = next(a for a in data["artifacts"] if a["name"] == name)
         assert a["recovery"]["before"]["top1_agreement"] < 0.99, a["recovery"]["before"]  # all-INT8 fails
-        assert a["recovery"]["status"] == "recovered" and a["parity"]["passed"] is True, a["recovery"]["summary"]
+        assert a["recovery"]["status"] == "recovered" and a["parity"]["passed"] is True, a["recovery"][
+            "summary"
+        ]
         assert a["parity"]["top1_agreement"] >= 0.99
-        assert not any("smooth" in t["fixes"] for t in a["recovery"]["attempts"])  # a CNN has no LayerNorm to migrate from
+        # a CNN has no LayerNorm to migrate from
+        assert not any("smooth" in t["fixes"] for t in a["recovery"]["attempts"])
         # which rung recovers it (a calibration, a fix, float layers) depends on the model trained on this CPU
-        assert a["precision"] == ("mixed" if a["float_layers"] else "int8"), (a["precision"], a["float_layers"])
+        assert a["precision"] == ("mixed" if a["float_layers"] else "int8"), (
+            a["precision"],
+            a["float_layers"],
+        )
     assert report.passed
 
 
-def test_depthwise_hardswish_passes_with_the_deployment_isa_settings(digits_arrays, tmp_path_factory, tmp_path):
+def test_depthwise_hardswish_passes_with_the_deployment_isa_settings(
+    digits_arrays, tmp_path_factory, tmp_path
+):
     """MobileNet-style blocks lose ~17 pt with full-range U8S8 weights on AVX2 CPUs without VNNI
     (16-bit intermediate sums saturate). The profile deploys to `avx2`, so its INT8 settings are the
     ones exact on every x86 CPU (7-bit weights), whatever this host has: no recovery needed."""
@@ -74,8 +94,13 @@ def test_depthwise_hardswish_passes_with_the_deployment_isa_settings(digits_arra
     assert data["reference"]["accuracy"] > 0.9
     for name in ("torch_int8", "onnx_int8"):
         a = next(a for a in data["artifacts"] if a["name"] == name)
-        assert a["parity"]["passed"] is True and a["recovery"] is None and a["precision"] == "int8", a["parity"]
-        assert a["stage_facts"]["quantize_torch" if name == "torch_int8" else "quantize_onnx"]["reduce_range"] is True
+        assert a["parity"]["passed"] is True and a["recovery"] is None and a["precision"] == "int8", a[
+            "parity"
+        ]
+        assert (
+            a["stage_facts"]["quantize_torch" if name == "torch_int8" else "quantize_onnx"]["reduce_range"]
+            is True
+        )
     assert report.passed
 
 
@@ -88,14 +113,18 @@ def pitch(tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("base,names", [(X86, ("torch_int8", "onnx_int8")), (XAVIER, ("onnx_int8_qdq",))], ids=["x86", "xavier"])
+@pytest.mark.parametrize(
+    "base,names", [(X86, ("torch_int8", "onnx_int8")), (XAVIER, ("onnx_int8_qdq",))], ids=["x86", "xavier"]
+)
 def test_a_pitch_tracker_with_long_1d_kernels_holds_its_pitch_accuracy_in_int8(pitch, tmp_path, base, names):
     """A 511-tap Conv1d over raw audio, Conv -> ReLU -> BatchNorm blocks, 120 sigmoid outputs of
     20 cents each. Top-1 agreement is the wrong yardstick here (INT8 moves the arg-max to the
     neighbouring bin on a few % of frames at SQNR ~35 dB; no layer dominates, so no float layer
     brings it to 99 %: see the next test): the pitch tracker's own metric, raw pitch accuracy within
     2 bins, decides. Snapdragon's artifacts: the slow tests below."""
-    report, data = _build(pitch, tmp_path, base, metric=str(pitch / "metrics.py") + ":within_2_bins", max_metric_drop=0.01)
+    report, data = _build(
+        pitch, tmp_path, base, metric=str(pitch / "metrics.py") + ":within_2_bins", max_metric_drop=0.01
+    )
     assert data["metric"]["fp32"] > 0.95
     for name in names:
         a = next(a for a in data["artifacts"] if a["name"] == name)
@@ -104,7 +133,9 @@ def test_a_pitch_tracker_with_long_1d_kernels_holds_its_pitch_accuracy_in_int8(p
     assert report.passed
 
 
-def test_the_pitch_trackers_top1_failure_is_explained_by_fp32s_near_ties_and_the_noise_it_would_take(pitch, tmp_path):
+def test_the_pitch_trackers_top1_failure_is_explained_by_fp32s_near_ties_and_the_noise_it_would_take(
+    pitch, tmp_path
+):
     """Judged by exact top-1 agreement (no metric, recovery off), both x86 INT8 artifacts fail, and the
     report says why in numbers: FP32's top two bins are within ~0.001 on 1 % of the frames, and the
     artifact's error between them (RMS) predicts the agreement it measured. The bar does not move."""
@@ -116,17 +147,32 @@ def test_the_pitch_trackers_top1_failure_is_explained_by_fp32s_near_ties_and_the
         ties = out["near_ties"]
         assert a["parity"]["passed"] is False and ties is not None, a["parity"]
         assert ties["share"] == pytest.approx(0.01) and 0 < ties["gap"] < ties["noise"]
-        assert ties["predicted"] == pytest.approx(out["top1_agreement"], abs=0.015), (ties, out["top1_agreement"])
+        # The prediction sums per-frame swap probabilities; the measured agreement is one draw of those
+        # Bernoulli frames, so their difference is bounded by the binomial spread at this sample size
+        # (variance <= p(1-p)/n), not by a fixed number that moves with the CPU's kernels (a Zen 4 host
+        # measured 92.97 % against 95.22 % predicted: 2.0 standard errors).
+        n, measured = a["parity"]["samples"], out["top1_agreement"]
+        spread = (measured * (1 - measured) / n) ** 0.5
+        assert abs(ties["predicted"] - measured) <= 4 * spread, (ties, measured, n)
+        assert ties["predicted"] < 0.99  # the noise alone predicts the miss: it explains the failure
         assert ties["noise_cut_db"] > 3  # INT8 with every layer in it is far from the bar, by this much noise
         assert f"- {name}: top-1 agreement" in (tmp_path / "out" / "report.md").read_text()
         assert f"<li class='ties'>{name}: top-1 agreement" in (tmp_path / "out" / "report.html").read_text()
-    assert next(a for a in data["artifacts"] if a["name"] == "onnx_fp32")["parity"]["outputs"][0]["near_ties"] is None
+    assert (
+        next(a for a in data["artifacts"] if a["name"] == "onnx_fp32")["parity"]["outputs"][0]["near_ties"]
+        is None
+    )
 
 
 @pytest.fixture(scope="module")
 def pitch_on_snapdragon(pitch, tmp_path_factory):
-    _, data = _build(pitch, tmp_path_factory.mktemp("pitch_snapdragon"), SNAPDRAGON,
-                     metric=str(pitch / "metrics.py") + ":within_2_bins", max_metric_drop=0.01)
+    _, data = _build(
+        pitch,
+        tmp_path_factory.mktemp("pitch_snapdragon"),
+        SNAPDRAGON,
+        metric=str(pitch / "metrics.py") + ":within_2_bins",
+        max_metric_drop=0.01,
+    )
     return data
 
 
@@ -148,23 +194,40 @@ def test_the_pitch_tracker_on_snapdragon_xnnpack(pitch_on_snapdragon):
 
 def test_a_batchnorm1d_after_a_relu_becomes_the_depthwise_conv_it_computes_and_lowers_to_xnnpack():
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer, get_symmetric_quantization_config
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
     from executorch.exir import to_edge_transform_and_lower
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    from toolchain.stages.quantize_pt2e import _batchnorm1d_as_convs
+    from toolchain.passes.batchnorm import batchnorm1d_as_convs as _batchnorm1d_as_convs
 
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv1d(1, 8, 9, padding=4), torch.nn.ReLU(), torch.nn.BatchNorm1d(8),
-                                torch.nn.Conv1d(8, 4, 3), torch.nn.BatchNorm1d(4))  # the last one follows a conv: folded
+    # the last one follows a conv: folded
+    model = torch.nn.Sequential(
+        torch.nn.Conv1d(1, 8, 9, padding=4),
+        torch.nn.ReLU(),
+        torch.nn.BatchNorm1d(8),
+        torch.nn.Conv1d(8, 4, 3),
+        torch.nn.BatchNorm1d(4),
+    )
     with torch.no_grad():
-        model[2].running_mean.uniform_(-1, 1), model[2].running_var.uniform_(0.5, 2), model[2].weight.uniform_(-2, 2)
+        (
+            model[2].running_mean.uniform_(-1, 1),
+            model[2].running_var.uniform_(0.5, 2),
+            model[2].weight.uniform_(-2, 2),
+        )
     x = (torch.randn(4, 1, 64),)
     gm = torch.export.export(model.eval(), x).module()
     expected = gm(*x)
     assert _batchnorm1d_as_convs(gm) == ["2"]
     assert not any("batch_norm" in str(n.target) and n.args[0].name == "relu" for n in gm.graph.nodes)
     torch.testing.assert_close(gm(*x), expected, rtol=1e-5, atol=1e-5)
-    prepared = prepare_pt2e(gm, XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True)))
+    prepared = prepare_pt2e(
+        gm, XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    )
     prepared(*x)
-    to_edge_transform_and_lower(torch.export.export(convert_pt2e(prepared), x), partitioner=[XnnpackPartitioner()]).to_executorch()
+    to_edge_transform_and_lower(
+        torch.export.export(convert_pt2e(prepared), x), partitioner=[XnnpackPartitioner()]
+    ).to_executorch()

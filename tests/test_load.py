@@ -1,12 +1,11 @@
 """Model inputs: what loads, and what is refused with one clear message."""
 
-
 import pytest
 import torch
 
-from toolchain.artifact import Kind
-from toolchain.errors import ModelLoadError
-from toolchain.load import load_model, parse_shape
+from toolchain.core.artifact import Kind
+from toolchain.core.errors import ModelLoadError
+from toolchain.inputs.load import load_model, parse_shape
 
 
 def _net():
@@ -77,7 +76,9 @@ def test_a_program_torch_cannot_make_a_module_of_is_refused_with_the_reason(tmp_
 
     path = tmp_path / "tagged.pt2"
     torch.export.save(torch.export.export(Tagged(), (torch.rand(2, 4),)), str(path))
-    with pytest.raises(ModelLoadError, match="a submodule named `meta` collides with torch.fx.GraphModule's own attribute"):
+    with pytest.raises(
+        ModelLoadError, match="a submodule named `meta` collides with torch.fx.GraphModule's own attribute"
+    ):
         load_model(str(path))
 
 
@@ -93,7 +94,9 @@ def test_missing_and_unknown_files(tmp_path):
 def test_torchvision_names():
     loaded = load_model("torchvision:squeezenet1_1")
     assert loaded.weights.startswith("random") and loaded.input_shape == (1, 3, 224, 224)
-    with pytest.raises(ModelLoadError, match="torchvision has no classification model `resnet19`; similar: .*resnet18"):
+    with pytest.raises(
+        ModelLoadError, match="torchvision has no classification model `resnet19`; similar: .*resnet18"
+    ):
         load_model("torchvision:resnet19")
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from .conftest import X86, XAVIER, cli, fast_profile, without_artifacts
+from .conftest import XAVIER, cli, fast_profile, without_artifacts
 from .models import export, outlier_classifier
 from .test_report_html import _chromium
 
@@ -63,7 +62,8 @@ time_limit_s = 2
 
 def x86_onnx_profile(folder: Path, extra: str = "") -> Path:
     """The x86 profile with its ONNX Runtime artifacts only, fewer samples and timed runs."""
-    path = fast_profile(folder, 64, 192, batch_sizes="[1]")  # 192: one near-tie digit is 0.5 %, not a failed 1 %
+    # 192: one near-tie digit is 0.5 %, not a failed 1 %
+    path = fast_profile(folder, 64, 192, batch_sizes="[1]")
     text = re.sub(r"^\[artifacts\.torch_int8\]\n(?:(?!\[).*\n)*", "", path.read_text(), flags=re.M)
     path.unlink()
     out = folder / "x86_onnx.toml"
@@ -84,7 +84,8 @@ def models(digits, digits_arrays, tmp_path_factory):
 def matrix_folder(root: Path, models: dict, text: str = MATRIX) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     x86_onnx_profile(root)
-    xavier = fast_profile(root, 64, 96, base=without_artifacts(XAVIER, root, "onnx_fp16"), batch_sizes=None)  # FP16: not this test's subject
+    # FP16: not this test's subject
+    xavier = fast_profile(root, 64, 96, base=without_artifacts(XAVIER, root, "onnx_fp16"), batch_sizes=None)
     xavier.rename(root / "xavier.toml")
     (root / "matrix.toml").write_text(text.format(**{k: str(v) for k, v in models.items()}))
     return root / "matrix.toml"
@@ -98,10 +99,14 @@ def two_nights(models, tmp_path_factory):
     matrix = matrix_folder(root, models)
     first = cli("matrix", "run", str(matrix), "--junit", str(root / "night1.xml"))
     x86_onnx_profile(root, "\n[recovery]\nenabled = false\n")
-    matrix.write_text(matrix.read_text().replace("latency_repeats = 2", "latency_repeats = 0"))  # no timing: nothing to compare
+    # no timing: nothing to compare
+    matrix.write_text(matrix.read_text().replace("latency_repeats = 2", "latency_repeats = 0"))
     db = root / "matrix.sqlite"
-    proc = subprocess.Popen([sys.executable, "-m", "toolchain", "matrix", "run", str(matrix)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "toolchain", "matrix", "run", str(matrix)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and _built_cells(db, 2) < 1:
         time.sleep(0.2)
@@ -111,9 +116,13 @@ def two_nights(models, tmp_path_factory):
     killed = {
         "cells": rows(db, "select key, folder from cells where run_id = 2"),
         "status": rows(db, "select status from runs where id = 2"),
-        "running": subprocess.run(["pgrep", "-f", str(root / "build")], capture_output=True, text=True).stdout.strip(),
+        "running": subprocess.run(
+            ["pgrep", "-f", str(root / "build")], capture_output=True, text=True
+        ).stdout.strip(),
     }
-    killed["mtimes"] = {key: (Path(folder) / "report.json").stat().st_mtime_ns for key, folder in killed["cells"] if folder}
+    killed["mtimes"] = {
+        key: (Path(folder) / "report.json").stat().st_mtime_ns for key, folder in killed["cells"] if folder
+    }
     second = cli("matrix", "run", str(matrix), "--resume", "--junit", str(root / "night2.xml"))
     again = cli("matrix", "run", str(matrix), "--resume")
     return root, first, second, killed, again
@@ -135,32 +144,55 @@ def test_the_first_night_builds_every_cell_and_records_it(two_nights):
     root, first, *_ = two_nights
     assert first.returncode == 3, first.stderr[-3000:]  # the stuck cell crashed: a failure, not a regression
     cells = dict(rows(root / "matrix.sqlite", "select key, status from cells where run_id = 1"))
-    assert cells == {"digits/x86_onnx": "passed", "digits/xavier": "passed", "outlier/x86_onnx": "passed",
-                     "outlier/xavier": "passed", "stuck/x86_onnx": "crashed"}
-    recovered = rows(root / "matrix.sqlite", "select a.recovery_status from artifacts a join cells c on a.cell_id = c.id "
-                                            "where c.run_id = 1 and c.key = 'outlier/x86_onnx' and a.name = 'onnx_int8'")
+    assert cells == {
+        "digits/x86_onnx": "passed",
+        "digits/xavier": "passed",
+        "outlier/x86_onnx": "passed",
+        "outlier/xavier": "passed",
+        "stuck/x86_onnx": "crashed",
+    }
+    recovered = rows(
+        root / "matrix.sqlite",
+        "select a.recovery_status from artifacts a join cells c on a.cell_id = c.id "
+        "where c.run_id = 1 and c.key = 'outlier/x86_onnx' and a.name = 'onnx_int8'",
+    )
     assert recovered == [("recovered",)]  # the outlier model passes only through recovery
     for key, folder, versions, model_sha, profile_sha, data_sha in rows(
-            root / "matrix.sqlite", "select key, folder, versions, model_sha256, profile_sha256, data_sha256 from cells "
-                                    "where run_id = 1 and status = 'passed'"):
+        root / "matrix.sqlite",
+        "select key, folder, versions, model_sha256, profile_sha256, data_sha256 from cells "
+        "where run_id = 1 and status = 'passed'",
+    ):
         report = json.loads((Path(folder) / "report.json").read_text())
         assert json.loads(versions)["onnxruntime"] and model_sha == report["model"]["sha256"]
         assert len(profile_sha) == 64 and len(data_sha) == 64
-    for name, p50, repeats, busy in rows(root / "matrix.sqlite", "select a.name, a.latency_p50_ms, a.latency_repeats, c.timing_busy "
-                                                                 "from artifacts a join cells c on a.cell_id = c.id where c.run_id = 1"):
-        assert len(json.loads(repeats)) == 2 and all(v > 0 for v in json.loads(repeats)) and p50 > 0  # re-measured twice
-        assert 0 <= busy <= 1  # how much of the machine others used meanwhile (the other worker's build, here)
-    (run,) = rows(root / "matrix.sqlite", "select status, toolchain_version, host_cpu, executor from runs where id = 1")
+    for name, p50, repeats, busy in rows(
+        root / "matrix.sqlite",
+        "select a.name, a.latency_p50_ms, a.latency_repeats, c.timing_busy "
+        "from artifacts a join cells c on a.cell_id = c.id where c.run_id = 1",
+    ):
+        # re-measured twice
+        assert len(json.loads(repeats)) == 2 and all(v > 0 for v in json.loads(repeats)) and p50 > 0
+        # how much of the machine others used meanwhile (the other worker's build, here)
+        assert 0 <= busy <= 1
+    (run,) = rows(
+        root / "matrix.sqlite", "select status, toolchain_version, host_cpu, executor from runs where id = 1"
+    )
     assert run[0] == "finished" and run[1] and run[3] == "local, 2 workers"
     assert "[5/5]" in first.stderr
 
 
 def test_a_cell_over_its_time_limit_is_killed_recorded_as_crashed_and_the_matrix_goes_on(two_nights):
     root, first, *_ = two_nights
-    ((reason, folder, log),) = rows(root / "matrix.sqlite", "select reason, folder, log from cells where key = 'stuck/x86_onnx' and run_id = 1")
+    ((reason, folder, log),) = rows(
+        root / "matrix.sqlite",
+        "select reason, folder, log from cells where key = 'stuck/x86_onnx' and run_id = 1",
+    )
     assert reason == "killed at the cell's time limit (2 s)" and folder is None
     assert "toolchain build" in Path(log).read_text() or "-m toolchain build" in Path(log).read_text()
-    assert not list((root / "build" / "run-1").glob("*stuck*partial*")) and not (root / "build" / "run-1" / "stuck-x86_onnx").exists()
+    assert (
+        not list((root / "build" / "run-1").glob("*stuck*partial*"))
+        and not (root / "build" / "run-1" / "stuck-x86_onnx").exists()
+    )
     suites = ET.parse(root / "night1.xml").getroot()
     case = suites.find(".//testcase[@name='stuck']")
     assert case.find("error").get("type") == "crashed"
@@ -171,7 +203,9 @@ def test_a_cell_over_its_time_limit_is_killed_recorded_as_crashed_and_the_matrix
 def test_the_degraded_artifact_raises_exactly_its_alarm_naming_what_changed(two_nights):
     root, _, second, *_ = two_nights
     assert second.returncode == 5, second.stderr[-3000:]  # a regression: distinct from a plain failure (3)
-    alarms = rows(root / "matrix.sqlite", "select key, artifact, kind, message, changes, baseline_run_id from alarms")
+    alarms = rows(
+        root / "matrix.sqlite", "select key, artifact, kind, message, changes, baseline_run_id from alarms"
+    )
     assert [a[:3] for a in alarms] == [("outlier/x86_onnx", "onnx_int8", "parity")], alarms
     key, artifact, kind, message, changes, baseline = alarms[0]
     assert baseline == 1 and "fails parity since run 1" in message
@@ -181,7 +215,9 @@ def test_the_degraded_artifact_raises_exactly_its_alarm_naming_what_changed(two_
     assert statuses["outlier/x86_onnx"] == "failed" and statuses["digits/x86_onnx"] == "passed", statuses
     assert "ALARM outlier/x86_onnx onnx_int8 [parity]" in second.stdout, second.stdout
     failures = ET.parse(root / "night2.xml").getroot().findall(".//failure[@type='regression:parity']")
-    assert len(failures) == 1 and "target profile sha256" in failures[0].get("message"), [f.attrib for f in failures]
+    assert len(failures) == 1 and "target profile sha256" in failures[0].get("message"), [
+        f.attrib for f in failures
+    ]
 
 
 def test_the_dashboard_shows_the_database_and_renders_in_chromium(two_nights, tmp_path):
@@ -190,25 +226,50 @@ def test_the_dashboard_shows_the_database_and_renders_in_chromium(two_nights, tm
     done = cli("matrix", "report", "--db", str(root / "matrix.sqlite"), "--out", str(out))
     assert done.returncode == 0, done.stderr
     page = out.read_text()
-    data = json.loads(re.search(r'<script type="application/json" id="matrix-json">(.*?)</script>', page, re.S).group(1))
+    data = json.loads(
+        re.search(r'<script type="application/json" id="matrix-json">(.*?)</script>', page, re.S).group(1)
+    )
     assert data["run"]["id"] == 2 and data["runs"] == [1, 2]
     assert [(a["key"], a["kind"]) for a in data["alarms"]] == [("outlier/x86_onnx", "parity")]
     assert page.index("class='alarm'") < page.index("Verdict per cell")  # alarms at the top
     for key, status in rows(root / "matrix.sqlite", "select key, status from cells where run_id = 2"):
         assert re.search(rf"data-key='{re.escape(key)}' data-status='{status}'", page)
-    assert re.search(r"data-key='outlier/x86_onnx' data-status='failed'><b[^>]*>FAILED</b> <span class='alarmed' data-alarms='1'>", page)
+    assert re.search(
+        r"data-key='outlier/x86_onnx' data-status='failed'><b[^>]*>FAILED</b> <span class='alarmed' data-alarms='1'>",
+        page,
+    )
     assert page.count("class='alarmed'") == 1  # the one cell that rang
     href = re.search(r"data-key='digits/xavier'.*?<a href='([^']+)'>report</a>", page, re.S).group(1)
-    assert (out.parent / href).resolve() == (root / "build" / "run-2" / "digits-xavier" / "report.html").resolve()
-    points = re.findall(r"data-chart='trend:outlier/x86_onnx:sqnr_db' data-label='onnx_int8' data-run='(\d)' data-value='([^']+)'", page)
-    db = rows(root / "matrix.sqlite", "select c.run_id, a.sqnr_db from artifacts a join cells c on a.cell_id = c.id "
-                                      "where c.key = 'outlier/x86_onnx' and a.name = 'onnx_int8' order by c.run_id")
+    assert (out.parent / href).resolve() == (
+        root / "build" / "run-2" / "digits-xavier" / "report.html"
+    ).resolve()
+    points = re.findall(
+        r"data-chart='trend:outlier/x86_onnx:sqnr_db' data-label='onnx_int8' data-run='(\d)' data-value='([^']+)'",
+        page,
+    )
+    db = rows(
+        root / "matrix.sqlite",
+        "select c.run_id, a.sqnr_db from artifacts a join cells c on a.cell_id = c.id "
+        "where c.key = 'outlier/x86_onnx' and a.name = 'onnx_int8' order by c.run_id",
+    )
     assert [(int(r), float(v)) for r, v in points] == [(r, v) for r, v in db]
 
     browser = _chromium()
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=3000"]
-    r = subprocess.run([browser, *flags, "--dump-dom", out.as_uri()], capture_output=True, text=True, timeout=120)
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--virtual-time-budget=3000",
+    ]
+    r = subprocess.run(
+        [browser, *flags, "--dump-dom", out.as_uri()], capture_output=True, text=True, timeout=120
+    )
     rendered = json.loads(re.search(r'data-rendered="([^"]*)"', r.stdout).group(1).replace("&quot;", '"'))
     for chart in ("sqnr_db", "latency_ms", "quality"):
         drawn = rendered[f"trend:outlier/x86_onnx:{chart}"]
@@ -217,17 +278,21 @@ def test_the_dashboard_shows_the_database_and_renders_in_chromium(two_nights, tm
 
 def test_resume_finishes_a_killed_run_without_rebuilding_what_it_finished(two_nights):
     root, _, second, killed, again = two_nights
-    assert 1 <= len(killed["cells"]) < 5 and killed["status"] == [("running",)], killed  # whole cells, the run open
+    # whole cells, the run open
+    assert 1 <= len(killed["cells"]) < 5 and killed["status"] == [("running",)], killed
     assert killed["running"] == "", "a build outlived the killed matrix"
     assert second.returncode == 5, second.stderr[-3000:]
     assert rows(root / "matrix.sqlite", "select status from runs where id = 2") == [("finished",)]
     assert len(rows(root / "matrix.sqlite", "select key from cells where run_id = 2")) == 5
     for key, mtime in killed["mtimes"].items():
-        folder = rows(root / "matrix.sqlite", f"select folder from cells where run_id = 2 and key = '{key}'")[0][0]
+        folder = rows(root / "matrix.sqlite", f"select folder from cells where run_id = 2 and key = '{key}'")[
+            0
+        ][0]
         assert (Path(folder) / "report.json").stat().st_mtime_ns == mtime, f"{key} was built again"
     left = 5 - len(killed["cells"])
     assert f"[{left}/{left}]" in second.stderr and f"{len(killed['cells'])} finished before" in second.stderr
-    assert not list((root / "build" / "run-2").glob(".*partial*"))  # the killed builds' half-written folders are gone
+    # the killed builds' half-written folders are gone
+    assert not list((root / "build" / "run-2").glob(".*partial*"))
     assert again.returncode == 2 and "no unfinished run" in again.stderr
 
 
@@ -252,7 +317,8 @@ def postgres():
             pytest.fail("PostgreSQL is required here (make test installs Debian's postgresql)")
         pytest.skip("PostgreSQL is not installed (Debian package `postgresql`; `make test` installs it)")
     root = Path(tempfile.mkdtemp(prefix="toolchain-pg-", dir="/tmp"))
-    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []  # initdb refuses to run as root
+    # initdb refuses to run as root
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
     if as_postgres:
         shutil.chown(root, "postgres")
     with socket.socket() as s:
@@ -260,8 +326,17 @@ def postgres():
         port = s.getsockname()[1]
     run = lambda *args: subprocess.run([*as_postgres, *args], check=True, capture_output=True, timeout=120)
     run(str(pg / "initdb"), "-D", str(root / "data"), "-U", "postgres", "--auth=trust", "-E", "UTF8")
-    run(str(pg / "pg_ctl"), "-D", str(root / "data"), "-l", str(root / "log"), "-w", "-o",
-        f"-p {port} -k {root} -c listen_addresses=127.0.0.1", "start")
+    run(
+        str(pg / "pg_ctl"),
+        "-D",
+        str(root / "data"),
+        "-l",
+        str(root / "log"),
+        "-w",
+        "-o",
+        f"-p {port} -k {root} -c listen_addresses=127.0.0.1",
+        "start",
+    )
     try:
         run(str(pg / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "matrix")
         yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/matrix"
@@ -271,21 +346,29 @@ def postgres():
 
 
 def test_ray_runs_the_cells_into_a_postgresql_history(models, postgres, tmp_path):
-    pytest.importorskip("ray", reason="Ray is an optional extra (pip install 'toolchain[ray]'); the test extra has it")
+    pytest.importorskip(
+        "ray", reason="Ray is an optional extra (pip install 'toolchain[ray]'); the test extra has it"
+    )
     text = MATRIX.replace("latency_repeats = 2", "latency_repeats = 1").split("[models.outlier]")[0]
     matrix = matrix_folder(tmp_path / "m", models, text)
-    done = cli("matrix", "run", str(matrix), "--ray", "local", "--db", postgres, "--target", "x86_onnx")  # one shard
+    # one shard
+    done = cli("matrix", "run", str(matrix), "--ray", "local", "--db", postgres, "--target", "x86_onnx")
     assert done.returncode == 0, done.stderr[-3000:]
     import sqlalchemy as sa
 
     engine = sa.create_engine(postgres)
     with engine.connect() as conn:
         assert conn.execute(sa.text("select version_num from alembic_version")).scalar() == "0003"
-        assert conn.execute(sa.text("select executor, status, shard from runs")).all() == [("ray local", "finished", "x86_onnx")]
+        assert conn.execute(sa.text("select executor, status, shard from runs")).all() == [
+            ("ray local", "finished", "x86_onnx")
+        ]
         cells = conn.execute(sa.text("select key, status, folder from cells")).all()
         names = conn.execute(sa.text("select name from artifacts order by name")).scalars().all()
     engine.dispose()
-    assert [(k, s) for k, s, _ in cells] == [("digits/x86_onnx", "passed")] and names == ["onnx_fp32", "onnx_int8"]
+    assert [(k, s) for k, s, _ in cells] == [("digits/x86_onnx", "passed")] and names == [
+        "onnx_fp32",
+        "onnx_int8",
+    ]
     assert json.loads((Path(cells[0][2]) / "report.json").read_text())["passed"] is True
     page = tmp_path / "matrix.html"
     assert cli("matrix", "report", "--db", postgres, "--out", str(page)).returncode == 0
@@ -296,7 +379,7 @@ def test_ray_runs_the_cells_into_a_postgresql_history(models, postgres, tmp_path
 
 
 def test_matrix_file_errors_name_the_file_and_key(tmp_path):
-    from toolchain.errors import ConfigError
+    from toolchain.core.errors import ConfigError
     from toolchain.matrix.spec import load_matrix
 
     cases = {
@@ -305,7 +388,7 @@ def test_matrix_file_errors_name_the_file_and_key(tmp_path):
         '[matrix]\ntargets = ["x86_fbgemm"]\n[models.m]\nmodel = "m.pt2"\ntargets = ["jetson"]\n': "`models.m.targets[0]` = 'jetson' is not a target",
         '[matrix]\ntargets = []\n[models.m]\nmodel = "m.pt2"\n': "`matrix.targets` must name at least one target",
         '[matrix]\ntargets = ["x86_fbgemm"]\n[models.m]\ncalib = "c.npz"\n': "missing key `models.m.model`",
-        '[matrix\n': "not valid TOML",
+        "[matrix\n": "not valid TOML",
         '[matrix]\ntargets = ["x86_fbgemm", "x86_fbgemm"]\n[models.m]\nmodel = "m.pt2"\n': "cell `m/x86_fbgemm` appears twice",
         '[matrix]\ntargets = ["x86_fbgemm"]\n[models.m]\nmodel = "m.pt2"\ncpus = 0\n': "`models.m.cpus` must be positive",
     }
@@ -318,15 +401,31 @@ def test_matrix_file_errors_name_the_file_and_key(tmp_path):
 
 
 def test_a_matrix_naming_an_unknown_target_stops_before_any_build(tmp_path):
-    (tmp_path / "m.toml").write_text('[matrix]\ntargets = ["jetson_nano"]\n[models.m]\nmodel = "torchvision:resnet18"\n')
+    (tmp_path / "m.toml").write_text(
+        '[matrix]\ntargets = ["jetson_nano"]\n[models.m]\nmodel = "torchvision:resnet18"\n'
+    )
     done = cli("matrix", "run", str(tmp_path / "m.toml"))
-    assert done.returncode == 2 and "unknown target `jetson_nano`" in done.stderr and "Traceback" not in done.stderr
+    assert (
+        done.returncode == 2
+        and "unknown target `jetson_nano`" in done.stderr
+        and "Traceback" not in done.stderr
+    )
     assert not (tmp_path / "build").exists()
-    (tmp_path / "m.toml").write_text('[matrix]\ntargets = ["x86_fbgemm"]\n[models.m]\nmodel = "torchvision:resnet18"\n')
+    (tmp_path / "m.toml").write_text(
+        '[matrix]\ntargets = ["x86_fbgemm"]\n[models.m]\nmodel = "torchvision:resnet18"\n'
+    )
     done = cli("matrix", "run", str(tmp_path / "m.toml"), "--target", "nvidia_xavier")
-    assert done.returncode == 2 and "--target `nvidia_xavier` is not a target of" in done.stderr and "valid: x86_fbgemm" in done.stderr
+    assert (
+        done.returncode == 2
+        and "--target `nvidia_xavier` is not a target of" in done.stderr
+        and "valid: x86_fbgemm" in done.stderr
+    )
     done = cli("matrix", "report", "--db", str(tmp_path / "none.sqlite"))
-    assert done.returncode == 2 and "no such history file" in done.stderr and not (tmp_path / "none.sqlite").exists()
+    assert (
+        done.returncode == 2
+        and "no such history file" in done.stderr
+        and not (tmp_path / "none.sqlite").exists()
+    )
 
 
 def test_an_older_history_is_migrated_and_keeps_its_runs(tmp_path):
@@ -344,34 +443,68 @@ def test_an_older_history_is_migrated_and_keeps_its_runs(tmp_path):
         cfg.set_main_option("script_location", str(MIGRATIONS))
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "0001")
-        conn.execute(sa.text("insert into runs (matrix, matrix_sha256, status, started, cells_total, executor) "
-                             "values ('nightly', 'f', 'finished', '2026-11-30 02:00:00', 4, 'local, 1 worker')"))
+        conn.execute(
+            sa.text(
+                "insert into runs (matrix, matrix_sha256, status, started, cells_total, executor) "
+                "values ('nightly', 'f', 'finished', '2026-11-30 02:00:00', 4, 'local, 1 worker')"
+            )
+        )
     engine.dispose()
     history = History(url)
     (run,) = history.runs("nightly")
     assert (run.id, run.status, run.shard) == (1, "finished", None)
-    assert history.start_run("nightly", "f", 1, "local", 1, None, None, None, shard="x86_fbgemm").shard == "x86_fbgemm"
+    assert (
+        history.start_run("nightly", "f", 1, "local", 1, None, None, None, shard="x86_fbgemm").shard
+        == "x86_fbgemm"
+    )
     history.close()
     with sqlite3.connect(tmp_path / "old.sqlite") as conn:
         assert conn.execute("select version_num from alembic_version").fetchall() == [("0003",)]
 
 
 def _row(**kw):
-    row = dict(name="onnx_int8", passed=True, failures=[], sqnr_db=30.0, accuracy=0.98, top1_agreement=0.995,
-               size_bytes=100_000, latency_p50_ms=1.0, latency_p95_ms=1.1, latency_repeats=[1.0, 1.02, 0.98])
+    row = dict(
+        name="onnx_int8",
+        passed=True,
+        failures=[],
+        sqnr_db=30.0,
+        accuracy=0.98,
+        top1_agreement=0.995,
+        size_bytes=100_000,
+        latency_p50_ms=1.0,
+        latency_p95_ms=1.1,
+        latency_repeats=[1.0, 1.02, 0.98],
+    )
     return {**row, **kw}
 
 
 def _cells(new: dict, old: dict, status: str = "passed", versions=None):
-    from toolchain.matrix.history import Run
-
     import datetime
 
-    run = lambda i, cpu="cpu A", workers=1: Run(i, "m", "finished", datetime.datetime.now(), None, 1, "local", workers, cpu, "0.1.0", "abc", "f")
-    cell = {"key": "m/t", "status": status, "reason": "killed by SIGSEGV", "versions": versions or {"onnxruntime": "1.32.0"},
-            "model_sha256": "a" * 64, "data_sha256": "d" * 64, "profile_sha256": "p" * 64, "artifacts": {"onnx_int8": new},
-            "timing_busy": 0.02, "host_cpu": "cpu A"}
-    base = {**cell, "status": "passed", "versions": {"onnxruntime": "1.31.1"}, "artifacts": {"onnx_int8": old}, "run": run(1)}
+    from toolchain.matrix.history import Run
+
+    run = lambda i, cpu="cpu A", workers=1: Run(
+        i, "m", "finished", datetime.datetime.now(), None, 1, "local", workers, cpu, "0.1.0", "abc", "f"
+    )
+    cell = {
+        "key": "m/t",
+        "status": status,
+        "reason": "killed by SIGSEGV",
+        "versions": versions or {"onnxruntime": "1.32.0"},
+        "model_sha256": "a" * 64,
+        "data_sha256": "d" * 64,
+        "profile_sha256": "p" * 64,
+        "artifacts": {"onnx_int8": new},
+        "timing_busy": 0.02,
+        "host_cpu": "cpu A",
+    }
+    base = {
+        **cell,
+        "status": "passed",
+        "versions": {"onnxruntime": "1.31.1"},
+        "artifacts": {"onnx_int8": old},
+        "run": run(1),
+    }
     return cell, run(2), base
 
 
@@ -380,16 +513,21 @@ def test_alarm_rules_each_raise_once_and_say_what_changed():
     from toolchain.matrix.spec import AlarmOptions
 
     o = AlarmOptions()
-    kinds = lambda new, old=_row(), **kw: [(a["kind"], a["changes"]) for a in compare(*_cells(new, old, **kw), o, _cells(new, old, **kw)[2])]
+    kinds = lambda new, old=_row(), **kw: [
+        (a["kind"], a["changes"]) for a in compare(*_cells(new, old, **kw), o, _cells(new, old, **kw)[2])
+    ]
     assert kinds(_row()) == []
-    assert kinds(_row(passed=False, failures=["top-1 agreement 50% < 99%"], accuracy=0.5, sqnr_db=3.0)) == \
-        [("parity", ["onnxruntime 1.31.1 -> 1.32.0"])]  # one alarm, its drops in the message, not three
+    # one alarm, its drops in the message, not three
+    assert kinds(_row(passed=False, failures=["top-1 agreement 50% < 99%"], accuracy=0.5, sqnr_db=3.0)) == [
+        ("parity", ["onnxruntime 1.31.1 -> 1.32.0"])
+    ]
     assert [k for k, _ in kinds(_row(accuracy=0.97))] == ["accuracy"]
     assert kinds(_row(accuracy=0.978)) == []  # 0.2 pt: within the 0.5 pt threshold
     assert [k for k, _ in kinds(_row(sqnr_db=26.0))] == ["sqnr"]
     assert [k for k, _ in kinds(_row(size_bytes=120_000))] == ["size"]
     assert [k for k, _ in kinds({}, status="crashed")] == ["crashed"]
-    assert [k for k, _ in kinds({}, status="not_judged")] == ["parity"]  # passed before, not judged now (random weights)
+    # passed before, not judged now (random weights)
+    assert [k for k, _ in kinds({}, status="not_judged")] == ["parity"]
     cell, run, base = _cells(_row(), _row())
     cell["artifacts"] = {}
     assert [a["kind"] for a in compare(cell, run, base, o)] == ["missing"]
@@ -401,30 +539,45 @@ def test_latency_alarms_only_beyond_the_measured_spread_and_on_the_same_machine(
     from toolchain.matrix.spec import AlarmOptions
 
     noisy_old = _row(latency_repeats=[1.0, 1.4, 0.9])  # spread 0.5 ms
-    assert latency_regression(_row(latency_repeats=[1.3, 1.35, 1.25]), noisy_old, 0.10) is None  # +30 %, inside the noise
+    # +30 %, inside the noise
+    assert latency_regression(_row(latency_repeats=[1.3, 1.35, 1.25]), noisy_old, 0.10) is None
     assert latency_regression(_row(latency_repeats=[2.0, 2.05, 1.95]), noisy_old, 0.10)  # +100 %, beyond it
-    assert latency_regression(_row(latency_repeats=[1.05, 1.06, 1.04]), _row(latency_repeats=[1.0, 1.0, 1.0]), 0.10) is None  # +5 %
-    one = _row(latency_repeats=[1.5], latency_p50_ms=1.5, latency_p95_ms=1.6)  # a single measurement: its p95 - p50 is the spread
+    # +5 %
+    assert (
+        latency_regression(
+            _row(latency_repeats=[1.05, 1.06, 1.04]), _row(latency_repeats=[1.0, 1.0, 1.0]), 0.10
+        )
+        is None
+    )
+    # a single measurement: its p95 - p50 is the spread
+    one = _row(latency_repeats=[1.5], latency_p50_ms=1.5, latency_p95_ms=1.6)
     assert latency_regression(one, _row(latency_repeats=[1.0], latency_p50_ms=1.0, latency_p95_ms=1.1), 0.10)
     cell, run, base = _cells(_row(latency_repeats=[3.0, 3.0, 3.0]), _row())
     assert [a["kind"] for a in compare(cell, run, base, AlarmOptions(), base)] == ["latency"]
-    assert compare(cell, run, base, AlarmOptions(), None) == []  # no quiet passing run to compare timings with
-    assert compare({**cell, "host_cpu": "cpu B"}, run, base, AlarmOptions(), base) == []  # another machine's latency is no regression
-    assert compare({**cell, "timing_busy": 0.5}, run, base, AlarmOptions(), base) == []  # nor one timed beside other work
-    assert compare({**cell, "timing_busy": None}, run, base, AlarmOptions(), base) == []  # nor one whose machine is unknown
+    # no quiet passing run to compare timings with
+    assert compare(cell, run, base, AlarmOptions(), None) == []
+    # another machine's latency is no regression
+    assert compare({**cell, "host_cpu": "cpu B"}, run, base, AlarmOptions(), base) == []
+    # nor one timed beside other work
+    assert compare({**cell, "timing_busy": 0.5}, run, base, AlarmOptions(), base) == []
+    # nor one whose machine is unknown
+    assert compare({**cell, "timing_busy": None}, run, base, AlarmOptions(), base) == []
 
 
 def test_the_share_of_the_machine_other_processes_use_is_measured():
     from toolchain.matrix.remeasure import OthersCpu
 
-    spinner = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 3: pass"])
+    spinner = subprocess.Popen(
+        [sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 3: pass"]
+    )
     try:
         time.sleep(0.5)
         with OthersCpu() as busy:
             time.sleep(1.5)  # this process idles; the spinner runs
     finally:
         spinner.wait()
-    assert busy.share >= 0.5 / os.cpu_count(), busy.share  # at least half a core of the machine, all of it not ours
+    # at least half a core of the machine, all of it not ours
+    assert busy.share >= 0.5 / os.cpu_count(), busy.share
 
 
 def test_the_example_matrix_and_the_nightly_workflow_agree():
@@ -456,11 +609,20 @@ def test_a_build_that_segfaults_is_a_crashed_cell_with_the_signal(tmp_path):
     from .models import Segfaults
 
     torch.save(Segfaults(), tmp_path / "segv.pt")
-    cell = Cell("segv", str(fast_profile(tmp_path)), str(tmp_path / "segv.pt"), input_shape="1x1x8x8", trust_pickle=True)
+    cell = Cell(
+        "segv",
+        str(fast_profile(tmp_path)),
+        str(tmp_path / "segv.pt"),
+        input_shape="1x1x8x8",
+        trust_pickle=True,
+    )
     result = run_cell(cell, tmp_path / "run" / "segv-fast", tmp_path / "run" / "segv-fast.log", repeats=2)
-    assert (result.status, result.reason) == ("crashed", "killed by SIGSEGV"), Path(result.log).read_text()[-2000:]
+    assert (result.status, result.reason) == ("crashed", "killed by SIGSEGV"), Path(result.log).read_text()[
+        -2000:
+    ]
     assert result.folder is None and result.report is None and result.latency_repeats == {}
-    assert list((tmp_path / "run").iterdir()) == [tmp_path / "run" / "segv-fast.log"]  # no half-written build folder
+    # no half-written build folder
+    assert list((tmp_path / "run").iterdir()) == [tmp_path / "run" / "segv-fast.log"]
 
 
 def test_the_dashboard_shows_the_newest_cell_of_each_key_across_shards(tmp_path):
@@ -471,11 +633,34 @@ def test_the_dashboard_shows_the_newest_cell_of_each_key_across_shards(tmp_path)
     from toolchain.matrix.history import History
 
     history = History(f"sqlite:///{tmp_path / 'h.sqlite'}")
-    result = lambda key, status: CellResult(key, key.split("/")[0], key.split("/")[1], status, None, "2026-12-01T02:00:00+00:00",
-                                            1.0, None, "log", None, {}, {"versions": {}})
+    result = lambda key, status: CellResult(
+        key,
+        key.split("/")[0],
+        key.split("/")[1],
+        status,
+        None,
+        "2026-12-01T02:00:00+00:00",
+        1.0,
+        None,
+        "log",
+        None,
+        {},
+        {"versions": {}},
+    )
     whole = history.start_run("nightly", "f", 2, "local", 1, "cpu", None, None)
-    history.record_cell(whole, result("m/x86_fbgemm", "crashed"), [
-        {"artifact": None, "kind": "crashed", "message": "m/x86_fbgemm crashed", "baseline_run_id": 0, "changes": []}])
+    history.record_cell(
+        whole,
+        result("m/x86_fbgemm", "crashed"),
+        [
+            {
+                "artifact": None,
+                "kind": "crashed",
+                "message": "m/x86_fbgemm crashed",
+                "baseline_run_id": 0,
+                "changes": [],
+            }
+        ],
+    )
     history.record_cell(whole, result("m/nvidia_xavier", "passed"), [])
     history.finish_run(whole.id)
     shard = history.start_run("nightly", "f", 1, "local", 1, "cpu", None, None, shard="x86_fbgemm")
@@ -483,5 +668,8 @@ def test_the_dashboard_shows_the_newest_cell_of_each_key_across_shards(tmp_path)
     history.finish_run(shard.id)
     data = dashboard_data(history, history.runs("nightly"))
     history.close()
-    assert {c["key"]: c["status"] for c in data["cells"]} == {"m/x86_fbgemm": "passed", "m/nvidia_xavier": "passed"}
+    assert {c["key"]: c["status"] for c in data["cells"]} == {
+        "m/x86_fbgemm": "passed",
+        "m/nvidia_xavier": "passed",
+    }
     assert data["alarms"] == [] and data["shown_runs"] == [whole.id, shard.id]

@@ -5,8 +5,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from toolchain.parity import accuracy_of, compare
 from toolchain.target import ParityThresholds
+from toolchain.verdict.parity import accuracy_of, compare
 
 T = ParityThresholds(min_sqnr_db=20.0, min_cosine=0.99, min_top1_agreement=0.99, max_accuracy_drop=0.01)
 
@@ -23,7 +23,9 @@ def test_identical_outputs():
     labels = np.zeros(8, int)
     assert accuracy_of(ref, labels) == np.mean(ref.argmax(1) == 0)
     p = compare(ref, ref.copy(), labels, T)
-    assert p.sqnr_db == float("inf") and p.cosine == pytest.approx(1.0) and p.top1_agreement == 1.0 and p.passed
+    assert (
+        p.sqnr_db == float("inf") and p.cosine == pytest.approx(1.0) and p.top1_agreement == 1.0 and p.passed
+    )
 
 
 def test_top1_and_accuracy_failures():
@@ -67,15 +69,19 @@ def test_a_missed_top1_bar_is_predicted_by_the_noise_between_fp32s_top_two_and_t
     p = compare(ref, ref + noise, None, T)
     ties = p.outputs[0].near_ties
     assert p.top1_agreement < 0.99 and ties is not None
-    assert ties.share == pytest.approx(0.01) and ties.gap == pytest.approx(np.quantile(ref.max(1) - 1.0, 0.01), rel=1e-3)
-    assert ties.noise == pytest.approx(0.02 * np.sqrt(2), rel=0.05)  # the difference of two independent errors
+    assert ties.share == pytest.approx(0.01) and ties.gap == pytest.approx(
+        np.quantile(ref.max(1) - 1.0, 0.01), rel=1e-3
+    )
+    # the difference of two independent errors
+    assert ties.noise == pytest.approx(0.02 * np.sqrt(2), rel=0.05)
     assert ties.predicted == pytest.approx(p.top1_agreement, abs=0.01)
     assert ties.noise_cut_db > 3
     # the same noise, that many dB lower, holds the bar (up to sampling: 1 % of 4000 samples is 40 swaps)
     held = compare(ref, ref + noise * 10 ** (-ties.noise_cut_db / 20), None, T)
     assert held.top1_agreement >= 0.985, (held.top1_agreement, ties)
     assert compare(ref, ref + noise * 10 ** (-(ties.noise_cut_db + 6) / 20), None, T).passed
-    assert compare(ref, ref + noise * 10 ** (-(ties.noise_cut_db - 6) / 20), None, T).top1_agreement < 0.985  # not an overestimate
+    # not an overestimate
+    assert compare(ref, ref + noise * 10 ** (-(ties.noise_cut_db - 6) / 20), None, T).top1_agreement < 0.985
 
 
 def test_near_ties_are_said_only_for_a_judged_top1_failure_and_exact_fp32_ties_put_the_bar_out_of_reach():
@@ -91,34 +97,45 @@ def test_near_ties_are_said_only_for_a_judged_top1_failure_and_exact_fp32_ties_p
 
 
 def test_near_ties_are_not_said_when_a_metric_decides_and_name_a_miss_the_top_two_do_not_explain():
-    from toolchain.metric import Metric
-    from toolchain.words import near_ties_line
+    from toolchain.reporting.words import near_ties_line
+    from toolchain.verdict.metric import Metric
 
     ref = _near_tie_outputs()
     noisy = ref + np.random.default_rng(1).standard_normal(ref.shape) * 0.02
-    metric = Metric("m.py:peak", lambda outputs, labels: float(outputs.max(1).mean()), fp32=float(ref.max(1).mean()))
+    metric = Metric(
+        "m.py:peak", lambda outputs, labels: float(outputs.max(1).mean()), fp32=float(ref.max(1).mean())
+    )
     judged = compare(ref, noisy, None, T, metric=metric)
-    assert judged.passed and judged.outputs[0].near_ties is None  # top-1 is reported, not judged: nothing to explain
+    # top-1 is reported, not judged: nothing to explain
+    assert judged.passed and judged.outputs[0].near_ties is None
     third = ref.copy()  # a third class overtakes on 5 % of the samples; the top two themselves barely move
     third[:200, 5] = 3.0
     ties = compare(ref, third, None, T).outputs[0].near_ties
     assert ties.noise_cut_db == 0 and ties.predicted > 0.99
     assert "does not explain the miss" in near_ties_line("a", None, 0.95, dataclasses.asdict(ties))
-    assert "ties exactly" in near_ties_line("a", None, 0.95, {**dataclasses.asdict(ties), "noise_cut_db": "inf"})  # as read from JSON
-    strict = ParityThresholds(min_sqnr_db=20.0, min_cosine=0.99, min_top1_agreement=1.0, max_accuracy_drop=0.01)
+    # as read from JSON
+    assert "ties exactly" in near_ties_line(
+        "a", None, 0.95, {**dataclasses.asdict(ties), "noise_cut_db": "inf"}
+    )
+    strict = ParityThresholds(
+        min_sqnr_db=20.0, min_cosine=0.99, min_top1_agreement=1.0, max_accuracy_drop=0.01
+    )
     ties = compare(ref, noisy, None, strict).outputs[0].near_ties
     assert ties.share == pytest.approx(0.5 / len(ref))  # a 100 % bar: the last half sample
     assert compare(ref, noisy, None, T).outputs[0].near_ties.noise_cut_db < ties.noise_cut_db < float("inf")
     assert "on 0.0% of the validation samples" in near_ties_line("a", None, 0.8, dataclasses.asdict(ties))
-    assert compare(ref * 1e200, noisy * 1e200, None, T).outputs[0].near_ties is None  # overflowing error: no numbers, no crash
+    # overflowing error: no numbers, no crash
+    assert compare(ref * 1e200, noisy * 1e200, None, T).outputs[0].near_ties is None
 
 
 def test_recoverys_failed_line_says_how_far_its_best_attempt_was_in_noise():
-    from toolchain.recovery import Attempt, Outcome, summary_line
+    from toolchain.verdict.recovery import Attempt, Outcome, summary_line
 
     ref = _near_tie_outputs()
     parity = compare(ref, ref + np.random.default_rng(1).standard_normal(ref.shape) * 0.02, None, T)
-    outcome = Outcome("failed", None, (Attempt("entropy", ("head",), parity, None, None, 1.0),), (), "budget spent")
+    outcome = Outcome(
+        "failed", None, (Attempt("entropy", ("head",), parity, None, None, 1.0),), (), "budget spent"
+    )
     line = summary_line("onnx_int8", outcome, parity, 1.0, None)
     cut = parity.outputs[0].near_ties.noise_cut_db
     assert f"its top-1 needs the error between FP32's top two {cut:.1f} dB lower" in line, line

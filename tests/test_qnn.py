@@ -10,8 +10,11 @@ import toolchain
 
 from .conftest import SNAPDRAGON, fast_profile, without_artifacts
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("onnxruntime_qnn") is None,
-                                reason="onnxruntime-qnn is not installed (pip install 'toolchain[qnn]', glibc >= 2.35)")
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("onnxruntime_qnn") is None,
+    reason="onnxruntime-qnn is not installed (pip install 'toolchain[qnn]', glibc >= 2.35)",
+)
+
 
 def _profile(tmp_path, validation=64, **settings):
     """The shipped profile's `qnn_int8` alone, its `[stages.compile_qnn]` with ``settings`` changed."""
@@ -42,15 +45,24 @@ def test_the_default_snapdragon_profile_ships_the_npu_artifact():
 
 
 def test_qnn_int8_is_an_htp_context_that_keeps_parity(digits, tmp_path):
-    report, folder = toolchain.build(str(digits["model"]), str(_profile(tmp_path, 64, parity_samples=32)), tmp_path / "out",
-                                     digits["calibration"], digits["validation"])
+    report, folder = toolchain.build(
+        str(digits["model"]),
+        str(_profile(tmp_path, 64, parity_samples=32)),
+        tmp_path / "out",
+        digits["calibration"],
+        digits["validation"],
+    )
     a = next(a for a in report.artifacts if a.name == "qnn_int8")
-    assert a.parity.samples == 32 and report.data["validation"]["samples"] == 64  # the profile's subset, said in the report
+    # the profile's subset, said in the report
+    assert a.parity.samples == 32 and report.data["validation"]["samples"] == 64
     assert "qnn_int8: parity on 32 of the 64 validation inputs" in (folder / "report.md").read_text()
     model = onnx.load(str(folder / a.path))
-    assert [n.op_type for n in model.graph.node] == ["EPContext"]  # the whole graph on the HTP, nothing on the CPU
+    # the whole graph on the HTP, nothing on the CPU
+    assert [n.op_type for n in model.graph.node] == ["EPContext"]
     facts = a.stage_facts["compile_qnn"]
-    assert facts["htp_arch"] == 73 and facts["phone"] == "Snapdragon 8 Gen 2" and facts["context_bytes"] > 1000
+    assert (
+        facts["htp_arch"] == 73 and facts["phone"] == "Snapdragon 8 Gen 2" and facts["context_bytes"] > 1000
+    )
     assert "host HTP emulation" in facts["checked_on"]
     assert a.parity.passed is True and a.parity.top1_agreement >= 0.99, a.parity
     assert a.runtime == "qnn" and a.precision == "int8"
@@ -61,18 +73,31 @@ def test_a_wrong_htp_arch_is_a_config_error_naming_the_valid_values(digits, tmp_
     from .conftest import cli
 
     profile = _profile(tmp_path, htp_arch=74)
-    r = cli("build", str(digits["model"]), "--target", str(profile), "--calib", str(digits["calibration"]),
-            "--out", str(tmp_path / "out"))
-    assert r.returncode == 2 and "stages.compile_qnn.htp_arch" in r.stderr and "68, 69, 73, 75, 79" in r.stderr, r.stderr
+    r = cli(
+        "build",
+        str(digits["model"]),
+        "--target",
+        str(profile),
+        "--calib",
+        str(digits["calibration"]),
+        "--out",
+        str(tmp_path / "out"),
+    )
+    assert (
+        r.returncode == 2 and "stages.compile_qnn.htp_arch" in r.stderr and "68, 69, 73, 75, 79" in r.stderr
+    ), r.stderr
     assert not (tmp_path / "out").exists()
 
 
 def test_a16w8_is_built_and_checked_on_the_htp(digits, tmp_path):
     profile = _profile(tmp_path, a16w8="true")
-    report, _ = toolchain.build(str(digits["model"]), str(profile), tmp_path / "out", digits["calibration"], digits["validation"])
+    report, _ = toolchain.build(
+        str(digits["model"]), str(profile), tmp_path / "out", digits["calibration"], digits["validation"]
+    )
     a = report.artifacts[0]
     assert a.precision == "a16w8" and a.stage_facts["compile_qnn"]["activations"] == "uint16"
-    assert a.parity.passed is True and a.parity.sqnr_db > 30, a.parity  # 16-bit activations: closer to FP32 than INT8
+    # 16-bit activations: closer to FP32 than INT8
+    assert a.parity.passed is True and a.parity.sqnr_db > 30, a.parity
 
 
 def test_outlier_channels_on_the_htp_are_recovered_by_equalization(digits_arrays, tmp_path):
@@ -86,9 +111,20 @@ def test_outlier_channels_on_the_htp_are_recovered_by_equalization(digits_arrays
     export(outlier_classifier(x_train, y_train), x_train, tmp_path / "outlier.pt2")
     np.savez(tmp_path / "cal.npz", x=x_train[:128])
     np.savez(tmp_path / "val.npz", x=x_test[:64], y=y_test[:64])
-    report, _ = toolchain.build(str(tmp_path / "outlier.pt2"), str(_profile(tmp_path)), tmp_path / "out",
-                                tmp_path / "cal.npz", tmp_path / "val.npz")
+    report, _ = toolchain.build(
+        str(tmp_path / "outlier.pt2"),
+        str(_profile(tmp_path)),
+        tmp_path / "out",
+        tmp_path / "cal.npz",
+        tmp_path / "val.npz",
+    )
     a = report.artifacts[0]
-    assert a.recovery["before"]["top1_agreement"] < 0.5 and a.recovery["status"] == "recovered", a.recovery["summary"]
-    assert a.recovery["attempts"][-1]["fixes"] == ["equalize"] and a.precision == "int8" and a.parity.passed is True
+    assert a.recovery["before"]["top1_agreement"] < 0.5 and a.recovery["status"] == "recovered", a.recovery[
+        "summary"
+    ]
+    assert (
+        a.recovery["attempts"][-1]["fixes"] == ["equalize"]
+        and a.precision == "int8"
+        and a.parity.passed is True
+    )
     assert a.stage_facts["compile_qnn"]["context_bytes"] > 1000

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 import toolchain
-from toolchain.bench import bench
-from toolchain.errors import EXIT_USER_ERROR
+from toolchain.core.errors import EXIT_USER_ERROR
+from toolchain.measure.timing import bench
 
 from .conftest import fast_profile
 
@@ -23,8 +23,13 @@ from .conftest import fast_profile
 @pytest.fixture(scope="module")
 def x86_build(digits, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("html")
-    report, folder = toolchain.build(str(digits["model"]), str(fast_profile(tmp, 64, 64, batch_sizes=None)), tmp / "out",
-                                     digits["calibration"], digits["validation"])
+    report, folder = toolchain.build(
+        str(digits["model"]),
+        str(fast_profile(tmp, 64, 64, batch_sizes=None)),
+        tmp / "out",
+        digits["calibration"],
+        digits["validation"],
+    )
     return report, folder
 
 
@@ -63,12 +68,17 @@ def test_every_number_in_the_page_is_the_report_json_number(x86_build):
         by_chart.setdefault(chart, {})[(label, batch)] = value
     assert by_chart["latency"] == {(n, None): r["latency_ms"] for n, r in rows.items()}
     assert by_chart["size"] == {(n, None): r["size_bytes"] for n, r in rows.items()}
-    assert by_chart["throughput"] == {(n, str(p["batch_size"])): p["throughput"] for n, r in rows.items() for p in r["bench"]["sweep"]}
+    assert by_chart["throughput"] == {
+        (n, str(p["batch_size"])): p["throughput"] for n, r in rows.items() for p in r["bench"]["sweep"]
+    }
     for name, r in rows.items():
         profile = json.loads((folder / r["profile"]).read_text())
         shown = by_chart[f"operators:{name}"]
         assert list(shown.values()) == [o["self_ms"] for o in profile["operators"][:8]]
-    assert "http://" not in (folder / "report.html").read_text() and "https://" not in (folder / "report.html").read_text()
+    assert (
+        "http://" not in (folder / "report.html").read_text()
+        and "https://" not in (folder / "report.html").read_text()
+    )
 
 
 def _text(page):
@@ -82,7 +92,8 @@ def test_every_chart_states_its_units(x86_build):
     page = (folder / "report.html").read_text()
     assert "latency p50, batch 1 (ms)" in page and "size on disk (MB)" in page
     assert "samples / s" in page and "batch size (samples per run)" in page  # the throughput chart's two axes
-    for name in ["fp32_reference", *(a.name for a in report.artifacts)]:  # each operator: its ms and its share of the total
+    # each operator: its ms and its share of the total
+    for name in ["fp32_reference", *(a.name for a in report.artifacts)]:
         profile = json.loads((folder / "profiles" / f"{name}.json").read_text())
         top = profile["operators"][0]
         assert f"{top['self_ms']:.3f} ms · {top['share']:.1%}</text>" in page
@@ -91,15 +102,21 @@ def test_every_chart_states_its_units(x86_build):
 
 def test_profiles_are_kept_per_artifact_with_shares(x86_build):
     report, folder = x86_build
-    tools = {"fp32_reference": "torch.profiler", "torch_int8": "torch.profiler", "onnx_fp32": "onnxruntime profiler",
-             "onnx_int8": "onnxruntime profiler"}
+    tools = {
+        "fp32_reference": "torch.profiler",
+        "torch_int8": "torch.profiler",
+        "onnx_fp32": "onnxruntime profiler",
+        "onnx_int8": "onnxruntime profiler",
+    }
     for name, tool in tools.items():
         profile = json.loads((folder / "profiles" / f"{name}.json").read_text())
         assert profile["tool"] == tool and profile["runs"] > 0 and profile["total_ms"] > 0
         ops = profile["operators"]
         assert ops and all(a["self_ms"] >= b["self_ms"] for a, b in zip(ops, ops[1:]))
         assert 0 < sum(o["share"] for o in ops) <= 1.001  # each share rounded to 4 places
-    names = lambda n: {o["name"] for o in json.loads((folder / "profiles" / f"{n}.json").read_text())["operators"]}
+    names = lambda n: {
+        o["name"] for o in json.loads((folder / "profiles" / f"{n}.json").read_text())["operators"]
+    }
     assert any(n.startswith("quantized::conv2d") for n in names("torch_int8"))
     assert "QLinearConv" in names("onnx_int8") and "Conv" in names("onnx_fp32")
     ref = json.loads((folder / "profiles" / "fp32_reference.json").read_text())
@@ -112,25 +129,32 @@ def test_bench_numbers_in_report_json(x86_build):
     for entry in [data["reference"], *data["artifacts"]]:
         b = entry["bench"]
         assert [p["batch_size"] for p in b["sweep"]] == [1, 8, 32]
-        assert entry["latency_ms"] == b["sweep"][0]["p50_ms"] and entry["latency_p99_ms"] == b["sweep"][0]["p99_ms"]
+        assert (
+            entry["latency_ms"] == b["sweep"][0]["p50_ms"]
+            and entry["latency_p99_ms"] == b["sweep"][0]["p99_ms"]
+        )
         for p in b["sweep"]:
             assert p["p50_ms"] <= p["p95_ms"] <= p["p99_ms"]
             assert p["throughput"] == pytest.approx(p["batch_size"] * 1000 / p["p50_ms"], rel=1e-3)
         assert b["latency_budget_ms"] == 50.0 and b["threads"] == 2
-        fitting = [p for p in b["sweep"] if p["p95_ms"] <= b["latency_budget_ms"]]  # what fits depends on the machine's load;
-        best = max(fitting, key=lambda p: p["throughput"])["batch_size"] if fitting else None  # the choice must follow it
+        # what fits depends on the machine's load;
+        fitting = [p for p in b["sweep"] if p["p95_ms"] <= b["latency_budget_ms"]]
+        # the choice must follow it
+        best = max(fitting, key=lambda p: p["throughput"])["batch_size"] if fitting else None
         assert b["best_batch"] == best
 
 
 def test_best_batch_is_the_fastest_within_the_budget(monkeypatch):
-    import toolchain.bench as bench_module
+    import toolchain.measure.timing as bench_module
 
-    clock = [0]  # a model that takes exactly 1 ms + 2 ms per sample, on a clock of its own: no timing in the test
+    # a model that takes exactly 1 ms + 2 ms per sample, on a clock of its own: no timing in the test
+    clock = [0]
     monkeypatch.setattr(bench_module.time, "perf_counter_ns", lambda: clock[0])
 
     def load():
         def run(x):
             clock[0] += 1_000_000 + 2_000_000 * len(x)  # batch 2: 5 ms (400/s); batch 8: 17 ms (471/s)
+
         return run
 
     b = bench(load, (1,), (1, 2, 8), warmup=1, runs=5, threads=1, budget_ms=10.0)
@@ -140,21 +164,29 @@ def test_best_batch_is_the_fastest_within_the_budget(monkeypatch):
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "toolchain", *args], capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "toolchain", *args], capture_output=True, text=True, timeout=600
+    )
 
 
 def test_bench_command_prints_percentiles_and_sweep(x86_build):
     _, folder = x86_build
     r = _cli("bench", str(folder), "--runs", "5")
     assert r.returncode == 0, r.stderr
-    assert "p50 ms" in r.stdout and "p99 ms" in r.stdout and "b32 samples/s" in r.stdout and "best batch" in r.stdout
+    assert (
+        "p50 ms" in r.stdout
+        and "p99 ms" in r.stdout
+        and "b32 samples/s" in r.stdout
+        and "best batch" in r.stdout
+    )
     for name in ("fp32_reference", "torch_int8", "onnx_fp32", "onnx_int8"):
         assert re.search(rf"^\| {name} ", r.stdout, re.M), r.stdout
     assert "Warning" not in r.stderr and "deprecat" not in r.stderr.lower(), r.stderr  # libraries keep quiet
     data = json.loads((folder / "bench.json").read_text())
     assert data["settings"]["runs"] == 5 and data["settings"]["threads"] == 2
     recorded = json.loads((folder / "report.json").read_text())["artifacts"][0]["bench"]["sweep_runs"]
-    assert recorded == 3 and data["settings"]["sweep_runs"] == recorded  # the profile's, not what a point stopped at
+    # the profile's, not what a point stopped at
+    assert recorded == 3 and data["settings"]["sweep_runs"] == recorded
     assert f"{recorded} at larger batches" in r.stdout.splitlines()[0]
     assert all(r["peak_memory_bytes"] is None or r["peak_memory_bytes"] > 0 for r in data["results"].values())
     assert set(data["results"]) == {"fp32_reference", "torch_int8", "onnx_fp32", "onnx_int8"}
@@ -164,7 +196,11 @@ def test_bench_command_prints_percentiles_and_sweep(x86_build):
 
 def test_bench_refuses_a_folder_that_is_not_a_build(tmp_path):
     r = _cli("bench", str(tmp_path))
-    assert r.returncode == EXIT_USER_ERROR and "is not a build folder" in r.stderr and "Traceback" not in r.stderr
+    assert (
+        r.returncode == EXIT_USER_ERROR
+        and "is not a build folder" in r.stderr
+        and "Traceback" not in r.stderr
+    )
 
 
 def _chromium():
@@ -179,10 +215,24 @@ def _chromium():
 def test_report_renders_in_headless_chromium(x86_build, tmp_path):
     _, folder = x86_build
     browser = _chromium()
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=3000"]
-    r = subprocess.run([browser, *flags, "--dump-dom", (folder / "report.html").as_uri()], capture_output=True, text=True, timeout=120)
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--virtual-time-budget=3000",
+    ]
+    r = subprocess.run(
+        [browser, *flags, "--dump-dom", (folder / "report.html").as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     match = re.search(r'data-rendered="([^"]*)"', r.stdout)
     assert match, r.stderr[-2000:]
     rendered = json.loads(match.group(1).replace("&quot;", '"'))
@@ -194,8 +244,17 @@ def test_report_renders_in_headless_chromium(x86_build, tmp_path):
         assert rendered[f"operators:{name}"]["marks"] > 0
     assert all(c["width"] > 100 and c["height"] > 50 for c in rendered.values()), rendered
     shot = tmp_path / "report.png"
-    subprocess.run([browser, *flags, f"--screenshot={shot}", "--window-size=1200,1800", (folder / "report.html").as_uri()],
-                   capture_output=True, timeout=120)
+    subprocess.run(
+        [
+            browser,
+            *flags,
+            f"--screenshot={shot}",
+            "--window-size=1200,1800",
+            (folder / "report.html").as_uri(),
+        ],
+        capture_output=True,
+        timeout=120,
+    )
     from PIL import Image
 
     pixels = np.asarray(Image.open(shot).convert("RGB"))
@@ -212,70 +271,122 @@ def test_a_failing_profiler_costs_only_the_profile(digits, tmp_path, monkeypatch
         raise RuntimeError("profiler broke")
 
     for name in ("torchscript", "onnxruntime"):
-        monkeypatch.setitem(runtimes.RUNTIMES._items, name, dataclasses.replace(runtimes.get(name), profile=fail))
-    report, folder = toolchain.build(str(digits["model"]), str(fast_profile(tmp_path)), tmp_path / "out",
-                                     digits["calibration"], digits["validation"])
+        monkeypatch.setitem(
+            runtimes.RUNTIMES._items, name, dataclasses.replace(runtimes.get(name), profile=fail)
+        )
+    report, folder = toolchain.build(
+        str(digits["model"]),
+        str(fast_profile(tmp_path)),
+        tmp_path / "out",
+        digits["calibration"],
+        digits["validation"],
+    )
     assert report.passed and all(a.profile is None for a in report.artifacts)
-    assert report.reference["profile"] == "profiles/fp32_reference.json"  # the torch reference profiler still ran
+    # the torch reference profiler still ran
+    assert report.reference["profile"] == "profiles/fp32_reference.json"
     page = _marks(folder)
     assert {c for c, *_ in page.marks if c.startswith("operators:")} == {"operators:fp32_reference"}
 
 
 def test_page_top_shows_warnings_and_recovery_before_the_tables(digits, tmp_path):
     """No --val: a warning; the page shows it beside the verdict, above the parity table."""
-    report, folder = toolchain.build(str(digits["model"]), str(fast_profile(tmp_path, 64, 16, batch_sizes="[1]")),
-                                     tmp_path / "out", digits["calibration"])
+    report, folder = toolchain.build(
+        str(digits["model"]),
+        str(fast_profile(tmp_path, 64, 16, batch_sizes="[1]")),
+        tmp_path / "out",
+        digits["calibration"],
+    )
     page = (folder / "report.html").read_text()
     warning = next(w for w in report.warnings if w.startswith("no --val data"))
     assert page.index("class='warning'") < page.index("<h2>Parity against FP32</h2>")
     assert html.escape(warning) in page[: page.index("<h2>Parity against FP32</h2>")]
-    marks = [m for m in _marks(folder).marks if m[0] == "throughput"]  # one batch size: a bar each, not lone dots
-    assert {(label, batch) for _, label, batch, _ in marks} == {(n, "1") for n in ["fp32_reference", *(a.name for a in report.artifacts)]}
-    assert "samples / s at batch 1" in page and " ms</text>" in page and " MB</text>" in page  # units on every chart
+    # one batch size: a bar each, not lone dots
+    marks = [m for m in _marks(folder).marks if m[0] == "throughput"]
+    assert {(label, batch) for _, label, batch, _ in marks} == {
+        (n, "1") for n in ["fp32_reference", *(a.name for a in report.artifacts)]
+    }
+    # units on every chart
+    assert "samples / s at batch 1" in page and " ms</text>" in page and " MB</text>" in page
     assert " samples/s</text>" in page
 
 
 def test_long_operator_names_are_whole_in_labels_and_tooltips():
-    from toolchain.html import _bars, _operators
+    from toolchain.reporting.html import _bars, _operators
 
     name = "Convolution (NHWC, QC8) IGEMM with a long tail"
     svg = _bars("operators:x", "t", [(name, 1.0)], "{:.3f} ms", label_w=210, limit=30)
-    assert f"data-label='{name}'" in svg and f"<title>{name}</title>" in svg and "Convolution (NHWC, QC8) IGEMM…" in svg
+    assert (
+        f"data-label='{name}'" in svg
+        and f"<title>{name}</title>" in svg
+        and "Convolution (NHWC, QC8) IGEMM…" in svg
+    )
     name = "XNNPACK Convolution (NHWC, QC8) IGEMM #3 (fused ReLU) of layer features.12.conv"
-    svg = _operators("x", {"tool": "ExecuTorch ETDump", "total_ms": 2.0,
-                           "operators": [{"name": name, "self_ms": 1.5, "share": 0.75}, {"name": "Add", "self_ms": 0.5, "share": 0.25}]})
+    svg = _operators(
+        "x",
+        {
+            "tool": "ExecuTorch ETDump",
+            "total_ms": 2.0,
+            "operators": [
+                {"name": name, "self_ms": 1.5, "share": 0.75},
+                {"name": "Add", "self_ms": 0.5, "share": 0.25},
+            ],
+        },
+    )
     label = re.search(r"<text [^>]*text-anchor='end'><title>([^<]*)</title>([^<]*)</text>", svg)
     assert label.group(1) == name and label.group(2).endswith("…") and name.startswith(label.group(2)[:-1])
     assert f"data-label='{name}'" in svg and "1.500 ms · 75.0%" in svg
 
 
 def test_throughput_chart_for_many_batch_sizes_and_for_one():
-    from toolchain.html import _throughput
+    from toolchain.reporting.html import _throughput
 
     def series(*values, sizes=(1, 8, 32)):
         return [{"batch_size": b, "throughput": v, "p50_ms": b * 1000 / v} for b, v in zip(sizes, values)]
 
-    lines = [("fp32_reference", series(20.0, 150.0, 600.0)), ("onnx_fp32", series(40000.0, 120000.0, 140000.0)),
-             ("onnx_int8", series(40000.0, 120000.0, 140000.0))]  # equal to onnx_fp32: both must stay visible
+    # equal to onnx_fp32: both must stay visible
+    lines = [
+        ("fp32_reference", series(20.0, 150.0, 600.0)),
+        ("onnx_fp32", series(40000.0, 120000.0, 140000.0)),
+        ("onnx_int8", series(40000.0, 120000.0, 140000.0)),
+    ]
     svg = _throughput(lines)
-    marks = re.findall(r"<path class='point' data-chart='throughput' data-label='([^']*)' data-batch='(\d+)' data-value='([^']*)'", svg)
-    assert {(n, int(b), float(v)) for n, b, v in marks} == {(n, p["batch_size"], p["throughput"]) for n, pts in lines for p in pts}
+    marks = re.findall(
+        r"<path class='point' data-chart='throughput' data-label='([^']*)' data-batch='(\d+)' data-value='([^']*)'",
+        svg,
+    )
+    assert {(n, int(b), float(v)) for n, b, v in marks} == {
+        (n, p["batch_size"], p["throughput"]) for n, pts in lines for p in pts
+    }
     lines_points = re.findall(r"<polyline [^>]*points='([^']*)'", svg)
     assert lines_points[1] != lines_points[2]  # equal values set apart, not drawn over each other
-    assert len({re.sub(r"[\d.,-]", "", d) for d in re.findall(r"<path class='point'[^>]* d='([^']*)'", svg)}) == 3  # a marker shape each
-    assert "samples / s (log scale)" in svg  # 20 to 140,000 samples/s: a linear axis would flatten the slow line
+    # a marker shape each
+    assert (
+        len({re.sub(r"[\d.,-]", "", d) for d in re.findall(r"<path class='point'[^>]* d='([^']*)'", svg)})
+        == 3
+    )
+    # 20 to 140,000 samples/s: a linear axis would flatten the slow line
+    assert "samples / s (log scale)" in svg
     single = _throughput([(n, pts[:1]) for n, pts in lines])
-    bars = re.findall(r"<rect class='bar' data-chart='throughput' data-batch='1' data-label='([^']*)' data-value='([^']*)'", single)
+    bars = re.findall(
+        r"<rect class='bar' data-chart='throughput' data-batch='1' data-label='([^']*)' data-value='([^']*)'",
+        single,
+    )
     assert [(n, float(v)) for n, v in bars] == [(n, pts[0]["throughput"]) for n, pts in lines]
     assert "samples / s at batch 1" in single and "40,000.0 samples/s</text>" in single
 
 
 def test_model_line_has_no_doubled_parentheses():
-    from toolchain.html import _model_line
+    from toolchain.reporting.html import _model_line
 
-    report = {"model": {"source": "torchvision:resnet18", "input_shape": [1, 3, 224, 224],
-                        "weights": "random, seed 0 (torchvision weights cannot be downloaded here; parity is not evidence of accuracy)"},
-              "primary": None, "build_seconds": 3.0}
+    report = {
+        "model": {
+            "source": "torchvision:resnet18",
+            "input_shape": [1, 3, 224, 224],
+            "weights": "random, seed 0 (torchvision weights cannot be downloaded here; parity is not evidence of accuracy)",
+        },
+        "primary": None,
+        "build_seconds": 3.0,
+    }
     line = _model_line(report)
     assert "weights: random, seed 0 (torchvision" in line and "))" not in line and "((" not in line
 

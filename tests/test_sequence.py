@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import toolchain
-from toolchain.lift import Recurrent, lift_exported
+from toolchain.passes.lift import Recurrent, lift_exported
 
 from .conftest import SNAPDRAGON, X86, XAVIER, fast_profile, without_artifacts
 from .models import export, sequence_classifier, sequences
@@ -28,7 +28,9 @@ def lstm(tmp_path_factory):
 
 def _build(folder, base, tmp_path, model="lstm.pt2"):
     profile = fast_profile(tmp_path, calibration=128, validation=256, base=base)
-    report, out = toolchain.build(str(folder / model), str(profile), tmp_path / "out", folder / "calib.npz", folder / "val.npz")
+    report, out = toolchain.build(
+        str(folder / model), str(profile), tmp_path / "out", folder / "calib.npz", folder / "val.npz"
+    )
     return report.to_json(), out
 
 
@@ -40,16 +42,30 @@ def _facts(out, artifact, stage):
 def test_x86_lstm_gets_static_and_dynamic_int8_and_dynamic_quantizes_the_lstm(lstm, tmp_path):
     data, out = _build(lstm, X86, tmp_path)
     artifacts = {a["name"]: a for a in data["artifacts"]}
-    assert set(artifacts) == {"torch_int8", "onnx_fp32", "onnx_int8", "onnx_int8_dynamic", "torch_int8_dynamic"}, data["skipped"]
+    assert set(artifacts) == {
+        "torch_int8",
+        "onnx_fp32",
+        "onnx_int8",
+        "onnx_int8_dynamic",
+        "torch_int8_dynamic",
+    }, data["skipped"]
     assert data["passed"] is True and data["reference"]["accuracy"] > 0.9
     for a in artifacts.values():
-        assert a["parity"]["passed"] is True and a["parity"]["top1_agreement"] >= 0.99, (a["name"], a["parity"])
+        assert a["parity"]["passed"] is True and a["parity"]["top1_agreement"] >= 0.99, (
+            a["name"],
+            a["parity"],
+        )
     # static INT8 leaves the LSTM in float (ONNX Runtime has no static LSTM kernel); dynamic quantizes it
     assert "LSTM" in {n.op_type for n in onnx.load(str(out / "onnx_int8.onnx")).graph.node}
     assert _facts(out, "onnx_int8", "quantize_onnx")["float_weight_share"] > 0.9  # and says so
     assert _facts(out, "onnx_int8_dynamic", "quantize_onnx_dynamic")["float_weight_share"] < 0.1
-    assert _facts(out, "onnx_int8_dynamic", "quantize_onnx_dynamic")["quantized_ops"]["DynamicQuantizeLSTM"] == 1
-    assert _facts(out, "torch_int8_dynamic", "quantize_torch_dynamic")["quantized_modules"] == {"LSTM": 1, "Linear": 1}
+    assert (
+        _facts(out, "onnx_int8_dynamic", "quantize_onnx_dynamic")["quantized_ops"]["DynamicQuantizeLSTM"] == 1
+    )
+    assert _facts(out, "torch_int8_dynamic", "quantize_torch_dynamic")["quantized_modules"] == {
+        "LSTM": 1,
+        "Linear": 1,
+    }
     size = {name: a["size_bytes"] for name, a in artifacts.items()}
     assert size["onnx_int8_dynamic"] < 0.5 * size["onnx_fp32"], size  # the same container, INT8 weights
     assert size["torch_int8_dynamic"] < 0.75 * size["torch_int8"], size  # TorchScript holds code too
@@ -58,12 +74,14 @@ def test_x86_lstm_gets_static_and_dynamic_int8_and_dynamic_quantizes_the_lstm(ls
 
 
 def test_xavier_lstm_parses_in_tensorrt_85(lstm, tmp_path, monkeypatch):
-    from toolchain.tensorrt.device import engine_build
+    from toolchain.on_device import engine_build
 
     from .fake_tensorrt import install
 
     data, out = _build(lstm, XAVIER, tmp_path)
-    assert {a["name"] for a in data["artifacts"]} == {"onnx_fp32", "onnx_fp16", "onnx_int8_qdq"} and data["passed"] is True
+    assert {a["name"] for a in data["artifacts"]} == {"onnx_fp32", "onnx_fp16", "onnx_int8_qdq"} and data[
+        "passed"
+    ] is True
     install(monkeypatch, "8.5.2.2")
     assert engine_build(out)["parity"]["passed"] is True
 
@@ -71,22 +89,33 @@ def test_xavier_lstm_parses_in_tensorrt_85(lstm, tmp_path, monkeypatch):
 def test_snapdragon_lstm_in_executorch_and_the_lite_interpreter(lstm, tmp_path):
     # pte_fp32 / pte_fp16 lower the same unrolled graph pte_int8 does (9 s each here): left out for the
     # suite's time; the FP16 cast of an LSTM is checked below without lowering
-    data, out = _build(lstm, without_artifacts(SNAPDRAGON, tmp_path, "pte_fp32", "pte_fp16", "qnn_int8"), tmp_path)
+    data, out = _build(
+        lstm, without_artifacts(SNAPDRAGON, tmp_path, "pte_fp32", "pte_fp16", "qnn_int8"), tmp_path
+    )
     artifacts = {a["name"]: a for a in data["artifacts"]}
     assert set(artifacts) == {"pte_int8", "ptl_int8", "ptl_int8_dynamic"}, data["skipped"]
     for a in artifacts.values():
-        assert a["parity"]["passed"] is True and a["parity"]["top1_agreement"] >= 0.99, (a["name"], a["parity"])
+        assert a["parity"]["passed"] is True and a["parity"]["top1_agreement"] >= 0.99, (
+            a["name"],
+            a["parity"],
+        )
     assert _facts(out, "ptl_int8_dynamic", "quantize_torch_dynamic")["engine"] == "qnnpack"
 
 
 def test_thresholds_are_per_precision(lstm, tmp_path):
     """An FP16 bar no FP16 artifact can meet fails the FP16 artifact alone; INT8 keeps its own bar."""
     strict = tmp_path / "strict.toml"
-    strict.write_text(XAVIER.read_text().replace("[parity.precisions.fp16]     # 11 mantissa bits\nmin_sqnr_db = 35.0",
-                                                 "[parity.precisions.fp16]\nmin_sqnr_db = 200.0"))
+    strict.write_text(
+        XAVIER.read_text().replace(
+            "[parity.precisions.fp16]     # 11 mantissa bits\nmin_sqnr_db = 35.0",
+            "[parity.precisions.fp16]\nmin_sqnr_db = 200.0",
+        )
+    )
     data, _ = _build(lstm, strict, tmp_path)
     verdicts = {a["name"]: a["parity"] for a in data["artifacts"]}
-    assert verdicts["onnx_fp16"]["passed"] is False and any("SQNR" in f for f in verdicts["onnx_fp16"]["failures"])
+    assert verdicts["onnx_fp16"]["passed"] is False and any(
+        "SQNR" in f for f in verdicts["onnx_fp16"]["failures"]
+    )
     assert verdicts["onnx_int8_qdq"]["passed"] is True and verdicts["onnx_fp32"]["passed"] is True
     assert data["passed"] is False
 
@@ -105,7 +134,9 @@ def test_lifted_recurrent_layers_compute_what_the_exported_ones_do(cell, layers,
             return self.rnn(x)[0]
 
     x = torch.randn(3, 9, 5)
-    ep = torch.export.export(Model().eval(), (x,), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},))
+    ep = torch.export.export(
+        Model().eval(), (x,), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},)
+    )
     gm, lifted = lift_exported(ep)
     assert sum(isinstance(m, Recurrent) for m in gm.modules()) == 1 and lifted >= 1
     other = torch.randn(5, 9, 5)  # another batch size: the initial state follows it
@@ -118,9 +149,9 @@ def test_lifted_recurrent_layers_compute_what_the_exported_ones_do(cell, layers,
 def test_an_exported_lstm_casts_to_16_bit_floats_with_its_state(lstm, dtype):
     """The exported graph builds the LSTM's initial state as float32 zeros; cast_torch lifts it first,
     so the state follows the cast (else: a dtype mismatch inside the LSTM)."""
-    from toolchain.artifact import Artifact, Kind
-    from toolchain.context import BuildContext
-    from toolchain.data import Dataset
+    from toolchain.core.artifact import Artifact, Kind
+    from toolchain.core.context import BuildContext
+    from toolchain.core.dataset import Dataset
     from toolchain.stages.cast_torch import CastTorch, CastTorchOptions
 
     x = np.load(lstm / "val.npz")["x"][:16]

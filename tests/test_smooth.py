@@ -9,12 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from toolchain import smooth
-from toolchain.bias_correction import exposing
-from toolchain.equalize import check_same
-from toolchain.errors import StageError
-from toolchain.rescale import rescaled_copy
-from toolchain.smooth import smooth_onnx
+from toolchain.core.errors import StageError
+from toolchain.passes import smooth
+from toolchain.passes.bias_correction import exposing
+from toolchain.passes.equalize import check_same
+from toolchain.passes.rescale import rescaled_copy
+from toolchain.passes.smooth import smooth_onnx
 
 K = 30.0  # the outlier factor: the same function, two channels 30x larger at each pre-norm's output
 
@@ -31,7 +31,12 @@ class Blocks(nn.Module):
         self.post, self.g = nn.LayerNorm(16), nn.Linear(16, 16)
         self.n3, self.head = nn.LayerNorm(16), nn.Linear(16, 3)
         with torch.no_grad():
-            for norm, readers in ((self.n1, (self.q, self.k)), (self.n2, (self.f,)), (self.post, (self.g,)), (self.n3, (self.head,))):
+            for norm, readers in (
+                (self.n1, (self.q, self.k)),
+                (self.n2, (self.f,)),
+                (self.post, (self.g,)),
+                (self.n3, (self.head,)),
+            ):
                 norm.weight.normal_(1.0, 0.2)
                 norm.bias.normal_(0.0, 0.2)
                 norm.weight[:2] *= K
@@ -61,8 +66,15 @@ def inputs():
 def _onnx(model, inputs, path):
     import onnx
 
-    torch.onnx.export(model, (torch.from_numpy(inputs[:1]),), str(path), dynamo=False, opset_version=17, input_names=["x"],
-                      dynamic_axes={"x": {0: "n"}})
+    torch.onnx.export(
+        model,
+        (torch.from_numpy(inputs[:1]),),
+        str(path),
+        dynamo=False,
+        opset_version=17,
+        input_names=["x"],
+        dynamic_axes={"x": {0: "n"}},
+    )
     return onnx.load(str(path))
 
 
@@ -99,7 +111,11 @@ def test_onnx_smoothing_is_the_same_function_without_the_outlier_channels(model,
     spread_after = {name: _spread(v) for name, v in zip(readers, run(proto, list(readers.values())))}
     for g in groups:
         for layer in g.layers:
-            assert spread_before[layer] > 10 and spread_after[layer] < spread_before[layer] / 5, (layer, spread_before, spread_after)
+            assert spread_before[layer] > 10 and spread_after[layer] < spread_before[layer] / 5, (
+                layer,
+                spread_before,
+                spread_after,
+            )
 
 
 def test_fx_smoothing_is_the_same_function_and_reports_each_group(model, inputs):
@@ -108,8 +124,11 @@ def test_fx_smoothing_is_the_same_function_and_reports_each_group(model, inputs)
     facts = facts["smoothing"]
     assert facts["groups"] == 3 and facts["fp32_relative_error"] < 1e-5
     assert [layer.split(" (")[0] for layer in facts["layers"]] == ["n1 -> q, k", "n2 -> f", "n3 -> head"]
-    assert torch.equal(smoothed.post.weight, model.post.weight) and torch.equal(smoothed.g.weight, model.g.weight)
-    assert smoothed.n1.weight[:2].abs().max() < model.n1.weight[:2].abs().max() / 3  # the outliers moved into q and k
+    assert torch.equal(smoothed.post.weight, model.post.weight) and torch.equal(
+        smoothed.g.weight, model.g.weight
+    )
+    # the outliers moved into q and k
+    assert smoothed.n1.weight[:2].abs().max() < model.n1.weight[:2].abs().max() / 3
     assert not torch.equal(gm.n1.weight, smoothed.n1.weight)  # the input model is left as it was
 
 
@@ -124,7 +143,13 @@ def test_a_smoothing_that_changes_the_function_is_caught_by_the_fp32_check(model
 
     monkeypatch.setattr(smooth, "_fx_readers", linears_only)
     with pytest.raises(StageError, match="smoothing changed the FP32 model's outputs"):
-        rescaled_copy(torch.fx.symbolic_trace(copy.deepcopy(model)), inputs, "quantize_torch", equalize=False, smooth=True)
+        rescaled_copy(
+            torch.fx.symbolic_trace(copy.deepcopy(model)),
+            inputs,
+            "quantize_torch",
+            equalize=False,
+            smooth=True,
+        )
 
 
 def _product_error(x, w, scale):
@@ -141,17 +166,21 @@ def test_the_strength_is_chosen_by_the_quantized_product_error():
     assert alpha in smooth.ALPHAS and s[3] > 5 * np.median(s)
     assert _product_error(x, w, s) < _product_error(x, w, np.ones(16)) / 4
     for alpha in smooth.ALPHAS:  # the best of the strengths tried
-        assert _product_error(x, w, s) <= _product_error(x, w, smooth.migration_scales(np.abs(x).max(0), np.abs(w).max(0), alpha))
+        assert _product_error(x, w, s) <= _product_error(
+            x, w, smooth.migration_scales(np.abs(x).max(0), np.abs(w).max(0), alpha)
+        )
     # no outliers, weights whose columns differ: whatever is chosen is never worse than leaving it
     flat, uneven = rng.normal(size=(512, 16)), w * rng.uniform(0.1, 3, size=16)
     s_flat, _ = smooth.choose(flat, [uneven])
     assert _product_error(flat, uneven, s_flat) <= _product_error(flat, uneven, np.ones(16))
 
 
-def test_onnx_rescale_measures_tokens_first_tensors_in_batches_and_writes_only_a_checked_file(model, tmp_path):
+def test_onnx_rescale_measures_tokens_first_tensors_in_batches_and_writes_only_a_checked_file(
+    model, tmp_path
+):
     """`f` reads a tokens-first (4, N, 8) tensor: 100 inputs in batches of 32 cannot be stacked on
     axis 0, so each batch is measured as rows of channels. The output file exists only once checked."""
-    from toolchain.rescale import rescale_onnx_into
+    from toolchain.passes.rescale import rescale_onnx_into
 
     x = np.random.default_rng(1).normal(size=(100, 4, 8)).astype(np.float32)
     source = tmp_path / "blocks.onnx"
@@ -163,6 +192,11 @@ def test_onnx_rescale_measures_tokens_first_tensors_in_batches_and_writes_only_a
     assert out.exists() and not (tmp_path / "unchecked-smoothed.onnx").exists()
     bad = tmp_path / "refused.onnx"
     with pytest.raises(StageError, match="smoothing changed the FP32 model's outputs"):
-        broken = lambda m: (lambda v: [t + float(str(m).endswith("unchecked-refused.onnx")) for t in runner(m)(v)])  # noqa: E731
-        rescale_onnx_into(source, bad, broken, x, "quantize_onnx", equalize=False, smooth=True)  # the candidate computes otherwise
-    assert not bad.exists() and not (tmp_path / "unchecked-refused.onnx").exists()  # never left for a later variant to reuse
+        # noqa: E731
+        broken = lambda m: (
+            lambda v: [t + float(str(m).endswith("unchecked-refused.onnx")) for t in runner(m)(v)]
+        )
+        # the candidate computes otherwise
+        rescale_onnx_into(source, bad, broken, x, "quantize_onnx", equalize=False, smooth=True)
+    # never left for a later variant to reuse
+    assert not bad.exists() and not (tmp_path / "unchecked-refused.onnx").exists()

@@ -14,16 +14,21 @@ import pytest
 import torch
 
 import toolchain
-from toolchain.errors import ToolchainError
-from toolchain.examples import digits_rgb, train_torchvision
+from toolchain.core.errors import ToolchainError
+from toolchain.inputs.examples import digits_rgb, train_torchvision
 
 from .conftest import SNAPDRAGON, fast_profile, without_artifacts
 from .test_torchvision import assert_report_with_profiles
 
-ARTIFACTS = {"pte_int8": ("executorch", ".pte"), "pte_fp32": ("executorch", ".pte"), "pte_fp16": ("executorch", ".pte"),
-             "ptl_int8": ("torchscript-lite", ".ptl")}
+ARTIFACTS = {
+    "pte_int8": ("executorch", ".pte"),
+    "pte_fp32": ("executorch", ".pte"),
+    "pte_fp16": ("executorch", ".pte"),
+    "ptl_int8": ("torchscript-lite", ".ptl"),
+}
 HAS_QNN = importlib.util.find_spec("onnxruntime_qnn") is not None
-NPU = {"qnn_int8": ("onnx-epcontext", ".onnx")}  # the default profile's Hexagon NPU artifact (tests/test_qnn.py)
+# the default profile's Hexagon NPU artifact (tests/test_qnn.py)
+NPU = {"qnn_int8": ("onnx-epcontext", ".onnx")}
 
 
 def snapdragon_profile(tmp_path, calibration=64, validation=128, extra=""):
@@ -35,11 +40,16 @@ def snapdragon_profile(tmp_path, calibration=64, validation=128, extra=""):
 @pytest.fixture(scope="module")
 def digits_build(digits, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("snap")
-    return toolchain.build(str(digits["model"]), "qualcomm_snapdragon", tmp / "out", digits["calibration"], digits["validation"])
+    return toolchain.build(
+        str(digits["model"]), "qualcomm_snapdragon", tmp / "out", digits["calibration"], digits["validation"]
+    )
 
 
 def _judged_and_passed(data, expected=ARTIFACTS):
-    failures = {a["name"]: (a["parity"]["failures"], a["parity"]["top1_agreement"], a["parity"]["accuracy"]) for a in data["artifacts"]}
+    failures = {
+        a["name"]: (a["parity"]["failures"], a["parity"]["top1_agreement"], a["parity"]["accuracy"])
+        for a in data["artifacts"]
+    }
     assert data["parity_judged"] is True and data["passed"] is True, (failures, data["reference"]["accuracy"])
     assert {a["name"] for a in data["artifacts"]} == set(expected), data["skipped"]
     for a in data["artifacts"]:
@@ -56,11 +66,18 @@ def test_digits_artifacts_meet_parity_in_their_own_runtimes(digits_build):
         assert data["skipped"] == []
         npu = next(a for a in data["artifacts"] if a["name"] == "qnn_int8")
         # judged on the profile's 128 of the 512 validation inputs (the emulator runs one at a time); never primary
-        assert npu["parity"]["samples"] == 128 and data["data"]["validation"]["samples"] == 512 and not npu["primary"]
+        assert (
+            npu["parity"]["samples"] == 128
+            and data["data"]["validation"]["samples"] == 512
+            and not npu["primary"]
+        )
         assert "qnn_int8: parity on 128 of the 512 validation inputs" in (folder / "report.md").read_text()
-        assert "(host emulation)" in (folder / "report.md").read_text()  # its latency column is the emulator's
+        # its latency column is the emulator's
+        assert "(host emulation)" in (folder / "report.md").read_text()
     else:
-        assert [s["name"] for s in data["skipped"]] == ["qnn_int8"] and "onnxruntime_qnn" in data["skipped"][0]["reason"]
+        assert [s["name"] for s in data["skipped"]] == ["qnn_int8"] and "onnxruntime_qnn" in data["skipped"][
+            0
+        ]["reason"]
     ref_acc = data["reference"]["accuracy"]
     assert ref_acc > 0.95
     by_name = {a["name"]: a for a in data["artifacts"]}
@@ -69,12 +86,14 @@ def test_digits_artifacts_meet_parity_in_their_own_runtimes(digits_build):
         assert ref_acc - a["parity"]["accuracy"] <= 0.01 and a["parity"]["top1_agreement"] >= 0.98, a
         assert a["latency_ms"] > 0
     assert by_name["pte_fp32"]["parity"]["sqnr_db"] > 80  # same FP32 math, another runtime
-    assert 35 < by_name["pte_fp16"]["parity"]["sqnr_db"] < 80 and by_name["pte_fp16"]["precision"] == "fp16"  # FP16 rounding: real, small
+    # FP16 rounding: real, small
+    assert 35 < by_name["pte_fp16"]["parity"]["sqnr_db"] < 80 and by_name["pte_fp16"]["precision"] == "fp16"
     assert by_name["pte_int8"]["size_bytes"] < 0.5 * by_name["pte_fp32"]["size_bytes"]
     assert_report_with_profiles(folder, data)
     pte = json.loads((folder / "profiles" / "pte_int8.json").read_text())
     assert pte["tool"] == "executorch etdump"
-    assert any(o["name"].startswith("Convolution (NHWC, QC8)") for o in pte["operators"]), pte["operators"]  # XNNPACK's INT8 conv
+    # XNNPACK's INT8 conv
+    assert any(o["name"].startswith("Convolution (NHWC, QC8)") for o in pte["operators"]), pte["operators"]
     assert json.loads((folder / "profiles" / "ptl_int8.json").read_text())["tool"] == "torch.profiler"
 
 
@@ -87,7 +106,9 @@ def test_pte_runs_in_executorch_and_int8_is_delegated_to_xnnpack(digits_build, d
     method = Runtime.get().load_program(folder / "pte_int8.pte").load_method("forward")
     val = np.load(digits["validation"])
     x, y = val["x"][:64], val["y"][:64]
-    out = np.concatenate([method.execute([torch.from_numpy(x[i:i + 1].copy())])[0].numpy() for i in range(len(x))])
+    out = np.concatenate(
+        [method.execute([torch.from_numpy(x[i : i + 1].copy())])[0].numpy() for i in range(len(x))]
+    )
     assert (out.argmax(1) == y).mean() > 0.95
     manifest = json.loads((folder / "manifest.json").read_text())
     quant = manifest["artifacts"]["pte_int8"]["stages"][0]
@@ -113,7 +134,9 @@ def test_parity_is_judged_per_artifact(digits, tmp_path):
     and the FP16 .pte is judged by the profile's FP16 thresholds (35 dB), not that floor."""
     profile = Path(snapdragon_profile(tmp_path, 64, 128, "[recovery]\nenabled = false\n"))
     profile.write_text(profile.read_text().replace("min_sqnr_db = 15.0", "min_sqnr_db = 80.0"))
-    report, _ = toolchain.build(str(digits["model"]), str(profile), tmp_path / "out", digits["calibration"], digits["validation"])
+    report, _ = toolchain.build(
+        str(digits["model"]), str(profile), tmp_path / "out", digits["calibration"], digits["validation"]
+    )
     verdicts = {a.name: a.parity.passed for a in report.artifacts}
     assert verdicts == {"pte_int8": False, "pte_fp32": True, "pte_fp16": True, "ptl_int8": False}
     # the FP32 fallback is never primary (primary = false); the FP16 .pte passes and is eligible
@@ -123,18 +146,22 @@ def test_parity_is_judged_per_artifact(digits, tmp_path):
 def test_qnnpack_relu6_workaround_keeps_parity():
     """qnnpack's quantized clamp scrambles channels-last inputs; without the guard the INT8
     Conv-ReLU6 below has SQNR below 0 dB."""
-    from toolchain.artifact import Artifact, Kind
-    from toolchain.context import BuildContext
-    from toolchain.data import Dataset
+    from toolchain.core.artifact import Artifact, Kind
+    from toolchain.core.context import BuildContext
+    from toolchain.core.dataset import Dataset
     from toolchain.stages.fuse import Fuse
     from toolchain.stages.quantize_torch import QuantizeTorch, QuantizeTorchOptions
 
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU6(), torch.nn.Conv2d(16, 4, 1)).eval()
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU6(), torch.nn.Conv2d(16, 4, 1)
+    ).eval()
     x = torch.randn(32, 3, 16, 16)
     ctx = BuildContext(None, Dataset(x.numpy(), None, "test"), (1, 3, 16, 16), True, 2)
     fused, _ = Fuse().run(Artifact(Kind.EAGER, "fp32", model=model), ctx)
-    quantized, record = QuantizeTorch(QuantizeTorchOptions(engine="qnnpack", reduce_range=False)).run(fused, ctx)
+    quantized, record = QuantizeTorch(QuantizeTorchOptions(engine="qnnpack", reduce_range=False)).run(
+        fused, ctx
+    )
     assert record.facts["contiguous_before_clamp"] == 1
     ref, out = model(x), quantized.model(x)
     sqnr = 10 * torch.log10(ref.pow(2).sum() / (ref - out).pow(2).sum())
@@ -142,7 +169,9 @@ def test_qnnpack_relu6_workaround_keeps_parity():
 
 
 def _export(model, example):
-    return torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},))
+    return torch.export.export(
+        model, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},)
+    )
 
 
 class _Erfinv(torch.nn.Module):
@@ -159,33 +188,53 @@ def test_operator_executorch_cannot_lower_is_named(digits_arrays, tmp_path):
     x = digits_arrays[0][:64]
     torch.export.save(_export(_Erfinv().eval(), torch.from_numpy(x[:2])), tmp_path / "erfinv.pt2")
     np.save(tmp_path / "cal.npy", x)
-    report, folder = toolchain.build(str(tmp_path / "erfinv.pt2"), snapdragon_profile(tmp_path, 32, 16), tmp_path / "out",
-                                     tmp_path / "cal.npy")
+    report, folder = toolchain.build(
+        str(tmp_path / "erfinv.pt2"),
+        snapdragon_profile(tmp_path, 32, 16),
+        tmp_path / "out",
+        tmp_path / "cal.npy",
+    )
     skipped = {s["name"]: s["reason"] for s in report.skipped}
     assert set(skipped) == {"pte_int8", "pte_fp32", "pte_fp16"}
     for reason in skipped.values():
         assert "cannot lower operator aten.erfinv.default" in reason, reason
-    assert [a.name for a in report.artifacts] == ["ptl_int8"]  # qnnpack runs erfinv in float between dequantize/quantize
+    # qnnpack runs erfinv in float between dequantize/quantize
+    assert [a.name for a in report.artifacts] == ["ptl_int8"]
     assert "aten.erfinv" in (folder / "report.md").read_text()
 
 
 def test_operator_qnnpack_cannot_run_is_named(tmp_path):
-    model = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.LazyLinear(3))
+    model = torch.nn.Sequential(
+        torch.nn.Conv3d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.LazyLinear(3)
+    )
     x = torch.randn(16, 1, 6, 6, 6)
     model(x)
     torch.export.save(_export(model.eval(), x[:2]), tmp_path / "conv3d.pt2")
     np.save(tmp_path / "cal.npy", x.numpy())
     with pytest.raises(ToolchainError) as e:
-        toolchain.build(str(tmp_path / "conv3d.pt2"), snapdragon_profile(tmp_path, 16, 16), tmp_path / "out", tmp_path / "cal.npy")
+        toolchain.build(
+            str(tmp_path / "conv3d.pt2"),
+            snapdragon_profile(tmp_path, 16, 16),
+            tmp_path / "out",
+            tmp_path / "cal.npy",
+        )
     message = str(e.value)
     assert message.startswith("no artifact of target `qualcomm_snapdragon` could be built")
-    assert "ptl_int8: quantize_torch: qnnpack cannot run operator ConvReLU3d" in message  # Conv3d fused with its ReLU
-    assert "pte_int8: lower_executorch: ExecuTorch cannot lower operator quantized_decomposed::dequantize_per_channel" in message
-    assert "cannot run operator aten::convolution.out on this model: Expect input tensor to be 3-D or 4-D" in message
+    # Conv3d fused with its ReLU
+    assert "ptl_int8: quantize_torch: qnnpack cannot run operator ConvReLU3d" in message
+    assert (
+        "pte_int8: lower_executorch: ExecuTorch cannot lower operator quantized_decomposed::dequantize_per_channel"
+        in message
+    )
+    assert (
+        "cannot run operator aten::convolution.out on this model: Expect input tensor to be 3-D or 4-D"
+        in message
+    )
     assert not (tmp_path / "out").exists()
 
 
-TORCHVISION = ["mobilenet_v2", "mobilenet_v3_small", "resnet18", "shufflenet_v2_x1_0"]  # `make test`: mobilenet_v3_small (depthwise, HardSwish)
+# `make test`: mobilenet_v3_small (depthwise, HardSwish)
+TORCHVISION = ["mobilenet_v2", "mobilenet_v3_small", "resnet18", "shufflenet_v2_x1_0"]
 
 
 @pytest.fixture(scope="module")
@@ -204,10 +253,16 @@ def digits32(digits_arrays, tmp_path_factory):
 @pytest.mark.parametrize("name", TORCHVISION)
 def test_trained_torchvision_architecture_meets_parity(name, digits32, tmp_path):
     folder, x, y = digits32
-    model = train_torchvision(name, x, y, epochs=8 if name == "mobilenet_v2" else 4)  # 4 epochs leave MobileNetV2 at ~93 %, near ties
+    # 4 epochs leave MobileNetV2 at ~93 %, near ties
+    model = train_torchvision(name, x, y, epochs=8 if name == "mobilenet_v2" else 4)
     torch.export.save(_export(model, torch.from_numpy(x[:2])), tmp_path / f"{name}.pt2")
-    report, out = toolchain.build(str(tmp_path / f"{name}.pt2"), snapdragon_profile(tmp_path, 128, 594), tmp_path / "out",
-                                  folder / "cal.npz", folder / "val.npz")
+    report, out = toolchain.build(
+        str(tmp_path / f"{name}.pt2"),
+        snapdragon_profile(tmp_path, 128, 594),
+        tmp_path / "out",
+        folder / "cal.npz",
+        folder / "val.npz",
+    )
     data = report.to_json()
     assert data["reference"]["accuracy"] > 0.85, "the architecture must have learnt the task"
     _judged_and_passed(data)

@@ -12,9 +12,15 @@ import pytest
 from onnx import numpy_helper
 
 import toolchain
-from toolchain.feed import InputSpec, Signature
+from toolchain.core.feed import InputSpec, Signature
 from toolchain.tensorrt.engine import engine_mismatches
-from toolchain.tensorrt.plan import TensorRTOptions, activation_scales, cache_header, engine_plan, read_calibration_cache
+from toolchain.tensorrt.plan import (
+    TensorRTOptions,
+    activation_scales,
+    cache_header,
+    engine_plan,
+    read_calibration_cache,
+)
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 
@@ -22,7 +28,9 @@ HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 @pytest.fixture(scope="module")
 def xavier(digits, tmp_path_factory):
     out = tmp_path_factory.mktemp("x") / "xavier"
-    report, folder = toolchain.build(str(digits["model"]), "nvidia_xavier", out, digits["calibration"], digits["validation"])
+    report, folder = toolchain.build(
+        str(digits["model"]), "nvidia_xavier", out, digits["calibration"], digits["validation"]
+    )
     return report.to_json(), folder
 
 
@@ -44,7 +52,11 @@ def test_every_qdq_zero_point_is_zero_and_weights_per_channel(xavier):
     assert qdq
     for node in qdq:
         assert len(node.input) == 3 and not np.any(consts[node.input[2]]), node.name
-    conv_weight_dq = [n for n in qdq if n.op_type == "DequantizeLinear" and n.input[0] in consts and consts[n.input[1]].size > 1]
+    conv_weight_dq = [
+        n
+        for n in qdq
+        if n.op_type == "DequantizeLinear" and n.input[0] in consts and consts[n.input[1]].size > 1
+    ]
     assert conv_weight_dq, "weights should carry one scale per output channel"
     assert all(n.op_type != "QuantizeLinear" or n.input[0] != graph.output[0].name for n in qdq)
 
@@ -64,7 +76,9 @@ def test_calibration_cache_parses_back_to_the_scales_used(xavier):
     used = activation_scales(folder / "onnx_int8_qdq.onnx")
     assert cached.keys() == used.keys() and len(used) >= 4
     assert all(np.float32(cached[k]) == np.float32(v) for k, v in used.items())
-    fp32_tensors = {t for n in onnx.load(str(folder / "onnx_fp32.onnx")).graph.node for t in n.output} | {"input"}
+    fp32_tensors = {t for n in onnx.load(str(folder / "onnx_fp32.onnx")).graph.node for t in n.output} | {
+        "input"
+    }
     assert set(cached) <= fp32_tensors, "the cache must name tensors of the FP32 ONNX it is used with"
 
 
@@ -88,7 +102,10 @@ def test_plan_variants():
     assert cache_header("10.3.0") == "TRT-100300-EntropyCalibration2"
     dla = engine_plan(TensorRTOptions(dla_core=0, version="8.6.1"), [("input", (3, 8, 8), ())])
     # DLA has no dynamic dimensions: min = opt = max (TensorRT's DLA restrictions)
-    assert dla["input"]["min"] == dla["input"]["opt"] == dla["input"]["max"] == [8, 3, 8, 8] and dla["input"]["static"]
+    assert (
+        dla["input"]["min"] == dla["input"]["opt"] == dla["input"]["max"] == [8, 3, 8, 8]
+        and dla["input"]["static"]
+    )
     cmd = shlex.split(dla["trtexec"])
     assert dla["onnx"] == "onnx_fp32.onnx" and "--useDLACore=0" in cmd and "--allowGPUFallback" in cmd
     assert "--calib=calibration.cache" in cmd and "--builderOptimizationLevel=3" in cmd
@@ -106,14 +123,18 @@ def test_engine_mismatches():
 @pytest.mark.skipif(HAS_TENSORRT, reason="checks the message shown where TensorRT is missing")
 def test_engine_build_without_tensorrt_is_one_clear_error(xavier):
     _, folder = xavier
-    r = subprocess.run([sys.executable, "-m", "toolchain", "engine", "build", str(folder)], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "toolchain", "engine", "build", str(folder)], capture_output=True, text=True
+    )
     assert r.returncode == 2 and "TensorRT is not installed here" in r.stderr and "Traceback" not in r.stderr
     assert json.loads((folder / "report.json").read_text())["engine"]["status"] == "pending on device"
 
 
-@pytest.mark.skipif(not HAS_TENSORRT, reason="TensorRT is not installed here (it cannot be from the package registries)")
+@pytest.mark.skipif(
+    not HAS_TENSORRT, reason="TensorRT is not installed here (it cannot be from the package registries)"
+)
 def test_engine_build_run_and_check_where_tensorrt_exists(xavier):
-    from toolchain.tensorrt.device import engine_build
+    from toolchain.on_device import engine_build
     from toolchain.tensorrt.engine import check_engine
 
     _, folder = xavier
@@ -135,7 +156,7 @@ def _copy(xavier, tmp_path):
 def test_engine_build_runs_end_to_end_on_each_tensorrt_version(xavier, tmp_path, monkeypatch, version):
     """Against the fake TensorRT (tests/fake_tensorrt.py keeps the real API's contracts): build,
     run all 32 kept inputs through a profile whose maximum batch is 16, compare, record, check."""
-    from toolchain.tensorrt.device import engine_build
+    from toolchain.on_device import engine_build
     from toolchain.tensorrt.engine import check_engine
 
     from .fake_tensorrt import install
@@ -146,7 +167,9 @@ def test_engine_build_runs_end_to_end_on_each_tensorrt_version(xavier, tmp_path,
     assert record["verified"] and record["parity"]["passed"] is True, record["parity"]
     assert record["parity"]["top1_agreement"] == 1.0 and record["tensorrt_version"] == version
     report = json.loads((folder / "report.json").read_text())
-    assert report["engine"]["status"] == "built" and report["passed"] is True and report["verdict"] == "PASSED"
+    assert (
+        report["engine"]["status"] == "built" and report["passed"] is True and report["verdict"] == "PASSED"
+    )
     assert report["engine"]["plan"] == "engine_plan.json"  # the plan entry is kept
     assert "TensorRT engine: built" in (folder / "report.html").read_text()  # the page follows report.json
     assert check_engine(folder / "model.engine")["ok"]
@@ -175,7 +198,7 @@ def test_a_failing_engine_fails_the_build_everywhere(xavier, tmp_path, monkeypat
 def test_engine_parity_is_taken_on_the_kept_samples(xavier, tmp_path, monkeypatch):
     """An engine whose outputs equal FP32's passes, even where the kept samples' accuracy differs
     from the full validation set's."""
-    from toolchain.tensorrt.device import engine_build
+    from toolchain.on_device import engine_build
 
     from .fake_tensorrt import install
 
@@ -191,7 +214,7 @@ def test_engine_parity_is_taken_on_the_kept_samples(xavier, tmp_path, monkeypatc
 
 def test_a_trtexec_built_engine_is_accepted_by_the_same_tensorrt(xavier, tmp_path, monkeypatch):
     """trtexec builds record the plan's `8.5.2`; `tensorrt.__version__` says `8.5.2.2`: the same release."""
-    from toolchain.tensorrt.device import engine_build
+    from toolchain.on_device import engine_build
     from toolchain.tensorrt.engine import check_engine
 
     from .fake_tensorrt import install
@@ -209,17 +232,23 @@ def test_a_trtexec_built_engine_is_accepted_by_the_same_tensorrt(xavier, tmp_pat
 
 
 @pytest.mark.parametrize("version, ok", [("8.5.2.2", True), ("10.3.0.26", True), ("11.0.0.11", False)])
-def test_a_dla_engine_reads_the_calibration_cache_with_a_static_profile(xavier, tmp_path, monkeypatch, version, ok):
+def test_a_dla_engine_reads_the_calibration_cache_with_a_static_profile(
+    xavier, tmp_path, monkeypatch, version, ok
+):
     """DLA: the FP32 ONNX with the calibration cache (its header must name this TensorRT), one static
     batch (32 kept inputs run as 4 x 8); TensorRT 11 has no implicit-INT8 calibrators."""
-    from toolchain.tensorrt.device import engine_build
+    from toolchain.on_device import engine_build
     from toolchain.tensorrt.plan import write_plan
 
     from .fake_tensorrt import install
 
     install(monkeypatch, version)
     folder = _copy(xavier, tmp_path)
-    write_plan(folder, TensorRTOptions(dla_core=0, version=version.rsplit(".", 1)[0]), Signature((InputSpec("input", (1, 8, 8)),)))
+    write_plan(
+        folder,
+        TensorRTOptions(dla_core=0, version=version.rsplit(".", 1)[0]),
+        Signature((InputSpec("input", (1, 8, 8)),)),
+    )
     if not ok:
         with pytest.raises(toolchain.ToolchainError, match="no implicit-INT8 calibrators"):
             engine_build(folder)
@@ -229,7 +258,7 @@ def test_a_dla_engine_reads_the_calibration_cache_with_a_static_profile(xavier, 
 
 
 def test_a_shape_outside_the_profile_is_an_error_not_garbage(xavier, tmp_path, monkeypatch):
-    from toolchain.tensorrt.device import engine_build
+    from toolchain.on_device import engine_build
     from toolchain.tensorrt.engine import run_engine
 
     from .fake_tensorrt import install

@@ -18,8 +18,16 @@ import toolchain
 from .conftest import XAVIER, fast_profile
 
 NOT_BROKEN_DB = 3.0  # error power below half the signal's: not garbage (see the module's docstring)
-MODELS = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0",
-          "regnet_x_400mf", "shufflenet_v2_x1_0", "squeezenet1_1"]
+MODELS = [
+    "resnet18",
+    "resnet50",
+    "mobilenet_v2",
+    "mobilenet_v3_small",
+    "efficientnet_b0",
+    "regnet_x_400mf",
+    "shufflenet_v2_x1_0",
+    "squeezenet1_1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +48,13 @@ def _fast_first(names, fast):
 # transformer and LSTM (tests/test_transformer.py, tests/test_sequence.py)
 @pytest.mark.parametrize("name", _fast_first(MODELS, set()))
 def test_torchvision_model_builds_for_x86(name, images, tmp_path):
-    report, folder = toolchain.build(f"torchvision:{name}", str(fast_profile(tmp_path, 16, 8)), tmp_path / "out",
-                                     images / "cal.npz", images / "val.npz")
+    report, folder = toolchain.build(
+        f"torchvision:{name}",
+        str(fast_profile(tmp_path, 16, 8)),
+        tmp_path / "out",
+        images / "cal.npz",
+        images / "val.npz",
+    )
     data = report.to_json()
     assert data["passed"] is None and data["verdict"] == "NOT JUDGED (random weights)"
     assert data["parity_judged"] is False and data["parity_thresholds"] is None
@@ -57,22 +70,33 @@ def test_torchvision_model_builds_for_x86(name, images, tmp_path):
     assert_report_with_profiles(folder, data)
 
 
-@pytest.mark.parametrize("name", _fast_first(["resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0"], set()))  # all slow, as above
+@pytest.mark.parametrize(
+    "name", _fast_first(["resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0"], set())
+)  # all slow, as above
 def test_torchvision_model_builds_for_xavier(name, images, tmp_path):
     import onnx
     from onnx import numpy_helper
 
-    report, folder = toolchain.build(f"torchvision:{name}", str(fast_profile(tmp_path, 16, 8, base=XAVIER)),
-                                     tmp_path / "out", images / "cal.npz", images / "val.npz")
+    report, folder = toolchain.build(
+        f"torchvision:{name}",
+        str(fast_profile(tmp_path, 16, 8, base=XAVIER)),
+        tmp_path / "out",
+        images / "cal.npz",
+        images / "val.npz",
+    )
     data = report.to_json()
-    assert data["passed"] is None and data["skipped"] == [] and data["engine"]["status"] == "pending on device"
+    assert (
+        data["passed"] is None and data["skipped"] == [] and data["engine"]["status"] == "pending on device"
+    )
     qdq = next(a for a in data["artifacts"] if a["name"] == "onnx_int8_qdq")
     assert qdq["parity"]["sqnr_db"] > NOT_BROKEN_DB, qdq
     model = onnx.load(str(folder / qdq["path"]))
     onnx.checker.check_model(model)
     assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [17]
     consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    zero_points = [consts[n.input[2]] for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    zero_points = [
+        consts[n.input[2]] for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+    ]
     assert zero_points and not any(np.any(z) for z in zero_points)
     assert_report_with_profiles(folder, data)
 

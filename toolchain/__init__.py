@@ -1,8 +1,8 @@
 """toolchain: export, quantize and validate PyTorch models for deployment targets."""
 
-from .build import build
-from .errors import ToolchainError
-from .target import load_target
+from toolchain.build import build
+from toolchain.core.errors import ToolchainError
+from toolchain.target import load_target
 
 __all__ = ["build", "load_target", "ToolchainError"]
 __version__ = "0.1.0"

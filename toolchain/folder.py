@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from .errors import ToolchainError
+from toolchain.core.errors import ToolchainError
 
 
 def check_output(out: Path) -> None:

@@ -13,8 +13,8 @@ import logging
 import tempfile
 from pathlib import Path
 
-from .errors import ToolchainError
-from .runtime import keeps_torch_settings
+from toolchain.core.errors import ToolchainError
+from toolchain.core.native import keeps_torch_settings
 
 log = logging.getLogger("toolchain")
 
@@ -23,56 +23,82 @@ log = logging.getLogger("toolchain")
 def measure_build(folder: Path, names: tuple[str, ...] = (), progress=None) -> dict[str, str]:
     """Write `sensitivity/<artifact>.json` for ``names`` (default: every artifact with a
     quantization stage); returns artifact -> file, relative to ``folder``."""
-    from .bench import recorded_constants
-    from .build import (BuildContext, Pipeline, bind_constants, expected_outputs, fix_constants, make_trial, prepare_inputs,
-                        quantizable_layers)
-    from .load import load_model, settle_random_batchnorm
-    from .pipeline import plan
-    from .recovery import measure, recoverable_stage, write_sensitivity
-    from .target import load_target
+    from toolchain.bench import recorded_constants
+    from toolchain.check import make_trial, quantizable_layers
+    from toolchain.core.context import BuildContext
+    from toolchain.core.pipeline import Pipeline
+    from toolchain.inputs.load import load_model, settle_random_batchnorm
+    from toolchain.inputs.prepare import bind_constants, fix_constants, prepare_inputs
+    from toolchain.target import load_target, plan
+    from toolchain.verdict.expected import expected_outputs
+    from toolchain.verdict.recovery import measure, recoverable_stage, write_sensitivity
 
     report = _read_report(folder)
     _check_unchanged(folder, report["target_file"])
     profile = load_target(report["target_file"])
     data = report["data"]
     calib = None if data["calibration"]["synthetic"] else data["calibration"]["origin"]
-    val = None if data["validation"]["synthetic"] or data["validation"].get("held_out") else data["validation"]["origin"]
+    val = (
+        None
+        if data["validation"]["synthetic"] or data["validation"].get("held_out")
+        else data["validation"]["origin"]
+    )
     loaded = load_model(report["model"]["source"])
     loaded = fix_constants(loaded, recorded_constants(report["model"]), calib, val)
-    given = None if report["model"].get("inputs") and len(report["model"]["inputs"]) > 1 else tuple(report["model"]["input_shape"])
-    inputs = prepare_inputs(loaded, profile, calib, val, given)
+    given = (
+        None
+        if report["model"].get("inputs") and len(report["model"]["inputs"]) > 1
+        else tuple(report["model"]["input_shape"])
+    )
+    inputs = prepare_inputs(loaded, profile.data, profile.runtime.isa, calib, val, given)
     loaded = bind_constants(loaded, inputs.calibration.x)
     loaded = settle_random_batchnorm(loaded, inputs.calibration.x)
-    declared = {str(o["index"]): o["role"] for o in report["model"].get("outputs", []) if not o["role_inferred"]}
+    declared = {
+        str(o["index"]): o["role"] for o in report["model"].get("outputs", []) if not o["role_inferred"]
+    }
     plans, _ = plan(profile, loaded.artifact.kind)
     built = {a["name"] for a in report["artifacts"]}  # not those the build skipped or found not applicable
     chains = {p.name: p for p in plans if p.name in built and recoverable_stage(p.stages) is not None}
     unknown = [n for n in names if n not in chains]
     if unknown:
-        raise ToolchainError(f"`{unknown[0]}` is not an artifact of {folder} with a quantization stage; valid: {', '.join(chains) or '(none)'}")
+        raise ToolchainError(
+            f"`{unknown[0]}` is not an artifact of {folder} with a quantization stage; valid: {', '.join(chains) or '(none)'}"
+        )
     written = {}
     with tempfile.TemporaryDirectory(prefix="sensitivity-") as work:
-        ctx = BuildContext(Path(work), inputs.calibration, inputs.shape, loaded.dynamic_batch is not False,
-                           profile.runtime.threads, progress or (lambda *a: None), profile.runtime.isa, signature=inputs.signature)
+        ctx = BuildContext(
+            Path(work),
+            inputs.calibration,
+            inputs.shape,
+            loaded.dynamic_batch is not False,
+            profile.runtime.threads,
+            progress or (lambda *a: None),
+            profile.runtime.isa,
+            signature=inputs.signature,
+        )
         expected = expected_outputs(loaded, inputs, profile, declared)
         pipeline = Pipeline(ctx)
         for name in names or tuple(chains):
             chain = chains[name]
             log.info("sensitivity of %s", name)
             trial = make_trial(pipeline, chain, loaded.artifact, profile, profile.parity, inputs, expected)
-            outcome, baseline = measure(chain.stages, trial, lambda stage: quantizable_layers(pipeline, chain, loaded.artifact, stage))
+            outcome, baseline = measure(
+                chain.stages, trial, lambda stage: quantizable_layers(pipeline, chain, loaded.artifact, stage)
+            )
             written[name] = write_sensitivity(folder, name, outcome, baseline)
     return written
 
 
 def _check_unchanged(folder: Path, target_file: str) -> None:
     """The measurement must use the profile the build used: refuse one edited since."""
-    from .artifact import sha256_files
+    from toolchain.core.artifact import sha256_files
 
     manifest = json.loads((Path(folder) / "manifest.json").read_text())
     path = Path(target_file)
     if not path.is_file() or sha256_files([path]) != manifest["target"]["sha256"]:
-        raise ToolchainError(f"the target profile `{target_file}` of {folder} has changed or gone since the build; build again")
+        raise ToolchainError(
+            f"the target profile `{target_file}` of {folder} has changed or gone since the build; build again"
+        )
 
 
 def _read_report(folder: Path) -> dict:

@@ -15,36 +15,14 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
-from .data import PreprocessOptions
-from .errors import ConfigError
-from .options import option, parse_options
-from . import runtimes
-from .artifact import Kind
-from .stage import STAGES
-from .recovery import RecoveryOptions
-from .tensorrt.plan import TensorRTOptions
-
-
-
-@dataclasses.dataclass(frozen=True)
-class ArtifactSpec:
-    stages: tuple[str, ...] = option((), "stages applied in order to the FP32 model")
-    runtime: str = option("onnxruntime", "runtime the artifact is loaded and checked in (`toolchain doctor` lists them)")
-    description: str = option("", "what the artifact is for")
-    primary: bool = option(True, "may be chosen as the primary artifact (fastest that passes parity)")
-    parity_samples: int = option(
-        0, "validation inputs this artifact is checked on, evenly spaced over the validation set (0: all); for runtimes "
-           "that run one input at a time (host HTP emulation), so that a default build stays minutes, not hours")
-
-
-@dataclasses.dataclass(frozen=True)
-class DataOptions:
-    calibration_samples: int = option(256, "calibration inputs used (the first N of --calib)")
-    validation_samples: int = option(512, "validation inputs used for parity (the first N of --val)")
-    synthetic_samples: int = option(64, "inputs generated when no data is given (parity marked synthetic)")
-    integer_range: tuple[int, ...] = option((0, 2), "[low, high): synthetic integer inputs (token ids, masks) are drawn from "
-                                                    "it; give the vocabulary size for token ids, e.g. [0, 30522]")
-    preprocess: PreprocessOptions = option(PreprocessOptions(), "image-folder preprocessing")
+from toolchain import runtimes
+from toolchain.core.artifact import Kind
+from toolchain.core.errors import ConfigError
+from toolchain.core.options import option, parse_options
+from toolchain.core.pipeline import ArtifactSpec, Plan, Skipped, check_chain
+from toolchain.core.stage import STAGES, Stage
+from toolchain.inputs.data import DataOptions
+from toolchain.tensorrt.plan import TensorRTOptions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,11 +32,15 @@ class RuntimeOptions:
     isa: Literal["avx2", "avx512", "avx512_vnni", "amx"] | None = option(
         None, "x86 instruction set of the deployment CPU (INT8 settings follow it; unset for non-x86 targets)"
     )
-    batch_sizes: tuple[int, ...] = option((1,), "batch sizes the deployment runs: throughput is measured at each")
+    batch_sizes: tuple[int, ...] = option(
+        (1,), "batch sizes the deployment runs: throughput is measured at each"
+    )
     warmup_runs: int = option(5, "runs discarded before timing, at each batch size")
     latency_runs: int = option(30, "timed runs at batch 1; p50 / p95 / p99 are reported")
     sweep_runs: int = option(10, "timed runs at each batch size above 1 (after at most 2 warm-up runs)")
-    latency_budget_ms: float | None = option(None, "largest p95 latency a batch may take; the best batch size is chosen under it")
+    latency_budget_ms: float | None = option(
+        None, "largest p95 latency a batch may take; the best batch size is chosen under it"
+    )
     profile_runs: int = option(10, "runs recorded by each per-operator profiler (batch 1)")
 
 
@@ -67,20 +49,36 @@ class ParityThresholds:
     min_sqnr_db: float = option(20.0, "signal-to-quantization-noise ratio of the outputs against FP32, in dB")
     min_cosine: float = option(0.99, "mean per-sample cosine similarity with FP32 outputs")
     min_top1_agreement: float = option(0.99, "share of samples whose arg-max equals FP32's (classifiers)")
-    max_accuracy_drop: float = option(0.01, "largest accuracy loss against FP32 when labels are given (absolute)")
-    max_probability_error: float = option(0.05, "largest absolute error of an output whose role is probabilities")
+    max_accuracy_drop: float = option(
+        0.01, "largest accuracy loss against FP32 when labels are given (absolute)"
+    )
+    max_probability_error: float = option(
+        0.05, "largest absolute error of an output whose role is probabilities"
+    )
     batch_size: int = option(32, "batch size for running the validation inputs")
-    metric: str | None = option(None, "FILE.py:function scoring outputs against the --val labels; when set, it decides the "
-                                      "verdict with the sanity checks (path relative to the profile)")
+    metric: str | None = option(
+        None,
+        "FILE.py:function scoring outputs against the --val labels; when set, it decides the "
+        "verdict with the sanity checks (path relative to the profile)",
+    )
     max_metric_drop: float = option(0.01, "largest loss of the metric against FP32")
-    metric_drop: Literal["absolute", "relative"] = option("absolute", "max_metric_drop in the metric's units, or a fraction of FP32's score")
-    outputs: dict[str, Any] = option(None, "output index or name -> its role (`[parity.outputs.<key>] role = ...`); others are inferred")
-    precisions: dict[str, Any] = option(None, "precision (fp16, bf16, int8) -> thresholds replacing these for its artifacts "
-                                              "(`[parity.precisions.fp16] min_sqnr_db = 40`)")
+    metric_drop: Literal["absolute", "relative"] = option(
+        "absolute", "max_metric_drop in the metric's units, or a fraction of FP32's score"
+    )
+    outputs: dict[str, Any] = option(
+        None, "output index or name -> its role (`[parity.outputs.<key>] role = ...`); others are inferred"
+    )
+    precisions: dict[str, Any] = option(
+        None,
+        "precision (fp16, bf16, int8) -> thresholds replacing these for its artifacts "
+        "(`[parity.precisions.fp16] min_sqnr_db = 40`)",
+    )
 
     def for_precision(self, precision: str) -> "ParityThresholds":
         """The thresholds an artifact of ``precision`` is judged by (recovery's "mixed" INT8 artifact by int8's)."""
-        return dataclasses.replace(self, **(self.precisions or {}).get("int8" if precision == "mixed" else precision, {}))
+        return dataclasses.replace(
+            self, **(self.precisions or {}).get("int8" if precision == "mixed" else precision, {})
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +102,18 @@ class OutputOptions:
 
 
 @dataclasses.dataclass(frozen=True)
+class RecoveryOptions:
+    enabled: bool = option(True, "try to bring an INT8 artifact that misses parity within the thresholds")
+    calibrations: bool = option(True, "first try the backend's other calibration methods")
+    fixes: bool = option(
+        True,
+        "then the stage's fixes: cross-layer equalization, SmoothQuant migration, bias correction, 16-bit activations (HTP)",
+    )
+    max_float_layers: int = option(8, "most layers kept in floating point (one layer always stays INT8)")
+    max_seconds: float = option(600.0, "time budget per artifact, sensitivity included")
+
+
+@dataclasses.dataclass(frozen=True)
 class _ProfileFile:
     name: str = option("", "target name")
     description: str = option("", "what hardware this target is for")
@@ -112,7 +122,9 @@ class _ProfileFile:
     parity: ParityThresholds = option(ParityThresholds(), "pass/fail thresholds against FP32")
     artifacts: dict[str, Any] = option(None, "artifact name -> ArtifactSpec")
     stages: dict[str, Any] = option(None, "stage name -> that stage's options")
-    tensorrt: TensorRTOptions | None = option(None, "TensorRT engine plan and calibration cache (NVIDIA targets)")
+    tensorrt: TensorRTOptions | None = option(
+        None, "TensorRT engine plan and calibration cache (NVIDIA targets)"
+    )
     recovery: RecoveryOptions = option(RecoveryOptions(), "what to try when an INT8 artifact misses parity")
 
 
@@ -141,10 +153,15 @@ def target_toml(t: Target) -> str:
 
     stages = dict.fromkeys(s for spec in t.artifacts.values() for s in spec.stages)
     table = {
-        "name": t.name, "description": t.description,
-        "data": dataclasses.asdict(t.data), "runtime": dataclasses.asdict(t.runtime),
-        "parity": {**dataclasses.asdict(t.parity), "outputs": {k: {"role": v} for k, v in (t.parity.outputs or {}).items()} or None,
-                   "precisions": t.parity.precisions or None},
+        "name": t.name,
+        "description": t.description,
+        "data": dataclasses.asdict(t.data),
+        "runtime": dataclasses.asdict(t.runtime),
+        "parity": {
+            **dataclasses.asdict(t.parity),
+            "outputs": {k: {"role": v} for k, v in (t.parity.outputs or {}).items()} or None,
+            "precisions": t.parity.precisions or None,
+        },
         "recovery": dataclasses.asdict(t.recovery),
         "artifacts": {n: dataclasses.asdict(a) for n, a in t.artifacts.items()},
         "stages": {n: dataclasses.asdict(t.stage(n).options) for n in stages},
@@ -164,7 +181,10 @@ def _without_none(value: Any) -> Any:
 
 def targets_dirs() -> list[Path]:
     dirs = [Path(os.environ["TOOLCHAIN_TARGETS"])] if os.environ.get("TOOLCHAIN_TARGETS") else []
-    dirs += [Path(__file__).resolve().parent.parent / "targets", Path(sys.prefix) / "share" / "toolchain" / "targets"]
+    dirs += [
+        Path(__file__).resolve().parent.parent / "targets",
+        Path(sys.prefix) / "share" / "toolchain" / "targets",
+    ]
     return [d for d in dirs if d.is_dir()]
 
 
@@ -189,7 +209,7 @@ def load_target(name_or_path: str) -> Target:
 
 
 def parse_target(path: Path) -> Target:
-    from . import stages  # noqa: F401  (registers the stages)
+    from toolchain import stages  # noqa: F401  (registers the stages)
 
     source = str(path)
     try:
@@ -202,13 +222,23 @@ def parse_target(path: Path) -> Target:
     artifacts = {n: _artifact(n, t, source) for n, t in raw.artifacts.items()}
     stage_options = {n: _stage_options(n, t, source) for n, t in (raw.stages or {}).items()}
     _check_positive(raw, source)
-    parity = dataclasses.replace(raw.parity, outputs=_output_roles(raw.parity.outputs or {}, source),
-                                 precisions=_precision_thresholds(raw.parity.precisions or {}, source))
+    parity = dataclasses.replace(
+        raw.parity,
+        outputs=_output_roles(raw.parity.outputs or {}, source),
+        precisions=_precision_thresholds(raw.parity.precisions or {}, source),
+    )
     _check_tensorrt(raw.tensorrt, artifacts, source)
     return Target(
-        name=raw.name or path.stem, description=raw.description, source=source, data=raw.data,
-        runtime=raw.runtime, parity=parity, artifacts=artifacts, stage_options=stage_options,
-        tensorrt=raw.tensorrt, recovery=raw.recovery,
+        name=raw.name or path.stem,
+        description=raw.description,
+        source=source,
+        data=raw.data,
+        runtime=raw.runtime,
+        parity=parity,
+        artifacts=artifacts,
+        stage_options=stage_options,
+        tensorrt=raw.tensorrt,
+        recovery=raw.recovery,
     )
 
 
@@ -216,26 +246,34 @@ def _precision_thresholds(table: dict, source: str) -> dict[str, dict[str, float
     out = {}
     for name, values in table.items():
         if name not in PRECISIONS:
-            raise ConfigError(f"{source}: `parity.precisions.{name}` is not a precision; valid: {', '.join(PRECISIONS)}")
+            raise ConfigError(
+                f"{source}: `parity.precisions.{name}` is not a precision; valid: {', '.join(PRECISIONS)}"
+            )
         parsed = parse_options(PrecisionThresholds, values, f"parity.precisions.{name}", source)
         out[name] = {k: v for k, v in dataclasses.asdict(parsed).items() if v is not None}
     return out
 
 
 def _output_roles(table: dict[str, Any], source: str) -> dict[str, str]:
-    return {str(k): parse_options(OutputOptions, v, f"parity.outputs.{k}", source).role for k, v in table.items()}
+    return {
+        str(k): parse_options(OutputOptions, v, f"parity.outputs.{k}", source).role for k, v in table.items()
+    }
 
 
 def _check_tensorrt(opts: TensorRTOptions | None, artifacts: Mapping[str, ArtifactSpec], source: str) -> None:
     if opts is None:
         return
     if not re.fullmatch(r"\d+\.\d+(\.\d+){0,2}", opts.version):
-        raise ConfigError(f"{source}: `tensorrt.version` = {opts.version!r} must be a version number like 8.5.2")
+        raise ConfigError(
+            f"{source}: `tensorrt.version` = {opts.version!r} must be a version number like 8.5.2"
+        )
     for key in ("engine_from", "calibration_from", "fp32_onnx"):
         name = getattr(opts, key)
         if artifacts.get(name) is None or runtimes.get(artifacts[name].runtime).kind is not Kind.ONNX:
             onnx_names = [n for n, a in artifacts.items() if runtimes.get(a.runtime).kind is Kind.ONNX]
-            raise ConfigError(f"{source}: `tensorrt.{key}` = {name!r} must name an ONNX artifact; valid: {', '.join(onnx_names)}")
+            raise ConfigError(
+                f"{source}: `tensorrt.{key}` = {name!r} must name an ONNX artifact; valid: {', '.join(onnx_names)}"
+            )
 
 
 def _artifact(name: str, table: Any, source: str) -> ArtifactSpec:
@@ -244,12 +282,18 @@ def _artifact(name: str, table: Any, source: str) -> ArtifactSpec:
         raise ConfigError(f"{source}: `artifacts.{name}.stages` must list at least one stage")
     for i, stage in enumerate(spec.stages):
         if stage not in STAGES:
-            raise ConfigError(f"{source}: `artifacts.{name}.stages[{i}]` = {stage!r} is not a stage; valid: {', '.join(STAGES)}")
+            raise ConfigError(
+                f"{source}: `artifacts.{name}.stages[{i}]` = {stage!r} is not a stage; valid: {', '.join(STAGES)}"
+            )
     hosted = [n for n in runtimes.names() if runtimes.get(n).where == "host"]
     if spec.runtime not in hosted:
-        raise ConfigError(f"{source}: `artifacts.{name}.runtime` must be one of {', '.join(hosted)} (got {spec.runtime!r})")
+        raise ConfigError(
+            f"{source}: `artifacts.{name}.runtime` must be one of {', '.join(hosted)} (got {spec.runtime!r})"
+        )
     if spec.parity_samples < 0:
-        raise ConfigError(f"{source}: `artifacts.{name}.parity_samples` must be 0 (all) or more (got {spec.parity_samples})")
+        raise ConfigError(
+            f"{source}: `artifacts.{name}.parity_samples` must be 0 (all) or more (got {spec.parity_samples})"
+        )
     return spec
 
 
@@ -276,9 +320,39 @@ def _check_positive(raw: _ProfileFile, source: str) -> None:
     checks.update({f"runtime.batch_sizes[{i}]": b for i, b in enumerate(raw.runtime.batch_sizes)})
     low_high = raw.data.integer_range
     if len(low_high) != 2 or low_high[0] >= low_high[1]:
-        raise ConfigError(f"{source}: `data.integer_range` must be [low, high] with low < high (got {list(low_high)})")
+        raise ConfigError(
+            f"{source}: `data.integer_range` must be [low, high] with low < high (got {list(low_high)})"
+        )
     if raw.runtime.latency_budget_ms is not None and raw.runtime.latency_budget_ms <= 0:
-        raise ConfigError(f"{source}: `runtime.latency_budget_ms` must be positive (got {raw.runtime.latency_budget_ms})")
+        raise ConfigError(
+            f"{source}: `runtime.latency_budget_ms` must be positive (got {raw.runtime.latency_budget_ms})"
+        )
     for key, value in checks.items():
         if value < 1:
             raise ConfigError(f"{source}: `{key}` must be at least 1 (got {value})")
+
+
+def plan(target: Target, input_kind: Kind) -> tuple[list[Plan], list[Skipped]]:
+    plans, skipped = [], []
+    for name, spec in target.artifacts.items():
+        stages = tuple(target.stage(s) for s in spec.stages)
+        reason = check_chain(
+            stages, input_kind, runtimes.get(spec.runtime).kind, spec.runtime
+        ) or unavailable(stages, spec.runtime)
+        if reason:
+            skipped.append(Skipped(name, reason))
+        else:
+            plans.append(Plan(name, spec, stages))
+    return plans, skipped
+
+
+def unavailable(stages: tuple[Stage, ...], runtime: str) -> str | None:
+    """Why this machine cannot make or check the artifact (a library missing), else None."""
+    from toolchain.core.libraries import missing
+
+    for stage in stages:
+        why = missing(stage.requires)
+        if why:
+            return f"stage `{stage.name}` is unavailable here: {why}"
+    why = missing(runtimes.get(runtime).requires)
+    return f"runtime `{runtime}` is unavailable here: {why}" if why else None

@@ -24,14 +24,19 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from .spec import AlarmOptions
+from toolchain.matrix.spec import AlarmOptions
 
 KINDS = ("crashed", "missing", "parity", "accuracy", "sqnr", "size", "latency")
 QUIET = 0.10  # the largest share of the machine's CPU others may use while a cell's latency is measured
 
 
-def compare(cell: dict[str, Any], run: Any, baseline: dict[str, Any] | None, options: AlarmOptions,
-            timing_baseline: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+def compare(
+    cell: dict[str, Any],
+    run: Any,
+    baseline: dict[str, Any] | None,
+    options: AlarmOptions,
+    timing_baseline: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
     """The alarms of ``cell`` (built in ``run``) against ``baseline`` (its last passing run, with
     ``run``), as rows for the history: artifact, kind, message, baseline_run_id, changes. Latency
     is compared with ``timing_baseline``: its last passing run whose timings were quiet."""
@@ -41,47 +46,110 @@ def compare(cell: dict[str, Any], run: Any, baseline: dict[str, Any] | None, opt
     changed = changes(cell, run, baseline, base_run)
     since = f"since run {base_run.id}"
     alarm = lambda artifact, kind, message, base=baseline, what=changed: {
-        "artifact": artifact, "kind": kind, "message": message, "baseline_run_id": base["run"].id, "changes": what}
+        "artifact": artifact,
+        "kind": kind,
+        "message": message,
+        "baseline_run_id": base["run"].id,
+        "changes": what,
+    }
     if cell["status"] in ("error", "crashed"):
-        return [alarm(None, "crashed", f"{cell['key']} {cell['status']} ({cell['reason']}); it passed in run {base_run.id}")]
+        return [
+            alarm(
+                None,
+                "crashed",
+                f"{cell['key']} {cell['status']} ({cell['reason']}); it passed in run {base_run.id}",
+            )
+        ]
     if cell["status"] == "not_judged":
-        return [alarm(None, "parity", f"{cell['key']} was not judged ({cell['reason'] or 'random weights?'}); it passed in run {base_run.id}")]
+        return [
+            alarm(
+                None,
+                "parity",
+                f"{cell['key']} was not judged ({cell['reason'] or 'random weights?'}); it passed in run {base_run.id}",
+            )
+        ]
     found = []
     for name, old in baseline["artifacts"].items():
         new = cell["artifacts"].get(name)
         if new is None:
-            found.append(alarm(name, "missing", f"{name} of {cell['key']} was not built; it was in run {base_run.id}"))
+            found.append(
+                alarm(name, "missing", f"{name} of {cell['key']} was not built; it was in run {base_run.id}")
+            )
             continue
-        found += [alarm(name, kind, message) for kind, message in _artifact_alarms(name, new, old, options, since)]
+        found += [
+            alarm(name, kind, message) for kind, message in _artifact_alarms(name, new, old, options, since)
+        ]
     if timing_baseline is not None and comparable_timings(cell, run, timing_baseline):
         what = changes(cell, run, timing_baseline, timing_baseline["run"])
         for name, old in timing_baseline["artifacts"].items():
             new = cell["artifacts"].get(name)
-            slower = new is not None and new["passed"] is not False and latency_regression(new, old, options.latency_growth)
+            slower = (
+                new is not None
+                and new["passed"] is not False
+                and latency_regression(new, old, options.latency_growth)
+            )
             if slower:
-                found.append(alarm(name, "latency", f"{name} {slower} since run {timing_baseline['run'].id}", timing_baseline, what))
+                found.append(
+                    alarm(
+                        name,
+                        "latency",
+                        f"{name} {slower} since run {timing_baseline['run'].id}",
+                        timing_baseline,
+                        what,
+                    )
+                )
     return found
 
 
 def comparable_timings(cell: dict, run: Any, base: dict) -> bool:
     """Both timed on the same CPU model, with as many workers, each on a quiet machine."""
-    return cell.get("host_cpu") == base.get("host_cpu") and run.workers == base["run"].workers and quiet(cell) and quiet(base)
+    return (
+        cell.get("host_cpu") == base.get("host_cpu")
+        and run.workers == base["run"].workers
+        and quiet(cell)
+        and quiet(base)
+    )
 
 
 def _artifact_alarms(name: str, new: dict, old: dict, o: AlarmOptions, since: str) -> list[tuple[str, str]]:
     drops = _drops(new, old)
     if old["passed"] and new["passed"] is False:
         detail = "; ".join(new["failures"]) or "parity failed"
-        return [("parity", f"{name} fails parity {since}, where it passed: {detail}" + (f" ({', '.join(drops.values())})" if drops else ""))]
+        return [
+            (
+                "parity",
+                f"{name} fails parity {since}, where it passed: {detail}"
+                + (f" ({', '.join(drops.values())})" if drops else ""),
+            )
+        ]
     found = []
     quality = _quality(new, old)
     if quality and quality[1] - quality[2] > o.accuracy_drop:
-        found.append(("accuracy", f"{name} {quality[0]} fell {quality[1]:.2%} -> {quality[2]:.2%} {since} (threshold {o.accuracy_drop:.2%})"))
+        found.append(
+            (
+                "accuracy",
+                f"{name} {quality[0]} fell {quality[1]:.2%} -> {quality[2]:.2%} {since} (threshold {o.accuracy_drop:.2%})",
+            )
+        )
     if _finite(new["sqnr_db"], old["sqnr_db"]) and old["sqnr_db"] - new["sqnr_db"] > o.sqnr_drop_db:
-        found.append(("sqnr", f"{name} SQNR fell {old['sqnr_db']:.1f} -> {new['sqnr_db']:.1f} dB {since} (threshold {o.sqnr_drop_db:g} dB)"))
-    if new["size_bytes"] and old["size_bytes"] and new["size_bytes"] > old["size_bytes"] * (1 + o.size_growth):
-        found.append(("size", f"{name} grew {old['size_bytes'] / 2**20:.3f} -> {new['size_bytes'] / 2**20:.3f} MB {since} "
-                              f"(+{new['size_bytes'] / old['size_bytes'] - 1:.0%}, threshold {o.size_growth:.0%})"))
+        found.append(
+            (
+                "sqnr",
+                f"{name} SQNR fell {old['sqnr_db']:.1f} -> {new['sqnr_db']:.1f} dB {since} (threshold {o.sqnr_drop_db:g} dB)",
+            )
+        )
+    if (
+        new["size_bytes"]
+        and old["size_bytes"]
+        and new["size_bytes"] > old["size_bytes"] * (1 + o.size_growth)
+    ):
+        found.append(
+            (
+                "size",
+                f"{name} grew {old['size_bytes'] / 2**20:.3f} -> {new['size_bytes'] / 2**20:.3f} MB {since} "
+                f"(+{new['size_bytes'] / old['size_bytes'] - 1:.0%}, threshold {o.size_growth:.0%})",
+            )
+        )
     return found
 
 
@@ -91,8 +159,10 @@ def latency_regression(new: dict, old: dict, growth: float) -> str | None:
     if n is None or o is None or o <= 0:
         return None
     if n > o * (1 + growth) and n - o > n_spread + o_spread:
-        return (f"batch-1 p50 rose {o:.3f} -> {n:.3f} ms (+{n / o - 1:.0%}; measured spread {o_spread:.3f} and "
-                f"{n_spread:.3f} ms, threshold {growth:.0%})")
+        return (
+            f"batch-1 p50 rose {o:.3f} -> {n:.3f} ms (+{n / o - 1:.0%}; measured spread {o_spread:.3f} and "
+            f"{n_spread:.3f} ms, threshold {growth:.0%})"
+        )
     return None
 
 
@@ -119,7 +189,11 @@ def changes(cell: dict, run: Any, baseline: dict, base_run: Any) -> list[str]:
     for lib in sorted(set(old_v) | set(new_v)):
         if old_v.get(lib) != new_v.get(lib):
             found.append(f"{lib} {old_v.get(lib) or 'absent'} -> {new_v.get(lib) or 'absent'}")
-    for key, what in (("model_sha256", "model"), ("data_sha256", "data"), ("profile_sha256", "target profile")):
+    for key, what in (
+        ("model_sha256", "model"),
+        ("data_sha256", "data"),
+        ("profile_sha256", "target profile"),
+    ):
         if baseline.get(key) != cell.get(key):
             found.append(f"{what} sha256 {_short(baseline.get(key))} -> {_short(cell.get(key))}")
     for attr, what in (("toolchain_commit", "toolchain commit"), ("workers", "workers")):

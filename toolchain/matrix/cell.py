@@ -23,9 +23,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..artifact import sha256_files
-from ..folder import remove_leftovers
-from .spec import Cell
+from toolchain.core.artifact import sha256_files
+from toolchain.folder import remove_leftovers
+from toolchain.matrix.spec import Cell
 
 # `toolchain build` exit codes -> cell status (see toolchain/errors.py)
 STATUS_OF_EXIT = {0: "passed", 3: "failed", 4: "not_judged", 2: "error"}
@@ -50,9 +50,12 @@ class CellResult:
     folder: str | None  # the build folder (None when the build left none)
     log: str
     report: dict[str, Any] | None  # report.json of the build
-    latency_repeats: dict[str, list[float]]  # artifact (and fp32_reference) -> batch-1 p50 of each re-measurement, ms
+    # artifact (and fp32_reference) -> batch-1 p50 of each re-measurement, ms
+    latency_repeats: dict[str, list[float]]
     provenance: dict[str, Any]  # model / data / profile sha256 and library versions
-    timing_busy: float | None = None  # the largest share of the machine other processes used while it was re-measured
+    timing_busy: float | None = (
+        None  # the largest share of the machine other processes used while it was re-measured
+    )
     host_cpu: str | None = None  # the CPU it was built and timed on (a Ray cell's node, not the driver's)
 
     def to_json(self) -> dict[str, Any]:
@@ -88,9 +91,22 @@ def run_cell(cell: Cell, folder: Path, log: Path, repeats: int = 3) -> CellResul
         left = cell.time_limit_s - (time.monotonic() - t0)
         latency, busy = _remeasure(folder, log, repeats, left)
     manifest = _read_json(folder / "manifest.json") if report is not None else None
-    return CellResult(cell.key, cell.model_name, cell.target_name, status, why, started, round(time.monotonic() - t0, 2),
-                      str(folder) if report is not None else None, str(log), report, latency, provenance(cell, manifest), busy,
-                      host_cpu_model())
+    return CellResult(
+        cell.key,
+        cell.model_name,
+        cell.target_name,
+        status,
+        why,
+        started,
+        round(time.monotonic() - t0, 2),
+        str(folder) if report is not None else None,
+        str(log),
+        report,
+        latency,
+        provenance(cell, manifest),
+        busy,
+        host_cpu_model(),
+    )
 
 
 def _child(args: list[str], log: Path, limit_s: float) -> tuple[int | None, str | None]:
@@ -101,8 +117,14 @@ def _child(args: list[str], log: Path, limit_s: float) -> tuple[int | None, str 
         with _LOCK:
             if _STOPPING.is_set():
                 return None, "the matrix was stopped before this build started"
-            proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=err, stdin=subprocess.DEVNULL, start_new_session=True,
-                                    preexec_fn=_die_with_parent)
+            proc = subprocess.Popen(
+                args,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
             _RUNNING.add(proc)
         try:
             code = proc.wait(timeout=limit_s)
@@ -161,14 +183,20 @@ def _kill_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def _remeasure(folder: Path, log: Path, repeats: int, limit_s: float) -> tuple[dict[str, list[float]], float | None]:
+def _remeasure(
+    folder: Path, log: Path, repeats: int, limit_s: float
+) -> tuple[dict[str, list[float]], float | None]:
     """({name: batch-1 p50 of each of ``repeats`` measurements}, the largest share of the machine
     other processes used meanwhile), from one `toolchain.matrix.remeasure` process; nothing (and a
     line in the log) when ``repeats`` is 0, the time is up or it fails."""
     if repeats < 1 or limit_s <= 1:
         return {}, None
     out = folder.parent / f".{folder.name}.latency.json"
-    code, why = _child([sys.executable, "-m", "toolchain.matrix.remeasure", str(folder), str(repeats), str(out)], log, limit_s)
+    code, why = _child(
+        [sys.executable, "-m", "toolchain.matrix.remeasure", str(folder), str(repeats), str(out)],
+        log,
+        limit_s,
+    )
     found = _read_json(out) if code == 0 else None
     out.unlink(missing_ok=True)
     if found is None:
@@ -182,7 +210,9 @@ def _remeasure(folder: Path, log: Path, repeats: int, limit_s: float) -> tuple[d
 def provenance(cell: Cell, manifest: dict | None) -> dict[str, Any]:
     """What the cell was built from, for telling what changed between two runs."""
     data = [Path(p) for p in (cell.calib, cell.val) if p]
-    files = sorted(f for p in data for f in ([p] if p.is_file() else p.rglob("*") if p.is_dir() else []) if f.is_file())
+    files = sorted(
+        f for p in data for f in ([p] if p.is_file() else p.rglob("*") if p.is_dir() else []) if f.is_file()
+    )
     return {
         "model_sha256": (manifest or {}).get("model", {}).get("sha256") or _sha(Path(cell.model)),
         "data_sha256": sha256_files(files) if files else None,
@@ -196,8 +226,8 @@ def _sha(path: Path) -> str | None:
 
 
 def _profile_sha(target: str) -> str | None:
-    from ..errors import ToolchainError
-    from ..target import load_target
+    from toolchain.core.errors import ToolchainError
+    from toolchain.target import load_target
 
     try:
         return _sha(Path(load_target(target).source))
@@ -207,7 +237,7 @@ def _profile_sha(target: str) -> str | None:
 
 def host_cpu_model() -> str | None:
     """This machine's CPU model, as the history records it for runs and cells."""
-    from ..cpu import host_cpu
+    from toolchain.measure.cpu import host_cpu
 
     return host_cpu()["model"]
 
@@ -215,8 +245,20 @@ def host_cpu_model() -> str | None:
 def crashed(cell: Cell, folder: Path, log: Path, why: str) -> CellResult:
     """A cell whose build never reported back (its Ray worker died, say)."""
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    return CellResult(cell.key, cell.model_name, cell.target_name, "crashed", why, started, 0.0, None, str(log), None, {},
-                      provenance(cell, None))
+    return CellResult(
+        cell.key,
+        cell.model_name,
+        cell.target_name,
+        "crashed",
+        why,
+        started,
+        0.0,
+        None,
+        str(log),
+        None,
+        {},
+        provenance(cell, None),
+    )
 
 
 def _read_json(path: Path) -> Any:
@@ -228,11 +270,19 @@ def _read_json(path: Path) -> Any:
 
 def _last_error(log: Path) -> str:
     """The build's one-line error (`error: ...`), else its last line."""
-    lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip() and not line.startswith("$ ")]
+    lines = [
+        line.strip()
+        for line in log.read_text(errors="replace").splitlines()
+        if line.strip() and not line.startswith("$ ")
+    ]
     errors = [line for line in lines if line.startswith("error: ")]
-    return (errors[-1][len("error: "):] if errors else lines[-1] if lines else "no output")[:300]
+    return (errors[-1][len("error: ") :] if errors else lines[-1] if lines else "no output")[:300]
 
 
 def _failures(report: dict) -> str:
-    failed = [f"{a['name']}: {'; '.join(a['parity']['failures'])}" for a in report["artifacts"] if a["parity"]["passed"] is False]
+    failed = [
+        f"{a['name']}: {'; '.join(a['parity']['failures'])}"
+        for a in report["artifacts"]
+        if a["parity"]["passed"] is False
+    ]
     return (" | ".join(failed) or report.get("verdict") or "failed")[:300]

@@ -16,15 +16,24 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..errors import ToolchainError
-from ..html import CSS, SCRIPT, _e, _marker, _y_axis, series_marks, series_style
-from .alarms import spread
-from .history import History
+from toolchain.core.errors import ToolchainError
+from toolchain.matrix.alarms import spread
+from toolchain.matrix.history import History
+from toolchain.reporting.html import CSS, SCRIPT, _e, _marker, _y_axis, series_marks, series_style
 
-WORDS = {"passed": "PASSED", "failed": "FAILED", "not_judged": "NOT JUDGED", "error": "ERROR", "crashed": "CRASHED"}
+WORDS = {
+    "passed": "PASSED",
+    "failed": "FAILED",
+    "not_judged": "NOT JUDGED",
+    "error": "ERROR",
+    "crashed": "CRASHED",
+}
 TONE = {"passed": "passed", "failed": "failed", "not_judged": "built", "error": "failed", "crashed": "failed"}
-TRENDS = (("quality", "accuracy (top-1 agreement without labels)", "{:.2%}"), ("sqnr_db", "SQNR (dB)", "{:.1f} dB"),
-          ("latency_ms", "batch-1 p50 latency, median of the repeats (ms)", "{:.3f} ms"))
+TRENDS = (
+    ("quality", "accuracy (top-1 agreement without labels)", "{:.2%}"),
+    ("sqnr_db", "SQNR (dB)", "{:.1f} dB"),
+    ("latency_ms", "batch-1 p50 latency, median of the repeats (ms)", "{:.3f} ms"),
+)
 
 
 def write_dashboard(history: History, out: Path, name: str | None = None) -> Path:
@@ -35,7 +44,9 @@ def write_dashboard(history: History, out: Path, name: str | None = None) -> Pat
     name = name or runs[-1].matrix
     runs = [r for r in runs if r.matrix == name]
     if not runs:
-        raise ToolchainError(f"the history holds no run of matrix `{name}`; it has {', '.join(sorted({r.matrix for r in history.runs()}))}")
+        raise ToolchainError(
+            f"the history holds no run of matrix `{name}`; it has {', '.join(sorted({r.matrix for r in history.runs()}))}"
+        )
     data = dashboard_data(history, runs)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(render(data, out.parent))
@@ -52,22 +63,45 @@ def dashboard_data(history: History, runs: list) -> dict[str, Any]:
     for c in cells:
         for a in c["artifacts"].values():
             quality = a["accuracy"] if a["accuracy"] is not None else a["top1_agreement"]
-            point = {"run": c["run_id"], "started": c["started"], "quality": quality, "sqnr_db": a["sqnr_db"],
-                     "latency_ms": spread(a)[0]}
+            point = {
+                "run": c["run_id"],
+                "started": c["started"],
+                "quality": quality,
+                "sqnr_db": a["sqnr_db"],
+                "latency_ms": spread(a)[0],
+            }
             trends.setdefault(c["key"], {}).setdefault(a["name"], []).append(point)
-    now = list({c["key"]: c for c in cells if c["run_id"] in newest.values()}.values())  # the newest of each cell
+    # the newest of each cell
+    now = list({c["key"]: c for c in cells if c["run_id"] in newest.values()}.values())
+    # a cell built again since: its old alarms are history
     return {
         "matrix": latest.matrix,
-        "run": {"id": latest.id, "status": latest.status, "started": latest.started.isoformat(timespec="seconds"),
-                "executor": latest.executor, "host_cpu": latest.host_cpu, "toolchain_version": latest.toolchain_version,
-                "toolchain_commit": latest.toolchain_commit, "cells_total": latest.cells_total},
+        "run": {
+            "id": latest.id,
+            "status": latest.status,
+            "started": latest.started.isoformat(timespec="seconds"),
+            "executor": latest.executor,
+            "host_cpu": latest.host_cpu,
+            "toolchain_version": latest.toolchain_version,
+            "toolchain_commit": latest.toolchain_commit,
+            "cells_total": latest.cells_total,
+        },
         "runs": [r.id for r in runs],
         "shown_runs": sorted(newest.values()),
-        "cells": [{k: c[k] for k in ("key", "model", "target", "status", "verdict", "reason", "folder", "log", "seconds")}
-                  | {"primary": next((n for n, a in c["artifacts"].items() if a["is_primary"]), None)} for c in now],
-        "alarms": [{k: a[k] for k in ("key", "artifact", "kind", "message", "baseline_run_id", "changes")}
-                   for run_id in sorted(newest.values()) for a in history.alarms_of(run_id)
-                   if a["cell_id"] in {c["id"] for c in now}],  # a cell built again since: its old alarms are history
+        "cells": [
+            {
+                k: c[k]
+                for k in ("key", "model", "target", "status", "verdict", "reason", "folder", "log", "seconds")
+            }
+            | {"primary": next((n for n, a in c["artifacts"].items() if a["is_primary"]), None)}
+            for c in now
+        ],
+        "alarms": [
+            {k: a[k] for k in ("key", "artifact", "kind", "message", "baseline_run_id", "changes")}
+            for run_id in sorted(newest.values())
+            for a in history.alarms_of(run_id)
+            if a["cell_id"] in {c["id"] for c in now}
+        ],
         "trends": trends,
     }
 
@@ -90,10 +124,10 @@ def render(data: dict[str, Any], base: Path) -> str:
     ]
     blob = json.dumps(_plain(data), allow_nan=False).replace("</", "<\\/")
     return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>Matrix {_e(data['matrix'])}, run {run['id']}</title>
+<html lang="en"><head><meta charset="utf-8"><title>Matrix {_e(data["matrix"])}, run {run["id"]}</title>
 <style>{CSS}{EXTRA_CSS}</style></head>
 <body>
-{''.join(parts)}
+{"".join(parts)}
 <script type="application/json" id="matrix-json">{blob}</script>
 <script>{SCRIPT}</script>
 </body></html>
@@ -103,10 +137,12 @@ def render(data: dict[str, Any], base: Path) -> str:
 def _alarms(alarms: list[dict]) -> str:
     if not alarms:
         return "<p class='passed'>No regression against each cell's last passing run.</p>"
-    items = [f"<li class='alarm' data-key='{_e(a['key'])}' data-kind='{_e(a['kind'])}'><b>{_e(a['key'])}</b>"
-             f"{' ' + _e(a['artifact']) if a['artifact'] else ''} [{_e(a['kind'])}]: {_e(a['message'])}"
-             f"<br><small>changed since run {a['baseline_run_id']}: {_e(', '.join(a['changes']) or 'nothing recorded')}</small></li>"
-             for a in alarms]
+    items = [
+        f"<li class='alarm' data-key='{_e(a['key'])}' data-kind='{_e(a['kind'])}'><b>{_e(a['key'])}</b>"
+        f"{' ' + _e(a['artifact']) if a['artifact'] else ''} [{_e(a['kind'])}]: {_e(a['message'])}"
+        f"<br><small>changed since run {a['baseline_run_id']}: {_e(', '.join(a['changes']) or 'nothing recorded')}</small></li>"
+        for a in alarms
+    ]
     return f"<h2>Alarms</h2><ul class='alerts'>{''.join(items)}</ul>"
 
 
@@ -124,15 +160,23 @@ def _grid(cells: list[dict], base: Path, alarms: list[dict]) -> str:
                 tds.append("<td class='none'>—</td>")
                 continue
             report = Path(c["folder"]) / "report.html" if c["folder"] else None
-            links = [f"<a href='{_e(_link(report, base))}'>report</a>" if report and report.is_file() else "",
-                     f"<a href='{_e(_link(Path(c['log']), base))}'>log</a>"]
+            links = [
+                f"<a href='{_e(_link(report, base))}'>report</a>" if report and report.is_file() else "",
+                f"<a href='{_e(_link(Path(c['log']), base))}'>log</a>",
+            ]
             detail = c["verdict"] if c["status"] in ("passed", "failed", "not_judged") else c["reason"]
             detail = "" if detail == WORDS[c["status"]] else detail
             rung = [a["kind"] for a in alarms if a["key"] == c["key"]]
-            flag = f" <span class='alarmed' data-alarms='{len(rung)}'>⚠ {_e(', '.join(rung))}</span>" if rung else ""
-            tds.append(f"<td class='cell {c['status']}' data-key='{_e(c['key'])}' data-status='{c['status']}'>"
-                       f"<b class='{TONE[c['status']]}'>{WORDS[c['status']]}</b>{flag}<br><small>{_e(detail or '')}</small><br>"
-                       f"{_e(c['primary'] or '')} {' · '.join(filter(None, links))} <small>{c['seconds']:.0f} s</small></td>")
+            flag = (
+                f" <span class='alarmed' data-alarms='{len(rung)}'>⚠ {_e(', '.join(rung))}</span>"
+                if rung
+                else ""
+            )
+            tds.append(
+                f"<td class='cell {c['status']}' data-key='{_e(c['key'])}' data-status='{c['status']}'>"
+                f"<b class='{TONE[c['status']]}'>{WORDS[c['status']]}</b>{flag}<br><small>{_e(detail or '')}</small><br>"
+                f"{_e(c['primary'] or '')} {' · '.join(filter(None, links))} <small>{c['seconds']:.0f} s</small></td>"
+            )
         rows.append(f"<tr><td>{_e(m)}</td>{''.join(tds)}</tr>")
     return f"<h2>Verdict per cell</h2><table class='grid'>{head}{''.join(rows)}</table>"
 
@@ -155,21 +199,44 @@ def _trend(chart: str, title: str, series: dict[str, list[dict]], field: str, fm
     left, right, top, h, w = 70, 330, 30, 190, 480
     x_of = {r: left + (i + 0.5) * (right - left) / len(runs) for i, r in enumerate(runs)}
     y_of = lambda v: h - (h - top) * min(1.0, max(0.0, position(v)))
-    marks = [f"<line x1='{left}' y1='{y_of(t):.1f}' x2='{right}' y2='{y_of(t):.1f}' stroke='#eee'/>"
-             f"<text x='{left - 6}' y='{y_of(t) + 4:.1f}' text-anchor='end'>{_e(_tick(t, fmt))}</text>" for t in ticks]
+    marks = [
+        f"<line x1='{left}' y1='{y_of(t):.1f}' x2='{right}' y2='{y_of(t):.1f}' stroke='#eee'/>"
+        f"<text x='{left - 6}' y='{y_of(t) + 4:.1f}' text-anchor='end'>{_e(_tick(t, fmt))}</text>"
+        for t in ticks
+    ]
     marks += [f"<text x='{x:.1f}' y='{h + 16}' text-anchor='middle'>{r}</text>" for r, x in x_of.items()]
-    marks.append(f"<line x1='{left}' y1='{h}' x2='{right}' y2='{h}' stroke='#999'/>"
-                 f"<text class='axis' x='{(left + right) / 2:.0f}' y='{h + 32}' text-anchor='middle'>run</text>")
+    marks.append(
+        f"<line x1='{left}' y1='{h}' x2='{right}' y2='{h}' stroke='#999'/>"
+        f"<text class='axis' x='{(left + right) / 2:.0f}' y='{h + 32}' text-anchor='middle'>run</text>"
+    )
     for i, (name, pts) in enumerate(points.items()):
         color, _, shape = series_style(i)
         dx = (i - (len(points) - 1) / 2) * 4
-        marks += series_marks(chart, name, i, 4, [(x_of[p["run"]] + dx, y_of(p[field]), f"data-run='{p['run']}'", p[field],
-                                                   f"{name}, run {p['run']}: {fmt.format(p[field])}") for p in pts])
+        marks += series_marks(
+            chart,
+            name,
+            i,
+            4,
+            [
+                (
+                    x_of[p["run"]] + dx,
+                    y_of(p[field]),
+                    f"data-run='{p['run']}'",
+                    p[field],
+                    f"{name}, run {p['run']}: {fmt.format(p[field])}",
+                )
+                for p in pts
+            ],
+        )
         ly = top + i * 18
-        marks.append(f"<path d='{_marker(shape, right + 16, ly, 4)}' fill='{color}'/><text x='{right + 26}' y='{ly + 4}'>{_e(name)}</text>")
+        marks.append(
+            f"<path d='{_marker(shape, right + 16, ly, 4)}' fill='{color}'/><text x='{right + 26}' y='{ly + 4}'>{_e(name)}</text>"
+        )
     height = h + 40
-    return (f"<figure><svg class='chart' data-chart='{_e(chart)}' width='{w}' height='{height}' viewBox='0 0 {w} {height}'>"
-            f"<text x='0' y='14' class='title'>{_e(title)}{' (log scale)' if log else ''}</text>{''.join(marks)}</svg></figure>")
+    return (
+        f"<figure><svg class='chart' data-chart='{_e(chart)}' width='{w}' height='{height}' viewBox='0 0 {w} {height}'>"
+        f"<text x='0' y='14' class='title'>{_e(title)}{' (log scale)' if log else ''}</text>{''.join(marks)}</svg></figure>"
+    )
 
 
 def _trend_axis(values: list[float], upper: float | None):
@@ -181,7 +248,8 @@ def _trend_axis(values: list[float], upper: float | None):
     pad = (hi - lo) * 0.15 or abs(hi) * 0.05 or 1.0
     lo, hi = lo - pad, hi + pad if upper is None else min(upper, hi + pad)
     step = 10 ** math.floor(math.log10((hi - lo) / 4))
-    step *= next(m for m in (1, 2, 2.5, 5, 10) if (hi - lo) / 4 <= step * m)  # round ticks: 98.0 %, 98.5 %, ...
+    # round ticks: 98.0 %, 98.5 %, ...
+    step *= next(m for m in (1, 2, 2.5, 5, 10) if (hi - lo) / 4 <= step * m)
     lo, hi = math.floor(lo / step) * step, math.ceil(hi / step) * step
     ticks = [lo + k * step for k in range(round((hi - lo) / step) + 1)]
     return (lambda v: (v - lo) / (hi - lo)), ticks, False

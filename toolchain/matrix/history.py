@@ -17,8 +17,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from ..errors import ToolchainError, reason
-from .cell import CellResult
+from toolchain.core.errors import ToolchainError, reason
+from toolchain.matrix.cell import CellResult
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
@@ -49,7 +49,8 @@ class History:
         try:
             self.engine = sa.create_engine(url)
             with self.engine.begin() as conn:
-                if conn.dialect.name == "postgresql":  # shards opening one database at once migrate it one at a time
+                # shards opening one database at once migrate it one at a time
+                if conn.dialect.name == "postgresql":
                     conn.execute(sa.text("SELECT pg_advisory_xact_lock(7311501)"))
                 _upgrade(conn)
                 tables = sa.MetaData()
@@ -57,7 +58,9 @@ class History:
         except ToolchainError:
             raise
         except Exception as e:  # a driver's own error types: unreachable server, bad file, missing driver
-            raise ToolchainError(f"cannot open the matrix history `{shown}`: {type(e).__name__}: {reason(e)}") from None
+            raise ToolchainError(
+                f"cannot open the matrix history `{shown}`: {type(e).__name__}: {reason(e)}"
+            ) from None
         self._runs, self._cells = tables.tables["runs"], tables.tables["cells"]
         self._artifacts, self._alarms = tables.tables["artifacts"], tables.tables["alarms"]
 
@@ -66,18 +69,41 @@ class History:
 
     # runs
 
-    def start_run(self, matrix: str, matrix_sha256: str, cells_total: int, executor: str, workers: int | None,
-                  host_cpu: str | None, version: str | None, commit: str | None, shard: str | None = None) -> Run:
+    def start_run(
+        self,
+        matrix: str,
+        matrix_sha256: str,
+        cells_total: int,
+        executor: str,
+        workers: int | None,
+        host_cpu: str | None,
+        version: str | None,
+        commit: str | None,
+        shard: str | None = None,
+    ) -> Run:
         """A new run; an older one of the same matrix and shard still marked running was interrupted."""
         same = self._runs.c.shard.is_(None) if shard is None else self._runs.c.shard == shard
         with self.engine.begin() as conn:
-            conn.execute(self._runs.update().where(self._runs.c.matrix == matrix, same, self._runs.c.status == "running")
-                         .values(status="interrupted"))
-            run_id = conn.execute(self._runs.insert().values(
-                matrix=matrix, matrix_sha256=matrix_sha256, status="running", started=_now(), cells_total=cells_total,
-                executor=executor, workers=workers, host_cpu=host_cpu, toolchain_version=version, toolchain_commit=commit,
-                shard=shard,
-            )).inserted_primary_key[0]
+            conn.execute(
+                self._runs.update()
+                .where(self._runs.c.matrix == matrix, same, self._runs.c.status == "running")
+                .values(status="interrupted")
+            )
+            run_id = conn.execute(
+                self._runs.insert().values(
+                    matrix=matrix,
+                    matrix_sha256=matrix_sha256,
+                    status="running",
+                    started=_now(),
+                    cells_total=cells_total,
+                    executor=executor,
+                    workers=workers,
+                    host_cpu=host_cpu,
+                    toolchain_version=version,
+                    toolchain_commit=commit,
+                    shard=shard,
+                )
+            ).inserted_primary_key[0]
         return self.run(run_id)
 
     def resumable_run(self, matrix: str, shard: str | None = None) -> Run | None:
@@ -87,12 +113,20 @@ class History:
 
     def reopen_run(self, run: Run, executor: str, workers: int | None) -> Run:
         with self.engine.begin() as conn:
-            conn.execute(self._runs.update().where(self._runs.c.id == run.id).values(status="running", executor=executor, workers=workers))
+            conn.execute(
+                self._runs.update()
+                .where(self._runs.c.id == run.id)
+                .values(status="running", executor=executor, workers=workers)
+            )
         return self.run(run.id)
 
     def finish_run(self, run_id: int) -> None:
         with self.engine.begin() as conn:
-            conn.execute(self._runs.update().where(self._runs.c.id == run_id).values(status="finished", finished=_now()))
+            conn.execute(
+                self._runs.update()
+                .where(self._runs.c.id == run_id)
+                .values(status="finished", finished=_now())
+            )
 
     def run(self, run_id: int) -> Run:
         with self.engine.connect() as conn:
@@ -117,32 +151,61 @@ class History:
             if rows:
                 conn.execute(self._artifacts.insert(), [{**r, "cell_id": cell_id} for r in rows])
             if found:
-                conn.execute(self._alarms.insert(), [{**a, "run_id": run.id, "cell_id": cell_id, "key": result.key} for a in found])
+                conn.execute(
+                    self._alarms.insert(),
+                    [{**a, "run_id": run.id, "cell_id": cell_id, "key": result.key} for a in found],
+                )
         return cell_id
 
     def done_keys(self, run_id: int) -> set[str]:
         with self.engine.connect() as conn:
-            return set(conn.execute(sa.select(self._cells.c.key).where(self._cells.c.run_id == run_id)).scalars())
+            return set(
+                conn.execute(sa.select(self._cells.c.key).where(self._cells.c.run_id == run_id)).scalars()
+            )
 
     def cells_of(self, run_ids: list[int]) -> list[dict[str, Any]]:
         """Every cell of these runs, each with its artifacts (``artifacts``: name -> row)."""
         if not run_ids:
             return []
         with self.engine.connect() as conn:
-            found = [dict(r) for r in conn.execute(sa.select(self._cells).where(self._cells.c.run_id.in_(run_ids)).order_by(self._cells.c.id)).mappings()]
+            found = [
+                dict(r)
+                for r in conn.execute(
+                    sa.select(self._cells).where(self._cells.c.run_id.in_(run_ids)).order_by(self._cells.c.id)
+                ).mappings()
+            ]
             ids = [c["id"] for c in found]
-            rows = conn.execute(sa.select(self._artifacts).where(self._artifacts.c.cell_id.in_(ids)).order_by(self._artifacts.c.id)).mappings() if ids else []
+            rows = (
+                conn.execute(
+                    sa.select(self._artifacts)
+                    .where(self._artifacts.c.cell_id.in_(ids))
+                    .order_by(self._artifacts.c.id)
+                ).mappings()
+                if ids
+                else []
+            )
             by_cell: dict[int, dict[str, dict]] = {}
             for r in rows:
                 by_cell.setdefault(r["cell_id"], {})[r["name"]] = dict(r)
         return [{**c, "artifacts": by_cell.get(c["id"], {})} for c in found]
 
-    def last_passing(self, matrix: str, key: str, before_run: int, quiet_below: float | None = None) -> dict[str, Any] | None:
+    def last_passing(
+        self, matrix: str, key: str, before_run: int, quiet_below: float | None = None
+    ) -> dict[str, Any] | None:
         """The newest passing run of cell ``key`` before run ``before_run``, with its artifacts and
         run; with ``quiet_below``, the newest whose latency was measured on a quiet machine."""
-        query = (sa.select(self._cells.c.id, self._cells.c.run_id).join(self._runs, self._runs.c.id == self._cells.c.run_id)
-                 .where(self._runs.c.matrix == matrix, self._cells.c.key == key, self._cells.c.status == "passed", self._runs.c.id < before_run)
-                 .order_by(self._runs.c.id.desc()).limit(1))
+        query = (
+            sa.select(self._cells.c.id, self._cells.c.run_id)
+            .join(self._runs, self._runs.c.id == self._cells.c.run_id)
+            .where(
+                self._runs.c.matrix == matrix,
+                self._cells.c.key == key,
+                self._cells.c.status == "passed",
+                self._runs.c.id < before_run,
+            )
+            .order_by(self._runs.c.id.desc())
+            .limit(1)
+        )
         if quiet_below is not None:
             query = query.where(self._cells.c.timing_busy <= quiet_below)
         with self.engine.connect() as conn:
@@ -154,18 +217,38 @@ class History:
 
     def alarms_of(self, run_id: int) -> list[dict[str, Any]]:
         with self.engine.connect() as conn:
-            return [dict(r) for r in conn.execute(sa.select(self._alarms).where(self._alarms.c.run_id == run_id).order_by(self._alarms.c.id)).mappings()]
+            return [
+                dict(r)
+                for r in conn.execute(
+                    sa.select(self._alarms).where(self._alarms.c.run_id == run_id).order_by(self._alarms.c.id)
+                ).mappings()
+            ]
 
 
 def cell_row(result: CellResult) -> dict[str, Any]:
     report, p = result.report or {}, result.provenance
     ref = report.get("reference") or {}
-    return dict(key=result.key, model=result.model_name, target=result.target, status=result.status, reason=result.reason,
-                verdict=report.get("verdict"), started=result.started, seconds=result.seconds,
-                build_seconds=report.get("build_seconds"), folder=result.folder, log=result.log,
-                model_sha256=p.get("model_sha256"), data_sha256=p.get("data_sha256"), profile_sha256=p.get("profile_sha256"),
-                versions=p.get("versions") or {}, reference_accuracy=_number(ref.get("accuracy")),
-                reference_latency_ms=_number(ref.get("latency_ms")), timing_busy=result.timing_busy, host_cpu=result.host_cpu)
+    return dict(
+        key=result.key,
+        model=result.model_name,
+        target=result.target,
+        status=result.status,
+        reason=result.reason,
+        verdict=report.get("verdict"),
+        started=result.started,
+        seconds=result.seconds,
+        build_seconds=report.get("build_seconds"),
+        folder=result.folder,
+        log=result.log,
+        model_sha256=p.get("model_sha256"),
+        data_sha256=p.get("data_sha256"),
+        profile_sha256=p.get("profile_sha256"),
+        versions=p.get("versions") or {},
+        reference_accuracy=_number(ref.get("accuracy")),
+        reference_latency_ms=_number(ref.get("latency_ms")),
+        timing_busy=result.timing_busy,
+        host_cpu=result.host_cpu,
+    )
 
 
 def artifact_rows(result: CellResult) -> list[dict[str, Any]]:
@@ -174,14 +257,28 @@ def artifact_rows(result: CellResult) -> list[dict[str, Any]]:
     for a in (result.report or {}).get("artifacts", []):
         p, rec = a["parity"], a.get("recovery") or {}
         metric = (p.get("metric") or {}).get("value") if isinstance(p.get("metric"), dict) else None
-        rows.append(dict(
-            name=a["name"], precision=a["precision"], is_primary=bool(a["primary"]), passed=p["passed"],
-            sqnr_db=_number(p["sqnr_db"]), cosine=_number(p["cosine"]), top1_agreement=_number(p["top1_agreement"]),
-            accuracy=_number(p["accuracy"]), metric=_number(metric), latency_p50_ms=_number(a["latency_ms"]),
-            latency_p95_ms=_number(a["latency_p95_ms"]), latency_p99_ms=_number(a["latency_p99_ms"]),
-            latency_repeats=result.latency_repeats.get(a["name"], []), size_bytes=a["size_bytes"], sha256=a["sha256"],
-            recovery_status=rec.get("status"), recovery_summary=rec.get("summary"), failures=list(p["failures"]),
-        ))
+        rows.append(
+            dict(
+                name=a["name"],
+                precision=a["precision"],
+                is_primary=bool(a["primary"]),
+                passed=p["passed"],
+                sqnr_db=_number(p["sqnr_db"]),
+                cosine=_number(p["cosine"]),
+                top1_agreement=_number(p["top1_agreement"]),
+                accuracy=_number(p["accuracy"]),
+                metric=_number(metric),
+                latency_p50_ms=_number(a["latency_ms"]),
+                latency_p95_ms=_number(a["latency_p95_ms"]),
+                latency_p99_ms=_number(a["latency_p99_ms"]),
+                latency_repeats=result.latency_repeats.get(a["name"], []),
+                size_bytes=a["size_bytes"],
+                sha256=a["sha256"],
+                recovery_status=rec.get("status"),
+                recovery_summary=rec.get("summary"),
+                failures=list(p["failures"]),
+            )
+        )
     return rows
 
 

@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 
-def write_junit(path: Path, matrix: str, run_id: int, cells: list[dict[str, Any]], alarms: list[dict[str, Any]]) -> None:
+def write_junit(
+    path: Path, matrix: str, run_id: int, cells: list[dict[str, Any]], alarms: list[dict[str, Any]]
+) -> None:
     from junitparser import Error, Failure, JUnitXml, Skipped, TestCase, TestSuite
 
     xml = JUnitXml(f"matrix {matrix}, run {run_id}")
@@ -25,9 +27,17 @@ def write_junit(path: Path, matrix: str, run_id: int, cells: list[dict[str, Any]
                 "crashed": [Error(c["reason"], "crashed")],
                 "not_judged": [Skipped(c["verdict"] or "not judged")],
             }.get(c["status"], [])
-            results += [Failure(a["message"] + _changes(a), f"regression:{a['kind']}") for a in alarms if a["cell_id"] == c["id"]]
+            results += [
+                Failure(a["message"] + _changes(a), f"regression:{a['kind']}")
+                for a in alarms
+                if a["cell_id"] == c["id"]
+            ]
             case.result = results
-            case.system_out = "\n".join(filter(None, [c["verdict"], c["folder"] and f"build folder: {c['folder']}", f"log: {c['log']}"]))
+            case.system_out = "\n".join(
+                filter(
+                    None, [c["verdict"], c["folder"] and f"build folder: {c['folder']}", f"log: {c['log']}"]
+                )
+            )
             suite.add_testcase(case)
         xml.add_testsuite(suite)
     path.parent.mkdir(parents=True, exist_ok=True)

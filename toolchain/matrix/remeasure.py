@@ -16,7 +16,7 @@ from pathlib import Path
 
 
 def remeasure(folder: Path, times: int) -> dict:
-    from ..bench import bench_build
+    from toolchain.bench import bench_build
 
     series: dict[str, list[float]] = {}
     others = []
@@ -44,7 +44,9 @@ class OthersCpu:
         if busy is None or now_busy is None:
             return
         wall = time.monotonic() - t
-        self.share = round(max(0.0, (now_busy - busy) - (_own_seconds() - own)) / (wall * (os.cpu_count() or 1)), 3)
+        self.share = round(
+            max(0.0, (now_busy - busy) - (_own_seconds() - own)) / (wall * (os.cpu_count() or 1)), 3
+        )
 
 
 def _busy_seconds() -> float | None:
@@ -62,7 +64,7 @@ def _own_seconds() -> float:
 
 
 if __name__ == "__main__":
-    from ..console import Terminal
+    from toolchain.reporting.console import Terminal
 
     Terminal(quiet=True).configure()
     folder, times, out = Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])

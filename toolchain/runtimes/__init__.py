@@ -13,14 +13,15 @@ import dataclasses
 import importlib
 from typing import TYPE_CHECKING, Callable
 
-from ..artifact import Artifact, Kind
-from ..registry import Registry
+from toolchain.core.artifact import Artifact, Kind
+from toolchain.core.errors import ToolchainError
+from toolchain.core.registry import Registry
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from ..profiling import OperatorProfile
-    from ..runtime import Runner
+    from toolchain.core.runner import Runner
+    from toolchain.measure.profiling import OperatorProfile
 
 MODULES = ("torchscript", "lite_interpreter", "onnxruntime", "executorch", "openvino", "qnn", "tensorrt")
 
@@ -33,7 +34,9 @@ class Runtime:
     suffix: str  # of the shipped file
     requires: tuple[str, ...]  # libraries (import names): see `toolchain doctor`
     load: Callable[[Artifact, int], "Runner"]  # (artifact, threads) -> runs a batch, returns every output
-    profile: Callable[[Artifact, "np.ndarray", int, int], "OperatorProfile"] | None = None  # (artifact, x, runs, threads)
+    profile: Callable[[Artifact, "np.ndarray", int, int], "OperatorProfile"] | None = (
+        None  # (artifact, x, runs, threads)
+    )
     where: str = "host"  # "host": checked in the build; "device": only where the target's hardware is
     emulated: bool = False  # runs the device's code through an emulator on the host: its outputs count, its latency does not
 
@@ -58,3 +61,10 @@ def names() -> list[str]:
 def _load_all() -> None:
     for module in MODULES:
         importlib.import_module(f"{__name__}.{module}")
+
+
+def load_runner(artifact: Artifact, runtime: str, threads: int) -> Runner:
+    """Load ``artifact`` back from its file in ``runtime`` (see toolchain.runtimes), so what is checked is what ships."""
+    if artifact.path is None:
+        raise ToolchainError(f"artifact {artifact.lineage} has no file to load")
+    return get(runtime).load(artifact, threads)

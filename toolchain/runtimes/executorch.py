@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..artifact import Artifact, Kind
-from . import Runtime, register
+from toolchain.core.artifact import Artifact, Kind
+from toolchain.runtimes import Runtime, register
 
 _EVENT_NUMBER = re.compile(r"\s*#\d+$")
 
@@ -25,7 +25,7 @@ def load_program(path: Path, threads: int, enable_etdump: bool = False):
     from executorch.extension.pybindings import portable_lib
     from executorch.runtime import Runtime as ExecuTorchRuntime
 
-    from ..runtime import native_stderr_off
+    from toolchain.core.native import native_stderr_off
 
     with native_stderr_off():  # the C++ runtime logs CPU probing and thread-pool resets
         portable_lib._unsafe_reset_threadpool(threads)
@@ -36,7 +36,8 @@ def load_program(path: Path, threads: int, enable_etdump: bool = False):
 
 def load(artifact: Artifact, threads: int):
     """Larger batches than the planned one run group by group in the planned batch size."""
-    from ..runtime import flatten_outputs, native_stderr_off
+    from toolchain.core.native import native_stderr_off
+    from toolchain.core.runner import flatten_outputs
 
     _, method, shape = load_program(artifact.path, threads)
     planned = shape[0]
@@ -45,7 +46,7 @@ def load(artifact: Artifact, threads: int):
     def run(x) -> list[np.ndarray]:
         parts = []
         for start in range(0, len(x), planned):
-            chunk = x[start:start + planned]
+            chunk = x[start : start + planned]
             valid = len(chunk)
             args = _planned_args(chunk, planned)
             if quiet[0]:
@@ -62,7 +63,7 @@ def load(artifact: Artifact, threads: int):
 
 def _planned_args(chunk, planned: int) -> list:
     """A batch as the program's arguments, filled up to the planned batch size (the extra rows' outputs are dropped)."""
-    from ..feed import Feed, repeat_to, torch_args
+    from toolchain.core.feed import Feed, repeat_to, torch_args
 
     if not isinstance(chunk, Feed):
         chunk = np.ascontiguousarray(chunk, dtype=np.float32)
@@ -70,8 +71,8 @@ def _planned_args(chunk, planned: int) -> list:
 
 
 def profile(artifact: Artifact, x: np.ndarray, runs: int, threads: int):
-    from ..profiling import WARMUP, summarize
-    from ..runtime import native_stderr_off
+    from toolchain.core.native import native_stderr_off
+    from toolchain.measure.profiling import WARMUP, summarize
 
     program, method, shape = load_program(artifact.path, threads, enable_etdump=True)
     planned = shape[0]
@@ -84,7 +85,8 @@ def profile(artifact: Artifact, x: np.ndarray, runs: int, threads: int):
         from executorch.devtools import Inspector
 
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "Output Buffer not found": no debug buffer asked for, timings only
+            # "Output Buffer not found": no debug buffer asked for, timings only
+            warnings.simplefilter("ignore")
             inspector = Inspector(etdump_path=str(etdump))
     by_op: dict[str, list] = collections.defaultdict(lambda: [0.0, 0])
     whole = 0.0  # Method::execute spans every operator: only its time outside them is its own
@@ -108,4 +110,6 @@ def profile(artifact: Artifact, x: np.ndarray, runs: int, threads: int):
     return summarize("executorch etdump", rows, runs, x[:planned], threads)
 
 
-RUNTIME = register(Runtime("executorch", Kind.EXECUTORCH, "executorch", ".pte", ("executorch",), load, profile))
+RUNTIME = register(
+    Runtime("executorch", Kind.EXECUTORCH, "executorch", ".pte", ("executorch",), load, profile)
+)

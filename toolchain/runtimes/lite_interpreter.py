@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from ..artifact import Kind
-from . import Runtime, register
-from .torchscript import load, profile
+from toolchain.core.artifact import Kind
+from toolchain.runtimes import Runtime, register
+from toolchain.runtimes.torchscript import load, profile
 
-RUNTIME = register(Runtime("lite_interpreter", Kind.LITE, "torchscript-lite", ".ptl", ("torch",), load, profile))
+RUNTIME = register(
+    Runtime("lite_interpreter", Kind.LITE, "torchscript-lite", ".ptl", ("torch",), load, profile)
+)

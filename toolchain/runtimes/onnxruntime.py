@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..artifact import Artifact, Kind
-from ..feed import ort_feed
-from . import Runtime, register
+from toolchain.core.artifact import Artifact, Kind
+from toolchain.core.feed import ort_feed
+from toolchain.runtimes import Runtime, register
 
 
 def session(path: Path, threads: int, profile_prefix: str | None = None):
@@ -39,7 +39,7 @@ def load(artifact: Artifact, threads: int):
 
 def profile(artifact: Artifact, x: np.ndarray, runs: int, threads: int):
     """Per op type: the node executions after the warm-up runs."""
-    from ..profiling import WARMUP, summarize
+    from toolchain.measure.profiling import WARMUP, summarize
 
     with tempfile.TemporaryDirectory() as tmp:
         s = session(artifact.path, threads, profile_prefix=str(Path(tmp) / "ort"))

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..artifact import Artifact, Kind
-from . import Runtime, register
+from toolchain.core.artifact import Artifact, Kind
+from toolchain.runtimes import Runtime, register
 
 
 def load(artifact: Artifact, threads: int):
@@ -21,10 +21,14 @@ def load(artifact: Artifact, threads: int):
     compiled = core.compile_model(str(artifact.path), "CPU", {"INFERENCE_NUM_THREADS": threads})
     request = compiled.create_infer_request()
 
-    from ..feed import Feed, contiguous
+    from toolchain.core.feed import Feed, contiguous
 
     def run(x) -> list[np.ndarray]:
-        request.infer([contiguous(a) for a in x.arrays] if isinstance(x, Feed) else [np.ascontiguousarray(x, dtype=np.float32)])
+        request.infer(
+            [contiguous(a) for a in x.arrays]
+            if isinstance(x, Feed)
+            else [np.ascontiguousarray(x, dtype=np.float32)]
+        )
         return [np.array(request.get_output_tensor(i).data) for i in range(len(compiled.outputs))]
 
     return run

@@ -6,27 +6,30 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..artifact import Artifact, Kind
-from ..feed import ort_feed
-from . import Runtime, register
+from toolchain.core.artifact import Artifact, Kind
+from toolchain.core.feed import ort_feed
+from toolchain.runtimes import Runtime, register
 
 
 def load(artifact: Artifact, threads: int):
     import onnxruntime as ort
 
-    from ..runtime import native_stderr_off
-    from ..stages.compile_qnn import htp_session_options
+    from toolchain.core.native import native_stderr_off
+    from toolchain.stages.compile_qnn import htp_session_options
 
     with native_stderr_off():  # the QNN SDK's native logging
         session = ort.InferenceSession(str(artifact.path), htp_session_options())
     names = [i.name for i in session.get_inputs()]
 
     def run(x) -> list[np.ndarray]:  # compiled for batch 1
-        parts = [session.run(None, ort_feed(x[i:i + 1], names)) for i in range(len(x))]
+        parts = [session.run(None, ort_feed(x[i : i + 1], names)) for i in range(len(x))]
         return [np.concatenate([p[k] for p in parts]) for k in range(len(parts[0]))]
 
     return run
 
 
-RUNTIME = register(Runtime("qnn", Kind.ONNX, "onnx-epcontext", ".onnx", ("onnxruntime", "onnxruntime_qnn"), load,
-                           emulated=True))
+RUNTIME = register(
+    Runtime(
+        "qnn", Kind.ONNX, "onnx-epcontext", ".onnx", ("onnxruntime", "onnxruntime_qnn"), load, emulated=True
+    )
+)

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..artifact import Artifact, Kind
-from . import Runtime, register
+from toolchain.core.artifact import Artifact, Kind
+from toolchain.runtimes import Runtime, register
 
 
 def load_module(artifact: Artifact):
     """A TorchScript or lite-interpreter file, loaded under the engine its INT8 weights were packed for."""
     import torch
 
-    engine = artifact.kernels or artifact.quantized_engine  # the deployment CPU's kernels, not the host's dispatch
+    # the deployment CPU's kernels, not the host's dispatch
+    engine = artifact.kernels or artifact.quantized_engine
     if engine:
         torch.backends.quantized.engine = engine  # packed weights unpack on load, on this engine
     if artifact.kind is Kind.LITE:
@@ -23,14 +24,14 @@ def load_module(artifact: Artifact):
 
 
 def load(artifact: Artifact, threads: int):
-    from ..runtime import torch_runner
+    from toolchain.core.runner import torch_runner
 
     return torch_runner(load_module(artifact), threads)
 
 
 def profile(artifact: Artifact, x: np.ndarray, runs: int, threads: int):
     """torch.profiler: self CPU time, calls, input shapes and memory of each operator."""
-    from ..profiling import profile_torch
+    from toolchain.measure.profiling import profile_torch
 
     return profile_torch(load_module(artifact), x, runs, threads)
 

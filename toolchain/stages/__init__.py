@@ -1,8 +1,19 @@
 """Every stage registers itself on import; importing this package registers them all."""
 
-from . import (  # noqa: F401
-    cast_torch, compile_qnn, decompose_onnx, export_onnx, float16_onnx, fuse, lower_executorch, mobile_passes, onnx_passes,
-    quantize_dynamic, quantize_onnx,
-    quantize_pt2e, quantize_torch,
-    save_lite, save_torchscript,
+from toolchain.stages import (  # noqa: F401
+    cast_torch,
+    compile_qnn,
+    decompose_onnx,
+    export_onnx,
+    float16_onnx,
+    fuse,
+    lower_executorch,
+    mobile_passes,
+    onnx_passes,
+    quantize_dynamic,
+    quantize_onnx,
+    quantize_pt2e,
+    quantize_torch,
+    save_lite,
+    save_torchscript,
 )

@@ -17,33 +17,48 @@ import dataclasses
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
-
-from ..artifact import Artifact, Kind
-from ..feed import ort_feed
-from ..context import BuildContext
-from ..errors import StageError, reason
-from ..options import option
-from ..runtime import native_stderr_off
-from ..stage import Recoverable, Stage, StageResult, register_stage
-from .quantize_onnx import _quiet, _runner
+from toolchain.core.artifact import Artifact, Kind
+from toolchain.core.context import BuildContext
+from toolchain.core.errors import StageError, reason
+from toolchain.core.feed import ort_feed
+from toolchain.core.native import native_stderr_off
+from toolchain.core.options import option
+from toolchain.core.stage import Recoverable, Stage, StageResult, register_stage
+from toolchain.stages.quantize_onnx import _quiet, _runner
 
 # Hexagon architectures and the phones that carry them
-HTP_ARCHS = {68: "Snapdragon 888", 69: "Snapdragon 8 Gen 1", 73: "Snapdragon 8 Gen 2", 75: "Snapdragon 8 Gen 3",
-             79: "Snapdragon 8 Elite"}
+HTP_ARCHS = {
+    68: "Snapdragon 888",
+    69: "Snapdragon 8 Gen 1",
+    73: "Snapdragon 8 Gen 2",
+    75: "Snapdragon 8 Gen 3",
+    79: "Snapdragon 8 Elite",
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class CompileQnnOptions:
-    htp_arch: Literal[68, 69, 73, 75, 79] = option(73, "Hexagon architecture of the phone: 68 (888), 69 (8 Gen 1), 73 (8 Gen 2), 75 (8 Gen 3), 79 (8 Elite)")
+    htp_arch: Literal[68, 69, 73, 75, 79] = option(
+        73,
+        "Hexagon architecture of the phone: 68 (888), 69 (8 Gen 1), 73 (8 Gen 2), 75 (8 Gen 3), 79 (8 Elite)",
+    )
     soc_model: int = option(0, "QNN SoC model id of the phone (0: any SoC with that htp_arch)")
-    equalize: bool = option(False, "cross-layer equalization first (same function in FP32); recovery tries it")
-    smooth: bool = option(False, "SmoothQuant's LayerNorm -> Linear scale migration first (same function in FP32); recovery tries it")
-    a16w8: bool = option(False, "16-bit activations (A16W8), the HTP's answer to INT8 accuracy loss; recovery tries it")
+    equalize: bool = option(
+        False, "cross-layer equalization first (same function in FP32); recovery tries it"
+    )
+    smooth: bool = option(
+        False,
+        "SmoothQuant's LayerNorm -> Linear scale migration first (same function in FP32); recovery tries it",
+    )
+    a16w8: bool = option(
+        False, "16-bit activations (A16W8), the HTP's answer to INT8 accuracy loss; recovery tries it"
+    )
     per_channel: bool = option(True, "per-channel weights where the HTP takes them")
     embed: bool = option(True, "context binary inside the .onnx (false: a side `<name>_qnn.bin`)")
     samples: int = option(64, "calibration inputs used (batch 1 each)")
-    float_layers: tuple[str, ...] = option((), "unused: the HTP runs the whole graph; recovery tries 16-bit activations instead")
+    float_layers: tuple[str, ...] = option(
+        (), "unused: the HTP runs the whole graph; recovery tries 16-bit activations instead"
+    )
 
 
 @register_stage
@@ -61,8 +76,8 @@ class CompileQnn(Stage, Recoverable):
         from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config, qnn_preprocess_model
 
         o = self.options
-        from ..rescale import rescale_onnx_into
-        from ..smooth import Bits
+        from toolchain.passes.rescale import rescale_onnx_into
+        from toolchain.passes.smooth import Bits
 
         stem = f"qnn-{artifact.sha256[:12]}-{o.a16w8}-{o.per_channel}-{o.equalize}-{o.smooth}"
         static = ctx.workdir / f"{stem}-b1.onnx"
@@ -70,14 +85,22 @@ class CompileQnn(Stage, Recoverable):
         rescaled = {}
         if o.equalize or o.smooth:
             bits = Bits(activations=16 if o.a16w8 else 8, per_channel=o.per_channel)
-            rescaled = rescale_onnx_into(static, static.with_name(f"{stem}-rescaled.onnx"), lambda model: _runner(model, ctx),
-                                         ctx.calibration.x[:128], self.name, o.equalize, o.smooth, bits)
+            rescaled = rescale_onnx_into(
+                static,
+                static.with_name(f"{stem}-rescaled.onnx"),
+                lambda model: _runner(model, ctx),
+                ctx.calibration.x[:128],
+                self.name,
+                o.equalize,
+                o.smooth,
+                bits,
+            )
             static = static.with_name(f"{stem}-rescaled.onnx")
         pre = ctx.workdir / f"{stem}-pre.onnx"
         source = pre if qnn_preprocess_model(str(static), str(pre)) else static
         graph = onnx.load(str(source), load_external_data=False).graph
         names = [i.name for i in graph.input if i.name not in {t.name for t in graph.initializer}]
-        x = ctx.calibration.x[:o.samples]
+        x = ctx.calibration.x[: o.samples]
 
         class Reader(CalibrationDataReader):
             def __init__(self):
@@ -85,26 +108,44 @@ class CompileQnn(Stage, Recoverable):
 
             def get_next(self):
                 i = next(self.rows, None)
-                return None if i is None else ort_feed(x[i:i + 1], names)
+                return None if i is None else ort_feed(x[i : i + 1], names)
 
         qdq = ctx.workdir / f"{stem}-qdq.onnx"
         try:
             with _quiet():  # the quantizer logs every tensor, and a pre-processing hint it does not need here
-                config = get_qnn_qdq_config(str(source), Reader(), activation_type=QuantType.QUInt16 if o.a16w8 else QuantType.QUInt8,
-                                            weight_type=QuantType.QUInt8, per_channel=o.per_channel)
+                config = get_qnn_qdq_config(
+                    str(source),
+                    Reader(),
+                    activation_type=QuantType.QUInt16 if o.a16w8 else QuantType.QUInt8,
+                    weight_type=QuantType.QUInt8,
+                    per_channel=o.per_channel,
+                )
                 quantize(str(source), str(qdq), config)
         except Exception as e:
-            raise StageError(f"compile_qnn: ONNX Runtime's QNN quantizer refuses this model: {reason(e)}") from None
+            raise StageError(
+                f"compile_qnn: ONNX Runtime's QNN quantizer refuses this model: {reason(e)}"
+            ) from None
         out = self.output_path(artifact, ctx, ".onnx")
         try:
             with native_stderr_off():  # the QNN SDK's native logging
-                ort.ModelCompiler(htp_session_options(o.htp_arch, o.soc_model), str(qdq),
-                                  embed_compiled_data_into_model=o.embed).compile_to_file(str(out))
+                ort.ModelCompiler(
+                    htp_session_options(o.htp_arch, o.soc_model),
+                    str(qdq),
+                    embed_compiled_data_into_model=o.embed,
+                ).compile_to_file(str(out))
         except Exception as e:
-            raise StageError(f"compile_qnn: the HTP cannot take this model (no CPU fallback): {reason(e)}") from None
-        facts = {"checked_on": "host HTP emulation (libQnnHtp.so on x86): parity holds for the phone, latency does not",
-                 "htp_arch": o.htp_arch, "phone": HTP_ARCHS[o.htp_arch], "soc_model": o.soc_model,
-                 "activations": "uint16" if o.a16w8 else "uint8", **context_facts(out), **rescaled}
+            raise StageError(
+                f"compile_qnn: the HTP cannot take this model (no CPU fallback): {reason(e)}"
+            ) from None
+        facts = {
+            "checked_on": "host HTP emulation (libQnnHtp.so on x86): parity holds for the phone, latency does not",
+            "htp_arch": o.htp_arch,
+            "phone": HTP_ARCHS[o.htp_arch],
+            "soc_model": o.soc_model,
+            "activations": "uint16" if o.a16w8 else "uint8",
+            **context_facts(out),
+            **rescaled,
+        }
         precision = "a16w8" if o.a16w8 else "int8"
         return StageResult(dataclasses.replace(artifact, path=out, precision=precision), facts)
 
@@ -115,7 +156,7 @@ class CompileQnn(Stage, Recoverable):
         return ("equalize", "smooth", "a16w8")
 
     def applies(self, fix: str, artifact: Artifact, ctx: BuildContext) -> bool:
-        from ..rescale import onnx_finds
+        from toolchain.passes.rescale import onnx_finds
 
         return fix == "a16w8" or onnx_finds(artifact.path, fix)
 
@@ -125,7 +166,7 @@ def batch_one(model, sample=None):
     any other symbolic axis (a sequence length) fixed to its size in ``sample`` (one batch of inputs)."""
     from onnxruntime.tools.onnx_model_utils import fix_output_shapes, make_dim_param_fixed
 
-    from ..feed import arrays
+    from toolchain.core.feed import arrays
 
     fixed = {}
     given = arrays(sample) if sample is not None else ()
@@ -135,7 +176,9 @@ def batch_one(model, sample=None):
                 fixed[dim.dim_param] = 1 if axis == 0 else (given[k].shape[axis] if k < len(given) else None)
     for param, size in fixed.items():
         if size is None:
-            raise StageError(f"compile_qnn: the HTP needs static shapes and axis `{param}` has no size to fix it to")
+            raise StageError(
+                f"compile_qnn: the HTP needs static shapes and axis `{param}` has no size to fix it to"
+            )
         make_dim_param_fixed(model.graph, param, size)
     if fixed:
         fix_output_shapes(model)
@@ -175,7 +218,9 @@ def register_qnn() -> None:
         import onnxruntime_qnn
 
         with native_stderr_off():  # the library announces its thread-local configuration on load
-            ort.register_execution_provider_library("QNNExecutionProvider", onnxruntime_qnn.get_library_path())
+            ort.register_execution_provider_library(
+                "QNNExecutionProvider", onnxruntime_qnn.get_library_path()
+            )
         _registered = True
 
 
@@ -189,5 +234,8 @@ def context_facts(path: Path) -> dict:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         blob = attrs.get("ep_cache_context", b"")
         size += len(blob) if attrs.get("embed_mode", 1) == 1 else (path.parent / blob.decode()).stat().st_size
-    return {"epcontext_nodes": len(contexts), "context_bytes": size,
-            "other_nodes": sorted({n.op_type for n in model.graph.node if n.op_type != "EPContext"})}
+    return {
+        "epcontext_nodes": len(contexts),
+        "context_bytes": size,
+        "other_nodes": sorted({n.op_type for n in model.graph.node if n.op_type != "EPContext"}),
+    }

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..artifact import Artifact, Kind
-from ..context import BuildContext
-from ..errors import ConfigError, StageError, reason
-from ..options import option
-from ..stage import Stage, StageResult, register_stage
-from .export_onnx import save_onnx
+from toolchain.core.artifact import Artifact, Kind
+from toolchain.core.context import BuildContext
+from toolchain.core.errors import ConfigError, StageError, reason
+from toolchain.core.options import option
+from toolchain.core.stage import Stage, StageResult, register_stage
+from toolchain.stages.export_onnx import save_onnx
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,16 +32,18 @@ class DecomposeOnnx(Stage):
 
     @classmethod
     def check_options(cls, options: DecomposeOnnxOptions, where: str, source: str) -> None:
-        from ..decompose import REWRITES
+        from toolchain.passes.decompose import REWRITES
 
         for i, name in enumerate(options.op_types):
             if name not in REWRITES:
-                raise ConfigError(f"{source}: `{where}.op_types[{i}]` = {name!r} has no decomposition; valid: {', '.join(sorted(REWRITES))}")
+                raise ConfigError(
+                    f"{source}: `{where}.op_types[{i}]` = {name!r} has no decomposition; valid: {', '.join(sorted(REWRITES))}"
+                )
 
     def apply(self, artifact: Artifact, ctx: BuildContext) -> StageResult:
         import onnx
 
-        from ..decompose import decompose
+        from toolchain.passes.decompose import decompose
 
         proto = onnx.load(str(artifact.path))
         try:

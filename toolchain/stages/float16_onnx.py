@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..artifact import Artifact, Kind
-from ..context import BuildContext
-from ..errors import StageError, reason
-from ..options import option
-from ..stage import Stage, StageResult, register_stage
-from .export_onnx import save_onnx
+from toolchain.core.artifact import Artifact, Kind
+from toolchain.core.context import BuildContext
+from toolchain.core.errors import StageError, reason
+from toolchain.core.options import option
+from toolchain.core.stage import Stage, StageResult, register_stage
+from toolchain.stages.export_onnx import save_onnx
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,13 +41,24 @@ class Float16Onnx(Stage):
 
         proto = onnx.load(str(artifact.path))
         try:
-            half = convert_float_to_float16(proto, keep_io_types=self.options.keep_io_types,
-                                            op_block_list=[*DEFAULT_OP_BLOCK_LIST, *self.options.op_block_list])
+            half = convert_float_to_float16(
+                proto,
+                keep_io_types=self.options.keep_io_types,
+                op_block_list=[*DEFAULT_OP_BLOCK_LIST, *self.options.op_block_list],
+            )
             OnnxModel(half).topological_sort()  # the converter appends the input Casts after their consumers
             onnx.checker.check_model(half)
         except Exception as e:
             raise StageError(f"float16_onnx: {reason(e)}") from None
         path = ctx.workdir / f"fp16-{artifact.sha256[:12]}.onnx"
         save_onnx(half, path, external=artifact.has_external_data)
-        kept = sorted({n.op_type for n in half.graph.node if n.op_type in DEFAULT_OP_BLOCK_LIST or n.op_type in self.options.op_block_list})
-        return StageResult(dataclasses.replace(artifact, path=path, precision="fp16"), {"fp32_ops": kept, "io": "fp32"})
+        kept = sorted(
+            {
+                n.op_type
+                for n in half.graph.node
+                if n.op_type in DEFAULT_OP_BLOCK_LIST or n.op_type in self.options.op_block_list
+            }
+        )
+        return StageResult(
+            dataclasses.replace(artifact, path=path, precision="fp16"), {"fp32_ops": kept, "io": "fp32"}
+        )

@@ -16,10 +16,10 @@ import copy
 import dataclasses
 import warnings
 
-from ..artifact import Artifact, Kind
-from ..context import BuildContext
-from ..errors import StageError, reason
-from ..stage import Stage, StageResult, register_stage
+from toolchain.core.artifact import Artifact, Kind
+from toolchain.core.context import BuildContext
+from toolchain.core.errors import StageError, reason
+from toolchain.core.stage import Stage, StageResult, register_stage
 
 PATTERNS = (("conv", "bn", "relu"), ("conv", "bn"), ("conv", "relu"), ("linear", "relu"), ("bn", "relu"))
 
@@ -28,7 +28,12 @@ PATTERNS = (("conv", "bn", "relu"), ("conv", "bn"), ("conv", "relu"), ("linear",
 class Fuse(Stage):
     name = "fuse"
     requires = ("torch",)
-    transitions = {Kind.EAGER: Kind.FX, Kind.EXPORTED: Kind.FX, Kind.FX: Kind.FX, Kind.TORCHSCRIPT: Kind.TORCHSCRIPT}
+    transitions = {
+        Kind.EAGER: Kind.FX,
+        Kind.EXPORTED: Kind.FX,
+        Kind.FX: Kind.FX,
+        Kind.TORCHSCRIPT: Kind.TORCHSCRIPT,
+    }
 
     def apply(self, artifact: Artifact, ctx: BuildContext) -> StageResult:
         if artifact.kind is Kind.TORCHSCRIPT:
@@ -38,7 +43,7 @@ class Fuse(Stage):
 
         lifted = 0
         if artifact.kind is Kind.EXPORTED:
-            from ..lift import lift_exported
+            from toolchain.passes.lift import lift_exported
 
             gm, lifted = lift_exported(artifact.model)
         else:
@@ -54,7 +59,12 @@ class Fuse(Stage):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             fused = fuse_fx(gm.eval())
-        facts = {"patterns": dict(found), "lifted_from_aten": lifted, "unshared_modules": unshared, "modules_after": _fused_module_counts(fused)}
+        facts = {
+            "patterns": dict(found),
+            "lifted_from_aten": lifted,
+            "unshared_modules": unshared,
+            "modules_after": _fused_module_counts(fused),
+        }
         return StageResult(dataclasses.replace(artifact, kind=Kind.FX, model=fused), facts)
 
 
@@ -116,11 +126,19 @@ def _role(gm, node) -> str | None:
 
     if node.op == "call_module":
         mod = gm.get_submodule(node.target)
-        for cls, role in ((nn.modules.conv._ConvNd, "conv"), (nn.Linear, "linear"),
-                          (nn.modules.batchnorm._BatchNorm, "bn"), (nn.ReLU, "relu")):
+        for cls, role in (
+            (nn.modules.conv._ConvNd, "conv"),
+            (nn.Linear, "linear"),
+            (nn.modules.batchnorm._BatchNorm, "bn"),
+            (nn.ReLU, "relu"),
+        ):
             if isinstance(mod, cls):
                 return role
-    if node.op in ("call_function", "call_method") and node.target in (torch.relu, torch.nn.functional.relu, "relu"):
+    if node.op in ("call_function", "call_method") and node.target in (
+        torch.relu,
+        torch.nn.functional.relu,
+        "relu",
+    ):
         return "relu"
     return None
 
@@ -133,14 +151,15 @@ def _fused_module_counts(gm) -> dict[str, int]:
 
 def _fold_torchscript(artifact: Artifact) -> StageResult:
     import torch
-
     from torch.jit._recursive import wrap_cpp_module
 
     model = artifact.model.copy() if hasattr(artifact.model, "copy") else copy.deepcopy(artifact.model)
     before = _count_batchnorm(model)
     model = wrap_cpp_module(torch._C._jit_pass_fold_convbn(model._c))  # the pass returns the folded module
     after = _count_batchnorm(model)
-    return StageResult(dataclasses.replace(artifact, model=model), {"patterns": {"conv-bn (folded)": before - after}})
+    return StageResult(
+        dataclasses.replace(artifact, model=model), {"patterns": {"conv-bn (folded)": before - after}}
+    )
 
 
 def _count_batchnorm(script_module) -> int:

@@ -15,12 +15,12 @@ import dataclasses
 import re
 from typing import Literal
 
-from ..artifact import Artifact, Kind
-from ..context import BuildContext
-from ..errors import StageError, reason
-from ..export import as_module, export_program
-from ..options import option
-from ..stage import Stage, StageResult, register_stage
+from toolchain.core.artifact import Artifact, Kind
+from toolchain.core.context import BuildContext
+from toolchain.core.errors import StageError, reason
+from toolchain.core.export import as_module, export_program
+from toolchain.core.options import option
+from toolchain.core.stage import Stage, StageResult, register_stage
 
 _NOT_CORE = re.compile(r"Operator (?:torch\._ops\.)?(\S+) is not in Core ATen opset")
 _MISSING_OUT = re.compile(r"Missing out variants: \{'?([^'}]+)")
@@ -30,7 +30,9 @@ _CHECK_FAILED = re.compile(r"Check failed \(.*?\): (.+)$")
 
 @dataclasses.dataclass(frozen=True)
 class LowerExecuTorchOptions:
-    backend: Literal["xnnpack", "portable"] = option("xnnpack", "delegate to XNNPACK, or run everything on portable kernels")
+    backend: Literal["xnnpack", "portable"] = option(
+        "xnnpack", "delegate to XNNPACK, or run everything on portable kernels"
+    )
 
 
 @register_stage
@@ -69,12 +71,17 @@ class LowerExecuTorch(Stage):
         path.write_bytes(executorch.buffer)
         smoke_run(path, ctx.example())
         facts = {
-            "backend": self.options.backend, "input_shape": list(ctx.input_shape),
+            "backend": self.options.backend,
+            "input_shape": list(ctx.input_shape),
             "delegate_calls": delegate_calls,
             "outside_delegate": dict(sorted(outside.items())),
         }
-        return StageResult(dataclasses.replace(artifact, kind=Kind.EXECUTORCH, model=None, path=path,
-                                               quantized_engine=self.options.backend), facts)
+        return StageResult(
+            dataclasses.replace(
+                artifact, kind=Kind.EXECUTORCH, model=None, path=path, quantized_engine=self.options.backend
+            ),
+            facts,
+        )
 
 
 def _ops(graph) -> dict[str, int]:
@@ -93,7 +100,7 @@ def smoke_run(path, example) -> None:
     arguments (a 5-D convolution), which only shows at run time, in the runtime's log."""
     from executorch.runtime import Runtime
 
-    from ..runtime import native_stderr
+    from toolchain.core.native import native_stderr
 
     with native_stderr() as log:
         try:
@@ -102,7 +109,9 @@ def smoke_run(path, example) -> None:
         except RuntimeError as e:
             error = str(e)
     op = next((m.group(1) for m in map(_IN_OPERATOR.search, log) if m), None)
-    why = next((m.group(1).strip() for m in map(_CHECK_FAILED.search, log) if m and m.group(1).strip()), error)
+    why = next(
+        (m.group(1).strip() for m in map(_CHECK_FAILED.search, log) if m and m.group(1).strip()), error
+    )
     subject = f"operator {op}" if op else "this program"
     raise StageError(f"lower_executorch: ExecuTorch cannot run {subject} on this model: {why[:200]}")
 
@@ -124,10 +133,14 @@ def _explain(e: Exception) -> str:
     text = str(e)
     match = _NOT_CORE.search(text)
     if match:
-        return (f"lower_executorch: ExecuTorch cannot lower operator {match.group(1)}: it is not in the "
-                f"Core ATen opset, so neither XNNPACK nor the portable kernels take it")
+        return (
+            f"lower_executorch: ExecuTorch cannot lower operator {match.group(1)}: it is not in the "
+            f"Core ATen opset, so neither XNNPACK nor the portable kernels take it"
+        )
     match = _MISSING_OUT.search(text)
     if match:
-        return (f"lower_executorch: ExecuTorch cannot lower operator {match.group(1)}: the delegate did not take it "
-                f"and ExecuTorch has no out-variant kernel for it")
+        return (
+            f"lower_executorch: ExecuTorch cannot lower operator {match.group(1)}: the delegate did not take it "
+            f"and ExecuTorch has no out-variant kernel for it"
+        )
     return f"lower_executorch: ExecuTorch lowering failed ({type(e).__name__}): {reason(e)}"

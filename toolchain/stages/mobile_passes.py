@@ -12,10 +12,10 @@ from __future__ import annotations
 import dataclasses
 import warnings
 
-from ..artifact import Artifact, Kind
-from ..context import BuildContext
-from ..errors import reason
-from ..stage import Stage, StageResult, register_stage
+from toolchain.core.artifact import Artifact, Kind
+from toolchain.core.context import BuildContext
+from toolchain.core.errors import reason
+from toolchain.core.stage import Stage, StageResult, register_stage
 
 
 @register_stage
@@ -41,7 +41,11 @@ class MobilePasses(Stage):
                     not_applied[name] = str(e)
                 except RuntimeError as e:
                     not_applied[name] = _reason(e)
-        facts = {"applied": applied, "not_applied": not_applied, "graph_nodes": {"before": before, "after": _node_count(model)}}
+        facts = {
+            "applied": applied,
+            "not_applied": not_applied,
+            "graph_nodes": {"before": before, "after": _node_count(model)},
+        }
         return StageResult(dataclasses.replace(artifact, model=model, path=None), facts)
 
 
@@ -80,9 +84,13 @@ def _passes():
         raise _Unavailable("Vulkan backend only; the Snapdragon artifacts run on the CPU")
 
     return [
-        ("freeze", freeze), ("conv_bn_fusion", conv_bn_fusion), ("remove_dropout", remove_dropout),
-        ("insert_fold_prepack_ops", insert_fold_prepack_ops), ("hoist_conv_packed_params", hoist_conv_packed_params),
-        ("fuse_add_relu", fuse_add_relu), ("vulkan_automatic_gpu_transfer", vulkan_automatic_gpu_transfer),
+        ("freeze", freeze),
+        ("conv_bn_fusion", conv_bn_fusion),
+        ("remove_dropout", remove_dropout),
+        ("insert_fold_prepack_ops", insert_fold_prepack_ops),
+        ("hoist_conv_packed_params", hoist_conv_packed_params),
+        ("fuse_add_relu", fuse_add_relu),
+        ("vulkan_automatic_gpu_transfer", vulkan_automatic_gpu_transfer),
     ]
 
 

@@ -5,16 +5,22 @@ from __future__ import annotations
 import collections
 import dataclasses
 
-from ..artifact import Artifact, Kind
-from ..context import BuildContext
-from ..errors import ConfigError, StageError, reason
-from ..options import option
-from ..stage import Stage, StageResult, register_stage
-from .export_onnx import save_onnx
+from toolchain.core.artifact import Artifact, Kind
+from toolchain.core.context import BuildContext
+from toolchain.core.errors import ConfigError, StageError, reason
+from toolchain.core.options import option
+from toolchain.core.stage import Stage, StageResult, register_stage
+from toolchain.stages.export_onnx import save_onnx
 
 DEFAULT_PASSES = (
-    "eliminate_deadend", "eliminate_identity", "eliminate_nop_dropout", "eliminate_nop_transpose",
-    "eliminate_nop_pad", "fuse_bn_into_conv", "fuse_consecutive_transposes", "fuse_pad_into_conv",
+    "eliminate_deadend",
+    "eliminate_identity",
+    "eliminate_nop_dropout",
+    "eliminate_nop_transpose",
+    "eliminate_nop_pad",
+    "fuse_bn_into_conv",
+    "fuse_consecutive_transposes",
+    "fuse_pad_into_conv",
     "eliminate_unused_initializer",
 )
 
@@ -38,7 +44,9 @@ class OnnxPasses(Stage):
         valid = set(onnxoptimizer.get_available_passes())
         for i, name in enumerate(options.passes):
             if name not in valid:
-                raise ConfigError(f"{source}: `{where}.passes[{i}]` = {name!r} is not an onnxoptimizer pass; valid: {', '.join(sorted(valid))}")
+                raise ConfigError(
+                    f"{source}: `{where}.passes[{i}]` = {name!r} is not an onnxoptimizer pass; valid: {', '.join(sorted(valid))}"
+                )
 
     def apply(self, artifact: Artifact, ctx: BuildContext) -> StageResult:
         import onnx
@@ -55,7 +63,8 @@ class OnnxPasses(Stage):
         path = ctx.workdir / f"{artifact.precision}-passes-{artifact.sha256[:12]}.onnx"
         save_onnx(optimized, path, external=artifact.has_external_data)
         facts = {
-            "nodes_before": sum(before.values()), "nodes_after": sum(after.values()),
+            "nodes_before": sum(before.values()),
+            "nodes_after": sum(after.values()),
             "removed_by_op": {op: before[op] - after[op] for op in sorted(before) if before[op] > after[op]},
         }
         return StageResult(dataclasses.replace(artifact, path=path), facts)

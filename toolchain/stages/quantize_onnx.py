@@ -18,13 +18,13 @@ from typing import Literal
 
 import numpy as np
 
-from ..artifact import Artifact, Kind
-from ..feed import ort_feed
-from ..context import BuildContext
-from ..cpu import safe_reduce_range
-from ..errors import ConfigError, StageError, reason
-from ..options import option
-from ..stage import Recoverable, Stage, StageResult, register_stage
+from toolchain.core.artifact import Artifact, Kind
+from toolchain.core.context import BuildContext
+from toolchain.core.errors import ConfigError, StageError, reason
+from toolchain.core.feed import ort_feed
+from toolchain.core.options import option
+from toolchain.core.stage import Recoverable, Stage, StageResult, register_stage
+from toolchain.measure.cpu import safe_reduce_range
 
 log = logging.getLogger("toolchain")
 
@@ -40,26 +40,60 @@ class QuantizeOnnxOptions:
     weights: Literal["int8", "uint8"] = option("int8", "weight type")
     symmetric_activations: bool = option(False, "zero-point 0 for activations (TensorRT needs it)")
     reduce_range: bool | None = option(
-        None, "7-bit weights, for CPUs without VNNI whose U8S8 kernels saturate otherwise (unset: follow `runtime.isa`)"
+        None,
+        "7-bit weights, for CPUs without VNNI whose U8S8 kernels saturate otherwise (unset: follow `runtime.isa`)",
     )
-    op_types: tuple[str, ...] = option((), "ONNX op types whose inputs get Q/DQ (empty: ONNX Runtime's default set)")
+    op_types: tuple[str, ...] = option(
+        (), "ONNX op types whose inputs get Q/DQ (empty: ONNX Runtime's default set)"
+    )
     quantize_outputs: bool = option(True, "also quantize those ops' outputs (TensorRT wants inputs only)")
-    dedicated_qdq_pair: bool = option(False, "one Q/DQ pair per consumer, so each can be fused on its own (TensorRT)")
-    preprocess: bool = option(True, "run ONNX Runtime's quantization pre-processing (shape inference, graph optimization) first")
+    dedicated_qdq_pair: bool = option(
+        False, "one Q/DQ pair per consumer, so each can be fused on its own (TensorRT)"
+    )
+    preprocess: bool = option(
+        True, "run ONNX Runtime's quantization pre-processing (shape inference, graph optimization) first"
+    )
     batch_size: int = option(32, "calibration batch size")
-    float_layers: tuple[str, ...] = option((), "node names kept in floating point (no Q/DQ at their inputs); recovery sets it")
-    equalize: bool = option(False, "cross-layer equalization of Conv/Gemm/MatMul pairs first (same function in FP32); recovery tries it")
-    smooth: bool = option(False, "SmoothQuant: move LayerNorm outputs' outlier channel scales into the Linear weights that read them "
-                                 "(same function in FP32); recovery tries it")
-    bias_correction: bool = option(False, "shift each Conv/Gemm bias by the mean error quantization adds on calibration inputs; recovery tries it")
-    float_masks: bool = option(False, "keep additive attention masks in float: each Softmax whose input a padding mask pushes below "
-                                      "-1e3 on calibration inputs, and the Add that applies the mask (weights stay INT8); recovery tries it")
+    float_layers: tuple[str, ...] = option(
+        (), "node names kept in floating point (no Q/DQ at their inputs); recovery sets it"
+    )
+    equalize: bool = option(
+        False,
+        "cross-layer equalization of Conv/Gemm/MatMul pairs first (same function in FP32); recovery tries it",
+    )
+    smooth: bool = option(
+        False,
+        "SmoothQuant: move LayerNorm outputs' outlier channel scales into the Linear weights that read them "
+        "(same function in FP32); recovery tries it",
+    )
+    bias_correction: bool = option(
+        False,
+        "shift each Conv/Gemm bias by the mean error quantization adds on calibration inputs; recovery tries it",
+    )
+    float_masks: bool = option(
+        False,
+        "keep additive attention masks in float: each Softmax whose input a padding mask pushes below "
+        "-1e3 on calibration inputs, and the Add that applies the mask (weights stay INT8); recovery tries it",
+    )
 
 
 # What recovery can keep in float: layers with weights, and the ops that quantize an activation of their
 # own (normalizations, element-wise arithmetic, pooling and resizing that change values).
-RECOVERABLE = ("Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "InstanceNormalization",
-               "LayerNormalization", "Add", "Mul", "AveragePool", "GlobalAveragePool", "Resize")
+RECOVERABLE = (
+    "Conv",
+    "ConvTranspose",
+    "Gemm",
+    "MatMul",
+    "BatchNormalization",
+    "InstanceNormalization",
+    "LayerNormalization",
+    "Add",
+    "Mul",
+    "AveragePool",
+    "GlobalAveragePool",
+    "Resize",
+)
+
 
 @register_stage
 class QuantizeOnnx(Stage, Recoverable):
@@ -72,7 +106,9 @@ class QuantizeOnnx(Stage, Recoverable):
     @classmethod
     def check_options(cls, options: QuantizeOnnxOptions, where: str, source: str) -> None:
         if not options.quantize_outputs and not options.op_types:
-            raise ConfigError(f"{source}: `{where}.quantize_outputs` = false needs `{where}.op_types` (whose outputs to leave in float)")
+            raise ConfigError(
+                f"{source}: `{where}.quantize_outputs` = false needs `{where}.op_types` (whose outputs to leave in float)"
+            )
 
     def apply(self, artifact: Artifact, ctx: BuildContext) -> StageResult:
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -81,10 +117,16 @@ class QuantizeOnnx(Stage, Recoverable):
         reduce_range = reduce_range_for(o.reduce_range, o.activations, o.weights, ctx.isa)
         path = self.output_path(artifact, ctx, ".onnx")
         types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
-        method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-                  "percentile": CalibrationMethod.Percentile}[o.calibration]
-        extra = {"ActivationSymmetric": o.symmetric_activations, "WeightSymmetric": True,
-                 "DedicatedQDQPair": o.dedicated_qdq_pair}
+        method = {
+            "minmax": CalibrationMethod.MinMax,
+            "entropy": CalibrationMethod.Entropy,
+            "percentile": CalibrationMethod.Percentile,
+        }[o.calibration]
+        extra = {
+            "ActivationSymmetric": o.symmetric_activations,
+            "WeightSymmetric": True,
+            "DedicatedQDQPair": o.dedicated_qdq_pair,
+        }
         if not o.quantize_outputs:
             extra["OpTypesToExcludeOutputQuantization"] = list(o.op_types)
         if o.calibration == "percentile":
@@ -93,39 +135,60 @@ class QuantizeOnnx(Stage, Recoverable):
         masks = self._masks(source, ctx) if o.float_masks else []
         # Activation ranges are kept per (input, calibration): recovery's variants reuse them instead of
         # calibrating again. Only a run that keeps no layer in float writes them (it ranges every tensor).
-        ranges = ctx.workdir / f"ranges-{source.stem}-{o.calibration}-{o.percentile}-{o.symmetric_activations}.json"
+        ranges = (
+            ctx.workdir
+            / f"ranges-{source.stem}-{o.calibration}-{o.percentile}-{o.symmetric_activations}.json"
+        )
         cached = ranges.exists()
         with _quiet():
             try:
                 quantize_static(
-                    str(source), str(path), None if cached else _Reader(source, ctx, o.batch_size),
-                    quant_format=QuantFormat.QDQ, per_channel=o.per_channel, reduce_range=reduce_range,
-                    activation_type=types[o.activations], weight_type=types[o.weights],
-                    calibrate_method=method, extra_options=extra, op_types_to_quantize=list(o.op_types) or None,
-                    nodes_to_exclude=[*o.float_layers, *masks] or None, use_external_data_format=artifact.has_external_data,
+                    str(source),
+                    str(path),
+                    None if cached else _Reader(source, ctx, o.batch_size),
+                    quant_format=QuantFormat.QDQ,
+                    per_channel=o.per_channel,
+                    reduce_range=reduce_range,
+                    activation_type=types[o.activations],
+                    weight_type=types[o.weights],
+                    calibrate_method=method,
+                    extra_options=extra,
+                    op_types_to_quantize=list(o.op_types) or None,
+                    nodes_to_exclude=[*o.float_layers, *masks] or None,
+                    use_external_data_format=artifact.has_external_data,
                     calibration_cache_path=str(ranges) if cached or not o.float_layers else None,
                 )
             except Exception as e:
-                raise StageError(f"quantize_onnx: ONNX Runtime cannot quantize this model: {reason(e)}") from None
-        facts = {"calibration_samples": len(ctx.calibration.x), "reduce_range": reduce_range, "ranges_reused": cached,
-                 "float_layers": list(o.float_layers), **qdq_summary(path)}
+                raise StageError(
+                    f"quantize_onnx: ONNX Runtime cannot quantize this model: {reason(e)}"
+                ) from None
+        facts = {
+            "calibration_samples": len(ctx.calibration.x),
+            "reduce_range": reduce_range,
+            "ranges_reused": cached,
+            "float_layers": list(o.float_layers),
+            **qdq_summary(path),
+        }
         facts.update(ctx.cache.get(("rescale_onnx", source.name), {}))  # equalization / smoothing, when done
         if o.float_masks:
             facts["float_masks"] = masks
         if o.bias_correction:
-            from ..bias_correction import correct_biases
+            from toolchain.passes.bias_correction import correct_biases
 
-            facts["bias_correction"] = correct_biases(source, path, lambda model: _runner(model, ctx)(ctx.calibration.x[:128]))
+            facts["bias_correction"] = correct_biases(
+                source, path, lambda model: _runner(model, ctx)(ctx.calibration.x[:128])
+            )
         return StageResult(dataclasses.replace(artifact, path=path, precision="int8"), facts)
-
 
     def _masks(self, source: Path, ctx: BuildContext) -> list[str]:
         """The Softmax and Add nodes of additive attention masks in ``source`` (see toolchain.masks), once per file."""
-        from ..masks import onnx_mask_nodes
+        from toolchain.passes.masks import onnx_mask_nodes
 
         key = ("masks", source.name)
         if key not in ctx.cache:
-            ctx.cache[key] = onnx_mask_nodes(source, lambda model: _runner(model, ctx), ctx.calibration.x[:64])
+            ctx.cache[key] = onnx_mask_nodes(
+                source, lambda model: _runner(model, ctx), ctx.calibration.x[:64]
+            )
         return ctx.cache[key]
 
     def _source(self, artifact: Artifact, ctx: BuildContext) -> Path:
@@ -134,14 +197,16 @@ class QuantizeOnnx(Stage, Recoverable):
         o = self.options
         source = preprocessed(artifact, ctx) if o.preprocess else artifact.path
         reduce_range = reduce_range_for(o.reduce_range, o.activations, o.weights, ctx.isa)
-        return rescaled(source, ctx, self.name, o.equalize, o.smooth, reduce_range, o.per_channel, o.symmetric_activations)
+        return rescaled(
+            source, ctx, self.name, o.equalize, o.smooth, reduce_range, o.per_channel, o.symmetric_activations
+        )
 
     def layers(self, artifact: Artifact, ctx: BuildContext) -> list[str]:
         import onnx
-
         from onnxruntime.quantization.registry import QDQRegistry
 
-        quantized = set(self.options.op_types) or set(QDQRegistry) | {"Add", "Mul"}  # Add / Mul: ORT's QDQ defaults
+        # Add / Mul: ORT's QDQ defaults
+        quantized = set(self.options.op_types) or set(QDQRegistry) | {"Add", "Mul"}
         graph = onnx.load(str(self._source(artifact, ctx)), load_external_data=False).graph
         return [n.name for n in graph.node if n.op_type in RECOVERABLE and n.op_type in quantized and n.name]
 
@@ -152,7 +217,7 @@ class QuantizeOnnx(Stage, Recoverable):
         return ("float_masks", "equalize", "smooth", "bias_correction")
 
     def applies(self, fix: str, artifact: Artifact, ctx: BuildContext) -> bool:
-        from ..rescale import onnx_finds
+        from toolchain.passes.rescale import onnx_finds
 
         if fix == "float_masks":  # a mask's Softmax or Add that this quantizer would give Q/DQ
             import onnx
@@ -167,23 +232,40 @@ class QuantizeOnnx(Stage, Recoverable):
         return onnx_finds(preprocessed(artifact, ctx) if self.options.preprocess else artifact.path, fix)
 
 
-def rescaled(source: Path, ctx: BuildContext, stage: str, equalize: bool, smooth: bool, reduce_range: bool,
-             per_channel: bool = True, symmetric: bool = False) -> Path:
+def rescaled(
+    source: Path,
+    ctx: BuildContext,
+    stage: str,
+    equalize: bool,
+    smooth: bool,
+    reduce_range: bool,
+    per_channel: bool = True,
+    symmetric: bool = False,
+) -> Path:
     """``source`` equalized and / or smoothed (checked: the same function in FP32), kept beside it so
     recovery's variants share it; ``source`` itself when neither is asked. Its facts are cached under
     ``("rescale_onnx", file name)``."""
-    from ..rescale import rescale_onnx_into
-    from ..smooth import Bits
+    from toolchain.passes.rescale import rescale_onnx_into
+    from toolchain.passes.smooth import Bits
 
     if not (equalize or smooth):
         return source
-    bits = Bits(weights=7 if reduce_range else 8, per_channel=per_channel, symmetric=symmetric)  # reduce_range: 7-bit weights
+    # reduce_range: 7-bit weights
+    bits = Bits(weights=7 if reduce_range else 8, per_channel=per_channel, symmetric=symmetric)
     tag = f"smoothed{bits.weights}{'c' * per_channel}{'s' * symmetric}"
     prefix = "-".join(word for word, on in (("equalized", equalize), (tag, smooth)) if on)
     out = source.with_name(f"{prefix}-{source.name}")
     if not out.exists():
         ctx.cache[("rescale_onnx", out.name)] = rescale_onnx_into(
-            source, out, lambda model: _runner(model, ctx), ctx.calibration.x[:128], stage, equalize, smooth, bits)
+            source,
+            out,
+            lambda model: _runner(model, ctx),
+            ctx.calibration.x[:128],
+            stage,
+            equalize,
+            smooth,
+            bits,
+        )
     return out
 
 
@@ -202,8 +284,10 @@ def _runner(model, ctx: BuildContext):
 
     def run(x) -> list[np.ndarray]:
         size = step or 64
-        parts = [session.run(None, ort_feed(x[i:i + size], names))
-                 for i in range(0, len(x) - (len(x) % step if step else 0), size)]
+        parts = [
+            session.run(None, ort_feed(x[i : i + size], names))
+            for i in range(0, len(x) - (len(x) % step if step else 0), size)
+        ]
         return [np.concatenate(outputs) for outputs in zip(*parts)]
 
     return run
@@ -222,8 +306,12 @@ def qdq_summary(path: Path) -> dict:
 
     proto = onnx.load(str(path))
     ops = [n.op_type for n in proto.graph.node]
-    return {"quantize_nodes": ops.count("QuantizeLinear"), "dequantize_nodes": ops.count("DequantizeLinear"), "nodes": len(ops),
-            "float_weight_share": float_weight_share(proto.graph)}
+    return {
+        "quantize_nodes": ops.count("QuantizeLinear"),
+        "dequantize_nodes": ops.count("DequantizeLinear"),
+        "nodes": len(ops),
+        "float_weight_share": float_weight_share(proto.graph),
+    }
 
 
 def float_weight_share(graph) -> float:
@@ -237,7 +325,11 @@ def float_weight_share(graph) -> float:
             n = 1
             for d in t.dims:
                 n *= d
-            sizes[t.name] = (n, t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16))
+            sizes[t.name] = (
+                n,
+                t.data_type
+                in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16),
+            )
     total = sum(n for n, _ in sizes.values())
     return round(sum(n for n, f in sizes.values() if f) / total, 4) if total else 0.0
 
@@ -259,14 +351,19 @@ def _preprocess_into(path: Path, out: Path) -> None:
     (and its `<uuid>.data`) in the working directory before raising: run it in the work folder."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    source, target = path.resolve(), out.resolve()  # before the chdir: either may be relative to the working directory
+    # before the chdir: either may be relative to the working directory
+    source, target = (path.resolve(), out.resolve())
     with contextlib.chdir(target.parent):
         for skip_symbolic in (False, True):
             try:
                 quant_pre_process(str(source), str(target), skip_symbolic_shape=skip_symbolic)
                 return
             except Exception as e:  # pre-processing is an optimisation
-                log.debug("ONNX Runtime pre-processing%s failed: %s", " without symbolic shapes" if skip_symbolic else "", reason(e))
+                log.debug(
+                    "ONNX Runtime pre-processing%s failed: %s",
+                    " without symbolic shapes" if skip_symbolic else "",
+                    reason(e),
+                )
     shutil.copyfile(source, target)  # quantize the model as it is
 
 
@@ -311,7 +408,8 @@ def _quiet():
     """ONNX Runtime's quantizer logs every tensor at INFO and its histogram calibrators print()
     progress; keep the terminal short and stdout clean for `--json`."""
     level = logging.root.level
-    logging.root.setLevel(logging.ERROR)  # also its "consider pre-processing" hint: off on purpose for TensorRT names
+    # also its "consider pre-processing" hint: off on purpose for TensorRT names
+    logging.root.setLevel(logging.ERROR)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             yield

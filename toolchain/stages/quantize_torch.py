@@ -11,44 +11,65 @@ exported models, ``quantize_jit`` for TorchScript ones.
 from __future__ import annotations
 
 import copy
-import typing
 import dataclasses
+import typing
 import warnings
 from typing import Literal
 
-from ..artifact import Artifact, Kind
-from ..context import BuildContext
-from ..cpu import has_vnni, torch_kernels
-from ..errors import StageError, reason
-from ..feed import torch_args
-from ..options import option
-from ..stage import Recoverable, Stage, StageResult, register_stage
+from toolchain.core.artifact import Artifact, Kind
+from toolchain.core.context import BuildContext
+from toolchain.core.errors import StageError, reason
+from toolchain.core.feed import torch_args
+from toolchain.core.options import option
+from toolchain.core.stage import Recoverable, Stage, StageResult, register_stage
+from toolchain.measure.cpu import has_vnni, torch_kernels
 
 
 @dataclasses.dataclass(frozen=True)
 class QuantizeTorchOptions:
-    engine: Literal["x86", "fbgemm", "qnnpack"] = option("x86", "PyTorch quantized engine the INT8 kernels are packed for")
+    engine: Literal["x86", "fbgemm", "qnnpack"] = option(
+        "x86", "PyTorch quantized engine the INT8 kernels are packed for"
+    )
     calibration: Literal["minmax", "entropy", "percentile"] = option(
-        "entropy", "activation range: running min/max, histogram search for the least quantization error, or a percentile"
+        "entropy",
+        "activation range: running min/max, histogram search for the least quantization error, or a percentile",
     )
     percentile: float = option(99.99, "with calibration = percentile: the percentile kept")
     per_channel: bool = option(True, "per-output-channel symmetric weight scales (per-tensor when false)")
     reduce_range: bool | None = option(
-        None, "7-bit activations, avoiding accumulator overflow on CPUs without VNNI (unset: follow `runtime.isa`)"
+        None,
+        "7-bit activations, avoiding accumulator overflow on CPUs without VNNI (unset: follow `runtime.isa`)",
     )
     batch_size: int = option(32, "calibration batch size")
-    float_layers: tuple[str, ...] = option((), "module names kept in floating point (FX models); recovery sets it")
-    equalize: bool = option(False, "cross-layer equalization of Conv/Linear pairs first (FX models; same function in FP32); recovery tries it")
-    smooth: bool = option(False, "SmoothQuant: move LayerNorm outputs' outlier channel scales into the Linear weights that read "
-                                 "them (FX models; same function in FP32); recovery tries it")
-    bias_correction: bool = option(False, "shift each quantized Conv/Linear bias by the mean error quantization adds on calibration "
-                                          "inputs (FX models); recovery tries it")
-    float_masks: bool = option(False, "keep additive attention masks in float: the add that pushes a Softmax's input below -1e3 "
-                                      "on calibration inputs (a padding mask; FX models); recovery tries it")
-    fbgemm_kernels: bool = option(False, "with engine x86: pack for fbgemm's kernels, "
-                                         "not the oneDNN ones the x86 engine picks on VNNI / AMX CPUs (torch 2.14.1's oneDNN AMX INT8 "
-                                         "Conv1d is wrong for some shapes); the artifact then runs under "
-                                         "torch.backends.quantized.engine = 'fbgemm'; recovery tries it for `amx` targets")
+    float_layers: tuple[str, ...] = option(
+        (), "module names kept in floating point (FX models); recovery sets it"
+    )
+    equalize: bool = option(
+        False,
+        "cross-layer equalization of Conv/Linear pairs first (FX models; same function in FP32); recovery tries it",
+    )
+    smooth: bool = option(
+        False,
+        "SmoothQuant: move LayerNorm outputs' outlier channel scales into the Linear weights that read "
+        "them (FX models; same function in FP32); recovery tries it",
+    )
+    bias_correction: bool = option(
+        False,
+        "shift each quantized Conv/Linear bias by the mean error quantization adds on calibration "
+        "inputs (FX models); recovery tries it",
+    )
+    float_masks: bool = option(
+        False,
+        "keep additive attention masks in float: the add that pushes a Softmax's input below -1e3 "
+        "on calibration inputs (a padding mask; FX models); recovery tries it",
+    )
+    fbgemm_kernels: bool = option(
+        False,
+        "with engine x86: pack for fbgemm's kernels, "
+        "not the oneDNN ones the x86 engine picks on VNNI / AMX CPUs (torch 2.14.1's oneDNN AMX INT8 "
+        "Conv1d is wrong for some shapes); the artifact then runs under "
+        "torch.backends.quantized.engine = 'fbgemm'; recovery tries it for `amx` targets",
+    )
 
 
 @register_stage
@@ -62,15 +83,23 @@ class QuantizeTorch(Stage, Recoverable):
     def apply(self, artifact: Artifact, ctx: BuildContext) -> StageResult:
         import torch
 
-        from ..observers import make_qconfig  # imports torch: not at module import (`toolchain targets` stays light)
+        from toolchain.passes.observers import (
+            make_qconfig,  # imports torch: not at module import (`toolchain targets` stays light)
+        )
 
         o = self.options
         # 7-bit only without VNNI: fbgemm's kernels use VNNI where the CPU has it too (full range measured exact on AMX:
         # the pitch tracker's fbgemm_kernels artifact 37.3 dB, 31.7 dB with 7-bit activations)
-        reduce_range = o.reduce_range if o.reduce_range is not None else (o.engine != "qnnpack" and not has_vnni(ctx.isa))
+        reduce_range = (
+            o.reduce_range
+            if o.reduce_range is not None
+            else (o.engine != "qnnpack" and not has_vnni(ctx.isa))
+        )
         qconfig = make_qconfig(o.calibration, o.percentile, o.per_channel, reduce_range, o.engine)
-        batches = [torch_args(b) for b in ctx.calibration.batches(o.batch_size)]  # each: the model's arguments
-        engine = "fbgemm" if o.fbgemm_kernels and o.engine == "x86" else o.engine  # what the device must run it under
+        # each: the model's arguments
+        batches = [torch_args(b) for b in ctx.calibration.batches(o.batch_size)]
+        # what the device must run it under
+        engine = "fbgemm" if o.fbgemm_kernels and o.engine == "x86" else o.engine
         kernels = torch_kernels(engine, ctx.isa)  # packed for the kernels the deployment CPU runs
         torch.backends.quantized.engine = kernels
         with warnings.catch_warnings():
@@ -81,22 +110,43 @@ class QuantizeTorch(Stage, Recoverable):
                 else:
                     model = _quantize_jit(artifact.model, qconfig, batches, ctx)
             except (RuntimeError, NotImplementedError, AssertionError) as e:
-                raise StageError(f"quantize_torch: {o.engine} cannot quantize this model: {reason(e)}") from None
+                raise StageError(
+                    f"quantize_torch: {o.engine} cannot quantize this model: {reason(e)}"
+                ) from None
         check_kernels(model, kernels)
-        facts = {"calibration_samples": len(ctx.calibration.x), "engine": engine, "kernels": kernels, "reduce_range": reduce_range,
-                 "float_layers": list(o.float_layers)}
+        facts = {
+            "calibration_samples": len(ctx.calibration.x),
+            "engine": engine,
+            "kernels": kernels,
+            "reduce_range": reduce_range,
+            "float_layers": list(o.float_layers),
+        }
         if (o.equalize or o.smooth) and artifact.kind is Kind.FX:
-            facts.update(ctx.cache.get(("rescale_fx", artifact.sha256, o.equalize, o.smooth, reduce_range, o.per_channel), {}))
+            facts.update(
+                ctx.cache.get(
+                    ("rescale_fx", artifact.sha256, o.equalize, o.smooth, reduce_range, o.per_channel), {}
+                )
+            )
         if o.float_masks and artifact.kind is Kind.FX:
             facts["float_masks"] = len(ctx.cache.get(self._key(artifact, reduce_range) + ("masks",), []))
         if o.engine == "qnnpack" and artifact.kind is Kind.FX:
             facts["contiguous_before_clamp"] = contiguous_before_clamp(model)
         if o.bias_correction and artifact.kind is Kind.FX:
-            from ..bias_correction import correct_module_biases
+            from toolchain.passes.bias_correction import correct_module_biases
 
-            facts["bias_correction"] = correct_module_biases(self._prepared(artifact, ctx, reduce_range), model, ctx.calibration.x[:128])
-        return StageResult(dataclasses.replace(artifact, model=model, precision="int8", quantized_engine=engine,
-                                               kernels=kernels if kernels != engine else None), facts)
+            facts["bias_correction"] = correct_module_biases(
+                self._prepared(artifact, ctx, reduce_range), model, ctx.calibration.x[:128]
+            )
+        return StageResult(
+            dataclasses.replace(
+                artifact,
+                model=model,
+                precision="int8",
+                quantized_engine=engine,
+                kernels=kernels if kernels != engine else None,
+            ),
+            facts,
+        )
 
     def _quantize_fx(self, artifact: Artifact, qconfig, batches, ctx: BuildContext, reduce_range: bool):
         """Prepare and calibrate once per (input, observers); each set of float layers is a
@@ -108,11 +158,16 @@ class QuantizeTorch(Stage, Recoverable):
         o = self.options
         key = self._key(artifact, reduce_range)
         if key not in ctx.cache:
-            model = _rescaled(artifact, ctx, o, reduce_range) if o.equalize or o.smooth else copy.deepcopy(artifact.model)
+            model = (
+                _rescaled(artifact, ctx, o, reduce_range)
+                if o.equalize or o.smooth
+                else copy.deepcopy(artifact.model)
+            )
             mapping = QConfigMapping().set_global(qconfig)
             masks = []
-            if o.float_masks:  # at prepare: no observer on the mask's add, so nothing downstream takes its range
-                from ..masks import fx_call_orders
+            # at prepare: no observer on the mask's add, so nothing downstream takes its range
+            if o.float_masks:
+                from toolchain.passes.masks import fx_call_orders
 
                 masks = fx_call_orders(model, _mask_nodes(model, ctx))
             for target, index in masks:
@@ -132,8 +187,18 @@ class QuantizeTorch(Stage, Recoverable):
 
     def _key(self, artifact: Artifact, reduce_range: bool) -> tuple:
         o = self.options
-        return ("quantize_torch", artifact.sha256, o.calibration, o.percentile, o.per_channel, reduce_range, o.engine, o.equalize, o.smooth,
-                o.float_masks)
+        return (
+            "quantize_torch",
+            artifact.sha256,
+            o.calibration,
+            o.percentile,
+            o.per_channel,
+            reduce_range,
+            o.engine,
+            o.equalize,
+            o.smooth,
+            o.float_masks,
+        )
 
     def _prepared(self, artifact: Artifact, ctx: BuildContext, reduce_range: bool):
         """The calibrated model the INT8 one was converted from (float, the same fused modules)."""
@@ -147,10 +212,22 @@ class QuantizeTorch(Stage, Recoverable):
         from torch.ao.nn.intrinsic import _FusedModule
         from torch.nn.modules.batchnorm import _BatchNorm
 
-        weighted = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, _FusedModule, _BatchNorm, nn.LayerNorm, nn.GroupNorm,
-                    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+        weighted = (
+            nn.Conv1d,
+            nn.Conv2d,
+            nn.Conv3d,
+            nn.Linear,
+            _FusedModule,
+            _BatchNorm,
+            nn.LayerNorm,
+            nn.GroupNorm,
+            nn.InstanceNorm1d,
+            nn.InstanceNorm2d,
+            nn.InstanceNorm3d,
+        )
         names = [n for n, m in artifact.model.named_modules() if n and isinstance(m, weighted)]
-        return [n for n in names if not any(n.startswith(p + ".") for p in names)]  # not the parts of a fused module
+        # not the parts of a fused module
+        return [n for n in names if not any(n.startswith(p + ".") for p in names)]
 
     def calibrations(self) -> tuple[str, ...]:
         return typing.get_args(typing.get_type_hints(QuantizeTorchOptions)["calibration"])
@@ -161,9 +238,10 @@ class QuantizeTorch(Stage, Recoverable):
     def applies(self, fix: str, artifact: Artifact, ctx: BuildContext) -> bool:
         """`fbgemm_kernels` where the x86 engine would run oneDNN's AMX kernels (an `amx` target);
         the other four on FX models only (a TorchScript input is quantized as it is)."""
-        from ..rescale import fx_finds
+        from toolchain.passes.rescale import fx_finds
 
-        if fix == "fbgemm_kernels":  # the defect is AMX's: a VNNI device runs oneDNN's VNNI kernels, which are right
+        # the defect is AMX's: a VNNI device runs oneDNN's VNNI kernels, which are right
+        if fix == "fbgemm_kernels":
             return self.options.engine == "x86" and ctx.isa == "amx"
         if artifact.kind is not Kind.FX:
             return False
@@ -174,17 +252,20 @@ class QuantizeTorch(Stage, Recoverable):
 
 def _mask_nodes(gm, ctx: BuildContext) -> list:
     """The adds of additive attention masks in ``gm`` (see toolchain.masks)."""
-    from ..masks import fx_mask_nodes
+    from toolchain.passes.masks import fx_mask_nodes
 
     return fx_mask_nodes(gm, ctx.calibration.x)
 
 
 def _rescaled(artifact: Artifact, ctx: BuildContext, o: QuantizeTorchOptions, reduce_range: bool):
-    from ..rescale import rescaled_copy
-    from ..smooth import Bits
+    from toolchain.passes.rescale import rescaled_copy
+    from toolchain.passes.smooth import Bits
 
-    bits = Bits(activations=7 if reduce_range else 8, per_channel=o.per_channel)  # torch's reduce_range: 7-bit activations
-    model, facts = rescaled_copy(artifact.model, ctx.calibration.x[:128], "quantize_torch", o.equalize, o.smooth, bits)
+    # torch's reduce_range: 7-bit activations
+    bits = Bits(activations=7 if reduce_range else 8, per_channel=o.per_channel)
+    model, facts = rescaled_copy(
+        artifact.model, ctx.calibration.x[:128], "quantize_torch", o.equalize, o.smooth, bits
+    )
     ctx.cache[("rescale_fx", artifact.sha256, o.equalize, o.smooth, reduce_range, o.per_channel)] = facts
     return model
 
@@ -197,8 +278,14 @@ def float_outputs(gm, float_layers):
 
     for node in list(gm.graph.nodes):
         source = node.args[0] if node.args else None
-        if not (node.op == "call_function" and node.target is torch.quantize_per_tensor and getattr(source, "op", None) == "call_module"
-                and source.target in float_layers and node.users and all(u.op == "call_method" and u.target == "dequantize" for u in node.users)):
+        if not (
+            node.op == "call_function"
+            and node.target is torch.quantize_per_tensor
+            and getattr(source, "op", None) == "call_module"
+            and source.target in float_layers
+            and node.users
+            and all(u.op == "call_method" and u.target == "dequantize" for u in node.users)
+        ):
             continue
         for dequantize in list(node.users):
             dequantize.replace_all_uses_with(source)
@@ -250,8 +337,10 @@ def check_kernels(model, engine: str) -> None:
         try:
             module._weight_bias()
         except RuntimeError as e:
-            raise StageError(f"quantize_torch: {engine} cannot run operator {type(module).__name__} (module `{name}`): "
-                             f"{reason(e, last=True, limit=200)}") from None
+            raise StageError(
+                f"quantize_torch: {engine} cannot run operator {type(module).__name__} (module `{name}`): "
+                f"{reason(e, last=True, limit=200)}"
+            ) from None
 
 
 def _quantize_jit(model, qconfig, batches, ctx: BuildContext):

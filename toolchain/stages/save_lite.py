@@ -10,10 +10,10 @@ from __future__ import annotations
 import dataclasses
 import warnings
 
-from ..artifact import Artifact, Kind
-from ..context import BuildContext
-from ..errors import StageError, reason
-from ..stage import Stage, StageResult, register_stage
+from toolchain.core.artifact import Artifact, Kind
+from toolchain.core.context import BuildContext
+from toolchain.core.errors import StageError, reason
+from toolchain.core.stage import Stage, StageResult, register_stage
 
 
 @register_stage
@@ -36,4 +36,3 @@ class SaveLite(Stage):
             except RuntimeError as e:
                 raise StageError(f"{self.name}: {reason(e, last=True)}") from None
         return StageResult(dataclasses.replace(artifact, kind=Kind.LITE, model=None, path=path))
-

@@ -5,17 +5,21 @@ from __future__ import annotations
 import dataclasses
 import warnings
 
-from ..artifact import Artifact, Kind
-from ..context import BuildContext
-from ..errors import StageError, reason
-from ..stage import Stage, StageResult, register_stage
+from toolchain.core.artifact import Artifact, Kind
+from toolchain.core.context import BuildContext
+from toolchain.core.errors import StageError, reason
+from toolchain.core.stage import Stage, StageResult, register_stage
 
 
 @register_stage
 class SaveTorchScript(Stage):
     name = "save_torchscript"
     requires = ("torch",)
-    transitions = {Kind.FX: Kind.TORCHSCRIPT, Kind.EAGER: Kind.TORCHSCRIPT, Kind.TORCHSCRIPT: Kind.TORCHSCRIPT}
+    transitions = {
+        Kind.FX: Kind.TORCHSCRIPT,
+        Kind.EAGER: Kind.TORCHSCRIPT,
+        Kind.TORCHSCRIPT: Kind.TORCHSCRIPT,
+    }
 
     def apply(self, artifact: Artifact, ctx: BuildContext) -> StageResult:
         import torch
@@ -28,7 +32,9 @@ class SaveTorchScript(Stage):
             model = torch.jit.freeze(model.eval())
         path = ctx.workdir / f"{artifact.precision}-{artifact.sha256[:12]}.pt"
         torch.jit.save(model, str(path))
-        return StageResult(dataclasses.replace(artifact, kind=Kind.TORCHSCRIPT, model=model, path=path), {"torchscript": how})
+        return StageResult(
+            dataclasses.replace(artifact, kind=Kind.TORCHSCRIPT, model=model, path=path), {"torchscript": how}
+        )
 
 
 def _to_torchscript(model, ctx: BuildContext):
@@ -58,13 +64,15 @@ def _holds(traced, model, ctx: BuildContext) -> bool:
     """Whether the trace computes what the model does at a batch size other than the example's."""
     import torch
 
-    from ..feed import repeat_to, torch_args
-    from ..runtime import flatten_outputs
+    from toolchain.core.feed import repeat_to, torch_args
+    from toolchain.core.runner import flatten_outputs
 
     x = torch_args(repeat_to(ctx.calibration.x[:3], 3))  # 3 samples (repeated if fewer)
     try:
         got, want = flatten_outputs(traced(*x)), flatten_outputs(model(*x))
     except Exception:
         return False
-    return len(got) == len(want) and all(a.shape == b.shape and torch.allclose(a.float(), b.float(), atol=1e-4, rtol=1e-3)
-                                         for (_, a), (_, b) in zip(got, want))
+    return len(got) == len(want) and all(
+        a.shape == b.shape and torch.allclose(a.float(), b.float(), atol=1e-4, rtol=1e-3)
+        for (_, a), (_, b) in zip(got, want)
+    )

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ToolchainError
+from toolchain.core.errors import ToolchainError
 
 NO_TENSORRT = (
     "TensorRT is not installed here (`import tensorrt` failed). Engines must be built on the "
@@ -89,8 +89,13 @@ def build_engine(folder: Path) -> dict:
     engine_path = folder / plan["engine"]
     engine_path.write_bytes(bytes(serialized))
     (folder / plan["timing_cache"]).write_bytes(bytes(config.get_timing_cache().serialize()))
-    return {"tensorrt_version": trt.__version__, **device, "engine": plan["engine"],
-            "sha256": hashlib.sha256(engine_path.read_bytes()).hexdigest(), "built_with": "python api"}
+    return {
+        "tensorrt_version": trt.__version__,
+        **device,
+        "engine": plan["engine"],
+        "sha256": hashlib.sha256(engine_path.read_bytes()).hexdigest(),
+        "built_with": "python api",
+    }
 
 
 def _builder_config(trt, builder, plan: dict, folder: Path):
@@ -100,10 +105,11 @@ def _builder_config(trt, builder, plan: dict, folder: Path):
         config.set_flag(trt.BuilderFlag.FP16)
     if hasattr(trt.BuilderFlag, "INT8"):
         config.set_flag(trt.BuilderFlag.INT8)
-    from .plan import profiled_inputs
+    from toolchain.tensorrt.plan import profiled_inputs
 
     profile = builder.create_optimization_profile()
-    for io in profiled_inputs(plan):  # every batched input by name (a scalar has one shape: nothing to optimize)
+    # every batched input by name (a scalar has one shape: nothing to optimize)
+    for io in profiled_inputs(plan):
         profile.set_shape(io["name"], io["min"], io["opt"], io["max"])
     config.add_optimization_profile(profile)
     cache_file = folder / plan["timing_cache"]
@@ -113,7 +119,9 @@ def _builder_config(trt, builder, plan: dict, folder: Path):
         config.builder_optimization_level = plan["builder_optimization_level"]
     if plan["dla_core"] is not None:
         if not hasattr(trt, "IInt8EntropyCalibrator2"):
-            raise ToolchainError(f"TensorRT {trt.__version__} has no implicit-INT8 calibrators; DLA INT8 needs 8.x or 10.x")
+            raise ToolchainError(
+                f"TensorRT {trt.__version__} has no implicit-INT8 calibrators; DLA INT8 needs 8.x or 10.x"
+            )
         config.default_device_type = trt.DeviceType.DLA
         config.DLA_core = plan["dla_core"]
         config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
@@ -153,8 +161,12 @@ def build_with_trtexec(folder: Path) -> dict:
     if done.returncode != 0:
         raise ToolchainError(f"trtexec failed: {done.stdout[-2000:]}{done.stderr[-2000:]}")
     engine = folder / plan["engine"]
-    return {"tensorrt_version": plan["tensorrt_version"] + " (expected; trtexec)", "engine": plan["engine"],
-            "sha256": hashlib.sha256(engine.read_bytes()).hexdigest(), "built_with": "trtexec"}
+    return {
+        "tensorrt_version": plan["tensorrt_version"] + " (expected; trtexec)",
+        "engine": plan["engine"],
+        "sha256": hashlib.sha256(engine.read_bytes()).hexdigest(),
+        "built_with": "trtexec",
+    }
 
 
 def run_engine(engine_path: Path, x, max_batch: int, static_batch: int | None = None) -> list[np.ndarray]:
@@ -165,22 +177,26 @@ def run_engine(engine_path: Path, x, max_batch: int, static_batch: int | None = 
     or exactly ``static_batch`` rows for a static (DLA) engine, the last chunk padded with copies
     of its rows whose outputs are dropped. A shape the engine refuses is an error, not garbage.
     """
-    from ..feed import arrays, repeat_to
+    from toolchain.core.feed import arrays, repeat_to
 
     trt = import_tensorrt()
     engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(engine_path.read_bytes())
     if engine is None:
-        raise ToolchainError(f"TensorRT {trt.__version__} cannot load {engine_path} (built by another version or for another GPU?)")
+        raise ToolchainError(
+            f"TensorRT {trt.__version__} cannot load {engine_path} (built by another version or for another GPU?)"
+        )
     context = engine.create_execution_context()
     names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
     inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
     outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
     if len(inputs) != len(arrays(x)):
-        raise ToolchainError(f"the engine has {len(inputs)} inputs ({', '.join(inputs)}); the kept data has {len(arrays(x))}")
+        raise ToolchainError(
+            f"the engine has {len(inputs)} inputs ({', '.join(inputs)}); the kept data has {len(arrays(x))}"
+        )
     step = static_batch or max_batch
     results: list[list[np.ndarray]] = [[] for _ in outputs]
     for start in range(0, len(x), step):
-        chunk = x[start:start + step]
+        chunk = x[start : start + step]
         rows = len(chunk)
         if static_batch and rows < static_batch:
             chunk = repeat_to(chunk, static_batch)
@@ -192,11 +208,17 @@ def run_engine(engine_path: Path, x, max_batch: int, static_batch: int | None = 
 def _execute(trt, engine, context, names: list[str], outputs: list[str], xs) -> list[np.ndarray]:
     """One execution with cuda-python buffers."""
     rt = cudart()
-    xs = [np.require(x, trt.nptype(engine.get_tensor_dtype(n)), "C") for n, x in zip(names, xs)]  # a 0-d input stays 0-d
+    # a 0-d input stays 0-d
+    xs = [np.require(x, trt.nptype(engine.get_tensor_dtype(n)), "C") for n, x in zip(names, xs)]
     for name, x in zip(names, xs):
         if not context.set_input_shape(name, x.shape):
-            raise ToolchainError(f"the engine refuses input `{name}` of shape {x.shape}: outside its optimization profile")
-    ys = [np.empty(tuple(context.get_tensor_shape(n)), dtype=trt.nptype(engine.get_tensor_dtype(n))) for n in outputs]
+            raise ToolchainError(
+                f"the engine refuses input `{name}` of shape {x.shape}: outside its optimization profile"
+            )
+    ys = [
+        np.empty(tuple(context.get_tensor_shape(n)), dtype=trt.nptype(engine.get_tensor_dtype(n)))
+        for n in outputs
+    ]
     stream = _check(rt.cudaStreamCreate())
     device: list = []
     try:
@@ -209,7 +231,7 @@ def _execute(trt, engine, context, names: list[str], outputs: list[str], xs) -> 
         if not context.execute_async_v3(int(stream)):
             raise ToolchainError("TensorRT execution failed")
         _check(rt.cudaStreamSynchronize(stream))
-        for y, address in zip(ys, device[len(xs):]):
+        for y, address in zip(ys, device[len(xs) :]):
             _check(rt.cudaMemcpy(y.ctypes.data, address, y.nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost))
     finally:
         for address in device:
@@ -235,7 +257,9 @@ def engine_mismatches(record: dict, tensorrt_version: str, gpu: dict) -> list[st
     if record.get("gpu") and record["gpu"] != gpu["gpu"]:
         problems.append(f"built for {record['gpu']}, this GPU is {gpu['gpu']}")
     if record.get("compute_capability") and record["compute_capability"] != gpu["compute_capability"]:
-        problems.append(f"built for compute capability {record['compute_capability']}, this GPU has {gpu['compute_capability']}")
+        problems.append(
+            f"built for compute capability {record['compute_capability']}, this GPU has {gpu['compute_capability']}"
+        )
     return problems
 
 
@@ -252,5 +276,7 @@ def check_engine(engine_path: Path) -> dict:
         raise ToolchainError(f"engine `{engine_path}` cannot run here: " + "; ".join(problems))
     runtime = trt.Runtime(trt.Logger(trt.Logger.ERROR))
     if runtime.deserialize_cuda_engine(engine_path.read_bytes()) is None:
-        raise ToolchainError(f"engine `{engine_path}` does not load in TensorRT {trt.__version__} on {here['gpu']}")
+        raise ToolchainError(
+            f"engine `{engine_path}` does not load in TensorRT {trt.__version__} on {here['gpu']}"
+        )
     return {"tensorrt_version": trt.__version__, **here, "ok": True}

@@ -9,17 +9,37 @@ LayerNormalization for TensorRT 8.5).
 
 from __future__ import annotations
 
-_ALWAYS = frozenset("""
+from toolchain.core.artifact import Artifact, Kind
+from toolchain.tensorrt.plan import TensorRTOptions
+
+_ALWAYS = frozenset(
+    """
 Bernoulli BitShift BlackmanWindow Compress ConcatFromSequence ConvInteger DFT Det DynamicQuantizeLinear
 HammingWindow HannWindow Hardmax MatMulInteger MaxRoiPool MaxUnpool MelWeightMatrix Multinomial
 NegativeLogLikelihoodLoss Optional OptionalGetElement OptionalHasElement QLinearConv QLinearMatMul STFT
 SequenceAt SequenceConstruct SequenceEmpty SequenceErase SequenceInsert SequenceLength SequenceMap
 SoftmaxCrossEntropyLoss SplitToSequence StringNormalizer TfIdfVectorizer Unique IsInf
-""".split())
+""".split()
+)
 # (first release, operators it lacks, highest opset it parses); IsInf is "N" in 8.5 and supported later
 _RELEASES = (
-    ((10, 0), (_ALWAYS - {"IsInf"}) | {"AffineGrid", "BitwiseAnd", "BitwiseNot", "BitwiseOr", "BitwiseXor",
-                                      "CenterCropPad", "ImageDecoder", "RegexFullMatch", "StringConcat", "StringSplit"}, None),
+    (
+        (10, 0),
+        (_ALWAYS - {"IsInf"})
+        | {
+            "AffineGrid",
+            "BitwiseAnd",
+            "BitwiseNot",
+            "BitwiseOr",
+            "BitwiseXor",
+            "CenterCropPad",
+            "ImageDecoder",
+            "RegexFullMatch",
+            "StringConcat",
+            "StringSplit",
+        },
+        None,
+    ),
     ((9, 0), _ALWAYS - {"IsInf"}, 19),
     ((8, 6), _ALWAYS - {"IsInf"}, 17),
     ((0, 0), _ALWAYS | {"LayerNormalization"}, 17),
@@ -47,10 +67,30 @@ def parser_gaps(proto, version: str) -> dict[str, list[str]]:
             except defs.SchemaError:
                 newer = True  # no version of it exists at that opset
         if foreign or newer or node.op_type in lacks:
-            gaps.setdefault(node.op_type if not foreign else f"{node.domain}.{node.op_type}", []).append(node.name)
+            gaps.setdefault(node.op_type if not foreign else f"{node.domain}.{node.op_type}", []).append(
+                node.name
+            )
     return gaps
 
 
 def describe(gaps: dict[str, list[str]], version: str) -> str:
-    parts = [f"{op} ({len(nodes)} node{'s' * (len(nodes) > 1)}, e.g. `{nodes[0]}`)" for op, nodes in sorted(gaps.items())]
+    parts = [
+        f"{op} ({len(nodes)} node{'s' * (len(nodes) > 1)}, e.g. `{nodes[0]}`)"
+        for op, nodes in sorted(gaps.items())
+    ]
     return f"TensorRT {version}'s ONNX parser cannot import {', '.join(parts)}"
+
+
+def parser_refuses(opts: TensorRTOptions | None, artifact: Artifact) -> str | None:
+    """NVIDIA targets (``opts`` set): why the device's TensorRT could not parse an ONNX artifact (host
+    parity says nothing about that), or None."""
+    if opts is None or artifact.kind is not Kind.ONNX:
+        return None
+    import onnx
+
+    gaps = parser_gaps(onnx.load(str(artifact.path), load_external_data=False), opts.version)
+    if not gaps:
+        return None
+    return describe(gaps, opts.version) + (
+        " (add `decompose_onnx` to the chain)" if "LayerNormalization" in gaps else ""
+    )

@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import shlex
 import struct
 from pathlib import Path
+from typing import Sequence
 
-from ..errors import ToolchainError
-from ..options import option
+from toolchain.core.errors import ToolchainError
+from toolchain.core.feed import Signature
+from toolchain.core.options import option
+
+log = logging.getLogger("toolchain")
 
 CALIBRATOR = "EntropyCalibration2"
 
@@ -25,15 +30,26 @@ CALIBRATOR = "EntropyCalibration2"
 class TensorRTOptions:
     version: str = option("8.5.2", "TensorRT version on the device (JetPack 5.1.x ships 8.5.2)")
     engine_from: str = option("onnx_int8_qdq", "artifact the engine is built from (explicit INT8 via Q/DQ)")
-    calibration_from: str = option("onnx_int8_qdq", "Q/DQ artifact whose activation scales fill the calibration cache")
-    fp32_onnx: str = option("onnx_fp32", "FP32 ONNX for implicit-INT8 / DLA builds that read the calibration cache")
+    calibration_from: str = option(
+        "onnx_int8_qdq", "Q/DQ artifact whose activation scales fill the calibration cache"
+    )
+    fp32_onnx: str = option(
+        "onnx_fp32", "FP32 ONNX for implicit-INT8 / DLA builds that read the calibration cache"
+    )
     fp16: bool = option(True, "allow FP16 kernels (fallback for layers without Q/DQ)")
-    profile_batch: tuple[int, ...] = option((1, 8, 16), "TensorRT optimization profile batch sizes: min, opt, max (with a DLA core: opt only, DLA has no dynamic shapes)")
+    profile_batch: tuple[int, ...] = option(
+        (1, 8, 16),
+        "TensorRT optimization profile batch sizes: min, opt, max (with a DLA core: opt only, DLA has no dynamic shapes)",
+    )
     workspace_mb: int = option(1024, "builder workspace memory pool, MiB")
-    dla_core: int = option(-1, "-1: GPU only; 0 or 1: that DLA core, with GPU fallback (needs the calibration cache)")
+    dla_core: int = option(
+        -1, "-1: GPU only; 0 or 1: that DLA core, with GPU fallback (needs the calibration cache)"
+    )
     builder_optimization_level: int = option(3, "0-5; TensorRT 8.6 and later (ignored by 8.5)")
     timing_cache: str = option("timing.cache", "timing cache file, reused between builds on the same device")
-    parity_samples: int = option(32, "validation inputs kept with their FP32 outputs, to check the engine on the device")
+    parity_samples: int = option(
+        32, "validation inputs kept with their FP32 outputs, to check the engine on the device"
+    )
 
 
 def activation_scales(qdq_onnx: Path) -> dict[str, float]:
@@ -48,7 +64,9 @@ def activation_scales(qdq_onnx: Path) -> dict[str, float]:
         if node.op_type == "QuantizeLinear" and node.input[0] not in consts:
             scale = numpy_helper.to_array(consts[node.input[1]])
             if scale.size != 1:
-                raise ToolchainError(f"activation `{node.input[0]}` has per-channel scales; TensorRT's cache holds one per tensor")
+                raise ToolchainError(
+                    f"activation `{node.input[0]}` has per-channel scales; TensorRT's cache holds one per tensor"
+                )
             scales[node.input[0]] = float(scale.reshape(()))
     return scales
 
@@ -80,8 +98,13 @@ def read_calibration_cache(path: Path) -> tuple[str, dict[str, float]]:
 def engine_plan(opts: TensorRTOptions, inputs: list[tuple[str, tuple[int, ...], tuple[int, ...]]]) -> dict:
     """The plan for the engine. ``inputs``: each ONNX input's name, one sample's shape (batch excluded;
     None for a scalar) and its axes that may change size (a sequence: min 1, opt = max = the data's)."""
-    if len(opts.profile_batch) != 3 or not opts.profile_batch[0] <= opts.profile_batch[1] <= opts.profile_batch[2]:
-        raise ToolchainError(f"tensorrt.profile_batch must be [min, opt, max] with min <= opt <= max (got {list(opts.profile_batch)})")
+    if (
+        len(opts.profile_batch) != 3
+        or not opts.profile_batch[0] <= opts.profile_batch[1] <= opts.profile_batch[2]
+    ):
+        raise ToolchainError(
+            f"tensorrt.profile_batch must be [min, opt, max] with min <= opt <= max (got {list(opts.profile_batch)})"
+        )
     dla = opts.dla_core >= 0
     # DLA has no dynamic dimensions: TensorRT needs min = opt = max, and runs only that shape
     batches = (opts.profile_batch[1],) * 3 if dla else opts.profile_batch
@@ -91,21 +114,26 @@ def engine_plan(opts: TensorRTOptions, inputs: list[tuple[str, tuple[int, ...], 
             profiles.append({"name": name, "min": [], "opt": [], "max": [], "static": True})
             continue
         low = [1 if i in dynamic and not dla else d for i, d in enumerate(sample)]
-        shapes = dict(zip(("min", "opt", "max"), ([b, *dims] for b, dims in zip(batches, (low, sample, sample)))))
+        shapes = dict(
+            zip(("min", "opt", "max"), ([b, *dims] for b, dims in zip(batches, (low, sample, sample))))
+        )
         profiles.append({"name": name, **shapes, "static": dla})
+    # the first batched input (the plan's key before `inputs`)
     plan = {
         "tensorrt_version": opts.version,
         "onnx": f"{opts.fp32_onnx if dla else opts.engine_from}.onnx",
         "int8_mode": "implicit (calibration cache)" if dla else "explicit (Q/DQ)",
         "calibration_cache": "calibration.cache",
         "precisions": ["int8", *(["fp16"] if opts.fp16 else [])],
-        "input": next(p for p in profiles if p["min"]),  # the first batched input (the plan's key before `inputs`)
+        "input": next(p for p in profiles if p["min"]),
         "inputs": profiles,  # every input's optimization profile, in the model's order
         "workspace_mb": opts.workspace_mb,
         "dla_core": opts.dla_core if dla else None,
         "gpu_fallback": dla,
         "timing_cache": opts.timing_cache,
-        "builder_optimization_level": opts.builder_optimization_level if _at_least(opts.version, 8, 6) else None,
+        "builder_optimization_level": opts.builder_optimization_level
+        if _at_least(opts.version, 8, 6)
+        else None,
         "engine": "model.engine",
     }
     plan["trtexec"] = shlex.join(trtexec_command(plan))
@@ -119,14 +147,25 @@ def profiled_inputs(plan: dict) -> list[dict]:
 
 def trtexec_command(plan: dict) -> list[str]:
     dims = lambda key: ",".join(f"{p['name']}:{'x'.join(map(str, p[key]))}" for p in profiled_inputs(plan))
-    cmd = ["trtexec", f"--onnx={plan['onnx']}", "--int8", f"--minShapes={dims('min')}",
-           f"--optShapes={dims('opt')}", f"--maxShapes={dims('max')}",
-           f"--memPoolSize=workspace:{plan['workspace_mb']}", f"--timingCacheFile={plan['timing_cache']}",
-           f"--saveEngine={plan['engine']}"]
+    cmd = [
+        "trtexec",
+        f"--onnx={plan['onnx']}",
+        "--int8",
+        f"--minShapes={dims('min')}",
+        f"--optShapes={dims('opt')}",
+        f"--maxShapes={dims('max')}",
+        f"--memPoolSize=workspace:{plan['workspace_mb']}",
+        f"--timingCacheFile={plan['timing_cache']}",
+        f"--saveEngine={plan['engine']}",
+    ]
     if "fp16" in plan["precisions"]:
         cmd.insert(2, "--fp16")
     if plan["dla_core"] is not None:
-        cmd += [f"--useDLACore={plan['dla_core']}", "--allowGPUFallback", f"--calib={plan['calibration_cache']}"]
+        cmd += [
+            f"--useDLACore={plan['dla_core']}",
+            "--allowGPUFallback",
+            f"--calib={plan['calibration_cache']}",
+        ]
     if plan["builder_optimization_level"] is not None:
         cmd.append(f"--builderOptimizationLevel={plan['builder_optimization_level']}")
     return cmd
@@ -143,21 +182,65 @@ def write_plan(folder: Path, opts: TensorRTOptions, signature, float_layers: tup
     names = [i.name for i in graph.input if i.name not in {t.name for t in graph.initializer}]
     scales = activation_scales(folder / f"{opts.calibration_from}.onnx")
     write_calibration_cache(folder / "calibration.cache", scales, opts.version)
-    plan = engine_plan(opts, [(name, None if s.scalar else s.shape, s.dynamic) for name, s in zip(names, signature.inputs)])
+    plan = engine_plan(
+        opts, [(name, None if s.scalar else s.shape, s.dynamic) for name, s in zip(names, signature.inputs)]
+    )
     if float_layers:
-        plan["float_layers"] = {"nodes": list(float_layers), "precision": "fp16" if opts.fp16 else "fp32",
-                                "why": "kept out of INT8 by recovery: no Q/DQ around them in the ONNX file"}
+        plan["float_layers"] = {
+            "nodes": list(float_layers),
+            "precision": "fp16" if opts.fp16 else "fp32",
+            "why": "kept out of INT8 by recovery: no Q/DQ around them in the ONNX file",
+        }
     (folder / "engine_plan.json").write_text(json.dumps(plan, indent=2) + "\n")
     return {
         "status": "pending on device",
         "verified": False,
         "reason": "TensorRT engines are tied to the GPU and TensorRT version that build them: "
-                  "run `toolchain engine build <build folder>` (or the plan's trtexec command) on the device",
-        "plan": "engine_plan.json", "calibration_cache": "calibration.cache",
-        "calibration_tensors": len(scales), "trtexec": plan["trtexec"],
+        "run `toolchain engine build <build folder>` (or the plan's trtexec command) on the device",
+        "plan": "engine_plan.json",
+        "calibration_cache": "calibration.cache",
+        "calibration_tensors": len(scales),
+        "trtexec": plan["trtexec"],
     }
 
 
 def _at_least(version: str, major: int, minor: int) -> bool:
     parts = [int(p) for p in version.split(".")[:2]]
     return tuple(parts) >= (major, minor)
+
+
+def plan_engine(
+    opts: TensorRTOptions | None, reports: Sequence, folder: Path, signature: Signature
+) -> dict | None:
+    """NVIDIA targets: the calibration cache and engine plan; the engine itself is built on the device.
+    ``reports`` are the build's checked artifacts (each with name, float_layers and stage_facts)."""
+    if opts is None:
+        return None
+    missing = {opts.engine_from, opts.calibration_from, opts.fp32_onnx} - {r.name for r in reports}
+    if missing:
+        return {
+            "status": "not planned",
+            "verified": False,
+            "reason": f"artifacts not built: {', '.join(sorted(missing))}",
+        }
+    float_layers = next(r.float_layers for r in reports if r.name == opts.engine_from)
+    calibration = next(r for r in reports if r.name == opts.calibration_from)
+    rescaled = sorted(
+        {
+            k
+            for facts in calibration.stage_facts.values()
+            for k in ("equalization", "smoothing")
+            if facts.get(k)
+        }
+    )
+    if opts.dla_core >= 0 and rescaled:  # DLA calibrates onnx_fp32 with the Q/DQ model's activation scales
+        return {
+            "status": "not planned",
+            "verified": False,
+            "reason": f"recovery rescaled {opts.calibration_from}'s weights ({' and '.join(rescaled)}: the same function, other "
+            f"activation ranges), so its activation scales do not fit {opts.fp32_onnx}, which a DLA build calibrates; "
+            f"build on the GPU (tensorrt.dla_core = -1) from the Q/DQ model",
+        }
+    engine = write_plan(folder, opts, signature, float_layers)
+    log.info("TensorRT engine: %s (%s)", engine["status"], engine["reason"])
+    return engine

@@ -1,0 +1,276 @@
+"""One artifact, checked: its file shipped into the build folder, loaded back in its own runtime,
+compared with FP32, timed and profiled; and, when it misses parity, recovered through the
+pipeline. The FP32 reference is timed and profiled the same way."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from toolchain import runtimes
+from toolchain.core.artifact import Artifact
+from toolchain.core.errors import StageError, reason
+from toolchain.core.export import as_module
+from toolchain.core.feed import Signature
+from toolchain.core.pipeline import Pipeline, Plan
+from toolchain.inputs.load import LoadedModel
+from toolchain.inputs.prepare import Inputs
+from toolchain.measure.profiling import profile_torch, write_profile
+from toolchain.measure.timing import bench, busy_cores, time_runs
+from toolchain.reporting.report import ArtifactReport
+from toolchain.runtimes import load_runner
+from toolchain.target import ParityThresholds, Target
+from toolchain.verdict.expected import Expected
+from toolchain.verdict.parity import Parity, compare, run_batched
+from toolchain.verdict.recovery import Outcome, recover, recoverable_stage, summary_line, write_sensitivity
+
+log = logging.getLogger("toolchain")
+
+
+@dataclasses.dataclass(frozen=True)
+class Recovered:
+    """Recovery's outcome for one artifact, with what the report says of it."""
+
+    outcome: Outcome
+    line: str
+    before: Parity
+    sensitivity: str | None
+
+    def to_report(self) -> dict:
+        return {
+            "status": self.outcome.status,
+            "summary": self.line,
+            "reason": self.outcome.reason,
+            "before": {
+                "sqnr_db": self.before.sqnr_db,
+                "top1_agreement": self.before.top1_agreement,
+                "accuracy": self.before.accuracy,
+                "failures": list(self.before.failures),
+            },
+            "attempts": [a.to_json() for a in self.outcome.attempts],
+            "sensitivity": self.sensitivity,
+        }
+
+
+def recover_artifact(
+    chain: Plan,
+    checked: ArtifactReport,
+    shipped: Artifact,
+    records,
+    pipeline: Pipeline,
+    source: Artifact,
+    profile: Target,
+    thresholds: ParityThresholds,
+    inputs: Inputs,
+    expected: "Expected",
+    folder: Path,
+):
+    """Run recovery on an artifact that failed parity; ship the recovered one in its place when
+    an attempt passes. Returns the (new or kept) report, artifact, stage records and outcome."""
+    runtime = chain.spec.runtime
+    trial = make_trial(pipeline, chain, source, profile, thresholds, inputs, expected)
+    log.info("recovering %s: %s", chain.name, "; ".join(checked.parity.failures)[:200])
+    outcome = recover(
+        chain.stages,
+        checked.parity,
+        trial,
+        lambda stage: quantizable_layers(pipeline, chain, source, stage),
+        profile.recovery,
+        lambda stage, fix: stage.applies(fix, stage_input(pipeline, chain, source), pipeline.ctx),
+    )
+    sensitivity = write_sensitivity(folder, chain.name, outcome, checked.parity)
+    if outcome.stages is None:
+        line = summary_line(chain.name, outcome, checked.parity, checked.latency_ms, None)
+        log.warning(line)
+        return checked, shipped, records, Recovered(outcome, line, checked.parity, sensitivity)
+    artifact, new_records = pipeline.run(Plan(chain.name, chain.spec, outcome.stages), source)
+    if outcome.final.float_layers:
+        artifact = dataclasses.replace(artifact, precision="mixed")
+    for f in shipped.files():
+        f.unlink()
+    shipped = ship(artifact, runtime, chain.name, folder)
+    report = check_artifact(chain.name, shipped, runtime, profile, thresholds, inputs, expected, folder)
+    report = dataclasses.replace(report, float_layers=outcome.final.float_layers)
+    line = summary_line(chain.name, outcome, checked.parity, checked.latency_ms, report.latency_ms)
+    log.info(line)
+    return report, shipped, new_records, Recovered(outcome, line, checked.parity, sensitivity)
+
+
+def make_trial(
+    pipeline: Pipeline,
+    chain: Plan,
+    source: Artifact,
+    profile: Target,
+    thresholds: ParityThresholds | None,
+    inputs: Inputs,
+    expected: "Expected",
+):
+    """stages -> (parity, p50 latency at batch 1 over 10 runs, size): a variant of ``chain`` built
+    through the pipeline and checked in its runtime. A variant that its runtime cannot load or
+    run raises StageError: a failed attempt, not a crashed build."""
+
+    def trial(stages):
+        artifact, _ = pipeline.run(Plan(chain.name, chain.spec, stages), source)
+        try:
+            runner = load_runner(artifact, chain.spec.runtime, profile.runtime.threads)
+            outputs = run_batched(runner, inputs.validation.x, profile.parity.batch_size)
+            latency = float(np.median(time_runs(runner, inputs.validation.x[:1], 2, 10)))
+        except Exception as e:
+            raise StageError(
+                f"{chain.spec.runtime} could not run it: {type(e).__name__}: {reason(e)}"
+            ) from None
+        parity = compare(
+            expected.outputs,
+            outputs,
+            inputs.validation.y,
+            thresholds and thresholds.for_precision(artifact.precision),
+            expected.roles,
+            expected.metric,
+            inputs.validation.labels,
+        )
+        return parity, round(latency, 4), artifact.size_bytes()
+
+    return trial
+
+
+def quantizable_layers(pipeline: Pipeline, chain: Plan, source: Artifact, stage) -> list[str]:
+    """What ``stage`` (the chain's quantization stage, or a variant of it) can keep in float."""
+    return stage.layers(stage_input(pipeline, chain, source), pipeline.ctx)
+
+
+def stage_input(pipeline: Pipeline, chain: Plan, source: Artifact) -> Artifact:
+    """What the chain's quantization stage takes (the stages before it run once: the pipeline caches them)."""
+    index = recoverable_stage(chain.stages)
+    return pipeline.run(Plan(chain.name, chain.spec, chain.stages[:index]), source)[0] if index else source
+
+
+def ship(artifact: Artifact, runtime: str, name: str, folder: Path) -> Artifact:
+    """Copy the artifact's files into the build folder under the artifact's name."""
+    dest = folder / f"{name}{runtimes.get(runtime).suffix}"
+    # ONNX external data: the model names its data file, so re-save under the new name
+    if artifact.has_external_data:
+        import onnx
+
+        from toolchain.stages.export_onnx import save_onnx
+
+        save_onnx(onnx.load(str(artifact.path)), dest, external=True)
+    else:
+        shutil.copyfile(artifact.path, dest)
+    return dataclasses.replace(artifact, path=dest, model=None)
+
+
+def check_artifact(
+    name,
+    artifact: Artifact,
+    runtime: str,
+    profile: Target,
+    thresholds: ParityThresholds | None,
+    inputs: Inputs,
+    expected: Expected,
+    folder: Path,
+) -> ArtifactReport:
+    """Load the shipped file in its own runtime, compare with FP32 and time it."""
+    log.info("checking %s in %s", name, runtime)
+    runner = None
+
+    def load():  # timed by the bench, so its memory counts; the parity run reuses it
+        nonlocal runner
+        runner = load_runner(artifact, runtime, profile.runtime.threads)
+        return runner
+
+    log.info(
+        "timing %s (batch sizes %s)", name, ", ".join(map(str, sorted({1, *profile.runtime.batch_sizes})))
+    )
+    timed = run_bench(load, profile, inputs.signature)
+    log.info("comparing %s with FP32 on %d inputs", name, len(inputs.validation.x))
+    outputs = run_batched(runner, inputs.validation.x, profile.parity.batch_size)
+    parity = compare(
+        expected.outputs,
+        outputs,
+        inputs.validation.y,
+        thresholds and thresholds.for_precision(artifact.precision),
+        expected.roles,
+        expected.metric,
+        inputs.validation.labels,
+    )
+    r = profile.runtime
+    log.info("profiling %s's operators", name)
+    profiler = runtimes.get(runtime).profile  # None: the runtime has no operator profiler
+    measured = profiler and _profiled(
+        name, lambda: profiler(artifact, inputs.validation.x[:1], r.profile_runs, r.threads)
+    )
+    note = measured and busy_cores(timed.batch1.p50_ms, measured.total_ms)
+    if note:
+        log.warning("%s: %s", name, note)
+    return ArtifactReport(
+        latency_warning=note or None,
+        name=name,
+        path=artifact.path.name,
+        format=runtimes.get(runtime).format,
+        runtime=runtime,
+        precision=artifact.precision,
+        quantized_engine=artifact.quantized_engine,
+        size_bytes=artifact.size_bytes(),
+        sha256=artifact.sha256,
+        bench=timed,
+        parity=parity,
+        profile=measured and write_profile(measured, folder, name),
+    )
+
+
+def _profiled(name: str, run):
+    """A profiler that fails says so and costs the artifact its profile, not its place in the build."""
+    try:
+        return run()
+    except Exception as e:  # profilers are diagnostics: their failure must not hide a checked artifact
+        log.warning("no per-operator profile for %s: %s", name, reason(e, limit=200))
+        return None
+
+
+def run_bench(load, profile: Target, signature: Signature):
+    r = profile.runtime
+    return bench(
+        load,
+        signature,
+        r.batch_sizes,
+        r.warmup_runs,
+        r.latency_runs,
+        r.threads,
+        r.latency_budget_ms,
+        r.sweep_runs,
+    )
+
+
+def reference_facts(
+    loaded: LoadedModel, reference, inputs: Inputs, profile: Target, accuracy, folder: Path
+) -> dict:
+    """The FP32 model in eager PyTorch: what every artifact is compared with, timed and profiled the same way."""
+    r = profile.runtime
+    log.info("timing and profiling the FP32 reference")
+    timed = run_bench(lambda: reference, profile, inputs.signature)
+    module = as_module(loaded.artifact)
+    measured = _profiled(
+        "fp32_reference", lambda: profile_torch(module, inputs.validation.x[:1], r.profile_runs, r.threads)
+    )
+    path = Path(loaded.source)
+    size = path.stat().st_size if path.is_file() else _state_bytes(loaded.artifact)
+    b1 = timed.batch1
+    return {
+        "format": str(loaded.artifact.kind),
+        "precision": "fp32",
+        "size_bytes": size,
+        "latency_ms": b1.p50_ms,
+        "latency_p95_ms": b1.p95_ms,
+        "latency_p99_ms": b1.p99_ms,
+        "accuracy": accuracy,
+        "bench": timed.to_json(),
+        "profile": measured and write_profile(measured, folder, "fp32_reference"),
+    }
+
+
+def _state_bytes(artifact: Artifact) -> int:
+    return sum(t.numel() * t.element_size() for t in artifact.model.state_dict().values())

@@ -1,0 +1,99 @@
+"""The one object that flows between stages."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import io
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+
+class Kind(str, Enum):
+    """What an artifact holds; stages declare which kinds they accept."""
+
+    EAGER = "torch.nn.Module"
+    FX = "torch.fx.GraphModule"
+    EXPORTED = "torch.export.ExportedProgram"
+    TORCHSCRIPT = "torchscript"
+    ONNX = "onnx"
+    EXECUTORCH = "executorch"  # a .pte program (XNNPACK-delegated or portable kernels)
+    LITE = "torchscript-lite"  # a PyTorch Mobile lite-interpreter .ptl file
+    ENGINE = "tensorrt-engine"  # a serialized TensorRT engine, built on the device it runs on
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclasses.dataclass(frozen=True)
+class Artifact:
+    """A model at one point of the pipeline.
+
+    ``model`` is the in-memory object for PyTorch kinds; ``path`` is set once the artifact
+    lives on disk (ONNX, ExecuTorch and lite-interpreter artifacts always do). Stages never mutate ``model``: they copy it first.
+    """
+
+    kind: Kind
+    precision: str
+    lineage: tuple[str, ...] = ()
+    model: Any = dataclasses.field(default=None, compare=False, repr=False)
+    path: Path | None = None
+    quantized_engine: str | None = (
+        None  # the kernels an INT8 model is packed or lowered for: a torch quantized engine (x86, fbgemm, qnnpack) or an ExecuTorch backend (xnnpack); not a TensorRT engine
+    )
+    kernels: str | None = (
+        None  # the torch engine the deployment CPU dispatches to, where it differs (x86 without VNNI: fbgemm); host parity loads under it
+    )
+
+    def files(self) -> list[Path]:
+        """The files that make up the artifact on disk (ONNX external data included)."""
+        if self.path is None:
+            return []
+        extra = self.path.with_name(self.path.name + ".data")
+        return [self.path, extra] if extra.exists() else [self.path]
+
+    @property
+    def has_external_data(self) -> bool:
+        return len(self.files()) > 1
+
+    def size_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.files())
+
+    @functools.cached_property
+    def sha256(self) -> str:
+        """sha256 of the artifact's files, or of an in-memory model's code and weights."""
+        if self.path is not None:
+            return sha256_files(self.files())
+        return hashlib.sha256(_model_bytes(self.model)).hexdigest()
+
+
+def sha256_files(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        with p.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _model_bytes(model: Any) -> bytes:
+    import torch
+
+    if isinstance(model, torch.export.ExportedProgram):
+        structure, state = str(model.graph), model.state_dict
+    elif isinstance(model, torch.jit.ScriptModule):
+        # The saved archive (deterministic): a frozen module has no state_dict and prints the same
+        # code whatever its weights, which are constants of its graph. Hashed by code and state,
+        # two frozen models with other weights looked the same to the pipeline's cache.
+        buf = io.BytesIO()
+        torch.jit.save(model, buf)
+        return buf.getvalue()
+    elif isinstance(model, torch.fx.GraphModule):
+        structure, state = model.code, model.state_dict()
+    else:
+        structure, state = repr(model), model.state_dict()
+    buf = io.BytesIO()
+    torch.save(dict(sorted(state.items())), buf)
+    return structure.encode() + buf.getvalue()

@@ -1,0 +1,58 @@
+"""Load an artifact from disk in the runtime it ships to, and run it on numpy inputs."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from toolchain.core.artifact import Artifact
+from toolchain.core.export import as_module
+
+
+class Runner(Protocol):
+    """Runs a batch; returns every output of the model, in order, as numpy arrays."""
+
+    def __call__(self, x: np.ndarray) -> list[np.ndarray]: ...
+
+
+def torch_runner(model, threads: int) -> Runner:
+    import torch
+
+    torch.set_num_threads(threads)
+
+    from toolchain.core.feed import torch_args
+
+    def run(x) -> list[np.ndarray]:
+        with torch.inference_mode():
+            return [t.numpy() for _, t in flatten_outputs(model(*torch_args(x)))]
+
+    return run
+
+
+def reference_runner(artifact: Artifact, threads: int) -> Runner:
+    """The FP32 model as loaded, in eager PyTorch."""
+    return torch_runner(as_module(artifact), threads)
+
+
+def flatten_outputs(output, path: str = "") -> list[tuple[str, object]]:
+    """Every tensor a model returns, in the order ONNX export and ExecuTorch flatten them,
+    named by its dict key or named-tuple field where it has one, else by its position."""
+    if isinstance(output, dict):
+        items = [(str(k), v) for k, v in output.items()]
+    elif isinstance(output, tuple) and hasattr(output, "_fields"):
+        items = list(zip(output._fields, output))
+    elif isinstance(output, (tuple, list)):
+        items = [(str(i), v) for i, v in enumerate(output)]
+    else:
+        return [(path, output)]
+    out = []
+    for key, value in items:
+        out += flatten_outputs(value, f"{path}.{key}" if path else key)
+    return out
+
+
+def output_names(model_output) -> list[str]:
+    """Names of a model's outputs (see flatten_outputs); position numbers where it gives none."""
+    flat = flatten_outputs(model_output)
+    return [name or str(i) for i, (name, _) in enumerate(flat)]

@@ -1,0 +1,141 @@
+"""Stages: one step of a build, with declared input and output kinds and its own options."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import time
+from pathlib import Path
+from typing import Any, ClassVar, Mapping, NamedTuple
+
+from toolchain.core.artifact import Artifact, Kind
+from toolchain.core.context import BuildContext
+from toolchain.core.options import options_as_dict
+from toolchain.core.registry import Registry
+
+log = logging.getLogger("toolchain")
+
+
+@dataclasses.dataclass(frozen=True)
+class NoOptions:
+    """This stage has no options."""
+
+
+class StageResult(NamedTuple):
+    artifact: Artifact
+    facts: Mapping[str, Any] = {}  # what the stage found or did, for the manifest
+
+
+@dataclasses.dataclass(frozen=True)
+class StageRecord:
+    """One manifest entry: what ran, on what, with which options, and how long it took."""
+
+    stage: str
+    options: Mapping[str, Any]
+    input_kind: str
+    output_kind: str
+    input_sha256: str
+    output_sha256: str
+    seconds: float
+    facts: Mapping[str, Any]
+
+
+class Stage:
+    """Subclasses set ``name``, ``transitions`` (input kind -> output kind) and ``Options``,
+    and override :meth:`apply`. :meth:`run` does the bookkeeping."""
+
+    name: ClassVar[str]
+    transitions: ClassVar[Mapping[Kind, Kind]]
+    Options: ClassVar[type] = NoOptions
+    report_facts: ClassVar[tuple[str, ...]] = ()  # facts users need in report.json, not only the manifest
+    requires: ClassVar[
+        tuple[str, ...]
+    ] = ()  # libraries (import names) the stage needs: see `toolchain doctor`
+
+    def __init__(self, options: Any = None) -> None:
+        self.options = options if options is not None else self.Options()
+
+    @classmethod
+    def accepts(cls) -> frozenset[Kind]:
+        return frozenset(cls.transitions)
+
+    @classmethod
+    def check_options(cls, options: Any, where: str, source: str) -> None:
+        """Checks beyond the option types (e.g. names a library must know); raise ConfigError."""
+
+    def run(self, artifact: Artifact, ctx: BuildContext) -> tuple[Artifact, StageRecord]:
+        log.info("stage %s: %s", self.name, artifact.kind)
+        start = time.perf_counter()
+        result = self.apply(artifact, ctx)
+        seconds = time.perf_counter() - start
+        out = dataclasses.replace(result.artifact, lineage=artifact.lineage + (self.name,))
+        expected = self.transitions[artifact.kind]
+        if out.kind is not expected:
+            raise AssertionError(f"stage {self.name} produced {out.kind}, declared {expected}")
+        record = StageRecord(
+            stage=self.name,
+            options=options_as_dict(self.options),
+            input_kind=str(artifact.kind),
+            output_kind=str(out.kind),
+            input_sha256=artifact.sha256,
+            output_sha256=out.sha256,
+            seconds=round(seconds, 3),
+            facts=dict(result.facts),
+        )
+        return out, record
+
+    def apply(self, artifact: Artifact, ctx: BuildContext) -> StageResult:
+        raise NotImplementedError
+
+    def output_path(self, artifact: Artifact, ctx: BuildContext, suffix: str) -> Path:
+        """A file in the work folder unique to (this stage, its options, its input): variants of
+        one stage on one input (recovery's attempts) never overwrite each other."""
+        digest = hashlib.sha256(f"{self.name}{self.options!r}{artifact.sha256}".encode()).hexdigest()[:16]
+        return ctx.workdir / f"{self.name}-{digest}{suffix}"
+
+
+class Recoverable:
+    """A quantization stage that recovery can re-run with other settings (a mixin beside Stage).
+
+    ``float_layers`` (an option of the stage) names layers kept in floating point;
+    :meth:`layers` lists the names it accepts for an input; ``calibrations`` are the
+    calibration methods the backend offers (the option ``calibration`` when it has one);
+    ``fixes`` names boolean options that recovery turns on, one at a time, before it keeps any
+    layer in float (e.g. ``equalize``, ``bias_correction``).
+    """
+
+    def layers(self, artifact: Artifact, ctx: BuildContext) -> list[str]:
+        raise NotImplementedError
+
+    def calibrations(self) -> tuple[str, ...]:
+        return ()
+
+    def fixes(self) -> tuple[str, ...]:
+        return ()
+
+    def applies(self, fix: str, artifact: Artifact, ctx: BuildContext) -> bool:
+        """Whether ``fix`` has anything to act on for this input (recovery skips it otherwise: an
+        attempt that rebuilds the same artifact costs a build and a check for nothing)."""
+        return True
+
+    def variant(self, **changes) -> "Stage":
+        return type(self)(dataclasses.replace(self.options, **changes))
+
+
+STAGES: Registry[type[Stage]] = Registry("stage")
+
+
+def reported_facts(records: list[StageRecord]) -> dict[str, dict[str, Any]]:
+    """The facts each stage marks for the report, by stage name."""
+    out = {}
+    for r in records:
+        keys = STAGES.get(r.stage).report_facts
+        if keys:
+            out[r.stage] = {k: r.facts[k] for k in keys if k in r.facts}
+    return out
+
+
+def register_stage(cls: type[Stage]) -> type[Stage]:
+    STAGES.register(cls.name, cls)
+    return cls

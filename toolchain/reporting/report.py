@@ -1,0 +1,351 @@
+"""`report.json`, `report.md` and the terminal table: one summary, three renderings.
+
+The keys of `report.json` are a contract that users' scripts and the nightly parity job
+read: extend, never rename.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from toolchain.core.jsonable import finite
+from toolchain.measure.timing import Bench
+from toolchain.reporting.html import write_html
+from toolchain.reporting.words import facts_line, near_ties_line, output_label, parity_verdict, subset_line
+from toolchain.verdict.parity import Parity
+
+NOT_JUDGED = "NOT JUDGED (random weights)"
+
+
+@dataclasses.dataclass(frozen=True)
+class ArtifactReport:
+    name: str
+    path: str  # relative to the build folder
+    format: str
+    runtime: str
+    precision: str
+    # torch INT8: the quantized engine its weights are packed for (JSON: `engine`)
+    quantized_engine: str | None
+    size_bytes: int
+    sha256: str
+    bench: Bench  # latency percentiles at batch 1, the batch sweep, peak memory
+    parity: Parity
+    primary: bool = False
+    eligible: bool = True  # the profile lets it be primary
+    # e.g. mobile passes not applied
+    stage_facts: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    profile: str | None = None  # profiles/<name>.json, relative to the build folder
+    recovery: dict[str, Any] | None = None  # what recovery did when the first build missed parity
+    float_layers: tuple[str, ...] = ()  # layers kept in floating point (precision "mixed")
+    latency_warning: str | None = None  # why its timed latency is not to be trusted (bench.busy_cores)
+
+    @property
+    def latency_ms(self) -> float:
+        return self.bench.batch1.p50_ms
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "path": self.path,
+            "format": self.format,
+            "runtime": self.runtime,
+            "precision": self.precision,
+            "engine": self.quantized_engine,
+            "size_bytes": self.size_bytes,
+            "sha256": self.sha256,
+            "primary": self.primary,
+            "latency_ms": self.bench.batch1.p50_ms,
+            "latency_p95_ms": self.bench.batch1.p95_ms,
+            "latency_p99_ms": self.bench.batch1.p99_ms,
+            "parity": _parity_json(self.parity),
+            "stage_facts": self.stage_facts,
+            "bench": self.bench.to_json(),
+            "profile": self.profile,
+            "float_layers": list(self.float_layers),
+            "recovery": self.recovery,
+            "latency_warning": self.latency_warning,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    target: str
+    target_file: str
+    model: dict[str, Any]
+    reference: dict[str, Any]  # FP32: format, size_bytes, latency_ms, accuracy
+    data: dict[str, Any]
+    artifacts: tuple[ArtifactReport, ...]
+    skipped: tuple[dict[str, Any], ...]
+    thresholds: Any  # the ParityThresholds applied
+    engine: dict[str, Any] | None  # TensorRT engine status, for NVIDIA targets
+    warnings: tuple[str, ...]
+    build_seconds: float
+    cpu: dict[str, Any] | None = None  # host CPU, target instruction set, whether host parity is a proxy
+    metric: dict[str, Any] | None = None  # the user's metric: name, FP32 score, tolerance
+    not_applicable: tuple[
+        dict[str, Any], ...
+    ] = ()  # artifacts for another kind of model (dynamic INT8 for a CNN)
+
+    @property
+    def passed(self) -> bool | None:
+        """False when any artifact fails; None when nothing was judged (random weights); else True."""
+        if not self.artifacts or any(a.parity.passed is False for a in self.artifacts):
+            return False
+        return None if self.thresholds is None else True
+
+    @property
+    def verdict(self) -> str:
+        return {True: "PASSED", False: "FAILED parity", None: NOT_JUDGED}[self.passed]
+
+    @property
+    def primary(self) -> ArtifactReport | None:
+        return next((a for a in self.artifacts if a.primary), None)
+
+    def to_json(self) -> dict[str, Any]:
+        return finite(
+            {
+                "target": self.target,
+                "target_file": self.target_file,
+                "passed": self.passed,
+                "verdict": self.verdict,
+                "primary": self.primary.name if self.primary else None,
+                "parity_inputs": _parity_inputs(self.data),
+                "model": self.model,
+                "reference": self.reference,
+                "data": self.data,
+                "artifacts": [a.to_json() for a in self.artifacts],
+                "parity_judged": self.thresholds is not None,
+                "parity_thresholds": dataclasses.asdict(self.thresholds) if self.thresholds else None,
+                "engine": self.engine,
+                "metric": self.metric,
+                "cpu": self.cpu,
+                "parity_proxy": bool(self.cpu and self.cpu["proxy"]),
+                "skipped": list(self.skipped),
+                "not_applicable": list(self.not_applicable),
+                "warnings": list(self.warnings),
+                "build_seconds": self.build_seconds,
+            }
+        )
+
+
+def mark_primary(artifacts: list[ArtifactReport]) -> list[ArtifactReport]:
+    """The fastest eligible artifact that does not fail parity becomes primary (none if all fail)."""
+    passing = [a for a in artifacts if a.parity.passed is not False and a.eligible]
+    best = min(passing, key=lambda a: a.latency_ms, default=None)
+    return [dataclasses.replace(a, primary=a is best) for a in artifacts]
+
+
+def write(report: Report, folder: Path) -> None:
+    """`report.json`, `report.md` and `report.html` (drawn from the same dictionary as the JSON)."""
+
+    data = report.to_json()
+    (folder / "report.json").write_text(json.dumps(data, indent=2) + "\n")
+    (folder / "report.md").write_text(markdown(report))
+    write_html(folder, data)
+
+
+def markdown(report: Report) -> str:
+    lines = [
+        f"# {report.model['name']} → {report.target}: {report.verdict}",
+        "",
+        f"Model `{report.model['source']}` (weights: {report.model['weights']}), {inputs_phrase(report.model)}; "
+        f"parity on {report.data['validation']['samples']} {report.data['validation']['origin']} inputs.",
+        "",
+        table(report),
+        "",
+    ]
+    if report.engine:
+        lines += [f"- TensorRT engine: {report.engine['status']} ({report.engine['reason']})"]
+    lines += [f"- {line}" for line in metric_lines(report)]
+    lines += [f"- {line}" for line in subset_lines(report)]
+    lines += [f"- recovery: {line}" for line in recovery_lines(report)]
+    lines += [f"- {line}" for line in near_ties_lines(report)]
+    for a in report.artifacts:
+        lines += [f"- `{a.name}` {stage}: {facts_line(facts)}" for stage, facts in a.stage_facts.items()]
+    lines += [f"- skipped `{s['name']}`: {s['reason']}" for s in report.skipped]
+    lines += [f"- not applicable `{s['name']}`: {s['reason']}" for s in report.not_applicable]
+    lines += [f"- warning: {w}" for w in report.warnings]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def inputs_phrase(model: dict) -> str:
+    """`input 1x1x8x8`, or every input by name (`inputs ids 1x16 int64, mask 1x16 int64`), and the fixed arguments."""
+    inputs = model.get("inputs") or []
+    if len(inputs) > 1 or any(i["dtype"] != "float32" for i in inputs):
+        text = "inputs " + ", ".join(
+            f"{i['name']} {'x'.join(map(str, i['shape'])) or 'scalar'} {i['dtype']}" for i in inputs
+        )
+    else:
+        text = f"input {'x'.join(map(str, model['input_shape']))}"
+    fixed = [f"{c['name']} = {c['value']} ({c['source']})" for c in model.get("constants", [])]
+    return text + (f"; fixed in every artifact: {', '.join(fixed)}" if fixed else "")
+
+
+def table(report: Report) -> str:
+    head = [
+        "artifact",
+        "precision",
+        "size",
+        "latency (ms)",
+        "SQNR (dB)",
+        "cosine",
+        "top-1 agr.",
+        "accuracy",
+        "parity",
+    ]
+    ref = report.reference
+    rows = [
+        [
+            "fp32 reference",
+            "fp32",
+            _mb(ref["size_bytes"]),
+            f"{ref['latency_ms']:.2f}",
+            "",
+            "",
+            "",
+            _pct(ref["accuracy"]),
+            "",
+        ]
+    ]
+    for a in report.artifacts:
+        p = a.parity
+        rows.append(
+            [
+                a.name + (" *" if a.primary else ""),
+                a.precision,
+                _mb(a.size_bytes),
+                _latency_cell(a),
+                f"{p.sqnr_db:.1f}",
+                f"{p.cosine:.4f}",
+                _pct(p.top1_agreement),
+                _pct(p.accuracy),
+                parity_verdict(p.passed, p.failures),
+            ]
+        )
+        if len(p.outputs) > 1:  # each output on its own line under the artifact's worst case
+            rows += [
+                [
+                    f"  output {output_label(o)}",
+                    "",
+                    "",
+                    "",
+                    f"{o.sqnr_db:.1f}",
+                    f"{o.cosine:.4f}",
+                    _pct(o.top1_agreement),
+                    _pct(o.accuracy),
+                    parity_verdict(o.passed, o.failures),
+                ]
+                for o in p.outputs
+            ]
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    fmt = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
+    return "\n".join([fmt(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, rows)])
+
+
+def _latency_cell(a: ArtifactReport) -> str:
+    from toolchain import runtimes
+
+    emulated = a.runtime in runtimes.names() and runtimes.get(a.runtime).emulated
+    return f"{a.latency_ms:.2f}" + (" (host emulation)" if emulated else "")
+
+
+def metric_lines(report: Report) -> list[str]:
+    """`metric m.py:f (higher is better, tolerance 0.01 absolute): FP32 0.955; onnx_int8 0.953 (drop 0.002) pass`."""
+    m = report.metric
+    if not m:
+        return []
+    head = (
+        f"metric {m['name']} ({'higher' if m['higher_is_better'] else 'lower'} is better, tolerance {m['max_drop']:g} "
+        f"{m['drop_is']}): FP32 {m['fp32']:.6g}"
+    )
+    parts = []
+    for a in report.artifacts:
+        am = a.parity.metric or {}
+        if am.get("value") is None:
+            parts.append(f"{a.name} not scored (its outputs failed the sanity checks)")
+        else:
+            verdict = {True: "pass", False: "FAIL", None: "not judged"}[am["passed"]]
+            parts.append(f"{a.name} {am['value']:.6g} (drop {am['drop']:.4g}) {verdict}")
+    return [head + "; " + "; ".join(parts)]
+
+
+def subset_lines(report: Report) -> list[str]:
+    """The artifacts checked on part of the validation inputs (``artifacts.NAME.parity_samples``)."""
+    total = report.data["validation"]["samples"]
+    return [line for a in report.artifacts if (line := subset_line(a.name, a.parity.samples, total))]
+
+
+def recovery_lines(report: Report) -> list[str]:
+    """One line per artifact that recovery worked on: what it did, or why it could not."""
+    return [a.recovery["summary"] for a in report.artifacts if a.recovery]
+
+
+def near_ties_lines(report: Report) -> list[str]:
+    """Per output whose top-1 agreement missed its bar: how close FP32's top two were, against the artifact's error."""
+    return [
+        near_ties_line(
+            a.name,
+            output_label(o) if len(a.parity.outputs) > 1 else None,
+            o.top1_agreement,
+            dataclasses.asdict(o.near_ties),
+        )
+        for a in report.artifacts
+        for o in a.parity.outputs
+        if o.near_ties is not None
+    ]
+
+
+def sensitivity_top(report: Report, folder: Path, count: int = 5) -> list[str]:
+    """The most sensitive layers of each artifact recovery measured, for the terminal."""
+    out = []
+    for a in report.artifacts:
+        path = a.recovery and a.recovery.get("sensitivity")
+        if path:
+            rows = json.loads((folder / path).read_text())["layers"][:count]
+            out.append(
+                f"{a.name}: most sensitive layers (one kept in float): "
+                + ", ".join(f"{r['layer']} ({_delta(r)})" for r in rows)
+            )
+    return out
+
+
+def _delta(row: dict[str, Any]) -> str:
+    gain = row.get("sqnr_gain_db")
+    top1 = row.get("top1_agreement")
+    parts = [] if gain in (None, "nan") else [f"SQNR {gain:+.1f} dB"]
+    parts += [] if top1 is None else [f"top-1 {top1:.1%}"]
+    return ", ".join(parts) or "n/a"
+
+
+def _parity_inputs(data: dict[str, Any]) -> str:
+    """synthetic; data (held-out samples); or calibration (parity on calibration samples themselves)."""
+    if data["validation"]["synthetic"]:
+        return "synthetic"
+    return "calibration" if data.get("overlap_samples", 0) >= data["validation"]["samples"] else "data"
+
+
+def _parity_json(p: Parity) -> dict[str, Any]:
+    return {
+        "sqnr_db": p.sqnr_db,
+        "cosine": p.cosine,
+        "max_abs": p.max_abs,
+        "mean_abs": p.mean_abs,
+        "top1_agreement": p.top1_agreement,
+        "accuracy": p.accuracy,
+        "passed": p.passed,
+        "failures": list(p.failures),
+        "samples": p.samples,
+        "metric": p.metric,
+        "outputs": [{**dataclasses.asdict(o), "shape": list(o.shape)} for o in p.outputs],
+    }
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.2f} MB"
+
+
+def _pct(v: float | None) -> str:
+    return "" if v is None else f"{v:.2%}"

@@ -1,0 +1,427 @@
+"""Compare an artifact's outputs with the FP32 model's, every output, with explicit metrics.
+
+Each output has a role that decides which metrics judge it:
+
+| role           | judged on                                             | also reported          |
+|----------------|-------------------------------------------------------|------------------------|
+| classification | SQNR, cosine, top-1 agreement, accuracy (with labels) | max / mean abs error   |
+| probabilities  | SQNR, cosine, max abs error (probability units)       | top-1 agreement        |
+| regression     | SQNR, cosine                                          | relative max error     |
+| embedding      | cosine                                                | SQNR                   |
+
+A role is declared (`[parity.outputs.<index or name>] role = ...` or `--outputs`) or
+inferred where that is safe: a model with a single (N, C > 1) output is a classifier,
+anything else is a regression. Whatever the role or thresholds, an output with a NaN or an
+infinity, a missing output or a changed shape fails: those are never noise.
+
+When top-1 agreement misses its bar, the output says why in numbers (:class:`NearTies`): how close
+FP32's own top two scores are, against the artifact's error between them. A tie-prone output (bins
+of a pitch or an age, many near-equal classes) can miss the bar at an SQNR that would hold it on a
+confident classifier, and layers kept in float close only part of the distance; the numbers say how far.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from toolchain.core.errors import DataError
+from toolchain.target import ParityThresholds
+
+log = logging.getLogger("toolchain")
+
+ROLES = ("classification", "probabilities", "regression", "embedding")
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputRole:
+    """Which output (index, and name when the model gives one) plays which role."""
+
+    index: int
+    name: str
+    role: str
+    inferred: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputParity:
+    index: int
+    name: str
+    shape: tuple[int, ...]  # per sample (batch dimension excluded)
+    role: str
+    role_inferred: bool
+    sqnr_db: float
+    cosine: float
+    max_abs: float
+    mean_abs: float
+    rel_max_error: float  # max |error| / max |FP32 output|
+    top1_agreement: float | None
+    accuracy: float | None
+    nonfinite: int  # NaN or infinite values in the artifact's output
+    passed: bool | None
+    failures: tuple[str, ...] = ()
+    near_ties: NearTies | None = (
+        None  # why top-1 agreement missed its bar; None when it did not (or was not judged)
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class NearTies:
+    """Top-1 agreement against the closeness of FP32's own top two scores.
+
+    An artifact's arg-max leaves FP32's on a sample when its error between FP32's top two classes
+    exceeds their gap. With that error difference of RMS ``noise`` over the samples, a sample with
+    gap g swaps with probability ~ Phi(-g / noise); the mean over the samples is the agreement the
+    noise ``predicts`` (on the pitch tracker trained in the tests: 96.4 % predicted, 96.5 % measured).
+    ``noise_cut_db`` is how much lower that error must be for the bar: infinite when FP32 itself
+    ties exactly on too many samples (no artifact can hold the bar)."""
+
+    share: float  # 1 - the bar: the share of samples the bar lets disagree
+    gap: float  # FP32's top-two gap that ``share`` of the samples fall below
+    noise: float  # RMS over the samples of the artifact's error difference between FP32's top two classes
+    predicted: float  # the top-1 agreement that noise predicts
+    noise_cut_db: (
+        float  # how much lower the noise must be for the bar (0: that noise does not explain the miss)
+    )
+
+
+def near_ties(reference: np.ndarray, output: np.ndarray, bar: float) -> NearTies | None:
+    """:class:`NearTies` of one (samples, classes) output against its FP32 reference; None where
+    the numbers cannot be had (non-finite error). A diagnosis: it never costs the artifact."""
+    from scipy.special import ndtr
+
+    # FP32's top two, as column indices
+    pair = np.sort(np.argpartition(reference, -2, axis=1)[:, -2:], axis=1)
+    rows = np.arange(len(reference))[:, None]
+    ref2 = reference[rows, pair]
+    order = np.argsort(ref2, axis=1)  # second, top
+    ref2, out2 = np.take_along_axis(ref2, order, 1), np.take_along_axis(output[rows, pair], order, 1)
+    gaps = ref2[:, 1] - ref2[:, 0]
+    with np.errstate(over="ignore", invalid="ignore"):
+        noise = float(np.sqrt(np.mean(((out2[:, 1] - ref2[:, 1]) - (out2[:, 0] - ref2[:, 0])) ** 2)))
+    if not np.isfinite(noise):
+        return None
+    share = max(1.0 - bar, 0.5 / len(reference))  # a bar of 100 %: the last half sample
+
+    def swaps(level: float) -> float:  # the expected share of samples a noise of this RMS swaps
+        return float(np.mean(ndtr(-gaps / level))) if level > 0 else 0.5 * float(np.mean(gaps <= 0))
+
+    if swaps(noise) <= share:
+        cut = 0.0  # the noise between the top two does not explain the miss (see words.near_ties_line)
+    elif swaps(0.0) > share:  # exact FP32 ties: half of them swap at any noise
+        cut = float("inf")
+    else:
+        lo, hi = noise, noise  # swaps(lo) <= share < swaps(hi)
+        for _ in range(40):  # down to 1e-120 of the noise; below that, call it out of reach
+            lo *= 1e-3
+            if swaps(lo) <= share:
+                break
+        else:
+            lo = 0.0
+        for _ in range(60 if lo > 0 else 0):
+            mid = float(np.sqrt(lo * hi))
+            lo, hi = (mid, hi) if swaps(mid) <= share else (lo, mid)
+        cut = 20 * float(np.log10(noise / lo)) if lo > 0 else float("inf")
+    return NearTies(
+        round(share, 6),
+        _round(float(np.quantile(gaps, share)), 6),
+        _round(noise, 6),
+        round(1.0 - swaps(noise), 4),
+        _round(cut, 2),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Parity:
+    """The aggregate over every output (worst case) plus each output's own metrics."""
+
+    sqnr_db: float  # the lowest SQNR of any output
+    cosine: float  # the lowest mean per-sample cosine similarity of any output
+    max_abs: float
+    mean_abs: float
+    top1_agreement: float | None  # the lowest of the classification outputs; None without one
+    accuracy: float | None  # of the labelled classification output; None without labels
+    passed: bool | None  # None: measured but not judged (random weights)
+    failures: tuple[str, ...] = ()  # what failed, in words (prefixed by the output when there are several)
+    samples: int = 0
+    outputs: tuple[OutputParity, ...] = ()
+    metric: dict | None = None  # the user's metric: value, drop, tolerance, passed (see toolchain.metric)
+
+    @classmethod
+    def failed(cls, why: str, samples: int = 0) -> "Parity":
+        """Nothing comparable was measured (no output, or nothing built): a failure saying why."""
+        nan = float("nan")
+        return cls(nan, nan, nan, nan, None, None, False, (why,), samples, ())
+
+
+Outputs = list  # one numpy array per model output, batch first
+
+
+def run_batched(runner, x: np.ndarray, batch_size: int) -> Outputs:
+    """Run in batches and join each output; an artifact fixed to batch 1 is run one sample at a time."""
+    try:
+        parts = [runner(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+    except Exception:
+        if batch_size == 1:
+            raise
+        parts = [runner(x[i : i + 1]) for i in range(len(x))]
+    return [np.concatenate([np.atleast_1d(p[k]) for p in parts]) for k in range(len(parts[0]))]
+
+
+def resolve_roles(
+    reference: Outputs, names: Sequence[str], declared: Mapping[str, str]
+) -> tuple[OutputRole, ...]:
+    """Each output's role: declared by index or name, else inferred (see the module's table)."""
+    keys = {str(i) for i in range(len(reference))} | set(names)
+    unknown = sorted(set(declared) - keys)
+    if unknown:
+        valid = ", ".join(f"{i} ({n})" if n != str(i) else str(i) for i, n in enumerate(names))
+        raise DataError(
+            f"parity output `{unknown[0]}` is not an output of the model; its outputs are: {valid}"
+        )
+    roles = []
+    for i, (out, name) in enumerate(zip(reference, names)):
+        role = declared.get(name) or declared.get(str(i))
+        if role is not None and role not in ROLES:
+            raise DataError(f"parity output `{name}`: role `{role}` is not one of {', '.join(ROLES)}")
+        if role is None:
+            single_classifier = len(reference) == 1 and out.ndim == 2 and out.shape[1] > 1
+            role = "classification" if single_classifier else "regression"
+        roles.append(OutputRole(i, name, role, inferred=not (name in declared or str(i) in declared)))
+    return tuple(roles)
+
+
+def check_reference(reference: Outputs, roles: Sequence[OutputRole]) -> None:
+    """A non-finite FP32 output leaves nothing to compare with: the user's to fix."""
+    for r, out in zip(roles, reference):
+        bad = ~np.isfinite(out.astype(np.float64, copy=False))
+        if bad.any():
+            first = int(np.argmax(bad.reshape(len(out), -1).any(axis=1)))
+            raise DataError(
+                f"the FP32 model's output {_label(r)} has {int(bad.sum())} NaN or infinite values on the "
+                f"validation inputs (first in sample {first}); parity cannot be measured against it"
+            )
+
+
+def compare(
+    reference: Outputs | np.ndarray,
+    output: Outputs | np.ndarray,
+    labels: np.ndarray | None,
+    thresholds: ParityThresholds | None,
+    roles: Sequence[OutputRole] | None = None,
+    metric=None,
+    all_labels: Mapping[str, np.ndarray] | None = None,
+) -> Parity:
+    """Metrics of every output against FP32's; judged against ``thresholds`` unless None.
+
+    Labels go with the first classification output; FP32's accuracy is taken on the same samples.
+    With the user's ``metric`` (a :class:`toolchain.metric.Metric`), it decides the verdict instead
+    of the thresholds, together with the sanity checks (finite values, outputs and shapes), which
+    always apply; the other metrics are still reported.
+    """
+    reference, output = _as_list(reference), _as_list(output)
+    roles = (
+        tuple(roles)
+        if roles is not None
+        else resolve_roles(reference, [str(i) for i in range(len(reference))], {})
+    )
+    labelled = (
+        next((r.index for r in roles if r.role == "classification"), None) if labels is not None else None
+    )
+    if len(output) != len(reference):
+        return Parity.failed(
+            f"the artifact gives {len(output)} outputs, FP32 gives {len(reference)}", len(reference[0])
+        )
+    judge = None if metric is not None else thresholds
+    per_output = tuple(
+        _compare_one(r, reference[r.index], output[r.index], labels if r.index == labelled else None, judge)
+        for r in roles
+    )
+    parity = _aggregate(per_output, labelled, len(reference[0]))
+    if metric is None:
+        return parity
+    return _with_metric(
+        parity, metric, output, [r.name for r in roles], all_labels or {}, thresholds is not None
+    )
+
+
+def _with_metric(parity: Parity, metric, output: Outputs, names: list[str], labels, judged: bool) -> Parity:
+    from toolchain.verdict.metric import score
+
+    # non-finite or misshapen: the sanity checks failed, the score would mean nothing
+    if parity.passed is False:
+        return dataclasses.replace(
+            parity, metric={**metric.to_json(), "value": None, "drop": None, "passed": False}
+        )
+    value, _ = score(metric.fn, metric.name, output, names, labels)
+    ok, failure = metric.judge(value)
+    record = {
+        **metric.to_json(),
+        "value": value,
+        "drop": metric.drop(value),
+        "passed": ok if judged else None,
+    }
+    if not judged:
+        return dataclasses.replace(parity, metric=record)
+    return dataclasses.replace(parity, metric=record, passed=ok, failures=(failure,) if failure else ())
+
+
+def accuracy_of(
+    outputs: Outputs | np.ndarray, labels: np.ndarray | None, roles: Sequence[OutputRole] | None = None
+) -> float | None:
+    """FP32's accuracy on its labelled (first classification) output; None without one."""
+    outputs = _as_list(outputs)
+    roles = roles if roles is not None else resolve_roles(outputs, [str(i) for i in range(len(outputs))], {})
+    index = next((r.index for r in roles if r.role == "classification"), None)
+    if labels is None or index is None:
+        return None
+    return float(np.mean(outputs[index].reshape(len(labels), -1).argmax(1) == labels))
+
+
+def _compare_one(
+    role: OutputRole, reference: np.ndarray, output: np.ndarray, labels, t: ParityThresholds | None
+) -> OutputParity:
+    shape = tuple(reference.shape[1:])
+    if output.shape != reference.shape:
+        failure = f"shape {_fmt(output.shape)} differs from FP32's {_fmt(reference.shape)}"
+        nan = float("nan")
+        return OutputParity(
+            role.index,
+            role.name,
+            shape,
+            role.role,
+            role.inferred,
+            nan,
+            nan,
+            nan,
+            nan,
+            nan,
+            None,
+            None,
+            0,
+            False,
+            (failure,),
+        )
+    ref = reference.reshape(len(reference), -1).astype(np.float64)
+    out = output.reshape(len(output), -1).astype(np.float64)
+    finite = np.isfinite(out)
+    nonfinite = int((~finite).sum())
+    err = ref - out
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        noise = float(np.sum(err**2))
+        signal = float(np.sum(ref**2))
+        sqnr = (
+            float("inf") if noise == 0 else (10 * np.log10(signal / noise) if signal > 0 else float("-inf"))
+        )
+        norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(out, axis=1)
+        cosine = float(np.mean(np.sum(ref * out, axis=1) / np.maximum(norms, 1e-30)))
+        max_abs = float(np.abs(err).max())
+        peak = float(np.abs(ref).max())
+        rel = max_abs / peak if peak > 0 else (0.0 if max_abs == 0 else float("inf"))
+    top1 = accuracy = ref_accuracy = None
+    if ref.shape[1] > 1 and role.role in ("classification", "probabilities"):
+        top1 = float(np.mean(ref.argmax(1) == out.argmax(1)))
+        if labels is not None:
+            accuracy = float(np.mean(out.argmax(1) == labels))
+            ref_accuracy = float(np.mean(ref.argmax(1) == labels))
+    failures = []
+    if nonfinite:
+        first = int(np.argmax((~finite).any(axis=1)))
+        failures.append(f"{nonfinite} NaN or infinite values (first in sample {first})")
+    elif t is not None:
+        failures = _failures(role.role, sqnr, cosine, max_abs, top1, accuracy, ref_accuracy, t)
+    passed = False if failures else (None if t is None else True)
+    ties = None
+    if (
+        role.role == "classification"
+        and t is not None
+        and not nonfinite
+        and top1 is not None
+        and top1 < t.min_top1_agreement
+    ):
+        try:
+            ties = near_ties(ref, out, t.min_top1_agreement)
+        except Exception as e:  # noqa: BLE001 - an explanation of a failure must never fail the artifact itself
+            log.debug("near ties not measured: %s", e)
+    return OutputParity(
+        role.index,
+        role.name,
+        shape,
+        role.role,
+        role.inferred,
+        _round(sqnr),
+        _round(cosine, 6),
+        _round(max_abs),
+        _round(float(np.abs(err).mean()), 6),
+        _round(rel, 6),
+        top1,
+        accuracy,
+        nonfinite,
+        passed,
+        tuple(failures),
+        ties,
+    )
+
+
+def _failures(role, sqnr, cosine, max_abs, top1, accuracy, ref_accuracy, t: ParityThresholds) -> list[str]:
+    out = []
+    if role != "embedding" and not sqnr >= t.min_sqnr_db:  # `not >=`: a NaN fails too
+        out.append(f"SQNR {sqnr:.1f} dB < {t.min_sqnr_db} dB")
+    if not cosine >= t.min_cosine:
+        out.append(f"cosine {cosine:.4f} < {t.min_cosine}")
+    if role == "probabilities" and not max_abs <= t.max_probability_error:
+        out.append(f"max probability error {max_abs:.4f} > {t.max_probability_error}")
+    if role == "classification":
+        if top1 is not None and not top1 >= t.min_top1_agreement:
+            out.append(f"top-1 agreement {top1:.2%} < {t.min_top1_agreement:.2%}")
+        if accuracy is not None and not ref_accuracy - accuracy <= t.max_accuracy_drop:
+            out.append(
+                f"accuracy {accuracy:.2%} is {ref_accuracy - accuracy:.2%} below FP32's {ref_accuracy:.2%}"
+            )
+    return out
+
+
+def _aggregate(outputs: tuple[OutputParity, ...], labelled: int | None, samples: int) -> Parity:
+    several = len(outputs) > 1
+    failures = tuple(f"output {_label(o)}: {f}" if several else f for o in outputs for f in o.failures)
+    verdicts = {o.passed for o in outputs}
+    passed = False if False in verdicts else (None if None in verdicts else True)
+    top1s = [o.top1_agreement for o in outputs if o.role == "classification" and o.top1_agreement is not None]
+    accuracy = outputs[labelled].accuracy if labelled is not None else None
+    return Parity(
+        sqnr_db=_worst([o.sqnr_db for o in outputs], min),
+        cosine=_worst([o.cosine for o in outputs], min),
+        max_abs=_worst([o.max_abs for o in outputs], max),
+        mean_abs=_worst([o.mean_abs for o in outputs], max),
+        top1_agreement=min(top1s) if top1s else None,
+        accuracy=accuracy,
+        passed=passed,
+        failures=failures,
+        samples=samples,
+        outputs=outputs,
+    )
+
+
+def _worst(values: list[float], pick) -> float:
+    """The worst value; a NaN (no comparable number) wins, so it is never hidden."""
+    nans = [v for v in values if v != v]
+    return nans[0] if nans else pick(values)
+
+
+def _label(r) -> str:
+    return str(r.index) if r.name == str(r.index) else f"{r.index} ({r.name})"
+
+
+def _as_list(x) -> Outputs:
+    return [x] if isinstance(x, np.ndarray) else list(x)
+
+
+def _fmt(shape) -> str:
+    return "x".join(map(str, shape))
+
+
+def _round(v: float, digits: int = 4) -> float:
+    return v if not np.isfinite(v) else round(v, digits)
