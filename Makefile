@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install browser services demo test test-full bench clean
+.PHONY: install browser services demo lint test test-full bench clean
 
 install: $(STAMP)
 
@@ -28,8 +28,14 @@ browser:
 services:
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq postgresql >/dev/null)
 
-# The suite CI runs (deterministic, no timing assertions, 9-11 minutes alone on 2 cores).
-test: $(STAMP) browser services
+# Lint, format and the layers of docs/architecture.md (import-linter), before any test runs.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check toolchain tests benchmarks
+	$(VENV)/bin/ruff format --check toolchain tests benchmarks
+	$(VENV)/bin/lint-imports
+
+# The suite CI runs (deterministic, no timing assertions; docs/development.md gives its time).
+test: $(STAMP) browser services lint
 	TOOLCHAIN_REQUIRE_BROWSER=1 TOOLCHAIN_REQUIRE_SERVICES=1 $(PY) -m pytest -q -m "not slow" --durations=20
 
 # Everything, the heavier end-to-end builds too (every torchvision architecture): nightly.

@@ -107,10 +107,12 @@ def test_fx_equalization_is_the_same_function_and_fused_pairs_count(chain, input
     model, facts = rescaled_copy(fused, inputs, "quantize_torch")
     facts = facts["equalization"]
     assert facts["pairs"] == 4 and facts["fp32_relative_error"] < equalize.MAX_RELATIVE_ERROR
-    ranges = output_ranges(equalize._weighted(model.l1).weight.detach().numpy(), 0)
+    ranges = output_ranges(equalize.weighted_module(model.l1).weight.detach().numpy(), 0)
     assert ranges.max() / ranges.min() < 1e2  # the 10^3 outliers are gone
     # the input is left as it was
-    assert not torch.equal(equalize._weighted(model.l1).weight, equalize._weighted(fused.l1).weight)
+    assert not torch.equal(
+        equalize.weighted_module(model.l1).weight, equalize.weighted_module(fused.l1).weight
+    )
 
 
 def test_a_rescale_that_does_not_commute_is_caught_by_the_fp32_check(inputs, monkeypatch):

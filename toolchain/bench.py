@@ -1,17 +1,23 @@
-"""Latency percentiles, a batch-size sweep and peak memory for one runnable model.
-
-The same function measures inside ``toolchain build`` and in ``toolchain bench BUILD_DIR``,
-so the two report the same quantities the same way.
+"""`toolchain bench BUILD_DIR`: every artifact of a build folder (and the FP32 model) re-timed, alone,
+with the settings its report.json records unless given. It measures with the same function a build
+does (:func:`toolchain.measure.timing.bench`), so the two report the same quantities the same way.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
 
+from toolchain import runtimes
+from toolchain.core.artifact import Artifact
+from toolchain.core.errors import ToolchainError
 from toolchain.core.native import keeps_torch_settings
+from toolchain.core.runner import reference_runner
+from toolchain.inputs.prepare import bind_constants, recorded_model, recorded_signature
 from toolchain.measure.timing import bench
+from toolchain.runtimes import load_runner
 
 log = logging.getLogger("toolchain")
 
@@ -27,14 +33,6 @@ def bench_build(
 ) -> dict[str, Any]:
     """Re-measure every artifact of a build folder (and the FP32 model, when its source can
     still be loaded) with the settings recorded in its report.json unless given here."""
-    import json
-
-    from toolchain import runtimes
-    from toolchain.core.artifact import Artifact
-    from toolchain.core.errors import ToolchainError
-    from toolchain.core.runner import reference_runner
-    from toolchain.runtimes import load_runner
-
     report_path = folder / "report.json"
     if not report_path.is_file():
         raise ToolchainError(f"`{folder}` is not a build folder (no report.json)")
@@ -87,21 +85,9 @@ def bench_build(
         }
     note = None
     try:
-        from toolchain.inputs.load import load_model
-
         # loaded inside the bench, so its weights count in its memory, as an artifact's do
-        source = report["model"]["source"]
-
         def reference():
-            from toolchain.inputs.prepare import bind_constants, fix_constants
-
-            loaded = fix_constants(
-                load_model(source, trust_pickle=False),
-                recorded_constants(report["model"]),
-                None,
-                None,
-                tuple(i["name"] for i in report["model"].get("inputs", [])),
-            )
+            loaded = recorded_model(report["model"], None, None)
             return reference_runner(bind_constants(loaded, sample.synthetic(2)).artifact, threads)
 
         b = bench(reference, sample, **settings)
@@ -125,31 +111,6 @@ def bench_build(
         "results": results,
         "note": note,
     }
-
-
-def recorded_constants(model: dict) -> dict[str, object]:
-    """The values a build fixed the model's non-tensor arguments at (report.json `model.constants`)."""
-    return {c["name"]: c["value"] for c in model.get("constants", [])}
-
-
-def recorded_signature(model: dict):
-    """The inputs a report.json records (older reports: one float input of `input_shape`)."""
-    from toolchain.core.feed import InputSpec, Signature
-
-    if not model.get("inputs"):
-        return tuple(model["input_shape"][1:])
-    return Signature(
-        tuple(
-            InputSpec(
-                i["name"],
-                tuple(i["shape"] if i["scalar"] else i["shape"][1:]),
-                i["dtype"],
-                tuple(a - (0 if i["scalar"] else 1) for a in i["dynamic_axes"]),
-                i["scalar"],
-            )
-            for i in model["inputs"]
-        )
-    )
 
 
 def _memory_mb(n: int | None) -> str:

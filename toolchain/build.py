@@ -2,37 +2,28 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import shutil
 import time
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from toolchain.check import check_artifact, recover_artifact, reference_facts, ship
-from toolchain.core.context import BuildContext
-from toolchain.core.errors import NotApplicable, StageError, ToolchainError, reason
+from toolchain.check import make_artifact, reference_facts
+from toolchain.core.errors import ToolchainError
 from toolchain.core.native import keeps_torch_settings
 from toolchain.core.pipeline import Pipeline, Skipped
 from toolchain.core.runner import reference_runner
-from toolchain.core.stage import reported_facts
 from toolchain.folder import check_output, staged_folder
-from toolchain.inputs.load import load_model, settle_random_batchnorm
-from toolchain.inputs.prepare import (
-    bind_constants,
-    check_data_paths,
-    check_model_accepts,
-    fix_constants,
-    prepare_inputs,
-)
+from toolchain.inputs.load import load_model
+from toolchain.inputs.prepare import build_context, check_data_paths, fix_constants, prepare_model
 from toolchain.measure.cpu import isa_facts
+from toolchain.on_device import save_parity_inputs
 from toolchain.reporting.facts import data_facts, model_facts
 from toolchain.reporting.manifest import write_manifest
 from toolchain.reporting.report import Report, mark_primary, write
 from toolchain.target import load_target, plan
-from toolchain.tensorrt.operators import parser_refuses
 from toolchain.tensorrt.plan import plan_engine
-from toolchain.verdict.expected import applied_thresholds, expected_outputs, parity_subset, user_metric
+from toolchain.verdict.expected import applied_thresholds, expected_outputs, user_metric
 
 log = logging.getLogger("toolchain")
 
@@ -67,119 +58,49 @@ def build(
     folder = Path(out) if out else Path("build") / f"{loaded.name}-{profile.name}"
     check_output(folder)
     loaded = fix_constants(loaded, constants, calib, val)
-    log.info("reading calibration and validation data")
-    inputs = prepare_inputs(loaded, profile.data, profile.runtime.isa, calib, val, input_shape)
-    loaded = bind_constants(loaded, inputs.calibration.x)
-    names = check_model_accepts(loaded, inputs.signature)
-    loaded = settle_random_batchnorm(loaded, inputs.calibration.x)
+    loaded, inputs, names = prepare_model(loaded, profile.data, profile.runtime.isa, calib, val, input_shape)
     reference = reference_runner(loaded.artifact, profile.runtime.threads)
     thresholds = applied_thresholds(loaded, profile)
     plans, skipped = plan(profile, loaded.artifact.kind)
     if not plans:
+        kind = loaded.artifact.kind
         raise ToolchainError(
-            f"target `{profile.name}` has no artifact that can be built from a {loaded.artifact.kind} model ({_reasons(skipped)})"
+            f"target `{profile.name}` has no artifact that can be built from a {kind} model ({_reasons(skipped)})"
         )
-
     with staged_folder(folder) as tmp:
-        work = tmp / "work"
-        work.mkdir()
-        ctx = BuildContext(
-            work,
-            inputs.calibration,
-            inputs.shape,
-            loaded.dynamic_batch is not False,
-            profile.runtime.threads,
-            progress or (lambda *a: None),
-            profile.runtime.isa,
-            signature=inputs.signature,
-        )
-        expected = expected_outputs(
-            loaded, inputs, profile, {**(profile.parity.outputs or {}), **(outputs or {})}, names, scorer
-        )
-        ref_out, roles = expected.outputs, expected.roles
+        r = profile.runtime
+        ctx = build_context(tmp / "work", loaded, inputs, r.threads, r.isa, progress)
+        declared = {**(profile.parity.outputs or {}), **(outputs or {})}
+        expected = expected_outputs(loaded, inputs, profile, declared, names, scorer)
         pipeline = Pipeline(ctx)
-        reports, records, files, not_applicable = [], {}, {}, []
-        for chain in plans:
-            try:
-                artifact, records[chain.name] = pipeline.run(chain, loaded.artifact)
-            except NotApplicable as e:
-                log.info("not applicable: %s: %s", chain.name, e)
-                not_applicable.append(Skipped(chain.name, str(e)))
-                continue
-            except StageError as e:
-                log.warning("skipped %s: %s", chain.name, e)
-                skipped.append(Skipped(chain.name, str(e)))
-                continue
-            refused = parser_refuses(profile.tensorrt, artifact)
-            if refused:
-                log.warning("skipped %s: %s", chain.name, refused)
-                skipped.append(Skipped(chain.name, refused))
-                continue
-            shipped = ship(artifact, chain.spec.runtime, chain.name, tmp)
-            checked_on, against = parity_subset(inputs, expected, chain.spec.parity_samples)
-            try:
-                checked = check_artifact(
-                    chain.name, shipped, chain.spec.runtime, profile, thresholds, checked_on, against, tmp
-                )
-            except (
-                Exception
-            ) as e:  # built, but its own runtime refuses it (any library's error type): not shipped
-                why = f"{chain.spec.runtime} could not run the built file: {reason(e)}"
-                log.warning("skipped %s: %s", chain.name, why)
-                log.debug("", exc_info=True)
-                skipped.append(Skipped(chain.name, why))
-                for f in shipped.files():
-                    f.unlink()
-                continue
-            recovery = None
-            if checked.parity.passed is False and thresholds is not None and profile.recovery.enabled:
-                checked, shipped, records[chain.name], recovery = recover_artifact(
-                    chain,
-                    checked,
-                    shipped,
-                    records[chain.name],
-                    pipeline,
-                    loaded.artifact,
-                    profile,
-                    thresholds,
-                    checked_on,
-                    against,
-                    tmp,
-                )
-            reports.append(
-                dataclasses.replace(
-                    checked,
-                    eligible=chain.spec.primary,
-                    stage_facts=reported_facts(records[chain.name]),
-                    recovery=recovery and recovery.to_report(),
-                )
+        made = {
+            chain.name: make_artifact(
+                chain, pipeline, loaded.artifact, profile, thresholds, inputs, expected, tmp
             )
-            files[chain.name] = {
-                "file": reports[-1].path,
-                "sha256": reports[-1].sha256,
-                "lineage": list(shipped.lineage),
-                "recovery_attempts": recovery and [a.to_json() for a in recovery.outcome.attempts],
-            }
-        shutil.rmtree(work)
+            for chain in plans
+        }
+        shutil.rmtree(ctx.workdir)
+        reports = [m.report for m in made.values() if m.report is not None]
+        skipped += [m.skipped for m in made.values() if m.skipped and not m.not_applicable]
+        not_applicable = [m.skipped for m in made.values() if m.not_applicable]
         if not reports:
             raise ToolchainError(
                 f"no artifact of target `{profile.name}` could be built ({_reasons(skipped + not_applicable)})"
             )
         engine = plan_engine(profile.tensorrt, reports, tmp, inputs.signature)
         if engine and engine["status"] == "pending on device":
-            from toolchain.on_device import save_parity_inputs
-
+            v = inputs.validation
             save_parity_inputs(
-                tmp, inputs.validation.x, ref_out, roles, inputs.validation.y, profile.tensorrt.parity_samples
+                tmp, v.x, expected.outputs, expected.roles, v.y, profile.tensorrt.parity_samples
             )
         report = Report(
             target=profile.name,
             target_file=profile.source,
-            model=model_facts(loaded, inputs, roles),
+            model=model_facts(loaded, inputs, expected.roles),
             reference=reference_facts(loaded, reference, inputs, profile, expected.accuracy, tmp),
             data=data_facts(inputs),
             artifacts=tuple(mark_primary(reports)),
-            cpu=isa_facts(profile.runtime.isa),
+            cpu=isa_facts(r.isa),
             skipped=tuple({"name": s.name, "reason": s.reason} for s in skipped),
             not_applicable=tuple({"name": s.name, "reason": s.reason} for s in not_applicable),
             thresholds=thresholds,
@@ -190,13 +111,14 @@ def build(
             metric=expected.metric and expected.metric.to_json(),
         )
         write(report, tmp)
+        built = {n: m for n, m in made.items() if m.report is not None}
         write_manifest(
             tmp,
             target_file=profile.source,
             model=report.model,
             data=report.data,
-            artifacts=files,
-            stages={n: records[n] for n in files},
+            artifacts={n: m.manifest for n, m in built.items()},
+            stages={n: m.records for n, m in built.items()},
         )
     return report, folder
 

@@ -13,10 +13,11 @@ import numpy as np
 
 from toolchain import runtimes
 from toolchain.core.artifact import Artifact
-from toolchain.core.errors import StageError, reason
+from toolchain.core.errors import NotApplicable, StageError, reason
 from toolchain.core.export import as_module
 from toolchain.core.feed import Signature
-from toolchain.core.pipeline import Pipeline, Plan
+from toolchain.core.pipeline import Pipeline, Plan, Skipped
+from toolchain.core.stage import reported_facts
 from toolchain.inputs.load import LoadedModel
 from toolchain.inputs.prepare import Inputs
 from toolchain.measure.profiling import profile_torch, write_profile
@@ -24,11 +25,92 @@ from toolchain.measure.timing import bench, busy_cores, time_runs
 from toolchain.reporting.report import ArtifactReport
 from toolchain.runtimes import load_runner
 from toolchain.target import ParityThresholds, Target
-from toolchain.verdict.expected import Expected
+from toolchain.tensorrt.operators import parser_refuses
+from toolchain.verdict.expected import Expected, parity_subset
 from toolchain.verdict.parity import Parity, compare, run_batched
 from toolchain.verdict.recovery import Outcome, recover, recoverable_stage, summary_line, write_sensitivity
 
 log = logging.getLogger("toolchain")
+
+
+@dataclasses.dataclass(frozen=True)
+class Made:
+    """One chain's outcome: its report row, manifest entry and stage records, or why it was not made."""
+
+    report: ArtifactReport | None = None
+    manifest: dict | None = None
+    records: list | None = None
+    skipped: Skipped | None = None
+    not_applicable: bool = False  # the stage does not fit this model: nothing went wrong
+
+
+def make_artifact(
+    chain: Plan,
+    pipeline: Pipeline,
+    source: Artifact,
+    profile: Target,
+    thresholds: ParityThresholds | None,
+    inputs: Inputs,
+    expected: Expected,
+    folder: Path,
+) -> Made:
+    """Produce the chain's artifact, ship it into ``folder`` and check it in its own runtime;
+    recover it when it misses parity. A failure costs this artifact, never the build."""
+    try:
+        artifact, records = pipeline.run(chain, source)
+    except NotApplicable as e:
+        log.info("not applicable: %s: %s", chain.name, e)
+        return Made(skipped=Skipped(chain.name, str(e)), not_applicable=True)
+    except StageError as e:
+        return _skipped(chain.name, str(e))
+    refused = parser_refuses(profile.tensorrt, artifact)
+    if refused:
+        return _skipped(chain.name, refused)
+    runtime = chain.spec.runtime
+    shipped = ship(artifact, runtime, chain.name, folder)
+    checked_on, against = parity_subset(inputs, expected, chain.spec.parity_samples)
+    try:
+        checked = check_artifact(
+            chain.name, shipped, runtime, profile, thresholds, checked_on, against, folder
+        )
+    except Exception as e:  # built, but its own runtime refuses it (any library's error type): not shipped
+        log.debug("", exc_info=True)
+        for f in shipped.files():
+            f.unlink()
+        return _skipped(chain.name, f"{runtime} could not run the built file: {reason(e)}")
+    recovery = None
+    if checked.parity.passed is False and thresholds is not None and profile.recovery.enabled:
+        checked, shipped, records, recovery = recover_artifact(
+            chain,
+            checked,
+            shipped,
+            records,
+            pipeline,
+            source,
+            profile,
+            thresholds,
+            checked_on,
+            against,
+            folder,
+        )
+    report = dataclasses.replace(
+        checked,
+        eligible=chain.spec.primary,
+        stage_facts=reported_facts(records),
+        recovery=recovery and recovery.to_report(),
+    )
+    entry = {
+        "file": report.path,
+        "sha256": report.sha256,
+        "lineage": list(shipped.lineage),
+        "recovery_attempts": recovery and [a.to_json() for a in recovery.outcome.attempts],
+    }
+    return Made(report, entry, records)
+
+
+def _skipped(name: str, why: str) -> Made:
+    log.warning("skipped %s: %s", name, why)
+    return Made(skipped=Skipped(name, why))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,8 +13,14 @@ import logging
 import tempfile
 from pathlib import Path
 
+from toolchain.check import make_trial, quantizable_layers
 from toolchain.core.errors import ToolchainError
 from toolchain.core.native import keeps_torch_settings
+from toolchain.core.pipeline import Pipeline
+from toolchain.inputs.prepare import build_context, prepare_model, recorded_model
+from toolchain.target import load_target, plan
+from toolchain.verdict.expected import expected_outputs
+from toolchain.verdict.recovery import measure, recoverable_stage, write_sensitivity
 
 log = logging.getLogger("toolchain")
 
@@ -23,16 +29,6 @@ log = logging.getLogger("toolchain")
 def measure_build(folder: Path, names: tuple[str, ...] = (), progress=None) -> dict[str, str]:
     """Write `sensitivity/<artifact>.json` for ``names`` (default: every artifact with a
     quantization stage); returns artifact -> file, relative to ``folder``."""
-    from toolchain.bench import recorded_constants
-    from toolchain.check import make_trial, quantizable_layers
-    from toolchain.core.context import BuildContext
-    from toolchain.core.pipeline import Pipeline
-    from toolchain.inputs.load import load_model, settle_random_batchnorm
-    from toolchain.inputs.prepare import bind_constants, fix_constants, prepare_inputs
-    from toolchain.target import load_target, plan
-    from toolchain.verdict.expected import expected_outputs
-    from toolchain.verdict.recovery import measure, recoverable_stage, write_sensitivity
-
     report = _read_report(folder)
     _check_unchanged(folder, report["target_file"])
     profile = load_target(report["target_file"])
@@ -43,16 +39,13 @@ def measure_build(folder: Path, names: tuple[str, ...] = (), progress=None) -> d
         if data["validation"]["synthetic"] or data["validation"].get("held_out")
         else data["validation"]["origin"]
     )
-    loaded = load_model(report["model"]["source"])
-    loaded = fix_constants(loaded, recorded_constants(report["model"]), calib, val)
     given = (
         None
         if report["model"].get("inputs") and len(report["model"]["inputs"]) > 1
         else tuple(report["model"]["input_shape"])
     )
-    inputs = prepare_inputs(loaded, profile.data, profile.runtime.isa, calib, val, given)
-    loaded = bind_constants(loaded, inputs.calibration.x)
-    loaded = settle_random_batchnorm(loaded, inputs.calibration.x)
+    loaded = recorded_model(report["model"], calib, val)
+    loaded, inputs, outputs = prepare_model(loaded, profile.data, profile.runtime.isa, calib, val, given)
     declared = {
         str(o["index"]): o["role"] for o in report["model"].get("outputs", []) if not o["role_inferred"]
     }
@@ -66,17 +59,10 @@ def measure_build(folder: Path, names: tuple[str, ...] = (), progress=None) -> d
         )
     written = {}
     with tempfile.TemporaryDirectory(prefix="sensitivity-") as work:
-        ctx = BuildContext(
-            Path(work),
-            inputs.calibration,
-            inputs.shape,
-            loaded.dynamic_batch is not False,
-            profile.runtime.threads,
-            progress or (lambda *a: None),
-            profile.runtime.isa,
-            signature=inputs.signature,
+        ctx = build_context(
+            Path(work), loaded, inputs, profile.runtime.threads, profile.runtime.isa, progress
         )
-        expected = expected_outputs(loaded, inputs, profile, declared)
+        expected = expected_outputs(loaded, inputs, profile, declared, outputs)
         pipeline = Pipeline(ctx)
         for name in names or tuple(chains):
             chain = chains[name]

@@ -51,15 +51,6 @@ def parse_options(cls: type[T], table: Any, where: str, source: str) -> T:
     return cls(**values)
 
 
-def describe_options(cls: type) -> list[tuple[str, str, Any, str]]:
-    """(name, type, default, help) for each field: for `toolchain targets --verbose` and docs."""
-    hints = typing.get_type_hints(cls)
-    return [
-        (f.name, _type_name(hints[f.name]), f.default, f.metadata.get("help", ""))
-        for f in dataclasses.fields(cls)
-    ]
-
-
 def options_as_dict(options: Any) -> dict[str, Any]:
     """JSON-ready view of an options dataclass (tuples become lists)."""
     return dataclasses.asdict(options) if dataclasses.is_dataclass(options) else {}

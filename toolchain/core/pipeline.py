@@ -60,9 +60,8 @@ class Pipeline:
                     self._cache[key] = stage.run(artifact, self.ctx)
                 except StageError as e:
                     self._cache[key] = e
-                except (
-                    Exception
-                ) as e:  # a crash inside a stage costs the artifacts that need it, not the build
+                except Exception as e:
+                    # a crash inside a stage costs the artifacts that need it, not the build
                     log.debug("stage %s crashed", stage.name, exc_info=True)
                     self._cache[key] = StageError(f"{stage.name} crashed: {type(e).__name__}: {reason(e)}")
             outcome = self._cache[key]

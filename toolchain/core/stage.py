@@ -49,9 +49,8 @@ class Stage:
     transitions: ClassVar[Mapping[Kind, Kind]]
     Options: ClassVar[type] = NoOptions
     report_facts: ClassVar[tuple[str, ...]] = ()  # facts users need in report.json, not only the manifest
-    requires: ClassVar[
-        tuple[str, ...]
-    ] = ()  # libraries (import names) the stage needs: see `toolchain doctor`
+    # libraries (import names) the stage needs: see `toolchain doctor`
+    requires: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, options: Any = None) -> None:
         self.options = options if options is not None else self.Options()

@@ -31,9 +31,8 @@ class LoadedModel:
     input_names: tuple[str, ...] | None = (
         None  # the forward's tensor parameter names, when known without shapes
     )
-    constants: tuple[
-        Constant, ...
-    ] = ()  # forward arguments no runtime feeds (Python numbers), fixed per build
+    # forward arguments no runtime feeds (Python numbers), fixed per build
+    constants: tuple[Constant, ...] = ()
     arguments: tuple[str, ...] | None = None  # every forward parameter, in order, when there are constants
     bound: tuple[Bound, ...] = ()  # the constants' values, once the build has fixed them
 

@@ -12,6 +12,7 @@ from typing import Mapping
 import numpy as np
 
 from toolchain.core.artifact import Kind
+from toolchain.core.context import BuildContext
 from toolchain.core.dataset import Dataset
 from toolchain.core.errors import DataError, reason
 from toolchain.core.export import as_module
@@ -20,7 +21,7 @@ from toolchain.core.runner import output_names
 from toolchain.inputs.constants import bind, fed_from_data, parse_constants
 from toolchain.inputs.constants import resolve as resolve_constants
 from toolchain.inputs.data import DataOptions, check_signature, load_dataset, synthetic_dataset
-from toolchain.inputs.load import LoadedModel, parse_shape
+from toolchain.inputs.load import LoadedModel, load_model, parse_shape, settle_random_batchnorm
 from toolchain.measure.cpu import isa_facts
 
 log = logging.getLogger("toolchain")
@@ -295,3 +296,67 @@ def check_model_accepts(loaded: LoadedModel, signature: Signature) -> list[str]:
             f"the model rejects {'an input of shape' if signature.plain else 'inputs'} {shown}: {reason(e)}"
         ) from None
     return output_names(out)
+
+
+def prepare_model(
+    loaded: LoadedModel, options: DataOptions, isa: str | None, calib, val, input_shape
+) -> tuple[LoadedModel, Inputs, list[str]]:
+    """The one preparation path of a build, `toolchain sensitivity` and the tests: data read and
+    checked (:func:`prepare_inputs`), constants bound, the model run once on zeros, random
+    BatchNorm statistics settled. ``loaded`` has its constants fixed (:func:`fix_constants`).
+    Returns the model as every stage sees it, the inputs, and the model's output names."""
+    log.info("reading calibration and validation data")
+    inputs = prepare_inputs(loaded, options, isa, calib, val, input_shape)
+    loaded = bind_constants(loaded, inputs.calibration.x)
+    names = check_model_accepts(loaded, inputs.signature)
+    return settle_random_batchnorm(loaded, inputs.calibration.x), inputs, names
+
+
+def build_context(
+    workdir: Path, loaded: LoadedModel, inputs: Inputs, threads: int, isa: str | None, progress=None
+) -> BuildContext:
+    """What every stage reads about this build; ``workdir`` (the stages' files) is created."""
+    workdir.mkdir(exist_ok=True)
+    return BuildContext(
+        workdir,
+        inputs.calibration,
+        inputs.shape,
+        loaded.dynamic_batch is not False,
+        threads,
+        progress or (lambda *a: None),
+        isa,
+        signature=inputs.signature,
+    )
+
+
+def recorded_model(model: dict, calib, val) -> LoadedModel:
+    """The model a build folder's report.json names (``model``: its `model` table), loaded again
+    with the constants the build fixed and the inputs it fed; not yet bound."""
+    loaded = load_model(model["source"], trust_pickle=False)
+    names = tuple(i["name"] for i in model.get("inputs", []))
+    return fix_constants(loaded, recorded_constants(model), calib, val, names)
+
+
+def recorded_constants(model: dict) -> dict[str, object]:
+    """The values a build fixed the model's non-tensor arguments at (report.json `model.constants`)."""
+    return {c["name"]: c["value"] for c in model.get("constants", [])}
+
+
+def recorded_signature(model: dict):
+    """The inputs a report.json records (older reports: one float input of `input_shape`)."""
+    from toolchain.core.feed import InputSpec, Signature
+
+    if not model.get("inputs"):
+        return tuple(model["input_shape"][1:])
+    return Signature(
+        tuple(
+            InputSpec(
+                i["name"],
+                tuple(i["shape"] if i["scalar"] else i["shape"][1:]),
+                i["dtype"],
+                tuple(a - (0 if i["scalar"] else 1) for a in i["dynamic_axes"]),
+                i["scalar"],
+            )
+            for i in model["inputs"]
+        )
+    )

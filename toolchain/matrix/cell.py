@@ -27,7 +27,7 @@ from toolchain.core.artifact import sha256_files
 from toolchain.folder import remove_leftovers
 from toolchain.matrix.spec import Cell
 
-# `toolchain build` exit codes -> cell status (see toolchain/errors.py)
+# `toolchain build` exit codes -> cell status (see toolchain/core/errors.py)
 STATUS_OF_EXIT = {0: "passed", 3: "failed", 4: "not_judged", 2: "error"}
 STATUSES = ("passed", "failed", "not_judged", "error", "crashed")
 

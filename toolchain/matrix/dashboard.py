@@ -19,7 +19,7 @@ from typing import Any
 from toolchain.core.errors import ToolchainError
 from toolchain.matrix.alarms import spread
 from toolchain.matrix.history import History
-from toolchain.reporting.html import CSS, SCRIPT, _e, _marker, _y_axis, series_marks, series_style
+from toolchain.reporting.html import CSS, SCRIPT, html_text, marker_path, series_marks, series_style, y_axis
 
 WORDS = {
     "passed": "PASSED",
@@ -112,10 +112,10 @@ def render(data: dict[str, Any], base: Path) -> str:
     summary = ", ".join(f"{n} {WORDS[s].lower()}" for s, n in counts.items() if n)
     tone = "failed" if data["alarms"] or counts["failed"] + counts["error"] + counts["crashed"] else "passed"
     parts = [
-        f"<h1>Matrix {_e(data['matrix'])}, run {run['id']}: <span class='{tone}'>{len(data['alarms'])} alarm{'s' * (len(data['alarms']) != 1)}</span></h1>",
-        f"<p>{_e(summary)} of {len(data['cells'])} cells; started {_e(run['started'])} ({_e(run['status'])}); {_e(run['executor'])}; "
-        f"host {_e(run['host_cpu'] or 'unknown')}; toolchain {_e(run['toolchain_version'] or '?')}"
-        f"{' at ' + _e(run['toolchain_commit'][:12]) if run['toolchain_commit'] else ''}; {len(data['runs'])} run{'s' * (len(data['runs']) != 1)} in the history"
+        f"<h1>Matrix {html_text(data['matrix'])}, run {run['id']}: <span class='{tone}'>{len(data['alarms'])} alarm{'s' * (len(data['alarms']) != 1)}</span></h1>",
+        f"<p>{html_text(summary)} of {len(data['cells'])} cells; started {html_text(run['started'])} ({html_text(run['status'])}); {html_text(run['executor'])}; "
+        f"host {html_text(run['host_cpu'] or 'unknown')}; toolchain {html_text(run['toolchain_version'] or '?')}"
+        f"{' at ' + html_text(run['toolchain_commit'][:12]) if run['toolchain_commit'] else ''}; {len(data['runs'])} run{'s' * (len(data['runs']) != 1)} in the history"
         f"{'; cells of the newest run of each shard: runs ' + ', '.join(map(str, data['shown_runs'])) if len(data['shown_runs']) > 1 else ''}.</p>",
         _alarms(data["alarms"]),
         _grid(data["cells"], base, data["alarms"]),
@@ -124,7 +124,7 @@ def render(data: dict[str, Any], base: Path) -> str:
     ]
     blob = json.dumps(_plain(data), allow_nan=False).replace("</", "<\\/")
     return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>Matrix {_e(data["matrix"])}, run {run["id"]}</title>
+<html lang="en"><head><meta charset="utf-8"><title>Matrix {html_text(data["matrix"])}, run {run["id"]}</title>
 <style>{CSS}{EXTRA_CSS}</style></head>
 <body>
 {"".join(parts)}
@@ -138,9 +138,9 @@ def _alarms(alarms: list[dict]) -> str:
     if not alarms:
         return "<p class='passed'>No regression against each cell's last passing run.</p>"
     items = [
-        f"<li class='alarm' data-key='{_e(a['key'])}' data-kind='{_e(a['kind'])}'><b>{_e(a['key'])}</b>"
-        f"{' ' + _e(a['artifact']) if a['artifact'] else ''} [{_e(a['kind'])}]: {_e(a['message'])}"
-        f"<br><small>changed since run {a['baseline_run_id']}: {_e(', '.join(a['changes']) or 'nothing recorded')}</small></li>"
+        f"<li class='alarm' data-key='{html_text(a['key'])}' data-kind='{html_text(a['kind'])}'><b>{html_text(a['key'])}</b>"
+        f"{' ' + html_text(a['artifact']) if a['artifact'] else ''} [{html_text(a['kind'])}]: {html_text(a['message'])}"
+        f"<br><small>changed since run {a['baseline_run_id']}: {html_text(', '.join(a['changes']) or 'nothing recorded')}</small></li>"
         for a in alarms
     ]
     return f"<h2>Alarms</h2><ul class='alerts'>{''.join(items)}</ul>"
@@ -150,7 +150,7 @@ def _grid(cells: list[dict], base: Path, alarms: list[dict]) -> str:
     models = list(dict.fromkeys(c["model"] for c in cells))
     targets = list(dict.fromkeys(c["target"] for c in cells))
     by = {(c["model"], c["target"]): c for c in cells}
-    head = "<tr><th>model</th>" + "".join(f"<th>{_e(t)}</th>" for t in targets) + "</tr>"
+    head = "<tr><th>model</th>" + "".join(f"<th>{html_text(t)}</th>" for t in targets) + "</tr>"
     rows = []
     for m in models:
         tds = []
@@ -161,23 +161,25 @@ def _grid(cells: list[dict], base: Path, alarms: list[dict]) -> str:
                 continue
             report = Path(c["folder"]) / "report.html" if c["folder"] else None
             links = [
-                f"<a href='{_e(_link(report, base))}'>report</a>" if report and report.is_file() else "",
-                f"<a href='{_e(_link(Path(c['log']), base))}'>log</a>",
+                f"<a href='{html_text(_link(report, base))}'>report</a>"
+                if report and report.is_file()
+                else "",
+                f"<a href='{html_text(_link(Path(c['log']), base))}'>log</a>",
             ]
             detail = c["verdict"] if c["status"] in ("passed", "failed", "not_judged") else c["reason"]
             detail = "" if detail == WORDS[c["status"]] else detail
             rung = [a["kind"] for a in alarms if a["key"] == c["key"]]
             flag = (
-                f" <span class='alarmed' data-alarms='{len(rung)}'>⚠ {_e(', '.join(rung))}</span>"
+                f" <span class='alarmed' data-alarms='{len(rung)}'>⚠ {html_text(', '.join(rung))}</span>"
                 if rung
                 else ""
             )
             tds.append(
-                f"<td class='cell {c['status']}' data-key='{_e(c['key'])}' data-status='{c['status']}'>"
-                f"<b class='{TONE[c['status']]}'>{WORDS[c['status']]}</b>{flag}<br><small>{_e(detail or '')}</small><br>"
-                f"{_e(c['primary'] or '')} {' · '.join(filter(None, links))} <small>{c['seconds']:.0f} s</small></td>"
+                f"<td class='cell {c['status']}' data-key='{html_text(c['key'])}' data-status='{c['status']}'>"
+                f"<b class='{TONE[c['status']]}'>{WORDS[c['status']]}</b>{flag}<br><small>{html_text(detail or '')}</small><br>"
+                f"{html_text(c['primary'] or '')} {' · '.join(filter(None, links))} <small>{c['seconds']:.0f} s</small></td>"
             )
-        rows.append(f"<tr><td>{_e(m)}</td>{''.join(tds)}</tr>")
+        rows.append(f"<tr><td>{html_text(m)}</td>{''.join(tds)}</tr>")
     return f"<h2>Verdict per cell</h2><table class='grid'>{head}{''.join(rows)}</table>"
 
 
@@ -187,7 +189,7 @@ def _link(path: Path, base: Path) -> str:
 
 def _cell_trends(key: str, series: dict[str, list[dict]]) -> str:
     charts = [_trend(f"trend:{key}:{field}", title, series, field, fmt) for field, title, fmt in TRENDS]
-    return f"<h3>{_e(key)}</h3><div class='row'>{''.join(charts)}</div>"
+    return f"<h3>{html_text(key)}</h3><div class='row'>{''.join(charts)}</div>"
 
 
 def _trend(chart: str, title: str, series: dict[str, list[dict]], field: str, fmt: str) -> str:
@@ -201,7 +203,7 @@ def _trend(chart: str, title: str, series: dict[str, list[dict]], field: str, fm
     y_of = lambda v: h - (h - top) * min(1.0, max(0.0, position(v)))
     marks = [
         f"<line x1='{left}' y1='{y_of(t):.1f}' x2='{right}' y2='{y_of(t):.1f}' stroke='#eee'/>"
-        f"<text x='{left - 6}' y='{y_of(t) + 4:.1f}' text-anchor='end'>{_e(_tick(t, fmt))}</text>"
+        f"<text x='{left - 6}' y='{y_of(t) + 4:.1f}' text-anchor='end'>{html_text(_tick(t, fmt))}</text>"
         for t in ticks
     ]
     marks += [f"<text x='{x:.1f}' y='{h + 16}' text-anchor='middle'>{r}</text>" for r, x in x_of.items()]
@@ -230,12 +232,12 @@ def _trend(chart: str, title: str, series: dict[str, list[dict]], field: str, fm
         )
         ly = top + i * 18
         marks.append(
-            f"<path d='{_marker(shape, right + 16, ly, 4)}' fill='{color}'/><text x='{right + 26}' y='{ly + 4}'>{_e(name)}</text>"
+            f"<path d='{marker_path(shape, right + 16, ly, 4)}' fill='{color}'/><text x='{right + 26}' y='{ly + 4}'>{html_text(name)}</text>"
         )
     height = h + 40
     return (
-        f"<figure><svg class='chart' data-chart='{_e(chart)}' width='{w}' height='{height}' viewBox='0 0 {w} {height}'>"
-        f"<text x='0' y='14' class='title'>{_e(title)}{' (log scale)' if log else ''}</text>{''.join(marks)}</svg></figure>"
+        f"<figure><svg class='chart' data-chart='{html_text(chart)}' width='{w}' height='{height}' viewBox='0 0 {w} {height}'>"
+        f"<text x='0' y='14' class='title'>{html_text(title)}{' (log scale)' if log else ''}</text>{''.join(marks)}</svg></figure>"
     )
 
 
@@ -244,7 +246,7 @@ def _trend_axis(values: list[float], upper: float | None):
     under ``upper`` (100 % for accuracy)."""
     lo, hi = min(values, default=0.0), max(values, default=1.0)
     if lo > 0 and hi / lo > 20:
-        return _y_axis(values)
+        return y_axis(values)
     pad = (hi - lo) * 0.15 or abs(hi) * 0.05 or 1.0
     lo, hi = lo - pad, hi + pad if upper is None else min(upper, hi + pad)
     step = 10 ** math.floor(math.log10((hi - lo) / 4))

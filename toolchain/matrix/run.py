@@ -200,9 +200,8 @@ def _ray_cells(address: str):
                 cell = pending.pop(ready[0])
                 try:
                     yield CellResult.from_json(ray.get(ready[0]))
-                except (
-                    ray.exceptions.RayError
-                ) as e:  # its worker or node died: the cell crashed, the matrix goes on
+                except ray.exceptions.RayError as e:
+                    # its worker or node died: the cell crashed, the matrix goes on
                     yield crashed(
                         cell,
                         folder / cell.folder_name,

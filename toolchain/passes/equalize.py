@@ -153,7 +153,7 @@ class _Layer:
     groups: int
 
 
-def _onnx_layer(node, inits, uses) -> _Layer | None:
+def onnx_layer(node, inits, uses) -> _Layer | None:
     """A Conv / Gemm / MatMul whose weight (and bias) are constants of its own."""
     attrs = {a.name: a for a in node.attribute}
     if node.op_type == "Conv" and len(node.input) >= 2:
@@ -190,7 +190,7 @@ def _onnx_layer(node, inits, uses) -> _Layer | None:
 
 
 def _onnx_pair(node, consumers, inits, uses, outputs):
-    first = _onnx_layer(node, inits, uses)
+    first = onnx_layer(node, inits, uses)
     if first is None:
         return None
     tensor = node.output[0]
@@ -202,7 +202,7 @@ def _onnx_pair(node, consumers, inits, uses, outputs):
             tensor = nxt.output[0]
             continue
         break
-    second = _onnx_layer(nxt, inits, uses)
+    second = onnx_layer(nxt, inits, uses)
     if second is None or nxt.input[0] != tensor:
         return None
     spatial = {first.node.op_type == "Conv", second.node.op_type == "Conv"}
@@ -240,11 +240,13 @@ def equalize_fx(gm) -> list[Pair]:
     """Equalize every eligible pair of a (fused) FX GraphModule in place; returns the pairs."""
     import torch
 
-    pairs = _fx_pairs(gm)
+    pairs = fx_pairs(gm)
     with torch.no_grad():
         for _ in range(SWEEPS):
             for first, second in pairs:
-                _balance_torch(_weighted(gm.get_submodule(first)), _weighted(gm.get_submodule(second)))
+                _balance_torch(
+                    weighted_module(gm.get_submodule(first)), weighted_module(gm.get_submodule(second))
+                )
     return [Pair(a, b) for a, b in pairs]
 
 
@@ -261,7 +263,7 @@ def _torch_runner(module):
     return run
 
 
-def _weighted(module):
+def weighted_module(module):
     """The Conv / Linear inside a module fused with its activation (or the module itself)."""
     from torch import nn
 
@@ -271,7 +273,7 @@ def _weighted(module):
     return inner if isinstance(inner, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) else None
 
 
-def _fx_pairs(gm) -> list[tuple[str, str]]:
+def fx_pairs(gm) -> list[tuple[str, str]]:
     from torch import nn
 
     through_modules = (nn.ReLU, nn.LeakyReLU, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
@@ -279,7 +281,7 @@ def _fx_pairs(gm) -> list[tuple[str, str]]:
     outputs = {a for n in gm.graph.nodes if n.op == "output" for a in n.all_input_nodes}
     pairs = []
     for node in gm.graph.nodes:
-        if node.op != "call_module" or _weighted(gm.get_submodule(node.target)) is None:
+        if node.op != "call_module" or weighted_module(gm.get_submodule(node.target)) is None:
             continue
         current = node
         while len(current.users) == 1 and current not in outputs:
@@ -314,7 +316,7 @@ def _fx_pass_through() -> set:
 def _fits(gm, first: str, second: str) -> bool:
     from torch import nn
 
-    a, b = _weighted(gm.get_submodule(first)), _weighted(gm.get_submodule(second))
+    a, b = weighted_module(gm.get_submodule(first)), weighted_module(gm.get_submodule(second))
     if b is None or isinstance(a, nn.Linear) != isinstance(b, nn.Linear):
         return False  # Conv -> Linear goes through a flatten: channels and positions mix
     channels = a.weight.shape[0]

@@ -92,23 +92,23 @@ def onnx_finds(path: Path, fix: str) -> bool:
     import onnx
 
     from toolchain.passes.equalize import onnx_pairs
-    from toolchain.passes.smooth import _onnx_groups
+    from toolchain.passes.smooth import onnx_groups
 
     model = onnx.load(str(path), load_external_data=False)
-    return bool(onnx_pairs(model) if fix == "equalize" else _onnx_groups(model))
+    return bool(onnx_pairs(model) if fix == "equalize" else onnx_groups(model))
 
 
 def fx_finds(gm, fix: str, x: np.ndarray) -> bool:
     """The same for a fused FX GraphModule (``x``: inputs it can run, for the ranks smoothing needs)."""
 
-    from toolchain.passes.equalize import _fx_pairs
-    from toolchain.passes.smooth import _fx_groups
+    from toolchain.passes.equalize import fx_pairs
+    from toolchain.passes.smooth import fx_groups
 
     if fix == "equalize":
-        return bool(_fx_pairs(gm))
+        return bool(fx_pairs(gm))
     from toolchain.core.feed import torch_args
 
-    return bool(_fx_groups(copy.deepcopy(gm), torch_args(x[:1])))
+    return bool(fx_groups(copy.deepcopy(gm), torch_args(x[:1])))
 
 
 def _facts(stage: str, done: str, error: float, pairs, groups) -> dict:

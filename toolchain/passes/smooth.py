@@ -140,7 +140,7 @@ def smooth_onnx(
     ``run(model, tensors)`` returns those tensors' values on the calibration inputs."""
     from onnx import numpy_helper
 
-    groups = _onnx_groups(model)
+    groups = onnx_groups(model)
     if not groups:
         return []
     inits = {i.name: i for i in model.graph.initializer}
@@ -171,9 +171,9 @@ def smooth_onnx(
     return done
 
 
-def _onnx_groups(model) -> list[_OnnxGroup]:
+def onnx_groups(model) -> list[_OnnxGroup]:
 
-    from toolchain.passes.equalize import _onnx_layer, graph_index
+    from toolchain.passes.equalize import graph_index, onnx_layer
 
     graph = model.graph
     inits, uses, consumers, outputs = graph_index(graph)
@@ -191,7 +191,7 @@ def _onnx_groups(model) -> list[_OnnxGroup]:
             n not in inits or uses.get(n) != 1 or len(inits[n].dims) != 1 for n in filter(None, (scale, bias))
         ):
             continue
-        reached = _onnx_readers(node.output[0], rank, consumers, outputs, inits, uses, _onnx_layer)
+        reached = _onnx_readers(node.output[0], rank, consumers, outputs, inits, uses, onnx_layer)
         channels = inits[scale].dims[0]
         if reached and all(
             list(inits[layer.weight].dims)[layer.input_axis] == channels for layer, _ in reached
@@ -282,9 +282,9 @@ def smooth_fx(gm, x: np.ndarray, bits: Bits = Bits(), batch: int = 32) -> list[G
     import torch
 
     from toolchain.core.feed import torch_args
-    from toolchain.passes.equalize import _weighted
+    from toolchain.passes.equalize import weighted_module
 
-    groups = _fx_groups(gm, torch_args(x[:1]))
+    groups = fx_groups(gm, torch_args(x[:1]))
     if not groups:
         return []
     names = sorted({g.layers[0] for g in groups})  # a group's layers read the same values (maybe transposed)
@@ -309,7 +309,7 @@ def smooth_fx(gm, x: np.ndarray, bits: Bits = Bits(), batch: int = 32) -> list[G
     done = []
     with torch.no_grad():
         for g in groups:
-            linears = [_weighted(gm.get_submodule(n)) for n in g.layers]
+            linears = [weighted_module(gm.get_submodule(n)) for n in g.layers]
             s, alpha = choose(
                 rows(np.concatenate(seen[g.layers[0]])), [m.weight.detach().numpy() for m in linears], bits
             )
@@ -332,10 +332,10 @@ def _run_batches(gm, x: np.ndarray, batch: int) -> None:
         gm(*torch_args(x[start : start + batch]))
 
 
-def _fx_groups(gm, example) -> list[_FxGroup]:
+def fx_groups(gm, example) -> list[_FxGroup]:
     from torch.fx.passes.shape_prop import ShapeProp
 
-    from toolchain.passes.equalize import _weighted
+    from toolchain.passes.equalize import weighted_module
 
     ShapeProp(gm).propagate(*example)  # ranks for the transposes and means between norm and layers
     get_attr_users: dict[str, int] = {}  # per parameter, over every get_attr node that reads it
@@ -349,7 +349,9 @@ def _fx_groups(gm, example) -> list[_FxGroup]:
             continue
         gain, bias = norm
         layers = _fx_readers(gm, node)
-        if layers and all(_weighted(gm.get_submodule(n)).weight.shape[1] == gain.shape[0] for n in layers):
+        if layers and all(
+            weighted_module(gm.get_submodule(n)).weight.shape[1] == gain.shape[0] for n in layers
+        ):
             groups.append(
                 _FxGroup(node.target if node.op == "call_module" else node.name, gain, bias, tuple(layers))
             )
@@ -397,7 +399,7 @@ def _fx_readers(gm, node) -> list[str] | None:
     """The Linear modules reading ``node``'s output through channel-keeping ops; None when anything else does."""
     from torch import nn
 
-    from toolchain.passes.equalize import _weighted
+    from toolchain.passes.equalize import weighted_module
 
     found, frontier = [], [node]
     outputs = {a for n in gm.graph.nodes if n.op == "output" for a in n.all_input_nodes}
@@ -408,7 +410,9 @@ def _fx_readers(gm, node) -> list[str] | None:
         for user in current.users:
             if not user.args or user.args[0] is not current:
                 return None
-            if user.op == "call_module" and isinstance(_weighted(gm.get_submodule(user.target)), nn.Linear):
+            if user.op == "call_module" and isinstance(
+                weighted_module(gm.get_submodule(user.target)), nn.Linear
+            ):
                 if sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == user.target) != 1:
                     return None  # a module called twice would see the scale on its other input too
                 found.append(user.target)

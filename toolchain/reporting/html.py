@@ -15,7 +15,14 @@ import math
 from pathlib import Path
 from typing import Any
 
-from toolchain.reporting.words import facts_line, near_ties_line, output_label, parity_verdict, subset_line
+from toolchain.reporting.words import (
+    facts_line,
+    metric_line,
+    near_ties_line,
+    output_label,
+    parity_verdict,
+    subset_line,
+)
 
 W, ROW, PAD = 560, 22, 150  # chart width, bar row height, label column
 COLORS = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7"]
@@ -43,7 +50,7 @@ def render(
     verdict = report["verdict"]
     tone = {True: "passed", False: "failed", None: "built"}[report["passed"]]  # the heading's colour
     parts = [
-        f"<h1>{_e(report['model']['name'])} → {_e(report['target'])}: <span class='{tone}'>{verdict}</span></h1>",
+        f"<h1>{html_text(report['model']['name'])} → {html_text(report['target'])}: <span class='{tone}'>{verdict}</span></h1>",
         _model_line(report),
         _alerts(report),
         _parity_table(report),
@@ -64,7 +71,7 @@ def render(
     ]
     data = json.dumps(report).replace("</", "<\\/")
     return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>{_e(report["model"]["name"])} → {_e(report["target"])}</title>
+<html lang="en"><head><meta charset="utf-8"><title>{html_text(report["model"]["name"])} → {html_text(report["target"])}</title>
 <style>{CSS}</style></head>
 <body>
 {"".join(parts)}
@@ -74,17 +81,17 @@ def render(
 """
 
 
-def _e(v: Any) -> str:
+def html_text(v: Any) -> str:
     return html.escape(str(v))
 
 
 def _model_line(report: dict) -> str:
     """Source, weights, input, primary artifact, build time; the weights text has parentheses of its own."""
     m = report["model"]
-    weights = f"; weights: {_e(m['weights'])}" if m.get("weights") else ""
+    weights = f"; weights: {html_text(m['weights'])}" if m.get("weights") else ""
     return (
-        f"<p>Model <code>{_e(m['source'])}</code>{weights}; input {'x'.join(map(str, m['input_shape']))}; "
-        f"primary artifact: <b>{_e(report['primary'] or 'none')}</b>; built in {report['build_seconds']} s.</p>"
+        f"<p>Model <code>{html_text(m['source'])}</code>{weights}; input {'x'.join(map(str, m['input_shape']))}; "
+        f"primary artifact: <b>{html_text(report['primary'] or 'none')}</b>; built in {report['build_seconds']} s.</p>"
     )
 
 
@@ -93,7 +100,7 @@ def _parity_table(report: dict) -> str:
     ref = report["reference"]
     acc = "" if ref["accuracy"] is None else f"{ref['accuracy']:.2%}"
     body = [
-        f"<tr><td>fp32_reference</td><td>{_e(ref['format'])}</td><td>fp32</td><td></td><td></td><td></td><td>{acc}</td><td></td></tr>"
+        f"<tr><td>fp32_reference</td><td>{html_text(ref['format'])}</td><td>fp32</td><td></td><td></td><td></td><td>{acc}</td><td></td></tr>"
     ]
     for a in report["artifacts"]:
         p = a["parity"]
@@ -101,16 +108,16 @@ def _parity_table(report: dict) -> str:
         # "nan" / "inf" as written
         cell = lambda v, f: "" if v is None else (v if isinstance(v, str) else f.format(v))
         body.append(
-            f"<tr class='{'primary' if a['primary'] else ''}'><td>{_e(a['name'])}{' ★' if a['primary'] else ''}</td><td>{_e(a['format'])}</td>"
-            f"<td>{_e(a['precision'])}</td><td data-key='sqnr_db'>{cell(p['sqnr_db'], '{:.1f}')}</td><td>{cell(p['cosine'], '{:.4f}')}</td>"
-            f"<td>{cell(p['top1_agreement'], '{:.2%}')}</td><td>{cell(p['accuracy'], '{:.2%}')}</td><td>{_e(verdict)}</td></tr>"
+            f"<tr class='{'primary' if a['primary'] else ''}'><td>{html_text(a['name'])}{' ★' if a['primary'] else ''}</td><td>{html_text(a['format'])}</td>"
+            f"<td>{html_text(a['precision'])}</td><td data-key='sqnr_db'>{cell(p['sqnr_db'], '{:.1f}')}</td><td>{cell(p['cosine'], '{:.4f}')}</td>"
+            f"<td>{cell(p['top1_agreement'], '{:.2%}')}</td><td>{cell(p['accuracy'], '{:.2%}')}</td><td>{html_text(verdict)}</td></tr>"
         )
         if len(p.get("outputs", [])) > 1:
             body += [
-                f"<tr class='output'><td>&nbsp;&nbsp;output {_e(output_label(_Output(o)))}</td><td></td><td></td>"
+                f"<tr class='output'><td>&nbsp;&nbsp;output {html_text(output_label(_Output(o)))}</td><td></td><td></td>"
                 f"<td>{cell(o['sqnr_db'], '{:.1f}')}</td><td>{cell(o['cosine'], '{:.4f}')}</td>"
                 f"<td>{cell(o['top1_agreement'], '{:.2%}')}</td><td>{cell(o['accuracy'], '{:.2%}')}</td>"
-                f"<td>{_e(parity_verdict(o['passed'], o['failures']))}</td></tr>"
+                f"<td>{html_text(parity_verdict(o['passed'], o['failures']))}</td></tr>"
                 for o in p["outputs"]
             ]
     return f"<h2>Parity against FP32</h2><table>{head}{''.join(body)}</table>"
@@ -132,32 +139,26 @@ def _alerts(report: dict) -> str:
     """Beside the verdict: recovery's line per artifact, the warnings, and whether host parity is a proxy."""
     items = []
     if report.get("metric"):
-        m = report["metric"]
-        scores = "; ".join(
-            f"{a['name']} {_num(a['parity']['metric'].get('value'))} ({'pass' if a['parity']['metric'].get('passed') else 'fail' if a['parity']['metric'].get('passed') is False else 'not judged'})"
-            for a in report["artifacts"]
-            if a["parity"].get("metric")
-        )
-        items.append(
-            f"<li class='metric'>metric <code>{_e(m['name'])}</code> (tolerance {m['max_drop']:g} {_e(m['drop_is'])}): "
-            f"FP32 {_num(m['fp32'])}; {_e(scores)}</li>"
-        )
+        scores = [
+            (a["name"], a["parity"]["metric"]) for a in report["artifacts"] if a["parity"].get("metric")
+        ]
+        items.append(f"<li class='metric'>{html_text(metric_line(report['metric'], scores))}</li>")
     items += [
-        f"<li class='recovery'>{_e(a['recovery']['summary'])}</li>"
+        f"<li class='recovery'>{html_text(a['recovery']['summary'])}</li>"
         for a in report["artifacts"]
         if a.get("recovery")
     ]
     several = lambda a: len(a["parity"]["outputs"]) > 1
     items += [
-        f"<li class='ties'>{_e(near_ties_line(a['name'], output_label(_Output(o)) if several(a) else None, o['top1_agreement'], o['near_ties']))}</li>"
+        f"<li class='ties'>{html_text(near_ties_line(a['name'], output_label(_Output(o)) if several(a) else None, o['top1_agreement'], o['near_ties']))}</li>"
         for a in report["artifacts"]
         for o in a["parity"]["outputs"]
         if o.get("near_ties")
     ]
-    items += [f"<li class='warning'>⚠ {_e(w)}</li>" for w in report["warnings"]]
+    items += [f"<li class='warning'>⚠ {html_text(w)}</li>" for w in report["warnings"]]
     cpu = report.get("cpu") or {}
     if cpu.get("proxy") and not cpu.get("target_isa"):  # an x86 mismatch is among the warnings already
-        items.append(f"<li class='proxy'>host parity is a proxy: {_e(cpu['proxy_reason'])}</li>")
+        items.append(f"<li class='proxy'>host parity is a proxy: {html_text(cpu['proxy_reason'])}</li>")
     return f"<ul class='alerts'>{''.join(items)}</ul>" if items else ""
 
 
@@ -169,7 +170,7 @@ def _latency_table(rows) -> str:
         one = b["sweep"][0]
         mem = _memory(b["peak_memory_bytes"])
         body.append(
-            f"<tr><td>{_e(name)}</td><td>{one['p50_ms']:.3f}</td><td>{one['p95_ms']:.3f}</td><td>{one['p99_ms']:.3f}</td>"
+            f"<tr><td>{html_text(name)}</td><td>{one['p50_ms']:.3f}</td><td>{one['p95_ms']:.3f}</td><td>{one['p99_ms']:.3f}</td>"
             f"<td>{b['best_batch'] if b['best_batch'] is not None else 'none fits'}</td><td>{mem}</td><td>{b['threads']}</td></tr>"
         )
     return f"<table>{head}{''.join(body)}</table>"
@@ -218,17 +219,17 @@ def _bars(
     for i, (name, value) in enumerate(values):
         y = 24 + i * ROW
         w = max(1.0, (value - base) * scale / top * span)
-        shown = _e(texts[i])
+        shown = html_text(texts[i])
         marks.append(
-            f"<text x='{label_w - 6}' y='{y + 14}' text-anchor='end'><title>{_e(name)}</title>{_e(_short(name, limit))}</text>"
-            f"<rect class='bar' data-chart='{chart}' data-label='{_e(name)}' data-value='{value}' x='{label_w}' y='{y + 2}' "
-            f"width='{w:.1f}' height='{ROW - 6}' fill='{COLORS[i % len(COLORS)]}'><title>{_e(name)}: {shown}</title></rect>"
+            f"<text x='{label_w - 6}' y='{y + 14}' text-anchor='end'><title>{html_text(name)}</title>{html_text(_short(name, limit))}</text>"
+            f"<rect class='bar' data-chart='{chart}' data-label='{html_text(name)}' data-value='{value}' x='{label_w}' y='{y + 2}' "
+            f"width='{w:.1f}' height='{ROW - 6}' fill='{COLORS[i % len(COLORS)]}'><title>{html_text(name)}: {shown}</title></rect>"
             f"<text x='{label_w + w + 4:.1f}' y='{y + 14}'>{shown}</text>"
         )
     height = 30 + len(values) * ROW
     return (
         f"<figure><svg class='chart' data-chart='{chart}' width='{W}' height='{height}' viewBox='0 0 {W} {height}'>"
-        f"<text x='0' y='14' class='title'>{_e(title)}</text>{''.join(marks)}</svg></figure>"
+        f"<text x='0' y='14' class='title'>{html_text(title)}</text>{''.join(marks)}</svg></figure>"
     )
 
 
@@ -274,14 +275,14 @@ _CORNERS = {  # marker outlines in units of the marker's radius
 }
 
 
-def _marker(shape: str, x: float, y: float, r: float) -> str:
+def marker_path(shape: str, x: float, y: float, r: float) -> str:
     """SVG path data of a marker about 2r across, centred on (x, y)."""
     if shape == "circle":
         return f"M{x - r:.1f},{y:.1f}a{r},{r} 0 1 0 {2 * r},0a{r},{r} 0 1 0 {-2 * r},0z"
     return "M" + "L".join(f"{x + dx * r:.1f},{y + dy * r:.1f}" for dx, dy in _CORNERS[shape]) + "z"
 
 
-def _y_axis(values: list[float]) -> tuple[Any, list[float], bool]:
+def y_axis(values: list[float]) -> tuple[Any, list[float], bool]:
     """(position 0..1 of a value, tick values, log scale?). Logarithmic where the values span more
     than 20x, so that a slow runtime's line does not lie flat along the axis under a fast one's."""
     shown = [v for v in values if v > 0 and math.isfinite(v)] or [1.0]
@@ -315,7 +316,7 @@ def _axes(
     return marks + [
         f"<line x1='{left}' y1='{bottom}' x2='{right}' y2='{bottom}' stroke='#999'/><line x1='{left}' y1='{top}' x2='{left}' y2='{bottom}' stroke='#999'/>",
         f"<text class='axis' x='{(left + right) / 2:.0f}' y='{bottom + 36}' text-anchor='middle'>batch size (samples per run)</text>",
-        f"<text class='axis' x='16' y='{middle:.0f}' text-anchor='middle' transform='rotate(-90 16 {middle:.0f})'>{_e(y_title)}</text>",
+        f"<text class='axis' x='16' y='{middle:.0f}' text-anchor='middle' transform='rotate(-90 16 {middle:.0f})'>{html_text(y_title)}</text>",
     ]
 
 
@@ -323,7 +324,7 @@ def _lines(chart: str, title: str, series: list[tuple[str, list[dict]]]) -> str:
     """A line per series over the batch sizes, each with its own colour, dash and marker shape;
     series are set a few pixels apart along x so that equal values stay visible side by side."""
     batches = sorted({p["batch_size"] for _, pts in series for p in pts})
-    position, ticks, log = _y_axis([p["throughput"] for _, pts in series for p in pts])
+    position, ticks, log = y_axis([p["throughput"] for _, pts in series for p in pts])
     left, plot_right, legend, top, h = 80, W - 20, W - 4, 40, 280
     x_of = {b: left + (i + 0.5) * (plot_right - left) / len(batches) for i, b in enumerate(batches)}
     y_of = lambda v: h - (h - top) * min(1.0, max(0.0, position(v)))
@@ -355,13 +356,13 @@ def _lines(chart: str, title: str, series: list[tuple[str, list[dict]]]) -> str:
         y = top + i * 20
         marks.append(
             f"<line x1='{legend}' y1='{y}' x2='{legend + 28}' y2='{y}' stroke='{color}' stroke-width='2' stroke-dasharray='{dash}'/>"
-            f"<path d='{_marker(shape, legend + 14, y, 5)}' fill='{color}' stroke='#fff'/>"
-            f"<text x='{legend + 34}' y='{y + 4}'><title>{_e(name)}</title>{_e(_short(name, 20))}</text>"
+            f"<path d='{marker_path(shape, legend + 14, y, 5)}' fill='{color}' stroke='#fff'/>"
+            f"<text x='{legend + 34}' y='{y + 4}'><title>{html_text(name)}</title>{html_text(_short(name, 20))}</text>"
         )
     width, height = W + 160, max(h, top + 20 * len(series)) + 46
     return (
         f"<figure><svg class='chart' data-chart='{chart}' width='{width}' height='{height}' viewBox='0 0 {width} {height}'>"
-        f"<text x='0' y='14' class='title'>{_e(title)}</text>{''.join(marks)}</svg></figure>"
+        f"<text x='0' y='14' class='title'>{html_text(title)}</text>{''.join(marks)}</svg></figure>"
     )
 
 
@@ -385,8 +386,8 @@ def series_marks(
         else []
     )
     return marks + [
-        f"<path class='point' data-chart='{_e(chart)}' data-label='{_e(name)}' {attrs} data-value='{value}' "
-        f"d='{_marker(shape, x, y, radius)}' fill='{color}' stroke='#fff' stroke-width='1'><title>{_e(tip)}</title></path>"
+        f"<path class='point' data-chart='{html_text(chart)}' data-label='{html_text(name)}' {attrs} data-value='{value}' "
+        f"d='{marker_path(shape, x, y, radius)}' fill='{color}' stroke='#fff' stroke-width='1'><title>{html_text(tip)}</title></path>"
         for x, y, attrs, value, tip in points
     ]
 
@@ -408,7 +409,7 @@ def _sensitivity(name: str, data: dict) -> str:
         label_w=230,
         base=min(0.0, min(v for _, v in rows)),
     )
-    return f"<h2>Sensitivity of {_e(name)}</h2>{chart}"
+    return f"<h2>Sensitivity of {html_text(name)}</h2>{chart}"
 
 
 def _operators(name: str, profile: dict) -> str:
@@ -422,30 +423,33 @@ def _operators(name: str, profile: dict) -> str:
         label_w=230,
         labels=[f"{o['self_ms']:.3f} ms · {o['share']:.1%}" for o in ops],
     )
-    return chart.replace("<figure>", f"<figure data-profile='{_e(name)}'>", 1)
+    return chart.replace("<figure>", f"<figure data-profile='{html_text(name)}'>", 1)
 
 
 def _notes(report: dict) -> str:
-    items = [f"<li>skipped <code>{_e(s['name'])}</code>: {_e(s['reason'])}</li>" for s in report["skipped"]]
+    items = [
+        f"<li>skipped <code>{html_text(s['name'])}</code>: {html_text(s['reason'])}</li>"
+        for s in report["skipped"]
+    ]
     items += [
-        f"<li>not applicable <code>{_e(s['name'])}</code>: {_e(s['reason'])}</li>"
+        f"<li>not applicable <code>{html_text(s['name'])}</code>: {html_text(s['reason'])}</li>"
         for s in report.get("not_applicable", [])
     ]
     total = report["data"]["validation"]["samples"]
     items += [
-        f"<li>{_e(line)}</li>"
+        f"<li>{html_text(line)}</li>"
         for a in report["artifacts"]
         if (line := subset_line(a["name"], a["parity"]["samples"], total))
     ]
     items += [
-        f"<li><code>{_e(a['name'])}</code> {_e(stage)}: {_e(facts_line(facts))}</li>"
+        f"<li><code>{html_text(a['name'])}</code> {html_text(stage)}: {html_text(facts_line(facts))}</li>"
         for a in report["artifacts"]
         for stage, facts in a.get("stage_facts", {}).items()
     ]
     if report.get("engine"):
         reason = report["engine"].get("reason")
         items.append(
-            f"<li>TensorRT engine: {_e(report['engine']['status'])}{': ' + _e(reason) if reason else ''}</li>"
+            f"<li>TensorRT engine: {html_text(report['engine']['status'])}{': ' + html_text(reason) if reason else ''}</li>"
         )
     return f"<h2>Notes</h2><ul>{''.join(items)}</ul>" if items else ""
 

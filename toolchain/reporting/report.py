@@ -14,7 +14,14 @@ from typing import Any
 from toolchain.core.jsonable import finite
 from toolchain.measure.timing import Bench
 from toolchain.reporting.html import write_html
-from toolchain.reporting.words import facts_line, near_ties_line, output_label, parity_verdict, subset_line
+from toolchain.reporting.words import (
+    facts_line,
+    metric_line,
+    near_ties_line,
+    output_label,
+    parity_verdict,
+    subset_line,
+)
 from toolchain.verdict.parity import Parity
 
 NOT_JUDGED = "NOT JUDGED (random weights)"
@@ -85,9 +92,8 @@ class Report:
     build_seconds: float
     cpu: dict[str, Any] | None = None  # host CPU, target instruction set, whether host parity is a proxy
     metric: dict[str, Any] | None = None  # the user's metric: name, FP32 score, tolerance
-    not_applicable: tuple[
-        dict[str, Any], ...
-    ] = ()  # artifacts for another kind of model (dynamic INT8 for a CNN)
+    # artifacts for another kind of model (dynamic INT8 for a CNN)
+    not_applicable: tuple[dict[str, Any], ...] = ()
 
     @property
     def passed(self) -> bool | None:
@@ -253,23 +259,10 @@ def _latency_cell(a: ArtifactReport) -> str:
 
 
 def metric_lines(report: Report) -> list[str]:
-    """`metric m.py:f (higher is better, tolerance 0.01 absolute): FP32 0.955; onnx_int8 0.953 (drop 0.002) pass`."""
-    m = report.metric
-    if not m:
+    """The user's metric in one line (:func:`words.metric_line`); none without a metric."""
+    if not report.metric:
         return []
-    head = (
-        f"metric {m['name']} ({'higher' if m['higher_is_better'] else 'lower'} is better, tolerance {m['max_drop']:g} "
-        f"{m['drop_is']}): FP32 {m['fp32']:.6g}"
-    )
-    parts = []
-    for a in report.artifacts:
-        am = a.parity.metric or {}
-        if am.get("value") is None:
-            parts.append(f"{a.name} not scored (its outputs failed the sanity checks)")
-        else:
-            verdict = {True: "pass", False: "FAIL", None: "not judged"}[am["passed"]]
-            parts.append(f"{a.name} {am['value']:.6g} (drop {am['drop']:.4g}) {verdict}")
-    return [head + "; " + "; ".join(parts)]
+    return [metric_line(report.metric, [(a.name, a.parity.metric or {}) for a in report.artifacts])]
 
 
 def subset_lines(report: Report) -> list[str]:

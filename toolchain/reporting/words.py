@@ -65,3 +65,18 @@ def near_ties_line(name: str, output: str | None, top1: float, ties: dict[str, A
         + f"; {bar:.1%} needs that error {cut:.1f} dB lower (where arg-max swaps between near-equal classes are "
         f"harmless, as between neighbouring bins, judge the output with your metric: --metric)"
     )
+
+
+def metric_line(metric: dict[str, Any], scores: list[tuple[str, dict[str, Any]]]) -> str:
+    """`metric m.py:f (higher is better, tolerance 0.01 absolute): FP32 0.955; onnx_int8 0.953 (drop 0.002) pass`:
+    ``metric`` is report.json's `metric`, ``scores`` each artifact's name and its `parity.metric`."""
+    better = "higher" if metric["higher_is_better"] else "lower"
+    head = f"metric {metric['name']} ({better} is better, tolerance {metric['max_drop']:g} {metric['drop_is']}): "
+    parts = []
+    for name, m in scores:
+        if m.get("value") is None:
+            parts.append(f"{name} not scored (its outputs failed the sanity checks)")
+        else:
+            verdict = {True: "pass", False: "FAIL", None: "not judged"}[m["passed"]]
+            parts.append(f"{name} {m['value']:.6g} (drop {m['drop']:.4g}) {verdict}")
+    return head + f"FP32 {metric['fp32']:.6g}; " + "; ".join(parts)

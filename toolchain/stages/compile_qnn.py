@@ -24,7 +24,7 @@ from toolchain.core.feed import ort_feed
 from toolchain.core.native import native_stderr_off
 from toolchain.core.options import option
 from toolchain.core.stage import Recoverable, Stage, StageResult, register_stage
-from toolchain.stages.quantize_onnx import _quiet, _runner
+from toolchain.stages.quantize_onnx import ort_runner, quiet_onnxruntime
 
 # Hexagon architectures and the phones that carry them
 HTP_ARCHS = {
@@ -88,7 +88,7 @@ class CompileQnn(Stage, Recoverable):
             rescaled = rescale_onnx_into(
                 static,
                 static.with_name(f"{stem}-rescaled.onnx"),
-                lambda model: _runner(model, ctx),
+                lambda model: ort_runner(model, ctx),
                 ctx.calibration.x[:128],
                 self.name,
                 o.equalize,
@@ -112,7 +112,9 @@ class CompileQnn(Stage, Recoverable):
 
         qdq = ctx.workdir / f"{stem}-qdq.onnx"
         try:
-            with _quiet():  # the quantizer logs every tensor, and a pre-processing hint it does not need here
+            with (
+                quiet_onnxruntime()
+            ):  # the quantizer logs every tensor, and a pre-processing hint it does not need here
                 config = get_qnn_qdq_config(
                     str(source),
                     Reader(),

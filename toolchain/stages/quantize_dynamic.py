@@ -28,9 +28,9 @@ from toolchain.core.errors import NotApplicable, StageError, reason
 from toolchain.core.options import option
 from toolchain.core.stage import Recoverable, Stage, StageResult, register_stage
 from toolchain.stages.quantize_onnx import (
-    _quiet,
     float_weight_share,
     preprocessed,
+    quiet_onnxruntime,
     reduce_range_for,
     rescaled,
 )
@@ -87,7 +87,7 @@ class QuantizeOnnxDynamic(Stage, Recoverable):
         reduce_range = reduce_range_for(o.reduce_range, "uint8", o.weights, ctx.isa)
         path = self.output_path(artifact, ctx, ".onnx")
         source = self._source(artifact, ctx, reduce_range)
-        with _quiet():
+        with quiet_onnxruntime():
             try:
                 quantize_dynamic(
                     str(source),

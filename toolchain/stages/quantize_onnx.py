@@ -140,7 +140,7 @@ class QuantizeOnnx(Stage, Recoverable):
             / f"ranges-{source.stem}-{o.calibration}-{o.percentile}-{o.symmetric_activations}.json"
         )
         cached = ranges.exists()
-        with _quiet():
+        with quiet_onnxruntime():
             try:
                 quantize_static(
                     str(source),
@@ -176,7 +176,7 @@ class QuantizeOnnx(Stage, Recoverable):
             from toolchain.passes.bias_correction import correct_biases
 
             facts["bias_correction"] = correct_biases(
-                source, path, lambda model: _runner(model, ctx)(ctx.calibration.x[:128])
+                source, path, lambda model: ort_runner(model, ctx)(ctx.calibration.x[:128])
             )
         return StageResult(dataclasses.replace(artifact, path=path, precision="int8"), facts)
 
@@ -187,7 +187,7 @@ class QuantizeOnnx(Stage, Recoverable):
         key = ("masks", source.name)
         if key not in ctx.cache:
             ctx.cache[key] = onnx_mask_nodes(
-                source, lambda model: _runner(model, ctx), ctx.calibration.x[:64]
+                source, lambda model: ort_runner(model, ctx), ctx.calibration.x[:64]
             )
         return ctx.cache[key]
 
@@ -259,7 +259,7 @@ def rescaled(
         ctx.cache[("rescale_onnx", out.name)] = rescale_onnx_into(
             source,
             out,
-            lambda model: _runner(model, ctx),
+            lambda model: ort_runner(model, ctx),
             ctx.calibration.x[:128],
             stage,
             equalize,
@@ -269,7 +269,7 @@ def rescaled(
     return out
 
 
-def _runner(model, ctx: BuildContext):
+def ort_runner(model, ctx: BuildContext):
     """Batched runs of a model (a path or a ModelProto) with ONNX Runtime on the CPU."""
     import onnxruntime as ort
 
@@ -339,7 +339,7 @@ def preprocessed(artifact: Artifact, ctx: BuildContext) -> Path:
     shared by the static and dynamic quantizers (and recovery's variants)."""
     out = ctx.workdir / f"preprocessed-{artifact.sha256[:16]}.onnx"
     if not out.exists():
-        with _quiet():
+        with quiet_onnxruntime():
             _preprocess_into(artifact.path, out)
     return out
 
@@ -404,7 +404,7 @@ def _static_batch(graph) -> int | None:
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet_onnxruntime():
     """ONNX Runtime's quantizer logs every tensor at INFO and its histogram calibrators print()
     progress; keep the terminal short and stdout clean for `--json`."""
     level = logging.root.level

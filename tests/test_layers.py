@@ -1,0 +1,107 @@
+"""The package's import graph: no cycle between any two modules, counting imports inside functions
+and under TYPE_CHECKING, and every import pointing down the layers of docs/architecture.md.
+`make test` runs import-linter's contract as well; this test says which modules close a cycle."""
+
+import tomllib
+from pathlib import Path
+
+import grimp
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _graph():
+    return grimp.build_graph("toolchain", exclude_type_checking_imports=False)
+
+
+def _cycles(graph) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan, iterative)."""
+    index, low, on_stack, stack, found = {}, {}, set(), [], []
+    for root in sorted(graph.modules):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph.find_modules_directly_imported_by(root))))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph.find_modules_directly_imported_by(child)))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    found.append(sorted(component))
+    return found
+
+
+def test_no_module_imports_its_way_back_to_itself():
+    assert _cycles(_graph()) == []
+
+
+def test_the_cycle_finder_finds_a_cycle_closed_inside_a_function():
+    graph = grimp.ImportGraph()
+    for module in ("a", "a.low", "a.high"):
+        graph.add_module(module)
+    graph.add_import(importer="a.high", imported="a.low", line_number=1, line_contents="from a.low import x")
+    graph.add_import(
+        importer="a.low", imported="a.high", line_number=9, line_contents="    from a.high import y"
+    )
+    assert _cycles(graph) == [["a.high", "a.low"]]
+
+
+def test_no_import_points_up_a_layer():
+    contract = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"][0]
+    rank = {
+        m.strip(): i for i, layer in enumerate(contract["layers"]) for m in layer.split("|")
+    }  # 0: the top
+
+    def layer_of(module: str) -> int | None:
+        parts = module.split(".")
+        return next(
+            (rank[".".join(parts[:n])] for n in range(len(parts), 0, -1) if ".".join(parts[:n]) in rank), None
+        )
+
+    graph = _graph()
+    assert {
+        m for m in graph.modules if m != "toolchain" and layer_of(m) is None
+    } == set()  # every module has a layer
+    upward = [
+        f"{module} -> {imported}"
+        for module in graph.modules
+        for imported in graph.find_modules_directly_imported_by(module)
+        if module != "toolchain" and layer_of(imported) < layer_of(module)
+    ]
+    assert upward == []
+
+
+def test_the_top_level_stays_small_and_private_names_stay_home():
+    top = [p for p in (ROOT / "toolchain").glob("*.py")]
+    assert len(top) <= 15, sorted(p.name for p in top)
+    graph = _graph()
+    crossing = []
+    for module in graph.modules:
+        for imported in graph.find_modules_directly_imported_by(module):
+            for detail in graph.get_import_details(importer=module, imported=imported):
+                names = detail["line_contents"].partition(" import ")[2].replace("(", "").split(",")
+                crossing += [
+                    f"{module}: {detail['line_contents']}" for n in names if n.strip().startswith("_")
+                ]
+    assert crossing == []
