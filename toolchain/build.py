@@ -77,7 +77,8 @@ def build(
     plans, skipped = plan(profile, loaded.artifact.kind)
     if not plans:
         raise ToolchainError(
-            f"target `{profile.name}` has no artifact that can be built from a {loaded.artifact.kind} model ({_reasons(skipped)})"
+            f"target `{profile.name}` has no artifact that can be built from a {loaded.artifact.kind} model "
+            f"({_reasons(skipped)})"
         )
 
     with staged_folder(folder) as tmp:
@@ -163,7 +164,8 @@ def build(
         shutil.rmtree(work)
         if not reports:
             raise ToolchainError(
-                f"no artifact of target `{profile.name}` could be built ({_reasons(skipped + not_applicable)})"
+                f"no artifact of target `{profile.name}` could be built "
+                f"({_reasons(skipped + not_applicable)})"
             )
         engine = plan_engine(profile.tensorrt, reports, tmp, inputs.signature)
         if engine and engine["status"] == "pending on device":

@@ -45,7 +45,8 @@ def write_dashboard(history: History, out: Path, name: str | None = None) -> Pat
     runs = [r for r in runs if r.matrix == name]
     if not runs:
         raise ToolchainError(
-            f"the history holds no run of matrix `{name}`; it has {', '.join(sorted({r.matrix for r in history.runs()}))}"
+            f"the history holds no run of matrix `{name}`; "
+            f"it has {', '.join(sorted({r.matrix for r in history.runs()}))}"
         )
     data = dashboard_data(history, runs)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -112,11 +113,15 @@ def render(data: dict[str, Any], base: Path) -> str:
     summary = ", ".join(f"{n} {WORDS[s].lower()}" for s, n in counts.items() if n)
     tone = "failed" if data["alarms"] or counts["failed"] + counts["error"] + counts["crashed"] else "passed"
     parts = [
-        f"<h1>Matrix {_e(data['matrix'])}, run {run['id']}: <span class='{tone}'>{len(data['alarms'])} alarm{'s' * (len(data['alarms']) != 1)}</span></h1>",
-        f"<p>{_e(summary)} of {len(data['cells'])} cells; started {_e(run['started'])} ({_e(run['status'])}); {_e(run['executor'])}; "
+        f"<h1>Matrix {_e(data['matrix'])}, run {run['id']}: "
+        f"<span class='{tone}'>{len(data['alarms'])} alarm{'s' * (len(data['alarms']) != 1)}</span></h1>",
+        f"<p>{_e(summary)} of {len(data['cells'])} cells; started {_e(run['started'])} "
+        f"({_e(run['status'])}); {_e(run['executor'])}; "
         f"host {_e(run['host_cpu'] or 'unknown')}; toolchain {_e(run['toolchain_version'] or '?')}"
-        f"{' at ' + _e(run['toolchain_commit'][:12]) if run['toolchain_commit'] else ''}; {len(data['runs'])} run{'s' * (len(data['runs']) != 1)} in the history"
-        f"{'; cells of the newest run of each shard: runs ' + ', '.join(map(str, data['shown_runs'])) if len(data['shown_runs']) > 1 else ''}.</p>",
+        f"{' at ' + _e(run['toolchain_commit'][:12]) if run['toolchain_commit'] else ''}; "
+        f"{len(data['runs'])} run{'s' * (len(data['runs']) != 1)} in the history"
+        f"{'; cells of the newest run of each shard: runs ' + ', '.join(map(str, data['shown_runs'])) if len(data['shown_runs']) > 1 else ''}"  # noqa: E501 (one replacement field: unsplittable before Python 3.12)
+        ".</p>",
         _alarms(data["alarms"]),
         _grid(data["cells"], base, data["alarms"]),
         "<h2>Trends per cell</h2>",
@@ -140,7 +145,8 @@ def _alarms(alarms: list[dict]) -> str:
     items = [
         f"<li class='alarm' data-key='{_e(a['key'])}' data-kind='{_e(a['kind'])}'><b>{_e(a['key'])}</b>"
         f"{' ' + _e(a['artifact']) if a['artifact'] else ''} [{_e(a['kind'])}]: {_e(a['message'])}"
-        f"<br><small>changed since run {a['baseline_run_id']}: {_e(', '.join(a['changes']) or 'nothing recorded')}</small></li>"
+        f"<br><small>changed since run {a['baseline_run_id']}: "
+        f"{_e(', '.join(a['changes']) or 'nothing recorded')}</small></li>"
         for a in alarms
     ]
     return f"<h2>Alarms</h2><ul class='alerts'>{''.join(items)}</ul>"
@@ -174,8 +180,10 @@ def _grid(cells: list[dict], base: Path, alarms: list[dict]) -> str:
             )
             tds.append(
                 f"<td class='cell {c['status']}' data-key='{_e(c['key'])}' data-status='{c['status']}'>"
-                f"<b class='{TONE[c['status']]}'>{WORDS[c['status']]}</b>{flag}<br><small>{_e(detail or '')}</small><br>"
-                f"{_e(c['primary'] or '')} {' · '.join(filter(None, links))} <small>{c['seconds']:.0f} s</small></td>"
+                f"<b class='{TONE[c['status']]}'>{WORDS[c['status']]}</b>{flag}"
+                f"<br><small>{_e(detail or '')}</small><br>"
+                f"{_e(c['primary'] or '')} {' · '.join(filter(None, links))} "
+                f"<small>{c['seconds']:.0f} s</small></td>"
             )
         rows.append(f"<tr><td>{_e(m)}</td>{''.join(tds)}</tr>")
     return f"<h2>Verdict per cell</h2><table class='grid'>{head}{''.join(rows)}</table>"
@@ -230,12 +238,15 @@ def _trend(chart: str, title: str, series: dict[str, list[dict]], field: str, fm
         )
         ly = top + i * 18
         marks.append(
-            f"<path d='{_marker(shape, right + 16, ly, 4)}' fill='{color}'/><text x='{right + 26}' y='{ly + 4}'>{_e(name)}</text>"
+            f"<path d='{_marker(shape, right + 16, ly, 4)}' fill='{color}'/>"
+            f"<text x='{right + 26}' y='{ly + 4}'>{_e(name)}</text>"
         )
     height = h + 40
     return (
-        f"<figure><svg class='chart' data-chart='{_e(chart)}' width='{w}' height='{height}' viewBox='0 0 {w} {height}'>"
-        f"<text x='0' y='14' class='title'>{_e(title)}{' (log scale)' if log else ''}</text>{''.join(marks)}</svg></figure>"
+        f"<figure><svg class='chart' data-chart='{_e(chart)}' width='{w}' height='{height}' "
+        f"viewBox='0 0 {w} {height}'>"
+        f"<text x='0' y='14' class='title'>{_e(title)}{' (log scale)' if log else ''}</text>"
+        f"{''.join(marks)}</svg></figure>"
     )
 
 
@@ -264,7 +275,8 @@ def _shown_value(v: Any) -> bool:
 
 
 def _plain(v: Any) -> Any:
-    """JSON without NaN / Infinity (which browsers' JSON.parse refuse): written "nan" / "inf", as report.json does."""
+    """JSON without NaN / Infinity (which browsers' JSON.parse refuse): written "nan" /
+    "inf", as report.json does."""
     if isinstance(v, float) and not math.isfinite(v):
         return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
     if isinstance(v, dict):
@@ -274,6 +286,8 @@ def _plain(v: Any) -> Any:
     return v
 
 
-EXTRA_CSS = """table.grid td{text-align:left;vertical-align:top;min-width:180px}td.cell.passed{background:#eef6ee}
+EXTRA_CSS = """table.grid td{text-align:left;vertical-align:top;min-width:180px}\
+td.cell.passed{background:#eef6ee}
 td.cell.failed,td.cell.error,td.cell.crashed{background:#fbeaea}td.cell.not_judged{background:#fff4d6}
-li.alarm{background:#fbeaea;border-left:4px solid #c33}.alarmed{color:#c33;font-weight:600}h3{font-size:14px;margin:18px 0 4px}"""
+li.alarm{background:#fbeaea;border-left:4px solid #c33}.alarmed{color:#c33;font-weight:600}\
+h3{font-size:14px;margin:18px 0 4px}"""

@@ -43,7 +43,8 @@ def render(
     verdict = report["verdict"]
     tone = {True: "passed", False: "failed", None: "built"}[report["passed"]]  # the heading's colour
     parts = [
-        f"<h1>{_e(report['model']['name'])} → {_e(report['target'])}: <span class='{tone}'>{verdict}</span></h1>",
+        f"<h1>{_e(report['model']['name'])} → {_e(report['target'])}: "
+        f"<span class='{tone}'>{verdict}</span></h1>",
         _model_line(report),
         _alerts(report),
         _parity_table(report),
@@ -64,7 +65,8 @@ def render(
     ]
     data = json.dumps(report).replace("</", "<\\/")
     return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>{_e(report["model"]["name"])} → {_e(report["target"])}</title>
+<html lang="en"><head><meta charset="utf-8">\
+<title>{_e(report["model"]["name"])} → {_e(report["target"])}</title>
 <style>{CSS}</style></head>
 <body>
 {"".join(parts)}
@@ -84,12 +86,16 @@ def _model_line(report: dict) -> str:
     weights = f"; weights: {_e(m['weights'])}" if m.get("weights") else ""
     return (
         f"<p>Model <code>{_e(m['source'])}</code>{weights}; input {'x'.join(map(str, m['input_shape']))}; "
-        f"primary artifact: <b>{_e(report['primary'] or 'none')}</b>; built in {report['build_seconds']} s.</p>"
+        f"primary artifact: <b>{_e(report['primary'] or 'none')}</b>; "
+        f"built in {report['build_seconds']} s.</p>"
     )
 
 
 def _parity_table(report: dict) -> str:
-    head = "<tr><th>artifact</th><th>format</th><th>precision</th><th>SQNR dB</th><th>cosine</th><th>top-1 agreement</th><th>accuracy</th><th>parity</th></tr>"
+    head = (
+        "<tr><th>artifact</th><th>format</th><th>precision</th><th>SQNR dB</th><th>cosine</th>"
+        "<th>top-1 agreement</th><th>accuracy</th><th>parity</th></tr>"
+    )
     ref = report["reference"]
     acc = "" if ref["accuracy"] is None else f"{ref['accuracy']:.2%}"
     body = [
@@ -101,13 +107,17 @@ def _parity_table(report: dict) -> str:
         # "nan" / "inf" as written
         cell = lambda v, f: "" if v is None else (v if isinstance(v, str) else f.format(v))
         body.append(
-            f"<tr class='{'primary' if a['primary'] else ''}'><td>{_e(a['name'])}{' ★' if a['primary'] else ''}</td><td>{_e(a['format'])}</td>"
-            f"<td>{_e(a['precision'])}</td><td data-key='sqnr_db'>{cell(p['sqnr_db'], '{:.1f}')}</td><td>{cell(p['cosine'], '{:.4f}')}</td>"
-            f"<td>{cell(p['top1_agreement'], '{:.2%}')}</td><td>{cell(p['accuracy'], '{:.2%}')}</td><td>{_e(verdict)}</td></tr>"
+            f"<tr class='{'primary' if a['primary'] else ''}'>"
+            f"<td>{_e(a['name'])}{' ★' if a['primary'] else ''}</td><td>{_e(a['format'])}</td>"
+            f"<td>{_e(a['precision'])}</td><td data-key='sqnr_db'>{cell(p['sqnr_db'], '{:.1f}')}</td>"
+            f"<td>{cell(p['cosine'], '{:.4f}')}</td>"
+            f"<td>{cell(p['top1_agreement'], '{:.2%}')}</td><td>{cell(p['accuracy'], '{:.2%}')}</td>"
+            f"<td>{_e(verdict)}</td></tr>"
         )
         if len(p.get("outputs", [])) > 1:
             body += [
-                f"<tr class='output'><td>&nbsp;&nbsp;output {_e(output_label(_Output(o)))}</td><td></td><td></td>"
+                f"<tr class='output'><td>&nbsp;&nbsp;output {_e(output_label(_Output(o)))}</td>"
+                "<td></td><td></td>"
                 f"<td>{cell(o['sqnr_db'], '{:.1f}')}</td><td>{cell(o['cosine'], '{:.4f}')}</td>"
                 f"<td>{cell(o['top1_agreement'], '{:.2%}')}</td><td>{cell(o['accuracy'], '{:.2%}')}</td>"
                 f"<td>{_e(parity_verdict(o['passed'], o['failures']))}</td></tr>"
@@ -134,12 +144,14 @@ def _alerts(report: dict) -> str:
     if report.get("metric"):
         m = report["metric"]
         scores = "; ".join(
-            f"{a['name']} {_num(a['parity']['metric'].get('value'))} ({'pass' if a['parity']['metric'].get('passed') else 'fail' if a['parity']['metric'].get('passed') is False else 'not judged'})"
+            f"{a['name']} {_num(a['parity']['metric'].get('value'))} "
+            f"({'pass' if a['parity']['metric'].get('passed') else 'fail' if a['parity']['metric'].get('passed') is False else 'not judged'})"  # noqa: E501 (one replacement field: unsplittable before Python 3.12)
             for a in report["artifacts"]
             if a["parity"].get("metric")
         )
         items.append(
-            f"<li class='metric'>metric <code>{_e(m['name'])}</code> (tolerance {m['max_drop']:g} {_e(m['drop_is'])}): "
+            f"<li class='metric'>metric <code>{_e(m['name'])}</code> "
+            f"(tolerance {m['max_drop']:g} {_e(m['drop_is'])}): "
             f"FP32 {_num(m['fp32'])}; {_e(scores)}</li>"
         )
     items += [
@@ -149,7 +161,9 @@ def _alerts(report: dict) -> str:
     ]
     several = lambda a: len(a["parity"]["outputs"]) > 1
     items += [
-        f"<li class='ties'>{_e(near_ties_line(a['name'], output_label(_Output(o)) if several(a) else None, o['top1_agreement'], o['near_ties']))}</li>"
+        "<li class='ties'>"
+        f"{_e(near_ties_line(a['name'], output_label(_Output(o)) if several(a) else None, o['top1_agreement'], o['near_ties']))}"  # noqa: E501 (one replacement field: unsplittable before Python 3.12)
+        "</li>"
         for a in report["artifacts"]
         for o in a["parity"]["outputs"]
         if o.get("near_ties")
@@ -162,7 +176,11 @@ def _alerts(report: dict) -> str:
 
 
 def _latency_table(rows) -> str:
-    head = "<tr><th></th><th>p50 ms</th><th>p95 ms</th><th>p99 ms</th><th>best batch</th><th title='resident memory the model adds while loading and running (its runtime library already loaded)'>peak memory MB</th><th>threads</th></tr>"
+    head = (
+        "<tr><th></th><th>p50 ms</th><th>p95 ms</th><th>p99 ms</th><th>best batch</th>"
+        "<th title='resident memory the model adds while loading and running "
+        "(its runtime library already loaded)'>peak memory MB</th><th>threads</th></tr>"
+    )
     body = []
     for name, r in rows:
         b = r["bench"]
@@ -170,7 +188,8 @@ def _latency_table(rows) -> str:
         mem = _memory(b["peak_memory_bytes"])
         body.append(
             f"<tr><td>{_e(name)}</td><td>{one['p50_ms']:.3f}</td><td>{one['p95_ms']:.3f}</td><td>{one['p99_ms']:.3f}</td>"
-            f"<td>{b['best_batch'] if b['best_batch'] is not None else 'none fits'}</td><td>{mem}</td><td>{b['threads']}</td></tr>"
+            f"<td>{b['best_batch'] if b['best_batch'] is not None else 'none fits'}</td>"
+            f"<td>{mem}</td><td>{b['threads']}</td></tr>"
         )
     return f"<table>{head}{''.join(body)}</table>"
 
@@ -220,14 +239,17 @@ def _bars(
         w = max(1.0, (value - base) * scale / top * span)
         shown = _e(texts[i])
         marks.append(
-            f"<text x='{label_w - 6}' y='{y + 14}' text-anchor='end'><title>{_e(name)}</title>{_e(_short(name, limit))}</text>"
-            f"<rect class='bar' data-chart='{chart}' data-label='{_e(name)}' data-value='{value}' x='{label_w}' y='{y + 2}' "
-            f"width='{w:.1f}' height='{ROW - 6}' fill='{COLORS[i % len(COLORS)]}'><title>{_e(name)}: {shown}</title></rect>"
+            f"<text x='{label_w - 6}' y='{y + 14}' text-anchor='end'>"
+            f"<title>{_e(name)}</title>{_e(_short(name, limit))}</text>"
+            f"<rect class='bar' data-chart='{chart}' data-label='{_e(name)}' data-value='{value}' "
+            f"x='{label_w}' y='{y + 2}' width='{w:.1f}' height='{ROW - 6}' fill='{COLORS[i % len(COLORS)]}'>"
+            f"<title>{_e(name)}: {shown}</title></rect>"
             f"<text x='{label_w + w + 4:.1f}' y='{y + 14}'>{shown}</text>"
         )
     height = 30 + len(values) * ROW
     return (
-        f"<figure><svg class='chart' data-chart='{chart}' width='{W}' height='{height}' viewBox='0 0 {W} {height}'>"
+        f"<figure><svg class='chart' data-chart='{chart}' width='{W}' height='{height}' "
+        f"viewBox='0 0 {W} {height}'>"
         f"<text x='0' y='14' class='title'>{_e(title)}</text>{''.join(marks)}</svg></figure>"
     )
 
@@ -313,9 +335,12 @@ def _axes(
     marks += [f"<text x='{x:.1f}' y='{bottom + 18}' text-anchor='middle'>{b}</text>" for b, x in x_of.items()]
     middle = (top + bottom) / 2
     return marks + [
-        f"<line x1='{left}' y1='{bottom}' x2='{right}' y2='{bottom}' stroke='#999'/><line x1='{left}' y1='{top}' x2='{left}' y2='{bottom}' stroke='#999'/>",
-        f"<text class='axis' x='{(left + right) / 2:.0f}' y='{bottom + 36}' text-anchor='middle'>batch size (samples per run)</text>",
-        f"<text class='axis' x='16' y='{middle:.0f}' text-anchor='middle' transform='rotate(-90 16 {middle:.0f})'>{_e(y_title)}</text>",
+        f"<line x1='{left}' y1='{bottom}' x2='{right}' y2='{bottom}' stroke='#999'/>"
+        f"<line x1='{left}' y1='{top}' x2='{left}' y2='{bottom}' stroke='#999'/>",
+        f"<text class='axis' x='{(left + right) / 2:.0f}' y='{bottom + 36}' text-anchor='middle'>"
+        "batch size (samples per run)</text>",
+        f"<text class='axis' x='16' y='{middle:.0f}' text-anchor='middle' "
+        f"transform='rotate(-90 16 {middle:.0f})'>{_e(y_title)}</text>",
     ]
 
 
@@ -347,20 +372,23 @@ def _lines(chart: str, title: str, series: list[tuple[str, list[dict]]]) -> str:
                     y_of(p["throughput"]),
                     f"data-batch='{p['batch_size']}'",
                     p["throughput"],
-                    f"{name}, batch {p['batch_size']}: {p['throughput']:,.1f} samples/s (p50 {p['p50_ms']:.3f} ms)",
+                    f"{name}, batch {p['batch_size']}: {p['throughput']:,.1f} samples/s "
+                    f"(p50 {p['p50_ms']:.3f} ms)",
                 )
                 for p in pts
             ],
         )
         y = top + i * 20
         marks.append(
-            f"<line x1='{legend}' y1='{y}' x2='{legend + 28}' y2='{y}' stroke='{color}' stroke-width='2' stroke-dasharray='{dash}'/>"
+            f"<line x1='{legend}' y1='{y}' x2='{legend + 28}' y2='{y}' stroke='{color}' stroke-width='2' "
+            f"stroke-dasharray='{dash}'/>"
             f"<path d='{_marker(shape, legend + 14, y, 5)}' fill='{color}' stroke='#fff'/>"
             f"<text x='{legend + 34}' y='{y + 4}'><title>{_e(name)}</title>{_e(_short(name, 20))}</text>"
         )
     width, height = W + 160, max(h, top + 20 * len(series)) + 46
     return (
-        f"<figure><svg class='chart' data-chart='{chart}' width='{width}' height='{height}' viewBox='0 0 {width} {height}'>"
+        f"<figure><svg class='chart' data-chart='{chart}' width='{width}' height='{height}' "
+        f"viewBox='0 0 {width} {height}'>"
         f"<text x='0' y='14' class='title'>{_e(title)}</text>{''.join(marks)}</svg></figure>"
     )
 
@@ -386,7 +414,8 @@ def series_marks(
     )
     return marks + [
         f"<path class='point' data-chart='{_e(chart)}' data-label='{_e(name)}' {attrs} data-value='{value}' "
-        f"d='{_marker(shape, x, y, radius)}' fill='{color}' stroke='#fff' stroke-width='1'><title>{_e(tip)}</title></path>"
+        f"d='{_marker(shape, x, y, radius)}' fill='{color}' stroke='#fff' stroke-width='1'>"
+        f"<title>{_e(tip)}</title></path>"
         for x, y, attrs, value, tip in points
     ]
 
@@ -454,13 +483,20 @@ CSS = """body{font:14px system-ui,sans-serif;margin:24px;color:#222;max-width:12
 h1{font-size:20px}h2{font-size:16px;margin-top:28px}.passed{color:#2a7}.failed{color:#c33}.built{color:#a70}
 table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ddd;padding:3px 8px;text-align:right}
 td:first-child,th:first-child{text-align:left}tr.primary{background:#eef6ee}.row{display:flex;flex-wrap:wrap;gap:12px}
-figure{margin:0}svg text{font-size:12px}svg .title{font-weight:600}svg .axis{fill:#555}code{background:#f4f4f4;padding:0 3px}
+figure{margin:0}svg text{font-size:12px}svg .title{font-weight:600}svg .axis{fill:#555}\
+code{background:#f4f4f4;padding:0 3px}
 ul.alerts{list-style:none;padding:0}ul.alerts li{padding:6px 10px;margin:4px 0;border-radius:4px}
-li.warning{background:#fff4d6;border-left:4px solid #e0a100}li.ties{background:#f3eefa;border-left:4px solid #8e6cbf}li.recovery{background:#eaf2fb;border-left:4px solid #4e79a7}
-li.proxy{background:#f1f1f1;border-left:4px solid #999}li.metric{background:#eef6ee;border-left:4px solid #59a14f;font-weight:600}tr.output td{color:#555;font-size:13px}"""
+li.warning{background:#fff4d6;border-left:4px solid #e0a100}\
+li.ties{background:#f3eefa;border-left:4px solid #8e6cbf}\
+li.recovery{background:#eaf2fb;border-left:4px solid #4e79a7}
+li.proxy{background:#f1f1f1;border-left:4px solid #999}\
+li.metric{background:#eef6ee;border-left:4px solid #59a14f;font-weight:600}\
+tr.output td{color:#555;font-size:13px}"""
 
 SCRIPT = """window.addEventListener('load',function(){var out={};
 document.querySelectorAll('svg.chart').forEach(function(svg){var n=0;
-svg.querySelectorAll('.bar,.point').forEach(function(m){var b=m.getBoundingClientRect();if(b.width>0&&b.height>0)n++;});
-var r=svg.getBoundingClientRect();out[svg.dataset.chart]={marks:n,width:Math.round(r.width),height:Math.round(r.height)};});
+svg.querySelectorAll('.bar,.point').forEach(function(m){\
+var b=m.getBoundingClientRect();if(b.width>0&&b.height>0)n++;});
+var r=svg.getBoundingClientRect();out[svg.dataset.chart]=\
+{marks:n,width:Math.round(r.width),height:Math.round(r.height)};});
 document.body.setAttribute('data-rendered',JSON.stringify(out));});"""

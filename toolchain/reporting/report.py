@@ -151,8 +151,9 @@ def markdown(report: Report) -> str:
     lines = [
         f"# {report.model['name']} → {report.target}: {report.verdict}",
         "",
-        f"Model `{report.model['source']}` (weights: {report.model['weights']}), {inputs_phrase(report.model)}; "
-        f"parity on {report.data['validation']['samples']} {report.data['validation']['origin']} inputs.",
+        f"Model `{report.model['source']}` (weights: {report.model['weights']}), "
+        f"{inputs_phrase(report.model)}; parity on {report.data['validation']['samples']} "
+        f"{report.data['validation']['origin']} inputs.",
         "",
         table(report),
         "",
@@ -172,7 +173,8 @@ def markdown(report: Report) -> str:
 
 
 def inputs_phrase(model: dict) -> str:
-    """`input 1x1x8x8`, or every input by name (`inputs ids 1x16 int64, mask 1x16 int64`), and the fixed arguments."""
+    """`input 1x1x8x8`, or every input by name
+    (`inputs ids 1x16 int64, mask 1x16 int64`), and the fixed arguments."""
     inputs = model.get("inputs") or []
     if len(inputs) > 1 or any(i["dtype"] != "float32" for i in inputs):
         text = "inputs " + ", ".join(
@@ -253,13 +255,14 @@ def _latency_cell(a: ArtifactReport) -> str:
 
 
 def metric_lines(report: Report) -> list[str]:
-    """`metric m.py:f (higher is better, tolerance 0.01 absolute): FP32 0.955; onnx_int8 0.953 (drop 0.002) pass`."""
+    """`metric m.py:f (higher is better, tolerance 0.01 absolute): FP32 0.955;
+    onnx_int8 0.953 (drop 0.002) pass`."""
     m = report.metric
     if not m:
         return []
     head = (
-        f"metric {m['name']} ({'higher' if m['higher_is_better'] else 'lower'} is better, tolerance {m['max_drop']:g} "
-        f"{m['drop_is']}): FP32 {m['fp32']:.6g}"
+        f"metric {m['name']} ({'higher' if m['higher_is_better'] else 'lower'} is better, "
+        f"tolerance {m['max_drop']:g} {m['drop_is']}): FP32 {m['fp32']:.6g}"
     )
     parts = []
     for a in report.artifacts:
@@ -284,7 +287,8 @@ def recovery_lines(report: Report) -> list[str]:
 
 
 def near_ties_lines(report: Report) -> list[str]:
-    """Per output whose top-1 agreement missed its bar: how close FP32's top two were, against the artifact's error."""
+    """Per output whose top-1 agreement missed its bar: how close FP32's top two were,
+    against the artifact's error."""
     return [
         near_ties_line(
             a.name,

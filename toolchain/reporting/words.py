@@ -45,15 +45,15 @@ def near_ties_line(name: str, output: str | None, top1: float, ties: dict[str, A
     bar = 1 - ties["share"]
     where = f"{name}{f' output {output}' if output else ''}"
     head = (
-        f"{where}: top-1 agreement {top1:.1%} < {bar:.1%}: on {ties['share']:.1%} of the validation samples FP32's "
-        f"top two scores are within {ties['gap']:.3g}, and the artifact's error between them is {ties['noise']:.3g} RMS, "
-        f"which predicts {ties['predicted']:.1%}"
+        f"{where}: top-1 agreement {top1:.1%} < {bar:.1%}: on {ties['share']:.1%} of the validation samples "
+        f"FP32's top two scores are within {ties['gap']:.3g}, and the artifact's error between them is "
+        f"{ties['noise']:.3g} RMS, which predicts {ties['predicted']:.1%}"
     )
     cut = ties["noise_cut_db"]
     if cut in ("inf", float("inf")):
-        return (
-            head
-            + f"; FP32 itself ties exactly on too many samples for {bar:.1%}: judge this output with a metric (--metric)"
+        return head + (
+            f"; FP32 itself ties exactly on too many samples for {bar:.1%}: "
+            "judge this output with a metric (--metric)"
         )
     if not cut:
         return (
@@ -62,6 +62,6 @@ def near_ties_line(name: str, output: str | None, top1: float, ties: dict[str, A
         )
     return (
         head
-        + f"; {bar:.1%} needs that error {cut:.1f} dB lower (where arg-max swaps between near-equal classes are "
-        f"harmless, as between neighbouring bins, judge the output with your metric: --metric)"
+        + f"; {bar:.1%} needs that error {cut:.1f} dB lower (where arg-max swaps between near-equal classes "
+        "are harmless, as between neighbouring bins, judge the output with your metric: --metric)"
     )
