@@ -13,7 +13,8 @@ For each model:
 - batch-1 latency of every ONNX / TorchScript variant, all timed in one loop, alternating.
 
 Run alone (nothing else on the cores):
-`python benchmarks/int8_recovery.py --peers-python .venv-peers/bin/python` (`make bench` makes that venv). NNCF and Neural
+`python benchmarks/int8_recovery.py --peers-python .venv-peers/bin/python`
+(`make bench` makes that venv). NNCF and Neural
 Compressor are not dependencies of the toolchain; they run in the interpreter given (see
 `peers_quantize.py` for its venv: Neural Compressor's ONNX back end needs numpy < 2), and a peer
 that is missing or fails is a row saying so.
@@ -268,7 +269,10 @@ def main():
             for a in report.artifacts:
                 if a.name in ("onnx_int8", "torch_int8", "onnx_int8_dynamic", "torch_int8_dynamic"):
                     kind = "onnx" if a.runtime == "onnxruntime" else "ts"
-                    label = f"toolchain {a.name} ({a.precision}{', ' + str(len(a.float_layers)) + ' float layers' if a.float_layers else ''})"
+                    label = (
+                        f"toolchain {a.name} ({a.precision}"
+                        f"{', ' + str(len(a.float_layers)) + ' float layers' if a.float_layers else ''})"
+                    )
                     variants[label] = (kind, folder / a.path)
             runners, rows = {}, {}
             for label, (kind, what) in variants.items():
@@ -305,7 +309,8 @@ def main():
                 else:
                     share = "" if r["int8_weights"] is None else f"{r['int8_weights']:.0%}"
                     print(
-                        f"| {label} | {r['accuracy']:.2%} | {r['agreement']:.2%} | {share} | {r['latency_ms']:.3f} |"
+                        f"| {label} | {r['accuracy']:.2%} | {r['agreement']:.2%} | {share} | "
+                        f"{r['latency_ms']:.3f} |"
                     )
             for line in results[title]["recovery"]:
                 print(f"- {line}")

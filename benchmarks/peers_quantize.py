@@ -4,7 +4,8 @@ and Intel Neural Compressor's ONNX Runtime tuning, each on the same FP32 ONNX fi
 Runs in an interpreter of its own, because Neural Compressor's last release with an ONNX Runtime
 back end (2.6) needs numpy < 2 and onnx < 1.17 (it reads `onnx.mapping`), and the toolchain needs numpy 2:
 
-    make .venv-peers   # python -m venv, then pip install "numpy<2" "onnx<1.17" neural-compressor==2.6 six nncf onnxruntime
+    make .venv-peers   # python -m venv, then pip install "numpy<2" "onnx<1.17"
+                       # neural-compressor==2.6 six nncf onnxruntime
     .venv-peers/bin/python benchmarks/peers_quantize.py FP32.onnx CAL.npz VAL.npz OUT_DIR
 
 Writes OUT_DIR/<peer>.onnx for each peer that produced a model and OUT_DIR/peers.json with, per

@@ -107,7 +107,8 @@ def main():
                 }
                 r = results[f"{title} / {name}"]
                 print(
-                    f"{title} / {name}: {r['recovered_ms']:.4f} vs {r['all_int8_ms']:.4f} ms = {r['ratio']:.2f}x  ({r['recovery']})"
+                    f"{title} / {name}: {r['recovered_ms']:.4f} vs {r['all_int8_ms']:.4f} ms = "
+                    f"{r['ratio']:.2f}x  ({r['recovery']})"
                 )
     (Path(__file__).resolve().parent / "recovery_cost.json").write_text(json.dumps(results, indent=2) + "\n")
 

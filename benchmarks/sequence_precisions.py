@@ -137,11 +137,13 @@ def main():
             }
     (Path(__file__).with_suffix(".json")).write_text(json.dumps(results, indent=2) + "\n")
     print(
-        f"host: {results['host']['model']} ({results['host']['isa']}, BF16 {'native' if results['host_has_bf16'] else 'emulated'})"
+        f"host: {results['host']['model']} ({results['host']['isa']}, "
+        f"BF16 {'native' if results['host_has_bf16'] else 'emulated'})"
     )
     for name, rows in results["models"].items():
         print(
-            f"\n{name}\n| artifact | precision | size | batch-1 p50 (ms) | vs onnx_fp32 | top-1 agr. | SQNR | parity |"
+            f"\n{name}\n| artifact | precision | size | batch-1 p50 (ms) | vs onnx_fp32 | "
+            "top-1 agr. | SQNR | parity |"
         )
         print("|---|---|---|---|---|---|---|---|")
         for k, r in sorted(rows.items(), key=lambda kv: kv[1]["p50_ms"]):
@@ -149,8 +151,8 @@ def main():
             sqnr = "" if r["sqnr_db"] is None else f"{r['sqnr_db']:.1f} dB"
             verdict = {True: "pass", False: "FAIL", None: ""}[r["passed"]]
             print(
-                f"| `{k}`{mark} | {r['precision']} | {r['size_bytes'] / 1e6:.3f} MB | {r['p50_ms']:.3f} | {r['vs_onnx_fp32']:.2f}x | "
-                f"{r['top1_agreement']:.2%} | {sqnr} | {verdict} |"
+                f"| `{k}`{mark} | {r['precision']} | {r['size_bytes'] / 1e6:.3f} MB | {r['p50_ms']:.3f} | "
+                f"{r['vs_onnx_fp32']:.2f}x | {r['top1_agreement']:.2%} | {sqnr} | {verdict} |"
             )
 
 

@@ -34,8 +34,9 @@ def main() -> None:
 
     rng = np.random.default_rng(0)
     head = (
-        f"| {'model':<20} | {'FP32 eager ms':>13} | {'pte_int8 ms':>11} | {'pte_fp32 ms':>11} | {'ptl_int8 ms':>11} | "
-        f"{'FP32 MB':>7} | {'pte_int8 MB':>11} | {'int8/fp32 size':>14} | {'int8 vs eager':>13} |"
+        f"| {'model':<20} | {'FP32 eager ms':>13} | {'pte_int8 ms':>11} | {'pte_fp32 ms':>11} | "
+        f"{'ptl_int8 ms':>11} | {'FP32 MB':>7} | {'pte_int8 MB':>11} | {'int8/fp32 size':>14} | "
+        f"{'int8 vs eager':>13} |"
     )
     print(head)
     print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
@@ -51,8 +52,9 @@ def main() -> None:
             fp32_size = a["pte_fp32"].size_bytes
             int8 = a["pte_int8"]
             print(
-                f"| {name:<20} | {fp32_eager:>13.2f} | {int8.latency_ms:>11.2f} | {a['pte_fp32'].latency_ms:>11.2f} | "
-                f"{a['ptl_int8'].latency_ms:>11.2f} | {fp32_size / 1e6:>7.2f} | {int8.size_bytes / 1e6:>11.2f} | "
+                f"| {name:<20} | {fp32_eager:>13.2f} | {int8.latency_ms:>11.2f} | "
+                f"{a['pte_fp32'].latency_ms:>11.2f} | {a['ptl_int8'].latency_ms:>11.2f} | "
+                f"{fp32_size / 1e6:>7.2f} | {int8.size_bytes / 1e6:>11.2f} | "
                 f"{int8.size_bytes / fp32_size:>13.2f}x | {fp32_eager / int8.latency_ms:>12.1f}x |",
                 flush=True,
             )

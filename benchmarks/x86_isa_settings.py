@@ -34,7 +34,8 @@ def main():
             "torchvision:resnet18", "x86_fbgemm", Path(tmp) / "build", Path(tmp) / "cal.npy"
         )
         print(
-            f"toolchain build torchvision:resnet18 --target x86_fbgemm (256 calibration inputs): {time.perf_counter() - start:.1f} s"
+            "toolchain build torchvision:resnet18 --target x86_fbgemm (256 calibration inputs): "
+            f"{time.perf_counter() - start:.1f} s"
         )
         fp32 = folder / "onnx_fp32.onnx"  # the toolchain's export and graph passes; each variant quantizes it
         input_name = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"]).get_inputs()[0].name
@@ -83,7 +84,8 @@ def main():
             base = np.median(times["U8S8 full range"])
             for n, t in times.items():
                 print(
-                    f"batch {batch}: {n:36} {np.median(t):8.2f} ms  ({np.median(t) / base:.2f}x U8S8 full range)"
+                    f"batch {batch}: {n:36} {np.median(t):8.2f} ms  "
+                    f"({np.median(t) / base:.2f}x U8S8 full range)"
                 )
 
 

@@ -63,7 +63,8 @@ def fast_profile(
 
 
 def without_artifacts(base: Path, tmp_path: Path, *names: str) -> Path:
-    """``base`` with the ``[artifacts.NAME]`` tables of ``names`` removed (TOML tables hold no blank lines)."""
+    """``base`` with the ``[artifacts.NAME]`` tables of ``names`` removed (TOML
+    tables hold no blank lines)."""
     text = base.read_text()
     for name in names:
         text = re.sub(rf"\[artifacts\.{name}\]\n(?:[^\[\n].*\n)*", "", text)

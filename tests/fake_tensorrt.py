@@ -206,7 +206,9 @@ def _tensorrt(version: str) -> types.ModuleType:
         def build_serialized_network(self, network, config):
             given = set(config.profiles[0].shapes) if config.profiles else set()
             if not set(network.dynamic) <= given or not given <= set(network.inputs):
-                return None  # a profile for each dynamic input, by name (static ones may be left out), and for no unknown one
+                # a profile for each dynamic input, by name (static ones may be left out), and for no
+                # unknown one
+                return None
             shapes = config.profiles[0].shapes if config.profiles else {}
             if config.default_device_type == trt.DeviceType.DLA and any(
                 s[0] != s[2] for s in shapes.values()
@@ -215,7 +217,8 @@ def _tensorrt(version: str) -> types.ModuleType:
             if config.default_device_type == trt.DeviceType.DLA:
                 cache = config.int8_calibrator.read_calibration_cache() if config.int8_calibrator else b""
                 if not cache.decode().startswith(f"TRT-{version_int(version)}-"):
-                    return None  # TensorRT ignores a cache of another version; with no data, INT8 calibration fails
+                    # TensorRT ignores a cache of another version; with no data, INT8 calibration fails
+                    return None
             header = json.dumps(
                 {"version": version, "shapes": {k: list(map(list, v)) for k, v in shapes.items()}}
             ).encode()

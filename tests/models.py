@@ -13,7 +13,8 @@ from toolchain.inputs.examples import train
 
 
 class TwoHeads(nn.Module):
-    """Digits classifier (10 logits) and a regression head (the image's standardized ink), sharing features."""
+    """Digits classifier (10 logits) and a regression head (the image's
+    standardized ink), sharing features."""
 
     def __init__(self):
         super().__init__()
@@ -511,7 +512,8 @@ def ink_sums(x: np.ndarray) -> np.ndarray:
 
 
 def export_inputs(model: nn.Module, xs: tuple[np.ndarray, ...], path, dynamic: dict | None = None) -> None:
-    """torch.export with a dynamic batch shared by every input (and ``dynamic``: {input index: {axis: Dim}})."""
+    """torch.export with a dynamic batch shared by every input (and ``dynamic``:
+    {input index: {axis: Dim}})."""
     batch = torch.export.Dim("batch", min=1, max=1024)
     shapes = tuple({0: batch, **(dynamic or {}).get(i, {})} for i in range(len(xs)))
     torch.export.save(

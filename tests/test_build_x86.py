@@ -170,7 +170,8 @@ def test_reloaded_int8_torchscript_uses_quantized_kernels(digits_build, digits):
 
 
 def test_torchscript_mlp_input(digits_arrays, tmp_path):
-    """A second trained model, given as TorchScript: quantize_jit path and ONNX via the TorchScript exporter."""
+    """A second trained model, given as TorchScript: quantize_jit path and ONNX
+    via the TorchScript exporter."""
     from toolchain.inputs.examples import train
 
     x_train, x_test, y_train, y_test = digits_arrays
@@ -196,7 +197,8 @@ def test_torchscript_mlp_input(digits_arrays, tmp_path):
 
 
 def test_fuse_folds_batchnorm_into_the_convolution_of_a_torchscript_model():
-    """TorchScript's Conv-BN folding pass returns the folded module; the input module keeps its BatchNorm call."""
+    """TorchScript's Conv-BN folding pass returns the folded module; the input
+    module keeps its BatchNorm call."""
     from toolchain.core.artifact import Artifact, Kind
     from toolchain.stages.fuse import _count_batchnorm, _fold_torchscript
 
@@ -370,7 +372,8 @@ def test_onnx_preprocessing_runs_with_relative_paths(digits_build, tmp_path, mon
 
 
 def test_a_latency_far_above_its_operator_profile_is_flagged():
-    """Timed while other processes held the cores (torch's threads wait on each other); never a timing assertion."""
+    """Timed while other processes held the cores (torch's threads wait on each
+    other); never a timing assertion."""
     from toolchain.measure.timing import busy_cores
 
     note = busy_cores(46.91, 0.097)

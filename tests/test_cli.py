@@ -16,7 +16,8 @@ from .conftest import cli, fast_profile
     [
         (
             "3x224x224",
-            "--input-shape 3x224x224 has 3 dimensions, but the model has 4 (1x3x224x224): give the batch dimension first, e.g. 1x3x224x224",
+            "--input-shape 3x224x224 has 3 dimensions, but the model has 4 (1x3x224x224): "
+            "give the batch dimension first, e.g. 1x3x224x224",
         ),
         ("1x1x28x28", "the model rejects an input of shape 1x1x28x28"),
     ],
@@ -93,8 +94,17 @@ def test_an_artifact_whose_library_is_missing_is_skipped_with_the_reason(digits,
     )
     skipped = {s["name"]: s["reason"] for s in report.skipped}
     assert skipped == {
-        "onnx_fp32": "runtime `onnxruntime` is unavailable here: onnxruntime is not installed (pip install onnxruntime)",
-        "onnx_int8": "stage `quantize_onnx` is unavailable here: onnxruntime is not installed (pip install onnxruntime)",
-        "onnx_int8_dynamic": "stage `quantize_onnx_dynamic` is unavailable here: onnxruntime is not installed (pip install onnxruntime)",
+        "onnx_fp32": (
+            "runtime `onnxruntime` is unavailable here: onnxruntime is not installed "
+            "(pip install onnxruntime)"
+        ),
+        "onnx_int8": (
+            "stage `quantize_onnx` is unavailable here: onnxruntime is not installed "
+            "(pip install onnxruntime)"
+        ),
+        "onnx_int8_dynamic": (
+            "stage `quantize_onnx_dynamic` is unavailable here: onnxruntime is not installed "
+            "(pip install onnxruntime)"
+        ),
     }
     assert [a.name for a in report.artifacts] == ["torch_int8"]

@@ -235,7 +235,8 @@ def test_the_dashboard_shows_the_database_and_renders_in_chromium(two_nights, tm
     for key, status in rows(root / "matrix.sqlite", "select key, status from cells where run_id = 2"):
         assert re.search(rf"data-key='{re.escape(key)}' data-status='{status}'", page)
     assert re.search(
-        r"data-key='outlier/x86_onnx' data-status='failed'><b[^>]*>FAILED</b> <span class='alarmed' data-alarms='1'>",
+        r"data-key='outlier/x86_onnx' data-status='failed'><b[^>]*>FAILED</b> "
+        r"<span class='alarmed' data-alarms='1'>",
         page,
     )
     assert page.count("class='alarmed'") == 1  # the one cell that rang
@@ -244,7 +245,8 @@ def test_the_dashboard_shows_the_database_and_renders_in_chromium(two_nights, tm
         root / "build" / "run-2" / "digits-xavier" / "report.html"
     ).resolve()
     points = re.findall(
-        r"data-chart='trend:outlier/x86_onnx:sqnr_db' data-label='onnx_int8' data-run='(\d)' data-value='([^']+)'",
+        r"data-chart='trend:outlier/x86_onnx:sqnr_db' data-label='onnx_int8' data-run='(\d)' "
+        r"data-value='([^']+)'",
         page,
     )
     db = rows(
@@ -383,14 +385,26 @@ def test_matrix_file_errors_name_the_file_and_key(tmp_path):
     from toolchain.matrix.spec import load_matrix
 
     cases = {
-        '[matrix]\ntargets = ["x86_fbgemm"]\nworkers = "two"\n[models.m]\nmodel = "m.pt2"\n': "`matrix.workers` must be an integer",
-        '[matrix]\ntargets = ["x86_fbgemm"]\n[models.m]\nmodel = "m.pt2"\ncalibration = "c.npz"\n': "unknown key `models.m.calibration`",
-        '[matrix]\ntargets = ["x86_fbgemm"]\n[models.m]\nmodel = "m.pt2"\ntargets = ["jetson"]\n': "`models.m.targets[0]` = 'jetson' is not a target",
-        '[matrix]\ntargets = []\n[models.m]\nmodel = "m.pt2"\n': "`matrix.targets` must name at least one target",
+        '[matrix]\ntargets = ["x86_fbgemm"]\nworkers = "two"\n[models.m]\nmodel = "m.pt2"\n': (
+            "`matrix.workers` must be an integer"
+        ),
+        '[matrix]\ntargets = ["x86_fbgemm"]\n[models.m]\nmodel = "m.pt2"\ncalibration = "c.npz"\n': (
+            "unknown key `models.m.calibration`"
+        ),
+        '[matrix]\ntargets = ["x86_fbgemm"]\n[models.m]\nmodel = "m.pt2"\ntargets = ["jetson"]\n': (
+            "`models.m.targets[0]` = 'jetson' is not a target"
+        ),
+        '[matrix]\ntargets = []\n[models.m]\nmodel = "m.pt2"\n': (
+            "`matrix.targets` must name at least one target"
+        ),
         '[matrix]\ntargets = ["x86_fbgemm"]\n[models.m]\ncalib = "c.npz"\n': "missing key `models.m.model`",
         "[matrix\n": "not valid TOML",
-        '[matrix]\ntargets = ["x86_fbgemm", "x86_fbgemm"]\n[models.m]\nmodel = "m.pt2"\n': "cell `m/x86_fbgemm` appears twice",
-        '[matrix]\ntargets = ["x86_fbgemm"]\n[models.m]\nmodel = "m.pt2"\ncpus = 0\n': "`models.m.cpus` must be positive",
+        '[matrix]\ntargets = ["x86_fbgemm", "x86_fbgemm"]\n[models.m]\nmodel = "m.pt2"\n': (
+            "cell `m/x86_fbgemm` appears twice"
+        ),
+        '[matrix]\ntargets = ["x86_fbgemm"]\n[models.m]\nmodel = "m.pt2"\ncpus = 0\n': (
+            "`models.m.cpus` must be positive"
+        ),
     }
     for text, message in cases.items():
         path = tmp_path / "m.toml"

@@ -46,7 +46,8 @@ def _build(outlier, tmp_path, base, extra=""):
     ids=["x86", "xavier", "snapdragon"],
 )
 def test_outlier_channels_are_recovered_by_equalization_with_every_layer_int8(outlier, tmp_path, base, names):
-    """Cross-layer equalization undoes the outlier scaling exactly, before any layer has to be kept in float."""
+    """Cross-layer equalization undoes the outlier scaling exactly, before any
+    layer has to be kept in float."""
     report, folder = _build(outlier, tmp_path, base)
     data = json.loads((folder / "report.json").read_text())
     assert data["reference"]["accuracy"] > 0.95
@@ -265,7 +266,8 @@ def test_fx_bias_correction_removes_the_mean_error_quantization_adds(digits_arra
     facts = correct_module_biases(prepared, quantized, x_train[:128])
     after = errors()
     assert facts["layers"] == len(before) == 4  # two ConvReLU2d, a LinearReLU, the head
-    # a layer fused with its ReLU is measured after it (see correct_module_biases): every layer's error shrinks, the total halves
+    # a layer fused with its ReLU is measured after it (see correct_module_biases): every layer's error
+    # shrinks, the total halves
     assert (after < before).all() and after.sum() < 0.5 * before.sum(), (before, after)
     with torch.inference_mode():
         agree = (

@@ -351,7 +351,8 @@ def test_throughput_chart_for_many_batch_sizes_and_for_one():
     ]
     svg = _throughput(lines)
     marks = re.findall(
-        r"<path class='point' data-chart='throughput' data-label='([^']*)' data-batch='(\d+)' data-value='([^']*)'",
+        r"<path class='point' data-chart='throughput' data-label='([^']*)' data-batch='(\d+)' "
+        r"data-value='([^']*)'",
         svg,
     )
     assert {(n, int(b), float(v)) for n, b, v in marks} == {
@@ -382,7 +383,10 @@ def test_model_line_has_no_doubled_parentheses():
         "model": {
             "source": "torchvision:resnet18",
             "input_shape": [1, 3, 224, 224],
-            "weights": "random, seed 0 (torchvision weights cannot be downloaded here; parity is not evidence of accuracy)",
+            "weights": (
+                "random, seed 0 (torchvision weights cannot be downloaded here; "
+                "parity is not evidence of accuracy)"
+            ),
         },
         "primary": None,
         "build_seconds": 3.0,

@@ -133,7 +133,8 @@ def test_fx_smoothing_is_the_same_function_and_reports_each_group(model, inputs)
 
 
 def test_a_smoothing_that_changes_the_function_is_caught_by_the_fp32_check(model, inputs, monkeypatch):
-    """Scaling the post-norm LayerNorm changes what its residual adds; forced eligible, the check refuses it."""
+    """Scaling the post-norm LayerNorm changes what its residual adds; forced
+    eligible, the check refuses it."""
     readers = smooth._fx_readers
 
     def linears_only(gm, node):

@@ -58,14 +58,16 @@ def _judged_and_passed(data, expected=ARTIFACTS):
 
 
 def test_digits_artifacts_meet_parity_in_their_own_runtimes(digits_build):
-    """The default profile as a user runs it: every artifact, the NPU's too where onnxruntime-qnn is installed."""
+    """The default profile as a user runs it: every artifact, the NPU's too where
+    onnxruntime-qnn is installed."""
     report, folder = digits_build
     data = json.loads((folder / "report.json").read_text())
     _judged_and_passed(data, {**ARTIFACTS, **NPU} if HAS_QNN else ARTIFACTS)
     if HAS_QNN:
         assert data["skipped"] == []
         npu = next(a for a in data["artifacts"] if a["name"] == "qnn_int8")
-        # judged on the profile's 128 of the 512 validation inputs (the emulator runs one at a time); never primary
+        # judged on the profile's 128 of the 512 validation inputs (the emulator runs one at a time);
+        # never primary
         assert (
             npu["parity"]["samples"] == 128
             and data["data"]["validation"]["samples"] == 512
@@ -223,8 +225,8 @@ def test_operator_qnnpack_cannot_run_is_named(tmp_path):
     # Conv3d fused with its ReLU
     assert "ptl_int8: quantize_torch: qnnpack cannot run operator ConvReLU3d" in message
     assert (
-        "pte_int8: lower_executorch: ExecuTorch cannot lower operator quantized_decomposed::dequantize_per_channel"
-        in message
+        "pte_int8: lower_executorch: ExecuTorch cannot lower operator "
+        "quantized_decomposed::dequantize_per_channel" in message
     )
     assert (
         "cannot run operator aten::convolution.out on this model: Expect input tensor to be 3-D or 4-D"

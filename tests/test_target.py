@@ -87,7 +87,8 @@ def test_unknown_onnxoptimizer_pass(tmp_path):
     _expect(
         tmp_path,
         text,
-        r"`stages\.onnx_passes\.passes\[0\]` = 'eliminate_everything' is not an onnxoptimizer pass; valid: .*fuse_bn_into_conv",
+        r"`stages\.onnx_passes\.passes\[0\]` = 'eliminate_everything' is not an onnxoptimizer pass; "
+        r"valid: .*fuse_bn_into_conv",
     )
 
 
@@ -144,7 +145,8 @@ def test_listing_targets_does_not_import_torch():
 
     code = (
         "import sys; from click.testing import CliRunner; from toolchain.cli import main; "
-        "r = CliRunner().invoke(main, ['targets']); assert r.exit_code == 0, r.output; print('torch' in sys.modules)"
+        "r = CliRunner().invoke(main, ['targets']); assert r.exit_code == 0, r.output; "
+        "print('torch' in sys.modules)"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.stdout.strip() == "False", r.stderr

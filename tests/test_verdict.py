@@ -109,7 +109,8 @@ def two_heads(digits_arrays, tmp_path_factory):
 
 
 def test_a_broken_second_output_fails_the_artifact(two_heads, tmp_path):
-    no_recovery = "[recovery]\nenabled = false\n"  # recovery would fix it (tests/test_recovery.py): judge the first build
+    # recovery would fix it (tests/test_recovery.py): judge the first build
+    no_recovery = "[recovery]\nenabled = false\n"
     report, folder = toolchain.build(
         str(two_heads / "heads.pt2"),
         str(fast_profile(tmp_path, 128, 256, no_recovery)),
@@ -160,7 +161,8 @@ runtime = "onnxruntime"
 
 
 def _build_with_extra_artifact(digits, tmp_path, name: str, last_stage: str):
-    """The digits build with one more ONNX artifact whose chain ends in ``last_stage``; returns its skip reason."""
+    """The digits build with one more ONNX artifact whose chain ends in
+    ``last_stage``; returns its skip reason."""
     profile = fast_profile(
         tmp_path,
         extra=f"""

@@ -65,7 +65,8 @@ def build(
     if not plans:
         kind = loaded.artifact.kind
         raise ToolchainError(
-            f"target `{profile.name}` has no artifact that can be built from a {kind} model ({_reasons(skipped)})"
+            f"target `{profile.name}` has no artifact that can be built from a {kind} model "
+            f"({_reasons(skipped)})"
         )
     with staged_folder(folder) as tmp:
         r = profile.runtime
@@ -85,7 +86,8 @@ def build(
         not_applicable = [m.skipped for m in made.values() if m.not_applicable]
         if not reports:
             raise ToolchainError(
-                f"no artifact of target `{profile.name}` could be built ({_reasons(skipped + not_applicable)})"
+                f"no artifact of target `{profile.name}` could be built "
+                f"({_reasons(skipped + not_applicable)})"
             )
         engine = plan_engine(profile.tensorrt, reports, tmp, inputs.signature)
         if engine and engine["status"] == "pending on device":

@@ -330,7 +330,8 @@ def run_bench(load, profile: Target, signature: Signature):
 def reference_facts(
     loaded: LoadedModel, reference, inputs: Inputs, profile: Target, accuracy, folder: Path
 ) -> dict:
-    """The FP32 model in eager PyTorch: what every artifact is compared with, timed and profiled the same way."""
+    """The FP32 model in eager PyTorch: what every artifact is compared with,
+    timed and profiled the same way."""
     r = profile.runtime
     log.info("timing and profiling the FP32 reference")
     timed = run_bench(lambda: reference, profile, inputs.signature)

@@ -65,7 +65,8 @@ def main(ctx, quiet: bool, verbose: bool) -> None:
 )
 @click.option(
     "--input-shape",
-    help="Input shape with batch, e.g. 1x3x224x224, or per input NAME=SHAPE[:DTYPE],... (when the model does not say).",
+    help="Input shape with batch, e.g. 1x3x224x224, or per input NAME=SHAPE[:DTYPE],... "
+    "(when the model does not say).",
 )
 @click.option(
     "--trust-pickle", is_flag=True, help="Allow a pickled nn.Module (unpickling runs code from the file)."
@@ -75,8 +76,8 @@ def main(ctx, quiet: bool, verbose: bool) -> None:
     "constants",
     multiple=True,
     metavar="NAME=VALUE",
-    help="Fix a forward argument that is a Python number (a TorchScript `sr: int`) at VALUE in every artifact "
-    "[default: the data's 0-d array of that name, else the argument's default]. Repeatable.",
+    help="Fix a forward argument that is a Python number (a TorchScript `sr: int`) at VALUE in every "
+    "artifact [default: the data's 0-d array of that name, else the argument's default]. Repeatable.",
 )
 @click.option(
     "--outputs",
@@ -243,12 +244,14 @@ def sensitivity(terminal, build_dir, artifacts):
     for name, path in written.items():
         if path is None:  # a stage that cannot keep single layers in float (TorchScript models' torch_int8)
             click.echo(
-                f"{name}: no per-layer sensitivity (its quantization stage cannot keep single layers in float)"
+                f"{name}: no per-layer sensitivity (its quantization stage cannot keep "
+                "single layers in float)"
             )
             continue
         rows = json.loads((Path(build_dir) / path).read_text())["layers"]
         click.echo(
-            f"{name}: {len(rows)} layers, most sensitive first (SQNR gain with that layer in float); {Path(build_dir) / path}"
+            f"{name}: {len(rows)} layers, most sensitive first (SQNR gain with that layer in float); "
+            f"{Path(build_dir) / path}"
         )
         for r in rows[:5]:
             gain = r["sqnr_gain_db"]
@@ -281,7 +284,8 @@ def targets(verbose: bool) -> None:
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def doctor(as_json: bool) -> None:
-    """What this machine can build and run: each runtime and stage, with its libraries' versions or why it is unavailable."""
+    """What this machine can build and run: each runtime and stage, with its libraries'
+    versions or why it is unavailable."""
     from toolchain.doctor import lines, report
 
     data = report()

@@ -55,7 +55,8 @@ def kept_inputs(data):
 
 
 def kept_outputs(data) -> tuple[list[np.ndarray], tuple[OutputRole, ...]]:
-    """The kept FP32 outputs and their roles (a folder from before roles were kept: the first output, inferred)."""
+    """The kept FP32 outputs and their roles (a folder from before roles were kept:
+    the first output, inferred)."""
     if "output_names" not in data:
         return [data["reference"]], resolve_roles([data["reference"]], ["0"], {})
     names, roles = [str(n) for n in data["output_names"]], [str(r) for r in data["output_roles"]]
@@ -122,7 +123,10 @@ def _update_markdown(path: Path, report: dict) -> None:
         if not parity
         else ("parity passed" if parity["passed"] else engine["summary"])
     )
-    line = f"- TensorRT engine: built with TensorRT {engine.get('tensorrt_version')} on {engine.get('gpu', 'this device')}; {state}"
+    line = (
+        f"- TensorRT engine: built with TensorRT {engine.get('tensorrt_version')} on "
+        f"{engine.get('gpu', 'this device')}; {state}"
+    )
     at = next((i for i, text in enumerate(lines) if text.startswith("- TensorRT engine:")), None)
     if at is None:
         lines.append(line)

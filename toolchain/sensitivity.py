@@ -55,7 +55,8 @@ def measure_build(folder: Path, names: tuple[str, ...] = (), progress=None) -> d
     unknown = [n for n in names if n not in chains]
     if unknown:
         raise ToolchainError(
-            f"`{unknown[0]}` is not an artifact of {folder} with a quantization stage; valid: {', '.join(chains) or '(none)'}"
+            f"`{unknown[0]}` is not an artifact of {folder} with a quantization stage; valid: "
+            f"{', '.join(chains) or '(none)'}"
         )
     written = {}
     with tempfile.TemporaryDirectory(prefix="sensitivity-") as work:

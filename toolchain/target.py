@@ -75,7 +75,8 @@ class ParityThresholds:
     )
 
     def for_precision(self, precision: str) -> "ParityThresholds":
-        """The thresholds an artifact of ``precision`` is judged by (recovery's "mixed" INT8 artifact by int8's)."""
+        """The thresholds an artifact of ``precision`` is judged by (recovery's
+        "mixed" INT8 artifact by int8's)."""
         return dataclasses.replace(
             self, **(self.precisions or {}).get("int8" if precision == "mixed" else precision, {})
         )
@@ -107,7 +108,8 @@ class RecoveryOptions:
     calibrations: bool = option(True, "first try the backend's other calibration methods")
     fixes: bool = option(
         True,
-        "then the stage's fixes: cross-layer equalization, SmoothQuant migration, bias correction, 16-bit activations (HTP)",
+        "then the stage's fixes: cross-layer equalization, SmoothQuant migration, bias correction, "
+        "16-bit activations (HTP)",
     )
     max_float_layers: int = option(8, "most layers kept in floating point (one layer always stays INT8)")
     max_seconds: float = option(600.0, "time budget per artifact, sensitivity included")
@@ -272,7 +274,8 @@ def _check_tensorrt(opts: TensorRTOptions | None, artifacts: Mapping[str, Artifa
         if artifacts.get(name) is None or runtimes.get(artifacts[name].runtime).kind is not Kind.ONNX:
             onnx_names = [n for n, a in artifacts.items() if runtimes.get(a.runtime).kind is Kind.ONNX]
             raise ConfigError(
-                f"{source}: `tensorrt.{key}` = {name!r} must name an ONNX artifact; valid: {', '.join(onnx_names)}"
+                f"{source}: `tensorrt.{key}` = {name!r} must name an ONNX artifact; valid: "
+                f"{', '.join(onnx_names)}"
             )
 
 
@@ -283,7 +286,8 @@ def _artifact(name: str, table: Any, source: str) -> ArtifactSpec:
     for i, stage in enumerate(spec.stages):
         if stage not in STAGES:
             raise ConfigError(
-                f"{source}: `artifacts.{name}.stages[{i}]` = {stage!r} is not a stage; valid: {', '.join(STAGES)}"
+                f"{source}: `artifacts.{name}.stages[{i}]` = {stage!r} is not a stage; "
+                f"valid: {', '.join(STAGES)}"
             )
     hosted = [n for n in runtimes.names() if runtimes.get(n).where == "host"]
     if spec.runtime not in hosted:

@@ -32,7 +32,8 @@ class Artifact:
     """A model at one point of the pipeline.
 
     ``model`` is the in-memory object for PyTorch kinds; ``path`` is set once the artifact
-    lives on disk (ONNX, ExecuTorch and lite-interpreter artifacts always do). Stages never mutate ``model``: they copy it first.
+    lives on disk (ONNX, ExecuTorch and lite-interpreter artifacts always do). Stages never mutate
+    ``model``: they copy it first.
     """
 
     kind: Kind
@@ -40,12 +41,12 @@ class Artifact:
     lineage: tuple[str, ...] = ()
     model: Any = dataclasses.field(default=None, compare=False, repr=False)
     path: Path | None = None
-    quantized_engine: str | None = (
-        None  # the kernels an INT8 model is packed or lowered for: a torch quantized engine (x86, fbgemm, qnnpack) or an ExecuTorch backend (xnnpack); not a TensorRT engine
-    )
-    kernels: str | None = (
-        None  # the torch engine the deployment CPU dispatches to, where it differs (x86 without VNNI: fbgemm); host parity loads under it
-    )
+    # the kernels an INT8 model is packed or lowered for: a torch quantized engine (x86, fbgemm, qnnpack)
+    # or an ExecuTorch backend (xnnpack); not a TensorRT engine
+    quantized_engine: str | None = None
+    # the torch engine the deployment CPU dispatches to, where it differs (x86 without VNNI: fbgemm); host
+    # parity loads under it
+    kernels: str | None = None
 
     def files(self) -> list[Path]:
         """The files that make up the artifact on disk (ONNX external data included)."""

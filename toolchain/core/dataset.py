@@ -13,7 +13,8 @@ from toolchain.core.feed import Feed
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-    """Model inputs ``x`` (N, *sample_shape) as float32, or a :class:`Feed` of several; optional integer labels ``y``."""
+    """Model inputs ``x`` (N, *sample_shape) as float32, or a :class:`Feed` of several;
+    optional integer labels ``y``."""
 
     x: np.ndarray | Feed
     y: np.ndarray | None  # integer class labels (accuracy), when the data has them
@@ -39,12 +40,14 @@ class Dataset:
         return self._pick(slice(0, n))
 
     def spread(self, n: int) -> tuple["Dataset", np.ndarray]:
-        """``n`` samples evenly spaced over the set (a file sorted by class keeps every class), and their indices."""
+        """``n`` samples evenly spaced over the set (a file sorted by class keeps
+        every class), and their indices."""
         idx = np.arange(n) * len(self.x) // n
         return self._pick(idx), idx
 
     def hold_out(self, n: int, seed: int = 0) -> tuple["Dataset", "Dataset"]:
-        """(the rest, ``n`` samples drawn at random with ``seed``): disjoint calibration and validation sets."""
+        """(the rest, ``n`` samples drawn at random with ``seed``): disjoint
+        calibration and validation sets."""
         order = np.random.default_rng(seed).permutation(len(self.x))
         keep, held = np.sort(order[n:]), np.sort(order[:n])
         return self._pick(keep), self._pick(held, held_out=True)

@@ -119,7 +119,8 @@ def arrays(x: Batch) -> tuple[np.ndarray, ...]:
 
 
 def torch_args(x: Batch) -> tuple:
-    """The model's positional arguments for a batch (contiguous tensors sharing no memory with ``x``'s views)."""
+    """The model's positional arguments for a batch (contiguous tensors sharing no
+    memory with ``x``'s views)."""
     import torch
 
     return tuple(torch.from_numpy(contiguous(a).copy()) for a in arrays(x))

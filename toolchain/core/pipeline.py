@@ -82,6 +82,7 @@ class ArtifactSpec:
     primary: bool = option(True, "may be chosen as the primary artifact (fastest that passes parity)")
     parity_samples: int = option(
         0,
-        "validation inputs this artifact is checked on, evenly spaced over the validation set (0: all); for runtimes "
-        "that run one input at a time (host HTP emulation), so that a default build stays minutes, not hours",
+        "validation inputs this artifact is checked on, evenly spaced over the validation set (0: all); "
+        "for runtimes that run one input at a time (host HTP emulation), "
+        "so that a default build stays minutes, not hours",
     )

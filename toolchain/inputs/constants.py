@@ -44,7 +44,8 @@ class Constant:
 
 @dataclasses.dataclass(frozen=True)
 class Bound:
-    """A constant's value for this build and where it came from ("--constant", a data file, "default", "export")."""
+    """A constant's value for this build and where it came from ("--constant", a data
+    file, "default", "export")."""
 
     name: str
     type: str
@@ -76,7 +77,8 @@ def script_arguments(model, source: str) -> tuple[tuple[str, ...], tuple[Constan
 
 
 def exported_constants(ep) -> tuple[Constant, ...]:
-    """The user inputs a torch.export program specialised (``ConstantArgument``): fixed at their example values."""
+    """The user inputs a torch.export program specialised (``ConstantArgument``):
+    fixed at their example values."""
     out = []
     for spec in ep.graph_signature.input_specs:
         if spec.kind.name == "USER_INPUT" and type(spec.arg).__name__ == "ConstantArgument":
@@ -118,7 +120,8 @@ def parse_constants(items) -> dict[str, str]:
             raise DataError(f"--constant `{item}` must be NAME=VALUE (e.g. sr=16000)")
         if name.strip() in out:
             raise DataError(
-                f"--constant gives `{name.strip()}` twice ({out[name.strip()]} and {value.strip()}); a build fixes it at one value"
+                f"--constant gives `{name.strip()}` twice ({out[name.strip()]} and {value.strip()}); "
+                "a build fixes it at one value"
             )
         out[name.strip()] = value.strip()
     return out
@@ -138,7 +141,8 @@ def fed_from_data(constants: tuple[Constant, ...], data_files: list[Path]) -> tu
 def resolve(
     constants: tuple[Constant, ...], given: Mapping[str, Any], data_files: list[Path]
 ) -> tuple[Bound, ...]:
-    """Each constant's value: --constant, else the data files' 0-d array (they must agree), else its default."""
+    """Each constant's value: --constant, else the data files' 0-d array (they
+    must agree), else its default."""
     names = {c.name for c in constants}
     unknown = sorted(set(given) - names)
     if unknown:
@@ -240,7 +244,8 @@ def _parsed(c: Constant, value, origin: str):
     except (TypeError, ValueError, OverflowError):
         article = "an" if c.type == "int" else "a"
         raise DataError(
-            f"{origin}: `{c.name}` must be {article} {c.type}{' (finite)' if c.type == 'float' else ''}, got `{value}`"
+            f"{origin}: `{c.name}` must be {article} "
+            f"{c.type}{' (finite)' if c.type == 'float' else ''}, got `{value}`"
         ) from None
 
 

@@ -124,7 +124,8 @@ def _read_feed(
     for name, a in labels.items():
         if a.ndim == 0 or len(a) != len(x):
             raise DataError(
-                f"{role} labels `{name}` in `{path}` must have one entry per sample, {len(x)} (got shape {a.shape})"
+                f"{role} labels `{name}` in `{path}` must have one entry per sample, {len(x)} "
+                f"(got shape {a.shape})"
             )
     y = labels.get("y")
     accuracy_labels = y if y is not None and y.ndim == 1 and np.issubdtype(y.dtype, np.integer) else None
@@ -132,7 +133,8 @@ def _read_feed(
 
 
 def check_signature(data: Dataset, signature: Signature, role: str) -> Dataset:
-    """``data`` as the model takes it: each input's sample shape checked (dynamic axes may differ), dtype cast."""
+    """``data`` as the model takes it: each input's sample shape checked (dynamic
+    axes may differ), dtype cast."""
     if signature.plain:
         check_sample_shape(data, signature.inputs[0].shape, role)
         return data
@@ -157,7 +159,8 @@ def check_signature(data: Dataset, signature: Signature, role: str) -> Dataset:
 def check_sample_shape(data: Dataset, sample_shape: tuple[int, ...], role: str) -> None:
     if isinstance(data.x, Feed):
         raise DataError(
-            f"{role} data `{data.origin}` holds several inputs ({', '.join(data.x.names)}); the model takes one"
+            f"{role} data `{data.origin}` holds several inputs "
+            f"({', '.join(data.x.names)}); the model takes one"
         )
     if tuple(data.x.shape[1:]) != tuple(sample_shape):
         raise DataError(
@@ -182,7 +185,8 @@ def _read_array_file(path: Path, role: str) -> tuple[np.ndarray, dict[str, np.nd
         key = "x" if "x" in names else (names[0] if len(names) == 1 else None)
         if key is None:
             raise DataError(
-                f"{role} data `{path}` must hold an array `x` (and optionally `y`); found {', '.join(names) or 'nothing'}"
+                f"{role} data `{path}` must hold an array `x` (and optionally `y`); "
+                f"found {', '.join(names) or 'nothing'}"
             )
         return loaded[key], {n: loaded[n] for n in names if n != key}
 

@@ -72,8 +72,8 @@ def load_model(source: str, trust_pickle: bool = False) -> LoadedModel:
             )
     raise ModelLoadError(
         f"model `{source}`: unknown kind (recognised by content, whatever the suffix); give a torch.export "
-        f"archive (torch.export.save), TorchScript (torch.jit.save), a pickled module (torch.save, with --trust-pickle), "
-        f"or `torchvision:<name>`"
+        "archive (torch.export.save), TorchScript (torch.jit.save), a pickled module (torch.save, "
+        "with --trust-pickle), or `torchvision:<name>`"
     )
 
 
@@ -150,8 +150,8 @@ def _check_unliftable(ep, source: str) -> None:
         clash = sorted(owners & {"meta", "graph", "code"})
         hint = (
             (
-                f"; a submodule named `{clash[0]}` collides with torch.fx.GraphModule's own attribute of that name: "
-                f"rename it and export again"
+                f"; a submodule named `{clash[0]}` collides with torch.fx.GraphModule's own attribute of "
+                "that name: rename it and export again"
             )
             if clash
             else ""
@@ -162,7 +162,8 @@ def _check_unliftable(ep, source: str) -> None:
 
 
 def _input_spec(node, source: str) -> InputSpec:
-    """A torch.export placeholder as an input: its shape (size hints for symbolic dimensions), dtype, dynamic axes."""
+    """A torch.export placeholder as an input: its shape (size hints for symbolic
+    dimensions), dtype, dynamic axes."""
     import torch
 
     val = node.meta.get("val")

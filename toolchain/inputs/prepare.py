@@ -114,7 +114,8 @@ def prepare_inputs(
         warnings.append(f"parity measured here is a proxy: {cpu['proxy_reason']}")
     if loaded.random_weights:
         warnings.append(
-            f"{loaded.source} has random weights: parity is measured but not judged (says nothing about accuracy)"
+            f"{loaded.source} has random weights: parity is measured but not judged "
+            "(says nothing about accuracy)"
         )
     for w in warnings:
         log.warning(w)
@@ -173,7 +174,8 @@ def bind_constants(loaded: LoadedModel, example: Batch) -> LoadedModel:
 
 
 def _feed_names(loaded: LoadedModel, given) -> tuple[str, ...] | None:
-    """The model's input names when its data comes as one array per input (several inputs, or a non-float one)."""
+    """The model's input names when its data comes as one array per input (several
+    inputs, or a non-float one)."""
     if loaded.signature is not None:
         return None if loaded.signature.plain else loaded.signature.names
     if isinstance(given, str) and "=" in given:
@@ -214,8 +216,8 @@ def _resolve_signature(loaded: LoadedModel, given, data: Dataset | None, several
             f"{n}=SHAPE:DTYPE" for n in several
         )
         raise DataError(
-            f"--input-shape {given}: the model takes several inputs ({', '.join(several)}); give each by name, "
-            f"e.g. --input-shape {example}"
+            f"--input-shape {given}: the model takes several inputs ({', '.join(several)}); "
+            f"give each by name, e.g. --input-shape {example}"
         )
     if loaded.signature is not None and not (isinstance(given, str) and "=" in given):
         return loaded.signature
@@ -264,8 +266,9 @@ def _resolve_shape(loaded: LoadedModel, given, data: Dataset | None) -> tuple[in
         if known and len(shape) != len(known):
             raise DataError(
                 f"--input-shape {'x'.join(map(str, shape))} has {len(shape)} dimensions, but the "
-                f"{'model' if loaded.input_shape else 'data'} has {len(known)} ({'x'.join(map(str, known))}): "
-                f"give the batch dimension first, e.g. 1x{'x'.join(map(str, known[1:]))}"
+                f"{'model' if loaded.input_shape else 'data'} has {len(known)} "
+                f"({'x'.join(map(str, known))}): give the batch dimension first, "
+                f"e.g. 1x{'x'.join(map(str, known[1:]))}"
             )
         return (1, *shape[1:])
     if loaded.input_shape:
@@ -273,7 +276,8 @@ def _resolve_shape(loaded: LoadedModel, given, data: Dataset | None) -> tuple[in
     if data is not None:
         return (1, *data.x.shape[1:])
     raise DataError(
-        f"cannot tell the input shape of `{loaded.source}`; pass --input-shape (e.g. 1x3x224x224) or --calib data"
+        f"cannot tell the input shape of `{loaded.source}`; pass --input-shape "
+        "(e.g. 1x3x224x224) or --calib data"
     )
 
 

@@ -65,7 +65,8 @@ def compare(
             alarm(
                 None,
                 "parity",
-                f"{cell['key']} was not judged ({cell['reason'] or 'random weights?'}); it passed in run {base_run.id}",
+                f"{cell['key']} was not judged ({cell['reason'] or 'random weights?'}); "
+                f"it passed in run {base_run.id}",
             )
         ]
     found = []
@@ -128,14 +129,16 @@ def _artifact_alarms(name: str, new: dict, old: dict, o: AlarmOptions, since: st
         found.append(
             (
                 "accuracy",
-                f"{name} {quality[0]} fell {quality[1]:.2%} -> {quality[2]:.2%} {since} (threshold {o.accuracy_drop:.2%})",
+                f"{name} {quality[0]} fell {quality[1]:.2%} -> {quality[2]:.2%} {since} "
+                f"(threshold {o.accuracy_drop:.2%})",
             )
         )
     if _finite(new["sqnr_db"], old["sqnr_db"]) and old["sqnr_db"] - new["sqnr_db"] > o.sqnr_drop_db:
         found.append(
             (
                 "sqnr",
-                f"{name} SQNR fell {old['sqnr_db']:.1f} -> {new['sqnr_db']:.1f} dB {since} (threshold {o.sqnr_drop_db:g} dB)",
+                f"{name} SQNR fell {old['sqnr_db']:.1f} -> {new['sqnr_db']:.1f} dB {since} "
+                f"(threshold {o.sqnr_drop_db:g} dB)",
             )
         )
     if (

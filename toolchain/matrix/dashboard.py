@@ -45,7 +45,8 @@ def write_dashboard(history: History, out: Path, name: str | None = None) -> Pat
     runs = [r for r in runs if r.matrix == name]
     if not runs:
         raise ToolchainError(
-            f"the history holds no run of matrix `{name}`; it has {', '.join(sorted({r.matrix for r in history.runs()}))}"
+            f"the history holds no run of matrix `{name}`; "
+            f"it has {', '.join(sorted({r.matrix for r in history.runs()}))}"
         )
     data = dashboard_data(history, runs)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -112,11 +113,15 @@ def render(data: dict[str, Any], base: Path) -> str:
     summary = ", ".join(f"{n} {WORDS[s].lower()}" for s, n in counts.items() if n)
     tone = "failed" if data["alarms"] or counts["failed"] + counts["error"] + counts["crashed"] else "passed"
     parts = [
-        f"<h1>Matrix {html_text(data['matrix'])}, run {run['id']}: <span class='{tone}'>{len(data['alarms'])} alarm{'s' * (len(data['alarms']) != 1)}</span></h1>",
-        f"<p>{html_text(summary)} of {len(data['cells'])} cells; started {html_text(run['started'])} ({html_text(run['status'])}); {html_text(run['executor'])}; "
-        f"host {html_text(run['host_cpu'] or 'unknown')}; toolchain {html_text(run['toolchain_version'] or '?')}"
-        f"{' at ' + html_text(run['toolchain_commit'][:12]) if run['toolchain_commit'] else ''}; {len(data['runs'])} run{'s' * (len(data['runs']) != 1)} in the history"
-        f"{'; cells of the newest run of each shard: runs ' + ', '.join(map(str, data['shown_runs'])) if len(data['shown_runs']) > 1 else ''}.</p>",
+        f"<h1>Matrix {html_text(data['matrix'])}, run {run['id']}: "
+        f"<span class='{tone}'>{len(data['alarms'])} alarm{'s' * (len(data['alarms']) != 1)}</span></h1>",
+        f"<p>{html_text(summary)} of {len(data['cells'])} cells; started {html_text(run['started'])} "
+        f"({html_text(run['status'])}); {html_text(run['executor'])}; "
+        f"host {html_text(run['host_cpu'] or 'unknown')}; "
+        "toolchain "
+        f"{html_text(run['toolchain_version'] or '?')}"
+        f"{' at ' + html_text(run['toolchain_commit'][:12]) if run['toolchain_commit'] else ''}; {len(data['runs'])} run{'s' * (len(data['runs']) != 1)} in the history{'; cells of the newest run of each shard: runs ' + ', '.join(map(str, data['shown_runs'])) if len(data['shown_runs']) > 1 else ''}"  # noqa: E501 (one replacement field: unsplittable before Python 3.12)
+        ".</p>",
         _alarms(data["alarms"]),
         _grid(data["cells"], base, data["alarms"]),
         "<h2>Trends per cell</h2>",
@@ -138,9 +143,11 @@ def _alarms(alarms: list[dict]) -> str:
     if not alarms:
         return "<p class='passed'>No regression against each cell's last passing run.</p>"
     items = [
-        f"<li class='alarm' data-key='{html_text(a['key'])}' data-kind='{html_text(a['kind'])}'><b>{html_text(a['key'])}</b>"
-        f"{' ' + html_text(a['artifact']) if a['artifact'] else ''} [{html_text(a['kind'])}]: {html_text(a['message'])}"
-        f"<br><small>changed since run {a['baseline_run_id']}: {html_text(', '.join(a['changes']) or 'nothing recorded')}</small></li>"
+        f"<li class='alarm' data-key='{html_text(a['key'])}' "
+        f"data-kind='{html_text(a['kind'])}'><b>{html_text(a['key'])}</b>"
+        f"{' ' + html_text(a['artifact']) if a['artifact'] else ''} [{html_text(a['kind'])}]: "
+        f"{html_text(a['message'])}<br><small>changed since run {a['baseline_run_id']}: "
+        f"{html_text(', '.join(a['changes']) or 'nothing recorded')}</small></li>"
         for a in alarms
     ]
     return f"<h2>Alarms</h2><ul class='alerts'>{''.join(items)}</ul>"
@@ -175,9 +182,11 @@ def _grid(cells: list[dict], base: Path, alarms: list[dict]) -> str:
                 else ""
             )
             tds.append(
-                f"<td class='cell {c['status']}' data-key='{html_text(c['key'])}' data-status='{c['status']}'>"
-                f"<b class='{TONE[c['status']]}'>{WORDS[c['status']]}</b>{flag}<br><small>{html_text(detail or '')}</small><br>"
-                f"{html_text(c['primary'] or '')} {' · '.join(filter(None, links))} <small>{c['seconds']:.0f} s</small></td>"
+                f"<td class='cell {c['status']}' data-key='{html_text(c['key'])}' "
+                f"data-status='{c['status']}'><b class='{TONE[c['status']]}'>{WORDS[c['status']]}</b>{flag}"
+                f"<br><small>{html_text(detail or '')}</small><br>"
+                f"{html_text(c['primary'] or '')} {' · '.join(filter(None, links))} "
+                f"<small>{c['seconds']:.0f} s</small></td>"
             )
         rows.append(f"<tr><td>{html_text(m)}</td>{''.join(tds)}</tr>")
     return f"<h2>Verdict per cell</h2><table class='grid'>{head}{''.join(rows)}</table>"
@@ -232,12 +241,15 @@ def _trend(chart: str, title: str, series: dict[str, list[dict]], field: str, fm
         )
         ly = top + i * 18
         marks.append(
-            f"<path d='{marker_path(shape, right + 16, ly, 4)}' fill='{color}'/><text x='{right + 26}' y='{ly + 4}'>{html_text(name)}</text>"
+            f"<path d='{marker_path(shape, right + 16, ly, 4)}' fill='{color}'/>"
+            f"<text x='{right + 26}' y='{ly + 4}'>{html_text(name)}</text>"
         )
     height = h + 40
     return (
-        f"<figure><svg class='chart' data-chart='{html_text(chart)}' width='{w}' height='{height}' viewBox='0 0 {w} {height}'>"
-        f"<text x='0' y='14' class='title'>{html_text(title)}{' (log scale)' if log else ''}</text>{''.join(marks)}</svg></figure>"
+        f"<figure><svg class='chart' data-chart='{html_text(chart)}' width='{w}' height='{height}' "
+        f"viewBox='0 0 {w} {height}'>"
+        f"<text x='0' y='14' class='title'>{html_text(title)}{' (log scale)' if log else ''}</text>"
+        f"{''.join(marks)}</svg></figure>"
     )
 
 
@@ -266,7 +278,8 @@ def _shown_value(v: Any) -> bool:
 
 
 def _plain(v: Any) -> Any:
-    """JSON without NaN / Infinity (which browsers' JSON.parse refuse): written "nan" / "inf", as report.json does."""
+    """JSON without NaN / Infinity (which browsers' JSON.parse refuse): written "nan" /
+    "inf", as report.json does."""
     if isinstance(v, float) and not math.isfinite(v):
         return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
     if isinstance(v, dict):
@@ -276,6 +289,8 @@ def _plain(v: Any) -> Any:
     return v
 
 
-EXTRA_CSS = """table.grid td{text-align:left;vertical-align:top;min-width:180px}td.cell.passed{background:#eef6ee}
+EXTRA_CSS = """table.grid td{text-align:left;vertical-align:top;min-width:180px}\
+td.cell.passed{background:#eef6ee}
 td.cell.failed,td.cell.error,td.cell.crashed{background:#fbeaea}td.cell.not_judged{background:#fff4d6}
-li.alarm{background:#fbeaea;border-left:4px solid #c33}.alarmed{color:#c33;font-weight:600}h3{font-size:14px;margin:18px 0 4px}"""
+li.alarm{background:#fbeaea;border-left:4px solid #c33}.alarmed{color:#c33;font-weight:600}\
+h3{font-size:14px;margin:18px 0 4px}"""

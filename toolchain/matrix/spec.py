@@ -194,7 +194,8 @@ def load_matrix(path: str | Path) -> Matrix:
     for key in keys:
         if keys.count(key) > 1:
             raise ConfigError(
-                f"{source}: cell `{key}` appears twice (two targets of one name: a profile file named like a built-in target?)"
+                f"{source}: cell `{key}` appears twice (two targets of one name: "
+                "a profile file named like a built-in target?)"
             )
     return Matrix(
         opts.name or path.stem, path.resolve(), hashlib.sha256(data).hexdigest(), opts, raw.alarms, cells

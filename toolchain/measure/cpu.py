@@ -85,7 +85,10 @@ def isa_facts(target_isa: str | None) -> dict:
     if target_isa is None:
         why = "the target is not an x86 CPU: artifacts ran on this host's kernels, not the device's"
     elif host["isa"] != target_isa:
-        why = f"this host is {host['isa'] or 'not AVX2-capable'}, the target {target_isa}: INT8 kernels differ between them"
+        why = (
+            f"this host is {host['isa'] or 'not AVX2-capable'}, the target {target_isa}: "
+            "INT8 kernels differ between them"
+        )
     else:
         why = None
     return {

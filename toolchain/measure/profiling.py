@@ -73,7 +73,8 @@ def profile_torch(call: Callable[[Any], Any], x: np.ndarray, runs: int, threads:
     from toolchain.core.feed import torch_args
 
     args = torch_args(x)
-    done = []  # the profiler's first recorded steps carry its own start-up cost: two warm-up steps are dropped
+    # the profiler's first recorded steps carry its own start-up cost: two warm-up steps are dropped
+    done = []
     plan = schedule(wait=0, warmup=WARMUP, active=runs, repeat=1)
     with (
         torch.inference_mode(),

@@ -187,6 +187,7 @@ def busy_cores(p50_ms: float, profiled_ms: float, factor: float = 20.0) -> str |
     if profiled_ms <= 0 or p50_ms < 1.0 or p50_ms < factor * profiled_ms:
         return None
     return (
-        f"batch-1 latency {p50_ms:.2f} ms is {p50_ms / profiled_ms:.0f}x its operator profile's {profiled_ms:.3f} ms "
-        f"per run: the cores were busy while it was timed; re-time the build alone (`toolchain bench BUILD_DIR`)"
+        f"batch-1 latency {p50_ms:.2f} ms is {p50_ms / profiled_ms:.0f}x its operator profile's "
+        f"{profiled_ms:.3f} ms per run: the cores were busy while it was timed; re-time the build alone "
+        "(`toolchain bench BUILD_DIR`)"
     )

@@ -39,7 +39,8 @@ def _layer_norm(node, graph, opset: int) -> list:
 
     if len([o for o in node.output if o]) > 1:
         raise ValueError(
-            f"LayerNormalization `{node.name}` uses its Mean / InvStdDev outputs, which have no expansion here"
+            f"LayerNormalization `{node.name}` uses its Mean / InvStdDev outputs, "
+            "which have no expansion here"
         )
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     axis, eps = attrs.get("axis", -1), attrs.get("epsilon", 1e-5)

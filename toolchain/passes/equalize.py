@@ -4,12 +4,12 @@ Real networks end up with channels whose ranges differ by orders of magnitude (t
 weight decay, a BatchNorm folded in). Where a layer's output channel ``c`` reaches the next
 layer through operations that commute with a positive scale (ReLU, LeakyReLU, max pooling,
 nothing at all), dividing channel ``c`` of the first layer (weights and bias) by ``s_c`` and
-multiplying the next layer's input channel ``c`` by ``s_c`` computes the same function: ``relu(x / s) = relu(x) / s``
-for ``s > 0``. Choosing ``s_c = sqrt(r1_c / r2_c)`` (``r1``: the first layer's output-channel
-weight range, ``r2``: the second's input-channel range) gives both the same range
-``sqrt(r1_c r2_c)`` (Nagel et al., "Data-Free Quantization Through Weight Equalization and Bias
-Correction", 2019), and with it the activation between them: one INT8 scale for that activation
-then no longer rounds the small channels to zero.
+multiplying the next layer's input channel ``c`` by ``s_c`` computes the same function:
+``relu(x / s) = relu(x) / s`` for ``s > 0``. Choosing ``s_c = sqrt(r1_c / r2_c)`` (``r1``: the
+first layer's output-channel weight range, ``r2``: the second's input-channel range) gives both
+the same range ``sqrt(r1_c r2_c)`` (Nagel et al., "Data-Free Quantization Through Weight
+Equalization and Bias Correction", 2019), and with it the activation between them: one INT8
+scale for that activation then no longer rounds the small channels to zero.
 
 Data-free on purpose. Measured on the tests' models, scales from activation ranges measured on
 calibration inputs (SmoothQuant's rule, s = sqrt(a / r2)) did worse: a channel that calibration
@@ -37,7 +37,8 @@ MAX_RELATIVE_ERROR = 1e-4  # FP32 outputs before/after: float rounding is ~1e-6,
 
 @dataclasses.dataclass(frozen=True)
 class Pair:
-    """Two layers whose shared channels are rescaled: ``first``'s output channel c is ``second``'s input channel c."""
+    """Two layers whose shared channels are rescaled: ``first``'s output channel c is
+    ``second``'s input channel c."""
 
     first: str
     second: str
@@ -132,7 +133,8 @@ def onnx_pairs(model) -> list[tuple]:
 
 
 def graph_index(graph) -> tuple[dict, dict[str, int], dict[str, list], set[str]]:
-    """An ONNX graph's initializers by name, how often each tensor is read, its readers, and the graph's outputs."""
+    """An ONNX graph's initializers by name, how often each tensor is read, its
+    readers, and the graph's outputs."""
     inits = {i.name: i for i in graph.initializer}
     uses: dict[str, int] = {}
     consumers: dict[str, list] = {}

@@ -76,7 +76,8 @@ def lift_exported(ep: "torch.export.ExportedProgram") -> tuple[torch.fx.GraphMod
         elif node.target in _FUNCTIONALS:
             node.target = _FUNCTIONALS[node.target]
         elif node.target is aten.sym_size.int:
-            # `x.size(d)`, which FX quantization knows yields an int: it would put an observer on a symbolic size
+            # `x.size(d)`, which FX quantization knows yields an int: it would put an observer on a
+            # symbolic size
             node.op, node.target = "call_method", "size"
         elif node.target in _FACTORIES and _size_from_graph(node) and _as_tensor_method(node):
             pass

@@ -396,7 +396,8 @@ def _fx_norm(gm, node, get_attr_users: dict[str, int]):
 
 
 def _fx_readers(gm, node) -> list[str] | None:
-    """The Linear modules reading ``node``'s output through channel-keeping ops; None when anything else does."""
+    """The Linear modules reading ``node``'s output through channel-keeping ops;
+    None when anything else does."""
     from torch import nn
 
     from toolchain.passes.equalize import weighted_module

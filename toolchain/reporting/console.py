@@ -108,7 +108,8 @@ class Terminal:
         logger.propagate = False
         logger.setLevel(logging.ERROR if self.quiet else (logging.DEBUG if self.verbose else logging.INFO))
         if not self.verbose:
-            # deprecation notices of torch.ao / TorchScript: the choices are deliberate and documented per stage
+            # deprecation notices of torch.ao / TorchScript: the choices are deliberate and documented per
+            # stage
             warnings.filterwarnings("ignore")
             for name in LIBRARY_LOGGERS:
                 logging.getLogger(None if name == "root" else name).setLevel(logging.ERROR)

@@ -50,7 +50,8 @@ def render(
     verdict = report["verdict"]
     tone = {True: "passed", False: "failed", None: "built"}[report["passed"]]  # the heading's colour
     parts = [
-        f"<h1>{html_text(report['model']['name'])} → {html_text(report['target'])}: <span class='{tone}'>{verdict}</span></h1>",
+        f"<h1>{html_text(report['model']['name'])} → {html_text(report['target'])}: "
+        f"<span class='{tone}'>{verdict}</span></h1>",
         _model_line(report),
         _alerts(report),
         _parity_table(report),
@@ -71,7 +72,8 @@ def render(
     ]
     data = json.dumps(report).replace("</", "<\\/")
     return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>{html_text(report["model"]["name"])} → {html_text(report["target"])}</title>
+<html lang="en"><head><meta charset="utf-8">\
+<title>{html_text(report["model"]["name"])} → {html_text(report["target"])}</title>
 <style>{CSS}</style></head>
 <body>
 {"".join(parts)}
@@ -90,13 +92,17 @@ def _model_line(report: dict) -> str:
     m = report["model"]
     weights = f"; weights: {html_text(m['weights'])}" if m.get("weights") else ""
     return (
-        f"<p>Model <code>{html_text(m['source'])}</code>{weights}; input {'x'.join(map(str, m['input_shape']))}; "
-        f"primary artifact: <b>{html_text(report['primary'] or 'none')}</b>; built in {report['build_seconds']} s.</p>"
+        f"<p>Model <code>{html_text(m['source'])}</code>{weights}; "
+        f"input {'x'.join(map(str, m['input_shape']))}; primary artifact: "
+        f"<b>{html_text(report['primary'] or 'none')}</b>; built in {report['build_seconds']} s.</p>"
     )
 
 
 def _parity_table(report: dict) -> str:
-    head = "<tr><th>artifact</th><th>format</th><th>precision</th><th>SQNR dB</th><th>cosine</th><th>top-1 agreement</th><th>accuracy</th><th>parity</th></tr>"
+    head = (
+        "<tr><th>artifact</th><th>format</th><th>precision</th><th>SQNR dB</th><th>cosine</th>"
+        "<th>top-1 agreement</th><th>accuracy</th><th>parity</th></tr>"
+    )
     ref = report["reference"]
     acc = "" if ref["accuracy"] is None else f"{ref['accuracy']:.2%}"
     body = [
@@ -108,13 +114,17 @@ def _parity_table(report: dict) -> str:
         # "nan" / "inf" as written
         cell = lambda v, f: "" if v is None else (v if isinstance(v, str) else f.format(v))
         body.append(
-            f"<tr class='{'primary' if a['primary'] else ''}'><td>{html_text(a['name'])}{' ★' if a['primary'] else ''}</td><td>{html_text(a['format'])}</td>"
-            f"<td>{html_text(a['precision'])}</td><td data-key='sqnr_db'>{cell(p['sqnr_db'], '{:.1f}')}</td><td>{cell(p['cosine'], '{:.4f}')}</td>"
-            f"<td>{cell(p['top1_agreement'], '{:.2%}')}</td><td>{cell(p['accuracy'], '{:.2%}')}</td><td>{html_text(verdict)}</td></tr>"
+            f"<tr class='{'primary' if a['primary'] else ''}'>"
+            f"<td>{html_text(a['name'])}{' ★' if a['primary'] else ''}</td><td>{html_text(a['format'])}</td>"
+            f"<td>{html_text(a['precision'])}</td><td data-key='sqnr_db'>{cell(p['sqnr_db'], '{:.1f}')}</td>"
+            f"<td>{cell(p['cosine'], '{:.4f}')}</td>"
+            f"<td>{cell(p['top1_agreement'], '{:.2%}')}</td><td>{cell(p['accuracy'], '{:.2%}')}</td>"
+            f"<td>{html_text(verdict)}</td></tr>"
         )
         if len(p.get("outputs", [])) > 1:
             body += [
-                f"<tr class='output'><td>&nbsp;&nbsp;output {html_text(output_label(_Output(o)))}</td><td></td><td></td>"
+                f"<tr class='output'><td>&nbsp;&nbsp;output {html_text(output_label(_Output(o)))}</td>"
+                "<td></td><td></td>"
                 f"<td>{cell(o['sqnr_db'], '{:.1f}')}</td><td>{cell(o['cosine'], '{:.4f}')}</td>"
                 f"<td>{cell(o['top1_agreement'], '{:.2%}')}</td><td>{cell(o['accuracy'], '{:.2%}')}</td>"
                 f"<td>{html_text(parity_verdict(o['passed'], o['failures']))}</td></tr>"
@@ -150,7 +160,9 @@ def _alerts(report: dict) -> str:
     ]
     several = lambda a: len(a["parity"]["outputs"]) > 1
     items += [
-        f"<li class='ties'>{html_text(near_ties_line(a['name'], output_label(_Output(o)) if several(a) else None, o['top1_agreement'], o['near_ties']))}</li>"
+        "<li class='ties'>"
+        f"{html_text(near_ties_line(a['name'], output_label(_Output(o)) if several(a) else None, o['top1_agreement'], o['near_ties']))}"  # noqa: E501 (one replacement field: unsplittable before Python 3.12)
+        "</li>"
         for a in report["artifacts"]
         for o in a["parity"]["outputs"]
         if o.get("near_ties")
@@ -163,7 +175,11 @@ def _alerts(report: dict) -> str:
 
 
 def _latency_table(rows) -> str:
-    head = "<tr><th></th><th>p50 ms</th><th>p95 ms</th><th>p99 ms</th><th>best batch</th><th title='resident memory the model adds while loading and running (its runtime library already loaded)'>peak memory MB</th><th>threads</th></tr>"
+    head = (
+        "<tr><th></th><th>p50 ms</th><th>p95 ms</th><th>p99 ms</th><th>best batch</th>"
+        "<th title='resident memory the model adds while loading and running "
+        "(its runtime library already loaded)'>peak memory MB</th><th>threads</th></tr>"
+    )
     body = []
     for name, r in rows:
         b = r["bench"]
@@ -171,7 +187,8 @@ def _latency_table(rows) -> str:
         mem = _memory(b["peak_memory_bytes"])
         body.append(
             f"<tr><td>{html_text(name)}</td><td>{one['p50_ms']:.3f}</td><td>{one['p95_ms']:.3f}</td><td>{one['p99_ms']:.3f}</td>"
-            f"<td>{b['best_batch'] if b['best_batch'] is not None else 'none fits'}</td><td>{mem}</td><td>{b['threads']}</td></tr>"
+            f"<td>{b['best_batch'] if b['best_batch'] is not None else 'none fits'}</td>"
+            f"<td>{mem}</td><td>{b['threads']}</td></tr>"
         )
     return f"<table>{head}{''.join(body)}</table>"
 
@@ -221,14 +238,17 @@ def _bars(
         w = max(1.0, (value - base) * scale / top * span)
         shown = html_text(texts[i])
         marks.append(
-            f"<text x='{label_w - 6}' y='{y + 14}' text-anchor='end'><title>{html_text(name)}</title>{html_text(_short(name, limit))}</text>"
-            f"<rect class='bar' data-chart='{chart}' data-label='{html_text(name)}' data-value='{value}' x='{label_w}' y='{y + 2}' "
-            f"width='{w:.1f}' height='{ROW - 6}' fill='{COLORS[i % len(COLORS)]}'><title>{html_text(name)}: {shown}</title></rect>"
+            f"<text x='{label_w - 6}' y='{y + 14}' text-anchor='end'>"
+            f"<title>{html_text(name)}</title>{html_text(_short(name, limit))}</text>"
+            f"<rect class='bar' data-chart='{chart}' data-label='{html_text(name)}' data-value='{value}' "
+            f"x='{label_w}' y='{y + 2}' width='{w:.1f}' height='{ROW - 6}' fill='{COLORS[i % len(COLORS)]}'>"
+            f"<title>{html_text(name)}: {shown}</title></rect>"
             f"<text x='{label_w + w + 4:.1f}' y='{y + 14}'>{shown}</text>"
         )
     height = 30 + len(values) * ROW
     return (
-        f"<figure><svg class='chart' data-chart='{chart}' width='{W}' height='{height}' viewBox='0 0 {W} {height}'>"
+        f"<figure><svg class='chart' data-chart='{chart}' width='{W}' height='{height}' "
+        f"viewBox='0 0 {W} {height}'>"
         f"<text x='0' y='14' class='title'>{html_text(title)}</text>{''.join(marks)}</svg></figure>"
     )
 
@@ -314,9 +334,12 @@ def _axes(
     marks += [f"<text x='{x:.1f}' y='{bottom + 18}' text-anchor='middle'>{b}</text>" for b, x in x_of.items()]
     middle = (top + bottom) / 2
     return marks + [
-        f"<line x1='{left}' y1='{bottom}' x2='{right}' y2='{bottom}' stroke='#999'/><line x1='{left}' y1='{top}' x2='{left}' y2='{bottom}' stroke='#999'/>",
-        f"<text class='axis' x='{(left + right) / 2:.0f}' y='{bottom + 36}' text-anchor='middle'>batch size (samples per run)</text>",
-        f"<text class='axis' x='16' y='{middle:.0f}' text-anchor='middle' transform='rotate(-90 16 {middle:.0f})'>{html_text(y_title)}</text>",
+        f"<line x1='{left}' y1='{bottom}' x2='{right}' y2='{bottom}' stroke='#999'/>"
+        f"<line x1='{left}' y1='{top}' x2='{left}' y2='{bottom}' stroke='#999'/>",
+        f"<text class='axis' x='{(left + right) / 2:.0f}' y='{bottom + 36}' text-anchor='middle'>"
+        "batch size (samples per run)</text>",
+        f"<text class='axis' x='16' y='{middle:.0f}' text-anchor='middle' "
+        f"transform='rotate(-90 16 {middle:.0f})'>{html_text(y_title)}</text>",
     ]
 
 
@@ -348,20 +371,24 @@ def _lines(chart: str, title: str, series: list[tuple[str, list[dict]]]) -> str:
                     y_of(p["throughput"]),
                     f"data-batch='{p['batch_size']}'",
                     p["throughput"],
-                    f"{name}, batch {p['batch_size']}: {p['throughput']:,.1f} samples/s (p50 {p['p50_ms']:.3f} ms)",
+                    f"{name}, batch {p['batch_size']}: {p['throughput']:,.1f} samples/s "
+                    f"(p50 {p['p50_ms']:.3f} ms)",
                 )
                 for p in pts
             ],
         )
         y = top + i * 20
         marks.append(
-            f"<line x1='{legend}' y1='{y}' x2='{legend + 28}' y2='{y}' stroke='{color}' stroke-width='2' stroke-dasharray='{dash}'/>"
+            f"<line x1='{legend}' y1='{y}' x2='{legend + 28}' y2='{y}' stroke='{color}' stroke-width='2' "
+            f"stroke-dasharray='{dash}'/>"
             f"<path d='{marker_path(shape, legend + 14, y, 5)}' fill='{color}' stroke='#fff'/>"
-            f"<text x='{legend + 34}' y='{y + 4}'><title>{html_text(name)}</title>{html_text(_short(name, 20))}</text>"
+            f"<text x='{legend + 34}' "
+            f"y='{y + 4}'><title>{html_text(name)}</title>{html_text(_short(name, 20))}</text>"
         )
     width, height = W + 160, max(h, top + 20 * len(series)) + 46
     return (
-        f"<figure><svg class='chart' data-chart='{chart}' width='{width}' height='{height}' viewBox='0 0 {width} {height}'>"
+        f"<figure><svg class='chart' data-chart='{chart}' width='{width}' height='{height}' "
+        f"viewBox='0 0 {width} {height}'>"
         f"<text x='0' y='14' class='title'>{html_text(title)}</text>{''.join(marks)}</svg></figure>"
     )
 
@@ -386,8 +413,9 @@ def series_marks(
         else []
     )
     return marks + [
-        f"<path class='point' data-chart='{html_text(chart)}' data-label='{html_text(name)}' {attrs} data-value='{value}' "
-        f"d='{marker_path(shape, x, y, radius)}' fill='{color}' stroke='#fff' stroke-width='1'><title>{html_text(tip)}</title></path>"
+        f"<path class='point' data-chart='{html_text(chart)}' data-label='{html_text(name)}' {attrs} "
+        f"data-value='{value}' d='{marker_path(shape, x, y, radius)}' fill='{color}' stroke='#fff' "
+        f"stroke-width='1'><title>{html_text(tip)}</title></path>"
         for x, y, attrs, value, tip in points
     ]
 
@@ -449,7 +477,8 @@ def _notes(report: dict) -> str:
     if report.get("engine"):
         reason = report["engine"].get("reason")
         items.append(
-            f"<li>TensorRT engine: {html_text(report['engine']['status'])}{': ' + html_text(reason) if reason else ''}</li>"
+            "<li>TensorRT engine: "
+            f"{html_text(report['engine']['status'])}{': ' + html_text(reason) if reason else ''}</li>"
         )
     return f"<h2>Notes</h2><ul>{''.join(items)}</ul>" if items else ""
 
@@ -458,13 +487,20 @@ CSS = """body{font:14px system-ui,sans-serif;margin:24px;color:#222;max-width:12
 h1{font-size:20px}h2{font-size:16px;margin-top:28px}.passed{color:#2a7}.failed{color:#c33}.built{color:#a70}
 table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ddd;padding:3px 8px;text-align:right}
 td:first-child,th:first-child{text-align:left}tr.primary{background:#eef6ee}.row{display:flex;flex-wrap:wrap;gap:12px}
-figure{margin:0}svg text{font-size:12px}svg .title{font-weight:600}svg .axis{fill:#555}code{background:#f4f4f4;padding:0 3px}
+figure{margin:0}svg text{font-size:12px}svg .title{font-weight:600}svg .axis{fill:#555}\
+code{background:#f4f4f4;padding:0 3px}
 ul.alerts{list-style:none;padding:0}ul.alerts li{padding:6px 10px;margin:4px 0;border-radius:4px}
-li.warning{background:#fff4d6;border-left:4px solid #e0a100}li.ties{background:#f3eefa;border-left:4px solid #8e6cbf}li.recovery{background:#eaf2fb;border-left:4px solid #4e79a7}
-li.proxy{background:#f1f1f1;border-left:4px solid #999}li.metric{background:#eef6ee;border-left:4px solid #59a14f;font-weight:600}tr.output td{color:#555;font-size:13px}"""
+li.warning{background:#fff4d6;border-left:4px solid #e0a100}\
+li.ties{background:#f3eefa;border-left:4px solid #8e6cbf}\
+li.recovery{background:#eaf2fb;border-left:4px solid #4e79a7}
+li.proxy{background:#f1f1f1;border-left:4px solid #999}\
+li.metric{background:#eef6ee;border-left:4px solid #59a14f;font-weight:600}\
+tr.output td{color:#555;font-size:13px}"""
 
 SCRIPT = """window.addEventListener('load',function(){var out={};
 document.querySelectorAll('svg.chart').forEach(function(svg){var n=0;
-svg.querySelectorAll('.bar,.point').forEach(function(m){var b=m.getBoundingClientRect();if(b.width>0&&b.height>0)n++;});
-var r=svg.getBoundingClientRect();out[svg.dataset.chart]={marks:n,width:Math.round(r.width),height:Math.round(r.height)};});
+svg.querySelectorAll('.bar,.point').forEach(function(m){\
+var b=m.getBoundingClientRect();if(b.width>0&&b.height>0)n++;});
+var r=svg.getBoundingClientRect();out[svg.dataset.chart]=\
+{marks:n,width:Math.round(r.width),height:Math.round(r.height)};});
 document.body.setAttribute('data-rendered',JSON.stringify(out));});"""

@@ -157,8 +157,9 @@ def markdown(report: Report) -> str:
     lines = [
         f"# {report.model['name']} → {report.target}: {report.verdict}",
         "",
-        f"Model `{report.model['source']}` (weights: {report.model['weights']}), {inputs_phrase(report.model)}; "
-        f"parity on {report.data['validation']['samples']} {report.data['validation']['origin']} inputs.",
+        f"Model `{report.model['source']}` (weights: {report.model['weights']}), "
+        f"{inputs_phrase(report.model)}; parity on {report.data['validation']['samples']} "
+        f"{report.data['validation']['origin']} inputs.",
         "",
         table(report),
         "",
@@ -178,7 +179,8 @@ def markdown(report: Report) -> str:
 
 
 def inputs_phrase(model: dict) -> str:
-    """`input 1x1x8x8`, or every input by name (`inputs ids 1x16 int64, mask 1x16 int64`), and the fixed arguments."""
+    """`input 1x1x8x8`, or every input by name (`inputs ids 1x16 int64, mask 1x16 int64`), and the
+    fixed arguments."""
     inputs = model.get("inputs") or []
     if len(inputs) > 1 or any(i["dtype"] != "float32" for i in inputs):
         text = "inputs " + ", ".join(
@@ -277,7 +279,8 @@ def recovery_lines(report: Report) -> list[str]:
 
 
 def near_ties_lines(report: Report) -> list[str]:
-    """Per output whose top-1 agreement missed its bar: how close FP32's top two were, against the artifact's error."""
+    """Per output whose top-1 agreement missed its bar: how close FP32's top two were, against the
+    artifact's error."""
     return [
         near_ties_line(
             a.name,

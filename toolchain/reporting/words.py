@@ -45,15 +45,15 @@ def near_ties_line(name: str, output: str | None, top1: float, ties: dict[str, A
     bar = 1 - ties["share"]
     where = f"{name}{f' output {output}' if output else ''}"
     head = (
-        f"{where}: top-1 agreement {top1:.1%} < {bar:.1%}: on {ties['share']:.1%} of the validation samples FP32's "
-        f"top two scores are within {ties['gap']:.3g}, and the artifact's error between them is {ties['noise']:.3g} RMS, "
-        f"which predicts {ties['predicted']:.1%}"
+        f"{where}: top-1 agreement {top1:.1%} < {bar:.1%}: on {ties['share']:.1%} of the validation samples "
+        f"FP32's top two scores are within {ties['gap']:.3g}, and the artifact's error between them is "
+        f"{ties['noise']:.3g} RMS, which predicts {ties['predicted']:.1%}"
     )
     cut = ties["noise_cut_db"]
     if cut in ("inf", float("inf")):
-        return (
-            head
-            + f"; FP32 itself ties exactly on too many samples for {bar:.1%}: judge this output with a metric (--metric)"
+        return head + (
+            f"; FP32 itself ties exactly on too many samples for {bar:.1%}: "
+            "judge this output with a metric (--metric)"
         )
     if not cut:
         return (
@@ -62,16 +62,20 @@ def near_ties_line(name: str, output: str | None, top1: float, ties: dict[str, A
         )
     return (
         head
-        + f"; {bar:.1%} needs that error {cut:.1f} dB lower (where arg-max swaps between near-equal classes are "
-        f"harmless, as between neighbouring bins, judge the output with your metric: --metric)"
+        + f"; {bar:.1%} needs that error {cut:.1f} dB lower (where arg-max swaps between near-equal classes "
+        "are harmless, as between neighbouring bins, judge the output with your metric: --metric)"
     )
 
 
 def metric_line(metric: dict[str, Any], scores: list[tuple[str, dict[str, Any]]]) -> str:
-    """`metric m.py:f (higher is better, tolerance 0.01 absolute): FP32 0.955; onnx_int8 0.953 (drop 0.002) pass`:
-    ``metric`` is report.json's `metric`, ``scores`` each artifact's name and its `parity.metric`."""
+    """`metric m.py:f (higher is better, tolerance 0.01 absolute): FP32 0.955; onnx_int8 0.953 (drop
+    0.002) pass`: ``metric`` is report.json's `metric`, ``scores`` each artifact's name and its
+    `parity.metric`."""
     better = "higher" if metric["higher_is_better"] else "lower"
-    head = f"metric {metric['name']} ({better} is better, tolerance {metric['max_drop']:g} {metric['drop_is']}): "
+    head = (
+        f"metric {metric['name']} ({better} is better, tolerance {metric['max_drop']:g} "
+        f"{metric['drop_is']}): "
+    )
     parts = []
     for name, m in scores:
         if m.get("value") is None:

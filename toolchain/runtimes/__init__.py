@@ -38,7 +38,8 @@ class Runtime:
         None  # (artifact, x, runs, threads)
     )
     where: str = "host"  # "host": checked in the build; "device": only where the target's hardware is
-    emulated: bool = False  # runs the device's code through an emulator on the host: its outputs count, its latency does not
+    # runs the device's code through an emulator on the host: its outputs count, its latency does not
+    emulated: bool = False
 
 
 RUNTIMES: Registry[Runtime] = Registry("runtime")
@@ -64,7 +65,8 @@ def _load_all() -> None:
 
 
 def load_runner(artifact: Artifact, runtime: str, threads: int) -> Runner:
-    """Load ``artifact`` back from its file in ``runtime`` (see toolchain.runtimes), so what is checked is what ships."""
+    """Load ``artifact`` back from its file in ``runtime`` (see toolchain.runtimes), so
+    what is checked is what ships."""
     if artifact.path is None:
         raise ToolchainError(f"artifact {artifact.lineage} has no file to load")
     return get(runtime).load(artifact, threads)

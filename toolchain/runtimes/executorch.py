@@ -62,7 +62,8 @@ def load(artifact: Artifact, threads: int):
 
 
 def _planned_args(chunk, planned: int) -> list:
-    """A batch as the program's arguments, filled up to the planned batch size (the extra rows' outputs are dropped)."""
+    """A batch as the program's arguments, filled up to the planned batch size (the extra
+    rows' outputs are dropped)."""
     from toolchain.core.feed import Feed, repeat_to, torch_args
 
     if not isinstance(chunk, Feed):

@@ -1,4 +1,5 @@
-"""ONNX files in ONNX Runtime's CPU execution provider; profiled with its built-in profiler (one event per node execution)."""
+"""ONNX files in ONNX Runtime's CPU execution provider; profiled with its built-in profiler
+(one event per node execution)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TorchScript files (`.pt`) in PyTorch's JIT runtime, INT8 ones on the quantized engine their weights were packed for."""
+"""TorchScript files (`.pt`) in PyTorch's JIT runtime, INT8 ones on the quantized engine
+their weights were packed for."""
 
 from __future__ import annotations
 

@@ -140,7 +140,9 @@ class CompileQnn(Stage, Recoverable):
                 f"compile_qnn: the HTP cannot take this model (no CPU fallback): {reason(e)}"
             ) from None
         facts = {
-            "checked_on": "host HTP emulation (libQnnHtp.so on x86): parity holds for the phone, latency does not",
+            "checked_on": (
+                "host HTP emulation (libQnnHtp.so on x86): parity holds for the phone, latency does not"
+            ),
             "htp_arch": o.htp_arch,
             "phone": HTP_ARCHS[o.htp_arch],
             "soc_model": o.soc_model,

@@ -37,7 +37,8 @@ class DecomposeOnnx(Stage):
         for i, name in enumerate(options.op_types):
             if name not in REWRITES:
                 raise ConfigError(
-                    f"{source}: `{where}.op_types[{i}]` = {name!r} has no decomposition; valid: {', '.join(sorted(REWRITES))}"
+                    f"{source}: `{where}.op_types[{i}]` = {name!r} has no decomposition; valid: "
+                    f"{', '.join(sorted(REWRITES))}"
                 )
 
     def apply(self, artifact: Artifact, ctx: BuildContext) -> StageResult:

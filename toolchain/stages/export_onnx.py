@@ -74,7 +74,8 @@ class ExportOnnx(Stage):
 
 
 def input_names(ctx: BuildContext) -> list[str]:
-    """The ONNX inputs: `input` for a one-image model (the name every ONNX artifact has had), else the model's own."""
+    """The ONNX inputs: `input` for a one-image model (the name every ONNX artifact has
+    had), else the model's own."""
     return list(ctx.signature.names) if ctx.several else [INPUT_NAME]
 
 
@@ -125,7 +126,9 @@ def _export(artifact: Artifact, ctx: BuildContext, dynamic: bool, opset: int):
             batch = torch.export.Dim("batch", min=1, max=4096)
             if not specs:
                 shapes = ({0: batch},)
-            else:  # one batch for every input; an axis the model leaves free (a sequence) shared by the inputs that have it
+            else:
+                # one batch for every input; an axis the model leaves free (a sequence) shared by the inputs
+                # that have it
                 free = {}
                 shapes = tuple(
                     None
@@ -181,7 +184,8 @@ def _drop_default_noop_with_empty_axes(proto, opset: int) -> None:
         kept = [a for a in node.attribute if a.name != "noop_with_empty_axes"]
         if any(a.name == "noop_with_empty_axes" and a.i != 0 for a in node.attribute):
             raise StageError(
-                f"export_onnx: {node.op_type} `{node.name}` needs noop_with_empty_axes, which opset {opset} lacks"
+                f"export_onnx: {node.op_type} `{node.name}` needs noop_with_empty_axes, "
+                f"which opset {opset} lacks"
             )
         del node.attribute[:]
         node.attribute.extend(kept)

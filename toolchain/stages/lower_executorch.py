@@ -140,7 +140,7 @@ def _explain(e: Exception) -> str:
     match = _MISSING_OUT.search(text)
     if match:
         return (
-            f"lower_executorch: ExecuTorch cannot lower operator {match.group(1)}: the delegate did not take it "
-            f"and ExecuTorch has no out-variant kernel for it"
+            f"lower_executorch: ExecuTorch cannot lower operator {match.group(1)}: the delegate did not take "
+            "it and ExecuTorch has no out-variant kernel for it"
         )
     return f"lower_executorch: ExecuTorch lowering failed ({type(e).__name__}): {reason(e)}"

@@ -45,7 +45,8 @@ class OnnxPasses(Stage):
         for i, name in enumerate(options.passes):
             if name not in valid:
                 raise ConfigError(
-                    f"{source}: `{where}.passes[{i}]` = {name!r} is not an onnxoptimizer pass; valid: {', '.join(sorted(valid))}"
+                    f"{source}: `{where}.passes[{i}]` = {name!r} is not an onnxoptimizer pass; valid: "
+                    f"{', '.join(sorted(valid))}"
                 )
 
     def apply(self, artifact: Artifact, ctx: BuildContext) -> StageResult:

@@ -41,7 +41,8 @@ class QuantizeOnnxOptions:
     symmetric_activations: bool = option(False, "zero-point 0 for activations (TensorRT needs it)")
     reduce_range: bool | None = option(
         None,
-        "7-bit weights, for CPUs without VNNI whose U8S8 kernels saturate otherwise (unset: follow `runtime.isa`)",
+        "7-bit weights, for CPUs without VNNI whose U8S8 kernels saturate otherwise "
+        "(unset: follow `runtime.isa`)",
     )
     op_types: tuple[str, ...] = option(
         (), "ONNX op types whose inputs get Q/DQ (empty: ONNX Runtime's default set)"
@@ -68,12 +69,14 @@ class QuantizeOnnxOptions:
     )
     bias_correction: bool = option(
         False,
-        "shift each Conv/Gemm bias by the mean error quantization adds on calibration inputs; recovery tries it",
+        "shift each Conv/Gemm bias by the mean error quantization adds on calibration "
+        "inputs; recovery tries it",
     )
     float_masks: bool = option(
         False,
         "keep additive attention masks in float: each Softmax whose input a padding mask pushes below "
-        "-1e3 on calibration inputs, and the Add that applies the mask (weights stay INT8); recovery tries it",
+        "-1e3 on calibration inputs, and the Add that applies the mask "
+        "(weights stay INT8); recovery tries it",
     )
 
 
@@ -107,7 +110,8 @@ class QuantizeOnnx(Stage, Recoverable):
     def check_options(cls, options: QuantizeOnnxOptions, where: str, source: str) -> None:
         if not options.quantize_outputs and not options.op_types:
             raise ConfigError(
-                f"{source}: `{where}.quantize_outputs` = false needs `{where}.op_types` (whose outputs to leave in float)"
+                f"{source}: `{where}.quantize_outputs` = false needs `{where}.op_types` "
+                "(whose outputs to leave in float)"
             )
 
     def apply(self, artifact: Artifact, ctx: BuildContext) -> StageResult:
@@ -181,7 +185,8 @@ class QuantizeOnnx(Stage, Recoverable):
         return StageResult(dataclasses.replace(artifact, path=path, precision="int8"), facts)
 
     def _masks(self, source: Path, ctx: BuildContext) -> list[str]:
-        """The Softmax and Add nodes of additive attention masks in ``source`` (see toolchain.masks), once per file."""
+        """The Softmax and Add nodes of additive attention masks in ``source`` (see
+        toolchain.masks), once per file."""
         from toolchain.passes.masks import onnx_mask_nodes
 
         key = ("masks", source.name)

@@ -35,7 +35,8 @@ class QuantizePT2EOptions:
     )
     equalize: bool = option(
         False,
-        "fuse, then cross-layer equalization of Conv/Linear pairs first (same function in FP32); recovery tries it",
+        "fuse, then cross-layer equalization of Conv/Linear pairs first "
+        "(same function in FP32); recovery tries it",
     )
     bias_correction: bool = option(
         False,
@@ -44,8 +45,8 @@ class QuantizePT2EOptions:
     )
     smooth: bool = option(
         False,
-        "fuse, then SmoothQuant: move LayerNorm outputs' outlier channel scales into the Linear weights that read "
-        "them (same function in FP32); recovery tries it",
+        "fuse, then SmoothQuant: move LayerNorm outputs' outlier channel scales into the Linear weights that "
+        "read them (same function in FP32); recovery tries it",
     )
     float_masks: bool = option(
         False,

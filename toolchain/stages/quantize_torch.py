@@ -32,7 +32,8 @@ class QuantizeTorchOptions:
     )
     calibration: Literal["minmax", "entropy", "percentile"] = option(
         "entropy",
-        "activation range: running min/max, histogram search for the least quantization error, or a percentile",
+        "activation range: running min/max, histogram search for the least quantization "
+        "error, or a percentile",
     )
     percentile: float = option(99.99, "with calibration = percentile: the percentile kept")
     per_channel: bool = option(True, "per-output-channel symmetric weight scales (per-tensor when false)")
@@ -46,7 +47,8 @@ class QuantizeTorchOptions:
     )
     equalize: bool = option(
         False,
-        "cross-layer equalization of Conv/Linear pairs first (FX models; same function in FP32); recovery tries it",
+        "cross-layer equalization of Conv/Linear pairs first (FX models; "
+        "same function in FP32); recovery tries it",
     )
     smooth: bool = option(
         False,
@@ -88,8 +90,9 @@ class QuantizeTorch(Stage, Recoverable):
         )
 
         o = self.options
-        # 7-bit only without VNNI: fbgemm's kernels use VNNI where the CPU has it too (full range measured exact on AMX:
-        # the pitch tracker's fbgemm_kernels artifact 37.3 dB, 31.7 dB with 7-bit activations)
+        # 7-bit only without VNNI: fbgemm's kernels use VNNI where the CPU has it too (full range measured
+        # exact on AMX: the pitch tracker's fbgemm_kernels artifact 37.3 dB, 31.7 dB with 7-bit
+        # activations)
         reduce_range = (
             o.reduce_range
             if o.reduce_range is not None
@@ -205,7 +208,8 @@ class QuantizeTorch(Stage, Recoverable):
         return ctx.cache[self._key(artifact, reduce_range)]
 
     def layers(self, artifact: Artifact, ctx: BuildContext) -> list[str]:
-        """Modules with weights or normalizations (fused ones count once): what `float_layers` can name. FX models only."""
+        """Modules with weights or normalizations (fused ones count once): what
+        `float_layers` can name. FX models only."""
         if artifact.kind is not Kind.FX:
             return []
         from torch import nn

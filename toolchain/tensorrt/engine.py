@@ -183,7 +183,8 @@ def run_engine(engine_path: Path, x, max_batch: int, static_batch: int | None = 
     engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(engine_path.read_bytes())
     if engine is None:
         raise ToolchainError(
-            f"TensorRT {trt.__version__} cannot load {engine_path} (built by another version or for another GPU?)"
+            f"TensorRT {trt.__version__} cannot load {engine_path} (built by another version "
+            "or for another GPU?)"
         )
     context = engine.create_execution_context()
     names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
@@ -258,7 +259,8 @@ def engine_mismatches(record: dict, tensorrt_version: str, gpu: dict) -> list[st
         problems.append(f"built for {record['gpu']}, this GPU is {gpu['gpu']}")
     if record.get("compute_capability") and record["compute_capability"] != gpu["compute_capability"]:
         problems.append(
-            f"built for compute capability {record['compute_capability']}, this GPU has {gpu['compute_capability']}"
+            f"built for compute capability {record['compute_capability']}, "
+            f"this GPU has {gpu['compute_capability']}"
         )
     return problems
 

@@ -39,7 +39,8 @@ class TensorRTOptions:
     fp16: bool = option(True, "allow FP16 kernels (fallback for layers without Q/DQ)")
     profile_batch: tuple[int, ...] = option(
         (1, 8, 16),
-        "TensorRT optimization profile batch sizes: min, opt, max (with a DLA core: opt only, DLA has no dynamic shapes)",
+        "TensorRT optimization profile batch sizes: min, opt, max (with a DLA core: opt only, "
+        "DLA has no dynamic shapes)",
     )
     workspace_mb: int = option(1024, "builder workspace memory pool, MiB")
     dla_core: int = option(
@@ -65,7 +66,8 @@ def activation_scales(qdq_onnx: Path) -> dict[str, float]:
             scale = numpy_helper.to_array(consts[node.input[1]])
             if scale.size != 1:
                 raise ToolchainError(
-                    f"activation `{node.input[0]}` has per-channel scales; TensorRT's cache holds one per tensor"
+                    f"activation `{node.input[0]}` has per-channel scales; "
+                    "TensorRT's cache holds one per tensor"
                 )
             scales[node.input[0]] = float(scale.reshape(()))
     return scales
@@ -103,7 +105,8 @@ def engine_plan(opts: TensorRTOptions, inputs: list[tuple[str, tuple[int, ...], 
         or not opts.profile_batch[0] <= opts.profile_batch[1] <= opts.profile_batch[2]
     ):
         raise ToolchainError(
-            f"tensorrt.profile_batch must be [min, opt, max] with min <= opt <= max (got {list(opts.profile_batch)})"
+            "tensorrt.profile_batch must be [min, opt, max] with min <= opt <= max "
+            f"(got {list(opts.profile_batch)})"
         )
     dla = opts.dla_core >= 0
     # DLA has no dynamic dimensions: TensorRT needs min = opt = max, and runs only that shape
@@ -237,9 +240,10 @@ def plan_engine(
         return {
             "status": "not planned",
             "verified": False,
-            "reason": f"recovery rescaled {opts.calibration_from}'s weights ({' and '.join(rescaled)}: the same function, other "
-            f"activation ranges), so its activation scales do not fit {opts.fp32_onnx}, which a DLA build calibrates; "
-            f"build on the GPU (tensorrt.dla_core = -1) from the Q/DQ model",
+            "reason": f"recovery rescaled {opts.calibration_from}'s weights ({' and '.join(rescaled)}: "
+            "the same function, other activation ranges), so its activation scales do not fit "
+            f"{opts.fp32_onnx}, which a DLA build calibrates; build on the GPU "
+            "(tensorrt.dla_core = -1) from the Q/DQ model",
         }
     engine = write_plan(folder, opts, signature, float_layers)
     log.info("TensorRT engine: %s (%s)", engine["status"], engine["reason"])

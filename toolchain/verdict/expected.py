@@ -78,7 +78,8 @@ def parity_subset(inputs: Inputs, expected: "Expected", n: int) -> tuple[Inputs,
 
 @dataclasses.dataclass(frozen=True)
 class Expected:
-    """What every artifact is compared with: FP32's outputs on the validation inputs, their roles, FP32's accuracy."""
+    """What every artifact is compared with: FP32's outputs on the validation inputs,
+    their roles, FP32's accuracy."""
 
     outputs: list
     roles: tuple[OutputRole, ...]

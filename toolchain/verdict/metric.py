@@ -50,7 +50,8 @@ class Metric:
             unit = " (relative)" if self.relative else ""
             return (
                 False,
-                f"metric {self.name} {value:.6g} is {drop:.4g}{unit} worse than FP32's {self.fp32:.6g} (tolerance {self.max_drop:g})",
+                f"metric {self.name} {value:.6g} is {drop:.4g}{unit} worse than FP32's {self.fp32:.6g} "
+                f"(tolerance {self.max_drop:g})",
             )
         return True, None
 

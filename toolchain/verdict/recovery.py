@@ -69,7 +69,8 @@ class Attempt:
         parts += [FIX_WORDS.get(f, f) for f in self.fixes]
         if self.float_layers:
             parts.append(
-                f"{len(self.float_layers)} layer{'s' * (len(self.float_layers) != 1)} in float ({', '.join(self.float_layers)})"
+                f"{len(self.float_layers)} layer{'s' * (len(self.float_layers) != 1)} in float "
+                f"({', '.join(self.float_layers)})"
             )
         return " + ".join(parts) or "default settings"
 
@@ -239,7 +240,10 @@ def recover(
         ranked = _ranked(rows)
         sensitivity = sensitivity or ranked
         keep.append(ranked[0]["layer"])
-    why = f"{len(keep)} layer{'s' * (len(keep) != 1)} in float (max_float_layers = {options.max_float_layers}) did not reach the thresholds"
+    why = (
+        f"{len(keep)} layer{'s' * (len(keep) != 1)} in float "
+        f"(max_float_layers = {options.max_float_layers}) did not reach the thresholds"
+    )
     return done("failed", sensitivity, why)
 
 
@@ -342,7 +346,8 @@ def write_sensitivity(folder: Path, artifact: str, outcome: Outcome, baseline: P
 def summary_line(
     name: str, outcome: Outcome, before: Parity, before_latency: float, after_latency: float | None
 ) -> str:
-    """`onnx_int8: recovered — entropy calibration + 2 layers in float (a, b): top-1 agreement 91.2 % -> 99.4 %, latency +6 %`."""
+    """`onnx_int8: recovered — entropy calibration + 2 layers in float (a, b):
+    top-1 agreement 91.2 % -> 99.4 %, latency +6 %`."""
     final = outcome.final
     if final is None:
         best = max(outcome.attempts, key=lambda a: score(a.parity), default=None)
@@ -352,11 +357,15 @@ def summary_line(
             else ""
         )
         return f"{name}: not recovered ({outcome.reason or outcome.status}){tail}"
-    return f"{name}: recovered — {final.what}: {_change(before, final.parity)}{_latency(before_latency, after_latency)}"
+    return (
+        f"{name}: recovered — {final.what}: "
+        f"{_change(before, final.parity)}{_latency(before_latency, after_latency)}"
+    )
 
 
 def _ties(p: Parity) -> str:
-    """How far a top-1 failure is from its bar in noise (see toolchain.parity.NearTies), when that was its failure."""
+    """How far a top-1 failure is from its bar in noise (see
+    toolchain.parity.NearTies), when that was its failure."""
     cuts = [o.near_ties.noise_cut_db for o in p.outputs if o.near_ties is not None]
     if not cuts:
         return ""
