@@ -63,7 +63,7 @@ def bench_build(
 
     results = {}
     for a in artifacts:
-        # as the build checked it (cpu.torch_kernels)
+        # as the build checked it (measure.cpu.torch_kernels)
         kernels = a.get("stage_facts", {}).get("quantize_torch", {}).get("kernels")
         artifact = Artifact(
             runtimes.get(a["runtime"]).kind,

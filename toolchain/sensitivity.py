@@ -1,7 +1,7 @@
 """`toolchain sensitivity BUILD_DIR [ARTIFACT]`: per-layer sensitivity of a build's INT8
 artifacts, measured again from the build's own model, data and target profile.
 
-The same measurement recovery starts with (see :mod:`toolchain.recovery`): each layer the
+The same measurement recovery starts with (see :mod:`toolchain.verdict.recovery`): each layer the
 artifact's quantization stage can keep in float is kept in float alone, the rest INT8 with the
 same activation ranges, and the variant is checked in the artifact's runtime against FP32.
 """

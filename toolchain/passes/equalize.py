@@ -19,7 +19,8 @@ layer still had to go to float), and BatchNorm after ReLU as the first of a pair
 
 Two graph forms, one rule: ONNX (Conv / Gemm / MatMul with constant weights) for the ONNX
 Runtime artifacts, and the fused FX module (Conv / Linear, plain or fused with ReLU) for the
-torch quantized engine. Callers check the result is the same function in FP32 (:mod:`toolchain.rescale`).
+torch quantized engine. Callers check the result is the same function in FP32
+(:mod:`toolchain.passes.rescale`).
 """
 
 from __future__ import annotations

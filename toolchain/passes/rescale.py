@@ -1,11 +1,11 @@
 """The function-preserving rescalings applied before quantization, and their FP32 check.
 
 Two of recovery's fixes change no function, only where each channel's scale sits:
-cross-layer equalization (:mod:`toolchain.equalize`, between two layers with weights) and
-SmoothQuant's activation-to-weight migration (:mod:`toolchain.smooth`, from a LayerNorm's output
+cross-layer equalization (:mod:`toolchain.passes.equalize`, between two layers with weights) and
+SmoothQuant's activation-to-weight migration (:mod:`toolchain.passes.smooth`, from a LayerNorm's output
 into the Linear layers that read it). Either or both are applied to a copy of the float model,
 which is then run beside the original on calibration inputs: an outputs' difference above
-:data:`toolchain.equalize.MAX_RELATIVE_ERROR` is a StageError (the artifact would be wrong), so
+:data:`toolchain.passes.equalize.MAX_RELATIVE_ERROR` is a StageError (the artifact would be wrong), so
 what the quantizer sees is the user's function. One form per graph: the fused FX module (torch
 and ExecuTorch backends) and the ONNX file (ONNX Runtime, TensorRT's Q/DQ).
 """

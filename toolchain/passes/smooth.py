@@ -3,7 +3,7 @@
 Transformers put their activation outliers in a few channels of a LayerNorm's output (a large
 gain ``gamma_c``, the way training leaves them), and every Linear reading that output sees them.
 One per-tensor INT8 scale for that activation is set by the outlier channels, and the others
-round to a handful of levels. Cross-layer equalization (:mod:`toolchain.equalize`) cannot move
+round to a handful of levels. Cross-layer equalization (:mod:`toolchain.passes.equalize`) cannot move
 this scale: a LayerNorm is not a layer whose output channel can be divided freely *before* an
 activation; but it is affine per channel at its output, so dividing channel ``c`` of its gain and
 bias by ``s_c`` and multiplying input channel ``c`` of every Linear that reads it by ``s_c``
@@ -20,7 +20,7 @@ output reaches only Linear layers with constant weights (Gemm / MatMul in ONNX, 
 through operations that keep the last axis and commute with a per-channel scale on it
 (transposes and permutes of the other axes, means over them). A post-norm block, whose
 LayerNorm also feeds the residual, is not eligible: the residual would see the scaled values.
-Callers check the result computes the same function in FP32 (:func:`toolchain.equalize.check_same`).
+Callers check the result computes the same function in FP32 (:func:`toolchain.passes.equalize.check_same`).
 """
 
 from __future__ import annotations

@@ -47,7 +47,8 @@ class ArtifactReport:
     profile: str | None = None  # profiles/<name>.json, relative to the build folder
     recovery: dict[str, Any] | None = None  # what recovery did when the first build missed parity
     float_layers: tuple[str, ...] = ()  # layers kept in floating point (precision "mixed")
-    latency_warning: str | None = None  # why its timed latency is not to be trusted (bench.busy_cores)
+    # why its timed latency is not to be trusted (measure.timing.busy_cores)
+    latency_warning: str | None = None
 
     @property
     def latency_ms(self) -> float:

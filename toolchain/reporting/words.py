@@ -41,7 +41,7 @@ def subset_line(name: str, samples: int, total: int) -> str | None:
 
 
 def near_ties_line(name: str, output: str | None, top1: float, ties: dict[str, Any]) -> str:
-    """Why an output's top-1 agreement missed its bar, in numbers (``toolchain.parity.NearTies``)."""
+    """Why an output's top-1 agreement missed its bar, in numbers (``toolchain.verdict.parity.NearTies``)."""
     bar = 1 - ties["share"]
     where = f"{name}{f' output {output}' if output else ''}"
     head = (

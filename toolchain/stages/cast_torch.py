@@ -3,7 +3,7 @@ outputs kept FP32.
 
 ``bfloat16`` is for x86 CPUs with AMX (Sapphire Rapids and later: AMX-BF16 and AVX512-BF16),
 through oneDNN; ``float16`` for ExecuTorch's XNNPACK FP16 kernels (Snapdragon's Arm FP16 units).
-Exported models are lifted first (:mod:`toolchain.lift`), so an LSTM's initial state follows
+Exported models are lifted first (:mod:`toolchain.passes.lift`), so an LSTM's initial state follows
 the cast. On a build host without BF16 instructions torch emulates BF16: parity holds, latency
 is not representative, and the stage says so.
 """

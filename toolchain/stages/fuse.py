@@ -1,7 +1,7 @@
 """Operator fusion found on the graph, not from lists of module names.
 
 Eager and exported models are traced to FX (exported ones lifted to module form first,
-see :mod:`toolchain.lift`) and fused by ``torch.ao.quantization.fuse_fx``, which matches
+see :mod:`toolchain.passes.lift`) and fused by ``torch.ao.quantization.fuse_fx``, which matches
 Conv-BN(-ReLU), Conv-ReLU, Linear(-BN)-ReLU and BN-ReLU on the graph and folds BatchNorm
 into the preceding convolution. TorchScript models get the same Conv-BN folding from the
 TorchScript pass that graph-mode quantization uses. ``torch.ao.quantization`` is

@@ -186,7 +186,7 @@ class QuantizeOnnx(Stage, Recoverable):
 
     def _masks(self, source: Path, ctx: BuildContext) -> list[str]:
         """The Softmax and Add nodes of additive attention masks in ``source`` (see
-        toolchain.masks), once per file."""
+        toolchain.passes.masks), once per file."""
         from toolchain.passes.masks import onnx_mask_nodes
 
         key = ("masks", source.name)

@@ -83,7 +83,8 @@ class QuantizePT2E(Stage, Recoverable):
         module = ep.module()
         as_convs = batchnorm1d_as_convs(module)
         masks = set()
-        if o.float_masks:  # additive attention masks (see toolchain.masks): their add gets no quantization
+        # additive attention masks (see toolchain.passes.masks): their add gets no quantization
+        if o.float_masks:
             from toolchain.passes.masks import fx_mask_nodes
 
             masks = {n.name for n in fx_mask_nodes(module, cal)}

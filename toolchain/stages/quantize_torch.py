@@ -255,7 +255,7 @@ class QuantizeTorch(Stage, Recoverable):
 
 
 def _mask_nodes(gm, ctx: BuildContext) -> list:
-    """The adds of additive attention masks in ``gm`` (see toolchain.masks)."""
+    """The adds of additive attention masks in ``gm`` (see toolchain.passes.masks)."""
     from toolchain.passes.masks import fx_mask_nodes
 
     return fx_mask_nodes(gm, ctx.calibration.x)

@@ -84,7 +84,7 @@ class Expected:
     outputs: list
     roles: tuple[OutputRole, ...]
     accuracy: float | None
-    metric: object = None  # toolchain.metric.Metric with FP32's score, when the user gives one
+    metric: object = None  # toolchain.verdict.metric.Metric with FP32's score, when the user gives one
 
 
 def applied_thresholds(loaded: LoadedModel, profile: Target) -> ParityThresholds | None:

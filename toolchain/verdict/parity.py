@@ -148,7 +148,8 @@ class Parity:
     failures: tuple[str, ...] = ()  # what failed, in words (prefixed by the output when there are several)
     samples: int = 0
     outputs: tuple[OutputParity, ...] = ()
-    metric: dict | None = None  # the user's metric: value, drop, tolerance, passed (see toolchain.metric)
+    # the user's metric: value, drop, tolerance, passed (see toolchain.verdict.metric)
+    metric: dict | None = None
 
     @classmethod
     def failed(cls, why: str, samples: int = 0) -> "Parity":
@@ -218,7 +219,7 @@ def compare(
     """Metrics of every output against FP32's; judged against ``thresholds`` unless None.
 
     Labels go with the first classification output; FP32's accuracy is taken on the same samples.
-    With the user's ``metric`` (a :class:`toolchain.metric.Metric`), it decides the verdict instead
+    With the user's ``metric`` (a :class:`toolchain.verdict.metric.Metric`), it decides the verdict instead
     of the thresholds, together with the sanity checks (finite values, outputs and shapes), which
     always apply; the other metrics are still reported.
     """

@@ -365,7 +365,7 @@ def summary_line(
 
 def _ties(p: Parity) -> str:
     """How far a top-1 failure is from its bar in noise (see
-    toolchain.parity.NearTies), when that was its failure."""
+    toolchain.verdict.parity.NearTies), when that was its failure."""
     cuts = [o.near_ties.noise_cut_db for o in p.outputs if o.near_ties is not None]
     if not cuts:
         return ""
