@@ -62,6 +62,14 @@ def fast_profile(
     return path
 
 
+def data_profile(tmp_path: Path, calibration: int = 32, validation: int = 16, keep=("onnx_fp32",)) -> Path:
+    """The fast x86 profile with only the artifacts ``keep`` names (onnx_fp32, the quickest to make and
+    check, by default): for tests whose subject is the data, the constants, the report or the folder."""
+    fast = fast_profile(tmp_path, calibration, validation)
+    names = re.findall(r"^\[artifacts\.(\w+)\]", fast.read_text(), flags=re.M)
+    return without_artifacts(fast, tmp_path, *(n for n in names if n not in keep))
+
+
 def without_artifacts(base: Path, tmp_path: Path, *names: str) -> Path:
     """``base`` with the ``[artifacts.NAME]`` tables of ``names`` removed (TOML
     tables hold no blank lines)."""

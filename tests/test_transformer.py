@@ -184,6 +184,7 @@ def test_parser_gaps_follow_onnx_tensorrts_operator_tables():
     assert parser_gaps(proto, "10.3.0") == {"com.microsoft.FusedGemm": ["fused"]}
 
 
+@pytest.mark.slow  # 23 s: ExecuTorch and the lite interpreter are in the suite on the digits CNN and the LSTM
 def test_snapdragon_transformer_passes_in_every_runtime(vit, tmp_path):
     # pte_fp32 / pte_fp16 are the same ExecuTorch lowering as pte_int8 without quantization (10-15 s
     # each here): left out for the suite's time; test_snapdragon builds them for the digits CNN

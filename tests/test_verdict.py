@@ -12,7 +12,7 @@ from toolchain.core.errors import EXIT_NOT_JUDGED, EXIT_USER_ERROR, DataError, r
 from toolchain.target import ParityThresholds
 from toolchain.verdict.parity import compare, resolve_roles
 
-from .conftest import X86, cli, fast_profile, without_artifacts
+from .conftest import X86, cli, data_profile, fast_profile, without_artifacts
 from .models import TwoHeads, register_test_stages, two_heads_with_outlier_channels
 
 T = ParityThresholds(min_sqnr_db=20.0, min_cosine=0.99, min_top1_agreement=0.99, max_accuracy_drop=0.01)
@@ -221,7 +221,7 @@ def test_fp32_nan_is_a_user_error(tmp_path):
 def test_calibration_data_as_validation_is_flagged(digits, tmp_path):
     report, _ = toolchain.build(
         str(digits["model"]),
-        str(fast_profile(tmp_path, 32, 32)),
+        str(data_profile(tmp_path, 32, 32)),
         tmp_path / "out",
         digits["calibration"],
         digits["calibration"],
@@ -233,7 +233,7 @@ def test_calibration_data_as_validation_is_flagged(digits, tmp_path):
 
 def test_without_val_a_disjoint_part_of_calib_is_held_out(digits, tmp_path):
     report, _ = toolchain.build(
-        str(digits["model"]), str(fast_profile(tmp_path, 128, 64)), tmp_path / "out", digits["calibration"]
+        str(digits["model"]), str(data_profile(tmp_path, 128, 64)), tmp_path / "out", digits["calibration"]
     )
     data = report.to_json()
     cal, val = data["data"]["calibration"], data["data"]["validation"]
