@@ -113,8 +113,11 @@ def pitch(tmp_path_factory):
     return folder
 
 
+# on Xavier nightly (`make test-full`): its Q/DQ path is in the suite on the other models
 @pytest.mark.parametrize(
-    "base,names", [(X86, ("torch_int8", "onnx_int8")), (XAVIER, ("onnx_int8_qdq",))], ids=["x86", "xavier"]
+    "base,names",
+    [(X86, ("torch_int8", "onnx_int8")), pytest.param(XAVIER, ("onnx_int8_qdq",), marks=pytest.mark.slow)],
+    ids=["x86", "xavier"],
 )
 def test_a_pitch_tracker_with_long_1d_kernels_holds_its_pitch_accuracy_in_int8(pitch, tmp_path, base, names):
     """A 511-tap Conv1d over raw audio, Conv -> ReLU -> BatchNorm blocks, 120 sigmoid outputs of
@@ -201,7 +204,7 @@ def test_a_batchnorm1d_after_a_relu_becomes_the_depthwise_conv_it_computes_and_l
     from executorch.exir import to_edge_transform_and_lower
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    from toolchain.passes.batchnorm import batchnorm1d_as_convs as _batchnorm1d_as_convs
+    from toolchain.passes.batchnorm import batchnorm1d_as_convs
 
     torch.manual_seed(0)
     # the last one follows a conv: folded
@@ -221,7 +224,7 @@ def test_a_batchnorm1d_after_a_relu_becomes_the_depthwise_conv_it_computes_and_l
     x = (torch.randn(4, 1, 64),)
     gm = torch.export.export(model.eval(), x).module()
     expected = gm(*x)
-    assert _batchnorm1d_as_convs(gm) == ["2"]
+    assert batchnorm1d_as_convs(gm) == ["2"]
     assert not any("batch_norm" in str(n.target) and n.args[0].name == "relu" for n in gm.graph.nodes)
     torch.testing.assert_close(gm(*x), expected, rtol=1e-5, atol=1e-5)
     prepared = prepare_pt2e(

@@ -86,6 +86,8 @@ def test_xavier_lstm_parses_in_tensorrt_85(lstm, tmp_path, monkeypatch):
     assert engine_build(out)["parity"]["passed"] is True
 
 
+# nightly (16 s): the lifted LSTM is checked against the exported one below, ExecuTorch on the digits CNN
+@pytest.mark.slow
 def test_snapdragon_lstm_in_executorch_and_the_lite_interpreter(lstm, tmp_path):
     # pte_fp32 / pte_fp16 lower the same unrolled graph pte_int8 does (9 s each here): left out for the
     # suite's time; the FP16 cast of an LSTM is checked below without lowering
