@@ -67,13 +67,19 @@ def test_batchnorm_after_relu_fails_int8_and_is_recovered_on_both_x86_backends(
     near-dead channel (variance ~1e-9) gives it a gain of ~300: its INT8 output range is
     dominated by that channel (ONNX Runtime: SQNR ~2 dB, top-1 agreement ~66 %)."""
     report, data = _digits_build(digits_arrays, tmp_path_factory, tmp_path, bn_after_relu, 32)
+    artifacts = {a["name"]: a for a in data["artifacts"]}
+    # ONNX Runtime's all-INT8 model is far below the bar on any CPU (66 % top-1 agreement here)
+    assert artifacts["onnx_int8"]["recovery"]["before"]["top1_agreement"] < 0.9
     for name in ("torch_int8", "onnx_int8"):
-        a = next(a for a in data["artifacts"] if a["name"] == name)
+        a = artifacts[name]
+        assert a["parity"]["passed"] is True and a["parity"]["top1_agreement"] >= 0.99, a["parity"]
+        if a["recovery"] is None:
+            # torch's 7-bit activations miss by little (98.0 % here, 99 % the bar): another CPU's kernels
+            # may keep it over the bar as built, and then recovery must not run
+            assert name == "torch_int8" and a["precision"] == "int8"
+            continue
         assert a["recovery"]["before"]["top1_agreement"] < 0.99, a["recovery"]["before"]  # all-INT8 fails
-        assert a["recovery"]["status"] == "recovered" and a["parity"]["passed"] is True, a["recovery"][
-            "summary"
-        ]
-        assert a["parity"]["top1_agreement"] >= 0.99
+        assert a["recovery"]["status"] == "recovered", a["recovery"]["summary"]
         # a CNN has no LayerNorm to migrate from
         assert not any("smooth" in t["fixes"] for t in a["recovery"]["attempts"])
         # which rung recovers it (a calibration, a fix, float layers) depends on the model trained on this CPU

@@ -206,12 +206,12 @@ def test_snapdragon_transformer_passes_in_every_runtime(vit, tmp_path):
 @pytest.mark.parametrize(
     "base, names",
     [
-        (X86, ("onnx_int8", "onnx_int8_dynamic", "torch_int8_dynamic")),
-        pytest.param(X86, ("torch_int8",), marks=pytest.mark.slow),
+        (X86, ("onnx_int8", "torch_int8_dynamic")),  # static and dynamic, two runtimes
+        pytest.param(X86, ("torch_int8", "onnx_int8_dynamic"), marks=pytest.mark.slow),
         pytest.param(XAVIER, ("onnx_int8_qdq",), marks=pytest.mark.slow),
         pytest.param(SNAPDRAGON, ("pte_int8", "ptl_int8", "ptl_int8_dynamic"), marks=pytest.mark.slow),
     ],
-    ids=["x86", "x86-torch", "xavier", "snapdragon"],
+    ids=["x86", "x86-more", "xavier", "snapdragon"],
 )
 def test_transformer_outlier_channels_are_recovered_by_smoothquant(vit, tmp_path, base, names):
     """LayerNorm outlier channels (function-preserving, 50x) break every INT8 artifact, static and
@@ -231,8 +231,8 @@ def test_transformer_outlier_channels_are_recovered_by_smoothquant(vit, tmp_path
     assert data["passed"] is True and data["reference"]["accuracy"] > 0.85
     for name in names:
         a, recovery = artifacts[name], artifacts[name]["recovery"]
-        # all-INT8 as first built
-        assert recovery["before"]["top1_agreement"] < 0.9, (name, recovery["before"])
+        # all-INT8 as first built: SQNR 3.5-8 dB here, against a bar of 15
+        assert recovery["before"]["sqnr_db"] < 15, (name, recovery["before"])
         assert recovery["status"] == "recovered" and a["parity"]["passed"] is True, recovery["summary"]
         assert (
             "smooth" in recovery["attempts"][-1]["fixes"]
