@@ -27,7 +27,7 @@ from toolchain.runtimes import load_runner
 from toolchain.target import ParityThresholds, Target
 from toolchain.tensorrt.operators import parser_refuses
 from toolchain.verdict.expected import Expected, parity_subset
-from toolchain.verdict.parity import Parity, compare, run_batched
+from toolchain.verdict.parity import Parity, run_batched
 from toolchain.verdict.recovery import Outcome, recover, recoverable_stage, summary_line, write_sensitivity
 
 log = logging.getLogger("toolchain")
@@ -205,15 +205,7 @@ def make_trial(
             raise StageError(
                 f"{chain.spec.runtime} could not run it: {type(e).__name__}: {reason(e)}"
             ) from None
-        parity = compare(
-            expected.outputs,
-            outputs,
-            inputs.validation.y,
-            thresholds and thresholds.for_precision(artifact.precision),
-            expected.roles,
-            expected.metric,
-            inputs.validation.labels,
-        )
+        parity = expected.compare(outputs, inputs.validation, thresholds, artifact.precision)
         return parity, round(latency, 4), artifact.size_bytes()
 
     return trial
@@ -270,15 +262,7 @@ def check_artifact(
     timed = run_bench(load, profile, inputs.signature)
     log.info("comparing %s with FP32 on %d inputs", name, len(inputs.validation.x))
     outputs = run_batched(runner, inputs.validation.x, profile.parity.batch_size)
-    parity = compare(
-        expected.outputs,
-        outputs,
-        inputs.validation.y,
-        thresholds and thresholds.for_precision(artifact.precision),
-        expected.roles,
-        expected.metric,
-        inputs.validation.labels,
-    )
+    parity = expected.compare(outputs, inputs.validation, thresholds, artifact.precision)
     r = profile.runtime
     log.info("profiling %s's operators", name)
     profiler = runtimes.get(runtime).profile  # None: the runtime has no operator profiler

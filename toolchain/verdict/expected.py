@@ -8,11 +8,20 @@ import logging
 from pathlib import Path
 from typing import Mapping
 
+from toolchain.core.dataset import Dataset
 from toolchain.core.runner import reference_runner
 from toolchain.inputs.load import LoadedModel
 from toolchain.inputs.prepare import Inputs, check_model_accepts
 from toolchain.target import ParityThresholds, Target
-from toolchain.verdict.parity import OutputRole, accuracy_of, check_reference, resolve_roles, run_batched
+from toolchain.verdict.parity import (
+    OutputRole,
+    Parity,
+    accuracy_of,
+    check_reference,
+    compare,
+    resolve_roles,
+    run_batched,
+)
 
 log = logging.getLogger("toolchain")
 
@@ -85,6 +94,16 @@ class Expected:
     roles: tuple[OutputRole, ...]
     accuracy: float | None
     metric: object = None  # toolchain.verdict.metric.Metric with FP32's score, when the user gives one
+
+    def compare(
+        self, outputs: list, validation: Dataset, thresholds: ParityThresholds | None, precision: str
+    ) -> Parity:
+        """An artifact's ``outputs`` on ``validation`` against these, judged by the thresholds of its
+        ``precision`` (None: measured, not judged)."""
+        judged_by = thresholds and thresholds.for_precision(precision)
+        return compare(
+            self.outputs, outputs, validation.y, judged_by, self.roles, self.metric, validation.labels
+        )
 
 
 def applied_thresholds(loaded: LoadedModel, profile: Target) -> ParityThresholds | None:
