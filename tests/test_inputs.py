@@ -86,7 +86,8 @@ def test_a_text_classifier_with_token_ids_and_a_mask_builds_for_x86(text, tmp_pa
     assert graph.input[0].type.tensor_type.shape.dim[1].dim_param  # a symbolic sequence axis
     for name in ("onnx_int8", "torch_int8"):  # all-INT8 as first built fails; the masks fix earns the pass
         recovery = artifacts[name]["recovery"]
-        assert recovery["before"]["failures"] and recovery["status"] == "recovered", recovery
+        # SQNR 6-12 dB here against a bar of 15: the masks' -1e9 dominate the INT8 range on any CPU
+        assert recovery["before"]["sqnr_db"] < 15 and recovery["status"] == "recovered", recovery
         assert (
             "float_masks" in recovery["attempts"][-1]["fixes"]
             and "attention masks kept in float" in recovery["summary"]

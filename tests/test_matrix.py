@@ -608,6 +608,7 @@ def test_the_example_matrix_and_the_nightly_workflow_agree():
     shards = re.search(r"target: \[([^\]]+)\]", workflow).group(1)
     assert {t.strip() for t in shards.split(",")} == set(matrix.options.targets)
     assert "cron:" in workflow and "docker/cpu.Dockerfile" in workflow
+    assert "make test-full" in workflow  # the tests `make test` leaves to the night run there
     done = cli("matrix", "run", "--help")
     command = re.search(r"matrix run examples/matrix.toml([^\n]*)", workflow).group(1)
     flags = re.findall(r"(--[a-z][\w-]*)", command)

@@ -96,7 +96,7 @@ def test_onnx_smoothing_is_the_same_function_without_the_outlier_channels(model,
     before = copy.deepcopy(proto)
     norms = [n for n in proto.graph.node if n.op_type == "LayerNormalization"]
     assert len(norms) == 4
-    run = lambda m, tensors: _session(exposing(m, tensors))(inputs)  # noqa: E731
+    run = lambda m, tensors: _session(exposing(m, tensors))(inputs)
     readers = {}
     for n in proto.graph.node:
         if n.op_type in ("MatMul", "Gemm"):
@@ -187,13 +187,12 @@ def test_onnx_rescale_measures_tokens_first_tensors_in_batches_and_writes_only_a
     source = tmp_path / "blocks.onnx"
     _onnx(model, x, source)
     out = tmp_path / "smoothed.onnx"
-    runner = lambda m: _session(m if hasattr(m, "SerializeToString") else __import__("onnx").load(str(m)))  # noqa: E731
+    runner = lambda m: _session(m if hasattr(m, "SerializeToString") else __import__("onnx").load(str(m)))
     facts = rescale_onnx_into(source, out, runner, x, "quantize_onnx", equalize=False, smooth=True)
     assert facts["smoothing"]["groups"] == 3 and facts["smoothing"]["fp32_relative_error"] < 1e-5
     assert out.exists() and not (tmp_path / "unchecked-smoothed.onnx").exists()
     bad = tmp_path / "refused.onnx"
     with pytest.raises(StageError, match="smoothing changed the FP32 model's outputs"):
-        # noqa: E731
         broken = lambda m: (
             lambda v: [t + float(str(m).endswith("unchecked-refused.onnx")) for t in runner(m)(v)]
         )

@@ -269,3 +269,25 @@ def test_a_shape_outside_the_profile_is_an_error_not_garbage(xavier, tmp_path, m
     x = np.load(folder / "parity_inputs.npz")["x"]
     with pytest.raises(toolchain.ToolchainError, match=r"refuses input `input` of shape \(32, 1, 8, 8\)"):
         run_engine(folder / "model.engine", x, max_batch=32)  # the profile's maximum is 16
+
+
+def test_layers_recovery_keeps_in_float_are_named_in_the_engine_plan(xavier, tmp_path):
+    """What recovery left without Q/DQ in the engine's model reaches the plan with the precision
+    TensorRT runs it in (the recovery that picks them is tested on x86's Q/DQ model in the suite,
+    on Xavier nightly)."""
+    from types import SimpleNamespace
+
+    from toolchain.tensorrt.plan import plan_engine
+
+    folder = _copy(xavier, tmp_path)
+    opts = TensorRTOptions()
+    built = [
+        SimpleNamespace(name=name, float_layers=("fc",) if name == opts.engine_from else (), stage_facts={})
+        for name in {opts.engine_from, opts.calibration_from, opts.fp32_onnx}
+    ]
+    engine = plan_engine(opts, built, folder, Signature((InputSpec("input", (1, 8, 8)),)))
+    assert engine["status"] == "pending on device"
+    plan = json.loads((folder / "engine_plan.json").read_text())
+    assert plan["float_layers"]["nodes"] == ["fc"] and plan["float_layers"]["precision"] == "fp16"
+    missing = plan_engine(opts, built[:1], folder, Signature((InputSpec("input", (1, 8, 8)),)))
+    assert missing["status"] == "not planned" and "artifacts not built" in missing["reason"]

@@ -55,7 +55,8 @@ def make_artifact(
     folder: Path,
 ) -> Made:
     """Produce the chain's artifact, ship it into ``folder`` and check it in its own runtime;
-    recover it when it misses parity. A failure costs this artifact, never the build."""
+    recover it when it misses parity. A stage that fails or does not apply, a parser or a runtime
+    that refuses the file cost this artifact (listed as skipped), never the build."""
     try:
         artifact, records = pipeline.run(chain, source)
     except NotApplicable as e:
@@ -74,10 +75,11 @@ def make_artifact(
             chain.name, shipped, runtime, profile, thresholds, checked_on, against, folder
         )
     except Exception as e:  # built, but its own runtime refuses it (any library's error type): not shipped
+        refused = _skipped(chain.name, f"{runtime} could not run the built file: {reason(e)}")
         log.debug("", exc_info=True)
         for f in shipped.files():
             f.unlink()
-        return _skipped(chain.name, f"{runtime} could not run the built file: {reason(e)}")
+        return refused
     recovery = None
     if checked.parity.passed is False and thresholds is not None and profile.recovery.enabled:
         checked, shipped, records, recovery = recover_artifact(

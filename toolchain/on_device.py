@@ -1,5 +1,6 @@
-"""`toolchain engine build`: build the engine on the device, run it on the kept parity inputs,
-and record the outcome in the build folder's report."""
+"""The TensorRT engine on the NVIDIA device (`toolchain engine build` / `check`): build it there from
+the build folder's plan, run it on the kept parity inputs, and record the outcome in the folder's
+report. The build writes those inputs (:func:`save_parity_inputs`)."""
 
 from __future__ import annotations
 

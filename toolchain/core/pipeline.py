@@ -1,4 +1,6 @@
-"""Plan each artifact's chain of stages, check it before anything runs, then run it.
+"""An artifact's chain of stages (``Plan``, from the profile's ``ArtifactSpec``), checked to fit before
+anything runs (``check_chain``), and run (``Pipeline``). Which chains a target asks for is
+:func:`toolchain.target.plan`'s job.
 
 Chains that share a prefix (FP32 ONNX and INT8 ONNX both start with export and graph
 passes) run the prefix once: results are cached on (stage, options, input sha256).

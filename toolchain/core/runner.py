@@ -1,4 +1,6 @@
-"""Load an artifact from disk in the runtime it ships to, and run it on numpy inputs."""
+"""A runner: a callable that takes a batch of numpy inputs and returns every output of the model.
+The FP32 model's runner in eager PyTorch, and the flattening of a model's outputs into that list.
+Loading a shipped artifact in its own runtime is :func:`toolchain.runtimes.load_runner`."""
 
 from __future__ import annotations
 
@@ -16,10 +18,13 @@ class Runner(Protocol):
     def __call__(self, x: np.ndarray) -> list[np.ndarray]: ...
 
 
-def torch_runner(model, threads: int) -> Runner:
+def torch_runner(model, threads: int | None = None) -> Runner:
+    """``model`` in eager PyTorch on numpy batches; ``threads`` sets torch's intra-op threads (None:
+    as they are)."""
     import torch
 
-    torch.set_num_threads(threads)
+    if threads is not None:
+        torch.set_num_threads(threads)
 
     from toolchain.core.feed import torch_args
 

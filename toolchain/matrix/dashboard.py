@@ -112,6 +112,13 @@ def render(data: dict[str, Any], base: Path) -> str:
     counts = {s: sum(c["status"] == s for c in data["cells"]) for s in WORDS}
     summary = ", ".join(f"{n} {WORDS[s].lower()}" for s, n in counts.items() if n)
     tone = "failed" if data["alarms"] or counts["failed"] + counts["error"] + counts["crashed"] else "passed"
+    commit = f" at {html_text(run['toolchain_commit'][:12])}" if run["toolchain_commit"] else ""
+    runs, shown = len(data["runs"]), data["shown_runs"]
+    shards = (
+        f"; cells of the newest run of each shard: runs {', '.join(map(str, shown))}"
+        if len(shown) > 1
+        else ""
+    )
     parts = [
         f"<h1>Matrix {html_text(data['matrix'])}, run {run['id']}: "
         f"<span class='{tone}'>{len(data['alarms'])} alarm{'s' * (len(data['alarms']) != 1)}</span></h1>",
@@ -120,7 +127,7 @@ def render(data: dict[str, Any], base: Path) -> str:
         f"host {html_text(run['host_cpu'] or 'unknown')}; "
         "toolchain "
         f"{html_text(run['toolchain_version'] or '?')}"
-        f"{' at ' + html_text(run['toolchain_commit'][:12]) if run['toolchain_commit'] else ''}; {len(data['runs'])} run{'s' * (len(data['runs']) != 1)} in the history{'; cells of the newest run of each shard: runs ' + ', '.join(map(str, data['shown_runs'])) if len(data['shown_runs']) > 1 else ''}"  # noqa: E501 (one replacement field: unsplittable before Python 3.12)
+        f"{commit}; {runs} run{'s' * (runs != 1)} in the history{shards}"
         ".</p>",
         _alarms(data["alarms"]),
         _grid(data["cells"], base, data["alarms"]),

@@ -253,19 +253,6 @@ def equalize_fx(gm) -> list[Pair]:
     return [Pair(a, b) for a, b in pairs]
 
 
-def _torch_runner(module):
-    import torch
-
-    from toolchain.core.feed import torch_args
-    from toolchain.core.runner import flatten_outputs
-
-    def run(x: np.ndarray) -> list[np.ndarray]:
-        with torch.inference_mode():
-            return [t.numpy() for _, t in flatten_outputs(module(*torch_args(x)))]
-
-    return run
-
-
 def weighted_module(module):
     """The Conv / Linear inside a module fused with its activation (or the module itself)."""
     from torch import nn

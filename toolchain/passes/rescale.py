@@ -19,13 +19,8 @@ from typing import Callable
 import numpy as np
 
 from toolchain.core.errors import StageError
-from toolchain.passes.equalize import (
-    MAX_RELATIVE_ERROR,
-    _torch_runner,
-    check_same,
-    equalize_fx,
-    equalize_onnx,
-)
+from toolchain.core.runner import torch_runner
+from toolchain.passes.equalize import MAX_RELATIVE_ERROR, check_same, equalize_fx, equalize_onnx
 from toolchain.passes.smooth import Bits, rows, smooth_fx, smooth_onnx
 
 Runner = Callable[[np.ndarray], list[np.ndarray]]
@@ -43,7 +38,7 @@ def rescaled_copy(
     model = copy.deepcopy(gm).eval()
     pairs = equalize_fx(model) if equalize else None
     groups = smooth_fx(model, x, bits) if smooth else None
-    error = check_same(_torch_runner(gm), _torch_runner(model), x[:32])
+    error = check_same(torch_runner(gm), torch_runner(model), x[:32])
     return model, _facts(stage, what(equalize, smooth), error, pairs, groups)
 
 

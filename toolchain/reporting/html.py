@@ -158,11 +158,13 @@ def _alerts(report: dict) -> str:
         for a in report["artifacts"]
         if a.get("recovery")
     ]
-    several = lambda a: len(a["parity"]["outputs"]) > 1
+
+    def ties(a: dict, o: dict) -> str:
+        output = output_label(_Output(o)) if len(a["parity"]["outputs"]) > 1 else None
+        return html_text(near_ties_line(a["name"], output, o["top1_agreement"], o["near_ties"]))
+
     items += [
-        "<li class='ties'>"
-        f"{html_text(near_ties_line(a['name'], output_label(_Output(o)) if several(a) else None, o['top1_agreement'], o['near_ties']))}"  # noqa: E501 (one replacement field: unsplittable before Python 3.12)
-        "</li>"
+        f"<li class='ties'>{ties(a, o)}</li>"
         for a in report["artifacts"]
         for o in a["parity"]["outputs"]
         if o.get("near_ties")
