@@ -2,13 +2,14 @@
 outputs checked against FP32 by running that context through the HTP library here."""
 
 import importlib.util
+import json
 
 import onnx
 import pytest
 
 import toolchain
 
-from .conftest import SNAPDRAGON, fast_profile, without_artifacts
+from .conftest import SNAPDRAGON, cli, fast_profile, without_artifacts
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("onnxruntime_qnn") is None,
@@ -44,34 +45,44 @@ def test_the_default_snapdragon_profile_ships_the_npu_artifact():
     assert profile.stage_options["compile_qnn"].htp_arch == 73
 
 
-def test_qnn_int8_is_an_htp_context_that_keeps_parity(digits, tmp_path):
-    report, folder = toolchain.build(
+def test_qnn_int8_is_an_htp_context_that_keeps_parity_and_json_stdout_is_json_alone(digits, tmp_path):
+    """Built as a script would (`--json`): the QNN SDK prints a line on standard output when it loads
+    (`# LIBNATIVE: ...`); it goes to standard error with the log, so standard output parses."""
+    folder = tmp_path / "out"
+    r = cli(
+        "build",
         str(digits["model"]),
+        "--target",
         str(_profile(tmp_path, 64, parity_samples=32)),
-        tmp_path / "out",
-        digits["calibration"],
-        digits["validation"],
+        "--calib",
+        str(digits["calibration"]),
+        "--val",
+        str(digits["validation"]),
+        "--out",
+        str(folder),
+        "--json",
     )
-    a = next(a for a in report.artifacts if a.name == "qnn_int8")
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(r.stdout)  # the whole of standard output, nothing before or after
+    assert "LIBNATIVE" not in r.stdout
+    a = next(a for a in report["artifacts"] if a["name"] == "qnn_int8")
     # the profile's subset, said in the report
-    assert a.parity.samples == 32 and report.data["validation"]["samples"] == 64
+    assert a["parity"]["samples"] == 32 and report["data"]["validation"]["samples"] == 64
     assert "qnn_int8: parity on 32 of the 64 validation inputs" in (folder / "report.md").read_text()
-    model = onnx.load(str(folder / a.path))
+    model = onnx.load(str(folder / a["path"]))
     # the whole graph on the HTP, nothing on the CPU
     assert [n.op_type for n in model.graph.node] == ["EPContext"]
-    facts = a.stage_facts["compile_qnn"]
+    facts = a["stage_facts"]["compile_qnn"]
     assert (
         facts["htp_arch"] == 73 and facts["phone"] == "Snapdragon 8 Gen 2" and facts["context_bytes"] > 1000
     )
     assert "host HTP emulation" in facts["checked_on"]
-    assert a.parity.passed is True and a.parity.top1_agreement >= 0.99, a.parity
-    assert a.runtime == "qnn" and a.precision == "int8"
+    assert a["parity"]["passed"] is True and a["parity"]["top1_agreement"] >= 0.99, a["parity"]
+    assert a["runtime"] == "qnn" and a["precision"] == "int8"
     assert "host HTP emulation" in (folder / "report.html").read_text()
 
 
 def test_a_wrong_htp_arch_is_a_config_error_naming_the_valid_values(digits, tmp_path):
-    from .conftest import cli
-
     profile = _profile(tmp_path, htp_arch=74)
     r = cli(
         "build",

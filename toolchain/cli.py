@@ -116,6 +116,7 @@ def build(
 
     Exit codes: 0 passed, 2 user error, 3 parity failed, 4 built but not judged (random weights)."""
     from toolchain.build import build as run_build
+    from toolchain.core.native import stdout_to_stderr
     from toolchain.reporting.report import (
         metric_lines,
         near_ties_lines,
@@ -128,7 +129,7 @@ def build(
     if as_json:
         terminal.plain = True  # stdout is for the JSON; stderr gets plain lines
     roles = parse_output_roles(output_roles)
-    with terminal.live():
+    with terminal.live(), stdout_to_stderr():  # native libraries' stdout never mixes with the JSON
         report, folder = run_build(
             model,
             target,
@@ -205,10 +206,11 @@ def bench_cmd(terminal, build_dir, batch_sizes, runs, sweep_runs, threads, budge
         ) from None
     if sizes and min(sizes) < 1:
         raise ToolchainError("--batch-sizes must be at least 1")
-    from toolchain.core.native import native_stderr_off
+    from toolchain.core.native import native_stderr_off, stdout_to_stderr
 
     quiet = native_stderr_off() if not terminal.verbose else contextlib.nullcontext()
-    with terminal.live(), quiet:  # TorchScript's kernels print deprecation notices from C++
+    # TorchScript's kernels print deprecation notices from C++; native stdout never mixes with the JSON
+    with terminal.live(), quiet, stdout_to_stderr():
         data = bench_build(Path(build_dir), sizes, runs, threads, budget_ms, sweep_runs)
     (Path(build_dir) / "bench.json").write_text(json.dumps(data, indent=2) + "\n")
     if as_json:

@@ -62,3 +62,21 @@ def native_stderr():
                 lines.extend(python_side.getvalue().splitlines())
     finally:
         os.close(saved)
+
+
+@contextlib.contextmanager
+def stdout_to_stderr():
+    """File descriptor 1 is file descriptor 2 while the block runs: what native libraries (the QNN
+    SDK announces its thread-local configuration there) and Python's ``print`` write to standard
+    output lands with the log on standard error, so that standard output carries only what a
+    command prints after the block: its table, or its JSON."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        ctypes.CDLL(None).fflush(None)  # C stdio buffers, written where they were meant while the block ran
+        os.dup2(saved, 1)
+        os.close(saved)
