@@ -45,23 +45,15 @@ def native_stderr():
     (ExecuTorch's Python bindings route the runtime's log there). The list holds the lines
     after exit."""
     lines: list[str] = []
-    sys.stderr.flush()
-    saved = os.dup(2)
     python_side = io.StringIO()
-    try:
-        with tempfile.TemporaryFile() as sink:
-            os.dup2(sink.fileno(), 2)
-            try:
-                with contextlib.redirect_stderr(python_side):
-                    yield lines
-            finally:
-                ctypes.CDLL(None).fflush(None)  # C stdio buffers, so the lines land in the sink
-                os.dup2(saved, 2)
-                sink.seek(0)
-                lines.extend(sink.read().decode(errors="replace").splitlines())
-                lines.extend(python_side.getvalue().splitlines())
-    finally:
-        os.close(saved)
+    with tempfile.TemporaryFile() as sink:
+        try:
+            with _redirected(2, sink.fileno()), contextlib.redirect_stderr(python_side):
+                yield lines
+        finally:
+            sink.seek(0)
+            lines.extend(sink.read().decode(errors="replace").splitlines())
+            lines.extend(python_side.getvalue().splitlines())
 
 
 @contextlib.contextmanager
@@ -70,13 +62,25 @@ def stdout_to_stderr():
     SDK announces its thread-local configuration there) and Python's ``print`` write to standard
     output lands with the log on standard error, so that standard output carries only what a
     command prints after the block: its table, or its JSON."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    try:
-        os.dup2(2, 1)
+    with _redirected(1, 2):
         yield
+
+
+@contextlib.contextmanager
+def _redirected(fd: int, to: int):
+    """File descriptor ``fd`` (1 or 2) points where ``to`` does while the block runs. Python's stream
+    and C's stdio buffers are flushed on both sides of the switch, so nothing written before lands
+    after it, or the other way round."""
+    stream = sys.stdout if fd == 1 else sys.stderr
+    stream.flush()
+    saved = os.dup(fd)
+    try:
+        os.dup2(to, fd)
+        try:
+            yield
+        finally:
+            stream.flush()
+            ctypes.CDLL(None).fflush(None)
+            os.dup2(saved, fd)
     finally:
-        sys.stdout.flush()
-        ctypes.CDLL(None).fflush(None)  # C stdio buffers, written where they were meant while the block ran
-        os.dup2(saved, 1)
         os.close(saved)
