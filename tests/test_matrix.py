@@ -26,7 +26,7 @@ import pytest
 
 from .conftest import XAVIER, cli, fast_profile, without_artifacts
 from .models import export, outlier_classifier
-from .test_report_html import _chromium
+from .test_report_html import rendered_charts
 
 # Two workers on 2 cores: every cell is timed beside the other's build, so no latency is compared
 # (the quiet-machine rule); were a cell timed alone, its ~0.02 ms p50 (per-call overhead) could
@@ -257,23 +257,7 @@ def test_the_dashboard_shows_the_database_and_renders_in_chromium(two_nights, tm
     )
     assert [(int(r), float(v)) for r, v in points] == [(r, v) for r, v in db]
 
-    browser = _chromium()
-    flags = [
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        f"--user-data-dir={tmp_path / 'profile'}",
-        "--virtual-time-budget=3000",
-    ]
-    r = subprocess.run(
-        [browser, *flags, "--dump-dom", out.as_uri()], capture_output=True, text=True, timeout=120
-    )
-    rendered = json.loads(re.search(r'data-rendered="([^"]*)"', r.stdout).group(1).replace("&quot;", '"'))
+    rendered = rendered_charts(out, tmp_path)
     for chart in ("sqnr_db", "latency_ms", "quality"):
         drawn = rendered[f"trend:outlier/x86_onnx:{chart}"]
         assert drawn["marks"] == 2 * 2 and drawn["width"] > 100  # onnx_fp32 and onnx_int8, two nights each

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from html.parser import HTMLParser
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -212,10 +213,10 @@ def _chromium():
     return found
 
 
-def test_report_renders_in_headless_chromium(x86_build, tmp_path):
-    _, folder = x86_build
-    browser = _chromium()
-    flags = [
+def headless_chromium(tmp_path: Path) -> list[str]:
+    """Chromium's command line, started as the probe of this machine starts it (no network of its own)."""
+    return [
+        _chromium(),
         "--headless",
         "--no-sandbox",
         "--disable-gpu",
@@ -227,15 +228,24 @@ def test_report_renders_in_headless_chromium(x86_build, tmp_path):
         f"--user-data-dir={tmp_path / 'profile'}",
         "--virtual-time-budget=3000",
     ]
+
+
+def rendered_charts(page: Path, tmp_path: Path) -> dict:
+    """What the page's script drew, chart by chart (its `data-rendered` record), in headless Chromium."""
     r = subprocess.run(
-        [browser, *flags, "--dump-dom", (folder / "report.html").as_uri()],
+        [*headless_chromium(tmp_path), "--dump-dom", page.as_uri()],
         capture_output=True,
         text=True,
         timeout=120,
     )
     match = re.search(r'data-rendered="([^"]*)"', r.stdout)
     assert match, r.stderr[-2000:]
-    rendered = json.loads(match.group(1).replace("&quot;", '"'))
+    return json.loads(match.group(1).replace("&quot;", '"'))
+
+
+def test_report_renders_in_headless_chromium(x86_build, tmp_path):
+    _, folder = x86_build
+    rendered = rendered_charts(folder / "report.html", tmp_path)
     report = json.loads((folder / "report.json").read_text())
     n = 1 + len(report["artifacts"])
     assert rendered["latency"]["marks"] == n and rendered["size"]["marks"] == n
@@ -246,8 +256,7 @@ def test_report_renders_in_headless_chromium(x86_build, tmp_path):
     shot = tmp_path / "report.png"
     subprocess.run(
         [
-            browser,
-            *flags,
+            *headless_chromium(tmp_path),
             f"--screenshot={shot}",
             "--window-size=1200,1800",
             (folder / "report.html").as_uri(),
