@@ -9,7 +9,7 @@ from torch import nn
 
 from toolchain.core.artifact import Kind
 from toolchain.core.stage import STAGES, Stage, StageResult, register_stage
-from toolchain.inputs.examples import train
+from toolchain.inputs.examples import digits_cnn, train
 
 
 class TwoHeads(nn.Module):
@@ -184,19 +184,7 @@ def bin_estimator(x: np.ndarray, epochs: int = 20) -> nn.Module:
     """A CNN with one logit per bin, trained on soft labels (a Gaussian two bins wide around the true
     bin), so neighbouring bins' logits are close and INT8 noise moves the arg-max to a neighbour."""
     torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1),
-        nn.BatchNorm2d(16),
-        nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1),
-        nn.BatchNorm2d(32),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(32 * 4 * 4, 64),
-        nn.ReLU(),
-        nn.Linear(64, BINS),
-    )
+    model = digits_cnn(BINS)
     centers = torch.arange(BINS, dtype=torch.float32)
     target = torch.softmax(
         -((centers[None] - torch.from_numpy(bins_of(x)).float()[:, None]) ** 2) / (2 * 2.0**2) * 4, 1

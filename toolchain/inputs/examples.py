@@ -19,7 +19,8 @@ def digits_data(seed: int = 0):
     )
 
 
-def digits_cnn():
+def digits_cnn(classes: int = 10):
+    """The example CNN for 8x8 digits, with ``classes`` logits (other heads reuse its body)."""
     from torch import nn
 
     return nn.Sequential(
@@ -33,7 +34,7 @@ def digits_cnn():
         nn.Flatten(),
         nn.Linear(32 * 4 * 4, 64),
         nn.ReLU(),
-        nn.Linear(64, 10),
+        nn.Linear(64, classes),
     )
 
 
