@@ -305,7 +305,7 @@ def check_model_accepts(loaded: LoadedModel, signature: Signature) -> list[str]:
 def prepare_model(
     loaded: LoadedModel, options: DataOptions, isa: str | None, calib, val, input_shape
 ) -> tuple[LoadedModel, Inputs, list[str]]:
-    """The one preparation path of a build, `toolchain sensitivity` and the tests: data read and
+    """The one preparation path of a build and of `toolchain sensitivity`: data read and
     checked (:func:`prepare_inputs`), constants bound, the model run once on zeros, random
     BatchNorm statistics settled. ``loaded`` has its constants fixed (:func:`fix_constants`).
     Returns the model as every stage sees it, the inputs, and the model's output names."""
@@ -348,8 +348,6 @@ def recorded_constants(model: dict) -> dict[str, object]:
 
 def recorded_signature(model: dict):
     """The inputs a report.json records (older reports: one float input of `input_shape`)."""
-    from toolchain.core.feed import InputSpec, Signature
-
     if not model.get("inputs"):
         return tuple(model["input_shape"][1:])
     return Signature(

@@ -11,7 +11,7 @@ from typing import Mapping
 from toolchain.core.dataset import Dataset
 from toolchain.core.runner import reference_runner
 from toolchain.inputs.load import LoadedModel
-from toolchain.inputs.prepare import Inputs, check_model_accepts
+from toolchain.inputs.prepare import Inputs
 from toolchain.target import ParityThresholds, Target
 from toolchain.verdict.parity import (
     OutputRole,
@@ -44,12 +44,12 @@ def expected_outputs(
     inputs: Inputs,
     profile: Target,
     declared: Mapping[str, str],
-    names: list[str] | None = None,
+    names: list[str],
     scorer=None,
 ) -> "Expected":
     """The FP32 model's outputs on the validation inputs, with their roles, checked finite, and
-    FP32's score on the user's metric when there is one."""
-    names = names or check_model_accepts(loaded, inputs.signature)
+    FP32's score on the user's metric when there is one; ``names``: the model's output names, as
+    :func:`toolchain.inputs.prepare.prepare_model` found them."""
     reference = reference_runner(loaded.artifact, profile.runtime.threads)
     log.info("running FP32 reference on %d validation inputs", len(inputs.validation.x))
     ref_out = run_batched(reference, inputs.validation.x, profile.parity.batch_size)
