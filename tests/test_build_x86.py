@@ -1,5 +1,6 @@
 """End to end on x86 with models trained here: parity, report contract, exit codes, clean failures."""
 
+import gc
 import hashlib
 import importlib.util
 import json
@@ -19,7 +20,7 @@ ARTIFACT_KEYS = {"name", "path", "format", "precision", "size_bytes", "primary",
 PARITY_KEYS = {"sqnr_db", "cosine", "max_abs", "mean_abs", "top1_agreement", "accuracy", "passed"}
 
 
-AROUND_THE_BUILD = {}  # torch's process-wide settings before and after the library call
+AROUND_THE_BUILD = {}  # torch's and the garbage collector's process-wide settings after the library call
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,11 @@ def digits_build(digits, tmp_path_factory):
         report, folder = toolchain.build(
             str(digits["model"]), "x86_fbgemm", out, digits["calibration"], digits["validation"]
         )
-        AROUND_THE_BUILD.update(engine=torch.backends.quantized.engine, threads=torch.get_num_threads())
+        AROUND_THE_BUILD.update(
+            engine=torch.backends.quantized.engine,
+            threads=torch.get_num_threads(),
+            frozen=gc.get_freeze_count(),
+        )
     finally:
         torch.set_num_threads(threads)
     return report, folder
@@ -42,7 +47,8 @@ def test_a_library_call_gives_the_caller_its_torch_settings_back(digits_build):
     assert next(a for a in report.artifacts if a.name == "torch_int8").quantized_engine in ("x86", "fbgemm")
     # what the build set
     assert report.to_json()["artifacts"][0]["stage_facts"]["quantize_torch"]["kernels"] == "fbgemm"
-    assert AROUND_THE_BUILD == {"engine": "x86", "threads": 1}
+    # and every object the build froze for its collections (core.heap) is the collector's again
+    assert AROUND_THE_BUILD == {"engine": "x86", "threads": 1, "frozen": 0}
 
 
 def test_a_cnn_lists_dynamic_int8_and_avx2_bf16_as_not_applicable_not_as_skipped(digits_build):

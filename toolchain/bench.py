@@ -13,6 +13,7 @@ from typing import Any
 from toolchain import runtimes
 from toolchain.core.artifact import Artifact
 from toolchain.core.errors import ToolchainError
+from toolchain.core.heap import keeps_heap_frozen
 from toolchain.core.native import keeps_torch_settings
 from toolchain.core.runner import reference_runner
 from toolchain.inputs.prepare import bind_constants, recorded_model, recorded_signature
@@ -23,6 +24,7 @@ log = logging.getLogger("toolchain")
 
 
 @keeps_torch_settings
+@keeps_heap_frozen
 def bench_build(
     folder: Path,
     batch_sizes: tuple[int, ...] | None = None,

@@ -10,6 +10,7 @@ from typing import Callable, Mapping, Sequence
 
 from toolchain.check import make_artifact, reference_facts
 from toolchain.core.errors import ToolchainError
+from toolchain.core.heap import keeps_heap_frozen
 from toolchain.core.native import keeps_torch_settings
 from toolchain.core.pipeline import Pipeline, Skipped
 from toolchain.core.runner import reference_runner
@@ -29,6 +30,7 @@ log = logging.getLogger("toolchain")
 
 
 @keeps_torch_settings
+@keeps_heap_frozen
 def build(
     model: str,
     target: str = "x86_fbgemm",

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from toolchain.check import make_trial, quantizable_layers
 from toolchain.core.errors import ToolchainError
+from toolchain.core.heap import keeps_heap_frozen
 from toolchain.core.native import keeps_torch_settings
 from toolchain.core.pipeline import Pipeline
 from toolchain.inputs.prepare import build_context, prepare_model, recorded_model
@@ -26,6 +27,7 @@ log = logging.getLogger("toolchain")
 
 
 @keeps_torch_settings
+@keeps_heap_frozen
 def measure_build(folder: Path, names: tuple[str, ...] = (), progress=None) -> dict[str, str]:
     """Write `sensitivity/<artifact>.json` for ``names`` (default: every artifact with a
     quantization stage); returns artifact -> file, relative to ``folder``."""

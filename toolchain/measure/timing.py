@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
-import gc
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -14,6 +13,7 @@ from typing import Any, Callable
 import numpy as np
 
 from toolchain.core.feed import Signature
+from toolchain.core.heap import collect
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,10 +160,11 @@ def _status(key: str) -> int | None:
 def _reset_peak() -> int | None:
     """Reset the kernel's resident high-water mark (Linux ≥ 4.0); returns the current RSS.
 
-    Garbage is collected and the C heap's free pages handed back to the system first (glibc's
-    malloc_trim), so that what is allocated next shows as new resident pages instead of reusing
-    pages an earlier model freed (which made a model appear to cost nothing)."""
-    gc.collect()
+    Garbage is collected (:func:`toolchain.core.heap.collect`) and the C heap's free pages handed
+    back to the system first (glibc's malloc_trim), so that what is allocated next shows as new
+    resident pages instead of reusing pages an earlier model freed (which made a model appear to
+    cost nothing)."""
+    collect()
     # not glibc: freed pages may be reused, the count runs low
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None).malloc_trim(0)

@@ -1,0 +1,45 @@
+"""core.heap: a build's collections walk only what is new, and the caller gets its collector back."""
+
+import gc
+import weakref
+
+from toolchain.core.heap import collect, keeps_heap_frozen, long_lived_heap
+
+
+class Node:
+    def __init__(self):
+        self.me = self  # a reference cycle: only the cyclic collector frees it
+
+
+def test_collect_frees_new_cycles_and_freezes_what_survives():
+    assert gc.get_freeze_count() == 0
+    with long_lived_heap():
+        before = gc.get_freeze_count()
+        assert before > 0  # what was alive when it started
+        kept, dropped = Node(), Node()
+        gone = weakref.ref(dropped)
+        del dropped
+        collect()
+        assert gone() is None  # a cycle made inside is still collected
+        assert gc.get_freeze_count() > before  # and the survivors (kept) are frozen
+        assert weakref.ref(kept)() is kept
+    assert gc.get_freeze_count() == 0
+
+
+def test_a_cycle_frozen_during_the_build_is_collected_once_it_returns():
+    @keeps_heap_frozen
+    def build():
+        with long_lived_heap():  # nested: only the outermost hands objects back
+            node = Node()
+            collect()  # frozen from here on
+            ref = weakref.ref(node)
+            del node
+            gc.collect()
+            assert ref() is not None  # frozen: the collector does not look at it
+        assert gc.get_freeze_count() > 0
+        return ref
+
+    ref = build()
+    assert gc.get_freeze_count() == 0
+    gc.collect()
+    assert ref() is None
