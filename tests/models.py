@@ -307,6 +307,55 @@ def pitch_tracker(x: np.ndarray, y: np.ndarray, epochs: int = 6) -> Pitch:
     )
 
 
+SPECTRUM_BINS, SPECTRAL_PITCHES = 99, 48  # 3 bins a semitone; 16 semitones of pitch
+
+
+def pitch_spectra(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Log-frequency spectra (n, 1, 99) of harmonic tones, as a constant-Q transform gives them: the
+    h-th harmonic 36 * log2(h) bins above the fundamental, weaker with h, over noise; and the
+    fundamental's bin."""
+    rng = np.random.default_rng(seed)
+    label = rng.integers(0, SPECTRAL_PITCHES, n)
+    bins = np.arange(SPECTRUM_BINS)
+    x = rng.normal(0, 0.05, (n, SPECTRUM_BINS))
+    for h in range(1, 6):
+        centre = label + 36 * np.log2(h) + rng.normal(0, 0.3, n)
+        x += rng.uniform(0.5, 1.0, (n, 1)) / h * np.exp(-((bins[None] - centre[:, None]) ** 2) / 2)
+    return x[:, None, :].astype(np.float32), label.astype(np.int64)
+
+
+class SpectralPitch(nn.Module):
+    """A pitch estimator in the PESTO mould: LayerNorm over (channels, frequency), a Toeplitz layer
+    (a Conv1d whose kernel spans the whole spectrum twice, zero-padded: one weight per pitch
+    offset, so a transposed input gives a shifted output) and a softmax over the pitch bins."""
+
+    def __init__(self, channels: int = 8):
+        super().__init__()
+        f = SPECTRUM_BINS
+        self.norm_in = nn.LayerNorm([1, f])
+        self.conv = nn.Conv1d(1, channels, 15, padding=7)
+        self.norm = nn.LayerNorm([channels, f])
+        self.toeplitz = nn.Conv1d(channels, 1, 2 * f - 1, padding=f - 1)
+        self.head = nn.Linear(f, SPECTRAL_PITCHES)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(self.norm_in(x)))
+        h = torch.relu(self.toeplitz(self.norm(h)))
+        return torch.softmax(self.head(h.flatten(1)), -1)
+
+
+def spectral_pitch(x: np.ndarray, y: np.ndarray, epochs: int = 15) -> SpectralPitch:
+    torch.manual_seed(0)
+    target = torch.from_numpy(y)
+    return train(
+        SpectralPitch(),
+        x,
+        None,
+        epochs=epochs,
+        loss=lambda out, idx: nn.functional.nll_loss(torch.log(out + 1e-9), target[idx]),
+    )
+
+
 class Segfaults(nn.Module):
     """Crashes its process the way a native runtime does (SIGSEGV) when it runs: a cell that must
     be recorded as crashed, not take the matrix down. Pickled, and loaded with --trust-pickle."""
@@ -342,6 +391,51 @@ class TinyViT(nn.Module):
 def tiny_vit(x: np.ndarray, y: np.ndarray, epochs: int = 25) -> TinyViT:
     torch.manual_seed(0)
     return train(TinyViT(), x, y, epochs=epochs)
+
+
+class PerformerDigits(nn.Module):
+    """A linear-attention (Performer-style) transformer for 8x8 digits, with what opset 17 lacks
+    or spells differently once exported by torch.export: q, k, v from one projection by
+    ``chunk`` (Split-18's ``num_outputs``), a positive exp feature map, LayerNorm and GELU."""
+
+    def __init__(self, dim: int = 32):
+        super().__init__()
+        self.embed = nn.Linear(8, dim)  # a row of pixels per token
+        self.pos = nn.Parameter(torch.zeros(1, 8, dim))
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.ff = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x):
+        t = self.embed(x.reshape(-1, 8, 8)) + self.pos
+        q, k, v = self.qkv(self.norm1(t)).chunk(3, dim=-1)
+        q = torch.exp(q - q.amax(-1, keepdim=True))  # the softmax kernel's positive features
+        k = torch.exp(k - k.amax(-1, keepdim=True))
+        context = k.transpose(1, 2) @ v
+        t = t + self.proj((q @ context) / (q @ k.sum(1, keepdim=True).transpose(1, 2)))
+        t = t + self.ff(self.norm2(t))
+        return self.head(t.mean(1))
+
+
+def performer_digits(x: np.ndarray, y: np.ndarray, epochs: int = 30) -> PerformerDigits:
+    torch.manual_seed(0)
+    return train(PerformerDigits(), x, y, epochs=epochs)
+
+
+def mish_cnn(x: np.ndarray, y: np.ndarray, epochs: int = 10) -> nn.Sequential:
+    """A digits CNN with Mish activations (YOLOv4's): exported by torch.export it is the Mish
+    operator, new in opset 18 with no older form for onnx's converter to take it down to."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.Mish(),
+        nn.Conv2d(8, 16, 3, padding=1, stride=2),
+        nn.Mish(),
+        nn.Flatten(),
+        nn.Linear(16 * 4 * 4, 10),
+    )
+    return train(model, x, y, epochs=epochs)
 
 
 def with_outlier_norms(vit: TinyViT, k: float = 50.0) -> TinyViT:

@@ -12,7 +12,15 @@ import toolchain
 from toolchain.inputs.examples import train
 
 from .conftest import SNAPDRAGON, X86, XAVIER, fast_profile
-from .models import bn_after_relu, depthwise_hardswish, export, pitch_frames, pitch_tracker
+from .models import (
+    bn_after_relu,
+    depthwise_hardswish,
+    export,
+    pitch_frames,
+    pitch_spectra,
+    pitch_tracker,
+    spectral_pitch,
+)
 
 WITHIN_2_BINS = """
 import numpy as np
@@ -139,6 +147,32 @@ def test_a_pitch_tracker_with_long_1d_kernels_holds_its_pitch_accuracy_in_int8(p
         a = next(a for a in data["artifacts"] if a["name"] == name)
         assert a["parity"]["passed"] is True and a["parity"]["metric"]["passed"] is True, a["parity"]
         assert a["parity"]["sqnr_db"] > 25  # the outputs are close; only near-ties between bins move
+    assert report.passed
+
+
+def test_a_pitch_estimator_with_layernorm_over_channels_and_frequency_gets_onnx_int8(
+    tmp_path_factory, tmp_path
+):
+    """LayerNorm over (channels, frequency) and a Toeplitz Conv1d (kernel 2F-1, zero-padded), a softmax
+    over the pitch bins (PESTO's traits). ONNX Runtime's quantizer raised "The truth value of an array
+    with more than one element is ambiguous" on the LayerNorms' 2-D bias with per-channel weights, and
+    onnx_int8 was skipped: those norms stay in float (ONNX Runtime's CPU has no INT8 LayerNorm)."""
+    x, y = pitch_spectra(1024, 0)
+    x_val, y_val = pitch_spectra(512, 1)
+    folder = _folder(tmp_path_factory, "spectral", spectral_pitch(x, y, epochs=12), x, x_val, y_val)
+    report, data = _build(folder, tmp_path)
+    assert data["reference"]["accuracy"] > 0.9
+    onnx_int8 = next((a for a in data["artifacts"] if a["name"] == "onnx_int8"), None)
+    assert onnx_int8 is not None, data["skipped"]
+    assert (
+        len(onnx_int8["stage_facts"]["quantize_onnx"]["float_norms"]) == 2
+    )  # both norms, named in the report
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    stages = manifest["artifacts"]["onnx_int8"]["stages"]
+    facts = next(s["facts"] for s in stages if s["stage"] == "quantize_onnx")
+    assert facts["float_layers"] == [] and facts["quantize_nodes"] > 0, facts  # every Conv and Gemm INT8
+    assert onnx_int8["precision"] == "int8"
+    assert onnx_int8["parity"]["passed"] is True, onnx_int8["parity"]
     assert report.passed
 
 

@@ -67,8 +67,8 @@ def build(
     if not plans:
         kind = loaded.artifact.kind
         raise ToolchainError(
-            f"target `{profile.name}` has no artifact that can be built from a {kind} model "
-            f"({_reasons(skipped)})"
+            f"target `{profile.name}` has no artifact that can be built from a {kind} model:"
+            + _reasons(skipped)
         )
     with staged_folder(folder) as tmp:
         r = profile.runtime
@@ -88,8 +88,7 @@ def build(
         not_applicable = [m.skipped for m in made.values() if m.not_applicable]
         if not reports:
             raise ToolchainError(
-                f"no artifact of target `{profile.name}` could be built "
-                f"({_reasons(skipped + not_applicable)})"
+                f"no artifact of target `{profile.name}` could be built:{_reasons(skipped + not_applicable)}"
             )
         engine = plan_engine(profile.tensorrt, reports, tmp, inputs.signature)
         if engine and engine["status"] == "pending on device":
@@ -128,4 +127,5 @@ def build(
 
 
 def _reasons(skipped: list[Skipped]) -> str:
-    return "; ".join(f"{s.name}: {s.reason}" for s in skipped)
+    """One line per artifact, each under the message's first line."""
+    return "".join(f"\n  {s.name}: {s.reason}" for s in skipped)

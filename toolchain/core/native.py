@@ -40,15 +40,19 @@ def native_stderr_off():
 
 
 @contextlib.contextmanager
-def native_stderr():
+def native_stderr(stdout: bool = False):
     """Capture what native code logs: to file descriptor 2, or through Python's ``sys.stderr``
-    (ExecuTorch's Python bindings route the runtime's log there). The list holds the lines
-    after exit."""
+    (ExecuTorch's Python bindings route the runtime's log there), and with ``stdout`` file
+    descriptor 1 too (the TorchScript exporter's C++ log). The list holds the lines after exit."""
     lines: list[str] = []
     python_side = io.StringIO()
     with tempfile.TemporaryFile() as sink:
         try:
-            with _redirected(2, sink.fileno()), contextlib.redirect_stderr(python_side):
+            with (
+                _redirected(1, sink.fileno()) if stdout else contextlib.nullcontext(),
+                _redirected(2, sink.fileno()),
+                contextlib.redirect_stderr(python_side),
+            ):
                 yield lines
         finally:
             sink.seek(0)

@@ -5,16 +5,20 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import logging
 import warnings
 
 from toolchain.core.artifact import Artifact, Kind
 from toolchain.core.context import BuildContext
 from toolchain.core.errors import StageError, reason
 from toolchain.core.export import quiet_logger
+from toolchain.core.native import native_stderr
 from toolchain.core.options import option
 from toolchain.core.stage import Stage, StageResult, register_stage
+from toolchain.passes.opset import ConversionError, convert_opset
 
 INPUT_NAME, OUTPUT_NAME = "input", "output"
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +47,7 @@ class ExportOnnx(Stage):
         Kind.FX: Kind.ONNX,
     }
     Options = ExportOnnxOptions
+    report_facts = ("exporter", "opset_route")
 
     def apply(self, artifact: Artifact, ctx: BuildContext) -> StageResult:
         import onnx
@@ -56,8 +61,9 @@ class ExportOnnx(Stage):
             proto, exporter = _export(artifact, ctx, False, self.options.opset)
             dynamic = False
         exported_opset = _opset(proto)
+        route = f"exported at opset {exported_opset}"
         if self.options.opset < exported_opset:
-            proto = convert_opset(proto, self.options.opset)
+            proto, exporter, route, dynamic = self._down_to_opset(proto, exporter, artifact, ctx, dynamic)
         path = ctx.workdir / f"{artifact.precision}-{artifact.sha256[:12]}.onnx"
         external = proto.ByteSize() > self.options.external_data_mb * 2**20
         save_onnx(proto, path, external)
@@ -66,11 +72,56 @@ class ExportOnnx(Stage):
             "exporter": exporter,
             "opset": _opset(proto),
             "exported_opset": exported_opset,
+            "opset_route": route,
             "dynamic_batch": dynamic,
             "external_data": external,
             "nodes": len(proto.graph.node),
         }
         return StageResult(dataclasses.replace(artifact, kind=Kind.ONNX, model=None, path=path), facts)
+
+    def _down_to_opset(self, proto, exporter: str, artifact: Artifact, ctx: BuildContext, dynamic: bool):
+        """The model at the profile's opset, and how it got there (a stage fact): onnx's converter
+        (with Split/Pad rewritten to their older forms where it lacks an adapter), else the
+        TorchScript-based exporter, which writes that opset itself."""
+        import onnx
+
+        opset, exported_opset = self.options.opset, _opset(proto)
+        try:
+            converted, rewritten = convert_opset(proto, opset)
+        except ConversionError as e:
+            if artifact.kind is Kind.TORCHSCRIPT:
+                raise StageError(
+                    f"export_onnx: cannot convert the model down to opset {opset}: {e}"
+                ) from None
+            converting = str(e)
+        else:
+            done = ", ".join(f"{op} x{n}" for op, n in sorted(rewritten.items()))
+            route = f"converted from opset {exported_opset}" + (
+                f" ({done} rewritten to their older form)" if done else ""
+            )
+            return converted, exporter, route, dynamic
+        # a trace records an exported program's batch size as a constant, which a dynamic batch
+        # axis contradicts (ONNX shape inference refuses it): then the batch is fixed
+        for batch_axis in dict.fromkeys((dynamic, False)):
+            try:
+                with _quiet(), native_stderr(stdout=True) as printed:  # its C++ log: the TorchScript graph
+                    proto = _export_torchscript(_traceable(artifact), ctx, batch_axis, opset)
+                    onnx.checker.check_model(proto, full_check=True)
+                break
+            except Exception as e:
+                failed = e
+                log.debug(
+                    "TorchScript-based export (dynamic batch %s): %s\n%s", batch_axis, e, "\n".join(printed)
+                )
+        else:
+            raise StageError(
+                f"export_onnx: no opset-{opset} model: {converting} (onnx's converter); "
+                f"{_exporter_words(failed)} (TorchScript-based exporter)"
+            ) from None
+        route = (
+            f"TorchScript-based exporter at opset {opset} (converting from {exported_opset}: {converting})"
+        )
+        return proto, "torchscript", route, batch_axis
 
 
 def input_names(ctx: BuildContext) -> list[str]:
@@ -79,47 +130,28 @@ def input_names(ctx: BuildContext) -> list[str]:
     return list(ctx.signature.names) if ctx.several else [INPUT_NAME]
 
 
+@contextlib.contextmanager
+def _quiet():
+    """What the exporters print and warn: noise to the user's build (the build log has the facts)."""
+    with (
+        warnings.catch_warnings(),
+        contextlib.redirect_stdout(io.StringIO()),
+        quiet_logger("torch.onnx._internal.exporter._compat"),
+    ):
+        warnings.simplefilter("ignore")
+        yield
+
+
 def _export(artifact: Artifact, ctx: BuildContext, dynamic: bool, opset: int):
     import torch
 
     example = ctx.example()
     names = input_names(ctx)
     specs = ctx.signature.inputs if ctx.several else ()
-    quiet = io.StringIO()
-    with (
-        warnings.catch_warnings(),
-        contextlib.redirect_stdout(quiet),
-        quiet_logger("torch.onnx._internal.exporter._compat"),
-    ):
-        warnings.simplefilter("ignore")
+    with _quiet():
         if artifact.kind is Kind.TORCHSCRIPT:
             # the dynamo exporter cannot trace TorchScript; the TorchScript exporter still ships in 2.14
-            f = io.BytesIO()
-            axes = None
-            if dynamic:
-                axes = {OUTPUT_NAME: {0: "batch"}}
-                axes.update(
-                    {INPUT_NAME: {0: "batch"}}
-                    if not specs
-                    else {
-                        s.name: {0: "batch", **{1 + a: f"{s.name}_{1 + a}" for a in s.dynamic}}
-                        for s in specs
-                        if not s.scalar
-                    }
-                )
-            torch.onnx.export(
-                artifact.model,
-                example,
-                f,
-                dynamo=False,
-                input_names=names,
-                output_names=[OUTPUT_NAME],
-                dynamic_axes=axes,
-                opset_version=min(opset, 17),
-            )
-            import onnx
-
-            return onnx.load_from_string(f.getvalue()), "torchscript"
+            return _export_torchscript(artifact.model, ctx, dynamic, min(opset, 17)), "torchscript"
         model = artifact.model
         shapes = None
         if artifact.kind is not Kind.EXPORTED and dynamic:
@@ -142,8 +174,8 @@ def _export(artifact: Artifact, ctx: BuildContext, dynamic: bool, opset: int):
         if artifact.kind is Kind.EXPORTED and not dynamic:
             model = model.module()
         # asked for the target's opset, torchlib writes operators that exist there (GELU as Erf, not
-        # Gelu-20) at max(opset, 18), its floor; below 18 only attribute forms (Reduce*, Split) differ,
-        # which the checked conversion after this changes
+        # Gelu-20) at max(opset, 18), its floor; below 18 mostly attribute forms (Reduce*, Split, Pad)
+        # differ, which passes.opset converts (or the TorchScript-based exporter writes it instead)
         program = torch.onnx.export(
             model,
             example,
@@ -157,38 +189,54 @@ def _export(artifact: Artifact, ctx: BuildContext, dynamic: bool, opset: int):
     return program.model_proto, "dynamo"
 
 
-def convert_opset(proto, opset: int):
+def _export_torchscript(model, ctx: BuildContext, dynamic: bool, opset: int):
+    """The TorchScript-based exporter (``dynamo=False``): it traces (or reads a scripted model's
+    graph) and writes ``opset`` itself, below the dynamo exporter's floor of 18 too."""
     import onnx
-    from onnx import version_converter
+    import torch
 
-    try:
-        converted = version_converter.convert_version(proto, opset)
-        _drop_default_noop_with_empty_axes(converted, opset)
-        onnx.checker.check_model(converted)
-    except Exception as e:
-        raise StageError(
-            f"export_onnx: cannot convert the model down to opset {opset}: {reason(e)}"
-        ) from None
-    return converted
+    specs = ctx.signature.inputs if ctx.several else ()
+    axes = None
+    if dynamic:
+        axes = {OUTPUT_NAME: {0: "batch"}}
+        axes.update(
+            {INPUT_NAME: {0: "batch"}}
+            if not specs
+            else {
+                s.name: {0: "batch", **{1 + a: f"{s.name}_{1 + a}" for a in s.dynamic}}
+                for s in specs
+                if not s.scalar
+            }
+        )
+    f = io.BytesIO()
+    torch.onnx.export(
+        model,
+        ctx.example(),
+        f,
+        dynamo=False,
+        input_names=input_names(ctx),
+        output_names=[OUTPUT_NAME],
+        dynamic_axes=axes,
+        opset_version=opset,
+    )
+    return onnx.load_from_string(f.getvalue())
 
 
-def _drop_default_noop_with_empty_axes(proto, opset: int) -> None:
-    """onnx's converter copies Reduce*-18's `noop_with_empty_axes` onto the opset-13 form,
-    which has no such attribute. At its default (0) it means nothing and is dropped; any
-    other value cannot be expressed below opset 18."""
-    if opset >= 18:
-        return
-    for node in proto.graph.node:
-        if not node.op_type.startswith("Reduce"):
-            continue
-        kept = [a for a in node.attribute if a.name != "noop_with_empty_axes"]
-        if any(a.name == "noop_with_empty_axes" and a.i != 0 for a in node.attribute):
-            raise StageError(
-                f"export_onnx: {node.op_type} `{node.name}` needs noop_with_empty_axes, "
-                f"which opset {opset} lacks"
-            )
-        del node.attribute[:]
-        node.attribute.extend(kept)
+def _traceable(artifact: Artifact):
+    """A module the TorchScript-based exporter can trace. An exported program's module refuses
+    ``train()``, which that exporter calls to set inference mode: the program is already in the
+    mode it was exported in, so the call is made a no-op on this instance."""
+    if artifact.kind is not Kind.EXPORTED:
+        return artifact.model
+    module = artifact.model.module()
+    module.train = lambda mode=True: module
+    return module
+
+
+def _exporter_words(e: BaseException) -> str:
+    """The exporter's first sentence, without the TorchScript graph it may append ("[Caused by …")."""
+    words = reason(e).split(" [Caused by")[0].strip()
+    return words.split(". ")[0].rstrip(".")
 
 
 def save_onnx(proto, path, external: bool) -> None:

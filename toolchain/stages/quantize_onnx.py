@@ -104,7 +104,7 @@ class QuantizeOnnx(Stage, Recoverable):
     requires = ("onnx", "onnxruntime")
     transitions = {Kind.ONNX: Kind.ONNX}
     Options = QuantizeOnnxOptions
-    report_facts = ("reduce_range",)
+    report_facts = ("reduce_range", "float_norms")
 
     @classmethod
     def check_options(cls, options: QuantizeOnnxOptions, where: str, source: str) -> None:
@@ -137,6 +137,7 @@ class QuantizeOnnx(Stage, Recoverable):
             extra["CalibPercentile"] = o.percentile
         source = self._source(artifact, ctx)
         masks = self._masks(source, ctx) if o.float_masks else []
+        norms = multi_axis_norms(source) if o.per_channel else []
         # Activation ranges are kept per (input, calibration): recovery's variants reuse them instead of
         # calibrating again. Only a run that keeps no layer in float writes them (it ranges every tensor).
         ranges = (
@@ -158,7 +159,7 @@ class QuantizeOnnx(Stage, Recoverable):
                     calibrate_method=method,
                     extra_options=extra,
                     op_types_to_quantize=list(o.op_types) or None,
-                    nodes_to_exclude=[*o.float_layers, *masks] or None,
+                    nodes_to_exclude=[*o.float_layers, *masks, *norms] or None,
                     use_external_data_format=artifact.has_external_data,
                     calibration_cache_path=str(ranges) if cached or not o.float_layers else None,
                 )
@@ -166,6 +167,7 @@ class QuantizeOnnx(Stage, Recoverable):
                 raise StageError(
                     f"quantize_onnx: ONNX Runtime cannot quantize this model: {reason(e)}"
                 ) from None
+        resorted = sort_nodes(path, artifact.has_external_data)
         facts = {
             "calibration_samples": len(ctx.calibration.x),
             "reduce_range": reduce_range,
@@ -173,6 +175,10 @@ class QuantizeOnnx(Stage, Recoverable):
             "float_layers": list(o.float_layers),
             **qdq_summary(path),
         }
+        if resorted:
+            facts["nodes_resorted"] = True
+        if norms:
+            facts["float_norms"] = norms
         facts.update(ctx.cache.get(("rescale_onnx", source.name), {}))  # equalization / smoothing, when done
         if o.float_masks:
             facts["float_masks"] = masks
@@ -235,6 +241,48 @@ class QuantizeOnnx(Stage, Recoverable):
         if fix not in ("equalize", "smooth"):
             return True
         return onnx_finds(preprocessed(artifact, ctx) if self.options.preprocess else artifact.path, fix)
+
+
+def multi_axis_norms(path: Path) -> list[str]:
+    """The LayerNormalization nodes that normalize over more than one axis (a 2-D scale: LayerNorm over
+    channels x frequency), which stay unquantized when weights are quantized per channel.
+
+    ONNX Runtime's quantizer treats LayerNormalization's scale as a weight and its B as a bias, and
+    with per-channel weights checks each bias element against an INT32 range, indexing B along one
+    axis: a 2-D B makes that comparison an array, and quantize_static raises "The truth value of an
+    array with more than one element is ambiguous". ONNX Runtime's CPU provider has no INT8
+    LayerNormalization kernel (it dequantizes around one), so keeping these in float costs no speed
+    there; the Conv/Gemm/MatMul layers around them are quantized as before."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    dims = {i.name: len(i.dims) for i in graph.initializer}
+    return [
+        n.name
+        for n in graph.node
+        if n.op_type == "LayerNormalization" and len(n.input) > 1 and dims.get(n.input[1], 1) > 1
+    ]
+
+
+def sort_nodes(path: Path, external: bool) -> bool:
+    """Put the quantized graph's nodes back in an order where each runs after what it reads;
+    True if they were not. ONNX Runtime's quantizer orders nodes by their own inputs only, so an
+    `If` whose branch reads a value of the outer graph (the TorchScript exporter's form of
+    `scatter_reduce`) can land before that value's producer, which the checker and runtimes refuse."""
+    import onnx
+    import onnx_ir as ir
+    from onnx_ir.passes.common import TopologicalSortPass
+
+    try:
+        onnx.checker.check_model(str(path))
+        return False
+    except onnx.checker.ValidationError as e:
+        if "topologically sorted" not in str(e):
+            return False  # not this stage's to judge: the runtime check says what is wrong
+    model = ir.load(str(path))
+    TopologicalSortPass()(model)
+    ir.save(model, str(path), external_data=f"{path.name}.data" if external else None)
+    return True
 
 
 def rescaled(
