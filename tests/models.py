@@ -475,6 +475,60 @@ def sequences(
     return x.astype(np.float32), y.astype(np.int64)
 
 
+def speaker_frames(n: int, seed: int, speakers: int = 16, steps: int = 20, bins: int = 40):
+    """Utterances (n, steps, bins) of synthetic speakers: each speaker a pitch (a comb of harmonics
+    over log-mel-like bins) and a formant envelope (two bumps), an utterance that voice at a
+    random loudness with frame noise; and the speaker."""
+    rng = np.random.default_rng(seed)
+    template = np.random.default_rng(1234)  # the same voices in every split
+    b = np.arange(bins)
+    pitch = template.uniform(2.0, 6.0, speakers)
+    formants = template.uniform(5, 35, (speakers, 2))
+    voices = np.stack(
+        [
+            sum(np.exp(-((b - pitch[s] * h) ** 2) / 2.0) / h for h in range(1, 7))
+            * (np.exp(-((b - formants[s, 0]) ** 2) / 40.0) + np.exp(-((b - formants[s, 1]) ** 2) / 40.0))
+            for s in range(speakers)
+        ]
+    )
+    who = rng.integers(0, speakers, n)
+    x = voices[who][:, None, :] * rng.uniform(0.5, 1.5, (n, 1, 1)) + rng.normal(0, 0.05, (n, steps, bins))
+    return np.log1p(np.maximum(x, 0) * 10).astype(np.float32), who.astype(np.int64)
+
+
+class SpeakerEmbedder(nn.Module):
+    """A speaker-verification embedder's shape: LSTM layers over the frames, the last step's state
+    through Linear -> ReLU, L2-normalised: a unit-norm embedding, whose arg-max means nothing."""
+
+    def __init__(self, bins: int = 40, hidden: int = 64, dim: int = 32):
+        super().__init__()
+        self.lstm = nn.LSTM(bins, hidden, 2, batch_first=True)
+        self.proj = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        h, _ = self.lstm(x)
+        e = torch.relu(self.proj(h[:, -1]))
+        return e / e.norm(dim=1, keepdim=True).clamp_min(1e-6)
+
+
+def speaker_embedder(x: np.ndarray, y: np.ndarray, epochs: int = 12) -> SpeakerEmbedder:
+    """Trained as classification-then-embed: a cosine classifier over the speakers on the embedding
+    (the GE2E / AM-softmax family), which is dropped afterwards."""
+    torch.manual_seed(0)
+    model = SpeakerEmbedder()
+    speakers = nn.Parameter(torch.randn(int(y.max()) + 1, 32))
+    model.register_parameter("_speakers", speakers)  # trained with the model, removed below
+    target = torch.from_numpy(y)
+
+    def loss(e, idx):
+        logits = 10 * e @ nn.functional.normalize(speakers, dim=1).T
+        return nn.functional.cross_entropy(logits, target[idx])
+
+    train(model, x, None, epochs=epochs, loss=loss)
+    del model._speakers
+    return model
+
+
 class SequenceClassifier(nn.Module):
     """An LSTM (or GRU) over the time steps, the last step's hidden state into a linear head."""
 

@@ -43,3 +43,28 @@ def test_a_cycle_frozen_during_the_build_is_collected_once_it_returns():
     assert gc.get_freeze_count() == 0
     gc.collect()
     assert ref() is None
+
+
+def test_a_caller_that_froze_its_own_objects_keeps_them_frozen():
+    """A pre-fork server freezes its heap to keep pages shared: a build must not unfreeze it."""
+    gc.freeze()
+    try:
+        mine = gc.get_freeze_count()
+        with long_lived_heap():
+            node = Node()
+            ref = weakref.ref(node)
+            del node
+            collect()
+            assert ref() is None and gc.get_freeze_count() == mine  # collected, nothing of the build frozen
+        assert gc.get_freeze_count() == mine
+    finally:
+        gc.unfreeze()
+
+
+def test_an_exception_inside_still_hands_the_heap_back():
+    try:
+        with long_lived_heap():
+            raise ValueError("a failed build")
+    except ValueError:
+        pass
+    assert gc.get_freeze_count() == 0

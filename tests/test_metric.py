@@ -30,7 +30,9 @@ def bins(digits_arrays, tmp_path_factory):
     x_train, x_test, _, _ = digits_arrays
     export(bin_estimator(x_train), x_train, folder / "bins.pt2")
     np.savez(folder / "cal.npz", x=x_train[:256])
-    np.savez(folder / "val.npz", x=x_test, bin=bins_of(x_test))  # labels for the metric, not class labels
+    # `bin` for the metric; `y`, the same bins as class labels: the evidence that the logits are a
+    # classifier's, judged by top-1 agreement until a metric decides
+    np.savez(folder / "val.npz", x=x_test, y=bins_of(x_test), bin=bins_of(x_test))
     (folder / "metrics.py").write_text(METRICS)
     return folder
 

@@ -172,3 +172,36 @@ def test_an_operator_no_exporter_can_write_at_17_is_named_in_one_line_per_artifa
         ), line
         assert "graph(" not in line and "Torch IR" not in line
     assert not (tmp_path / "out").exists()
+
+
+def test_a_fallback_export_whose_batch_does_not_hold_fixes_the_batch(tmp_path):
+    """A size the program derives from the batch (a ViT's class token, `cls.expand(x.shape[0], ...)`) is
+    traced as a constant: the TorchScript-based file refuses any other batch. It is checked at batch 3
+    and written with a fixed batch instead, and timed and planned at that batch."""
+
+    class ClassToken(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.cls = torch.nn.Linear(8, 4), torch.nn.Parameter(torch.ones(1, 2))
+
+        def forward(self, x):
+            return torch.nn.functional.mish(torch.cat([self.cls.expand(x.shape[0], -1), self.fc(x)], 1))
+
+    torch.manual_seed(0)
+    x = np.random.default_rng(0).normal(size=(32, 8)).astype(np.float32)
+    export(ClassToken().eval(), x, tmp_path / "indexed.pt2")
+    np.savez(tmp_path / "calib.npz", x=x)
+    profile = fast_profile(tmp_path, 24, 8, base=XAVIER, batch_sizes=None)
+    report, folder = toolchain.build(
+        str(tmp_path / "indexed.pt2"), str(profile), tmp_path / "out", tmp_path / "calib.npz"
+    )
+    manifest = json.loads((folder / "manifest.json").read_text())
+    facts = next(
+        s["facts"] for s in manifest["artifacts"]["onnx_fp32"]["stages"] if s["stage"] == "export_onnx"
+    )
+    assert facts["exporter"] == "torchscript" and facts["dynamic_batch"] is False, facts
+    fp32 = next(a for a in report.to_json()["artifacts"] if a["name"] == "onnx_fp32")
+    assert fp32["parity"]["sqnr_db"] > 90  # the program's function, one sample at a time
+    assert [p["batch_size"] for p in fp32["bench"]["sweep"]] == [1]
+    plan = json.loads((folder / "engine_plan.json").read_text())["input"]
+    assert (plan["min"][0], plan["opt"][0], plan["max"][0], plan["static"]) == (1, 1, 1, True)

@@ -12,7 +12,7 @@ import toolchain
 from toolchain.passes.lift import Recurrent, lift_exported
 
 from .conftest import SNAPDRAGON, X86, XAVIER, fast_profile, without_artifacts
-from .models import export, sequence_classifier, sequences
+from .models import export, sequence_classifier, sequences, speaker_embedder, speaker_frames
 
 
 @pytest.fixture(scope="module")
@@ -165,3 +165,36 @@ def test_an_exported_lstm_casts_to_16_bit_floats_with_its_state(lstm, dtype):
         got, want = half(torch.from_numpy(x)), ep.module()(torch.from_numpy(x))
     assert got.dtype == torch.float32 and (got.argmax(1) == want.argmax(1)).all()
     assert torch.allclose(got, want, atol=0.1)
+
+
+def test_a_speaker_embedder_is_judged_as_an_embedding_not_as_a_classifier(tmp_path_factory, tmp_path):
+    """LSTM -> Linear -> ReLU -> L2 norm, with speaker labels in --val that fit its 32 dimensions:
+    the unit-norm rows are the evidence, the role is `embedding`, judged by cosine (a pretrained
+    one's INT8 artifacts failed on the "top-1 agreement" of its arg-max)."""
+    x, y = speaker_frames(1024, 0)
+    x_val, y_val = speaker_frames(256, 1)
+    model = speaker_embedder(x, y)
+    with torch.no_grad():  # it tells the voices apart: nearest speaker centroid on held-out utterances
+        e, e_val = model(torch.from_numpy(x)), model(torch.from_numpy(x_val))
+        centroids = torch.stack([e[torch.from_numpy(y == s)].mean(0) for s in range(16)])
+        assert float(((e_val @ centroids.T).argmax(1).numpy() == y_val).mean()) > 0.9
+    folder = tmp_path_factory.mktemp("speaker")
+    export(model, x, folder / "speaker.pt2")
+    np.savez(folder / "calib.npz", x=x[:128])
+    np.savez(folder / "val.npz", x=x_val, y=y_val)
+    profile = without_artifacts(
+        fast_profile(tmp_path, 128, 256), tmp_path, "onnx_int8_dynamic", "torch_int8_dynamic"
+    )
+    report, out = toolchain.build(
+        str(folder / "speaker.pt2"), str(profile), tmp_path / "out", folder / "calib.npz", folder / "val.npz"
+    )
+    data = report.to_json()
+    (output,) = data["model"]["outputs"]
+    assert (output["role"], output["inferred"], output["evidence"]) == ("embedding", True, "unit-norm rows")
+    assert data["reference"]["accuracy"] is None  # no classification output to score labels on
+    for a in data["artifacts"]:
+        assert a["parity"]["outputs"][0]["role"] == "embedding" and a["parity"]["top1_agreement"] is None
+    int8 = [a for a in data["artifacts"] if a["precision"] == "int8"]
+    assert int8 and all(a["parity"]["passed"] is True and a["parity"]["cosine"] > 0.99 for a in int8), [
+        (a["name"], a["parity"]) for a in data["artifacts"]
+    ]

@@ -42,14 +42,17 @@ def test_every_output_is_judged_and_named():
     p = compare([logits, box], [logits, box + rng.standard_normal((16, 4))], None, T, roles)
     assert p.passed is False and [o.passed for o in p.outputs] == [True, False]
     assert p.failures and all(f.startswith("output 1 (box): ") for f in p.failures)
-    assert p.outputs[1].top1_agreement is None  # a box has no arg-max worth comparing
+    # a box's arg-max is reported (a regression's top-1), never judged: its failures are SQNR and cosine
+    assert p.outputs[1].top1_agreement is not None and not [f for f in p.failures if "top-1" in f]
     assert p.sqnr_db == p.outputs[1].sqnr_db  # the aggregate is the worst output
 
 
 def test_several_outputs_are_not_guessed_to_be_classifiers():
     two = [np.zeros((4, 4)), np.zeros((4, 10))]
     assert [r.role for r in resolve_roles(two, ["0", "1"], {})] == ["regression", "regression"]
-    assert resolve_roles([np.zeros((4, 10))], ["0"], {})[0].role == "classification"
+    # one (N, C) output is a classifier only with labels that fit it: scores alone are no evidence
+    assert resolve_roles([np.zeros((4, 10))], ["0"], {})[0].role == "regression"
+    assert resolve_roles([np.zeros((4, 10))], ["0"], {}, np.arange(4))[0].role == "classification"
     with pytest.raises(
         DataError, match="parity output `scores` is not an output of the model; its outputs are: 0, 1"
     ):
@@ -331,7 +334,7 @@ def test_a_parity_subset_keeps_every_class_and_rescores_fp32_on_it():
     logits = np.eye(8, dtype=np.float32)[y] + 0.1
     logits[y == 7] = np.roll(logits[y == 7], 1, axis=1)  # FP32 is wrong on every sample of the last class
     inputs = Inputs((1, 8), Dataset(logits, y, "cal"), Dataset(logits, y, "val", labels={"y": y}), ())
-    roles = resolve_roles([logits], ["logits"], {})
+    roles = resolve_roles([logits], ["logits"], {}, y)
     accuracy = lambda outputs, labels: float(np.mean(outputs.argmax(1) == labels))
     expected = Expected([logits], roles, 7 / 8, Metric("m.py:accuracy", accuracy, 7 / 8))
     part_inputs, part = parity_subset(inputs, expected, 128)

@@ -258,10 +258,10 @@ def check_artifact(
         runner = load_runner(artifact, runtime, profile.runtime.threads)
         return runner
 
-    log.info(
-        "timing %s (batch sizes %s)", name, ", ".join(map(str, sorted({1, *profile.runtime.batch_sizes})))
-    )
-    timed = run_bench(load, profile, inputs.signature)
+    fixed = artifact.fixed_batch()  # a file with its batch fixed is timed at that batch only
+    sizes = (fixed,) if fixed else profile.runtime.batch_sizes
+    log.info("timing %s (batch sizes %s)", name, ", ".join(map(str, sorted({1, *sizes}))))
+    timed = run_bench(load, profile, inputs.signature, sizes)
     log.info("comparing %s with FP32 on %d inputs", name, len(inputs.validation.x))
     outputs = run_batched(runner, inputs.validation.x, profile.parity.batch_size)
     parity = expected.compare(outputs, inputs.validation, thresholds, artifact.precision)
@@ -299,12 +299,12 @@ def _profiled(name: str, run):
         return None
 
 
-def run_bench(load, profile: Target, signature: Signature):
+def run_bench(load, profile: Target, signature: Signature, batch_sizes: tuple[int, ...] | None = None):
     r = profile.runtime
     return bench(
         load,
         signature,
-        r.batch_sizes,
+        batch_sizes or r.batch_sizes,
         r.warmup_runs,
         r.latency_runs,
         r.threads,

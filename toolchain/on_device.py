@@ -63,7 +63,10 @@ def kept_outputs(data) -> tuple[list[np.ndarray], tuple[OutputRole, ...]]:
     names, roles = [str(n) for n in data["output_names"]], [str(r) for r in data["output_roles"]]
     return (
         [data[f"reference_{i}"] for i in range(len(names))],
-        tuple(OutputRole(i, n, r, inferred=False) for i, (n, r) in enumerate(zip(names, roles))),
+        tuple(
+            OutputRole(i, n, r, inferred=False, per_frame=data[f"reference_{i}"].ndim == 3)
+            for i, (n, r) in enumerate(zip(names, roles))
+        ),
     )
 
 

@@ -62,12 +62,33 @@ class Artifact:
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.files())
 
+    def fixed_batch(self) -> int | None:
+        """The batch size an ONNX file's first batched input is fixed to; None where it is dynamic
+        (or the artifact is not an ONNX file). A model traced at batch 1 whose sizes follow the batch
+        is written with that batch fixed (see toolchain.stages.export_onnx)."""
+        if self.kind is not Kind.ONNX or self.path is None:
+            return None
+        return onnx_fixed_batch(self.path)
+
     @functools.cached_property
     def sha256(self) -> str:
         """sha256 of the artifact's files, or of an in-memory model's code and weights."""
         if self.path is not None:
             return sha256_files(self.files())
         return hashlib.sha256(_model_bytes(self.model)).hexdigest()
+
+
+def onnx_fixed_batch(path: Path) -> int | None:
+    """The fixed first dimension of an ONNX model's first input of rank >= 1; None if it is symbolic."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    weights = {t.name for t in graph.initializer}
+    for i in graph.input:
+        dims = i.type.tensor_type.shape.dim
+        if i.name not in weights and len(dims) >= 1:
+            return dims[0].dim_value if dims[0].HasField("dim_value") else None
+    return None
 
 
 def sha256_files(paths: list[Path]) -> str:

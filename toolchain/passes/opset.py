@@ -37,7 +37,7 @@ def convert_opset(proto, opset: int):
 
     model = onnx.ModelProto()
     model.CopyFrom(proto)
-    rewritten = _older_forms(model, opset) if opset < 18 else {}
+    rewritten = _older_forms(model, opset) if 13 <= opset < 18 else {}  # the older forms are opset 13's
     if rewritten:
         model.opset_import.append(helper.make_opsetid(_ASIDE, 1))
     try:
@@ -95,7 +95,10 @@ def _split_by_sizes(node, parts: int, model, shapes: dict[str, list]) -> None:
     if length % parts == 0:
         return  # Split-13 without `split`: as many equal parts as outputs
     size = -(-length // parts)
-    sizes = np.array([size] * (parts - 1) + [length - size * (parts - 1)], dtype=np.int64)
+    last = length - size * (parts - 1)
+    if last < 0:  # chunk makes fewer parts than asked here; Split-18 itself is invalid
+        raise ConversionError(f"Split `{node.name}` cannot make {parts} parts of an axis of {length}")
+    sizes = np.array([size] * (parts - 1) + [last], dtype=np.int64)
     name = f"{node.output[0]}_split_sizes"
     model.graph.initializer.append(numpy_helper.from_array(sizes, name))
     del node.input[1:]

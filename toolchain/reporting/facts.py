@@ -20,7 +20,16 @@ def model_facts(loaded: LoadedModel, inputs: Inputs, roles: tuple[OutputRole, ..
         "dynamic_batch": loaded.dynamic_batch,
         "sha256": loaded.artifact.sha256,
         "outputs": [
-            {"index": r.index, "name": r.name, "role": r.role, "role_inferred": r.inferred} for r in roles
+            {
+                "index": r.index,
+                "name": r.name,
+                "role": r.role,
+                "inferred": r.inferred,
+                "evidence": r.evidence,
+                "per_frame": r.per_frame,
+                "role_inferred": r.inferred,  # the key before `inferred`, kept for scripts that read it
+            }
+            for r in roles
         ],
     }
 

@@ -8,6 +8,8 @@ import io
 import logging
 import warnings
 
+import numpy as np
+
 from toolchain.core.artifact import Artifact, Kind
 from toolchain.core.context import BuildContext
 from toolchain.core.errors import StageError, reason
@@ -26,7 +28,8 @@ class ExportOnnxOptions:
     opset: int = option(
         18,
         "ONNX opset written: the exporter is asked for it, so it picks operator forms that exist there "
-        "(GELU as Erf below 20); below its floor (18) a checked version conversion of attribute forms",
+        "(GELU as Erf below 20); below its floor (18) a checked version conversion (Split/Pad rewritten), "
+        "else the TorchScript-based exporter at that opset",
     )
     dynamic_batch: bool = option(
         True, "keep the batch dimension dynamic (falls back to static if the model fixes it)"
@@ -100,13 +103,18 @@ class ExportOnnx(Stage):
                 f" ({done} rewritten to their older form)" if done else ""
             )
             return converted, exporter, route, dynamic
-        # a trace records an exported program's batch size as a constant, which a dynamic batch
-        # axis contradicts (ONNX shape inference refuses it): then the batch is fixed
-        for batch_axis in dict.fromkeys((dynamic, False)):
+        # A trace records sizes the program derives from the batch (`x.shape[0]`) as constants, which
+        # a dynamic batch axis does not undo: ONNX shape inference may refuse the file, or it may run
+        # and compute something else at another batch size. Then the batch is fixed.
+        module = _traceable(artifact)
+        for batch_axis in (True, False) if dynamic else (False,):
             try:
                 with _quiet(), native_stderr(stdout=True) as printed:  # its C++ log: the TorchScript graph
-                    proto = _export_torchscript(_traceable(artifact), ctx, batch_axis, opset)
-                    onnx.checker.check_model(proto, full_check=True)
+                    written = _export_torchscript(module, ctx, batch_axis, opset)
+                    onnx.checker.check_model(written, full_check=True)
+                if batch_axis and not _holds_batch(written, module, ctx):
+                    log.debug("TorchScript-based export: a dynamic batch does not hold at batch 3")
+                    continue
                 break
             except Exception as e:
                 failed = e
@@ -121,7 +129,29 @@ class ExportOnnx(Stage):
         route = (
             f"TorchScript-based exporter at opset {opset} (converting from {exported_opset}: {converting})"
         )
-        return proto, "torchscript", route, batch_axis
+        return written, "torchscript", route, batch_axis
+
+
+def _holds_batch(proto, module, ctx: BuildContext) -> bool:
+    """Whether ``proto`` computes what ``module`` does at a batch of 3 (the export traced batch 1)."""
+    import onnxruntime as ort
+    import torch
+
+    from toolchain.core.feed import ort_feed, repeat_to, torch_args
+    from toolchain.core.runner import flatten_outputs
+
+    x = repeat_to(ctx.calibration.x[:3], 3)
+    try:
+        session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        got = session.run(None, ort_feed(x, [i.name for i in session.get_inputs()]))
+        with torch.no_grad():
+            want = [t.numpy() for _, t in flatten_outputs(module(*torch_args(x)))]
+    except Exception as e:  # noqa: BLE001 - any refusal at batch 3 means the batch does not hold
+        log.debug("the dynamic-batch export does not run at batch 3: %s", e)
+        return False
+    return len(got) == len(want) and all(
+        a.shape == b.shape and np.allclose(a, b, atol=1e-4, rtol=1e-3) for a, b in zip(got, want)
+    )
 
 
 def input_names(ctx: BuildContext) -> list[str]:

@@ -137,7 +137,8 @@ class QuantizeOnnx(Stage, Recoverable):
             extra["CalibPercentile"] = o.percentile
         source = self._source(artifact, ctx)
         masks = self._masks(source, ctx) if o.float_masks else []
-        norms = multi_axis_norms(source) if o.per_channel else []
+        quantizes_norms = not o.op_types or "LayerNormalization" in o.op_types
+        norms = multi_axis_norms(source) if o.per_channel and quantizes_norms else []
         # Activation ranges are kept per (input, calibration): recovery's variants reuse them instead of
         # calibrating again. Only a run that keeps no layer in float writes them (it ranges every tensor).
         ranges = (

@@ -17,6 +17,7 @@ import struct
 from pathlib import Path
 from typing import Sequence
 
+from toolchain.core.artifact import onnx_fixed_batch
 from toolchain.core.errors import ToolchainError
 from toolchain.core.feed import Signature
 from toolchain.core.options import option
@@ -97,9 +98,14 @@ def read_calibration_cache(path: Path) -> tuple[str, dict[str, float]]:
     return header, scales
 
 
-def engine_plan(opts: TensorRTOptions, inputs: list[tuple[str, tuple[int, ...], tuple[int, ...]]]) -> dict:
+def engine_plan(
+    opts: TensorRTOptions,
+    inputs: list[tuple[str, tuple[int, ...], tuple[int, ...]]],
+    fixed_batch: int | None = None,
+) -> dict:
     """The plan for the engine. ``inputs``: each ONNX input's name, one sample's shape (batch excluded;
-    None for a scalar) and its axes that may change size (a sequence: min 1, opt = max = the data's)."""
+    None for a scalar) and its axes that may change size (a sequence: min 1, opt = max = the data's);
+    ``fixed_batch``: the batch the ONNX file is fixed to, the only one its engine can take."""
     if (
         len(opts.profile_batch) != 3
         or not opts.profile_batch[0] <= opts.profile_batch[1] <= opts.profile_batch[2]
@@ -110,7 +116,9 @@ def engine_plan(opts: TensorRTOptions, inputs: list[tuple[str, tuple[int, ...], 
         )
     dla = opts.dla_core >= 0
     # DLA has no dynamic dimensions: TensorRT needs min = opt = max, and runs only that shape
-    batches = (opts.profile_batch[1],) * 3 if dla else opts.profile_batch
+    batches = (
+        (fixed_batch,) * 3 if fixed_batch else (opts.profile_batch[1],) * 3 if dla else opts.profile_batch
+    )
     profiles = []
     for name, sample, dynamic in inputs:
         if sample is None:  # a scalar: one shape, nothing to optimize over
@@ -120,7 +128,7 @@ def engine_plan(opts: TensorRTOptions, inputs: list[tuple[str, tuple[int, ...], 
         shapes = dict(
             zip(("min", "opt", "max"), ([b, *dims] for b, dims in zip(batches, (low, sample, sample))))
         )
-        profiles.append({"name": name, **shapes, "static": dla})
+        profiles.append({"name": name, **shapes, "static": dla or bool(fixed_batch)})
     # the first batched input (the plan's key before `inputs`)
     plan = {
         "tensorrt_version": opts.version,
@@ -186,7 +194,9 @@ def write_plan(folder: Path, opts: TensorRTOptions, signature, float_layers: tup
     scales = activation_scales(folder / f"{opts.calibration_from}.onnx")
     write_calibration_cache(folder / "calibration.cache", scales, opts.version)
     plan = engine_plan(
-        opts, [(name, None if s.scalar else s.shape, s.dynamic) for name, s in zip(names, signature.inputs)]
+        opts,
+        [(name, None if s.scalar else s.shape, s.dynamic) for name, s in zip(names, signature.inputs)],
+        onnx_fixed_batch(folder / f"{opts.engine_from}.onnx"),
     )
     if float_layers:
         plan["float_layers"] = {

@@ -53,8 +53,10 @@ def expected_outputs(
     reference = reference_runner(loaded.artifact, profile.runtime.threads)
     log.info("running FP32 reference on %d validation inputs", len(inputs.validation.x))
     ref_out = run_batched(reference, inputs.validation.x, profile.parity.batch_size)
-    roles = resolve_roles(ref_out, names, declared)
+    roles = resolve_roles(ref_out, names, declared, inputs.validation.y)
     check_reference(ref_out, roles)
+    for r in roles:
+        log.info("output %s: %s (%s)", r.name, r.role, r.evidence if r.inferred else "declared")
     metric = None
     if scorer is not None:
         from toolchain.verdict.metric import Metric, score

@@ -5,13 +5,25 @@ Each output has a role that decides which metrics judge it:
 | role           | judged on                                             | also reported          |
 |----------------|-------------------------------------------------------|------------------------|
 | classification | SQNR, cosine, top-1 agreement, accuracy (with labels) | max / mean abs error   |
-| probabilities  | SQNR, cosine, max abs error (probability units)       | top-1 agreement        |
-| regression     | SQNR, cosine                                          | relative max error     |
+| probabilities  | SQNR, cosine, max abs error (probability units),      | top-1 agreement        |
+|                | accuracy (with labels)                                |                        |
+| regression     | SQNR, cosine                                          | relative max error,    |
+|                |                                                       | top-1 agreement        |
 | embedding      | cosine                                                | SQNR                   |
 
 A role is declared (`[parity.outputs.<index or name>] role = ...` or `--outputs`) or
-inferred where that is safe: a model with a single (N, C > 1) output is a classifier,
-anything else is a regression. Whatever the role or thresholds, an output with a NaN or an
+inferred from evidence in FP32's own outputs and the labels, and the evidence is reported:
+
+| evidence (every row of FP32's output on the validation inputs), in this order | role           |
+|--------------------------------------------------------------------------------|----------------|
+| a probability simplex, and `--val` labels fit it (a softmax classifier)        | classification |
+| non-negative and summing to 1 (within 1e-3): a probability simplex             | probabilities  |
+| of unit L2 norm (within 1e-3), labels or not                                   | embedding      |
+| `--val` labels are integers within the output's class range                    | classification |
+| none of these                                                                  | regression     |
+
+A 3-D (N, T, C) output is judged per frame: the same rules on its last axis, each of the N x T
+frames a row (labels then (N, T)). Whatever the role or thresholds, an output with a NaN or an
 infinity, a missing output or a changed shape fails: those are never noise.
 
 When top-1 agreement misses its bar, the output says why in numbers (:class:`NearTies`): how close
@@ -44,6 +56,8 @@ class OutputRole:
     name: str
     role: str
     inferred: bool
+    evidence: str = "declared"  # why this role: what was seen in FP32's outputs or the labels
+    per_frame: bool = False  # a (N, T, C) output, judged frame by frame on its last axis
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,9 +187,10 @@ def run_batched(runner, x: np.ndarray, batch_size: int) -> Outputs:
 
 
 def resolve_roles(
-    reference: Outputs, names: Sequence[str], declared: Mapping[str, str]
+    reference: Outputs, names: Sequence[str], declared: Mapping[str, str], labels: np.ndarray | None = None
 ) -> tuple[OutputRole, ...]:
-    """Each output's role: declared by index or name, else inferred (see the module's table)."""
+    """Each output's role: declared by index or name, else inferred from evidence (see the
+    module's table); ``labels``: the validation labels, evidence for one classification output."""
     keys = {str(i) for i in range(len(reference))} | set(names)
     unknown = sorted(set(declared) - keys)
     if unknown:
@@ -188,11 +203,64 @@ def resolve_roles(
         role = declared.get(name) or declared.get(str(i))
         if role is not None and role not in ROLES:
             raise DataError(f"parity output `{name}`: role `{role}` is not one of {', '.join(ROLES)}")
-        if role is None:
-            single_classifier = len(reference) == 1 and out.ndim == 2 and out.shape[1] > 1
-            role = "classification" if single_classifier else "regression"
-        roles.append(OutputRole(i, name, role, inferred=not (name in declared or str(i) in declared)))
+        per_frame = out.ndim == 3
+        if role is not None:
+            roles.append(OutputRole(i, name, role, False, "declared", per_frame))
+            continue
+        labelled = any(r.role == "classification" for r in roles)  # labels go with one output
+        role, evidence = infer_role(out, None if labelled else labels)
+        roles.append(OutputRole(i, name, role, True, evidence, per_frame))
     return tuple(roles)
+
+
+def labelled_output(roles: Sequence[OutputRole], outputs: Outputs, labels: np.ndarray | None) -> int | None:
+    """The output the labels score: the first classification or probabilities output whose rows the
+    labels fit (one integer class per sample, or per frame, within its classes); None if none."""
+    if labels is None:
+        return None
+    for r in roles:
+        if r.role in ("classification", "probabilities") and _class_labels(
+            np.asarray(labels), outputs[r.index]
+        ):
+            return r.index
+    return None
+
+
+def infer_role(out: np.ndarray, labels: np.ndarray | None) -> tuple[str, str]:
+    """(role, evidence) of one output from FP32's values on the validation inputs (and labels)."""
+    if out.ndim not in (2, 3) or out.shape[-1] < 2:
+        return (
+            "regression",
+            f"no evidence: regression (a {out.ndim - 1}-D output per sample, not rows of scores)",
+        )
+    frame = "per frame: " if out.ndim == 3 else ""
+    rows = out.reshape(-1, out.shape[-1]).astype(np.float64)
+    if not np.isfinite(rows).all():
+        return "regression", "no evidence: regression (non-finite values)"
+    sums, norms = rows.sum(1), np.linalg.norm(rows, axis=1)
+    simplex = bool((rows >= -1e-6).all() and np.all(np.abs(sums - 1) <= 1e-3))
+    classes = labels is not None and _class_labels(labels, out)
+    said = f"{frame}labels {int(labels.min())}..{int(labels.max())} in --val" if classes else ""
+    if simplex and classes:  # a classifier whose head ends in a softmax
+        return "classification", f"{said}; rows are probability distributions"
+    if simplex:
+        return "probabilities", f"{frame}rows are probability distributions (non-negative, summing to 1)"
+    if np.all(np.abs(norms - 1) <= 1e-3):  # before labels: a speaker embedder's labels are no classes of it
+        return "embedding", f"{frame}unit-norm rows"
+    if classes:
+        return "classification", said
+    return "regression", "no evidence: regression"
+
+
+def _class_labels(labels: np.ndarray, out: np.ndarray) -> bool:
+    """Labels of one class per row of ``out`` (per sample, or per frame of a 3-D output), integers
+    within its class range."""
+    if labels.shape != out.shape[:-1] or labels.size == 0:
+        return False
+    if not np.issubdtype(labels.dtype, np.integer):
+        if not np.issubdtype(labels.dtype, np.floating) or not np.all(labels == np.round(labels)):
+            return False
+    return bool(labels.min() >= 0 and labels.max() < out.shape[-1])
 
 
 def check_reference(reference: Outputs, roles: Sequence[OutputRole]) -> None:
@@ -227,11 +295,9 @@ def compare(
     roles = (
         tuple(roles)
         if roles is not None
-        else resolve_roles(reference, [str(i) for i in range(len(reference))], {})
+        else resolve_roles(reference, [str(i) for i in range(len(reference))], {}, labels)
     )
-    labelled = (
-        next((r.index for r in roles if r.role == "classification"), None) if labels is not None else None
-    )
+    labelled = labelled_output(roles, reference, labels)
     if len(output) != len(reference):
         return Parity.failed(
             f"the artifact gives {len(output)} outputs, FP32 gives {len(reference)}", len(reference[0])
@@ -273,13 +339,16 @@ def _with_metric(parity: Parity, metric, output: Outputs, names: list[str], labe
 def accuracy_of(
     outputs: Outputs | np.ndarray, labels: np.ndarray | None, roles: Sequence[OutputRole] | None = None
 ) -> float | None:
-    """FP32's accuracy on its labelled (first classification) output; None without one."""
+    """FP32's accuracy on its labelled output (see :func:`labelled_output`); None without one."""
     outputs = _as_list(outputs)
-    roles = roles if roles is not None else resolve_roles(outputs, [str(i) for i in range(len(outputs))], {})
-    index = next((r.index for r in roles if r.role == "classification"), None)
-    if labels is None or index is None:
+    if roles is None:
+        roles = resolve_roles(outputs, [str(i) for i in range(len(outputs))], {}, labels)
+    index = labelled_output(roles, outputs, labels)
+    if index is None:
         return None
-    return float(np.mean(outputs[index].reshape(len(labels), -1).argmax(1) == labels))
+    role, out = roles[index], outputs[index]
+    scores = out.reshape(-1, out.shape[-1]) if role.per_frame else out.reshape(len(labels), -1)
+    return float(np.mean(scores.argmax(1) == np.asarray(labels).reshape(-1)))
 
 
 def _compare_one(
@@ -306,8 +375,13 @@ def _compare_one(
             False,
             (failure,),
         )
-    ref = reference.reshape(len(reference), -1).astype(np.float64)
-    out = output.reshape(len(output), -1).astype(np.float64)
+    if role.per_frame:  # every frame a row: top-1, cosine and labels per frame
+        ref = reference.reshape(-1, reference.shape[-1]).astype(np.float64)
+        out = output.reshape(-1, output.shape[-1]).astype(np.float64)
+        labels = None if labels is None else np.asarray(labels).reshape(-1)
+    else:
+        ref = reference.reshape(len(reference), -1).astype(np.float64)
+        out = output.reshape(len(output), -1).astype(np.float64)
     finite = np.isfinite(out)
     nonfinite = int((~finite).sum())
     err = ref - out
@@ -323,7 +397,7 @@ def _compare_one(
         peak = float(np.abs(ref).max())
         rel = max_abs / peak if peak > 0 else (0.0 if max_abs == 0 else float("inf"))
     top1 = accuracy = ref_accuracy = None
-    if ref.shape[1] > 1 and role.role in ("classification", "probabilities"):
+    if ref.shape[1] > 1 and role.role != "embedding":  # judged for classification only
         top1 = float(np.mean(ref.argmax(1) == out.argmax(1)))
         if labels is not None:
             accuracy = float(np.mean(out.argmax(1) == labels))
@@ -375,9 +449,9 @@ def _failures(role, sqnr, cosine, max_abs, top1, accuracy, ref_accuracy, t: Pari
         out.append(f"cosine {cosine:.4f} < {t.min_cosine}")
     if role == "probabilities" and not max_abs <= t.max_probability_error:
         out.append(f"max probability error {max_abs:.4f} > {t.max_probability_error}")
-    if role == "classification":
-        if top1 is not None and not top1 >= t.min_top1_agreement:
-            out.append(f"top-1 agreement {top1:.2%} < {t.min_top1_agreement:.2%}")
+    if role == "classification" and top1 is not None and not top1 >= t.min_top1_agreement:
+        out.append(f"top-1 agreement {top1:.2%} < {t.min_top1_agreement:.2%}")
+    if role in ("classification", "probabilities"):  # accuracy: only where labels scored this output
         if accuracy is not None and not ref_accuracy - accuracy <= t.max_accuracy_drop:
             out.append(
                 f"accuracy {accuracy:.2%} is {ref_accuracy - accuracy:.2%} below FP32's {ref_accuracy:.2%}"
