@@ -13,7 +13,7 @@ import torch
 import toolchain
 from toolchain.core.errors import EXIT_PARITY_FAILURE, EXIT_USER_ERROR, DataError
 
-from .conftest import cli, fast_profile, without_artifacts
+from .conftest import cli, data_profile, fast_profile, without_artifacts
 
 REPORT_KEYS = {"target", "passed", "artifacts", "reference"}
 ARTIFACT_KEYS = {"name", "path", "format", "precision", "size_bytes", "primary", "latency_ms", "parity"}
@@ -419,3 +419,27 @@ def test_fbgemm_kernels_pack_torch_int8_for_fbgemm_on_a_vnni_or_amx_target(digit
     )
     # fbgemm's kernels use VNNI on an AMX CPU: full range
     assert a["stage_facts"]["quantize_torch"]["reduce_range"] is False
+
+
+@pytest.mark.parametrize("required", [False, True])
+def test_an_optional_artifact_that_fails_is_reported_but_does_not_fail_the_build(digits, tmp_path, required):
+    """`required = false`: the artifact is built, judged and shown failed, with a warning; the verdict
+    rests on the required artifacts (FP32 here). Required, the same failure fails the build."""
+    base = data_profile(tmp_path, 64, 128, keep=("onnx_fp32", "onnx_int8"))
+    text = base.read_text().replace(
+        "[artifacts.onnx_int8]\n", f"[artifacts.onnx_int8]\nrequired = {str(required).lower()}\n"
+    )
+    # a bar INT8 cannot reach, and no recovery: onnx_int8 fails, FP32 passes
+    base.write_text(text + "\n[recovery]\nenabled = false\n[parity.precisions.int8]\nmin_sqnr_db = 200.0\n")
+    report, _ = toolchain.build(
+        str(digits["model"]), str(base), tmp_path / "out", digits["calibration"], digits["validation"]
+    )
+    data = report.to_json()
+    int8 = next(a for a in data["artifacts"] if a["name"] == "onnx_int8")
+    assert int8["parity"]["passed"] is False and int8["required"] is required
+    assert next(a for a in data["artifacts"] if a["name"] == "onnx_fp32")["parity"]["passed"] is True
+    warned = [w for w in data["warnings"] if w.startswith("optional artifact onnx_int8 failed parity (SQNR")]
+    if required:
+        assert data["passed"] is False and data["verdict"] == "FAILED parity" and not warned
+    else:
+        assert data["passed"] is True and data["verdict"] == "PASSED" and len(warned) == 1, data["warnings"]

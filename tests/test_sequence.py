@@ -117,7 +117,10 @@ def test_thresholds_are_per_precision(lstm, tmp_path):
         "SQNR" in f for f in verdicts["onnx_fp16"]["failures"]
     )
     assert verdicts["onnx_int8_qdq"]["passed"] is True and verdicts["onnx_fp32"]["passed"] is True
-    assert data["passed"] is False
+    # onnx_fp16 is optional on Xavier (the FP16 engine's host proxy): a warning, not a failed build
+    assert data["passed"] is True and any(
+        w.startswith("optional artifact onnx_fp16 failed") for w in data["warnings"]
+    )
 
 
 @pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU])

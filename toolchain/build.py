@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import time
@@ -113,6 +114,9 @@ def build(
             build_seconds=round(time.perf_counter() - started, 2),
             metric=expected.metric and expected.metric.to_json(),
         )
+        for line in report.optional_failures:
+            log.warning(line)
+        report = dataclasses.replace(report, warnings=report.warnings + tuple(report.optional_failures))
         write(report, tmp)
         built = {n: m for n, m in made.items() if m.report is not None}
         write_manifest(

@@ -98,6 +98,7 @@ def make_artifact(
     report = dataclasses.replace(
         checked,
         eligible=chain.spec.primary,
+        required=chain.spec.required,
         stage_facts=reported_facts(records),
         recovery=recovery and recovery.to_report(),
     )

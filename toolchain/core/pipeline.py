@@ -82,6 +82,11 @@ class ArtifactSpec:
     )
     description: str = option("", "what the artifact is for")
     primary: bool = option(True, "may be chosen as the primary artifact (fastest that passes parity)")
+    required: bool = option(
+        True,
+        "must pass for the build to pass; an optional artifact that fails is reported failed, with a "
+        "warning, and the build's verdict rests on the required ones",
+    )
     parity_samples: int = option(
         0,
         "validation inputs this artifact is checked on, evenly spaced over the validation set (0: all); "

@@ -42,6 +42,7 @@ class ArtifactReport:
     parity: Parity
     primary: bool = False
     eligible: bool = True  # the profile lets it be primary
+    required: bool = True  # the profile says it must pass for the build to pass
     # e.g. mobile passes not applied
     stage_facts: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     profile: str | None = None  # profiles/<name>.json, relative to the build folder
@@ -65,6 +66,7 @@ class ArtifactReport:
             "size_bytes": self.size_bytes,
             "sha256": self.sha256,
             "primary": self.primary,
+            "required": self.required,
             "latency_ms": self.bench.batch1.p50_ms,
             "latency_p95_ms": self.bench.batch1.p95_ms,
             "latency_p99_ms": self.bench.batch1.p99_ms,
@@ -98,10 +100,24 @@ class Report:
 
     @property
     def passed(self) -> bool | None:
-        """False when any artifact fails; None when nothing was judged (random weights); else True."""
-        if not self.artifacts or any(a.parity.passed is False for a in self.artifacts):
+        """False when any required artifact fails (any artifact, when none built is required); None
+        when nothing was judged (random weights); else True."""
+        judged = [a for a in self.artifacts if a.required] or self.artifacts
+        if not judged or any(a.parity.passed is False for a in judged):
             return False
         return None if self.thresholds is None else True
+
+    @property
+    def optional_failures(self) -> list[str]:
+        """Warnings for the optional artifacts that failed while the build's verdict rests on others."""
+        if not any(a.required for a in self.artifacts):
+            return []
+        return [
+            f"optional artifact {a.name} failed parity ({'; '.join(a.parity.failures)[:200]}); "
+            "the build's verdict rests on the required artifacts"
+            for a in self.artifacts
+            if not a.required and a.parity.passed is False
+        ]
 
     @property
     def verdict(self) -> str:
