@@ -369,3 +369,51 @@ def test_a_fix_whose_check_raises_is_not_tried_and_the_build_goes_on():
     )
     assert outcome.status == "failed" and outcome.attempts == ()
     assert "no layer to keep in float" in outcome.reason
+
+
+def test_recovery_that_would_leave_no_int8_arithmetic_is_not_a_recovery():
+    """A model whose only quantizable layer is a 3-layer LSTM (a speaker embedder fed heavy-tailed
+    power mel frames, measured here: dynamic INT8 12 dB): keeping it in float "passes" with outputs
+    equal to FP32's bit for bit. That is the FP32 model under an INT8 name: not recovered, said so."""
+    import dataclasses
+
+    import numpy as np
+
+    from toolchain.core.stage import Recoverable, Stage
+    from toolchain.target import ParityThresholds, RecoveryOptions
+    from toolchain.verdict.parity import compare
+    from toolchain.verdict.recovery import _failed_parity, recover, summary_line
+
+    @dataclasses.dataclass(frozen=True)
+    class StubOptions:
+        float_layers: tuple = ()
+
+    class Quantize(Stage, Recoverable):
+        name = "quantize_stub"
+        Options = StubOptions
+
+        def fixes(self):
+            return ()
+
+        def calibrations(self):
+            return ()
+
+    ref = np.random.default_rng(0).normal(size=(16, 8))
+    thresholds = ParityThresholds(
+        min_sqnr_db=20.0, min_cosine=0.99, min_top1_agreement=0.99, max_accuracy_drop=0.01
+    )
+    built = []
+
+    def trial(stages):
+        built.append(stages[0].options.float_layers)
+        return compare(ref, ref.copy(), None, thresholds), 1.0, 100  # the all-float variant: FP32 exactly
+
+    failed = _failed_parity("SQNR 12.1 dB < 15.0 dB")
+    outcome = recover((Quantize(),), failed, trial, lambda stage: ["lstm"], RecoveryOptions())
+    assert built == [("lstm",)] and outcome.status == "failed" and outcome.stages is None
+    assert "every quantizable layer would have to stay in float" in outcome.reason
+    line = summary_line("torch_int8_dynamic", outcome, failed, 1.0, None)
+    assert (
+        line.startswith("torch_int8_dynamic: not recovered (every quantizable layer")
+        and "best attempt" not in line
+    )

@@ -235,6 +235,8 @@ def recover(
                 )
             attempts.append(attempt(best_calibration, best_fixes, (*keep, layer)))
             rows.append(_sensitivity_row(layer, attempts[-1], best))
+            if attempts[-1].parity.passed and exact(attempts[-1].parity):
+                return done("failed", sensitivity or _ranked(rows), NO_INT8_LEFT)
             if attempts[-1].parity.passed:
                 return done("recovered", sensitivity or _ranked(rows))
         ranked = _ranked(rows)
@@ -245,6 +247,17 @@ def recover(
         f"(max_float_layers = {options.max_float_layers}) did not reach the thresholds"
     )
     return done("failed", sensitivity, why)
+
+
+NO_INT8_LEFT = (
+    "every quantizable layer would have to stay in float: with them in float the outputs equal FP32's "
+    "bit for bit, no INT8 arithmetic is left (the FP32 artifact is that model)"
+)
+
+
+def exact(p: Parity) -> bool:
+    """Every output equals FP32's bit for bit (infinite SQNR): nothing quantized touched the outputs."""
+    return bool(p.outputs) and all(o.sqnr_db == float("inf") for o in p.outputs)
 
 
 def _applies(applies: Callable[[Stage, str], bool], stage: Stage, fix: str) -> bool:
@@ -353,7 +366,7 @@ def summary_line(
         best = max(outcome.attempts, key=lambda a: score(a.parity), default=None)
         tail = (
             f"; best attempt {best.what}: {'; '.join(best.parity.failures)}{_ties(best.parity)}"
-            if best
+            if best and best.parity.failures
             else ""
         )
         return f"{name}: not recovered ({outcome.reason or outcome.status}){tail}"
