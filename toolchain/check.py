@@ -15,7 +15,7 @@ from toolchain import runtimes
 from toolchain.core.artifact import Artifact
 from toolchain.core.errors import NotApplicable, StageError, reason
 from toolchain.core.export import as_module
-from toolchain.core.feed import Signature
+from toolchain.core.feed import Signature, arrays
 from toolchain.core.pipeline import Pipeline, Plan, Skipped
 from toolchain.core.stage import reported_facts
 from toolchain.inputs.load import LoadedModel
@@ -29,6 +29,7 @@ from toolchain.tensorrt.operators import parser_refuses
 from toolchain.verdict.expected import Expected, parity_subset
 from toolchain.verdict.parity import Parity, run_batched
 from toolchain.verdict.recovery import Outcome, recover, recoverable_stage, summary_line, write_sensitivity
+from toolchain.verdict.share import int8_share_of
 
 log = logging.getLogger("toolchain")
 
@@ -273,6 +274,7 @@ def check_artifact(
         name, lambda: profiler(artifact, inputs.validation.x[:1], r.profile_runs, r.threads)
     )
     note = measured and busy_cores(timed.batch1.p50_ms, measured.total_ms)
+    sample = [a.shape for a in arrays(inputs.validation.x[:1])]
     if note:
         log.warning("%s: %s", name, note)
     return ArtifactReport(
@@ -288,6 +290,7 @@ def check_artifact(
         bench=timed,
         parity=parity,
         profile=measured and write_profile(measured, folder, name),
+        **int8_share_of(artifact, sample),
     )
 
 

@@ -50,6 +50,9 @@ class ArtifactReport:
     float_layers: tuple[str, ...] = ()  # layers kept in floating point (precision "mixed")
     # why its timed latency is not to be trusted (measure.timing.busy_cores)
     latency_warning: str | None = None
+    # the share of its multiply-accumulates that run in INT8 (toolchain.verdict.share); None: not measured
+    int8_share: float | None = None
+    int8_share_basis: str | None = None
 
     @property
     def latency_ms(self) -> float:
@@ -77,6 +80,8 @@ class ArtifactReport:
             "float_layers": list(self.float_layers),
             "recovery": self.recovery,
             "latency_warning": self.latency_warning,
+            "int8_share": self.int8_share,
+            "int8_share_basis": self.int8_share_basis,
         }
 
 
@@ -209,6 +214,12 @@ def inputs_phrase(model: dict) -> str:
     return text + (f"; fixed in every artifact: {', '.join(fixed)}" if fixed else "")
 
 
+def _precision_cell(a: ArtifactReport) -> str:
+    """`int8 (0.2 % INT8)`: an INT8 artifact whose multiply-accumulates are not all INT8 says how many are."""
+    partial = a.int8_share is not None and a.int8_share < 1 and a.precision in ("int8", "mixed")
+    return f"{a.precision} ({a.int8_share:.1%} INT8)" if partial else a.precision
+
+
 def table(report: Report) -> str:
     head = [
         "artifact",
@@ -240,7 +251,7 @@ def table(report: Report) -> str:
         rows.append(
             [
                 a.name + (" *" if a.primary else ""),
-                a.precision,
+                _precision_cell(a),
                 _mb(a.size_bytes),
                 _latency_cell(a),
                 f"{p.sqnr_db:.1f}",

@@ -1,0 +1,120 @@
+"""How much of a model an INT8 artifact really computes in INT8: ``int8_share``.
+
+An "int8" label says which quantizer ran, not what it quantized: ONNX Runtime's static INT8 leaves
+an LSTM in float (no static LSTM kernel), so a speaker embedder labelled "int8" can run 99.8 % of
+its multiply-accumulates in FP32. For an ONNX file the share is counted in multiply-accumulates
+per sample (basis ``macs``), from the file's own graph and ONNX shape inference:
+
+- Conv, Gemm, MatMul: INT8 when both their activation and weight inputs come from a
+  DequantizeLinear (the Q/DQ form ONNX Runtime fuses into integer kernels), or when the node is an
+  integer one (ConvInteger, MatMulInteger, QLinearConv, QLinearMatMul);
+- LSTM, GRU: FP32; DynamicQuantizeLSTM: INT8 (weights INT8, inputs quantized per call).
+
+The inputs' dimensions are set from one batch-1 sample (a symbolic one left counts as 1). Nodes
+whose shapes inference leaves unknown are not counted; ``unknown_nodes`` says how many.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+log = logging.getLogger("toolchain")
+
+INTEGER = {"ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul", "DynamicQuantizeLSTM"}
+WEIGHTED = {"Conv", "Gemm", "MatMul", "LSTM", "GRU", *INTEGER}
+
+
+def onnx_int8_share(path: Path, sample: list[tuple[int, ...]] | None = None) -> dict:
+    """{"int8_share", "int8_share_basis": "macs", "macs", "unknown_nodes"} of an ONNX file;
+    ``sample``: one batch-1 input's shape per graph input, which replace the file's symbolic
+    dimensions (a sequence's length) before shape inference."""
+    import onnx
+    from onnx import shape_inference
+
+    model = onnx.load(str(path), load_external_data=False)
+    weights = {i.name for i in model.graph.initializer}
+    fed = [i for i in model.graph.input if i.name not in weights]
+    for value, shape in zip(fed, sample or ()):
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) == len(shape):
+            for d, n in zip(dims, shape):
+                d.Clear()
+                d.dim_value = int(n)
+    model = shape_inference.infer_shapes(model, data_prop=True)
+    graph = model.graph
+    shapes = {i.name: list(i.dims) for i in graph.initializer}
+    for v in (*graph.input, *graph.value_info, *graph.output):
+        t = v.type.tensor_type
+        if t.HasField("shape"):
+            shapes[v.name] = [
+                d.dim_value if d.HasField("dim_value") else (1 if d.dim_param else None) for d in t.shape.dim
+            ]
+    made_by = {o: n.op_type for n in graph.node for o in n.output}
+    total = int8 = 0
+    unknown = 0
+    for node in graph.node:
+        if node.op_type not in WEIGHTED:
+            continue
+        macs = _macs(node, shapes)
+        if macs is None:
+            unknown += 1
+            continue
+        total += macs
+        if node.op_type in INTEGER or (
+            node.op_type in ("Conv", "Gemm", "MatMul")
+            and all(made_by.get(i) == "DequantizeLinear" for i in node.input[:2])
+        ):
+            int8 += macs
+    return {
+        "int8_share": round(int8 / total, 4) if total else None,
+        "int8_share_basis": "macs",
+        "macs": total,
+        "unknown_nodes": unknown,
+    }
+
+
+def _macs(node, shapes: dict) -> int | None:
+    def dims(name: str) -> list[int] | None:
+        d = shapes.get(name)
+        return d if d is not None and all(isinstance(v, int) and v > 0 for v in d) else None
+
+    op = node.op_type
+    if op in ("Conv", "ConvInteger", "QLinearConv"):
+        w = dims(node.input[3] if op == "QLinearConv" else node.input[1])
+        y = dims(node.output[0])
+        return None if w is None or y is None else math.prod(y) * math.prod(w[1:])
+    if op == "Gemm":
+        a, y = dims(node.input[0]), dims(node.output[0])
+        trans = next((x.i for x in node.attribute if x.name == "transA"), 0)
+        return None if a is None or y is None else math.prod(y) * (a[0] if trans else a[1])
+    if op in ("MatMul", "MatMulInteger", "QLinearMatMul"):
+        a, y = dims(node.input[0]), dims(node.output[0])
+        return None if a is None or y is None else math.prod(y) * a[-1]
+    # LSTM / GRU / DynamicQuantizeLSTM: X (T, N, I) or (N, T, I); W (D, gates * H, I); R (D, gates * H, H)
+    x, w = dims(node.input[0]), dims(node.input[1])
+    r = dims(node.input[2])
+    if x is None or w is None or r is None:
+        return None
+    batch_first = next((a.i for a in node.attribute if a.name == "layout"), 0) == 1
+    steps, batch = (x[1], x[0]) if batch_first else (x[0], x[1])
+    if op == "DynamicQuantizeLSTM":  # its weights are stored transposed: (D, I, 4H) and (D, H, 4H)
+        return steps * batch * w[0] * w[2] * (w[1] + r[1])
+    return steps * batch * w[0] * w[1] * (w[2] + r[2])
+
+
+def int8_share_of(artifact, sample: list[tuple[int, ...]]) -> dict:
+    """``int8_share`` and ``int8_share_basis`` of a shipped artifact: counted in multiply-accumulates
+    for an ONNX file, None (basis None) where this runtime's file cannot be read for it yet."""
+    unknown = {"int8_share": None, "int8_share_basis": None}
+    if artifact.path is None or artifact.path.suffix != ".onnx":
+        return unknown
+    try:
+        counted = onnx_int8_share(artifact.path, sample)
+    except Exception as e:  # noqa: BLE001 - a label's measurement must never cost the artifact
+        log.debug("int8_share not measured for %s: %s", artifact.path.name, e)
+        return unknown
+    if not counted["macs"]:  # nothing it could count (an NPU context): say nothing rather than 0
+        return unknown
+    return {k: counted[k] for k in ("int8_share", "int8_share_basis")}
