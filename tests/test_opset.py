@@ -203,5 +203,10 @@ def test_a_fallback_export_whose_batch_does_not_hold_fixes_the_batch(tmp_path):
     fp32 = next(a for a in report.to_json()["artifacts"] if a["name"] == "onnx_fp32")
     assert fp32["parity"]["sqnr_db"] > 90  # the program's function, one sample at a time
     assert [p["batch_size"] for p in fp32["bench"]["sweep"]] == [1]
+    # `toolchain bench` re-times it at its batch too, beside the others' sweeps
+    from toolchain.bench import bench_build
+
+    retimed = bench_build(folder, batch_sizes=(1, 8))["results"]
+    assert [p["batch_size"] for p in retimed["onnx_fp32"]["sweep"]] == [1]
     plan = json.loads((folder / "engine_plan.json").read_text())["input"]
     assert (plan["min"][0], plan["opt"][0], plan["max"][0], plan["static"]) == (1, 1, 1, True)

@@ -26,9 +26,9 @@ def test_sqnr_of_known_noise():
 
 def test_identical_outputs():
     ref = np.random.default_rng(0).standard_normal((8, 5))
-    labels = np.zeros(8, int)
-    assert accuracy_of(ref, labels) == np.mean(ref.argmax(1) == 0)
-    p = compare(ref, ref.copy(), labels, T)
+    labels = np.zeros(8, int)  # no evidence of a classifier (its arg-max does not score them): declared
+    assert accuracy_of(ref, labels, CLASSIFIER) == np.mean(ref.argmax(1) == 0)
+    p = classify(ref, ref.copy(), labels, T)
     assert (
         p.sqnr_db == float("inf") and p.cosine == pytest.approx(1.0) and p.top1_agreement == 1.0 and p.passed
     )
@@ -161,20 +161,22 @@ def _roles(outputs, labels=None, declared=None):
 
 def test_each_role_is_inferred_from_its_evidence_and_says_which():
     rng = np.random.default_rng(0)
-    logits = rng.normal(size=(64, 10))
+    labels = rng.integers(0, 10, 64)
+    logits = rng.normal(size=(64, 10)) + 3 * np.eye(10)[labels]  # a classifier: right on ~90 %
     probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
     unit = np.abs(logits) / np.linalg.norm(logits, axis=1, keepdims=True)  # ReLU'd, then L2-normalised
-    labels = rng.integers(0, 10, 64)
+    right = f"{np.mean(logits.argmax(1) == labels):.1%}"
     assert _roles([probs]) == [
         ("probabilities", True, "rows are probability distributions (non-negative, summing to 1)", False)
     ]
     assert _roles([unit]) == [("embedding", True, "unit-norm rows", False)]
-    assert _roles([logits], labels) == [("classification", True, "labels 0..9 in --val", False)]
+    said = f"labels 0..9 in --val, FP32's arg-max right on {right} of them"
+    assert _roles([logits], labels) == [("classification", True, said, False)]
     # a softmax classifier: its labels make it one (top-1 and accuracy judged, not max probability error)
     assert _roles([probs], labels)[0][:3] == (
         "classification",
         True,
-        "labels 0..9 in --val; rows are probability distributions",
+        f"{said}; rows are probability distributions",
     )
     # the arg-max of an embedding is no class, even with labels beside it
     assert _roles([unit], labels)[0][0] == "embedding"
@@ -183,8 +185,34 @@ def test_each_role_is_inferred_from_its_evidence_and_says_which():
     assert _roles([logits], labels + 0.5)[0][0] == "regression"  # not integers
     assert _roles([logits], labels.astype(np.float32))[0][0] == "classification"  # integers stored as floats
     assert _roles([logits[:, :1]], labels)[0][0] == "regression"  # one value per sample
-    # labels go with one output: the first they fit
-    assert [r[0] for r in _roles([logits, logits], labels)] == ["classification", "regression"]
+    # labels that merely fit are no evidence: scores whose arg-max is no better than guessing
+    assert _roles([rng.normal(size=(64, 10))], labels)[0][0] == "regression"
+
+
+def test_labels_go_to_the_output_they_describe_or_to_none():
+    """Boxes before logits, a waveform, features before a declared classifier: only the output whose
+    arg-max the labels score takes them."""
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 2, 200)
+    logits = rng.normal(size=(200, 2)) + 3 * np.eye(2)[labels]
+    boxes, wave = rng.normal(size=(200, 4)), rng.normal(size=(200, 1600))
+    assert [r[0] for r in _roles([boxes, logits], labels)] == ["regression", "classification"]
+    assert _roles([wave], labels)[0][0] == "regression"
+    features = rng.normal(size=(200, 256))
+    declared = _roles([features, logits], labels, {"1": "classification"})
+    assert [r[:2] for r in declared] == [("regression", True), ("classification", False)]
+    assert accuracy_of(
+        [features, logits], labels, _resolved([features, logits], labels, {"1": "classification"})
+    ) == (pytest.approx(np.mean(logits.argmax(1) == labels)))
+    # of two that both fit and score, the better scored
+    worse = logits + rng.normal(size=logits.shape) * 3
+    assert [r[0] for r in _roles([worse, logits], labels)] == ["regression", "classification"]
+
+
+def _resolved(outputs, labels, declared):
+    from toolchain.verdict.parity import resolve_roles
+
+    return resolve_roles(outputs, [str(i) for i in range(len(outputs))], declared, labels)
 
 
 def test_a_declared_role_overrides_the_evidence():
@@ -200,7 +228,14 @@ def test_a_sequence_output_is_judged_frame_by_frame():
     frames = scores.argmax(-1)
     assert _roles([probs])[0][:2] + _roles([probs])[0][3:] == ("probabilities", True, True)
     assert _roles([probs])[0][2].startswith("per frame: ")
-    assert _roles([scores], frames) == [("classification", True, "per frame: labels 0..4 in --val", True)]
+    assert _roles([scores], frames) == [
+        (
+            "classification",
+            True,
+            "per frame: labels 0..4 in --val, FP32's arg-max right on 100.0% of them",
+            True,
+        )
+    ]
     assert (
         _roles([scores], frames[:, 0])[0][0] == "regression"
     )  # one label per sequence: not per-frame labels

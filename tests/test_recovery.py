@@ -373,8 +373,8 @@ def test_a_fix_whose_check_raises_is_not_tried_and_the_build_goes_on():
 
 def test_recovery_that_would_leave_no_int8_arithmetic_is_not_a_recovery():
     """A model whose only quantizable layer is a 3-layer LSTM (a speaker embedder fed heavy-tailed
-    power mel frames, measured here: dynamic INT8 12 dB): keeping it in float "passes" with outputs
-    equal to FP32's bit for bit. That is the FP32 model under an INT8 name: not recovered, said so."""
+    power mel frames, measured here: dynamic INT8 12 dB): keeping it in float "passes", with outputs
+    equal to FP32's. That is the FP32 model under an INT8 name: not recovered, said so."""
     import dataclasses
 
     import numpy as np
@@ -416,4 +416,12 @@ def test_recovery_that_would_leave_no_int8_arithmetic_is_not_a_recovery():
     assert (
         line.startswith("torch_int8_dynamic: not recovered (every quantizable layer")
         and "best attempt" not in line
+    )
+    # a second candidate the quantizer does not in fact quantize (a Linear inside a fused LinearReLU):
+    # continuous outputs reproduced bit for bit say the same
+    two = lambda stage: ["lstm", "proj.0"]
+    assert recover((Quantize(),), failed, trial, two, RecoveryOptions(), continuous=True).status == "failed"
+    # discrete outputs (arg-max indices) can match exactly with INT8 inside: a recovery
+    assert (
+        recover((Quantize(),), failed, trial, two, RecoveryOptions(), continuous=False).status == "recovered"
     )

@@ -52,7 +52,7 @@ def test_several_outputs_are_not_guessed_to_be_classifiers():
     assert [r.role for r in resolve_roles(two, ["0", "1"], {})] == ["regression", "regression"]
     # one (N, C) output is a classifier only with labels that fit it: scores alone are no evidence
     assert resolve_roles([np.zeros((4, 10))], ["0"], {})[0].role == "regression"
-    assert resolve_roles([np.zeros((4, 10))], ["0"], {}, np.arange(4))[0].role == "classification"
+    assert resolve_roles([np.eye(10)[:4] * 5], ["0"], {}, np.arange(4))[0].role == "classification"
     with pytest.raises(
         DataError, match="parity output `scores` is not an output of the model; its outputs are: 0, 1"
     ):

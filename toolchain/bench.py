@@ -77,7 +77,9 @@ def bench_build(
         if not artifact.path.is_file():
             raise ToolchainError(f"{folder}: artifact file `{a['path']}` is missing")
         log.info("timing %s", a["name"])
-        b = bench(lambda: load_runner(artifact, a["runtime"], threads), sample, **settings)
+        fixed = artifact.fixed_batch()  # an ONNX file with its batch fixed is timed at that batch only
+        own = {**settings, "batch_sizes": (fixed,)} if fixed else settings
+        b = bench(lambda: load_runner(artifact, a["runtime"], threads), sample, **own)
         results[a["name"]] = {
             "runtime": a["runtime"],
             "engine": a["engine"],
@@ -142,7 +144,7 @@ def bench_table(data: dict[str, Any]) -> str:
                 f"{one['p50_ms']:.3f}",
                 f"{one['p95_ms']:.3f}",
                 f"{one['p99_ms']:.3f}",
-                *[f"{thr[b]:,.1f}" for b in sizes],
+                *[f"{thr[b]:,.1f}" if b in thr else "" for b in sizes],
                 str(r["best_batch"] or "none fits"),
                 _memory_mb(r["peak_memory_bytes"]),
                 f"{r['size_bytes'] / 2**20:.2f}" if r["size_bytes"] else "",

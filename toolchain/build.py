@@ -110,6 +110,7 @@ def build(
             thresholds=thresholds,
             engine=engine,
             warnings=inputs.warnings
+            + expected.warnings
             + tuple(f"{a.name}: {a.latency_warning}" for a in reports if a.latency_warning),
             build_seconds=round(time.perf_counter() - started, 2),
             metric=expected.metric and expected.metric.to_json(),

@@ -167,6 +167,7 @@ def recover_artifact(
         lambda stage: quantizable_layers(pipeline, chain, source, stage),
         profile.recovery,
         lambda stage, fix: stage.applies(fix, stage_input(pipeline, chain, source), pipeline.ctx),
+        continuous=any(np.any(np.asarray(o) != np.round(o)) for o in expected.outputs),
     )
     sensitivity = write_sensitivity(folder, chain.name, outcome, checked.parity)
     if outcome.stages is None:

@@ -214,6 +214,13 @@ def inputs_phrase(model: dict) -> str:
     return text + (f"; fixed in every artifact: {', '.join(fixed)}" if fixed else "")
 
 
+def _top1(p) -> float | None:
+    """The table's top-1 column: the judged one, else a single output's reported one (a regression's)."""
+    if p.top1_agreement is None and len(p.outputs) == 1:
+        return p.outputs[0].top1_agreement
+    return p.top1_agreement
+
+
 def _precision_cell(a: ArtifactReport) -> str:
     """`int8 (0.2 % INT8)`: an INT8 artifact whose multiply-accumulates are not all INT8 says how many are."""
     partial = a.int8_share is not None and a.int8_share < 1 and a.precision in ("int8", "mixed")
@@ -256,7 +263,7 @@ def table(report: Report) -> str:
                 _latency_cell(a),
                 f"{p.sqnr_db:.1f}",
                 f"{p.cosine:.4f}",
-                _pct(p.top1_agreement),
+                _pct(_top1(p)),
                 _pct(p.accuracy),
                 parity_verdict(p.passed, p.failures),
             ]

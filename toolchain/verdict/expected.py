@@ -55,8 +55,18 @@ def expected_outputs(
     ref_out = run_batched(reference, inputs.validation.x, profile.parity.batch_size)
     roles = resolve_roles(ref_out, names, declared, inputs.validation.y)
     check_reference(ref_out, roles)
-    for r in roles:
+    warnings = []
+    for r, out in zip(roles, ref_out):
         log.info("output %s: %s (%s)", r.name, r.role, r.evidence if r.inferred else "declared")
+        scores = r.inferred and r.role == "regression" and out.ndim == 2 and out.shape[1] > 1
+        if scores and inputs.validation.y is None:
+            warnings.append(
+                f"output {r.name} has {out.shape[1]} scores per sample and --val no labels `y`: it is "
+                f"judged as a regression (SQNR, cosine), its top-1 agreement reported, not judged; "
+                f"give labels, or "
+                f"`--outputs {r.name}=classification`, for top-1 to decide"
+            )
+            log.warning(warnings[-1])
     metric = None
     if scorer is not None:
         from toolchain.verdict.metric import Metric, score
@@ -65,7 +75,7 @@ def expected_outputs(
         value, higher = score(fn, spec, ref_out, names, inputs.validation.labels)
         metric = Metric(spec, fn, value, higher, max_drop, profile.parity.metric_drop == "relative")
         log.info("metric %s: FP32 scores %.6g", spec, value)
-    return Expected(ref_out, roles, accuracy_of(ref_out, inputs.validation.y, roles), metric)
+    return Expected(ref_out, roles, accuracy_of(ref_out, inputs.validation.y, roles), metric, tuple(warnings))
 
 
 def parity_subset(inputs: Inputs, expected: "Expected", n: int) -> tuple[Inputs, "Expected"]:
@@ -83,7 +93,13 @@ def parity_subset(inputs: Inputs, expected: "Expected", n: int) -> tuple[Inputs,
         metric = dataclasses.replace(metric, fp32=value)
     return (
         dataclasses.replace(inputs, validation=validation),
-        Expected(outputs, expected.roles, accuracy_of(outputs, validation.y, expected.roles), metric),
+        Expected(
+            outputs,
+            expected.roles,
+            accuracy_of(outputs, validation.y, expected.roles),
+            metric,
+            expected.warnings,
+        ),
     )
 
 
@@ -96,6 +112,7 @@ class Expected:
     roles: tuple[OutputRole, ...]
     accuracy: float | None
     metric: object = None  # toolchain.verdict.metric.Metric with FP32's score, when the user gives one
+    warnings: tuple[str, ...] = ()  # what the roles leave unjudged, for the report
 
     def compare(
         self, outputs: list, validation: Dataset, thresholds: ParityThresholds | None, precision: str

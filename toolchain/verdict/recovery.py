@@ -148,9 +148,13 @@ def recover(
     layers: Callable[[Stage], list[str]],
     options: RecoveryOptions,
     applies: Callable[[Stage, str], bool] = lambda stage, fix: True,
+    continuous: bool = False,
 ) -> Outcome:
     """Try the ladder on ``stages`` (whose artifact measured ``failed``); see the module's docstring.
-    ``applies(stage, fix)`` says whether a fix has anything to act on in this model (skipped if not)."""
+    ``applies(stage, fix)`` says whether a fix has anything to act on in this model (skipped if not).
+    ``continuous``: FP32's outputs hold non-integer values, so an attempt that reproduces them bit for
+    bit ran no INT8 arithmetic that reached them (discrete outputs, arg-max indices, can match exactly
+    with INT8 inside)."""
     index = recoverable_stage(stages)
     if index is None:
         return Outcome("not possible", None, (), (), "no quantization stage in the chain to adjust")
@@ -235,7 +239,9 @@ def recover(
                 )
             attempts.append(attempt(best_calibration, best_fixes, (*keep, layer)))
             rows.append(_sensitivity_row(layer, attempts[-1], best))
-            if attempts[-1].parity.passed and exact(attempts[-1].parity):
+            all_float = not set(candidates) - {*keep, layer} or (continuous and exact(attempts[-1].parity))
+            if attempts[-1].parity.passed and all_float:
+                # every layer it could quantize in float: measured for the sensitivity, never shipped
                 return done("failed", sensitivity or _ranked(rows), NO_INT8_LEFT)
             if attempts[-1].parity.passed:
                 return done("recovered", sensitivity or _ranked(rows))
@@ -250,13 +256,13 @@ def recover(
 
 
 NO_INT8_LEFT = (
-    "every quantizable layer would have to stay in float: with them in float the outputs equal FP32's "
-    "bit for bit, no INT8 arithmetic is left (the FP32 artifact is that model)"
+    "every quantizable layer would have to stay in float: it passes only with no INT8 arithmetic of "
+    "this quantizer left (the FP32 artifact is that model)"
 )
 
 
 def exact(p: Parity) -> bool:
-    """Every output equals FP32's bit for bit (infinite SQNR): nothing quantized touched the outputs."""
+    """Every output equals FP32's bit for bit (infinite SQNR)."""
     return bool(p.outputs) and all(o.sqnr_db == float("inf") for o in p.outputs)
 
 
