@@ -59,7 +59,8 @@ def kept_outputs(data) -> tuple[list[np.ndarray], tuple[OutputRole, ...]]:
     """The kept FP32 outputs and their roles (a folder from before roles were kept:
     the first output, inferred)."""
     if "output_names" not in data:
-        return [data["reference"]], resolve_roles([data["reference"]], ["0"], {})
+        labels = data["y"] if "y" in data else None  # the evidence the build had for its role
+        return [data["reference"]], resolve_roles([data["reference"]], ["0"], {}, labels)
     names, roles = [str(n) for n in data["output_names"]], [str(r) for r in data["output_roles"]]
     return (
         [data[f"reference_{i}"] for i in range(len(names))],
