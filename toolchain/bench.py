@@ -77,8 +77,7 @@ def bench_build(
         if not artifact.path.is_file():
             raise ToolchainError(f"{folder}: artifact file `{a['path']}` is missing")
         log.info("timing %s", a["name"])
-        fixed = artifact.fixed_batch()  # an ONNX file with its batch fixed is timed at that batch only
-        own = {**settings, "batch_sizes": (fixed,)} if fixed else settings
+        own = {**settings, "batch_sizes": artifact.timed_batches(settings["batch_sizes"])}
         b = bench(lambda: load_runner(artifact, a["runtime"], threads), sample, **own)
         results[a["name"]] = {
             "runtime": a["runtime"],

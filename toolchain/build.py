@@ -115,9 +115,10 @@ def build(
             build_seconds=round(time.perf_counter() - started, 2),
             metric=expected.metric and expected.metric.to_json(),
         )
-        for line in report.optional_failures:
+        optional = tuple(report.optional_failures)
+        for line in optional:
             log.warning(line)
-        report = dataclasses.replace(report, warnings=report.warnings + tuple(report.optional_failures))
+        report = dataclasses.replace(report, warnings=report.warnings + optional)
         write(report, tmp)
         built = {n: m for n, m in made.items() if m.report is not None}
         write_manifest(

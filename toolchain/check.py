@@ -167,7 +167,7 @@ def recover_artifact(
         lambda stage: quantizable_layers(pipeline, chain, source, stage),
         profile.recovery,
         lambda stage, fix: stage.applies(fix, stage_input(pipeline, chain, source), pipeline.ctx),
-        continuous=any(np.any(np.asarray(o) != np.round(o)) for o in expected.outputs),
+        continuous=expected.continuous,
     )
     sensitivity = write_sensitivity(folder, chain.name, outcome, checked.parity)
     if outcome.stages is None:
@@ -261,8 +261,7 @@ def check_artifact(
         runner = load_runner(artifact, runtime, profile.runtime.threads)
         return runner
 
-    fixed = artifact.fixed_batch()  # a file with its batch fixed is timed at that batch only
-    sizes = (fixed,) if fixed else profile.runtime.batch_sizes
+    sizes = artifact.timed_batches(profile.runtime.batch_sizes)
     log.info("timing %s (batch sizes %s)", name, ", ".join(map(str, sorted({1, *sizes}))))
     timed = run_bench(load, profile, inputs.signature, sizes)
     log.info("comparing %s with FP32 on %d inputs", name, len(inputs.validation.x))

@@ -70,6 +70,11 @@ class Artifact:
             return None
         return onnx_fixed_batch(self.path)
 
+    def timed_batches(self, sizes: tuple[int, ...]) -> tuple[int, ...]:
+        """The batch sizes to time it at: ``sizes``, or the one its file is fixed to."""
+        fixed = self.fixed_batch()
+        return (fixed,) if fixed else tuple(sizes)
+
     @functools.cached_property
     def sha256(self) -> str:
         """sha256 of the artifact's files, or of an in-memory model's code and weights."""

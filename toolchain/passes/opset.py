@@ -22,6 +22,8 @@ import re
 
 import numpy as np
 
+from toolchain.passes.shapes import value_dims
+
 _ASIDE = "toolchain.older_form"  # the domain a rewritten node waits in while the converter runs
 
 
@@ -61,7 +63,7 @@ def convert_opset(proto, opset: int):
 def _older_forms(model, opset: int) -> dict[str, int]:
     nodes = [n for n in model.graph.node if n.domain in ("", "ai.onnx") and n.op_type in ("Split", "Pad")]
     chunks = any(a.name == "num_outputs" for n in nodes if n.op_type == "Split" for a in n.attribute)
-    shapes = _shapes(model) if chunks else {}  # before any node is set aside, which would hide its outputs
+    shapes = value_dims(model) if chunks else {}  # before any node is set aside, which would hide its outputs
     counts: dict[str, int] = {}
     for node in nodes:
         if node.op_type == "Split":
@@ -103,24 +105,6 @@ def _split_by_sizes(node, parts: int, model, shapes: dict[str, list]) -> None:
     model.graph.initializer.append(numpy_helper.from_array(sizes, name))
     del node.input[1:]
     node.input.append(name)
-
-
-def _shapes(model) -> dict[str, list]:
-    """Every value's dimensions (int where known, else the symbol or None), from shape inference."""
-    from onnx import shape_inference
-
-    inferred = shape_inference.infer_shapes(model)
-    g = inferred.graph
-    out = {}
-    for v in (*g.input, *g.value_info, *g.output):
-        t = v.type.tensor_type
-        if t.HasField("shape"):
-            out[v.name] = [
-                d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim
-            ]
-    for init in g.initializer:
-        out[init.name] = list(init.dims)
-    return out
 
 
 def _drop_default_noop_with_empty_axes(proto, opset: int) -> None:

@@ -8,6 +8,8 @@ import logging
 from pathlib import Path
 from typing import Mapping
 
+import numpy as np
+
 from toolchain.core.dataset import Dataset
 from toolchain.core.runner import reference_runner
 from toolchain.inputs.load import LoadedModel
@@ -63,8 +65,7 @@ def expected_outputs(
             warnings.append(
                 f"output {r.name} has {out.shape[1]} scores per sample and --val no labels `y`: it is "
                 f"judged as a regression (SQNR, cosine), its top-1 agreement reported, not judged; "
-                f"give labels, or "
-                f"`--outputs {r.name}=classification`, for top-1 to decide"
+                f"give labels, or `--outputs {r.name}=classification`, for top-1 to decide"
             )
             log.warning(warnings[-1])
     metric = None
@@ -113,6 +114,12 @@ class Expected:
     accuracy: float | None
     metric: object = None  # toolchain.verdict.metric.Metric with FP32's score, when the user gives one
     warnings: tuple[str, ...] = ()  # what the roles leave unjudged, for the report
+
+    @property
+    def continuous(self) -> bool:
+        """FP32's outputs hold non-integer values: an artifact reproducing them bit for bit ran no INT8
+        arithmetic that reached them (arg-max indices can match exactly with INT8 inside)."""
+        return any(np.any(np.asarray(o) != np.round(o)) for o in self.outputs)
 
     def compare(
         self, outputs: list, validation: Dataset, thresholds: ParityThresholds | None, precision: str

@@ -20,6 +20,8 @@ import logging
 import math
 from pathlib import Path
 
+from toolchain.passes.shapes import value_dims
+
 log = logging.getLogger("toolchain")
 
 INTEGER = {"ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul", "DynamicQuantizeLSTM"}
@@ -31,7 +33,6 @@ def onnx_int8_share(path: Path, sample: list[tuple[int, ...]] | None = None) -> 
     ``sample``: one batch-1 input's shape per graph input, which replace the file's symbolic
     dimensions (a sequence's length) before shape inference."""
     import onnx
-    from onnx import shape_inference
 
     model = onnx.load(str(path), load_external_data=False)
     weights = {i.name for i in model.graph.initializer}
@@ -42,15 +43,8 @@ def onnx_int8_share(path: Path, sample: list[tuple[int, ...]] | None = None) -> 
             for d, n in zip(dims, shape):
                 d.Clear()
                 d.dim_value = int(n)
-    model = shape_inference.infer_shapes(model, data_prop=True)
     graph = model.graph
-    shapes = {i.name: list(i.dims) for i in graph.initializer}
-    for v in (*graph.input, *graph.value_info, *graph.output):
-        t = v.type.tensor_type
-        if t.HasField("shape"):
-            shapes[v.name] = [
-                d.dim_value if d.HasField("dim_value") else (1 if d.dim_param else None) for d in t.shape.dim
-            ]
+    shapes = value_dims(model, data_prop=True)
     made_by = {o: n.op_type for n in graph.node for o in n.output}
     total = int8 = 0
     unknown = 0
@@ -76,8 +70,9 @@ def onnx_int8_share(path: Path, sample: list[tuple[int, ...]] | None = None) -> 
 
 
 def _macs(node, shapes: dict) -> int | None:
-    def dims(name: str) -> list[int] | None:
+    def dims(name: str) -> list[int] | None:  # a symbol left (the batch) counts as 1
         d = shapes.get(name)
+        d = None if d is None else [1 if isinstance(v, str) else v for v in d]
         return d if d is not None and all(isinstance(v, int) and v > 0 for v in d) else None
 
     op = node.op_type
