@@ -764,3 +764,119 @@ class Rated(VoiceActivity):
 
     def forward(self, x, sr: int):
         return self.detect(x, sr)
+
+
+class _Spectrum(nn.Module):
+    """A magnitude STFT as streaming detectors compute it: a Conv1d over a fixed cos/sin basis."""
+
+    def __init__(self, n_fft: int = 128, hop: int = 64):
+        super().__init__()
+        self.n_fft, self.hop = n_fft, hop
+        k, n = np.arange(n_fft // 2 + 1)[:, None], np.arange(n_fft)[None]
+        window = np.hanning(n_fft + 1)[:-1]
+        angle = 2 * np.pi * k * n / n_fft
+        basis = np.concatenate([np.cos(angle), -np.sin(angle)]) * window
+        self.register_buffer("forward_basis_buffer", torch.tensor(basis, dtype=torch.float32)[:, None, :])
+
+    def forward(self, x):
+        x = nn.functional.pad(x.unsqueeze(1), (self.hop, self.hop), mode="reflect")
+        t = nn.functional.conv1d(x, self.forward_basis_buffer, stride=self.hop)
+        cut = self.n_fft // 2 + 1
+        return torch.sqrt(t[:, :cut] ** 2 + t[:, cut:] ** 2 + 1e-9)
+
+
+class _StreamingNet(nn.Module):
+    """Spectrum, strided Conv1d encoder, an LSTMCell decoder over the chunk whose state the caller keeps."""
+
+    def __init__(self, hidden: int = 64):
+        super().__init__()
+        self.stft = _Spectrum()
+        self.encoder = nn.Sequential(
+            *(
+                m
+                for cin, s in ((65, 1), (hidden, 2), (hidden, 2))
+                for m in (nn.Conv1d(cin, hidden, 3, s, 1), nn.ReLU())
+            )
+        )
+        self.rnn = nn.LSTMCell(hidden, hidden)
+        self.decoder = nn.Sequential(nn.Dropout(0.1), nn.ReLU(), nn.Conv1d(hidden, 1, 1), nn.Sigmoid())
+
+    def forward(self, x, state: torch.Tensor):
+        x = self.encoder(self.stft(x)).mean(-1)
+        if len(state):
+            h, c = self.rnn(x, (state[0], state[1]))
+        else:
+            h, c = self.rnn(x)
+        return self.decoder(h.unsqueeze(-1)).squeeze(-1), torch.stack([h, c])
+
+
+class StreamingVoiceActivity(nn.Module):
+    """A streaming voice-activity detector as published ones ship (scripted TorchScript,
+    ``forward(x, sr: int)``): input checks on Python ints, ``not`` on an int (which the TorchScript
+    exporter refuses without help), a model per sample rate chosen by ``if``, and state kept on the
+    module between calls (the LSTM state, the previous chunk's last 64 samples, the last batch size
+    and rate), reset when the batch size or the rate changes."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self._model, self._model_8k = net, _StreamingNet()
+        self.sample_rates = [8000, 16000]
+        self._state = torch.zeros(0)
+        self._context = torch.zeros(0)
+        self._last_sr = 0
+        self._last_batch_size = 0
+
+    def reset_states(self):
+        self._state = torch.zeros(0)
+        self._context = torch.zeros(0)
+        self._last_sr = 0
+        self._last_batch_size = 0
+
+    def forward(self, x: torch.Tensor, sr: int) -> torch.Tensor:
+        if x.dim() == 1:
+            x = x.unsqueeze(0)
+        if sr != 16000 and sr % 16000 == 0:
+            x, sr = x[:, :: sr // 16000], 16000
+        if sr not in self.sample_rates:
+            raise ValueError(f"Supported sampling rates: {self.sample_rates}")
+        if x.shape[-1] != (512 if sr == 16000 else 256):
+            raise ValueError(f"Provided number of samples is {x.shape[-1]}")
+        batch_size, context_size = x.shape[0], 64 if sr == 16000 else 32
+        if not self._last_batch_size:
+            self.reset_states()
+        if self._last_sr and self._last_sr != sr:
+            self.reset_states()
+        if self._last_batch_size and self._last_batch_size != batch_size:
+            self.reset_states()
+        if not len(self._context):
+            self._context = torch.zeros(batch_size, context_size)
+        x = torch.cat([self._context, x], dim=1)
+        if sr == 16000:
+            out, self._state = self._model(x, self._state)
+        else:
+            out, self._state = self._model_8k(x, self._state)
+        self._context = x[..., -context_size:]
+        self._last_sr, self._last_batch_size = sr, batch_size
+        return out
+
+
+def streaming_voice_activity(x: np.ndarray, y: np.ndarray, epochs: int = 6) -> StreamingVoiceActivity:
+    """Trained on single chunks, another chunk's tail as the context and no LSTM state: what the
+    detector sees on the first chunk of a stream."""
+    torch.manual_seed(0)
+    net = _StreamingNet()
+    yt = torch.from_numpy(y).float()
+
+    def loss(out, idx):
+        return nn.functional.binary_cross_entropy(out[0][:, 0], yt[idx])
+
+    class Chunk(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, chunk, context):
+            return self.net(torch.cat([context, chunk], 1), torch.zeros(0))
+
+    train(Chunk(), (x, np.roll(x, 1, axis=0)[:, -64:].copy()), None, epochs=epochs, loss=loss)
+    return StreamingVoiceActivity(net.eval()).eval()

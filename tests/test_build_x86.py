@@ -67,7 +67,8 @@ def test_a_cnn_lists_dynamic_int8_and_avx2_bf16_as_not_applicable_not_as_skipped
     assert shares["onnx_fp32"] == (0.0, "macs") and shares["torch_int8"] == (None, None)
     assert data["skipped"] == []
     reasons = {s["name"]: s["reason"] for s in data["not_applicable"]}
-    assert set(reasons) == {"onnx_int8_dynamic", "torch_int8_dynamic", "torch_bf16"}
+    assert set(reasons) == {"onnx_int8_dynamic", "torch_int8_dynamic", "torch_bf16", "torchscript_fp32"}
+    assert "for TorchScript models" in reasons["torchscript_fp32"]  # a .pt2 gets the torch.fx artifacts
     assert "no LSTM, GRU or weighted MatMul" in reasons["onnx_int8_dynamic"]
     assert "is not known to have BF16 instructions" in reasons["torch_bf16"]  # x86_fbgemm deploys to AVX2
     assert "not applicable `torch_int8_dynamic`" in (folder / "report.md").read_text()
@@ -207,7 +208,7 @@ def test_torchscript_mlp_input(digits_arrays, tmp_path):
     )
     assert report.passed, report.to_json()
     names = {a.name for a in report.artifacts}
-    assert names == {"torch_int8", "onnx_fp32", "onnx_int8"}
+    assert names == {"torch_int8", "torchscript_fp32", "onnx_fp32", "onnx_int8"}
     for a in report.artifacts:
         assert a.parity.top1_agreement >= 0.99
 

@@ -22,6 +22,7 @@ def test_builtin_x86_profile_loads_with_its_options():
         "onnx_int8_dynamic",
         "torch_int8_dynamic",
         "torch_bf16",
+        "torchscript_fp32",
     }
     assert t.stage_options["quantize_onnx"] == QuantizeOnnxOptions(
         calibration="minmax", per_channel=True, activations="uint8", weights="int8"

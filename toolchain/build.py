@@ -15,7 +15,7 @@ from toolchain.core.heap import keeps_heap_frozen
 from toolchain.core.native import keeps_torch_settings
 from toolchain.core.pipeline import Pipeline, Skipped
 from toolchain.core.runner import reference_runner
-from toolchain.folder import check_output, staged_folder
+from toolchain.folder import BuildLog, build_log, check_output, staged_folder
 from toolchain.inputs.load import load_model
 from toolchain.inputs.prepare import build_context, check_data_paths, fix_constants, prepare_model
 from toolchain.measure.cpu import isa_facts
@@ -51,7 +51,41 @@ def build(
     profile's; ``metric`` (FILE.py:function) and ``max_metric_drop`` override the profile's
     user metric; ``constants`` fixes forward arguments that are Python numbers ({"sr": 16000} or
     "sr=16000"; default: the data's 0-d arrays, else the arguments' defaults). Returns the report
-    and the folder. Raises ToolchainError on bad input."""
+    and the folder; the folder's `build.log` holds everything the build logged. Raises
+    ToolchainError on bad input."""
+    with build_log() as lines:
+        return _build(
+            model,
+            target,
+            out,
+            calib,
+            val,
+            input_shape,
+            trust_pickle,
+            progress,
+            outputs,
+            metric,
+            max_metric_drop,
+            constants,
+            lines,
+        )
+
+
+def _build(
+    model: str,
+    target: str,
+    out: str | Path | None,
+    calib: str | Path | None,
+    val: str | Path | None,
+    input_shape: str | tuple[int, ...] | None,
+    trust_pickle: bool,
+    progress: Callable[[str, int, int], None] | None,
+    outputs: Mapping[str, str] | None,
+    metric: str | None,
+    max_metric_drop: float | None,
+    constants: Mapping[str, object] | Sequence[str] | str | None,
+    lines: BuildLog,
+) -> tuple[Report, Path]:
     started = time.perf_counter()
     profile = load_target(target)
     check_data_paths(calib, val)  # before the model loads: a typo costs no waiting
@@ -129,6 +163,7 @@ def build(
             artifacts={n: m.manifest for n, m in built.items()},
             stages={n: m.records for n, m in built.items()},
         )
+        lines.save(tmp / "build.log")
     return report, folder
 
 

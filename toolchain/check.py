@@ -29,7 +29,7 @@ from toolchain.tensorrt.operators import parser_refuses
 from toolchain.verdict.expected import Expected, parity_subset
 from toolchain.verdict.parity import Parity, run_batched
 from toolchain.verdict.recovery import Outcome, recover, recoverable_stage, summary_line, write_sensitivity
-from toolchain.verdict.share import int8_share_of
+from toolchain.verdict.share import int8_share_of, measured_precision
 
 log = logging.getLogger("toolchain")
 
@@ -277,20 +277,21 @@ def check_artifact(
     sample = [a.shape for a in arrays(inputs.validation.x[:1])]
     if note:
         log.warning("%s: %s", name, note)
+    share = int8_share_of(artifact, sample)
     return ArtifactReport(
         latency_warning=note or None,
         name=name,
         path=artifact.path.name,
         format=runtimes.get(runtime).format,
         runtime=runtime,
-        precision=artifact.precision,
+        precision=measured_precision(artifact.precision, share["int8_share"]),
         quantized_engine=artifact.quantized_engine,
         size_bytes=artifact.size_bytes(),
         sha256=artifact.sha256,
         bench=timed,
         parity=parity,
         profile=measured and write_profile(measured, folder, name),
-        **int8_share_of(artifact, sample),
+        **share,
     )
 
 

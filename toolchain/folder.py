@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import tempfile
@@ -50,3 +51,68 @@ def remove_leftovers(out: Path) -> None:
 
 def _partial_prefix(out: Path) -> str:
     return f".{out.name}.partial-"
+
+
+@contextlib.contextmanager
+def build_log() -> Iterator[BuildLog]:
+    """Everything the build logs while the block runs, debug lines and the full text of each stage's
+    failure included, kept for the folder's `build.log` (:meth:`BuildLog.save`). What reached the
+    terminal (or, for a library caller, the handlers above the `toolchain` logger) before still
+    does, and nothing more: one short line per skipped artifact."""
+    logger = logging.getLogger("toolchain")
+    level, propagate, shown = logger.level, logger.propagate, logger.getEffectiveLevel()
+    kept = BuildLog(shown)
+    quieter = [h for h in logger.handlers if h.level == logging.NOTSET]
+    for h in quieter:
+        h.setLevel(shown)
+    forward = _Forward(logger.parent, shown) if propagate and logger.parent else None
+    if forward:
+        logger.addHandler(forward)
+        logger.propagate = False
+    logger.addHandler(kept)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield kept
+    finally:
+        for h in (kept, forward):
+            if h:
+                logger.removeHandler(h)
+        logger.setLevel(level)
+        logger.propagate = propagate
+        for h in quieter:
+            h.setLevel(logging.NOTSET)
+
+
+class BuildLog(logging.Handler):
+    """The lines of one build, in memory until the folder they belong in exists."""
+
+    def __init__(self, shown: int) -> None:
+        super().__init__(logging.DEBUG)
+        self.shown = shown  # the level the terminal shows meanwhile
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s"))
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+    def save(self, path: Path) -> None:
+        path.write_text("\n".join(self.lines) + "\n", encoding="utf-8")
+
+
+class _Forward(logging.Handler):
+    """Hands records at or above ``level`` to ``parent``'s handlers, as propagation did."""
+
+    def __init__(self, parent: logging.Logger, level: int) -> None:
+        super().__init__(level)
+        self.parent = parent
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.parent.handle(record)
+
+
+def terminal_level() -> int:
+    """The lowest level the `toolchain` logger's records reach the terminal at (DEBUG with
+    --verbose), a build's log aside."""
+    logger = logging.getLogger("toolchain")
+    kept = next((h for h in logger.handlers if isinstance(h, BuildLog)), None)
+    return kept.shown if kept else logger.getEffectiveLevel()

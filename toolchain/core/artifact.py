@@ -47,6 +47,9 @@ class Artifact:
     # the torch engine the deployment CPU dispatches to, where it differs (x86 without VNNI: fbgemm); host
     # parity loads under it
     kernels: str | None = None
+    # what a stateful TorchScript model's code assigns between calls, as saved (toolchain.core.state):
+    # every run of it starts from there
+    state: Any = dataclasses.field(default=None, compare=False, repr=False)
 
     def files(self) -> list[Path]:
         """The files that make up the artifact on disk (ONNX external data included)."""

@@ -18,9 +18,10 @@ class Runner(Protocol):
     def __call__(self, x: np.ndarray) -> list[np.ndarray]: ...
 
 
-def torch_runner(model, threads: int | None = None) -> Runner:
+def torch_runner(model, threads: int | None = None, state=None) -> Runner:
     """``model`` in eager PyTorch on numpy batches; ``threads`` sets torch's intra-op threads (None:
-    as they are)."""
+    as they are). ``state`` (a :class:`toolchain.core.state.SavedState`): each call starts from it,
+    and the model is left there after it."""
     import torch
 
     if threads is not None:
@@ -29,15 +30,22 @@ def torch_runner(model, threads: int | None = None) -> Runner:
     from toolchain.core.feed import torch_args
 
     def run(x) -> list[np.ndarray]:
-        with torch.inference_mode():
-            return [t.numpy() for _, t in flatten_outputs(model(*torch_args(x)))]
+        if state is None:
+            with torch.inference_mode():
+                return [t.numpy() for _, t in flatten_outputs(model(*torch_args(x)))]
+        state.restore(model)
+        try:
+            with torch.inference_mode():
+                return [t.numpy() for _, t in flatten_outputs(model(*torch_args(x)))]
+        finally:
+            state.restore(model)
 
     return run
 
 
 def reference_runner(artifact: Artifact, threads: int) -> Runner:
     """The FP32 model as loaded, in eager PyTorch."""
-    return torch_runner(as_module(artifact), threads)
+    return torch_runner(as_module(artifact), threads, artifact.state)
 
 
 def flatten_outputs(output, path: str = "") -> list[tuple[str, object]]:

@@ -82,6 +82,7 @@ class Stage:
             seconds=round(seconds, 3),
             facts=dict(result.facts),
         )
+        log.debug("stage %s done in %.2f s, options %s: %s", self.name, seconds, record.options, record.facts)
         return out, record
 
     def apply(self, artifact: Artifact, ctx: BuildContext) -> StageResult:

@@ -14,6 +14,8 @@ from pathlib import Path
 from toolchain.core.artifact import Artifact, Kind
 from toolchain.core.errors import ModelLoadError, reason
 from toolchain.core.feed import InputSpec, Signature
+from toolchain.core.state import SavedState
+from toolchain.folder import terminal_level
 from toolchain.inputs.constants import Bound, Constant, eager_constants, exported_constants, script_arguments
 
 TORCHVISION_PREFIX = "torchvision:"
@@ -196,7 +198,7 @@ def _load_torch_file(path: Path, source: str, trust_pickle: bool) -> LoadedModel
             )
         arguments = tuple(a.name for a in model.forward.schema.arguments[1:])  # after `self`
         return LoadedModel(
-            Artifact(Kind.TORCHSCRIPT, "fp32", model=model),
+            Artifact(Kind.TORCHSCRIPT, "fp32", model=model, state=SavedState.of(model)),
             path.stem,
             source,
             "from file",
@@ -333,7 +335,7 @@ def _torch_logs_captured(into: list[str]):
         def emit(self, record):
             into.append(self.format(record))
 
-    keep, verbose = Keep(), logging.getLogger("toolchain").isEnabledFor(logging.DEBUG)
+    keep, verbose = Keep(), terminal_level() <= logging.DEBUG
     loggers = [
         logging.getLogger(n)
         for n in list(logging.root.manager.loggerDict)

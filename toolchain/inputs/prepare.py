@@ -18,6 +18,7 @@ from toolchain.core.errors import DataError, reason
 from toolchain.core.export import as_module
 from toolchain.core.feed import Batch, InputSpec, Signature, torch_args
 from toolchain.core.runner import output_names
+from toolchain.core.state import SavedState
 from toolchain.inputs.constants import bind, fed_from_data, parse_constants
 from toolchain.inputs.constants import resolve as resolve_constants
 from toolchain.inputs.data import DataOptions, check_signature, load_dataset, synthetic_dataset
@@ -112,6 +113,13 @@ def prepare_inputs(
     # device targets say so in their own reports; an x86 mismatch is a surprise
     if cpu["proxy"] and cpu["target_isa"]:
         warnings.append(f"parity measured here is a proxy: {cpu['proxy_reason']}")
+    if loaded.artifact.state is not None:
+        warnings.append(
+            f"{loaded.source} keeps state between calls ({', '.join(loaded.artifact.state.names)}): the "
+            "reference and every artifact are run one call at a time from the state it was saved with; "
+            "TorchScript artifacts keep the state machinery, ONNX artifacts hold the saved state as "
+            "constants (no state carried between calls)"
+        )
     if loaded.random_weights:
         warnings.append(
             f"{loaded.source} has random weights: parity is measured but not judged "
@@ -170,7 +178,15 @@ def bind_constants(loaded: LoadedModel, example: Batch) -> LoadedModel:
         loaded.dynamic_batch is not False,
     )
     kind = Kind.TORCHSCRIPT if loaded.artifact.kind is Kind.TORCHSCRIPT else Kind.EXPORTED
-    return dataclasses.replace(loaded, artifact=dataclasses.replace(loaded.artifact, kind=kind, model=model))
+    state = loaded.artifact.state
+    if kind is Kind.TORCHSCRIPT:
+        model.eval()  # the wrapper is a new module; exporters put back the mode they found
+        if state is not None:  # the trace ran the model once: back to the state it was saved with
+            state.restore(loaded.artifact.model)
+            state = SavedState.of(model)
+    return dataclasses.replace(
+        loaded, artifact=dataclasses.replace(loaded.artifact, kind=kind, model=model, state=state)
+    )
 
 
 def _feed_names(loaded: LoadedModel, given) -> tuple[str, ...] | None:
@@ -299,6 +315,9 @@ def check_model_accepts(loaded: LoadedModel, signature: Signature) -> list[str]:
         raise DataError(
             f"the model rejects {'an input of shape' if signature.plain else 'inputs'} {shown}: {reason(e)}"
         ) from None
+    finally:
+        if loaded.artifact.state is not None:
+            loaded.artifact.state.restore(as_module(loaded.artifact))
     return output_names(out)
 
 

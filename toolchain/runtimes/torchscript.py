@@ -26,8 +26,12 @@ def load_module(artifact: Artifact):
 
 def load(artifact: Artifact, threads: int):
     from toolchain.core.runner import torch_runner
+    from toolchain.core.state import SavedState
 
-    return torch_runner(load_module(artifact), threads)
+    module = load_module(artifact)
+    # a stateful model's file holds the state it was saved with: each call starts from there
+    state = SavedState.of(module) if artifact.kind is Kind.TORCHSCRIPT else None
+    return torch_runner(module, threads, state)
 
 
 def profile(artifact: Artifact, x: np.ndarray, runs: int, threads: int):

@@ -10,6 +10,7 @@ from toolchain.stages import (  # noqa: F401
     lower_executorch,
     mobile_passes,
     onnx_passes,
+    optimize_torchscript,
     quantize_dynamic,
     quantize_onnx,
     quantize_pt2e,

@@ -18,6 +18,7 @@ from toolchain.core.native import native_stderr
 from toolchain.core.options import option
 from toolchain.core.stage import Stage, StageResult, register_stage
 from toolchain.passes.opset import ConversionError, convert_opset
+from toolchain.passes.symbolics import integer_symbolics
 
 INPUT_NAME, OUTPUT_NAME = "input", "output"
 log = logging.getLogger(__name__)
@@ -60,8 +61,13 @@ class ExportOnnx(Stage):
             proto, exporter = _export(artifact, ctx, dynamic, self.options.opset)
         except Exception as e:
             if not dynamic:
-                raise StageError(f"export_onnx: {reason(e)}") from None
-            proto, exporter = _export(artifact, ctx, False, self.options.opset)
+                raise StageError(f"export_onnx: {_exporter_words(e)}") from None
+            log.debug("export_onnx with a dynamic batch: %s", e)
+            try:
+                proto, exporter = _export(artifact, ctx, False, self.options.opset)
+            except Exception as e:  # the exporter's words, without the graph it appends (in the build log)
+                log.debug("export_onnx at a fixed batch", exc_info=True)
+                raise StageError(f"export_onnx: {_exporter_words(e)}") from None
             dynamic = False
         exported_opset = _opset(proto)
         route = f"exported at opset {exported_opset}"
@@ -110,7 +116,7 @@ class ExportOnnx(Stage):
         for batch_axis in (True, False) if dynamic else (False,):
             try:
                 with _quiet(), native_stderr(stdout=True) as printed:  # its C++ log: the TorchScript graph
-                    written = _export_torchscript(module, ctx, batch_axis, opset)
+                    written = _export_torchscript(module, ctx, batch_axis, opset, artifact.state)
                     onnx.checker.check_model(written, full_check=True)
                 if batch_axis and not _holds_batch(written, module, ctx):
                     log.debug("TorchScript-based export: a dynamic batch does not hold at batch 3")
@@ -181,7 +187,9 @@ def _export(artifact: Artifact, ctx: BuildContext, dynamic: bool, opset: int):
     with _quiet():
         if artifact.kind is Kind.TORCHSCRIPT:
             # the dynamo exporter cannot trace TorchScript; the TorchScript exporter still ships in 2.14
-            return _export_torchscript(artifact.model, ctx, dynamic, min(opset, 17)), "torchscript"
+            return _export_torchscript(
+                artifact.model, ctx, dynamic, min(opset, 17), artifact.state
+            ), "torchscript"
         model = artifact.model
         shapes = None
         if artifact.kind is not Kind.EXPORTED and dynamic:
@@ -219,9 +227,10 @@ def _export(artifact: Artifact, ctx: BuildContext, dynamic: bool, opset: int):
     return program.model_proto, "dynamo"
 
 
-def _export_torchscript(model, ctx: BuildContext, dynamic: bool, opset: int):
+def _export_torchscript(model, ctx: BuildContext, dynamic: bool, opset: int, state=None):
     """The TorchScript-based exporter (``dynamo=False``): it traces (or reads a scripted model's
-    graph) and writes ``opset`` itself, below the dynamo exporter's floor of 18 too."""
+    graph) and writes ``opset`` itself, below the dynamo exporter's floor of 18 too. A stateful
+    model (``state``) is exported as saved: that state becomes the graph's constants."""
     import onnx
     import torch
 
@@ -239,16 +248,26 @@ def _export_torchscript(model, ctx: BuildContext, dynamic: bool, opset: int):
             }
         )
     f = io.BytesIO()
-    torch.onnx.export(
-        model,
-        ctx.example(),
-        f,
-        dynamo=False,
-        input_names=input_names(ctx),
-        output_names=[OUTPUT_NAME],
-        dynamic_axes=axes,
-        opset_version=opset,
-    )
+    if state is not None:
+        state.restore(model)
+    printed: list[str] = []
+    try:
+        with integer_symbolics(opset), native_stderr(stdout=True) as printed:  # its C++ log: the graph
+            torch.onnx.export(
+                model,
+                ctx.example(),
+                f,
+                dynamo=False,
+                input_names=input_names(ctx),
+                output_names=[OUTPUT_NAME],
+                dynamic_axes=axes,
+                opset_version=opset,
+            )
+    finally:
+        if printed:
+            log.debug("TorchScript-based exporter:\n%s", "\n".join(printed))
+    if state is not None:
+        state.restore(model)
     return onnx.load_from_string(f.getvalue())
 
 

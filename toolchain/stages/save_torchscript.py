@@ -9,6 +9,7 @@ from toolchain.core.artifact import Artifact, Kind
 from toolchain.core.context import BuildContext
 from toolchain.core.errors import StageError, reason
 from toolchain.core.stage import Stage, StageResult, register_stage
+from toolchain.core.state import SavedState
 
 
 @register_stage
@@ -29,11 +30,15 @@ class SaveTorchScript(Stage):
             warnings.simplefilter("ignore")
             if not isinstance(model, torch.jit.ScriptModule):
                 model, how = _to_torchscript(model, ctx)
+            if artifact.state is not None:  # written with the state the model was saved with
+                artifact.state.restore(model)
             model = torch.jit.freeze(model.eval())
         path = ctx.workdir / f"{artifact.precision}-{artifact.sha256[:12]}.pt"
         torch.jit.save(model, str(path))
+        state = SavedState.of(model) if artifact.state is not None else None
         return StageResult(
-            dataclasses.replace(artifact, kind=Kind.TORCHSCRIPT, model=model, path=path), {"torchscript": how}
+            dataclasses.replace(artifact, kind=Kind.TORCHSCRIPT, model=model, path=path, state=state),
+            {"torchscript": how},
         )
 
 

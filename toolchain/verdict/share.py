@@ -113,3 +113,15 @@ def int8_share_of(artifact, sample: list[tuple[int, ...]]) -> dict:
     if not counted["macs"]:  # nothing it could count (an NPU context): say nothing rather than 0
         return unknown
     return {k: counted[k] for k in ("int8_share", "int8_share_basis")}
+
+
+def measured_precision(declared: str, share: float | None) -> str:
+    """The precision a quantized artifact is reported at, from what it computes: ``int8`` when every
+    counted multiply-accumulate runs in INT8, ``mixed`` when some do, ``fp32`` when none do (a quantizer
+    that left every layer in float: no artifact computing nothing in INT8 is called int8 or mixed).
+    Other precisions, and artifacts whose share is not measured, keep the one their stages declare."""
+    if declared not in ("int8", "mixed") or share is None:
+        return declared
+    if share == 0:
+        return "fp32"
+    return "int8" if share >= 1 else "mixed"
