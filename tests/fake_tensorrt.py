@@ -66,11 +66,43 @@ def _tensorrt(version: str) -> types.ModuleType:
     members["STRONGLY_TYPED"] = 1
     trt.NetworkDefinitionCreationFlag = enum.IntEnum("NetworkDefinitionCreationFlag", members)
     trt.MemoryPoolType = enum.Enum("MemoryPoolType", "WORKSPACE DLA_MANAGED_SRAM")
-    trt.BuilderFlag = enum.Enum("BuilderFlag", "FP16 INT8 GPU_FALLBACK STRICT_TYPES")
+    trt.BuilderFlag = enum.Enum(
+        "BuilderFlag", "FP16 INT8 GPU_FALLBACK STRICT_TYPES OBEY_PRECISION_CONSTRAINTS"
+    )
     trt.DeviceType = enum.Enum("DeviceType", "GPU DLA")
     trt.TensorIOMode = enum.Enum("TensorIOMode", "NONE INPUT OUTPUT")
     trt.DataType = enum.Enum("DataType", "FLOAT HALF INT8 INT32")
+    trt.float32, trt.float16 = trt.DataType.FLOAT, trt.DataType.HALF
     trt.Logger = Logger
+
+    class Tensor:
+        def __init__(self, name):
+            self.name = name
+
+    class Layer:
+        """One per ONNX node, named after it, as the real parser names most layers."""
+
+        def __init__(self, node):
+            self.name, self.precision, self.outputs = node.name, trt.DataType.FLOAT, list(node.output)
+            self.output_types: dict[int, object] = {}
+            self.precision_is_set = False
+
+        @property
+        def num_outputs(self):
+            return len(self.outputs)
+
+        def get_output(self, i):
+            return Tensor(self.outputs[i])
+
+        def set_output_type(self, i, dtype):
+            assert 0 <= i < len(self.outputs) and isinstance(dtype, trt.DataType)
+            self.output_types[i] = dtype
+
+        def __setattr__(self, key, value):
+            if key == "precision" and hasattr(self, "precision"):
+                object.__setattr__(self, "precision_is_set", True)
+            object.__setattr__(self, key, value)
+
     trt.nptype = lambda dtype: {
         trt.DataType.FLOAT: np.float32,
         trt.DataType.HALF: np.float16,
@@ -80,7 +112,14 @@ def _tensorrt(version: str) -> types.ModuleType:
 
     class Network:
         def __init__(self, flags):
-            self.flags, self.onnx, self.inputs, self.dynamic = flags, None, [], []
+            self.flags, self.onnx, self.inputs, self.dynamic, self.layers = flags, None, [], [], []
+
+        @property
+        def num_layers(self):
+            return len(self.layers)
+
+        def get_layer(self, i):
+            return self.layers[i]
 
     class OnnxParser:
         def __init__(self, network, logger):
@@ -117,6 +156,7 @@ def _tensorrt(version: str) -> types.ModuleType:
                 )
                 return False
             inits = {i.name for i in model.graph.initializer}
+            self.network.layers = [Layer(n) for n in model.graph.node]
             self.network.onnx = model.SerializeToString()
             self.network.inputs = [i.name for i in model.graph.input if i.name not in inits]
             self.network.dynamic = [
@@ -219,8 +259,22 @@ def _tensorrt(version: str) -> types.ModuleType:
                 if not cache.decode().startswith(f"TRT-{version_int(version)}-"):
                     # TensorRT ignores a cache of another version; with no data, INT8 calibration fails
                     return None
+            fp32 = [
+                layer.name
+                for layer in network.layers
+                if layer.precision_is_set and layer.precision == trt.DataType.FLOAT
+            ]
+            if fp32 and not config.flags & {
+                trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS,
+                trt.BuilderFlag.STRICT_TYPES,
+            }:
+                fp32 = []  # constraints without the flag are hints the builder may ignore
             header = json.dumps(
-                {"version": version, "shapes": {k: list(map(list, v)) for k, v in shapes.items()}}
+                {
+                    "version": version,
+                    "shapes": {k: list(map(list, v)) for k, v in shapes.items()},
+                    "fp32_layers": fp32,
+                }
             ).encode()
             return len(header).to_bytes(4, "little") + header + network.onnx
 

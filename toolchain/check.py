@@ -29,7 +29,7 @@ from toolchain.tensorrt.operators import parser_refuses
 from toolchain.verdict.expected import Expected, parity_subset
 from toolchain.verdict.parity import Parity, run_batched
 from toolchain.verdict.recovery import Outcome, recover, recoverable_stage, summary_line, write_sensitivity
-from toolchain.verdict.share import int8_share_of, measured_precision
+from toolchain.verdict.share import fp16_share_of, int8_share_of, measured_precision
 
 log = logging.getLogger("toolchain")
 
@@ -102,6 +102,7 @@ def make_artifact(
         required=chain.spec.required,
         stage_facts=reported_facts(records),
         recovery=recovery and recovery.to_report(),
+        fp16_share=checked.fp16_share if checked.fp16_share is not None else _cast_share(records),
     )
     entry = {
         "file": report.path,
@@ -110,6 +111,12 @@ def make_artifact(
         "recovery_attempts": recovery and [a.to_json() for a in recovery.outcome.attempts],
     }
     return Made(report, entry, records)
+
+
+def _cast_share(records) -> float | None:
+    """A torch FP16 artifact's share of multiply-accumulates in FP16, as its cast stage counted it
+    (where it kept nodes in FP32)."""
+    return next((r.facts["fp16_share"] for r in records if "fp16_share" in r.facts), None)
 
 
 def _skipped(name: str, why: str) -> Made:
@@ -175,7 +182,7 @@ def recover_artifact(
         log.warning(line)
         return checked, shipped, records, Recovered(outcome, line, checked.parity, sensitivity)
     artifact, new_records = pipeline.run(Plan(chain.name, chain.spec, outcome.stages), source)
-    if outcome.final.float_layers:
+    if outcome.final.float_layers and artifact.precision == "int8":  # FP16 keeps its own thresholds
         artifact = dataclasses.replace(artifact, precision="mixed")
     for f in shipped.files():
         f.unlink()
@@ -292,6 +299,7 @@ def check_artifact(
         parity=parity,
         profile=measured and write_profile(measured, folder, name),
         **share,
+        fp16_share=fp16_share_of(artifact, sample),
     )
 
 

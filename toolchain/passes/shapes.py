@@ -1,7 +1,20 @@
-"""Every value's dimensions in an ONNX graph, from ONNX shape inference: what the opset conversion
-(Split's axis length) and the INT8 share (multiply-accumulates per node) both read."""
+"""Every value's dimensions and element type in an ONNX graph, from ONNX shape inference: what the
+opset conversion (Split's axis length) and the INT8 and FP16 shares (multiply-accumulates per node,
+and which run in FP16) read."""
 
 from __future__ import annotations
+
+
+def value_types(model) -> dict[str, int]:
+    """{value name: its ONNX element type (onnx.TensorProto.FLOAT16, ...)} where inference knows it."""
+    from onnx import shape_inference
+
+    graph = shape_inference.infer_shapes(model).graph
+    types = {i.name: i.data_type for i in graph.initializer}
+    for v in (*graph.input, *graph.value_info, *graph.output):
+        if v.type.tensor_type.elem_type:
+            types[v.name] = v.type.tensor_type.elem_type
+    return types
 
 
 def value_dims(model, data_prop: bool = False) -> dict[str, list[int | str | None]]:

@@ -53,6 +53,9 @@ class ArtifactReport:
     # the share of its multiply-accumulates that run in INT8 (toolchain.verdict.share); None: not measured
     int8_share: float | None = None
     int8_share_basis: str | None = None
+    # an FP16 artifact's share of multiply-accumulates in FP16 (the rest kept in FP32); None: all FP16
+    # as far as anything counts, or not FP16
+    fp16_share: float | None = None
 
     @property
     def latency_ms(self) -> float:
@@ -82,6 +85,7 @@ class ArtifactReport:
             "latency_warning": self.latency_warning,
             "int8_share": self.int8_share,
             "int8_share_basis": self.int8_share_basis,
+            "fp16_share": self.fp16_share,
         }
 
 
@@ -224,7 +228,11 @@ def _top1(p) -> float | None:
 def _precision_cell(a: ArtifactReport) -> str:
     """`int8 (0.2 % INT8)`: an INT8 artifact whose multiply-accumulates are not all INT8 says how many are."""
     partial = a.int8_share is not None and a.int8_share < 1 and a.precision in ("int8", "mixed")
-    return f"{a.precision} ({a.int8_share:.1%} INT8)" if partial else a.precision
+    if partial:
+        return f"{a.precision} ({a.int8_share:.1%} INT8)"
+    if a.fp16_share is not None and a.fp16_share < 1 and a.precision == "fp16":
+        return f"fp16 ({a.fp16_share:.1%} FP16)"
+    return a.precision
 
 
 def table(report: Report) -> str:

@@ -18,20 +18,34 @@ from toolchain.core.artifact import Artifact, Kind
 from toolchain.core.context import BuildContext
 from toolchain.core.errors import NotApplicable, StageError, reason
 from toolchain.core.options import option
-from toolchain.core.stage import Stage, StageResult, register_stage
+from toolchain.core.stage import Recoverable, Stage, StageResult, register_stage
+from toolchain.passes.fp16_range import fx_compute_nodes, fx_keep_float32, fx_overflowing, fx_ranges
 
 
 @dataclasses.dataclass(frozen=True)
 class CastTorchOptions:
     dtype: Literal["bfloat16", "float16"] = option("bfloat16", "parameter and arithmetic type")
+    float_layers: tuple[str, ...] = option(
+        (), "graph nodes kept in FP32 (names as `toolchain sensitivity` lists them; set by recovery)"
+    )
+    keep_overflow: bool = option(
+        False,
+        "keep in FP32 every node whose FP32 value on the calibration inputs exceeds FP16's range "
+        "(65504), from the first such value to the last; recovery turns it on when an FP16 artifact fails",
+    )
+
+
+# calibration inputs the FP32 ranges are measured on: enough for the largest activations of real data
+RANGE_SAMPLES = 64
 
 
 @register_stage
-class CastTorch(Stage):
+class CastTorch(Stage, Recoverable):
     name = "cast_torch"
     requires = ("torch",)
     transitions = {Kind.EAGER: Kind.EAGER, Kind.FX: Kind.EAGER, Kind.EXPORTED: Kind.EAGER}
     Options = CastTorchOptions
+    report_facts = ("fp32_nodes", "fp16_share")
 
     def apply(self, artifact: Artifact, ctx: BuildContext) -> StageResult:
         import copy
@@ -39,7 +53,6 @@ class CastTorch(Stage):
         import torch
 
         from toolchain.measure import cpu
-        from toolchain.passes.lift import lift_exported
 
         if self.options.dtype == "bfloat16" and ctx.isa is not None and ctx.isa != "amx":
             raise NotApplicable(
@@ -47,13 +60,27 @@ class CastTorch(Stage):
                 f'instructions; BF16 is for runtime.isa = "amx" (Sapphire Rapids and later)'
             )
         dtype = getattr(torch, self.options.dtype)
-        source = lift_exported(artifact.model)[0] if artifact.kind is Kind.EXPORTED else artifact.model
+        source = _graph(artifact)
+        graph = isinstance(source, torch.fx.GraphModule)
+        keep, facts = list(self.options.float_layers), {"dtype": self.options.dtype, "io": "fp32"}
+        precision = {"bfloat16": "bf16", "float16": "fp16"}[self.options.dtype]
+        if keep or self.options.keep_overflow:
+            if not graph:
+                raise StageError(
+                    "cast_torch: keeping layers in FP32 needs the model as a graph (a torch.export .pt2)"
+                )
+            largest, macs = fx_ranges(source, _batches(ctx))
+            if self.options.keep_overflow:
+                keep += [n for n in fx_overflowing(source, largest) if n not in keep]
+            total = sum(macs.values())
+            facts["fp32_nodes"] = keep
+            facts[f"{precision}_share"] = (
+                round(1 - sum(macs.get(n, 0) for n in keep) / total, 4) if total else None
+            )
         module = copy.deepcopy(source).to(dtype)
-        model = (
-            _cast_graph(module, dtype)
-            if isinstance(module, torch.fx.GraphModule)
-            else _cast_io()(module, dtype).eval()
-        )
+        model = _cast_graph(module, dtype) if graph else _cast_io()(module, dtype).eval()
+        if keep:
+            model = fx_keep_float32(model, dtype, keep)
         try:
             with torch.no_grad():
                 model(*ctx.example())
@@ -61,8 +88,6 @@ class CastTorch(Stage):
             raise StageError(
                 f"cast_torch: the model does not run in {self.options.dtype}: {reason(e)}"
             ) from None
-        precision = {"bfloat16": "bf16", "float16": "fp16"}[self.options.dtype]
-        facts = {"dtype": self.options.dtype, "io": "fp32"}
         if self.options.dtype == "bfloat16":
             facts["host_has_bf16"] = cpu.host_has_bf16()
             if not facts["host_has_bf16"]:
@@ -72,6 +97,39 @@ class CastTorch(Stage):
         return StageResult(
             dataclasses.replace(artifact, kind=Kind.EAGER, model=model, precision=precision), facts
         )
+
+    # recovery: the nodes to keep in FP32, and the range rule as the first fix (FP16 only: BF16 has FP32's)
+    def layers(self, artifact: Artifact, ctx: BuildContext) -> list[str]:
+        import torch
+
+        source = _graph(artifact)
+        return fx_compute_nodes(source) if isinstance(source, torch.fx.GraphModule) else []
+
+    def fixes(self) -> tuple[str, ...]:
+        return ("keep_overflow",) if self.options.dtype == "float16" else ()
+
+    def applies(self, fix: str, artifact: Artifact, ctx: BuildContext) -> bool:
+        import torch
+
+        source = _graph(artifact)
+        if fix != "keep_overflow" or not isinstance(source, torch.fx.GraphModule):
+            return False
+        return bool(fx_overflowing(source, fx_ranges(source, _batches(ctx))[0]))
+
+
+def _graph(artifact: Artifact):
+    """The FP32 model the cast starts from: an exported program lifted to module form (so an LSTM's
+    initial state follows the cast), else the module as it is."""
+    from toolchain.passes.lift import lift_exported
+
+    return lift_exported(artifact.model)[0] if artifact.kind is Kind.EXPORTED else artifact.model
+
+
+def _batches(ctx: BuildContext) -> list[tuple]:
+    from toolchain.core.feed import torch_args
+
+    x = ctx.calibration.x[:RANGE_SAMPLES]
+    return [torch_args(x[i : i + 32]) for i in range(0, len(x), 32)]
 
 
 def _cast_graph(gm, dtype):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 import subprocess
 from pathlib import Path
@@ -23,6 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from toolchain.core.errors import ToolchainError
+
+log = logging.getLogger("toolchain")
 
 NO_TENSORRT = (
     "TensorRT is not installed here (`import tensorrt` failed). Engines must be built on the "
@@ -83,6 +86,7 @@ def build_engine(folder: Path) -> dict:
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise ToolchainError(f"TensorRT {trt.__version__} cannot parse {plan['onnx']}: {errors}")
     config = _builder_config(trt, builder, plan, folder)
+    constrained = _fp32_layers(trt, network, config, plan)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise ToolchainError("TensorRT could not build the engine (its log above says why)")
@@ -95,7 +99,37 @@ def build_engine(folder: Path) -> dict:
         "engine": plan["engine"],
         "sha256": hashlib.sha256(engine_path.read_bytes()).hexdigest(),
         "built_with": "python api",
+        **({"fp32_layers": constrained} if constrained else {}),
     }
+
+
+def _fp32_layers(trt, network, config, plan: dict) -> list[str]:
+    """The plan's `fp32_layers` (nodes FP16 cannot hold) constrained to FP32, inputs and outputs, with
+    the builder told to obey; matched by layer name (the ONNX parser names layers after their nodes).
+    Returns the layers constrained; names it cannot find are logged."""
+    wanted = list(plan.get("fp32_layers", {}).get("nodes", ()))
+    if not wanted:
+        return []
+    found = []
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if layer.name in wanted:
+            layer.precision = trt.float32
+            for j in range(layer.num_outputs):
+                layer.set_output_type(j, trt.float32)
+            found.append(layer.name)
+    obey = getattr(trt.BuilderFlag, "OBEY_PRECISION_CONSTRAINTS", None) or trt.BuilderFlag.STRICT_TYPES
+    config.set_flag(obey)
+    missing = [n for n in wanted if n not in found]
+    if missing:
+        log.warning(
+            "engine: %d of the %d FP32 layers are not in the parsed network by name (%s): TensorRT may run "
+            "them in FP16",
+            len(missing),
+            len(wanted),
+            ", ".join(missing[:5]),
+        )
+    return found
 
 
 def _builder_config(trt, builder, plan: dict, folder: Path):

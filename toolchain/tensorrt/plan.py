@@ -179,14 +179,25 @@ def trtexec_command(plan: dict) -> list[str]:
         ]
     if plan["builder_optimization_level"] is not None:
         cmd.append(f"--builderOptimizationLevel={plan['builder_optimization_level']}")
+    fp32 = plan.get("fp32_layers", {}).get("nodes")
+    if fp32:
+        spec = ",".join(f"{name}:fp32" for name in fp32)
+        cmd += ["--precisionConstraints=obey", f"--layerPrecisions={spec}", f"--layerOutputTypes={spec}"]
     return cmd
 
 
-def write_plan(folder: Path, opts: TensorRTOptions, signature, float_layers: tuple[str, ...] = ()) -> dict:
+def write_plan(
+    folder: Path,
+    opts: TensorRTOptions,
+    signature,
+    float_layers: tuple[str, ...] = (),
+    fp32_layers: tuple[str, ...] = (),
+) -> dict:
     """Write the cache and plan into the build folder; return the report's `engine` entry.
 
     ``float_layers``: the Q/DQ model's nodes that recovery left without Q/DQ; TensorRT runs them
-    in FP16 when the plan allows FP16, else in FP32."""
+    in FP16 when the plan allows FP16, else in FP32. ``fp32_layers``: nodes FP16 cannot hold (the FP16
+    artifact kept them FP32): constrained to FP32 in the engine."""
     import onnx
 
     graph = onnx.load(str(folder / f"{opts.engine_from}.onnx"), load_external_data=False).graph
@@ -204,6 +215,13 @@ def write_plan(folder: Path, opts: TensorRTOptions, signature, float_layers: tup
             "precision": "fp16" if opts.fp16 else "fp32",
             "why": "kept out of INT8 by recovery: no Q/DQ around them in the ONNX file",
         }
+    if fp32_layers and opts.fp16:
+        plan["fp32_layers"] = {
+            "nodes": list(fp32_layers),
+            "why": "their FP32 values on the calibration inputs exceed FP16's range (65504): in FP16 they "
+            "would be inf; the engine keeps them FP32 (--precisionConstraints=obey --layerPrecisions)",
+        }
+        plan["trtexec"] = shlex.join(trtexec_command(plan))
     (folder / "engine_plan.json").write_text(json.dumps(plan, indent=2) + "\n")
     return {
         "status": "pending on device",
@@ -255,6 +273,15 @@ def plan_engine(
             f"{opts.fp32_onnx}, which a DLA build calibrates; build on the GPU "
             "(tensorrt.dla_core = -1) from the Q/DQ model",
         }
-    engine = write_plan(folder, opts, signature, float_layers)
+    # what the FP16 artifact kept in FP32 (its node names are the FP32 model's, as the Q/DQ model's are)
+    fp32_layers = next(
+        (
+            r.stage_facts["float16_onnx"]["fp32_nodes"]
+            for r in reports
+            if r.stage_facts.get("float16_onnx", {}).get("fp32_nodes")
+        ),
+        (),
+    )
+    engine = write_plan(folder, opts, signature, float_layers, tuple(fp32_layers))
     log.info("TensorRT engine: %s (%s)", engine["status"], engine["reason"])
     return engine

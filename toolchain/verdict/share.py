@@ -20,7 +20,7 @@ import logging
 import math
 from pathlib import Path
 
-from toolchain.passes.shapes import value_dims
+from toolchain.passes.shapes import value_dims, value_types
 
 log = logging.getLogger("toolchain")
 
@@ -32,17 +32,7 @@ def onnx_int8_share(path: Path, sample: list[tuple[int, ...]] | None = None) -> 
     """{"int8_share", "int8_share_basis": "macs", "macs", "unknown_nodes"} of an ONNX file;
     ``sample``: one batch-1 input's shape per graph input, which replace the file's symbolic
     dimensions (a sequence's length) before shape inference."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    weights = {i.name for i in model.graph.initializer}
-    fed = [i for i in model.graph.input if i.name not in weights]
-    for value, shape in zip(fed, sample or ()):
-        dims = value.type.tensor_type.shape.dim
-        if len(dims) == len(shape):
-            for d, n in zip(dims, shape):
-                d.Clear()
-                d.dim_value = int(n)
+    model = _at_sample(path, sample)
     graph = model.graph
     shapes = value_dims(model, data_prop=True)
     made_by = {o: n.op_type for n in graph.node for o in n.output}
@@ -67,6 +57,42 @@ def onnx_int8_share(path: Path, sample: list[tuple[int, ...]] | None = None) -> 
         "macs": total,
         "unknown_nodes": unknown,
     }
+
+
+def onnx_fp16_share(path: Path, sample: list[tuple[int, ...]] | None = None) -> dict:
+    """{"fp16_share", "macs"} of an FP16 ONNX file: the share of its Conv/Gemm/MatMul/LSTM/GRU
+    multiply-accumulates whose input is FP16 (the rest were kept in FP32 behind Casts)."""
+    import onnx
+
+    model = _at_sample(path, sample)
+    shapes, types = value_dims(model, data_prop=True), value_types(model)
+    total = half = 0
+    for node in model.graph.node:
+        if node.op_type not in WEIGHTED - INTEGER:
+            continue
+        macs = _macs(node, shapes)
+        if macs is None:
+            continue
+        total += macs
+        if types.get(node.input[0]) == onnx.TensorProto.FLOAT16:
+            half += macs
+    return {"fp16_share": round(half / total, 4) if total else None, "macs": total}
+
+
+def _at_sample(path: Path, sample: list[tuple[int, ...]] | None):
+    """The file's graph (weights not loaded) with its inputs' dimensions set to one sample's."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    weights = {i.name for i in model.graph.initializer}
+    fed = [i for i in model.graph.input if i.name not in weights]
+    for value, shape in zip(fed, sample or ()):
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) == len(shape):
+            for d, n in zip(dims, shape):
+                d.Clear()
+                d.dim_value = int(n)
+    return model
 
 
 def _macs(node, shapes: dict) -> int | None:
@@ -125,3 +151,15 @@ def measured_precision(declared: str, share: float | None) -> str:
     if share == 0:
         return "fp32"
     return "int8" if share >= 1 else "mixed"
+
+
+def fp16_share_of(artifact, sample: list[tuple[int, ...]]) -> float | None:
+    """``fp16_share`` of a shipped FP16 ONNX file; None for other artifacts (a torch FP16 artifact's
+    share is its cast stage's fact) or where it cannot be counted."""
+    if artifact.precision != "fp16" or artifact.path is None or artifact.path.suffix != ".onnx":
+        return None
+    try:
+        return onnx_fp16_share(artifact.path, sample)["fp16_share"]
+    except Exception as e:  # noqa: BLE001 - a label's measurement must never cost the artifact
+        log.debug("fp16_share not measured for %s: %s", artifact.path.name, e)
+        return None
