@@ -139,3 +139,50 @@ def test_outlier_channels_on_the_htp_are_recovered_by_equalization(digits_arrays
         and a.parity.passed is True
     )
     assert a.stage_facts["compile_qnn"]["context_bytes"] > 1000
+
+
+def test_operators_the_htp_refuses_run_on_the_cpu_in_a_labelled_partial_offload(tmp_path):
+    """The PESTO-like pitch CNN: the HTP takes its convolutions and head but not LayerNormalization over
+    (channels, frequency). The whole graph fails; the partial offload keeps those two nodes in float
+    on the phone's CPU, says so, and is judged like any artifact. Without the fallback: skipped,
+    naming the setting."""
+    import numpy as np
+
+    from .models import export, pitch_spectra, spectral_pitch
+
+    x, y = pitch_spectra(1024, 0)
+    x_val, y_val = pitch_spectra(64, 1)
+    export(spectral_pitch(x, y, epochs=12), x, tmp_path / "pitch.pt2")
+    np.savez(tmp_path / "cal.npz", x=x[:64])
+    np.savez(tmp_path / "val.npz", x=x_val, y=y_val)
+    report, folder = toolchain.build(
+        str(tmp_path / "pitch.pt2"),
+        str(_profile(tmp_path)),
+        tmp_path / "out",
+        tmp_path / "cal.npz",
+        tmp_path / "val.npz",
+    )
+    (a,) = report.artifacts
+    facts = a.stage_facts["compile_qnn"]
+    assert facts["offload"] == "partial" and facts["cpu_ops"] == {"LayerNormalization": 2}, facts
+    assert facts["htp_nodes"] > facts["cpu_nodes"] == 2
+    graph = onnx.load(str(folder / a.path)).graph
+    ops = [n.op_type for n in graph.node]
+    assert "EPContext" in ops and ops.count("LayerNormalization") == 2
+    weights = {t.name for t in graph.initializer}
+    for norm in (n for n in graph.node if n.op_type == "LayerNormalization"):
+        assert set(norm.input[1:]) <= weights  # the CPU's nodes keep float weights: not quantized
+    assert a.parity.passed is True and a.parity.top1_agreement >= 0.98, a.parity
+    assert "int8 (HTP 5/7 nodes)" in (folder / "report.md").read_text()
+
+    with pytest.raises(toolchain.ToolchainError) as refused:
+        toolchain.build(
+            str(tmp_path / "pitch.pt2"),
+            str(_profile(tmp_path, cpu_fallback="false")),
+            tmp_path / "whole",
+            tmp_path / "cal.npz",
+            tmp_path / "val.npz",
+        )
+    assert "qnn_int8: compile_qnn: the HTP cannot take this model (cpu_fallback = false)" in str(
+        refused.value
+    )

@@ -232,6 +232,9 @@ def _precision_cell(a: ArtifactReport) -> str:
         return f"{a.precision} ({a.int8_share:.1%} INT8)"
     if a.fp16_share is not None and a.fp16_share < 1 and a.precision == "fp16":
         return f"fp16 ({a.fp16_share:.1%} FP16)"
+    npu = a.stage_facts.get("compile_qnn", {})
+    if npu.get("offload") == "partial":  # the nodes the HTP refuses run on the phone's CPU
+        return f"{a.precision} (HTP {npu['htp_nodes']}/{npu['htp_nodes'] + npu['cpu_nodes']} nodes)"
     return a.precision
 
 

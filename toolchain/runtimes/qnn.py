@@ -12,13 +12,18 @@ from toolchain.runtimes import Runtime, register
 
 
 def load(artifact: Artifact, threads: int):
+    import onnx
     import onnxruntime as ort
 
     from toolchain.core.native import native_stderr_off
     from toolchain.stages.compile_qnn import htp_session_options
 
+    # a partial offload (nodes beside the EPContext ones) runs those on the CPU, as on the phone
+    partial = any(
+        n.op_type != "EPContext" for n in onnx.load(str(artifact.path), load_external_data=False).graph.node
+    )
     with native_stderr_off():  # the QNN SDK's native logging
-        session = ort.InferenceSession(str(artifact.path), htp_session_options())
+        session = ort.InferenceSession(str(artifact.path), htp_session_options(cpu_fallback=partial))
     names = [i.name for i in session.get_inputs()]
 
     def run(x) -> list[np.ndarray]:  # compiled for batch 1

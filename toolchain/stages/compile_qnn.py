@@ -4,9 +4,14 @@ ONNX Runtime's QNN helpers quantize the model the way the HTP wants it (`qnn_pre
 `get_qnn_qdq_config`: uint8 or uint16 activations, uint8 weights, per-channel where the HTP takes
 it), then the QNN execution provider (onnxruntime-qnn, a plugin EP) compiles the Q/DQ model into
 an HTP context binary for the profile's `htp_arch` and wraps it in an ONNX file with one
-`EPContext` node: the file an Android app opens with ONNX Runtime's QNN EP. The CPU fallback is
-disabled: an operator the HTP cannot take fails the compile, and the artifact is skipped with
-that reason, rather than shipping a model that runs partly on the phone's CPU.
+`EPContext` node: the file an Android app opens with ONNX Runtime's QNN EP. The whole graph on the
+HTP comes first. Where the HTP refuses operators (LayerNormalization over two axes, an LSTM), the
+compile is repeated with ONNX Runtime's CPU fallback (`cpu_fallback`, on by default): the HTP runs
+what it takes as `EPContext` partitions and the phone's CPU runs the rest, and the artifact says so
+(stage facts `offload: "partial"`, `htp_nodes`, `cpu_nodes`, `cpu_ops`, and a warning). A partial
+context is loaded and run once in a separate process before it ships: onnxruntime-qnn's host
+emulator aborts the whole process on some (an "Input name not found" seen with three partitions),
+and a build must not die of it; such a context is refused naming the operators the CPU would run.
 
 The HTP needs static shapes: the model is compiled for batch 1.
 """
@@ -14,8 +19,11 @@ The HTP needs static shapes: the model is compiled for batch 1.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Literal
+
+import numpy as np
 
 from toolchain.core.artifact import Artifact, Kind
 from toolchain.core.context import BuildContext
@@ -25,6 +33,8 @@ from toolchain.core.native import native_stderr_off
 from toolchain.core.options import option
 from toolchain.core.stage import Recoverable, Stage, StageResult, register_stage
 from toolchain.stages.quantize_onnx import ort_runner, quiet_onnxruntime
+
+log = logging.getLogger("toolchain")
 
 # Hexagon architectures and the phones that carry them
 HTP_ARCHS = {
@@ -59,6 +69,11 @@ class CompileQnnOptions:
     float_layers: tuple[str, ...] = option(
         (), "unused: the HTP runs the whole graph; recovery tries 16-bit activations instead"
     )
+    cpu_fallback: bool = option(
+        True,
+        "when the HTP cannot take every node, compile again with the nodes it refuses on the phone's CPU "
+        "(a labelled partial offload: `offload`, `cpu_ops` in the stage facts); false: skip the artifact",
+    )
 
 
 @register_stage
@@ -67,13 +82,14 @@ class CompileQnn(Stage, Recoverable):
     requires = ("onnx", "onnxruntime", "onnxruntime_qnn")
     transitions = {Kind.ONNX: Kind.ONNX}
     Options = CompileQnnOptions
-    report_facts = ("checked_on", "htp_arch", "phone", "activations", "context_bytes")
+    report_facts = (
+        "checked_on", "htp_arch", "phone", "activations", "context_bytes",
+        "offload", "htp_nodes", "cpu_nodes", "cpu_ops",
+    )  # fmt: skip
 
     def apply(self, artifact: Artifact, ctx: BuildContext) -> StageResult:
         import onnx
-        import onnxruntime as ort
-        from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize
-        from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config, qnn_preprocess_model
+        from onnxruntime.quantization.execution_providers.qnn import qnn_preprocess_model
 
         o = self.options
         from toolchain.passes.rescale import rescale_onnx_into
@@ -100,45 +116,18 @@ class CompileQnn(Stage, Recoverable):
         source = pre if qnn_preprocess_model(str(static), str(pre)) else static
         graph = onnx.load(str(source), load_external_data=False).graph
         names = [i.name for i in graph.input if i.name not in {t.name for t in graph.initializer}]
-        x = ctx.calibration.x[: o.samples]
-
-        class Reader(CalibrationDataReader):
-            def __init__(self):
-                self.rows = iter(range(len(x)))
-
-            def get_next(self):
-                i = next(self.rows, None)
-                return None if i is None else ort_feed(x[i : i + 1], names)
-
         qdq = ctx.workdir / f"{stem}-qdq.onnx"
-        try:
-            with (
-                quiet_onnxruntime()
-            ):  # the quantizer logs every tensor, and a pre-processing hint it does not need here
-                config = get_qnn_qdq_config(
-                    str(source),
-                    Reader(),
-                    activation_type=QuantType.QUInt16 if o.a16w8 else QuantType.QUInt8,
-                    weight_type=QuantType.QUInt8,
-                    per_channel=o.per_channel,
-                )
-                quantize(str(source), str(qdq), config)
-        except Exception as e:
-            raise StageError(
-                f"compile_qnn: ONNX Runtime's QNN quantizer refuses this model: {reason(e)}"
-            ) from None
+        _quantize(source, qdq, o, ctx.calibration.x[: o.samples], names)
         out = self.output_path(artifact, ctx, ".onnx")
+        offload = {"offload": "whole graph", "cpu_nodes": 0}
         try:
-            with native_stderr_off():  # the QNN SDK's native logging
-                ort.ModelCompiler(
-                    htp_session_options(o.htp_arch, o.soc_model),
-                    str(qdq),
-                    embed_compiled_data_into_model=o.embed,
-                ).compile_to_file(str(out))
-        except Exception as e:
-            raise StageError(
-                f"compile_qnn: the HTP cannot take this model (no CPU fallback): {reason(e)}"
-            ) from None
+            _compile(qdq, out, o, cpu_fallback=False)
+        except Exception as whole:
+            if not o.cpu_fallback:
+                raise StageError(
+                    f"compile_qnn: the HTP cannot take this model (cpu_fallback = false): {reason(whole)}"
+                ) from None
+            offload = self._partial(source, qdq, out, ctx, names, whole)
         facts = {
             "checked_on": (
                 "host HTP emulation (libQnnHtp.so on x86): parity holds for the phone, latency does not"
@@ -148,10 +137,50 @@ class CompileQnn(Stage, Recoverable):
             "soc_model": o.soc_model,
             "activations": "uint16" if o.a16w8 else "uint8",
             **context_facts(out),
+            **offload,
             **rescaled,
         }
         precision = "a16w8" if o.a16w8 else "int8"
         return StageResult(dataclasses.replace(artifact, path=out, precision=precision), facts)
+
+    def _partial(
+        self, source: Path, qdq: Path, out: Path, ctx: BuildContext, names: list[str], whole: Exception
+    ) -> dict:
+        """The model compiled with the CPU fallback allowed: once to learn which nodes the HTP refuses,
+        then again with those nodes left unquantized (the phone's CPU runs them in float, as ONNX
+        Runtime's CPU kernels want them), checked to run in a separate process; its offload facts.
+        Raises StageError naming the operators the HTP refuses when that fails."""
+        try:
+            _compile(qdq, out, self.options, cpu_fallback=True)
+            refused = _cpu_nodes(out)
+            if refused:
+                qdq = qdq.with_name(f"{qdq.stem}-htp-part.onnx")
+                _quantize(
+                    source, qdq, self.options, ctx.calibration.x[: self.options.samples], names, refused
+                )
+                _compile(qdq, out, self.options, cpu_fallback=True)
+        except Exception as e:
+            raise StageError(
+                f"compile_qnn: the HTP cannot take this model, not even in part: {reason(whole)}; "
+                f"with the CPU fallback: {reason(e)}"
+            ) from None
+        split = offload_facts(qdq, out)
+        refused = ", ".join(f"{op} x{n}" if n > 1 else op for op, n in split["cpu_ops"].items())
+        probe = ctx.workdir / f"{out.stem}-probe.npz"
+        np.savez(probe, **ort_feed(ctx.calibration.x[:1], names))
+        failed = runs_apart(out, probe)
+        if failed:
+            raise StageError(
+                f"compile_qnn: the HTP cannot take {refused} (the phone's CPU would run them in a partial "
+                f"offload), and the host HTP emulator cannot run that partial context to check it: {failed}"
+            )
+        log.warning(
+            "qnn_int8: partial offload: the HTP runs %d of %d nodes; the phone's CPU runs %s",
+            split["htp_nodes"],
+            split["htp_nodes"] + split["cpu_nodes"],
+            refused,
+        )
+        return {"offload": "partial", **split}
 
     def layers(self, artifact: Artifact, ctx: BuildContext) -> list[str]:
         return []
@@ -163,6 +192,117 @@ class CompileQnn(Stage, Recoverable):
         from toolchain.passes.rescale import onnx_finds
 
         return fix == "a16w8" or onnx_finds(artifact.path, fix)
+
+
+def _quantize(source: Path, qdq: Path, o: CompileQnnOptions, x, names: list[str], exclude=()) -> None:
+    """ONNX Runtime's QNN Q/DQ quantization of ``source`` into ``qdq``, calibrated on ``x`` one input
+    at a time; the nodes ``exclude`` names stay in float."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize
+    from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.rows = iter(range(len(x)))
+
+        def get_next(self):
+            i = next(self.rows, None)
+            return None if i is None else ort_feed(x[i : i + 1], names)
+
+    try:
+        with (
+            quiet_onnxruntime()
+        ):  # the quantizer logs every tensor, and a pre-processing hint not needed here
+            config = get_qnn_qdq_config(
+                str(source),
+                Reader(),
+                activation_type=QuantType.QUInt16 if o.a16w8 else QuantType.QUInt8,
+                weight_type=QuantType.QUInt8,
+                per_channel=o.per_channel,
+                nodes_to_exclude=list(exclude) or None,
+            )
+            quantize(str(source), str(qdq), config)
+    except Exception as e:
+        raise StageError(
+            f"compile_qnn: ONNX Runtime's QNN quantizer refuses this model: {reason(e)}"
+        ) from None
+
+
+def _cpu_nodes(compiled: Path) -> list[str]:
+    """Names of the compute nodes a compiled model left outside its EPContext partitions."""
+    import onnx
+
+    graph = onnx.load(str(compiled), load_external_data=False).graph
+    return [n.name for n in graph.node if n.op_type not in _QDQ and n.op_type != "EPContext"]
+
+
+def _compile(qdq: Path, out: Path, o: CompileQnnOptions, cpu_fallback: bool) -> None:
+    import onnxruntime as ort
+
+    with native_stderr_off():  # the QNN SDK's native logging
+        ort.ModelCompiler(
+            htp_session_options(o.htp_arch, o.soc_model, cpu_fallback=cpu_fallback),
+            str(qdq),
+            embed_compiled_data_into_model=o.embed,
+        ).compile_to_file(str(out))
+
+
+# quantization nodes are bookkeeping: where they fall to the CPU, their operator did
+_QDQ = {"QuantizeLinear", "DequantizeLinear"}
+
+
+def offload_facts(qdq: Path, compiled: Path) -> dict:
+    """How a compiled model splits between the HTP and the CPU, counted in the Q/DQ model's compute
+    nodes (Q/DQ pairs aside): ``htp_nodes``, ``cpu_nodes``, ``cpu_ops`` ({op type: count} on the CPU),
+    ``htp_partitions`` (EPContext nodes)."""
+    import collections
+
+    import onnx
+
+    before = [n for n in onnx.load(str(qdq), load_external_data=False).graph.node if n.op_type not in _QDQ]
+    after = onnx.load(str(compiled), load_external_data=False).graph.node
+    cpu = [n.op_type for n in after if n.op_type not in _QDQ and n.op_type != "EPContext"]
+    return {
+        "htp_nodes": len(before) - len(cpu),
+        "cpu_nodes": len(cpu),
+        "cpu_ops": dict(sorted(collections.Counter(cpu).items(), key=lambda kv: (-kv[1], kv[0]))),
+        "htp_partitions": sum(1 for n in after if n.op_type == "EPContext"),
+    }
+
+
+_PROBE = """
+import sys
+import numpy as np
+import onnxruntime as ort
+from toolchain.stages.compile_qnn import htp_session_options
+session = ort.InferenceSession(sys.argv[1], htp_session_options(cpu_fallback=True))
+session.run(None, dict(np.load(sys.argv[2])))
+"""
+
+
+def runs_apart(path: Path, feed: Path, timeout: int = 600) -> str | None:
+    """Load ``path`` in the QNN EP (CPU fallback allowed) and run ``feed`` (an .npz of the inputs) in a
+    child process; None when it ran, else why not (a native abort takes the child, not the build)."""
+    import subprocess
+    import sys
+
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _PROBE, str(path), str(feed)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        return f"it did not finish in {timeout} s"
+    if done.returncode == 0:
+        return None
+    lines = [line.strip() for line in (done.stderr + done.stdout).splitlines() if line.strip()]
+    said = next(
+        (line for line in reversed(lines) if "what()" in line or "Error" in line), lines[-1] if lines else ""
+    )
+    log.debug("QNN partial-offload probe (exit %s):\n%s", done.returncode, done.stderr[-4000:])
+    how = f"signal {-done.returncode}" if done.returncode < 0 else f"exit {done.returncode}"
+    return f"onnxruntime-qnn ended the process ({how}): {said[:200]}"
 
 
 def batch_one(model, sample=None):
@@ -189,8 +329,11 @@ def batch_one(model, sample=None):
     return model
 
 
-def htp_session_options(htp_arch: int = 0, soc_model: int = 0, extra: dict | None = None):
-    """Session options that put the QNN plugin EP's HTP backend in charge, with no CPU fallback."""
+def htp_session_options(
+    htp_arch: int = 0, soc_model: int = 0, extra: dict | None = None, cpu_fallback: bool = False
+):
+    """Session options that put the QNN plugin EP's HTP backend in charge; with no CPU fallback unless
+    ``cpu_fallback`` (a partial offload: the nodes the HTP refuses run on ONNX Runtime's CPU EP)."""
     import onnxruntime as ort
     import onnxruntime_qnn
 
@@ -198,7 +341,7 @@ def htp_session_options(htp_arch: int = 0, soc_model: int = 0, extra: dict | Non
     devices = [d for d in ort.get_ep_devices() if d.ep_name == "QNNExecutionProvider"]
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    options.add_session_config_entry("session.disable_cpu_ep_fallback", "0" if cpu_fallback else "1")
     for k, v in (extra or {}).items():
         options.add_session_config_entry(k, v)
     provider = {"backend_path": onnxruntime_qnn.get_qnn_htp_path()}
