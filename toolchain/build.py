@@ -20,9 +20,10 @@ from toolchain.inputs.load import load_model
 from toolchain.inputs.prepare import build_context, check_data_paths, fix_constants, prepare_model
 from toolchain.measure.cpu import isa_facts
 from toolchain.on_device import save_parity_inputs
+from toolchain.primary import choose_primary
 from toolchain.reporting.facts import data_facts, model_facts
 from toolchain.reporting.manifest import write_manifest
-from toolchain.reporting.report import Report, mark_primary, write
+from toolchain.reporting.report import Report, write
 from toolchain.target import load_target, plan
 from toolchain.tensorrt.plan import plan_engine
 from toolchain.verdict.expected import applied_thresholds, expected_outputs, user_metric
@@ -131,13 +132,24 @@ def _build(
             save_parity_inputs(
                 tmp, v.x, expected.outputs, expected.roles, v.y, profile.tensorrt.parity_samples
             )
+        ranked, choice = choose_primary(
+            reports,
+            {
+                m.report.name: m.shipped
+                for m in made.values()
+                if m.report is not None and m.shipped is not None
+            },
+            inputs.validation.x[:1],
+            r.threads,
+            r.latency_runs,
+        )
         report = Report(
             target=profile.name,
             target_file=profile.source,
             model=model_facts(loaded, inputs, expected.roles),
             reference=reference_facts(loaded, reference, inputs, profile, expected.accuracy, tmp),
             data=data_facts(inputs),
-            artifacts=tuple(mark_primary(reports)),
+            artifacts=tuple(ranked),
             cpu=isa_facts(r.isa),
             skipped=tuple({"name": s.name, "reason": s.reason} for s in skipped),
             not_applicable=tuple({"name": s.name, "reason": s.reason} for s in not_applicable),
@@ -148,6 +160,7 @@ def _build(
             + tuple(f"{a.name}: {a.latency_warning}" for a in reports if a.latency_warning),
             build_seconds=round(time.perf_counter() - started, 2),
             metric=expected.metric and expected.metric.to_json(),
+            primary_choice=choice,
         )
         optional = tuple(report.optional_failures)
         for line in optional:

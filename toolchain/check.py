@@ -43,6 +43,7 @@ class Made:
     records: list | None = None
     skipped: Skipped | None = None
     not_applicable: bool = False  # the stage does not fit this model: nothing went wrong
+    shipped: Artifact | None = None  # the file in the build folder, for the primary's timing race
 
 
 def make_artifact(
@@ -96,6 +97,7 @@ def make_artifact(
             against,
             folder,
         )
+    checked = _staged_share(checked, records)
     report = dataclasses.replace(
         checked,
         eligible=chain.spec.primary,
@@ -110,7 +112,21 @@ def make_artifact(
         "lineage": list(shipped.lineage),
         "recovery_attempts": recovery and [a.to_json() for a in recovery.outcome.attempts],
     }
-    return Made(report, entry, records)
+    return Made(report, entry, records, shipped=shipped)
+
+
+def _staged_share(checked: ArtifactReport, records) -> ArtifactReport:
+    """An INT8 artifact whose file cannot be counted (TorchScript, .pte) takes the share its
+    quantization stage counted on the model it quantized, and the precision that share gives."""
+    if checked.int8_share is not None:
+        return checked
+    share = next(
+        (r.facts["int8_share"] for r in reversed(records) if r.facts.get("int8_share") is not None), None
+    )
+    if share is None:
+        return checked
+    precision = measured_precision(checked.precision, share)
+    return dataclasses.replace(checked, int8_share=share, int8_share_basis="macs", precision=precision)
 
 
 def _cast_share(records) -> float | None:

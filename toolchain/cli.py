@@ -120,6 +120,7 @@ def build(
     from toolchain.reporting.report import (
         metric_lines,
         near_ties_lines,
+        primary_lines,
         recovery_lines,
         sensitivity_top,
         subset_lines,
@@ -152,7 +153,7 @@ def build(
             click.echo(line)
         for line in sensitivity_top(report, folder):
             click.echo(line)
-        for line in recovery_lines(report) + near_ties_lines(report):
+        for line in recovery_lines(report) + near_ties_lines(report) + primary_lines(report):
             click.echo(line)
         for s in report.skipped:
             click.echo(f"skipped {s['name']}: {s['reason']}")

@@ -29,7 +29,7 @@ from toolchain.tensorrt.plan import TensorRTOptions
 class RuntimeOptions:
     threads: int = option(2, "intra-op threads for every runtime, latency included")
     layout: Literal["NCHW", "NHWC"] = option("NCHW", "input memory layout the artifacts expect")
-    isa: Literal["avx2", "avx512", "avx512_vnni", "amx"] | None = option(
+    isa: Literal["avx2", "avx512", "avx512_vnni", "avx512_bf16", "amx"] | None = option(
         None, "x86 instruction set of the deployment CPU (INT8 settings follow it; unset for non-x86 targets)"
     )
     batch_sizes: tuple[int, ...] = option(

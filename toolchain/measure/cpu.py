@@ -12,8 +12,16 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-ISAS = ("avx2", "avx512", "avx512_vnni", "amx")  # weakest first
-_VNNI = {"avx512_vnni", "amx"}
+# weakest first; avx512_bf16: AVX512-VNNI and AVX512-BF16 (Cooper Lake, AMD Zen 4), BF16 dot products
+# without AMX's tiles
+ISAS = ("avx2", "avx512", "avx512_vnni", "avx512_bf16", "amx")
+_VNNI = {"avx512_vnni", "avx512_bf16", "amx"}
+BF16 = {"avx512_bf16", "amx"}  # the deployment CPUs that compute BF16 natively
+
+
+def has_bf16(isa: str | None) -> bool:
+    """Whether ``isa`` computes BF16 dot products in hardware (AVX512-BF16 or AMX-BF16)."""
+    return isa in BF16
 
 
 def has_vnni(isa: str | None) -> bool:
@@ -71,6 +79,8 @@ def host_isa(flags: set[str]) -> str | None:
     """The strongest of :data:`ISAS` that ``flags`` cover; None when not even AVX2 (or not x86)."""
     if {"amx_tile", "amx_int8"} <= flags:
         return "amx"
+    if "avx512f" in flags and flags & {"avx512_vnni", "avx512vnni"} and "avx512_bf16" in flags:
+        return "avx512_bf16"
     if "avx512f" in flags and flags & {"avx512_vnni", "avx512vnni"}:
         return "avx512_vnni"
     if "avx512f" in flags:

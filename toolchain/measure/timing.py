@@ -78,6 +78,13 @@ def time_alternating(
     """Median milliseconds of each runner on ``x``, the runners timed in turn, ``rounds`` times
     (after ``warmup`` runs each): a slow moment of the machine hits all of them, so their ratios
     hold where their absolute figures would not (benchmarks compare variants this way)."""
+    return {label: float(np.median(v)) for label, v in time_in_turn(runners, x, rounds, warmup).items()}
+
+
+def time_in_turn(
+    runners: dict[str, Callable[[Any], Any]], x, rounds: int, warmup: int = 20
+) -> dict[str, list[float]]:
+    """Every timed run's milliseconds per runner, the runners timed in turn (see time_alternating)."""
     for run in runners.values():
         for _ in range(warmup):
             run(x)
@@ -87,7 +94,7 @@ def time_alternating(
             start = time.perf_counter_ns()
             run(x)
             times[label].append((time.perf_counter_ns() - start) / 1e6)
-    return {label: float(np.median(v)) for label, v in times.items()}
+    return times
 
 
 def bench(

@@ -106,6 +106,8 @@ class Report:
     metric: dict[str, Any] | None = None  # the user's metric: name, FP32 score, tolerance
     # artifacts for another kind of model (dynamic INT8 for a CNN)
     not_applicable: tuple[dict[str, Any], ...] = ()
+    # how the primary was chosen: the leaders timed alternating, ties, margin (toolchain.primary)
+    primary_choice: dict[str, Any] | None = None
 
     @property
     def passed(self) -> bool | None:
@@ -144,6 +146,7 @@ class Report:
                 "passed": self.passed,
                 "verdict": self.verdict,
                 "primary": self.primary.name if self.primary else None,
+                "primary_choice": self.primary_choice,
                 "parity_inputs": _parity_inputs(self.data),
                 "model": self.model,
                 "reference": self.reference,
@@ -196,6 +199,7 @@ def markdown(report: Report) -> str:
     lines += [f"- {line}" for line in subset_lines(report)]
     lines += [f"- recovery: {line}" for line in recovery_lines(report)]
     lines += [f"- {line}" for line in near_ties_lines(report)]
+    lines += [f"- {line}" for line in primary_lines(report)]
     for a in report.artifacts:
         lines += [f"- `{a.name}` {stage}: {facts_line(facts)}" for stage, facts in a.stage_facts.items()]
     lines += [f"- skipped `{s['name']}`: {s['reason']}" for s in report.skipped]
@@ -322,6 +326,16 @@ def subset_lines(report: Report) -> list[str]:
 def recovery_lines(report: Report) -> list[str]:
     """One line per artifact that recovery worked on: what it did, or why it could not."""
     return [a.recovery["summary"] for a in report.artifacts if a.recovery]
+
+
+def primary_lines(report: Report) -> list[str]:
+    """How the primary was chosen, when it was raced against others (toolchain.primary)."""
+    c = report.primary_choice
+    if not c:
+        return []
+    timed = ", ".join(f"{x['name']} {x['median_ms']:.3f} ms" for x in c["candidates"])
+    margin = f", runner-up x{c['margin']:.2f}" if c.get("margin") else ""
+    return [f"primary: {c['primary']} ({c['rule']}; timed alternating at batch 1: {timed}{margin})"]
 
 
 def near_ties_lines(report: Report) -> list[str]:

@@ -54,10 +54,11 @@ class CastTorch(Stage, Recoverable):
 
         from toolchain.measure import cpu
 
-        if self.options.dtype == "bfloat16" and ctx.isa is not None and ctx.isa != "amx":
+        if self.options.dtype == "bfloat16" and ctx.isa is not None and not cpu.has_bf16(ctx.isa):
             raise NotApplicable(
                 f'cast_torch: the deployment CPU (runtime.isa = "{ctx.isa}") is not known to have BF16 '
-                f'instructions; BF16 is for runtime.isa = "amx" (Sapphire Rapids and later)'
+                f'instructions; BF16 is for runtime.isa = "avx512_bf16" (Cooper Lake, AMD Zen 4) or "amx" '
+                f"(Sapphire Rapids and later)"
             )
         dtype = getattr(torch, self.options.dtype)
         source = _graph(artifact)

@@ -34,6 +34,7 @@ from toolchain.stages.quantize_onnx import (
     reduce_range_for,
     rescaled,
 )
+from toolchain.stages.quantize_torch import counted_int8_share
 
 DYNAMIC_ONNX_LAYERS = ("MatMul", "Gemm", "LSTM", "GRU", "Attention")
 
@@ -220,6 +221,7 @@ class QuantizeTorchDynamic(Stage, Recoverable):
                 "engine": o.engine,
                 "quantized_modules": dict(sorted(counts.items())),
                 "float_layers": list(o.float_layers),
+                "int8_share": counted_int8_share(model, ctx),
                 **facts,
             },
         )

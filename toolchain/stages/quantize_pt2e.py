@@ -117,6 +117,7 @@ class QuantizePT2E(Stage, Recoverable):
             "quantize_nodes": _count(program, "quantize_per"),
             "per_channel": o.per_channel,
             "float_layers": list(o.float_layers),
+            "int8_share": _int8_share(program),
         }
         if as_convs:
             facts["batchnorm1d_as_conv"] = as_convs
@@ -208,3 +209,12 @@ def _fused(artifact: Artifact, ctx: BuildContext):
 
 def _count(program, name: str) -> int:
     return sum(1 for n in program.graph.nodes if n.op == "call_function" and name in str(n.target))
+
+
+def _int8_share(program) -> float | None:
+    from toolchain.passes.int8_graph import exported_int8_share
+
+    try:
+        return exported_int8_share(program)
+    except Exception:  # noqa: BLE001 - a measurement for the report, not a step of the build
+        return None

@@ -134,6 +134,8 @@ class QuantizeTorch(Stage, Recoverable):
             facts["float_masks"] = len(ctx.cache.get(self._key(artifact, reduce_range) + ("masks",), []))
         if o.engine == "qnnpack" and artifact.kind is Kind.FX:
             facts["contiguous_before_clamp"] = contiguous_before_clamp(model)
+        if artifact.kind is Kind.FX:
+            facts["int8_share"] = counted_int8_share(model, ctx)
         if o.bias_correction and artifact.kind is Kind.FX:
             from toolchain.passes.bias_correction import correct_module_biases
 
@@ -363,3 +365,14 @@ def _calibrate(model, batches, ctx: BuildContext) -> None:
             model(*batch)
             done += size(batch)
             ctx.progress("calibrating (torch)", done, total)
+
+
+def counted_int8_share(model, ctx: BuildContext) -> float | None:
+    """The model's share of multiply-accumulates in INT8 modules (toolchain.passes.int8_graph); None
+    where it cannot be counted (the label never costs the artifact)."""
+    from toolchain.passes.int8_graph import module_int8_share
+
+    try:
+        return module_int8_share(model, ctx.example())
+    except Exception:  # noqa: BLE001 - a measurement for the report, not a step of the build
+        return None

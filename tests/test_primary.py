@@ -1,0 +1,61 @@
+"""The primary: the fastest passing artifact on latency timed alternating, ties broken by size and
+runtime so that identical builds choose alike (issue 29, part 2)."""
+
+import itertools
+
+import numpy as np
+
+from toolchain.primary import Timed, choose
+
+
+def _runs(median: float, spread: float, n: int = 30) -> tuple[float, ...]:
+    return tuple(np.linspace(median - spread, median + spread, n))
+
+
+def test_a_clearly_faster_artifact_is_primary_whatever_its_size():
+    fast = Timed("onnx_int8", _runs(1.0, 0.05), 500_000, "onnxruntime")
+    slow = Timed("torch_int8", _runs(2.0, 0.05), 100_000, "torchscript")
+    c = choose([slow, fast])
+    assert c["primary"] == "onnx_int8" and c["tied"] == [] and c["margin"] == 2.0
+    assert [x["name"] for x in c["candidates"]] == ["onnx_int8", "torch_int8"] and c["candidates"][0][
+        "runs"
+    ] == 30
+
+
+def test_tied_leaders_are_ordered_by_size_then_runtime_then_name_in_any_order():
+    """Middle halves overlapping: what the in-build numbers would flip between builds."""
+    a = Timed("openvino_int8", _runs(1.00, 0.10), 300_000, "openvino")
+    b = Timed("onnx_int8", _runs(1.03, 0.10), 300_000, "onnxruntime")  # same size, simpler runtime
+    c = Timed("torch_int8", _runs(1.05, 0.10), 250_000, "torchscript")  # the smallest
+    far = Timed("onnx_fp32", _runs(3.0, 0.1), 900_000, "onnxruntime")
+    for order in itertools.permutations([a, b, c, far]):
+        choice = choose(list(order))
+        assert choice["primary"] == "torch_int8" and set(choice["tied"]) == {
+            "openvino_int8",
+            "onnx_int8",
+            "torch_int8",
+        }
+        assert "tied with" in choice["rule"] and "smallest" in choice["rule"]
+    assert choose([a, b])["primary"] == "onnx_int8"  # equal sizes: ONNX Runtime before OpenVINO
+
+
+def test_the_build_races_its_leaders_and_says_how_it_chose(tmp_path, digits):
+    import toolchain
+
+    from .conftest import fast_profile
+
+    report, folder = toolchain.build(
+        str(digits["model"]),
+        str(fast_profile(tmp_path, 64, 64)),
+        tmp_path / "out",
+        digits["calibration"],
+        digits["validation"],
+    )
+    data = report.to_json()
+    choice = data["primary_choice"]
+    assert data["primary"] == choice["primary"] and len(choice["candidates"]) >= 2
+    assert all(c["runs"] == 3 for c in choice["candidates"])  # the profile's latency_runs, in turn
+    assert {c["name"] for c in choice["candidates"]} <= {
+        a["name"] for a in data["artifacts"] if a["parity"]["passed"]
+    }
+    assert f"primary: {choice['primary']} (" in (folder / "report.md").read_text()

@@ -1,0 +1,122 @@
+"""Which artifact is primary: the fastest that passes, on latency that holds between builds.
+
+Each artifact's in-build latency was taken alone, at its own moment: two artifacts a few percent
+apart swap places from one build to the next (machine noise is larger than their difference). So
+the passing, eligible artifacts with the lowest in-build latency (up to ``MAX_CANDIDATES``) are
+timed again *alternating* in one loop at batch 1: a slow moment of the machine hits them all. The
+fastest by median wins unless the next one is tied with it: their middle halves (the interquartile
+ranges of their timed runs) overlap. Tied leaders are ordered by size (smaller first), then by
+how simple their runtime is to ship (:data:`SIMPLER`), then by name: the same model built twice
+chooses the same primary unless the timings really differ. The report's ``primary_choice`` says
+what was timed, the margin, and which rule decided.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Mapping
+
+import numpy as np
+
+from toolchain.core.artifact import Artifact
+from toolchain.measure.timing import time_in_turn
+from toolchain.reporting.report import ArtifactReport, mark_primary
+from toolchain.runtimes import load_runner
+
+log = logging.getLogger("toolchain")
+
+MAX_CANDIDATES = 4
+# runtimes by what shipping them asks of an application: one library and a file first
+SIMPLER = ("onnxruntime", "openvino", "torchscript", "executorch", "torchscript-lite", "qnn", "tensorrt")
+
+
+@dataclasses.dataclass(frozen=True)
+class Timed:
+    name: str
+    runs_ms: tuple[float, ...]
+    size_bytes: int
+    runtime: str
+
+    @property
+    def median(self) -> float:
+        return float(np.median(self.runs_ms))
+
+    @property
+    def quartiles(self) -> tuple[float, float]:
+        q1, q3 = np.percentile(self.runs_ms, [25, 75])
+        return float(q1), float(q3)
+
+
+def choose(timed: list[Timed]) -> dict[str, Any]:
+    """The primary among ``timed`` (at least one) and why: ``primary``, ``tied`` (the leaders tied with
+    the fastest, itself included), ``margin`` (the runner-up's median over the fastest's), ``rule``."""
+    ranked = sorted(timed, key=lambda t: (t.median, t.name))
+    fastest = ranked[0]
+    tied = [t for t in ranked if t.quartiles[0] <= fastest.quartiles[1]]
+    order = lambda t: (t.size_bytes, _simplicity(t.runtime), t.name)  # noqa: E731
+    winner = min(tied, key=order) if len(tied) > 1 else fastest
+    runner_up = ranked[1] if len(ranked) > 1 else None
+    if len(tied) == 1:
+        rule = (
+            "fastest: the runner-up's middle half of timed runs is slower than its own"
+            if runner_up
+            else "the only one"
+        )
+    else:
+        rule = (
+            f"tied with {', '.join(t.name for t in tied if t is not winner)} (their middle halves overlap): "
+            "the smallest, then the simplest runtime"
+        )
+    return {
+        "primary": winner.name,
+        "tied": [t.name for t in tied] if len(tied) > 1 else [],
+        "margin": round(runner_up.median / fastest.median, 3) if runner_up and fastest.median > 0 else None,
+        "rule": rule,
+        "candidates": [
+            {
+                "name": t.name,
+                "median_ms": round(t.median, 4),
+                "p25_ms": round(t.quartiles[0], 4),
+                "p75_ms": round(t.quartiles[1], 4),
+                "runs": len(t.runs_ms),
+            }
+            for t in ranked
+        ],
+    }
+
+
+def _simplicity(runtime: str) -> int:
+    return SIMPLER.index(runtime) if runtime in SIMPLER else len(SIMPLER)
+
+
+def choose_primary(
+    reports: list[ArtifactReport], shipped: Mapping[str, Artifact], x, threads: int, rounds: int
+) -> tuple[list[ArtifactReport], dict | None]:
+    """The reports with the primary marked, and the report's ``primary_choice`` (None when fewer than
+    two artifacts compete: the in-build rule, fastest that passes, stands)."""
+    passing = [
+        a
+        for a in reports
+        if a.parity.passed is not False
+        and a.eligible
+        and a.name in shipped
+        and not shipped[a.name].fixed_batch()
+    ]
+    if len(passing) < 2:
+        return mark_primary(reports), None
+    leaders = sorted(passing, key=lambda a: a.latency_ms)[:MAX_CANDIDATES]
+    runners = {}
+    for a in leaders:
+        try:
+            runners[a.name] = load_runner(shipped[a.name], a.runtime, threads)
+        except Exception as e:  # noqa: BLE001 - it was checked in its runtime: leave it out of the race
+            log.debug("primary: %s not timed again: %s", a.name, e)
+    if len(runners) < 2:
+        return mark_primary(reports), None
+    log.info("choosing the primary: %s timed alternating, %d rounds", ", ".join(runners), rounds)
+    runs = time_in_turn(runners, x, rounds, warmup=3)
+    by_name = {a.name: a for a in leaders}
+    choice = choose([Timed(n, tuple(r), by_name[n].size_bytes, by_name[n].runtime) for n, r in runs.items()])
+    marked = [dataclasses.replace(a, primary=a.name == choice["primary"]) for a in reports]
+    return marked, choice
