@@ -1,11 +1,13 @@
 """The primary: the fastest passing artifact on latency timed alternating, ties broken by size and
 runtime so that identical builds choose alike (issue 29, part 2)."""
 
+import dataclasses
 import itertools
+from types import SimpleNamespace
 
 import numpy as np
 
-from toolchain.primary import Timed, choose
+from toolchain.primary import Timed, choose, choose_primary
 
 
 def _runs(median: float, spread: float, n: int = 30) -> tuple[float, ...]:
@@ -44,12 +46,13 @@ def test_the_build_races_its_leaders_and_says_how_it_chose(tmp_path, digits):
 
     from .conftest import fast_profile
 
+    # every passing artifact raced, however far behind its build latency (the default: within 1.5x)
+    profile = fast_profile(tmp_path, 64, 64)
+    profile.write_text(
+        profile.read_text().replace("warmup_runs = 1", "warmup_runs = 1\nrace_within = 100.0", 1)
+    )
     report, folder = toolchain.build(
-        str(digits["model"]),
-        str(fast_profile(tmp_path, 64, 64)),
-        tmp_path / "out",
-        digits["calibration"],
-        digits["validation"],
+        str(digits["model"]), str(profile), tmp_path / "out", digits["calibration"], digits["validation"]
     )
     data = report.to_json()
     choice = data["primary_choice"]
@@ -59,3 +62,21 @@ def test_the_build_races_its_leaders_and_says_how_it_chose(tmp_path, digits):
         a["name"] for a in data["artifacts"] if a["parity"]["passed"]
     }
     assert f"primary: {choice['primary']} (" in (folder / "report.md").read_text()
+
+
+@dataclasses.dataclass
+class _Row:  # what choose_primary reads of an ArtifactReport
+    name: str
+    latency_ms: float
+    eligible: bool = True
+    parity: object = dataclasses.field(default_factory=lambda: SimpleNamespace(passed=True))
+    primary: bool = False
+
+
+def test_an_artifact_far_behind_in_the_build_is_not_raced():
+    """The default profile races only artifacts within 1.5x of the fastest's build latency; the rule
+    says so and gives the margin (nothing is loaded or timed)."""
+    shipped = {n: SimpleNamespace(fixed_batch=lambda: None) for n in ("a", "b")}
+    marked, choice = choose_primary([_Row("a", 1.0), _Row("b", 2.0)], shipped, None, 1, 3)
+    assert [r.primary for r in marked] == [True, False] and choice["candidates"] == []
+    assert choice["margin"] == 2.0 and "not raced (runtime.race_within = 1.5)" in choice["rule"]

@@ -142,6 +142,7 @@ def _build(
             inputs.validation.x[:1],
             r.threads,
             r.latency_runs,
+            r.race_within,
         )
         report = Report(
             target=profile.name,

@@ -91,21 +91,41 @@ def _simplicity(runtime: str) -> int:
 
 
 def choose_primary(
-    reports: list[ArtifactReport], shipped: Mapping[str, Artifact], x, threads: int, rounds: int
+    reports: list[ArtifactReport],
+    shipped: Mapping[str, Artifact],
+    x,
+    threads: int,
+    rounds: int,
+    within: float = 1.5,
 ) -> tuple[list[ArtifactReport], dict | None]:
-    """The reports with the primary marked, and the report's ``primary_choice`` (None when fewer than
-    two artifacts compete: the in-build rule, fastest that passes, stands)."""
-    passing = [
-        a
-        for a in reports
-        if a.parity.passed is not False
-        and a.eligible
-        and a.name in shipped
-        and not shipped[a.name].fixed_batch()
-    ]
+    """The reports with the primary marked, and the report's ``primary_choice``. Only artifacts whose
+    build latency is within ``within`` times the fastest's race: one further behind cannot be tied
+    with it (None when fewer than two artifacts pass: the in-build rule, fastest that passes, stands)."""
+    passing = sorted(
+        (
+            a
+            for a in reports
+            if a.parity.passed is not False
+            and a.eligible
+            and a.name in shipped
+            and not shipped[a.name].fixed_batch()
+        ),
+        key=lambda a: a.latency_ms,
+    )
     if len(passing) < 2:
         return mark_primary(reports), None
-    leaders = sorted(passing, key=lambda a: a.latency_ms)[:MAX_CANDIDATES]
+    leaders = [a for a in passing if a.latency_ms <= passing[0].latency_ms * within][:MAX_CANDIDATES]
+    if len(leaders) < 2:
+        marked = mark_primary(reports)
+        margin = passing[1].latency_ms / passing[0].latency_ms if passing[0].latency_ms > 0 else None
+        return marked, {
+            "primary": next(a.name for a in marked if a.primary),
+            "tied": [],
+            "margin": margin and round(margin, 3),
+            "rule": f"fastest in the build's own timing, the runner-up x{margin or 0:.2f} behind: not raced "
+            f"(runtime.race_within = {within})",
+            "candidates": [],
+        }
     runners = {}
     for a in leaders:
         try:

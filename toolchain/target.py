@@ -36,6 +36,11 @@ class RuntimeOptions:
         (1,), "batch sizes the deployment runs: throughput is measured at each"
     )
     warmup_runs: int = option(5, "runs discarded before timing, at each batch size")
+    race_within: float = option(
+        1.5,
+        "passing artifacts whose build latency is within this factor of the fastest's are timed again "
+        "alternating to choose the primary (toolchain.primary); 1: never",
+    )
     latency_runs: int = option(30, "timed runs at batch 1; p50 / p95 / p99 are reported")
     sweep_runs: int = option(10, "timed runs at each batch size above 1 (after at most 2 warm-up runs)")
     latency_budget_ms: float | None = option(

@@ -333,6 +333,8 @@ def primary_lines(report: Report) -> list[str]:
     c = report.primary_choice
     if not c:
         return []
+    if not c["candidates"]:
+        return [f"primary: {c['primary']} ({c['rule']})"]
     timed = ", ".join(f"{x['name']} {x['median_ms']:.3f} ms" for x in c["candidates"])
     margin = f", runner-up x{c['margin']:.2f}" if c.get("margin") else ""
     return [f"primary: {c['primary']} ({c['rule']}; timed alternating at batch 1: {timed}{margin})"]
