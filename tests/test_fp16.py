@@ -63,20 +63,24 @@ def test_snapdragons_fp16_pte_overflows_and_recovery_keeps_the_overflowing_nodes
     assert report.passed
 
 
-def test_xaviers_fp16_onnx_keeps_what_fp16_cannot_hold_and_the_engine_plan_constrains_it(
-    overflowing, tmp_path
-):
-    """ONNX Runtime's CPU computes most FP16 nodes in FP32, so the host check cannot see TensorRT's
-    overflow: the Xavier profile keeps out-of-range nodes in FP32 from the start, and the engine plan
-    gives the same nodes FP32 constraints."""
-    profile = fast_profile(tmp_path, 128, 256, base=XAVIER, batch_sizes=None)
-    report, folder = toolchain.build(
+@pytest.fixture(scope="module")
+def xavier_build(overflowing, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("xavier")
+    profile = fast_profile(tmp, 128, 256, base=XAVIER, batch_sizes=None)
+    return toolchain.build(
         str(overflowing / "performer.pt2"),
         str(profile),
-        tmp_path / "out",
+        tmp / "out",
         overflowing / "calib.npz",
         overflowing / "val.npz",
     )
+
+
+def test_xaviers_fp16_onnx_keeps_what_fp16_cannot_hold_and_the_engine_plan_constrains_it(xavier_build):
+    """ONNX Runtime's CPU computes most FP16 nodes in FP32, so the host check cannot see TensorRT's
+    overflow: the Xavier profile keeps out-of-range nodes in FP32 from the start, and the engine plan
+    gives the same nodes FP32 constraints."""
+    report, folder = xavier_build
     fp16 = next(a for a in report.to_json()["artifacts"] if a["name"] == "onnx_fp16")
     kept = fp16["stage_facts"]["float16_onnx"]["fp32_nodes"]
     assert "node_sum_1" in kept and fp16["parity"]["passed"] is True and 0.5 < fp16["fp16_share"] < 1
@@ -94,19 +98,15 @@ def test_xaviers_fp16_onnx_keeps_what_fp16_cannot_hold_and_the_engine_plan_const
     assert set(kept) <= qdq  # the names the engine's layers carry
 
 
-def test_the_engine_builder_obeys_the_plans_fp32_layers(overflowing, tmp_path, monkeypatch):
+def test_the_engine_builder_obeys_the_plans_fp32_layers(xavier_build, tmp_path, monkeypatch):
+    import shutil
+
     from toolchain.on_device import engine_build
 
     from .fake_tensorrt import install
 
-    profile = fast_profile(tmp_path, 128, 256, base=XAVIER, batch_sizes=None)
-    _, folder = toolchain.build(
-        str(overflowing / "performer.pt2"),
-        str(profile),
-        tmp_path / "out",
-        overflowing / "calib.npz",
-        overflowing / "val.npz",
-    )
+    folder = tmp_path / "b"
+    shutil.copytree(xavier_build[1], folder)  # the engine is written into the folder: a copy of it
     install(monkeypatch)
     engine_build(folder)
     blob = (folder / "model.engine").read_bytes()

@@ -15,7 +15,7 @@ from toolchain.core.heap import keeps_heap_frozen
 from toolchain.core.native import keeps_torch_settings
 from toolchain.core.pipeline import Pipeline, Skipped
 from toolchain.core.runner import reference_runner
-from toolchain.folder import BuildLog, build_log, check_output, staged_folder
+from toolchain.folder import build_log, check_output, staged_folder
 from toolchain.inputs.load import load_model
 from toolchain.inputs.prepare import build_context, check_data_paths, fix_constants, prepare_model
 from toolchain.measure.cpu import isa_facts
@@ -55,130 +55,99 @@ def build(
     and the folder; the folder's `build.log` holds everything the build logged. Raises
     ToolchainError on bad input."""
     with build_log() as lines:
-        return _build(
-            model,
-            target,
-            out,
-            calib,
-            val,
-            input_shape,
-            trust_pickle,
-            progress,
-            outputs,
-            metric,
-            max_metric_drop,
-            constants,
-            lines,
+        started = time.perf_counter()
+        profile = load_target(target)
+        check_data_paths(calib, val)  # before the model loads: a typo costs no waiting
+        scorer = user_metric(profile, metric, max_metric_drop)
+        log.info("loading %s", model)
+        loaded = load_model(model, trust_pickle)
+        folder = Path(out) if out else Path("build") / f"{loaded.name}-{profile.name}"
+        check_output(folder)
+        loaded = fix_constants(loaded, constants, calib, val)
+        loaded, inputs, names = prepare_model(
+            loaded, profile.data, profile.runtime.isa, calib, val, input_shape
         )
-
-
-def _build(
-    model: str,
-    target: str,
-    out: str | Path | None,
-    calib: str | Path | None,
-    val: str | Path | None,
-    input_shape: str | tuple[int, ...] | None,
-    trust_pickle: bool,
-    progress: Callable[[str, int, int], None] | None,
-    outputs: Mapping[str, str] | None,
-    metric: str | None,
-    max_metric_drop: float | None,
-    constants: Mapping[str, object] | Sequence[str] | str | None,
-    lines: BuildLog,
-) -> tuple[Report, Path]:
-    started = time.perf_counter()
-    profile = load_target(target)
-    check_data_paths(calib, val)  # before the model loads: a typo costs no waiting
-    scorer = user_metric(profile, metric, max_metric_drop)
-    log.info("loading %s", model)
-    loaded = load_model(model, trust_pickle)
-    folder = Path(out) if out else Path("build") / f"{loaded.name}-{profile.name}"
-    check_output(folder)
-    loaded = fix_constants(loaded, constants, calib, val)
-    loaded, inputs, names = prepare_model(loaded, profile.data, profile.runtime.isa, calib, val, input_shape)
-    reference = reference_runner(loaded.artifact, profile.runtime.threads)
-    thresholds = applied_thresholds(loaded, profile)
-    plans, skipped = plan(profile, loaded.artifact.kind)
-    if not plans:
-        kind = loaded.artifact.kind
-        raise ToolchainError(
-            f"target `{profile.name}` has no artifact that can be built from a {kind} model:"
-            + _reasons(skipped)
-        )
-    with staged_folder(folder) as tmp:
-        r = profile.runtime
-        ctx = build_context(tmp / "work", loaded, inputs, r.threads, r.isa, progress)
-        declared = {**(profile.parity.outputs or {}), **(outputs or {})}
-        expected = expected_outputs(loaded, inputs, profile, declared, names, scorer)
-        pipeline = Pipeline(ctx)
-        made = {
-            chain.name: make_artifact(
-                chain, pipeline, loaded.artifact, profile, thresholds, inputs, expected, tmp
-            )
-            for chain in plans
-        }
-        shutil.rmtree(ctx.workdir)
-        reports = [m.report for m in made.values() if m.report is not None]
-        skipped += [m.skipped for m in made.values() if m.skipped and not m.not_applicable]
-        not_applicable = [m.skipped for m in made.values() if m.not_applicable]
-        if not reports:
+        reference = reference_runner(loaded.artifact, profile.runtime.threads)
+        thresholds = applied_thresholds(loaded, profile)
+        plans, skipped = plan(profile, loaded.artifact.kind)
+        if not plans:
+            kind = loaded.artifact.kind
             raise ToolchainError(
-                f"no artifact of target `{profile.name}` could be built:{_reasons(skipped + not_applicable)}"
+                f"target `{profile.name}` has no artifact that can be built from a {kind} model:"
+                + _reasons(skipped)
             )
-        engine = plan_engine(profile.tensorrt, reports, tmp, inputs.signature)
-        if engine and engine["status"] == "pending on device":
-            v = inputs.validation
-            save_parity_inputs(
-                tmp, v.x, expected.outputs, expected.roles, v.y, profile.tensorrt.parity_samples
+        with staged_folder(folder) as tmp:
+            r = profile.runtime
+            ctx = build_context(tmp / "work", loaded, inputs, r.threads, r.isa, progress)
+            declared = {**(profile.parity.outputs or {}), **(outputs or {})}
+            expected = expected_outputs(loaded, inputs, profile, declared, names, scorer)
+            pipeline = Pipeline(ctx)
+            made = {
+                chain.name: make_artifact(
+                    chain, pipeline, loaded.artifact, profile, thresholds, inputs, expected, tmp
+                )
+                for chain in plans
+            }
+            shutil.rmtree(ctx.workdir)
+            reports = [m.report for m in made.values() if m.report is not None]
+            skipped += [m.skipped for m in made.values() if m.skipped and not m.not_applicable]
+            not_applicable = [m.skipped for m in made.values() if m.not_applicable]
+            if not reports:
+                why = _reasons(skipped + not_applicable)
+                raise ToolchainError(f"no artifact of target `{profile.name}` could be built:{why}")
+            engine = plan_engine(profile.tensorrt, reports, tmp, inputs.signature)
+            if engine and engine["status"] == "pending on device":
+                v = inputs.validation
+                save_parity_inputs(
+                    tmp, v.x, expected.outputs, expected.roles, v.y, profile.tensorrt.parity_samples
+                )
+            ranked, choice = choose_primary(
+                reports,
+                {
+                    m.report.name: m.shipped
+                    for m in made.values()
+                    if m.report is not None and m.shipped is not None
+                },
+                inputs.validation.x[:1],
+                r.threads,
+                r.latency_runs,
+                r.race_within,
             )
-        ranked, choice = choose_primary(
-            reports,
-            {
-                m.report.name: m.shipped
-                for m in made.values()
-                if m.report is not None and m.shipped is not None
-            },
-            inputs.validation.x[:1],
-            r.threads,
-            r.latency_runs,
-            r.race_within,
-        )
-        report = Report(
-            target=profile.name,
-            target_file=profile.source,
-            model=model_facts(loaded, inputs, expected.roles),
-            reference=reference_facts(loaded, reference, inputs, profile, expected.accuracy, tmp),
-            data=data_facts(inputs),
-            artifacts=tuple(ranked),
-            cpu=isa_facts(r.isa),
-            skipped=tuple({"name": s.name, "reason": s.reason} for s in skipped),
-            not_applicable=tuple({"name": s.name, "reason": s.reason} for s in not_applicable),
-            thresholds=thresholds,
-            engine=engine,
-            warnings=inputs.warnings
-            + expected.warnings
-            + tuple(f"{a.name}: {a.latency_warning}" for a in reports if a.latency_warning),
-            build_seconds=round(time.perf_counter() - started, 2),
-            metric=expected.metric and expected.metric.to_json(),
-            primary_choice=choice,
-        )
-        optional = tuple(report.optional_failures)
-        for line in optional:
-            log.warning(line)
-        report = dataclasses.replace(report, warnings=report.warnings + optional)
-        write(report, tmp)
-        built = {n: m for n, m in made.items() if m.report is not None}
-        write_manifest(
-            tmp,
-            target_file=profile.source,
-            model=report.model,
-            data=report.data,
-            artifacts={n: m.manifest for n, m in built.items()},
-            stages={n: m.records for n, m in built.items()},
-        )
-        lines.save(tmp / "build.log")
-    return report, folder
+            report = Report(
+                target=profile.name,
+                target_file=profile.source,
+                model=model_facts(loaded, inputs, expected.roles),
+                reference=reference_facts(loaded, reference, inputs, profile, expected.accuracy, tmp),
+                data=data_facts(inputs),
+                artifacts=tuple(ranked),
+                cpu=isa_facts(r.isa),
+                skipped=tuple({"name": s.name, "reason": s.reason} for s in skipped),
+                not_applicable=tuple({"name": s.name, "reason": s.reason} for s in not_applicable),
+                thresholds=thresholds,
+                engine=engine,
+                warnings=inputs.warnings
+                + expected.warnings
+                + tuple(f"{a.name}: {a.latency_warning}" for a in reports if a.latency_warning),
+                build_seconds=round(time.perf_counter() - started, 2),
+                metric=expected.metric and expected.metric.to_json(),
+                primary_choice=choice,
+            )
+            optional = tuple(report.optional_failures)
+            for line in optional:
+                log.warning(line)
+            report = dataclasses.replace(report, warnings=report.warnings + optional)
+            write(report, tmp)
+            built = {n: m for n, m in made.items() if m.report is not None}
+            write_manifest(
+                tmp,
+                target_file=profile.source,
+                model=report.model,
+                data=report.data,
+                artifacts={n: m.manifest for n, m in built.items()},
+                stages={n: m.records for n, m in built.items()},
+            )
+            lines.save(tmp / "build.log")
+        return report, folder
 
 
 def _reasons(skipped: list[Skipped]) -> str:
