@@ -485,3 +485,32 @@ def test_avx512_bf16_deployment_cpus_get_the_bf16_artifact():
     assert cast("avx512_bf16").artifact.precision == "bf16"
     with pytest.raises(NotApplicable, match='"avx512_bf16" \\(Cooper Lake, AMD Zen 4\\) or "amx"'):
         cast("avx512_vnni")
+
+
+def test_the_int8_share_of_a_quantized_torch_graph_counts_packed_and_dynamic_layers():
+    """Quantized Linear modules hold a packed-params child, dynamic LSTMs their weights in a list:
+    counted as themselves, INT8; a Linear left in float counts as FP32 (issue 27, part 2)."""
+    from torch.ao.quantization import QConfigMapping, get_default_qconfig, quantize_dynamic
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    from toolchain.passes.int8_graph import module_int8_share
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).eval()
+    x = torch.randn(4, 8)
+    mapping = QConfigMapping().set_global(get_default_qconfig("x86")).set_module_name("2", None)
+    prepared = prepare_fx(model, mapping, (x,))
+    prepared(x)
+    share = module_int8_share(convert_fx(prepared), (x,))
+    assert share == round(8 * 16 / (8 * 16 + 16 * 4), 4)  # the first Linear INT8, the last FP32
+
+    class Recurrent(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.head = torch.nn.LSTM(8, 16, batch_first=True), torch.nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.head(self.rnn(x)[0][:, -1])
+
+    dynamic = quantize_dynamic(Recurrent().eval(), {torch.nn.LSTM, torch.nn.Linear}, dtype=torch.qint8)
+    assert module_int8_share(dynamic, (torch.randn(2, 5, 8),)) == 1.0

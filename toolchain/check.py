@@ -123,7 +123,7 @@ def _staged_share(checked: ArtifactReport, records) -> ArtifactReport:
     share = next(
         (r.facts["int8_share"] for r in reversed(records) if r.facts.get("int8_share") is not None), None
     )
-    if share is None:
+    if not share:  # 0 counted on a torch graph is likelier a layer the count missed than no INT8 at all
         return checked
     precision = measured_precision(checked.precision, share)
     return dataclasses.replace(checked, int8_share=share, int8_share_basis="macs", precision=precision)

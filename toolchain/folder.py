@@ -62,9 +62,9 @@ def build_log() -> Iterator[BuildLog]:
     logger = logging.getLogger("toolchain")
     level, propagate, shown = logger.level, logger.propagate, logger.getEffectiveLevel()
     kept = BuildLog(shown)
-    quieter = [h for h in logger.handlers if h.level == logging.NOTSET]
-    for h in quieter:
-        h.setLevel(shown)
+    levels = {h: h.level for h in logger.handlers}  # each handler keeps what it let through before
+    for h in levels:
+        h.setLevel(max(h.level, shown))
     forward = _Forward(logger.parent, shown) if propagate and logger.parent else None
     if forward:
         logger.addHandler(forward)
@@ -79,8 +79,8 @@ def build_log() -> Iterator[BuildLog]:
                 logger.removeHandler(h)
         logger.setLevel(level)
         logger.propagate = propagate
-        for h in quieter:
-            h.setLevel(logging.NOTSET)
+        for h, before in levels.items():
+            h.setLevel(before)
 
 
 class BuildLog(logging.Handler):

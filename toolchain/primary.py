@@ -5,10 +5,10 @@ apart swap places from one build to the next (machine noise is larger than their
 the passing, eligible artifacts with the lowest in-build latency (up to ``MAX_CANDIDATES``) are
 timed again *alternating* in one loop at batch 1: a slow moment of the machine hits them all. The
 fastest by median wins unless the next one is tied with it: their middle halves (the interquartile
-ranges of their timed runs) overlap. Tied leaders are ordered by size (smaller first), then by
-how simple their runtime is to ship (:data:`SIMPLER`), then by name: the same model built twice
-chooses the same primary unless the timings really differ. The report's ``primary_choice`` says
-what was timed, the margin, and which rule decided.
+ranges of their timed runs) overlap and the medians are within 10 %. Tied leaders are ordered by
+size (smaller first), then by how simple their runtime is to ship (:data:`SIMPLER`), then by name:
+the same model built twice chooses the same primary unless the timings really differ. The report's
+``primary_choice`` says what was timed, the margin, and which rule decided.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from toolchain.runtimes import load_runner
 log = logging.getLogger("toolchain")
 
 MAX_CANDIDATES = 4
+# a jittery artifact's wide spread alone does not tie it with a faster one: its median must be close
+TIE_MEDIANS = 1.10
 # runtimes by what shipping them asks of an application: one library and a file first
 SIMPLER = ("onnxruntime", "openvino", "torchscript", "executorch", "torchscript-lite", "qnn", "tensorrt")
 
@@ -53,7 +55,12 @@ def choose(timed: list[Timed]) -> dict[str, Any]:
     the fastest, itself included), ``margin`` (the runner-up's median over the fastest's), ``rule``."""
     ranked = sorted(timed, key=lambda t: (t.median, t.name))
     fastest = ranked[0]
-    tied = [t for t in ranked if t.quartiles[0] <= fastest.quartiles[1]]
+    # tied: the middle halves of their runs overlap, and the medians are within TIE_MEDIANS
+    tied = [
+        t
+        for t in ranked
+        if t.quartiles[0] <= fastest.quartiles[1] and t.median <= fastest.median * TIE_MEDIANS
+    ]
     order = lambda t: (t.size_bytes, _simplicity(t.runtime), t.name)  # noqa: E731
     winner = min(tied, key=order) if len(tied) > 1 else fastest
     runner_up = ranked[1] if len(ranked) > 1 else None
@@ -108,18 +115,19 @@ def choose_primary(
             if a.parity.passed is not False
             and a.eligible
             and a.name in shipped
-            and not shipped[a.name].fixed_batch()
+            and shipped[a.name].fixed_batch() in (None, 1)  # raced at batch 1
         ),
         key=lambda a: a.latency_ms,
     )
     if len(passing) < 2:
         return mark_primary(reports), None
+    fastest = passing[0]
     leaders = [a for a in passing if a.latency_ms <= passing[0].latency_ms * within][:MAX_CANDIDATES]
     if len(leaders) < 2:
-        marked = mark_primary(reports)
-        margin = passing[1].latency_ms / passing[0].latency_ms if passing[0].latency_ms > 0 else None
+        marked = [dataclasses.replace(a, primary=a is fastest) for a in reports]
+        margin = passing[1].latency_ms / fastest.latency_ms if fastest.latency_ms > 0 else None
         return marked, {
-            "primary": next(a.name for a in marked if a.primary),
+            "primary": fastest.name,
             "tied": [],
             "margin": margin and round(margin, 3),
             "rule": f"fastest in the build's own timing, the runner-up x{margin or 0:.2f} behind: not raced "

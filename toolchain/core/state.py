@@ -51,27 +51,28 @@ class SavedState:
 
 
 def assigned_attributes(module) -> tuple[str, ...]:
-    """Dotted paths of the attributes that a TorchScript module's methods, or its submodules',
-    assign (``prim::SetAttr`` on the module itself)."""
+    """Dotted paths of the attributes a TorchScript module's ``forward`` assigns, itself or through
+    the methods and submodules it calls (``prim::SetAttr`` in the inlined graph). Methods ``forward``
+    never calls (``__setstate__`` of packed weights) are no state. Values changed in place
+    (``self.buf.add_(x)``) are not seen."""
     import torch
 
-    if not isinstance(module, torch.jit.ScriptModule):
+    if not isinstance(module, torch.jit.ScriptModule) or not hasattr(module, "forward"):
         return ()
+    try:
+        graph = module.forward.graph.copy()
+    except (AttributeError, RuntimeError):
+        return ()
+    torch._C._jit_pass_inline(graph)
+    owner = next(iter(graph.inputs()), None)
     found: list[str] = []
-    for prefix, sub in module.named_modules():
-        c = getattr(sub, "_c", None)
-        if c is None:
+    for node in graph.findAllNodes("prim::SetAttr"):
+        on = _path_to(node.inputsAt(0), owner)
+        if on is None:
             continue
-        for method in c._method_names():
-            graph = c._get_method(method).graph
-            owner = next(iter(graph.inputs()), None)
-            for node in graph.findAllNodes("prim::SetAttr"):
-                on = _path_to(node.inputsAt(0), owner)
-                if on is None:
-                    continue
-                path = ".".join(p for p in (prefix, *on, node.s("name")) if p)
-                if path not in found:
-                    found.append(path)
+        path = ".".join((*on, node.s("name")))
+        if path not in found:
+            found.append(path)
     return tuple(found)
 
 

@@ -94,7 +94,7 @@ def isa_facts(target_isa: str | None) -> dict:
     host = host_cpu()
     if target_isa is None:
         why = "the target is not an x86 CPU: artifacts ran on this host's kernels, not the device's"
-    elif host["isa"] != target_isa:
+    elif _int8_kernels(host["isa"]) != _int8_kernels(target_isa):
         why = (
             f"this host is {host['isa'] or 'not AVX2-capable'}, the target {target_isa}: "
             "INT8 kernels differ between them"
@@ -109,6 +109,11 @@ def isa_facts(target_isa: str | None) -> dict:
         "proxy": why is not None,
         "proxy_reason": why,
     }
+
+
+def _int8_kernels(isa: str | None) -> str | None:
+    """The INT8 kernels an instruction set runs: AVX512-VNNI's and AVX512-BF16's are the same."""
+    return "avx512_vnni" if isa == "avx512_bf16" else isa
 
 
 def host_has_bf16() -> bool:

@@ -197,9 +197,15 @@ def onnx_ranges(model, feeds: Iterable[dict]) -> dict[str, float]:
 
 
 def onnx_overflowing(model, largest: dict[str, float], limit: float = FP16_MAX) -> list[str]:
-    """Names of the nodes whose output or any input exceeds ``limit`` in FP32 (graph order)."""
+    """Names of the nodes with a floating output whose output or any input exceeds ``limit`` in FP32
+    (graph order); a node that computes sizes or indices from such a value (Shape, ArgMax) has
+    nothing to keep in FP32."""
     beyond = {name for name, top in largest.items() if not top <= limit}
-    return [n.name for n in model.graph.node if beyond & {*n.input, *n.output}]
+    return [
+        n.name
+        for n in model.graph.node
+        if n.name and beyond & {*n.input, *n.output} and any(o in largest for o in n.output)
+    ]
 
 
 def drop_cast_round_trips(model, before: set[str]) -> int:
@@ -212,9 +218,12 @@ def drop_cast_round_trips(model, before: set[str]) -> int:
     made = {n.output[0]: n for n in graph.node if n.op_type == "Cast" and n.name not in before}
     rename: dict[str, str] = {}
     dropped: set[str] = set()
+    outputs = {o.name for o in graph.output}
     for node in graph.node:
         down = made.get(node.input[0]) if node.op_type == "Cast" and node.name not in before else None
         if down is None or _to(node) != onnx.TensorProto.FLOAT or _to(down) != onnx.TensorProto.FLOAT16:
+            continue
+        if node.output[0] in outputs:  # the graph's output keeps its name: left as it is
             continue
         rename[node.output[0]] = down.input[0]
         dropped.add(node.name)

@@ -29,9 +29,14 @@ def module_int8_share(model, args: tuple) -> float | None:
         if macs:
             counted["int8" if type(module).__module__.startswith(_INT8_PACKAGES) else "float"] += macs
 
-    for module in model.modules():
-        if not list(module.children()):  # leaves: a fused module counts once, as itself
-            hooks.append(module.register_forward_hook(record))
+    # the outermost module that computes (a fused or quantized Linear holds a packed-params child):
+    # each counted once, as itself
+    hooked: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(f"{h}.") for h in hooked if h) or not _computes(module):
+            continue
+        hooked.append(name)
+        hooks.append(module.register_forward_hook(record))
     try:
         with torch.no_grad():
             if isinstance(model, torch.fx.GraphModule):
@@ -53,11 +58,25 @@ def _run_counting_matmuls(gm, counted: dict, args: tuple) -> None:
         def call_function(self, target, fargs, kwargs):
             out = super().call_function(target, fargs, kwargs)
             name = str(getattr(target, "__name__", target)).split(".")[0]
-            if name in ("matmul", "bmm") and isinstance(out, torch.Tensor) and out.dim():
-                counted["float"] += out.numel() // out.shape[0] * int(fargs[0].shape[-1])
+            if not isinstance(out, torch.Tensor) or not out.dim():
+                return out
+            per_sample = out.numel() // out.shape[0]
+            if name in ("matmul", "bmm"):
+                counted["float"] += per_sample * int(fargs[0].shape[-1])
+            elif "quantized" in str(target) and name.startswith("linear"):  # torch.ops.quantized.linear*
+                counted["int8"] += per_sample * int(fargs[0].shape[-1])
             return out
 
     Counter(gm).run(*args)
+
+
+def _computes(module) -> bool:
+    """A Linear, Conv or LSTM/GRU, float or quantized (what :func:`_module_macs` counts)."""
+    return (
+        hasattr(module, "in_features")
+        or (hasattr(module, "kernel_size") and hasattr(module, "in_channels") and hasattr(module, "groups"))
+        or (getattr(module, "mode", None) in ("LSTM", "GRU") and hasattr(module, "hidden_size"))
+    )
 
 
 def _module_macs(module, inputs, output) -> int:

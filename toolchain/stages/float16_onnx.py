@@ -107,10 +107,16 @@ def _overflowing(artifact: Artifact, ctx: BuildContext) -> list[str]:
     """The FP32 model's nodes touching a value beyond FP16's range on the calibration inputs."""
     import onnx
 
-    from toolchain.core.feed import ort_feed
+    from toolchain.core.feed import ort_feed, repeat_to
 
     model = onnx.load(str(artifact.path))
     names = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
     x = ctx.calibration.x[:RANGE_SAMPLES]
-    feeds = [ort_feed(x[i : i + 32], names) for i in range(0, len(x), 32)]
-    return onnx_overflowing(model, onnx_ranges(model, feeds))
+    batch = artifact.fixed_batch() or 32  # a file written for one batch size takes that one
+    if len(x) < batch:
+        x = repeat_to(x, batch)
+    feeds = [ort_feed(x[i : i + batch], names) for i in range(0, len(x) - batch + 1, batch)]
+    try:
+        return onnx_overflowing(model, onnx_ranges(model, feeds))
+    except Exception as e:  # noqa: BLE001 - ONNX Runtime's words, for one line
+        raise StageError(f"float16_onnx: cannot measure the FP32 model's ranges: {reason(e)}") from None

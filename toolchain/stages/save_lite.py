@@ -21,6 +21,7 @@ class SaveLite(Stage):
     name = "save_lite"
     requires = ("torch",)
     transitions = {Kind.TORCHSCRIPT: Kind.LITE}
+    report_facts = ("latency_note",)
 
     def apply(self, artifact: Artifact, ctx: BuildContext) -> StageResult:
         import torch
@@ -29,10 +30,18 @@ class SaveLite(Stage):
         path = ctx.workdir / f"{artifact.precision}-{artifact.sha256[:12]}.ptl"
         if artifact.quantized_engine:
             torch.backends.quantized.engine = artifact.quantized_engine
+        if artifact.state is not None:  # written with the state the model was saved with
+            artifact.state.restore(model)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
                 model._save_for_lite_interpreter(str(path))
             except RuntimeError as e:
                 raise StageError(f"{self.name}: {reason(e, last=True)}") from None
-        return StageResult(dataclasses.replace(artifact, kind=Kind.LITE, model=None, path=path))
+        facts = {}
+        if artifact.state is not None:
+            facts["latency_note"] = (
+                "the model keeps state between calls and a lite-interpreter module cannot be given its saved "
+                "state back: every check loads the file afresh, so this latency includes loading it"
+            )
+        return StageResult(dataclasses.replace(artifact, kind=Kind.LITE, model=None, path=path), facts)

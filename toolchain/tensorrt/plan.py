@@ -215,6 +215,15 @@ def write_plan(
             "precision": "fp16" if opts.fp16 else "fp32",
             "why": "kept out of INT8 by recovery: no Q/DQ around them in the ONNX file",
         }
+    # in the Q/DQ model the engine is built from, a node fed by DequantizeLinear runs in INT8 (its range
+    # is the scale's): an FP32 constraint would take it out of INT8. The others are held in FP32.
+    made_by = {o: n.op_type for n in graph.node for o in n.output}
+    nodes = {n.name: n for n in graph.node}
+    fp32_layers = tuple(
+        name
+        for name in fp32_layers
+        if name in nodes and not any(made_by.get(i) == "DequantizeLinear" for i in nodes[name].input)
+    )
     if fp32_layers and opts.fp16:
         plan["fp32_layers"] = {
             "nodes": list(fp32_layers),

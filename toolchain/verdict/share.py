@@ -56,6 +56,7 @@ def onnx_int8_share(path: Path, sample: list[tuple[int, ...]] | None = None) -> 
         "int8_share_basis": "macs",
         "macs": total,
         "unknown_nodes": unknown,
+        "contexts": sum(1 for n in graph.node if n.op_type == "EPContext"),
     }
 
 
@@ -136,7 +137,7 @@ def int8_share_of(artifact, sample: list[tuple[int, ...]]) -> dict:
     except Exception as e:  # noqa: BLE001 - a label's measurement must never cost the artifact
         log.debug("int8_share not measured for %s: %s", artifact.path.name, e)
         return unknown
-    if not counted["macs"]:  # nothing it could count (an NPU context): say nothing rather than 0
+    if not counted["macs"] or counted.get("contexts"):  # an NPU context (in part): opaque to the count
         return unknown
     return {k: counted[k] for k in ("int8_share", "int8_share_basis")}
 
