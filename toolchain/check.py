@@ -260,6 +260,9 @@ def ship(artifact: Artifact, runtime: str, name: str, folder: Path) -> Artifact:
         from toolchain.stages.export_onnx import save_onnx
 
         save_onnx(onnx.load(str(artifact.path)), dest, external=True)
+    elif artifact.path.suffix == ".xml":  # OpenVINO reads the .bin of the same stem
+        shutil.copyfile(artifact.path, dest)
+        shutil.copyfile(artifact.path.with_suffix(".bin"), dest.with_suffix(".bin"))
     else:
         shutil.copyfile(artifact.path, dest)
     return dataclasses.replace(artifact, path=dest, model=None)

@@ -288,10 +288,10 @@ def targets(verbose: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def doctor(as_json: bool) -> None:
     """What this machine can build and run: each runtime and stage, with its libraries'
-    versions or why it is unavailable."""
+    versions or why it is unavailable, and the devices OpenVINO sees."""
     from toolchain.doctor import lines, report
 
-    data = report()
+    data = report(openvino_devices=True)
     click.echo(json.dumps(data, indent=2) if as_json else "\n".join(lines(data)))
 
 

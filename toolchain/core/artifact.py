@@ -22,6 +22,7 @@ class Kind(str, Enum):
     EXECUTORCH = "executorch"  # a .pte program (XNNPACK-delegated or portable kernels)
     LITE = "torchscript-lite"  # a PyTorch Mobile lite-interpreter .ptl file
     ENGINE = "tensorrt-engine"  # a serialized TensorRT engine, built on the device it runs on
+    OPENVINO = "openvino-ir"  # OpenVINO IR: a .xml graph and its .bin weights
 
     def __str__(self) -> str:
         return self.value
@@ -52,15 +53,18 @@ class Artifact:
     state: Any = dataclasses.field(default=None, compare=False, repr=False)
 
     def files(self) -> list[Path]:
-        """The files that make up the artifact on disk (ONNX external data included)."""
+        """The files that make up the artifact on disk (ONNX external data, OpenVINO's .bin included)."""
         if self.path is None:
             return []
+        if self.path.suffix == ".xml":  # OpenVINO IR: the weights beside the graph, same stem
+            return [self.path, self.path.with_suffix(".bin")]
         extra = self.path.with_name(self.path.name + ".data")
         return [self.path, extra] if extra.exists() else [self.path]
 
     @property
     def has_external_data(self) -> bool:
-        return len(self.files()) > 1
+        """An ONNX file whose weights live in a `.data` file beside it."""
+        return self.path is not None and self.path.suffix == ".onnx" and len(self.files()) > 1
 
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.files())

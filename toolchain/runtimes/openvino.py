@@ -18,7 +18,27 @@ def load(artifact: Artifact, threads: int):
     import openvino as ov
 
     core = ov.Core()
-    compiled = core.compile_model(str(artifact.path), "CPU", {"INFERENCE_NUM_THREADS": threads})
+    return _runner(core.compile_model(str(artifact.path), "CPU", {"INFERENCE_NUM_THREADS": threads}))
+
+
+RUNTIME = register(Runtime("openvino", Kind.ONNX, "onnx", ".onnx", ("openvino",), load))
+
+
+def load_ir(artifact: Artifact, threads: int):
+    """An OpenVINO IR file on this host's CPU plugin, at the inference precision the file states
+    (never the plugin's default: BF16 on CPUs that have it)."""
+    import openvino as ov
+
+    core = ov.Core()
+    model = core.read_model(str(artifact.path))
+    precision = _rt(model, "runtime_options", "INFERENCE_PRECISION_HINT") or "f32"
+    compiled = core.compile_model(
+        model, "CPU", {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": precision}
+    )
+    return _runner(compiled)
+
+
+def _runner(compiled):
     request = compiled.create_infer_request()
 
     from toolchain.core.feed import Feed, contiguous
@@ -34,4 +54,22 @@ def load(artifact: Artifact, threads: int):
     return run
 
 
-RUNTIME = register(Runtime("openvino", Kind.ONNX, "onnx", ".onnx", ("openvino",), load))
+def _rt(model, *path: str) -> str | None:
+    try:
+        value = model.get_rt_info(list(path))
+    except RuntimeError:  # not in the file
+        return None
+    return value.astype(str) if hasattr(value, "astype") else str(value)  # an OVAny
+
+
+def devices() -> list[str]:
+    """The devices OpenVINO sees on this machine (`toolchain doctor`); empty without OpenVINO."""
+    try:
+        import openvino as ov
+
+        return list(ov.Core().available_devices)
+    except Exception:  # noqa: BLE001 - a diagnostic: a broken install lists nothing
+        return []
+
+
+IR_RUNTIME = register(Runtime("openvino_ir", Kind.OPENVINO, "openvino-ir", ".xml", ("openvino",), load_ir))

@@ -3,6 +3,7 @@
 from toolchain.stages import (  # noqa: F401
     cast_torch,
     compile_qnn,
+    convert_openvino,
     decompose_onnx,
     export_onnx,
     float16_onnx,

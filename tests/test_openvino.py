@@ -1,0 +1,49 @@
+"""The intel_openvino target (issue 29, part 4): OpenVINO IR artifacts whose inference precision is
+part of the file, checked as they run on this host's CPU plugin."""
+
+import importlib.util
+import json
+
+import pytest
+
+import toolchain
+
+from .conftest import REPO, cli, fast_profile
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="OpenVINO not installed")
+
+OPENVINO = REPO / "targets" / "intel_openvino.toml"
+
+
+def test_the_openvino_target_builds_ir_artifacts_that_keep_parity(digits, tmp_path):
+    import openvino as ov
+
+    profile = fast_profile(tmp_path, 128, 256, base=OPENVINO, batch_sizes=None)
+    report, folder = toolchain.build(
+        str(digits["model"]), str(profile), tmp_path / "out", digits["calibration"], digits["validation"]
+    )
+    data = report.to_json()
+    by_name = {a["name"]: a for a in data["artifacts"]}
+    assert set(by_name) == {"openvino_int8", "openvino_fp32", "openvino_fp16"}, data["skipped"]
+    assert report.passed and all(a["parity"]["passed"] for a in by_name.values())
+    assert by_name["openvino_int8"]["precision"] == "int8" and data["primary"] == "openvino_int8"
+    assert by_name["openvino_fp32"]["parity"]["sqnr_db"] > 100  # f32 as stated, not the plugin's BF16
+    core = ov.Core()
+    stated = {}
+    for name, a in by_name.items():
+        assert a["path"] == f"{name}.xml" and (folder / f"{name}.bin").is_file()
+        model = core.read_model(str(folder / a["path"]))
+        stated[name] = model.get_rt_info(["runtime_options", "INFERENCE_PRECISION_HINT"]).astype(str)
+    assert stated == {"openvino_int8": "f32", "openvino_fp32": "f32", "openvino_fp16": "f16"}
+    # FP16 weights for the GPU: half the FP32 file; checked here on the CPU plugin, said so
+    assert by_name["openvino_fp16"]["size_bytes"] < 0.6 * by_name["openvino_fp32"]["size_bytes"]
+    facts = by_name["openvino_fp16"]["stage_facts"]["convert_openvino_fp16"]
+    assert facts["device"] == "GPU" and "a proxy for the GPU" in facts["checked_on"]
+    # the manifest's hash covers the weights too: the artifact is both files
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["artifacts"]["openvino_int8"]["sha256"] == by_name["openvino_int8"]["sha256"]
+
+
+def test_doctor_lists_the_devices_openvino_sees():
+    r = cli("doctor", "--json")
+    assert r.returncode == 0 and "CPU" in json.loads(r.stdout)["openvino_devices"], r.stderr
