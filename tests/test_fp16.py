@@ -41,7 +41,7 @@ def test_snapdragons_fp16_pte_overflows_and_recovery_keeps_the_overflowing_nodes
     only = without_artifacts(
         SNAPDRAGON, tmp_path, "pte_int8", "pte_fp32", "ptl_int8", "ptl_int8_dynamic", "qnn_int8"
     )
-    profile = fast_profile(tmp_path, 128, 256, base=only, batch_sizes=None)
+    profile = fast_profile(tmp_path, 64, 128, base=only)
     report, folder = toolchain.build(
         str(overflowing / "performer.pt2"),
         str(profile),
@@ -66,7 +66,7 @@ def test_snapdragons_fp16_pte_overflows_and_recovery_keeps_the_overflowing_nodes
 @pytest.fixture(scope="module")
 def xavier_build(overflowing, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("xavier")
-    profile = fast_profile(tmp, 128, 256, base=XAVIER, batch_sizes=None)
+    profile = fast_profile(tmp, 64, 128, base=XAVIER)
     return toolchain.build(
         str(overflowing / "performer.pt2"),
         str(profile),

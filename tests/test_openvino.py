@@ -18,7 +18,7 @@ OPENVINO = REPO / "targets" / "intel_openvino.toml"
 def test_the_openvino_target_builds_ir_artifacts_that_keep_parity(digits, tmp_path):
     import openvino as ov
 
-    profile = fast_profile(tmp_path, 128, 256, base=OPENVINO, batch_sizes=None)
+    profile = fast_profile(tmp_path, 64, 128, base=OPENVINO)
     report, folder = toolchain.build(
         str(digits["model"]), str(profile), tmp_path / "out", digits["calibration"], digits["validation"]
     )

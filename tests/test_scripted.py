@@ -37,7 +37,7 @@ def test_a_stateful_scripted_detector_gets_torchscript_and_onnx_artifacts_on_x86
     frozen TorchScript artifact agrees with FP32 exactly and ships the state machinery as saved."""
     report, out = toolchain.build(
         str(streaming / "vad.pt"),
-        str(fast_profile(tmp_path, 256, 512)),
+        str(fast_profile(tmp_path, 128, 256)),
         tmp_path / "out",
         streaming / "cal.npz",
         streaming / "val.npz",
