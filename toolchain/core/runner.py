@@ -30,15 +30,14 @@ def torch_runner(model, threads: int | None = None, state=None) -> Runner:
     from toolchain.core.feed import torch_args
 
     def run(x) -> list[np.ndarray]:
-        if state is None:
-            with torch.inference_mode():
-                return [t.numpy() for _, t in flatten_outputs(model(*torch_args(x)))]
-        state.restore(model)
+        if state is not None:
+            state.restore(model)
         try:
             with torch.inference_mode():
                 return [t.numpy() for _, t in flatten_outputs(model(*torch_args(x)))]
         finally:
-            state.restore(model)
+            if state is not None:
+                state.restore(model)
 
     return run
 

@@ -17,7 +17,11 @@ import copy
 import operator
 from typing import Iterable
 
+from toolchain.passes.int8_graph import module_macs
+
 FP16_MAX = 65504.0
+# calibration inputs the FP32 ranges are measured on: enough for the largest activations of real data
+RANGE_SAMPLES = 64
 
 
 # ---- FX --------------------------------------------------------------------------------------------
@@ -53,8 +57,7 @@ def fx_ranges(gm, batches: Iterable[tuple]) -> tuple[dict[str, float], dict[str,
                 top = top if top == top else float("inf")  # NaN: out of any range
                 largest[n.name] = max(largest.get(n.name, 0.0), top)
             if n.name not in macs and isinstance(out, torch.Tensor) and out.dim():
-                first = self.fetch_args_kwargs_from_env(n)[0][:1]
-                macs[n.name] = _fx_macs(self.module, n, out, first[0] if first else None)
+                macs[n.name] = _fx_macs(self.module, n, out, self.fetch_args_kwargs_from_env(n)[0])
             return out
 
     with torch.no_grad():
@@ -63,25 +66,16 @@ def fx_ranges(gm, batches: Iterable[tuple]) -> tuple[dict[str, float], dict[str,
     return largest, macs
 
 
-def _fx_macs(gm, node, out, first) -> int:
-    """Multiply-accumulates per sample of a Linear, Conv or matmul node (0 for anything else)."""
+def _fx_macs(gm, node, out, args: tuple) -> int:
+    """Multiply-accumulates per sample of a node: a module's as :func:`module_macs` counts them (Linear,
+    Conv, LSTM/GRU), a matmul's by its contracted dimension, 0 for anything else."""
     import torch
-    from torch import nn
 
-    per_sample = out.numel() // max(1, out.shape[0])
     if node.op == "call_module":
-        mod = gm.get_submodule(node.target)
-        if isinstance(mod, nn.Linear):
-            return per_sample * mod.in_features
-        if isinstance(mod, nn.modules.conv._ConvNd):
-            k = 1
-            for s in mod.kernel_size:
-                k *= s
-            return per_sample * (mod.in_channels // mod.groups) * k
-        return 0
+        return module_macs(gm.get_submodule(node.target), args, out)
     name = str(getattr(node.target, "__name__", node.target)).split(".")[0]
-    if name in ("matmul", "bmm", "mm", "linear") and isinstance(first, torch.Tensor):
-        return per_sample * int(first.shape[-1])
+    if name in ("matmul", "bmm", "mm", "linear") and args and isinstance(args[0], torch.Tensor):
+        return out.numel() // max(1, out.shape[0]) * int(args[0].shape[-1])
     return 0
 
 

@@ -25,7 +25,7 @@ def module_int8_share(model, args: tuple) -> float | None:
     hooks = []
 
     def record(module, inputs, output):
-        macs = _module_macs(module, inputs, output)
+        macs = module_macs(module, inputs, output)
         if macs:
             counted["int8" if type(module).__module__.startswith(_INT8_PACKAGES) else "float"] += macs
 
@@ -71,7 +71,7 @@ def _run_counting_matmuls(gm, counted: dict, args: tuple) -> None:
 
 
 def _computes(module) -> bool:
-    """A Linear, Conv or LSTM/GRU, float or quantized (what :func:`_module_macs` counts)."""
+    """A Linear, Conv or LSTM/GRU, float or quantized (what :func:`module_macs` counts)."""
     return (
         hasattr(module, "in_features")
         or (hasattr(module, "kernel_size") and hasattr(module, "in_channels") and hasattr(module, "groups"))
@@ -79,7 +79,7 @@ def _computes(module) -> bool:
     )
 
 
-def _module_macs(module, inputs, output) -> int:
+def module_macs(module, inputs, output) -> int:
     import torch
 
     out = output[0] if isinstance(output, tuple) else output

@@ -19,7 +19,13 @@ from toolchain.core.context import BuildContext
 from toolchain.core.errors import NotApplicable, StageError, reason
 from toolchain.core.options import option
 from toolchain.core.stage import Recoverable, Stage, StageResult, register_stage
-from toolchain.passes.fp16_range import fx_compute_nodes, fx_keep_float32, fx_overflowing, fx_ranges
+from toolchain.passes.fp16_range import (
+    RANGE_SAMPLES,
+    fx_compute_nodes,
+    fx_keep_float32,
+    fx_overflowing,
+    fx_ranges,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,10 +39,6 @@ class CastTorchOptions:
         "keep in FP32 every node whose FP32 value on the calibration inputs exceeds FP16's range "
         "(65504), from the first such value to the last; recovery turns it on when an FP16 artifact fails",
     )
-
-
-# calibration inputs the FP32 ranges are measured on: enough for the largest activations of real data
-RANGE_SAMPLES = 64
 
 
 @register_stage
@@ -70,7 +72,7 @@ class CastTorch(Stage, Recoverable):
                 raise StageError(
                     "cast_torch: keeping layers in FP32 needs the model as a graph (a torch.export .pt2)"
                 )
-            largest, macs = fx_ranges(source, _batches(ctx))
+            largest, macs = _ranges(artifact, source, ctx)
             if self.options.keep_overflow:
                 keep += [n for n in fx_overflowing(source, largest) if n not in keep]
             total = sum(macs.values())
@@ -115,7 +117,7 @@ class CastTorch(Stage, Recoverable):
         source = _graph(artifact)
         if fix != "keep_overflow" or not isinstance(source, torch.fx.GraphModule):
             return False
-        return bool(fx_overflowing(source, fx_ranges(source, _batches(ctx))[0]))
+        return bool(fx_overflowing(source, _ranges(artifact, source, ctx)[0]))
 
 
 def _graph(artifact: Artifact):
@@ -126,11 +128,17 @@ def _graph(artifact: Artifact):
     return lift_exported(artifact.model)[0] if artifact.kind is Kind.EXPORTED else artifact.model
 
 
-def _batches(ctx: BuildContext) -> list[tuple]:
+def _ranges(artifact: Artifact, source, ctx: BuildContext):
+    """:func:`fx_ranges` of the FP32 graph on the calibration inputs, once per input artifact:
+    recovery asks whether the range rule applies, then builds with it (node names are the same in
+    every lift of one program)."""
     from toolchain.core.feed import torch_args
 
-    x = ctx.calibration.x[:RANGE_SAMPLES]
-    return [torch_args(x[i : i + 32]) for i in range(0, len(x), 32)]
+    key = ("fp16_ranges", artifact.sha256)
+    if key not in ctx.cache:
+        x = ctx.calibration.x[:RANGE_SAMPLES]
+        ctx.cache[key] = fx_ranges(source, [torch_args(x[i : i + 32]) for i in range(0, len(x), 32)])
+    return ctx.cache[key]
 
 
 def _cast_graph(gm, dtype):

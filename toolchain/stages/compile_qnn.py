@@ -152,7 +152,7 @@ class CompileQnn(Stage, Recoverable):
         Raises StageError naming the operators the HTP refuses when that fails."""
         try:
             _compile(qdq, out, self.options, cpu_fallback=True)
-            refused = _cpu_nodes(out)
+            refused = [n.name for n in _cpu_nodes(out)]
             if refused:
                 qdq = qdq.with_name(f"{qdq.stem}-htp-part.onnx")
                 _quantize(
@@ -227,12 +227,12 @@ def _quantize(source: Path, qdq: Path, o: CompileQnnOptions, x, names: list[str]
         ) from None
 
 
-def _cpu_nodes(compiled: Path) -> list[str]:
-    """Names of the compute nodes a compiled model left outside its EPContext partitions."""
+def _cpu_nodes(compiled: Path) -> list:
+    """The compute nodes a compiled model left outside its EPContext partitions (Q/DQ aside)."""
     import onnx
 
     graph = onnx.load(str(compiled), load_external_data=False).graph
-    return [n.name for n in graph.node if n.op_type not in _QDQ and n.op_type != "EPContext"]
+    return [n for n in graph.node if n.op_type not in _QDQ and n.op_type != "EPContext"]
 
 
 def _compile(qdq: Path, out: Path, o: CompileQnnOptions, cpu_fallback: bool) -> None:
@@ -252,20 +252,18 @@ _QDQ = {"QuantizeLinear", "DequantizeLinear"}
 
 def offload_facts(qdq: Path, compiled: Path) -> dict:
     """How a compiled model splits between the HTP and the CPU, counted in the Q/DQ model's compute
-    nodes (Q/DQ pairs aside): ``htp_nodes``, ``cpu_nodes``, ``cpu_ops`` ({op type: count} on the CPU),
-    ``htp_partitions`` (EPContext nodes)."""
+    nodes (Q/DQ pairs aside): ``htp_nodes``, ``cpu_nodes``, ``cpu_ops`` ({op type: count} on the CPU).
+    The partitions are `context_facts`' ``epcontext_nodes``."""
     import collections
 
     import onnx
 
     before = [n for n in onnx.load(str(qdq), load_external_data=False).graph.node if n.op_type not in _QDQ]
-    after = onnx.load(str(compiled), load_external_data=False).graph.node
-    cpu = [n.op_type for n in after if n.op_type not in _QDQ and n.op_type != "EPContext"]
+    cpu = [n.op_type for n in _cpu_nodes(compiled)]
     return {
         "htp_nodes": len(before) - len(cpu),
         "cpu_nodes": len(cpu),
         "cpu_ops": dict(sorted(collections.Counter(cpu).items(), key=lambda kv: (-kv[1], kv[0]))),
-        "htp_partitions": sum(1 for n in after if n.op_type == "EPContext"),
     }
 
 

@@ -18,7 +18,7 @@ from toolchain.core.context import BuildContext
 from toolchain.core.errors import StageError, reason
 from toolchain.core.options import option
 from toolchain.core.stage import Recoverable, Stage, StageResult, register_stage
-from toolchain.passes.fp16_range import drop_cast_round_trips, onnx_overflowing, onnx_ranges
+from toolchain.passes.fp16_range import RANGE_SAMPLES, drop_cast_round_trips, onnx_overflowing, onnx_ranges
 from toolchain.stages.export_onnx import save_onnx
 
 
@@ -32,10 +32,6 @@ class Float16OnnxOptions:
         "keep in FP32 every node whose FP32 value on the calibration inputs exceeds FP16's range "
         "(65504); on for nvidia_xavier, where ONNX Runtime's CPU cannot show TensorRT's FP16 overflow",
     )
-
-
-# calibration inputs the FP32 ranges are measured on
-RANGE_SAMPLES = 64
 
 
 @register_stage
@@ -104,7 +100,15 @@ _NOT_COMPUTING = {
 
 
 def _overflowing(artifact: Artifact, ctx: BuildContext) -> list[str]:
-    """The FP32 model's nodes touching a value beyond FP16's range on the calibration inputs."""
+    """The FP32 model's nodes touching a value beyond FP16's range on the calibration inputs, measured
+    once per input file (recovery asks whether the range rule applies, then builds with it)."""
+    key = ("fp16_overflowing", artifact.sha256)
+    if key not in ctx.cache:
+        ctx.cache[key] = _measure_overflowing(artifact, ctx)
+    return ctx.cache[key]
+
+
+def _measure_overflowing(artifact: Artifact, ctx: BuildContext) -> list[str]:
     import onnx
 
     from toolchain.core.feed import ort_feed, repeat_to
