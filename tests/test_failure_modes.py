@@ -68,6 +68,8 @@ def _build(folder, tmp_path, base=X86, extra="", **kwargs):
     return report, json.loads((out / "report.json").read_text())
 
 
+# recovery on both x86 INT8 backends: test_recovery.py; BatchNorm after ReLU: the BN1d test below
+@pytest.mark.slow
 def test_batchnorm_after_relu_fails_int8_and_is_recovered_on_both_x86_backends(
     digits_arrays, tmp_path_factory, tmp_path
 ):

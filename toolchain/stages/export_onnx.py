@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import io
 import logging
 import warnings
@@ -178,9 +179,27 @@ def _quiet():
         yield
 
 
+def _torchlib_read_once() -> None:
+    """The dynamo exporter rebuilds its operator registry on every export, and onnxscript re-reads the
+    source of each of its ~500 torchlib functions to do it (1 s of a 3 s digits build here, paid
+    again by every export of a build and of its recovery). The list it reads depends only on the
+    installed onnxscript, and the exporter only reads it (translations a caller adds go into the
+    registry built from it, not into this list), so it is read once per process. Where onnxscript's
+    module is laid out otherwise, nothing changes."""
+    try:
+        from torch.onnx._internal._lazy_import import onnxscript_apis
+
+        read = onnxscript_apis.get_torchlib_ops
+    except (ImportError, AttributeError):
+        return
+    if not hasattr(read, "cache_info"):
+        onnxscript_apis.get_torchlib_ops = functools.cache(read)
+
+
 def _export(artifact: Artifact, ctx: BuildContext, dynamic: bool, opset: int):
     import torch
 
+    _torchlib_read_once()
     example = ctx.example()
     names = input_names(ctx)
     specs = ctx.signature.inputs if ctx.several else ()
