@@ -43,7 +43,9 @@ test-full: $(STAMP) browser services
 	TOOLCHAIN_REQUIRE_BROWSER=1 TOOLCHAIN_REQUIRE_SERVICES=1 $(PY) -m pytest -q
 
 bench: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) benchmarks/x86_resnet18.py
+	$(PY) benchmarks/x86_peers.py
 	$(PY) benchmarks/snapdragon_mobile.py
 	$(PY) benchmarks/x86_isa_settings.py
 	$(PY) benchmarks/matrix_workers.py

@@ -46,10 +46,19 @@ def fast_profile(
     extra: str = "",
     base: Path = X86,
     batch_sizes: str | None = "[1, 2]",
+    openvino: bool = False,
+    int4: bool = False,
 ) -> Path:
     """A profile with fewer samples, timed runs and batch sizes: for tests about behaviour, not
-    speed (``batch_sizes=None`` keeps the target's)."""
+    speed (``batch_sizes=None`` keeps the target's). The x86 profile's OpenVINO artifacts (the same
+    Q/DQ model as onnx_int8 in another runtime) are left out unless ``openvino``: test_openvino.py
+    and the x86 profile's own test build them. So are the 4-bit artifacts (offered beside INT8 to
+    Linear-heavy models, the digits CNN among them) unless ``int4``: test_int4.py builds them."""
     text = base.read_text()
+    if 'name = "x86_fbgemm"' in text and not openvino:
+        text = re.sub(r"\[artifacts\.openvino_\w+\]\n(?:[^\[\n].*\n)*\n?", "", text)
+    if not int4:
+        text = re.sub(r"\[artifacts\.\w+_int4\]\n(?:[^\[\n].*\n)*\n?", "", text)
     if batch_sizes:
         text = re.sub(r"^batch_sizes = \[[^\]]*\]", f"batch_sizes = {batch_sizes}", text, count=1, flags=re.M)
     text = text.replace("profile_runs = 10", "profile_runs = 3").replace("sweep_runs = 10", "sweep_runs = 3")

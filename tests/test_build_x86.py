@@ -54,7 +54,9 @@ def test_a_library_call_gives_the_caller_its_torch_settings_back(digits_build):
 def test_a_cnn_lists_dynamic_int8_and_avx2_bf16_as_not_applicable_not_as_skipped(digits_build):
     report, folder = digits_build
     data = report.to_json()
-    assert {a["name"] for a in data["artifacts"]} == {"torch_int8", "onnx_fp32", "onnx_int8"}
+    assert {a["name"] for a in data["artifacts"]} == {
+        "torch_int8", "onnx_fp32", "onnx_int8", "openvino_int8", "openvino_fp32", "onnx_int4",
+    }  # fmt: skip
     shares = {a["name"]: (a["int8_share"], a["int8_share_basis"]) for a in data["artifacts"]}
     # every Conv and Gemm of the CNN in Q/DQ (fewer where another CPU's training left recovery a layer
     # to keep in float: "mixed")
@@ -64,14 +66,21 @@ def test_a_cnn_lists_dynamic_int8_and_avx2_bf16_as_not_applicable_not_as_skipped
         if onnx_int8["precision"] == "int8"
         else 0 < shares["onnx_int8"][0] < 1
     )
+    # OpenVINO's IR counted on the Q/DQ model it was converted from: the same as onnx_int8's
+    # (each INT8 artifact is recovered in its own runtime, so the two can keep different layers in float)
+    assert shares["openvino_fp32"] == (None, None) and shares["openvino_int8"][1] == "macs"
+    assert 0 < shares["openvino_int8"][0] <= 1
     # TorchScript's counted on the quantized module graph before it was frozen: every Conv and Linear
     assert shares["onnx_fp32"] == (0.0, "macs") and shares["torch_int8"] == (1.0, "macs")
     assert data["skipped"] == []
     reasons = {s["name"]: s["reason"] for s in data["not_applicable"]}
-    assert set(reasons) == {"onnx_int8_dynamic", "torch_int8_dynamic", "torch_bf16", "torchscript_fp32"}
+    assert set(reasons) == {
+        "onnx_int8_dynamic", "torch_int8_dynamic", "torch_bf16", "openvino_bf16", "torchscript_fp32",
+    }  # fmt: skip
     assert "for TorchScript models" in reasons["torchscript_fp32"]  # a .pt2 gets the torch.fx artifacts
     assert "no LSTM, GRU or weighted MatMul" in reasons["onnx_int8_dynamic"]
     assert "is not known to have BF16 instructions" in reasons["torch_bf16"]  # x86_fbgemm deploys to AVX2
+    assert '(runtime.isa = "avx2") has no BF16 instructions' in reasons["openvino_bf16"]
     assert "not applicable `torch_int8_dynamic`" in (folder / "report.md").read_text()
 
 
@@ -159,7 +168,10 @@ def test_shipped_files_are_the_ones_tested(digits_build):
     data = json.loads((folder / "report.json").read_text())
     manifest = json.loads((folder / "manifest.json").read_text())
     for a in data["artifacts"]:
-        digest = hashlib.sha256((folder / a["path"]).read_bytes()).hexdigest()
+        digest = hashlib.sha256((folder / a["path"]).read_bytes())
+        if a["path"].endswith(".xml"):  # an OpenVINO IR is its graph and its weights
+            digest.update((folder / a["path"]).with_suffix(".bin").read_bytes())
+        digest = digest.hexdigest()
         assert digest == a["sha256"] == manifest["artifacts"][a["name"]]["sha256"]
     assert not any(p.name == "work" or p.name.startswith(".") for p in folder.iterdir())
 

@@ -48,3 +48,48 @@ def test_the_openvino_target_builds_ir_artifacts_that_keep_parity(digits, tmp_pa
 def test_doctor_lists_the_devices_openvino_sees():
     r = cli("doctor", "--json")
     assert r.returncode == 0 and "CPU" in json.loads(r.stdout)["openvino_devices"], r.stderr
+
+
+def test_x86_offers_openvino_ir_beside_onnx_runtime_with_bf16_for_a_bf16_cpu(digits, tmp_path):
+    """Issue 29, part 1: the x86 profile's OpenVINO artifacts. For a deployment CPU with AVX512-BF16
+    (`runtime.isa`), a BF16 IR judged at BF16's thresholds; INT8 from the same calibrated Q/DQ model
+    as onnx_int8, its INT8 share counted on that model; an FP32 IR that says f32 (never primary)."""
+    import openvino as ov
+
+    from .conftest import without_artifacts
+
+    profile = fast_profile(tmp_path, 64, 128, openvino=True)
+    profile.write_text(profile.read_text().replace('isa = "avx2"', 'isa = "avx512_bf16"'))
+    # the torch artifacts are not this test's subject
+    profile = without_artifacts(
+        profile, tmp_path, "torch_int8", "torch_bf16", "torch_int8_dynamic", "onnx_int8_dynamic"
+    )
+    report, folder = toolchain.build(
+        str(digits["model"]), str(profile), tmp_path / "out", digits["calibration"], digits["validation"]
+    )
+    data = report.to_json()
+    by_name = {a["name"]: a for a in data["artifacts"]}
+    assert set(by_name) == {"onnx_fp32", "onnx_int8", "openvino_int8", "openvino_fp32", "openvino_bf16"}, (
+        data["skipped"],
+        data["not_applicable"],
+    )
+    assert report.passed and all(a["parity"]["passed"] for a in by_name.values())
+    core = ov.Core()
+    stated = {
+        name: core.read_model(str(folder / a["path"]))
+        .get_rt_info(["runtime_options", "INFERENCE_PRECISION_HINT"])
+        .astype(str)
+        for name, a in by_name.items()
+        if name.startswith("openvino")
+    }
+    assert stated == {"openvino_int8": "f32", "openvino_fp32": "f32", "openvino_bf16": "bf16"}
+    bf16 = by_name["openvino_bf16"]
+    assert bf16["precision"] == "bf16" and bf16["eligible"] is True
+    thresholds = data["parity_thresholds"]["precisions"]["bf16"]
+    assert bf16["parity"]["sqnr_db"] >= thresholds["min_sqnr_db"]
+    # FP32 as stated: far closer than BF16 (which this host computes only where it has AVX512-BF16)
+    fp32 = by_name["openvino_fp32"]
+    assert fp32["parity"]["sqnr_db"] > 100 and fp32["eligible"] is False
+    assert by_name["openvino_int8"]["precision"] in ("int8", "mixed")
+    assert by_name["openvino_int8"]["int8_share"] > 0 and by_name["openvino_int8"]["eligible"] is True
+    assert data["primary"] in {n for n, a in by_name.items() if a["eligible"]}

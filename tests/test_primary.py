@@ -80,3 +80,15 @@ def test_an_artifact_far_behind_in_the_build_is_not_raced():
     marked, choice = choose_primary([_Row("a", 1.0), _Row("b", 2.0)], shipped, None, 1, 3)
     assert [r.primary for r in marked] == [True, False] and choice["candidates"] == []
     assert choice["margin"] == 2.0 and "not raced (runtime.race_within = 1.5)" in choice["rule"]
+
+
+def test_every_runtime_has_a_place_in_the_tie_break():
+    """A runtime missing from SIMPLER would lose every tie (the IR runtime and the lite interpreter
+    once did, listed under other names)."""
+    from toolchain import runtimes
+    from toolchain.primary import SIMPLER
+
+    assert set(runtimes.names()) <= set(SIMPLER)
+    openvino_ir = Timed("openvino_int8", _runs(1.0, 0.1), 300_000, "openvino_ir")
+    lite = Timed("ptl_int8", _runs(1.0, 0.1), 300_000, "lite_interpreter")
+    assert choose([lite, openvino_ir])["primary"] == "openvino_int8"

@@ -29,6 +29,8 @@ ARTIFACTS = {
 HAS_QNN = importlib.util.find_spec("onnxruntime_qnn") is not None
 # the default profile's Hexagon NPU artifact (tests/test_qnn.py)
 NPU = {"qnn_int8": ("onnx-epcontext", ".onnx")}
+# offered to Linear-heavy models (the digits CNN's Linear layers hold 87 % of its weights): tests/test_int4.py
+INT4 = {"pte_int4": ("executorch", ".pte")}
 
 
 def snapdragon_profile(tmp_path, calibration=64, validation=128, extra=""):
@@ -62,7 +64,7 @@ def test_digits_artifacts_meet_parity_in_their_own_runtimes(digits_build):
     onnxruntime-qnn is installed."""
     report, folder = digits_build
     data = json.loads((folder / "report.json").read_text())
-    _judged_and_passed(data, {**ARTIFACTS, **NPU} if HAS_QNN else ARTIFACTS)
+    _judged_and_passed(data, {**ARTIFACTS, **INT4, **NPU} if HAS_QNN else {**ARTIFACTS, **INT4})
     if HAS_QNN:
         assert data["skipped"] == []
         npu = next(a for a in data["artifacts"] if a["name"] == "qnn_int8")

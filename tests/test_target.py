@@ -23,7 +23,12 @@ def test_builtin_x86_profile_loads_with_its_options():
         "torch_int8_dynamic",
         "torch_bf16",
         "torchscript_fp32",
+        "openvino_int8",
+        "openvino_fp32",
+        "openvino_bf16",
+        "onnx_int4",
     }
+    assert not t.artifacts["openvino_fp32"].primary and t.artifacts["openvino_int8"].primary
     assert t.stage_options["quantize_onnx"] == QuantizeOnnxOptions(
         calibration="minmax", per_channel=True, activations="uint8", weights="int8"
     )

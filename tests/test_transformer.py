@@ -191,7 +191,7 @@ def test_snapdragon_transformer_passes_in_every_runtime(vit, tmp_path):
     # pte_fp32 / pte_fp16 are the same ExecuTorch lowering as pte_int8 without quantization (10-15 s
     # each here): left out for the suite's time; test_snapdragon builds them for the digits CNN
     data, _ = _build(
-        vit, without_artifacts(SNAPDRAGON, tmp_path, "pte_fp32", "pte_fp16", "qnn_int8"), tmp_path
+        vit, without_artifacts(SNAPDRAGON, tmp_path, "pte_fp32", "pte_fp16", "qnn_int8", "pte_int4"), tmp_path
     )
     artifacts = {a["name"]: a for a in data["artifacts"]}
     assert set(artifacts) == {"pte_int8", "ptl_int8", "ptl_int8_dynamic"}, data["skipped"]

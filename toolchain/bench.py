@@ -65,15 +65,7 @@ def bench_build(
 
     results = {}
     for a in artifacts:
-        # as the build checked it (measure.cpu.torch_kernels)
-        kernels = a.get("stage_facts", {}).get("quantize_torch", {}).get("kernels")
-        artifact = Artifact(
-            runtimes.get(a["runtime"]).kind,
-            a["precision"],
-            path=folder / a["path"],
-            quantized_engine=a["engine"],
-            kernels=kernels if kernels != a["engine"] else None,
-        )
+        artifact = artifact_of(folder, a)
         if not artifact.path.is_file():
             raise ToolchainError(f"{folder}: artifact file `{a['path']}` is missing")
         log.info("timing %s", a["name"])
@@ -114,6 +106,19 @@ def bench_build(
         "results": results,
         "note": note,
     }
+
+
+def artifact_of(folder: Path, entry: dict[str, Any]) -> Artifact:
+    """The artifact a report.json entry names in ``folder``, to load as the build checked it (its
+    quantized engine and, where they differ from it, the kernels: measure.cpu.torch_kernels)."""
+    kernels = entry.get("stage_facts", {}).get("quantize_torch", {}).get("kernels")
+    return Artifact(
+        runtimes.get(entry["runtime"]).kind,
+        entry["precision"],
+        path=folder / entry["path"],
+        quantized_engine=entry["engine"],
+        kernels=kernels if kernels != entry["engine"] else None,
+    )
 
 
 def _memory_mb(n: int | None) -> str:

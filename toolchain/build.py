@@ -23,7 +23,7 @@ from toolchain.on_device import save_parity_inputs
 from toolchain.primary import choose_primary
 from toolchain.reporting.facts import data_facts, model_facts
 from toolchain.reporting.manifest import write_manifest
-from toolchain.reporting.report import Report, write
+from toolchain.reporting.report import Report, beside_int8, write
 from toolchain.target import load_target, plan
 from toolchain.tensorrt.plan import plan_engine
 from toolchain.verdict.expected import applied_thresholds, expected_outputs, user_metric
@@ -119,7 +119,7 @@ def build(
                 model=model_facts(loaded, inputs, expected.roles),
                 reference=reference_facts(loaded, reference, inputs, profile, expected.accuracy, tmp),
                 data=data_facts(inputs),
-                artifacts=tuple(ranked),
+                artifacts=tuple(beside_int8(ranked)),
                 cpu=isa_facts(r.isa),
                 skipped=tuple({"name": s.name, "reason": s.reason} for s in skipped),
                 not_applicable=tuple({"name": s.name, "reason": s.reason} for s in not_applicable),

@@ -98,8 +98,11 @@ def make_artifact(
             folder,
         )
     checked = _staged_share(checked, records)
+    int4 = _int4_share(records) if checked.precision == "int4" else None
     report = dataclasses.replace(
         checked,
+        int4_share=int4,
+        precision="mixed" if int4 is not None and int4 < 1 else checked.precision,
         eligible=chain.spec.primary,
         required=chain.spec.required,
         stage_facts=reported_facts(records),
@@ -133,6 +136,12 @@ def _cast_share(records) -> float | None:
     """A torch FP16 artifact's share of multiply-accumulates in FP16, as its cast stage counted it
     (where it kept nodes in FP32)."""
     return next((r.facts["fp16_share"] for r in records if "fp16_share" in r.facts), None)
+
+
+def _int4_share(records) -> float | None:
+    """A 4-bit artifact's share of multiply-accumulates with 4-bit weights, as its stage counted it
+    (below 1 it is reported ``mixed``: layers recovery or the group size kept at 8 bits or in float)."""
+    return next((r.facts["int4_share"] for r in records if r.facts.get("int4_share") is not None), None)
 
 
 def _skipped(name: str, why: str) -> Made:

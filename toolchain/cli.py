@@ -118,6 +118,7 @@ def build(
     from toolchain.build import build as run_build
     from toolchain.core.native import stdout_to_stderr
     from toolchain.reporting.report import (
+        int4_lines,
         metric_lines,
         near_ties_lines,
         primary_lines,
@@ -153,7 +154,9 @@ def build(
             click.echo(line)
         for line in sensitivity_top(report, folder):
             click.echo(line)
-        for line in recovery_lines(report) + near_ties_lines(report) + primary_lines(report):
+        for line in (
+            recovery_lines(report) + near_ties_lines(report) + primary_lines(report) + int4_lines(report)
+        ):
             click.echo(line)
         for s in report.skipped:
             click.echo(f"skipped {s['name']}: {s['reason']}")

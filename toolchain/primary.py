@@ -30,7 +30,10 @@ MAX_CANDIDATES = 4
 # a jittery artifact's wide spread alone does not tie it with a faster one: its median must be close
 TIE_MEDIANS = 1.10
 # runtimes by what shipping them asks of an application: one library and a file first
-SIMPLER = ("onnxruntime", "openvino", "torchscript", "executorch", "torchscript-lite", "qnn", "tensorrt")
+SIMPLER = (
+    "onnxruntime", "openvino", "openvino_ir", "torchscript", "executorch", "lite_interpreter", "qnn",
+    "tensorrt",
+)  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)

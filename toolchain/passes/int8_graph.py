@@ -149,3 +149,32 @@ def exported_int8_share(program) -> float | None:
 
 def _dequantized(node) -> bool:
     return "dequantize" in str(getattr(node, "target", ""))
+
+
+def module_macs_by_name(model, args: tuple) -> dict[str, int]:
+    """Multiply-accumulates per sample of each Linear, Conv and LSTM/GRU module over one call on
+    ``args``, by module name; matmuls between activations (a graph's ``torch.matmul``) under ``""``."""
+    import torch
+
+    counted: dict[str, int] = {}
+    hooks = []
+    for name, module in model.named_modules():
+        if name and _computes(module) and not any(name.startswith(f"{h}.") for h in counted):
+            counted[name] = 0
+
+            def record(module, inputs, output, name=name):
+                counted[name] += module_macs(module, inputs, output)
+
+            hooks.append(module.register_forward_hook(record))
+    matmuls = {"int8": 0, "float": 0}
+    try:
+        with torch.no_grad():
+            if isinstance(model, torch.fx.GraphModule):
+                _run_counting_matmuls(model, matmuls, args)
+            else:
+                model(*args)
+    finally:
+        for h in hooks:
+            h.remove()
+    counted[""] = matmuls["float"] + matmuls["int8"]
+    return counted

@@ -56,6 +56,8 @@ class ArtifactReport:
     # an FP16 artifact's share of multiply-accumulates in FP16 (the rest kept in FP32); None: all FP16
     # as far as anything counts, or not FP16
     fp16_share: float | None = None
+    int4_share: float | None = None  # multiply-accumulates with 4-bit weights (int4 artifacts)
+    vs_int8: dict[str, Any] | None = None  # a 4-bit artifact's size and latency over the build's INT8 one
 
     @property
     def latency_ms(self) -> float:
@@ -73,6 +75,7 @@ class ArtifactReport:
             "sha256": self.sha256,
             "primary": self.primary,
             "required": self.required,
+            "eligible": self.eligible,  # may be primary (the profile's `primary = false` says not)
             "latency_ms": self.bench.batch1.p50_ms,
             "latency_p95_ms": self.bench.batch1.p95_ms,
             "latency_p99_ms": self.bench.batch1.p99_ms,
@@ -86,6 +89,8 @@ class ArtifactReport:
             "int8_share": self.int8_share,
             "int8_share_basis": self.int8_share_basis,
             "fp16_share": self.fp16_share,
+            "int4_share": self.int4_share,
+            "vs_int8": self.vs_int8,
         }
 
 
@@ -200,6 +205,7 @@ def markdown(report: Report) -> str:
     lines += [f"- recovery: {line}" for line in recovery_lines(report)]
     lines += [f"- {line}" for line in near_ties_lines(report)]
     lines += [f"- {line}" for line in primary_lines(report)]
+    lines += [f"- {line}" for line in int4_lines(report)]
     for a in report.artifacts:
         lines += [f"- `{a.name}` {stage}: {facts_line(facts)}" for stage, facts in a.stage_facts.items()]
     lines += [f"- skipped `{s['name']}`: {s['reason']}" for s in report.skipped]
@@ -231,6 +237,8 @@ def _top1(p) -> float | None:
 
 def _precision_cell(a: ArtifactReport) -> str:
     """`int8 (0.2 % INT8)`: an INT8 artifact whose multiply-accumulates are not all INT8 says how many are."""
+    if a.int4_share is not None and (a.precision == "int4" or a.int4_share < 1):
+        return a.precision if a.int4_share >= 1 else f"mixed ({a.int4_share:.1%} INT4)"
     partial = a.int8_share is not None and a.int8_share < 1 and a.precision in ("int8", "mixed")
     if partial:
         return f"{a.precision} ({a.int8_share:.1%} INT8)"
@@ -338,6 +346,41 @@ def primary_lines(report: Report) -> list[str]:
     timed = ", ".join(f"{x['name']} {x['median_ms']:.3f} ms" for x in c["candidates"])
     margin = f", runner-up x{c['margin']:.2f}" if c.get("margin") else ""
     return [f"primary: {c['primary']} ({c['rule']}; timed alternating at batch 1: {timed}{margin})"]
+
+
+def beside_int8(artifacts: list[ArtifactReport]) -> list[ArtifactReport]:
+    """Each 4-bit artifact with its size and batch-1 latency over those of the build's INT8 artifact in
+    the same runtime (``onnx_int4`` beside ``onnx_int8``, ``pte_int4`` beside ``pte_int8``): what its
+    4 bits bought. Unchanged where the build has no such INT8 artifact."""
+    out = []
+    for a in artifacts:
+        if a.int4_share is not None:
+            same = [
+                b for b in artifacts if b.runtime == a.runtime and b.int4_share is None and b.int8_share != 0
+            ]
+            same = [b for b in same if b.precision in ("int8", "mixed")]
+            b = next((b for b in same if b.name == a.name.replace("int4", "int8")), same[0] if same else None)
+            if b is not None:
+                a = dataclasses.replace(
+                    a,
+                    vs_int8={
+                        "artifact": b.name,
+                        "size_ratio": round(a.size_bytes / b.size_bytes, 3),
+                        "latency_ratio": round(a.latency_ms / b.latency_ms, 3),
+                    },
+                )
+        out.append(a)
+    return out
+
+
+def int4_lines(report: Report) -> list[str]:
+    """`onnx_int4: 0.62x the size of onnx_int8, batch-1 latency x1.05`: each 4-bit artifact beside INT8."""
+    return [
+        f"{a.name}: {a.vs_int8['size_ratio']:.2f}x the size of {a.vs_int8['artifact']}, "
+        f"batch-1 latency x{a.vs_int8['latency_ratio']:.2f}"
+        for a in report.artifacts
+        if a.vs_int8
+    ]
 
 
 def near_ties_lines(report: Report) -> list[str]:

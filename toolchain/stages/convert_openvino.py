@@ -69,16 +69,51 @@ class ConvertOpenVino(Stage):
             else PRECISIONS[o.inference_precision]
         )
         facts = {
-            "checked_on": "this host's CPU plugin"
-            + ("" if o.device == "CPU" else f": a proxy for the {o.device} the IR is for"),
+            "checked_on": _checked_on(o),
             "inference_precision": o.inference_precision,
             "device": o.device,
             "compress_to_fp16": o.compress_to_fp16,
             "openvino": ov.__version__,
         }
+        if precision in ("int8", "mixed"):
+            facts.update(_counted_share(artifact, ctx))
+        if o.inference_precision == "bf16":
+            from toolchain.measure.cpu import host_has_bf16
+
+            facts["host_has_bf16"] = host_has_bf16()
+            if not facts["host_has_bf16"]:
+                facts["latency_note"] = (
+                    "this host has no AVX512-BF16 / AMX: OpenVINO's CPU plugin runs the BF16 IR in FP32 "
+                    "here, so its parity here overstates BF16's and its latency is FP32's"
+                )
         return StageResult(
             dataclasses.replace(artifact, kind=Kind.OPENVINO, path=path, precision=precision), facts
         )
+
+
+def _counted_share(artifact: Artifact, ctx: BuildContext) -> dict:
+    """The INT8 share of the Q/DQ model converted (an IR's own graph is not counted): OpenVINO runs
+    in INT8 what the Q/DQ pairs mark, as ONNX Runtime does."""
+    from toolchain.passes.onnx_share import onnx_int8_share
+
+    sample = [(1, *t.shape[1:]) if t.dim() else () for t in ctx.example()]
+    try:
+        share = onnx_int8_share(artifact.path, sample)["int8_share"]
+    except Exception:  # noqa: BLE001 - a label's measurement must never cost the artifact
+        return {}
+    return {} if share is None else {"int8_share": share}
+
+
+def _checked_on(o: ConvertOpenVinoOptions) -> str:
+    where = "this host's CPU plugin"
+    if o.device != "CPU":
+        return f"{where}: a proxy for the {o.device} the IR is for"
+    if o.inference_precision == "bf16":
+        from toolchain.measure.cpu import host_has_bf16
+
+        if not host_has_bf16():
+            return f"{where} at f32 (no BF16 here): a proxy that overstates BF16's parity"
+    return where
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,3 +131,20 @@ class ConvertOpenVinoFp16(ConvertOpenVino):
 
     name = "convert_openvino_fp16"
     Options = ConvertOpenVinoFp16Options
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvertOpenVinoBf16Options(ConvertOpenVinoOptions):
+    inference_precision: Literal["f32", "bf16", "f16"] = option(
+        "bf16", "the precision OpenVINO computes floating-point layers in (INFERENCE_PRECISION_HINT)"
+    )
+
+
+@register_stage
+class ConvertOpenVinoBf16(ConvertOpenVino):
+    """The conversion for a CPU with AVX512-BF16 or AMX (``runtime.isa`` "avx512_bf16" or "amx"; not
+    applicable elsewhere): FP32 weights, BF16 inference stated in the file. OpenVINO's CPU plugin picks
+    BF16 on its own on such CPUs; here the choice is the artifact's, named and judged as BF16."""
+
+    name = "convert_openvino_bf16"
+    Options = ConvertOpenVinoBf16Options

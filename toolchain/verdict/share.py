@@ -10,120 +10,16 @@ per sample (basis ``macs``), from the file's own graph and ONNX shape inference:
   integer one (ConvInteger, MatMulInteger, QLinearConv, QLinearMatMul);
 - LSTM, GRU: FP32; DynamicQuantizeLSTM: INT8 (weights INT8, inputs quantized per call).
 
-The inputs' dimensions are set from one batch-1 sample (a symbolic one left counts as 1). Nodes
-whose shapes inference leaves unknown are not counted; ``unknown_nodes`` says how many.
+The counting is toolchain.passes.onnx_share's.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-from pathlib import Path
 
-from toolchain.passes.shapes import value_dims, value_types
+from toolchain.passes.onnx_share import onnx_fp16_share, onnx_int8_share
 
 log = logging.getLogger("toolchain")
-
-INTEGER = {"ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul", "DynamicQuantizeLSTM"}
-WEIGHTED = {"Conv", "Gemm", "MatMul", "LSTM", "GRU", *INTEGER}
-
-
-def onnx_int8_share(path: Path, sample: list[tuple[int, ...]] | None = None) -> dict:
-    """{"int8_share", "int8_share_basis": "macs", "macs", "unknown_nodes"} of an ONNX file;
-    ``sample``: one batch-1 input's shape per graph input, which replace the file's symbolic
-    dimensions (a sequence's length) before shape inference."""
-    model = _at_sample(path, sample)
-    graph = model.graph
-    shapes = value_dims(model, data_prop=True)
-    made_by = {o: n.op_type for n in graph.node for o in n.output}
-    total = int8 = 0
-    unknown = 0
-    for node in graph.node:
-        if node.op_type not in WEIGHTED:
-            continue
-        macs = _macs(node, shapes)
-        if macs is None:
-            unknown += 1
-            continue
-        total += macs
-        if node.op_type in INTEGER or (
-            node.op_type in ("Conv", "Gemm", "MatMul")
-            and all(made_by.get(i) == "DequantizeLinear" for i in node.input[:2])
-        ):
-            int8 += macs
-    return {
-        "int8_share": round(int8 / total, 4) if total else None,
-        "int8_share_basis": "macs",
-        "macs": total,
-        "unknown_nodes": unknown,
-        "contexts": sum(1 for n in graph.node if n.op_type == "EPContext"),
-    }
-
-
-def onnx_fp16_share(path: Path, sample: list[tuple[int, ...]] | None = None) -> dict:
-    """{"fp16_share", "macs"} of an FP16 ONNX file: the share of its Conv/Gemm/MatMul/LSTM/GRU
-    multiply-accumulates whose input is FP16 (the rest were kept in FP32 behind Casts)."""
-    import onnx
-
-    model = _at_sample(path, sample)
-    shapes, types = value_dims(model, data_prop=True), value_types(model)
-    total = half = 0
-    for node in model.graph.node:
-        if node.op_type not in WEIGHTED - INTEGER:
-            continue
-        macs = _macs(node, shapes)
-        if macs is None:
-            continue
-        total += macs
-        if types.get(node.input[0]) == onnx.TensorProto.FLOAT16:
-            half += macs
-    return {"fp16_share": round(half / total, 4) if total else None, "macs": total}
-
-
-def _at_sample(path: Path, sample: list[tuple[int, ...]] | None):
-    """The file's graph (weights not loaded) with its inputs' dimensions set to one sample's."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    weights = {i.name for i in model.graph.initializer}
-    fed = [i for i in model.graph.input if i.name not in weights]
-    for value, shape in zip(fed, sample or ()):
-        dims = value.type.tensor_type.shape.dim
-        if len(dims) == len(shape):
-            for d, n in zip(dims, shape):
-                d.Clear()
-                d.dim_value = int(n)
-    return model
-
-
-def _macs(node, shapes: dict) -> int | None:
-    def dims(name: str) -> list[int] | None:  # a symbol left (the batch) counts as 1
-        d = shapes.get(name)
-        d = None if d is None else [1 if isinstance(v, str) else v for v in d]
-        return d if d is not None and all(isinstance(v, int) and v > 0 for v in d) else None
-
-    op = node.op_type
-    if op in ("Conv", "ConvInteger", "QLinearConv"):
-        w = dims(node.input[3] if op == "QLinearConv" else node.input[1])
-        y = dims(node.output[0])
-        return None if w is None or y is None else math.prod(y) * math.prod(w[1:])
-    if op == "Gemm":
-        a, y = dims(node.input[0]), dims(node.output[0])
-        trans = next((x.i for x in node.attribute if x.name == "transA"), 0)
-        return None if a is None or y is None else math.prod(y) * (a[0] if trans else a[1])
-    if op in ("MatMul", "MatMulInteger", "QLinearMatMul"):
-        a, y = dims(node.input[0]), dims(node.output[0])
-        return None if a is None or y is None else math.prod(y) * a[-1]
-    # LSTM / GRU / DynamicQuantizeLSTM: X (T, N, I) or (N, T, I); W (D, gates * H, I); R (D, gates * H, H)
-    x, w = dims(node.input[0]), dims(node.input[1])
-    r = dims(node.input[2])
-    if x is None or w is None or r is None:
-        return None
-    batch_first = next((a.i for a in node.attribute if a.name == "layout"), 0) == 1
-    steps, batch = (x[1], x[0]) if batch_first else (x[0], x[1])
-    if op == "DynamicQuantizeLSTM":  # its weights are stored transposed: (D, I, 4H) and (D, H, 4H)
-        return steps * batch * w[0] * w[2] * (w[1] + r[1])
-    return steps * batch * w[0] * w[1] * (w[2] + r[2])
 
 
 def int8_share_of(artifact, sample: list[tuple[int, ...]]) -> dict:

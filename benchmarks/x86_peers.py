@@ -1,0 +1,578 @@
+"""x86: the toolchain's primary artifact against the peers' recipes on five models (issue 29, part 5).
+
+Models: ResNet18, MobileNetV3-Large and EfficientNet-B0 at 224x224 (torchvision architectures,
+seeded random weights: nothing can be downloaded here, and latency does not depend on the weights;
+their builds say NOT JUDGED), and two trained here, so their parity means something: the tests'
+vision transformer on scikit-learn's digits (dim 64, 4 heads, 3 pre-norm layers, 16 tokens) and
+their LSTM classifier (2 layers, hidden 128, 24 steps) as `sequence_precisions.py` trains them.
+
+For each model the toolchain builds `x86_fbgemm` with `runtime.isa` set to this host's (the CPU it
+deploys to is this one), and the peers make their own files from the same FP32 model and
+calibration data:
+- `ort default`: ONNX Runtime's `quantize_static` with its defaults (QDQ, S8S8, per-tensor);
+- `ort tuned`: `quant_pre_process`, then per-channel U8S8 QDQ (ONNX Runtime's x86 advice);
+- `ort dynamic`: `quantize_dynamic` (ONNX Runtime's advice for transformers and RNNs; those only);
+- `openvino fp32`: OpenVINO's CPU plugin on the FP32 ONNX with its defaults (BF16 on a CPU
+  with AVX512-BF16 or AMX: the column `precision` says what it ran);
+- `openvino qdq`: OpenVINO's CPU plugin on `ort tuned`'s Q/DQ file;
+- `nncf`: NNCF's default `quantize` of the OpenVINO model, run by OpenVINO (where NNCF imports:
+  in this interpreter, or `--peers-python` naming one that has it);
+- `eager fbgemm`: the PyTorch tutorial's eager mode (fuse_model, fbgemm qconfig) for the
+  architectures torchvision ships quantizable (ResNet18, MobileNetV3);
+- `torch fx x86`: `prepare_fx`/`convert_fx` with the x86 qconfig mapping.
+
+Each variant runs alone in a process of its own (one model in memory, nothing else timing), the
+variants in turn, `--rounds` times (default 3): a variant's figure is the median of its rounds'
+medians, and each ratio is the primary's over the peer's from the same rounds. Every variant's
+outputs on 64 held-out inputs are compared with the FP32 model's (SQNR, top-1 agreement), so a
+fast peer that lost accuracy shows it. ResNet18's share of the CPU's INT8 peak is computed from the
+ISA (INT8 multiply-accumulates per cycle per core), the threads used and the clock.
+
+    .venv/bin/python benchmarks/x86_peers.py [--rounds 3] [--models resnet18,lstm] [--peers-python P]
+
+Run it alone (nothing else on the cores). Writes benchmarks/x86_peers.json and prints the tables
+docs/benchmarks.md shows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(HERE))
+warnings.filterwarnings("ignore")
+THREADS = 2
+WARMUP, RUNS, MAX_SECONDS = 20, 200, 4.0
+CNNS = {"resnet18": "resnet18", "mobilenet_v3": "mobilenet_v3_large", "efficientnet_b0": "efficientnet_b0"}
+TUTORIAL = {"resnet18", "mobilenet_v3"}  # torchvision.models.quantization has these
+SEQUENCE = {"vit", "lstm"}
+
+# INT8 multiply-accumulates per cycle per core, a floor for each ISA: AVX2 (vpmaddubsw + vpmaddwd on
+# 256-bit registers: ~32), AVX-512 without VNNI (~64), one 512-bit VNNI (vpdpbusd: 64) per cycle as
+# AMD Zen 4 and Intel parts with one 512-bit FMA port issue it (128 with two such ports), AMX (1024)
+MACS_PER_CYCLE = {"avx2": 32, "avx512": 64, "avx512_vnni": 64, "avx512_bf16": 64, "amx": 1024}
+
+
+# ---------------------------------------------------------------------------------------------------
+# the worker: one variant, alone in this process
+
+
+def worker(spec_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    import torch
+
+    torch.set_num_threads(THREADS)
+    run, precision = _runner(spec)
+    data = np.load(spec["inputs"])
+    x = data["x"]
+    outputs = np.concatenate([np.asarray(run(x[i : i + 1])).reshape(1, -1) for i in range(len(x))])
+    expected = data["expected"].reshape(len(x), -1)
+    noise = float(np.sum((outputs - expected) ** 2))
+    sqnr = 10 * math.log10(float(np.sum(expected**2)) / noise) if noise > 0 else float("inf")
+    agreement = float(np.mean(outputs.argmax(1) == expected.argmax(1)))
+    for _ in range(WARMUP):
+        run(x[:1])
+    times = []
+    while len(times) < RUNS and sum(times) < MAX_SECONDS * 1000:
+        start = time.perf_counter_ns()
+        run(x[:1])
+        times.append((time.perf_counter_ns() - start) / 1e6)
+    print(
+        json.dumps(
+            {
+                "median_ms": float(np.median(times)),
+                "p25_ms": float(np.percentile(times, 25)),
+                "p75_ms": float(np.percentile(times, 75)),
+                "runs": len(times),
+                "sqnr_db": round(sqnr, 2),
+                "top1_agreement": agreement,
+                "precision": precision,
+            }
+        )
+    )
+
+
+def _runner(spec):
+    kind, path = spec["kind"], spec.get("path")
+    if kind == "onnxruntime":
+        import onnxruntime as ort
+
+        o = ort.SessionOptions()
+        o.intra_op_num_threads, o.inter_op_num_threads, o.log_severity_level = THREADS, 1, 3
+        session = ort.InferenceSession(path, o, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        return (lambda x: session.run(None, {name: x})[0]), spec["precision"]
+    if kind == "openvino":
+        import openvino as ov
+
+        core = ov.Core()
+        config = {"INFERENCE_NUM_THREADS": THREADS}
+        if spec.get("hint"):
+            config["INFERENCE_PRECISION_HINT"] = spec["hint"]
+        compiled = core.compile_model(path, "CPU", config)
+        request = compiled.create_infer_request()
+        ran = compiled.get_property("INFERENCE_PRECISION_HINT")  # what the plugin computes floats in
+        ran = ran.to_string() if hasattr(ran, "to_string") else str(ran)
+        precision = spec["precision"] if spec["precision"] in ("int8", "mixed") else ran
+
+        def run(x):
+            request.infer([np.ascontiguousarray(x)])
+            return np.array(request.get_output_tensor(0).data)
+
+        return run, precision
+    import torch
+
+    if kind == "toolchain":
+        from toolchain.bench import artifact_of
+        from toolchain.runtimes import load_runner
+
+        entry = spec["entry"]
+        runner = load_runner(artifact_of(Path(spec["folder"]), entry), entry["runtime"], THREADS)
+        return (lambda x: runner(x)[0]), entry["precision"]
+    torch.backends.quantized.engine = spec.get("engine", "x86")
+    model = torch.load(path, weights_only=False)  # a module this script pickled a minute ago
+
+    def run_torch(x):
+        with torch.inference_mode():
+            return model(torch.from_numpy(x)).numpy()
+
+    return run_torch, spec["precision"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# the models and the peers' files
+
+
+def models(only: set[str] | None):
+    import torch
+    import torchvision
+
+    rng = np.random.default_rng(0)
+    for name, arch in CNNS.items():
+        if only and name not in only:
+            continue
+        torch.manual_seed(0)
+        model = getattr(torchvision.models, arch)(weights=None).eval()
+        calib = rng.standard_normal((128, 3, 224, 224), dtype=np.float32)
+        yield name, model, calib, calib[:64], f"torchvision:{arch}"
+    if only and not (only & SEQUENCE):
+        return
+    from sequence_precisions import models as trained
+
+    for name, (model, x_cal, x_val, _) in trained().items():
+        name = {"transformer": "vit"}.get(name, name)
+        if not only or name in only:
+            yield name, model, x_cal[:256], x_val[:64], None
+
+
+def export_onnx(model, x: np.ndarray, path: Path) -> Path:
+    import torch
+
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    torch.onnx.export(
+        model,
+        (torch.from_numpy(x[:2]),),
+        str(path),
+        dynamo=True,
+        input_names=["input"],
+        dynamic_shapes=({0: batch},),
+        verbose=False,
+    )
+    return path
+
+
+class _Reader:
+    def __init__(self, calib: np.ndarray):
+        self.items = iter(calib[i : i + 1] for i in range(len(calib)))
+
+    def get_next(self):
+        x = next(self.items, None)
+        return None if x is None else {"input": x}
+
+    def rewind(self):  # onnxruntime >= 1.17 may call it
+        pass
+
+
+def ort_default(fp32: Path, calib, tmp: Path) -> Path:
+    from onnxruntime.quantization import quantize_static
+
+    out = tmp / "ort_default.onnx"
+    quantize_static(str(fp32), str(out), _Reader(calib))
+    return out
+
+
+def ort_tuned(fp32: Path, calib, tmp: Path, reduce_range: bool) -> Path:
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    pre, out = tmp / "ort_pre.onnx", tmp / "ort_tuned.onnx"
+    quant_pre_process(str(fp32), str(pre))
+    quantize_static(
+        str(pre),
+        str(out),
+        _Reader(calib),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        reduce_range=reduce_range,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+    )
+    return out
+
+
+def ort_dynamic(fp32: Path, tmp: Path) -> Path:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    out = tmp / "ort_dynamic.onnx"
+    quantize_dynamic(str(fp32), str(out), weight_type=QuantType.QInt8)
+    return out
+
+
+NNCF_SCRIPT = """
+import sys, numpy as np, nncf, openvino as ov
+fp32, calib, out = sys.argv[1:4]
+x = np.load(calib)["x"]
+model = ov.convert_model(fp32)
+data = nncf.Dataset([x[i : i + 1] for i in range(len(x))])
+ov.save_model(nncf.quantize(model, data, subset_size=len(x)), out)
+"""
+
+
+def nncf_ir(python: str, fp32: Path, calib_npz: Path, tmp: Path) -> Path:
+    out = tmp / "nncf.xml"
+    r = subprocess.run(
+        [python, "-c", NNCF_SCRIPT, str(fp32), str(calib_npz), str(out)], capture_output=True, text=True
+    )
+    if r.returncode:
+        raise RuntimeError((r.stderr.strip().splitlines() or ["failed"])[-1])
+    return out
+
+
+def tutorial_int8(name: str, fp32, calib: np.ndarray, tmp: Path) -> Path:
+    """The seed's recipe: torchvision's quantizable model with the FP32 model's weights, fuse_model(),
+    the fbgemm qconfig, eager prepare / calibrate / convert."""
+    import torch
+    import torchvision
+
+    model = getattr(torchvision.models.quantization, CNNS[name])(weights=None, quantize=False).eval()
+    model.load_state_dict(fp32.state_dict())
+    model.fuse_model()
+    model.qconfig = torch.ao.quantization.get_default_qconfig("fbgemm")
+    torch.backends.quantized.engine = "fbgemm"
+    prepared = torch.ao.quantization.prepare(model)
+    with torch.inference_mode():
+        for i in range(0, len(calib), 32):
+            prepared(torch.from_numpy(calib[i : i + 32]))
+    out = tmp / "eager_fbgemm.pt"
+    torch.save(torch.ao.quantization.convert(prepared), out)
+    return out
+
+
+def fx_x86(fp32, calib: np.ndarray, tmp: Path) -> Path:
+    import torch
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    torch.backends.quantized.engine = "x86"
+    prepared = prepare_fx(fp32, get_default_qconfig_mapping("x86"), (torch.from_numpy(calib[:1]),))
+    with torch.inference_mode():
+        for i in range(0, len(calib), 32):
+            prepared(torch.from_numpy(calib[i : i + 32]))
+    out = tmp / "fx_x86.pt"
+    torch.save(convert_fx(prepared), out)
+    return out
+
+
+def peers(name, model, calib, folder: Path, tmp: Path, isa: str, peers_python: str | None) -> dict:
+    """label -> worker spec (or the reason there is none)."""
+    import copy
+
+    from toolchain.measure.cpu import safe_reduce_range
+
+    np.savez(tmp / "calib.npz", x=calib)
+    fp32 = export_onnx(model, calib, tmp / "fp32.onnx")
+    out: dict[str, dict | str] = {}
+
+    def add(label, make, **spec):
+        try:
+            out[label] = {"path": str(make()), **spec}
+        except Exception as e:  # noqa: BLE001 - a peer that cannot make a file is reported with why
+            out[label] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+
+    add("ort default", lambda: ort_default(fp32, calib, tmp), kind="onnxruntime", precision="int8")
+    add(
+        "ort tuned",
+        lambda: ort_tuned(fp32, calib, tmp, safe_reduce_range(isa)),
+        kind="onnxruntime",
+        precision="int8",
+    )
+    if name in SEQUENCE:
+        add("ort dynamic", lambda: ort_dynamic(fp32, tmp), kind="onnxruntime", precision="int8")
+    out["openvino fp32"] = {"path": str(fp32), "kind": "openvino", "precision": "fp32"}
+    if isinstance(out.get("ort tuned"), dict):
+        out["openvino qdq"] = {"path": out["ort tuned"]["path"], "kind": "openvino", "precision": "int8"}
+    python = next(
+        (p for p in (sys.executable, peers_python) if p and _imports(p, "nncf") and _imports(p, "openvino")),
+        None,
+    )
+    if python:
+        add("nncf", lambda: nncf_ir(python, fp32, tmp / "calib.npz", tmp), kind="openvino", precision="int8")
+    else:
+        out["nncf"] = (
+            "NNCF is not installed (pip install nncf, or --peers-python naming an interpreter with it)"
+        )
+    if name in TUTORIAL:
+        add(
+            "eager fbgemm",
+            lambda: tutorial_int8(name, model, calib, tmp),
+            kind="torch",
+            precision="int8",
+            engine="fbgemm",
+        )
+    add("torch fx x86", lambda: fx_x86(copy.deepcopy(model), calib, tmp), kind="torch", precision="int8")
+    return out
+
+
+def _imports(python: str, module: str) -> bool:
+    r = subprocess.run([python, "-c", f"import {module}"], capture_output=True)
+    return r.returncode == 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# the run
+
+
+def build(name, model, calib, val, source, tmp: Path, isa: str):
+    """The toolchain's build for this CPU: x86_fbgemm with runtime.isa = this host's."""
+    import toolchain
+    from tests.models import export
+
+    profile = tmp / "x86_host.toml"
+    text = (REPO / "targets" / "x86_fbgemm.toml").read_text().replace('isa = "avx2"', f'isa = "{isa}"')
+    profile.write_text(text.replace("calibration_samples = 256", f"calibration_samples = {len(calib)}"))
+    np.savez(tmp / "cal.npz", x=calib)
+    np.savez(tmp / "val.npz", x=val)
+    if source is None:
+        export(model, calib, tmp / f"{name}.pt2")
+        source = str(tmp / f"{name}.pt2")
+    started = time.perf_counter()
+    report, folder = toolchain.build(source, str(profile), tmp / "build", tmp / "cal.npz", tmp / "val.npz")
+    return report.to_json(), folder, time.perf_counter() - started
+
+
+def measure(specs: dict, rounds: int) -> dict:
+    """label -> per-round worker results; the variants in turn, each in a process of its own."""
+    results: dict[str, list[dict]] = {label: [] for label in specs}
+    errors: dict[str, str] = {}
+    for r in range(rounds):
+        order = list(specs)
+        order = order[r % len(order) :] + order[: r % len(order)]  # who goes first moves each round
+        for label in order:
+            if label in errors:
+                continue
+            path = Path(specs[label]["spec_file"])
+            p = subprocess.run(
+                [sys.executable, __file__, "--worker", str(path)], capture_output=True, text=True
+            )
+            lines = [line for line in p.stdout.splitlines() if line.startswith("{")]
+            if p.returncode or not lines:
+                errors[label] = (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1][:200]
+                continue
+            results[label].append(json.loads(lines[-1]))
+    return {"results": results, "errors": errors}
+
+
+def int8_peak(isa: str, threads: int, clock_ghz: tuple[float, float]) -> tuple[float, float]:
+    per_cycle = MACS_PER_CYCLE[isa] * threads
+    return per_cycle * clock_ghz[0] * 1e9, per_cycle * clock_ghz[1] * 1e9
+
+
+def host_clock_ghz() -> tuple[float, float]:
+    """(base, highest) in GHz: the kernel's cpufreq limits where it exposes them, else the clock
+    /proc/cpuinfo reports (a virtual machine often shows one figure)."""
+    base = Path("/sys/devices/system/cpu/cpu0/cpufreq")
+    try:
+        low = int((base / "base_frequency").read_text()) / 1e6
+        high = int((base / "cpuinfo_max_freq").read_text()) / 1e6
+        return low, high
+    except (OSError, ValueError):
+        mhz = [
+            float(line.split(":")[1])
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("cpu MHz")
+        ]
+        return (min(mhz) / 1e3, max(mhz) / 1e3) if mhz else (float("nan"), float("nan"))
+
+
+def summary(rows: list[dict]) -> dict:
+    med = [r["median_ms"] for r in rows]
+    first = rows[0]
+    return {
+        "median_ms": float(np.median(med)),
+        "rounds_ms": [round(m, 4) for m in med],
+        "p25_ms": float(np.median([r["p25_ms"] for r in rows])),
+        "p75_ms": float(np.median([r["p75_ms"] for r in rows])),
+        "sqnr_db": first["sqnr_db"],
+        "top1_agreement": first["top1_agreement"],
+        "precision": first["precision"],
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--models", help="comma-separated subset of " + ", ".join([*CNNS, *SEQUENCE]))
+    parser.add_argument("--peers-python", help="an interpreter with NNCF and OpenVINO (e.g. .venv-peers)")
+    parser.add_argument("--clock-ghz", type=float, nargs=2, help="the CPU's base and boost clock")
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.worker)
+        return 0
+    logging.disable(logging.WARNING)
+    os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+    import torch
+
+    from toolchain.measure.cpu import host_cpu
+
+    torch.set_num_threads(THREADS)
+    cpu = host_cpu()
+    isa = cpu["isa"] or "avx2"
+    clock = tuple(args.clock_ghz) if args.clock_ghz else host_clock_ghz()
+    only = set(args.models.split(",")) if args.models else None
+    results = {"host": cpu, "threads": THREADS, "rounds": args.rounds, "clock_ghz": clock, "models": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, model, calib, val, source in models(only):
+            work = Path(tmp) / name
+            work.mkdir()
+            print(f"{name}: building", file=sys.stderr, flush=True)
+            report, folder, build_s = build(name, model, calib, val, source, work, isa)
+            primary = next((a for a in report["artifacts"] if a["primary"]), None)
+            if primary is None:
+                results["models"][name] = {"error": "no toolchain artifact passed parity", "report": report}
+                continue
+            import torch
+
+            with torch.inference_mode():
+                expected = model(torch.from_numpy(val)).numpy()
+            np.savez(work / "inputs.npz", x=val, expected=expected)
+            print(f"{name}: the peers' files", file=sys.stderr, flush=True)
+            specs = {
+                f"toolchain {primary['name']} (primary)": {
+                    "kind": "toolchain",
+                    "folder": str(folder),
+                    "entry": primary,
+                }
+            }
+            made = peers(name, model, calib, folder, work, isa, args.peers_python)
+            specs.update({k: v for k, v in made.items() if isinstance(v, dict)})
+            for i, (label, spec) in enumerate(specs.items()):
+                spec["inputs"] = str(work / "inputs.npz")
+                spec["spec_file"] = str(work / f"spec{i}.json")
+                Path(spec["spec_file"]).write_text(json.dumps(spec))
+            print(f"{name}: timing {len(specs)} variants x {args.rounds} rounds", file=sys.stderr, flush=True)
+            measured = measure(specs, args.rounds)
+            rows = {label: summary(r) for label, r in measured["results"].items() if r}
+            top = next(iter(specs))
+            ratios = {
+                label: float(
+                    np.median(
+                        [
+                            a["median_ms"] / b["median_ms"]
+                            for a, b in zip(measured["results"][top], measured["results"][label])
+                        ]
+                    )
+                )
+                for label in rows
+                if label != top
+            }
+            entry = {
+                "build_s": round(build_s, 1),
+                "verdict": report["verdict"],
+                "primary": primary["name"],
+                "primary_choice": report.get("primary_choice"),
+                "variants": rows,
+                "primary_over_peer": {k: round(v, 3) for k, v in ratios.items()},
+                "missing": {**{k: v for k, v in made.items() if isinstance(v, str)}, **measured["errors"]},
+            }
+            if name == "resnet18":
+                from toolchain.passes.onnx_share import onnx_int8_share
+
+                macs = onnx_int8_share(work / "fp32.onnx", [(1, 3, 224, 224)])["macs"]
+                low, high = int8_peak(isa, THREADS, clock)
+                achieved = macs / (rows[top]["median_ms"] / 1e3)
+                entry["int8_peak"] = {
+                    "macs": macs,
+                    "isa": isa,
+                    "macs_per_cycle_per_core": MACS_PER_CYCLE[isa],
+                    "peak_gmacs": [round(low / 1e9, 1), round(high / 1e9, 1)],
+                    "achieved_gmacs": round(achieved / 1e9, 1),
+                    "share_of_peak": [round(achieved / high, 3), round(achieved / low, 3)],
+                }
+            results["models"][name] = entry
+            print(table(name, entry), flush=True)
+    measured = [e for e in results["models"].values() if "variants" in e]
+    behind = [_over_fastest(e) for e in measured]
+    results["primary_over_fastest_peer"] = {
+        n: round(_over_fastest(e), 3) for n, e in results["models"].items() if "variants" in e
+    }
+    results["geomean_primary_over_fastest_peer"] = float(np.exp(np.mean(np.log(behind)))) if behind else None
+    (HERE / "x86_peers.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    print(
+        "\nprimary / fastest peer: "
+        + ", ".join(f"{n} {v:.2f}" for n, v in results["primary_over_fastest_peer"].items())
+    )
+    if behind:
+        print(f"geometric mean over {len(behind)} models: {results['geomean_primary_over_fastest_peer']:.3f}")
+    return 0 if behind and len(behind) == len(results["models"]) and max(behind) <= 1.0 else 1
+
+
+def _over_fastest(entry: dict) -> float:
+    """The primary's median over the fastest peer's, from the same rounds (peers that lost accuracy
+    included: the table shows their SQNR)."""
+    return max(entry["primary_over_peer"].values())
+
+
+def table(name: str, entry: dict) -> str:
+    lines = [
+        f"\n{name} ({entry['verdict']}; built in {entry['build_s']} s)",
+        "| variant | precision | batch-1 median ms (p25-p75) | primary / variant | SQNR vs FP32 "
+        "| top-1 agr. |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, r in sorted(entry["variants"].items(), key=lambda kv: kv[1]["median_ms"]):
+        ratio = entry["primary_over_peer"].get(label)
+        lines.append(
+            f"| {label} | {r['precision']} | {r['median_ms']:.3f} ({r['p25_ms']:.3f}-{r['p75_ms']:.3f}) | "
+            f"{'' if ratio is None else f'{ratio:.2f}'} | {r['sqnr_db']:.1f} dB | {r['top1_agreement']:.1%} |"
+        )
+    for label, why in entry["missing"].items():
+        lines.append(f"| {label} | not measured: {why} | | | | |")
+    peak = entry.get("int8_peak")
+    if peak:
+        lines.append(
+            f"\nResNet18: {peak['macs'] / 1e9:.2f} GMAC per image; the primary reaches "
+            f"{peak['achieved_gmacs']} GMAC/s of an INT8 peak of "
+            f"{peak['peak_gmacs'][0]}-{peak['peak_gmacs'][1]} GMAC/s ({peak['isa']}: "
+            f"{peak['macs_per_cycle_per_core']} MAC/cycle/core x {THREADS} cores x clock): "
+            f"{peak['share_of_peak'][0]:.0%}-{peak['share_of_peak'][1]:.0%} of peak"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
