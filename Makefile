@@ -42,8 +42,7 @@ test: $(STAMP) browser services lint
 test-full: $(STAMP) browser services
 	TOOLCHAIN_REQUIRE_BROWSER=1 TOOLCHAIN_REQUIRE_SERVICES=1 $(PY) -m pytest -q
 
-bench: $(STAMP)
-	$(PY) -m pip install --quiet -e '.[bench]'
+bench: $(STAMP) $(VENV)/.bench
 	$(PY) benchmarks/x86_resnet18.py
 	$(PY) benchmarks/x86_peers.py
 	$(PY) benchmarks/snapdragon_mobile.py
@@ -54,6 +53,11 @@ bench: $(STAMP)
 	$(MAKE) $(PEERS)
 	$(PY) benchmarks/int8_recovery.py --peers-python $(PEERS)/bin/python
 	$(PY) benchmarks/recovery_cost.py
+
+# NNCF in the toolchain's venv (a peer in benchmarks/x86_peers.py), installed once
+$(VENV)/.bench: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[bench]'
+	touch $(VENV)/.bench
 
 # NNCF and Intel Neural Compressor for the INT8 recovery benchmark, apart from the toolchain's venv:
 # Neural Compressor's last ONNX Runtime back end (2.6) needs numpy < 2 and onnx < 1.17.

@@ -110,7 +110,7 @@ def build(
                 },
                 inputs.validation.x[:1],
                 r.threads,
-                r.latency_runs,
+                r.race_runs,
                 r.race_within,
             )
             report = Report(

@@ -98,11 +98,18 @@ def make_artifact(
             folder,
         )
     checked = _staged_share(checked, records)
-    int4 = _int4_share(records) if checked.precision == "int4" else None
+    four = _four_bit(records)
+    if four is not None:  # its INT8 count says nothing of it (0 %, its MatMuls being 4-bit ones)
+        share, kept = four
+        checked = dataclasses.replace(
+            checked,
+            int4_share=share,
+            int8_share=None,
+            int8_share_basis=None,
+            precision="mixed" if kept or (share is not None and share < 1) else "int4",
+        )
     report = dataclasses.replace(
         checked,
-        int4_share=int4,
-        precision="mixed" if int4 is not None and int4 < 1 else checked.precision,
         eligible=chain.spec.primary,
         required=chain.spec.required,
         stage_facts=reported_facts(records),
@@ -138,10 +145,16 @@ def _cast_share(records) -> float | None:
     return next((r.facts["fp16_share"] for r in records if "fp16_share" in r.facts), None)
 
 
-def _int4_share(records) -> float | None:
-    """A 4-bit artifact's share of multiply-accumulates with 4-bit weights, as its stage counted it
-    (below 1 it is reported ``mixed``: layers recovery or the group size kept at 8 bits or in float)."""
-    return next((r.facts["int4_share"] for r in records if r.facts.get("int4_share") is not None), None)
+FOUR_BIT_STAGES = ("quantize_int4", "quantize_onnx_int4")
+
+
+def _four_bit(records) -> tuple[float | None, bool] | None:
+    """A 4-bit artifact's share of multiply-accumulates with 4-bit weights, as its stage counted it, and
+    whether layers were kept at 8 bits (then it is ``mixed``, whatever the count); None for others."""
+    facts = next((r.facts for r in records if r.stage in FOUR_BIT_STAGES), None)
+    if facts is None:
+        return None
+    return facts.get("int4_share"), bool(facts.get("int8_layers"))
 
 
 def _skipped(name: str, why: str) -> Made:

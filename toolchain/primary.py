@@ -3,9 +3,14 @@
 Each artifact's in-build latency was taken alone, at its own moment: two artifacts a few percent
 apart swap places from one build to the next (machine noise is larger than their difference). So
 the passing, eligible artifacts with the lowest in-build latency (up to ``MAX_CANDIDATES``) are
-timed again *alternating* in one loop at batch 1: a slow moment of the machine hits them all. The
-fastest by median wins unless the next one is tied with it: their middle halves (the interquartile
-ranges of their timed runs) overlap and the medians are within 10 %. Tied leaders are ordered by
+timed again *in turn* in one loop at batch 1 (turns of a few runs, a short pause before each so that
+the previous runtime's threads stop spinning: measure.timing.time_in_turn): a slow moment of the
+machine hits them all. The
+fastest by median wins unless the next one is tied with it: its median within 2 % of the fastest's,
+or within 10 % and its runs not measurably slower (a one-sided Mann-Whitney U test on the timed runs,
+p >= 0.01: with 30 runs each, a steady 5 % edge is measurable, run-to-run jitter is not; the
+interquartile-overlap rule this replaces tied ResNet18's OpenVINO IR with a 5 % slower TorchScript
+file in every build). Tied leaders are ordered by
 size (smaller first), then by how simple their runtime is to ship (:data:`SIMPLER`), then by name:
 the same model built twice chooses the same primary unless the timings really differ. The report's
 ``primary_choice`` says what was timed, the margin, and which rule decided.
@@ -29,6 +34,10 @@ log = logging.getLogger("toolchain")
 MAX_CANDIDATES = 4
 # a jittery artifact's wide spread alone does not tie it with a faster one: its median must be close
 TIE_MEDIANS = 1.10
+# medians closer than this are tied whatever the test says (a 1 % edge flips with the machine's state)
+SAME_MEDIANS = 1.02
+# the runner-up is slower when a one-sided Mann-Whitney test on the timed runs says so at this level
+SLOWER_P = 0.01
 # runtimes by what shipping them asks of an application: one library and a file first
 SIMPLER = (
     "onnxruntime", "openvino", "openvino_ir", "torchscript", "executorch", "lite_interpreter", "qnn",
@@ -58,24 +67,20 @@ def choose(timed: list[Timed]) -> dict[str, Any]:
     the fastest, itself included), ``margin`` (the runner-up's median over the fastest's), ``rule``."""
     ranked = sorted(timed, key=lambda t: (t.median, t.name))
     fastest = ranked[0]
-    # tied: the middle halves of their runs overlap, and the medians are within TIE_MEDIANS
-    tied = [
-        t
-        for t in ranked
-        if t.quartiles[0] <= fastest.quartiles[1] and t.median <= fastest.median * TIE_MEDIANS
-    ]
+    tied = [t for t in ranked if t is fastest or _tied(fastest, t)]
     order = lambda t: (t.size_bytes, _simplicity(t.runtime), t.name)  # noqa: E731
     winner = min(tied, key=order) if len(tied) > 1 else fastest
     runner_up = ranked[1] if len(ranked) > 1 else None
     if len(tied) == 1:
         rule = (
-            "fastest: the runner-up's middle half of timed runs is slower than its own"
+            f"fastest: the runner-up is measurably slower ({_evidence(fastest, runner_up)})"
             if runner_up
             else "the only one"
         )
     else:
         rule = (
-            f"tied with {', '.join(t.name for t in tied if t is not winner)} (their middle halves overlap): "
+            f"tied with {', '.join(t.name for t in tied if t is not winner)} (not measurably apart: "
+            f"{'; '.join(_evidence(fastest, t) for t in tied if t is not fastest)}): "
             "the smallest, then the simplest runtime"
         )
     return {
@@ -98,6 +103,24 @@ def choose(timed: list[Timed]) -> dict[str, Any]:
 
 def _simplicity(runtime: str) -> int:
     return SIMPLER.index(runtime) if runtime in SIMPLER else len(SIMPLER)
+
+
+def _tied(fastest: Timed, other: Timed) -> bool:
+    """Not measurably slower: the medians within SAME_MEDIANS, or within TIE_MEDIANS and the runs'
+    ranks not telling them apart (one-sided Mann-Whitney U, p >= SLOWER_P)."""
+    ratio = other.median / fastest.median if fastest.median > 0 else 1.0
+    return ratio <= SAME_MEDIANS or (ratio <= TIE_MEDIANS and _slower_p(fastest, other) >= SLOWER_P)
+
+
+def _slower_p(fastest: Timed, other: Timed) -> float:
+    from scipy.stats import mannwhitneyu
+
+    return float(mannwhitneyu(other.runs_ms, fastest.runs_ms, alternative="greater").pvalue)
+
+
+def _evidence(fastest: Timed, other: Timed) -> str:
+    ratio = other.median / fastest.median if fastest.median > 0 else 1.0
+    return f"{other.name} x{ratio:.3f}, Mann-Whitney p={_slower_p(fastest, other):.2g}"
 
 
 def choose_primary(

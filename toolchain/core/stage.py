@@ -105,6 +105,9 @@ class Recoverable:
     layer in float (e.g. ``equalize``, ``bias_correction``).
     """
 
+    # what keeping a layer out of the quantization does with it, in recovery's words
+    kept_as = "in float"
+
     def layers(self, artifact: Artifact, ctx: BuildContext) -> list[str]:
         raise NotImplementedError
 

@@ -1,4 +1,4 @@
-"""ONNX files in Intel's OpenVINO CPU plugin (optional: `pip install 'toolchain[openvino]'`).
+"""ONNX files in Intel's OpenVINO CPU plugin (a dependency of the toolchain).
 
 OpenVINO reads the Q/DQ ONNX as it is and runs the quantized parts in INT8 (its FakeQuantize
 transformations), so an artifact chain that ends in `quantize_onnx` ships to OpenVINO unchanged;

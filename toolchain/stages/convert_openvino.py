@@ -41,7 +41,9 @@ class ConvertOpenVino(Stage):
     requires = ("openvino",)
     transitions = {Kind.ONNX: Kind.OPENVINO}
     Options = ConvertOpenVinoOptions
-    report_facts = ("checked_on", "inference_precision", "device", "compress_to_fp16")
+    report_facts = (
+        "checked_on", "inference_precision", "device", "compress_to_fp16", "host_has_bf16", "latency_note",
+    )  # fmt: skip
 
     def apply(self, artifact: Artifact, ctx: BuildContext) -> StageResult:
         o = self.options
@@ -77,6 +79,8 @@ class ConvertOpenVino(Stage):
         }
         if precision in ("int8", "mixed"):
             facts.update(_counted_share(artifact, ctx))
+            if facts.get("int8_share") == 0:  # counted on an ONNX graph: no INT8 layer is no INT8 layer
+                precision = "fp32"
         if o.inference_precision == "bf16":
             from toolchain.measure.cpu import host_has_bf16
 

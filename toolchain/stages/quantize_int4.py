@@ -45,9 +45,10 @@ class QuantizeInt4Options:
 class QuantizeInt4(Stage, Recoverable):
     name = "quantize_int4"
     requires = ("torch", "torchao")
-    transitions = {Kind.EAGER: Kind.EAGER, Kind.FX: Kind.EAGER}
+    transitions = {Kind.EAGER: Kind.EAGER, Kind.FX: Kind.EAGER, Kind.EXPORTED: Kind.EAGER}
     Options = QuantizeInt4Options
     report_facts = ("group_size", "linear_weight_share", "int4_layers", "int8_layers", "int4_share")
+    kept_as = "at 8 bits"
 
     def apply(self, artifact: Artifact, ctx: BuildContext) -> StageResult:
         import torch
@@ -57,7 +58,7 @@ class QuantizeInt4(Stage, Recoverable):
             from torchao.quantization.granularity import PerAxis, PerGroup
 
         o = self.options
-        model = copy.deepcopy(as_module(artifact))
+        model = copy.deepcopy(_modules(artifact, ctx))
         share = linear_weight_share(model)
         if share < o.min_linear_share:
             raise NotApplicable(
@@ -109,7 +110,22 @@ class QuantizeInt4(Stage, Recoverable):
         )
 
     def layers(self, artifact: Artifact, ctx: BuildContext) -> list[str]:
-        return list(_linears(as_module(artifact)))
+        """The Linear layers that get 4-bit weights (those whose input width the group divides)."""
+        g = self.options.group_size
+        return [n for n, m in _linears(_modules(artifact, ctx)).items() if m.in_features % g == 0]
+
+
+def _modules(artifact: Artifact, ctx: BuildContext):
+    """The model with its Linear layers as modules: an exported program's aten calls lifted back to
+    them (once per input); an eager module as it is (no tracing: models FX cannot trace still get 4 bits)."""
+    if artifact.kind is not Kind.EXPORTED:
+        return as_module(artifact)
+    key = ("quantize_int4 lifted", artifact.sha256)
+    if key not in ctx.cache:
+        from toolchain.passes.lift import lift_exported
+
+        ctx.cache[key] = lift_exported(artifact.model)[0]
+    return ctx.cache[key]
 
 
 def linear_weight_share(model) -> float:

@@ -52,6 +52,7 @@ class QuantizeOnnxInt4(Stage, Recoverable):
     report_facts = (
         "group_size", "accuracy_level", "linear_weight_share", "int4_nodes", "int8_layers", "int4_share",
     )  # fmt: skip
+    kept_as = "at 8 bits"
 
     def apply(self, artifact: Artifact, ctx: BuildContext) -> StageResult:
         import onnx
@@ -144,39 +145,58 @@ def _matmul_weight_share(model) -> float:
 
 
 def _as_matmuls(model):
-    """Gemm nodes with a constant weight, no transposed input and unit alpha, written as the MatMul
-    (plus Add for the bias) they compute: the weight transposed once where ``transB`` says so."""
+    """Gemm nodes with a constant weight, no transposed input and unit alpha and beta, written as the
+    MatMul (plus Add for the bias) they compute; every MatMul by a constant gets a weight of its own
+    (a transposed copy where ``transB`` says so, a copy where nodes share one): ONNX Runtime's
+    quantizer names its outputs after the weight, and the original may be read elsewhere (a tied
+    embedding's Gather)."""
+    import collections
+
     import numpy as np
-    import onnx
     from onnx import helper, numpy_helper
 
     graph = model.graph
     weights = {i.name: i for i in graph.initializer}
-    nodes, transposed = [], set()
+    uses = collections.Counter(i for n in graph.node for i in n.input)
+    nodes, added = [], []
+
+    def own(name: str, node_name: str, transpose: bool) -> str:
+        if not transpose and uses[name] == 1:
+            return name
+        array = numpy_helper.to_array(weights[name])
+        new = f"{node_name}_weight"
+        added.append(numpy_helper.from_array(np.ascontiguousarray(array.T if transpose else array), new))
+        return new
+
     for node in graph.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        constant = len(node.input) > 1 and node.input[1] in weights
+        if node.op_type == "MatMul" and constant:
+            w = own(node.input[1], node.name, False)
+            nodes.append(helper.make_node("MatMul", [node.input[0], w], list(node.output), name=node.name))
+            continue
         if (
             node.op_type != "Gemm"
-            or node.input[1] not in weights
+            or not constant
             or attrs.get("transA", 0)
             or attrs.get("alpha", 1.0) != 1.0
             or attrs.get("beta", 1.0) != 1.0
         ):
             nodes.append(node)
             continue
-        b = weights[node.input[1]]
-        if attrs.get("transB", 0) and b.name not in transposed:  # a weight two Gemms share: once
-            transposed.add(b.name)
-            t = numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(b).T), b.name)
-            b.CopyFrom(t)
+        w = own(node.input[1], node.name, bool(attrs.get("transB", 0)))
         has_bias = len(node.input) > 2 and node.input[2]
         product = f"{node.output[0]}_matmul" if has_bias else node.output[0]
-        nodes.append(helper.make_node("MatMul", node.input[:2], [product], name=node.name))
+        nodes.append(helper.make_node("MatMul", [node.input[0], w], [product], name=node.name))
         if has_bias:
             nodes.append(
                 helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=f"{node.name}_bias")
             )
     del graph.node[:]
     graph.node.extend(nodes)
-    onnx.checker.check_model(model)
+    graph.initializer.extend(added)
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    kept = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
     return model

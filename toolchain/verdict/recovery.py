@@ -62,6 +62,7 @@ class Attempt:
     size_bytes: int | None
     seconds: float
     fixes: tuple[str, ...] = ()  # the stage's boolean options turned on (e.g. "equalize")
+    kept_as: str = "in float"  # what the stage does with a layer it keeps (4-bit stages: "at 8 bits")
 
     @property
     def what(self) -> str:
@@ -69,7 +70,7 @@ class Attempt:
         parts += [FIX_WORDS.get(f, f) for f in self.fixes]
         if self.float_layers:
             parts.append(
-                f"{len(self.float_layers)} layer{'s' * (len(self.float_layers) != 1)} in float "
+                f"{len(self.float_layers)} layer{'s' * (len(self.float_layers) != 1)} {self.kept_as} "
                 f"({', '.join(self.float_layers)})"
             )
         return " + ".join(parts) or "default settings"
@@ -164,7 +165,16 @@ def recover(
     attempts: list[Attempt] = []
 
     def attempt(calibration, fixes, float_layers) -> Attempt:
-        a = Attempt(calibration, tuple(float_layers), None, None, None, 0.0, tuple(fixes))
+        a = Attempt(
+            calibration,
+            tuple(float_layers),
+            None,
+            None,
+            None,
+            0.0,
+            tuple(fixes),
+            getattr(stage, "kept_as", "in float"),
+        )
         variant = stages[:index] + (stage.variant(**a.changes()),) + stages[index + 1 :]
         start = time.perf_counter()
         try:
