@@ -55,8 +55,10 @@ def test_a_caller_that_froze_its_own_objects_keeps_them_frozen():
             ref = weakref.ref(node)
             del node
             collect()
-            assert ref() is None and gc.get_freeze_count() == mine  # collected, nothing of the build frozen
-        assert gc.get_freeze_count() == mine
+            # collected, nothing of the build frozen, the caller's heap still frozen (a few of the caller's
+            # own frozen objects may be freed meanwhile: a fresh clone's suite once saw 2 of 816222 go)
+            assert ref() is None and mine - 1000 < gc.get_freeze_count() <= mine
+        assert mine - 1000 < gc.get_freeze_count() <= mine
     finally:
         gc.unfreeze()
 

@@ -39,8 +39,10 @@ def _build(folder, profile, tmp_path):
 
 
 def _check_int4(a: dict, stage: str) -> None:
-    """Passed, at the INT8 bar (no thresholds of its own), and labelled by what it computes."""
+    """Passed, at the INT8 bar (no thresholds of its own), labelled by what it computes, and a size
+    option beside INT8, never primary by default (its other layers stay float)."""
     assert a["parity"]["passed"] is True, (a["parity"]["failures"], a["recovery"])
+    assert a["eligible"] is False and a["primary"] is False
     facts = a["stage_facts"][stage]
     assert facts["linear_weight_share"] >= 0.5 and a["int4_share"] == facts["int4_share"] > 0.9
     # the patch convolution keeps its float weights: "mixed", saying how much has 4-bit weights

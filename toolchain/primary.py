@@ -72,11 +72,7 @@ def choose(timed: list[Timed]) -> dict[str, Any]:
     winner = min(tied, key=order) if len(tied) > 1 else fastest
     runner_up = ranked[1] if len(ranked) > 1 else None
     if len(tied) == 1:
-        rule = (
-            f"fastest: the runner-up is measurably slower ({_evidence(fastest, runner_up)})"
-            if runner_up
-            else "the only one"
-        )
+        rule = f"fastest: the runner-up is {_behind(fastest, runner_up)}" if runner_up else "the only one"
     else:
         rule = (
             f"tied with {', '.join(t.name for t in tied if t is not winner)} (not measurably apart: "
@@ -116,6 +112,13 @@ def _slower_p(fastest: Timed, other: Timed) -> float:
     from scipy.stats import mannwhitneyu
 
     return float(mannwhitneyu(other.runs_ms, fastest.runs_ms, alternative="greater").pvalue)
+
+
+def _behind(fastest: Timed, other: Timed) -> str:
+    ratio = other.median / fastest.median if fastest.median > 0 else 1.0
+    if ratio > TIE_MEDIANS:
+        return f"more than {TIE_MEDIANS - 1:.0%} slower by median ({other.name} x{ratio:.3f})"
+    return f"measurably slower ({_evidence(fastest, other)})"
 
 
 def _evidence(fastest: Timed, other: Timed) -> str:

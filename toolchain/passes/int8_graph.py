@@ -19,7 +19,6 @@ _INT8_PACKAGES = ("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized", "t
 
 def module_int8_share(model, args: tuple) -> float | None:
     """The share of ``model``'s multiply-accumulates, over one call on ``args``, in INT8 modules."""
-    import torch
 
     counted = {"int8": 0, "float": 0}
     hooks = []
@@ -37,17 +36,25 @@ def module_int8_share(model, args: tuple) -> float | None:
             continue
         hooked.append(name)
         hooks.append(module.register_forward_hook(record))
+    _run_hooked(model, args, hooks, counted)
+    total = counted["int8"] + counted["float"]
+    return round(counted["int8"] / total, 4) if total else None
+
+
+def _run_hooked(model, args: tuple, hooks: list, matmuls: dict) -> None:
+    """One call of ``model`` on ``args`` with its forward ``hooks`` counting (removed after); a
+    graph's matmuls between activations counted into ``matmuls``."""
+    import torch
+
     try:
         with torch.no_grad():
             if isinstance(model, torch.fx.GraphModule):
-                _run_counting_matmuls(model, counted, args)
+                _run_counting_matmuls(model, matmuls, args)
             else:
                 model(*args)
     finally:
         for h in hooks:
             h.remove()
-    total = counted["int8"] + counted["float"]
-    return round(counted["int8"] / total, 4) if total else None
 
 
 def _run_counting_matmuls(gm, counted: dict, args: tuple) -> None:
@@ -154,7 +161,6 @@ def _dequantized(node) -> bool:
 def module_macs_by_name(model, args: tuple) -> dict[str, int]:
     """Multiply-accumulates per sample of each Linear, Conv and LSTM/GRU module over one call on
     ``args``, by module name; matmuls between activations (a graph's ``torch.matmul``) under ``""``."""
-    import torch
 
     counted: dict[str, int] = {}
     hooks = []
@@ -167,14 +173,6 @@ def module_macs_by_name(model, args: tuple) -> dict[str, int]:
 
             hooks.append(module.register_forward_hook(record))
     matmuls = {"int8": 0, "float": 0}
-    try:
-        with torch.no_grad():
-            if isinstance(model, torch.fx.GraphModule):
-                _run_counting_matmuls(model, matmuls, args)
-            else:
-                model(*args)
-    finally:
-        for h in hooks:
-            h.remove()
+    _run_hooked(model, args, hooks, matmuls)
     counted[""] = matmuls["float"] + matmuls["int8"]
     return counted

@@ -345,7 +345,7 @@ def primary_lines(report: Report) -> list[str]:
         return [f"primary: {c['primary']} ({c['rule']})"]
     timed = ", ".join(f"{x['name']} {x['median_ms']:.3f} ms" for x in c["candidates"])
     margin = f", runner-up x{c['margin']:.2f}" if c.get("margin") else ""
-    return [f"primary: {c['primary']} ({c['rule']}; timed alternating at batch 1: {timed}{margin})"]
+    return [f"primary: {c['primary']} ({c['rule']}; timed in turn at batch 1: {timed}{margin})"]
 
 
 def beside_int8(artifacts: list[ArtifactReport]) -> list[ArtifactReport]:
