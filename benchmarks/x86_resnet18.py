@@ -57,19 +57,12 @@ def state_size(model) -> int:
     return buf.tell()
 
 
-def tutorial_int8(calib: np.ndarray):
-    """torchvision's quantizable ResNet18, fuse_model(), fbgemm qconfig, eager prepare/convert."""
-    import torchvision
+def tutorial_int8(fp32, calib: np.ndarray):
+    """torchvision's quantizable ResNet18 with the FP32 model's weights, fuse_model(), fbgemm qconfig,
+    eager prepare/convert (the recipe x86_peers.py times too)."""
+    from x86_peers import tutorial_int8 as recipe
 
-    model = torchvision.models.quantization.resnet18(weights=None, quantize=False).eval()
-    model.fuse_model()
-    model.qconfig = torch.ao.quantization.get_default_qconfig("fbgemm")
-    torch.backends.quantized.engine = "fbgemm"
-    prepared = torch.ao.quantization.prepare(model)
-    with torch.inference_mode():
-        for i in range(0, len(calib), 32):
-            prepared(torch.from_numpy(calib[i : i + 32]))
-    return torch.ao.quantization.convert(prepared)
+    return recipe({"arch": "resnet18"}, fp32, calib)
 
 
 def ort_default_int8(fp32: torch.nn.Module, calib: np.ndarray, folder: Path) -> Path:
@@ -119,7 +112,7 @@ def main() -> int:
         rows.append(
             ("fp32 eager", *measure(torch_fn(fp32), x, args.warmup, args.runs), state_size(fp32), False)
         )
-        tut = tutorial_int8(calib)
+        tut = tutorial_int8(fp32, calib)
         rows.append(
             (
                 "tutorial int8 (eager, fbgemm)",
