@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Callable
 
 from toolchain.core.dataset import Dataset
-from toolchain.core.feed import Signature, torch_args
+from toolchain.core.feed import Signature, arrays, torch_args
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +28,11 @@ class BuildContext:
     def example(self) -> tuple:
         """The model's arguments for one batch-1 input, as torch tensors, for tracing and exporting."""
         return torch_args(self.calibration.x[:1])
+
+    def sample_shapes(self) -> list[tuple[int, ...]]:
+        """Each input's shape for one batch-1 input: what a MAC count sets an ONNX file's free
+        dimensions to (as the check does with a validation input)."""
+        return [a.shape for a in arrays(self.calibration.x[:1])]
 
     @property
     def several(self) -> bool:

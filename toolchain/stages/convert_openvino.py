@@ -22,6 +22,7 @@ from toolchain.core.context import BuildContext
 from toolchain.core.errors import NotApplicable, StageError, reason
 from toolchain.core.options import option
 from toolchain.core.stage import Stage, StageResult, register_stage
+from toolchain.measure import cpu
 
 PRECISIONS = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}
 
@@ -48,9 +49,7 @@ class ConvertOpenVino(Stage):
     def apply(self, artifact: Artifact, ctx: BuildContext) -> StageResult:
         o = self.options
         if o.inference_precision == "bf16" and ctx.isa is not None:
-            from toolchain.measure.cpu import has_bf16
-
-            if not has_bf16(ctx.isa):
+            if not cpu.has_bf16(ctx.isa):
                 raise NotApplicable(
                     f'convert_openvino: the deployment CPU (runtime.isa = "{ctx.isa}") has no BF16 '
                     'instructions; BF16 is for "avx512_bf16" or "amx"'
@@ -70,8 +69,9 @@ class ConvertOpenVino(Stage):
             if artifact.precision in ("int8", "mixed")
             else PRECISIONS[o.inference_precision]
         )
+        emulated_bf16 = o.inference_precision == "bf16" and not cpu.host_has_bf16()
         facts = {
-            "checked_on": _checked_on(o),
+            "checked_on": _checked_on(o, emulated_bf16),
             "inference_precision": o.inference_precision,
             "device": o.device,
             "compress_to_fp16": o.compress_to_fp16,
@@ -82,10 +82,8 @@ class ConvertOpenVino(Stage):
             if facts.get("int8_share") == 0:  # counted on an ONNX graph: no INT8 layer is no INT8 layer
                 precision = "fp32"
         if o.inference_precision == "bf16":
-            from toolchain.measure.cpu import host_has_bf16
-
-            facts["host_has_bf16"] = host_has_bf16()
-            if not facts["host_has_bf16"]:
+            facts["host_has_bf16"] = not emulated_bf16
+            if emulated_bf16:
                 facts["latency_note"] = (
                     "this host has no AVX512-BF16 / AMX: OpenVINO's CPU plugin runs the BF16 IR in FP32 "
                     "here, so its parity here overstates BF16's and its latency is FP32's"
@@ -100,23 +98,19 @@ def _counted_share(artifact: Artifact, ctx: BuildContext) -> dict:
     in INT8 what the Q/DQ pairs mark, as ONNX Runtime does."""
     from toolchain.passes.onnx_share import onnx_int8_share
 
-    sample = [(1, *t.shape[1:]) if t.dim() else () for t in ctx.example()]
     try:
-        share = onnx_int8_share(artifact.path, sample)["int8_share"]
+        share = onnx_int8_share(artifact.path, ctx.sample_shapes())["int8_share"]
     except Exception:  # noqa: BLE001 - a label's measurement must never cost the artifact
         return {}
     return {} if share is None else {"int8_share": share}
 
 
-def _checked_on(o: ConvertOpenVinoOptions) -> str:
+def _checked_on(o: ConvertOpenVinoOptions, emulated_bf16: bool) -> str:
     where = "this host's CPU plugin"
     if o.device != "CPU":
         return f"{where}: a proxy for the {o.device} the IR is for"
-    if o.inference_precision == "bf16":
-        from toolchain.measure.cpu import host_has_bf16
-
-        if not host_has_bf16():
-            return f"{where} at f32 (no BF16 here): a proxy that overstates BF16's parity"
+    if emulated_bf16:
+        return f"{where} at f32 (no BF16 here): a proxy that overstates BF16's parity"
     return where
 
 

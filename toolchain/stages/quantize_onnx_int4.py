@@ -70,7 +70,7 @@ class QuantizeOnnxInt4(Stage, Recoverable):
             )
         # the layers recovery names first, at 8 bits (MatMulNBits with bits = 8), then the rest at 4: a
         # layer kept in float would make the file larger than the INT8 one
-        weighted = self.layers(artifact, ctx)
+        weighted = _weighted_matmuls(model)
         try:
             with quiet_logger("onnxruntime.quantization"):
                 if o.float_layers:
@@ -82,9 +82,8 @@ class QuantizeOnnxInt4(Stage, Recoverable):
             ) from None
         path = self.output_path(artifact, ctx, ".onnx")
         save_onnx(quantized, path, artifact.has_external_data)
-        sample = [(1, *t.shape[1:]) if t.dim() else () for t in ctx.example()]
         try:
-            int4_share = onnx_int4_share(path, sample)["int4_share"]
+            int4_share = onnx_int4_share(path, ctx.sample_shapes())["int4_share"]
         except Exception:  # noqa: BLE001 - a label's measurement must never cost the artifact
             int4_share = None
         facts = {
@@ -100,9 +99,13 @@ class QuantizeOnnxInt4(Stage, Recoverable):
     def layers(self, artifact: Artifact, ctx: BuildContext) -> list[str]:
         import onnx
 
-        model = _as_matmuls(onnx.load(str(artifact.path)))
-        weights = {i.name for i in model.graph.initializer}
-        return [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+        return _weighted_matmuls(_as_matmuls(onnx.load(str(artifact.path))))
+
+
+def _weighted_matmuls(model) -> list[str]:
+    """The MatMul nodes that multiply by a constant weight: what gets 4 (or 8) bits."""
+    weights = {i.name for i in model.graph.initializer}
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights]
 
 
 def _nbits(model, bits: int, o: QuantizeOnnxInt4Options, exclude: list[str]):
