@@ -109,3 +109,11 @@ def test_4_bit_weights_are_offered_to_linear_heavy_models_only():
     ctx = BuildContext(None, Dataset(x, None, "test"), (1, 3, 8, 8), True, 2)
     with pytest.raises(NotApplicable, match="Linear weights are 39% of this model's weights"):
         QuantizeInt4(QuantizeInt4Options()).apply(Artifact(Kind.EAGER, "fp32", model=convs), ctx)
+    # Linear-heavy, but no layer's input width a multiple of the group: nothing would get 4 bits
+    narrow = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 100), torch.nn.Linear(100, 4))
+    with pytest.raises(
+        NotApplicable, match="no Linear layer's input width is a multiple of group_size = 128"
+    ):
+        QuantizeInt4(QuantizeInt4Options(group_size=128)).apply(
+            Artifact(Kind.EAGER, "fp32", model=narrow), ctx
+        )

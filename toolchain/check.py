@@ -22,7 +22,7 @@ from toolchain.inputs.load import LoadedModel
 from toolchain.inputs.prepare import Inputs
 from toolchain.measure.profiling import profile_torch, write_profile
 from toolchain.measure.timing import bench, busy_cores, time_runs
-from toolchain.reporting.report import ArtifactReport
+from toolchain.reporting.report import FOUR_BIT_STAGES, ArtifactReport
 from toolchain.runtimes import load_runner
 from toolchain.target import ParityThresholds, Target
 from toolchain.tensorrt.operators import parser_refuses
@@ -143,9 +143,6 @@ def _cast_share(records) -> float | None:
     """A torch FP16 artifact's share of multiply-accumulates in FP16, as its cast stage counted it
     (where it kept nodes in FP32)."""
     return next((r.facts["fp16_share"] for r in records if "fp16_share" in r.facts), None)
-
-
-FOUR_BIT_STAGES = ("quantize_int4", "quantize_onnx_int4")
 
 
 def _four_bit(records) -> tuple[float | None, bool] | None:

@@ -348,17 +348,20 @@ def primary_lines(report: Report) -> list[str]:
     return [f"primary: {c['primary']} ({c['rule']}; timed in turn at batch 1: {timed}{margin})"]
 
 
+# the stages that give an artifact 4-bit weights (their facts: int4_share, int8_layers)
+FOUR_BIT_STAGES = ("quantize_int4", "quantize_onnx_int4")
+
+
 def beside_int8(artifacts: list[ArtifactReport]) -> list[ArtifactReport]:
     """Each 4-bit artifact with its size and batch-1 latency over those of the build's INT8 artifact in
     the same runtime (``onnx_int4`` beside ``onnx_int8``, ``pte_int4`` beside ``pte_int8``): what its
     4 bits bought. Unchanged where the build has no such INT8 artifact."""
+    four_bit = {a.name for a in artifacts if a.stage_facts.keys() & set(FOUR_BIT_STAGES)}
     out = []
     for a in artifacts:
-        if a.int4_share is not None:
-            same = [
-                b for b in artifacts if b.runtime == a.runtime and b.int4_share is None and b.int8_share != 0
-            ]
-            same = [b for b in same if b.precision in ("int8", "mixed")]
+        if a.name in four_bit:
+            same = [b for b in artifacts if b.runtime == a.runtime and b.name not in four_bit]
+            same = [b for b in same if b.precision in ("int8", "mixed") and b.int8_share != 0]
             b = next((b for b in same if b.name == a.name.replace("int4", "int8")), same[0] if same else None)
             if b is not None:
                 a = dataclasses.replace(

@@ -66,9 +66,12 @@ class QuantizeInt4(Stage, Recoverable):
                 f"offered from {o.min_linear_share:.0%}: the rest stays in its INT8 artifacts)"
             )
         linears = _linears(model)
-        four = [
-            n for n, m in linears.items() if n not in o.float_layers and m.in_features % o.group_size == 0
-        ]
+        groupable = _groupable(linears, o.group_size)
+        if not groupable:
+            raise NotApplicable(
+                f"{self.name}: no Linear layer's input width is a multiple of group_size = {o.group_size}"
+            )
+        four = [n for n in groupable if n not in o.float_layers]
         eight = [n for n in linears if n not in four]
         macs = _macs(model, ctx)
         try:
@@ -111,8 +114,7 @@ class QuantizeInt4(Stage, Recoverable):
 
     def layers(self, artifact: Artifact, ctx: BuildContext) -> list[str]:
         """The Linear layers that get 4-bit weights (those whose input width the group divides)."""
-        g = self.options.group_size
-        return [n for n, m in _linears(_modules(artifact, ctx)).items() if m.in_features % g == 0]
+        return _groupable(_linears(_modules(artifact, ctx)), self.options.group_size)
 
 
 def _modules(artifact: Artifact, ctx: BuildContext):
@@ -133,6 +135,11 @@ def linear_weight_share(model) -> float:
     linear = sum(m.weight.numel() for m in _linears(model).values())
     total = sum(p.numel() for p in model.parameters())
     return linear / total if total else 0.0
+
+
+def _groupable(linears: dict, group_size: int) -> list[str]:
+    """The Linear layers whose input width the group divides: those 4-bit groups can cover."""
+    return [n for n, m in linears.items() if m.in_features % group_size == 0]
 
 
 def _linears(model) -> dict:
