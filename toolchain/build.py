@@ -14,6 +14,7 @@ from toolchain.core.errors import ToolchainError
 from toolchain.core.heap import keeps_heap_frozen
 from toolchain.core.native import keeps_torch_settings
 from toolchain.core.pipeline import Pipeline, Skipped
+from toolchain.core.qat import QatError, QatState, read_qat_state
 from toolchain.core.runner import reference_runner
 from toolchain.folder import build_log, check_output, staged_folder
 from toolchain.inputs.load import load_model
@@ -46,18 +47,21 @@ def build(
     metric: str | None = None,
     max_metric_drop: float | None = None,
     constants: Mapping[str, object] | Sequence[str] | str | None = None,
+    qat: str | Path | None = None,
 ) -> tuple[Report, Path]:
     """Build every artifact of ``target`` from ``model``, check each against FP32, and write
     the build folder. ``outputs`` declares output roles (index or name -> role) over the
     profile's; ``metric`` (FILE.py:function) and ``max_metric_drop`` override the profile's
     user metric; ``constants`` fixes forward arguments that are Python numbers ({"sr": 16000} or
-    "sr=16000"; default: the data's 0-d arrays, else the arguments' defaults). Returns the report
-    and the folder; the folder's `build.log` holds everything the build logged. Raises
+    "sr=16000"; default: the data's 0-d arrays, else the arguments' defaults); ``qat``: a fine-tuned
+    QAT state (`toolchain qat`) whose weights and ranges its artifact takes instead of calibrating.
+    Returns the report and the folder; the folder's `build.log` holds everything the build logged. Raises
     ToolchainError on bad input."""
     with build_log() as lines:
         started = time.perf_counter()
         profile = load_target(target)
         check_data_paths(calib, val)  # before the model loads: a typo costs no waiting
+        qat_state = qat_for(profile, qat)
         scorer = user_metric(profile, metric, max_metric_drop)
         log.info("loading %s", model)
         loaded = load_model(model, trust_pickle)
@@ -67,6 +71,11 @@ def build(
         loaded, inputs, names = prepare_model(
             loaded, profile.data, profile.runtime.isa, calib, val, input_shape
         )
+        if qat_state and qat_state.model_sha256 != loaded.artifact.sha256:
+            raise QatError(
+                f"QAT state `{qat}` was prepared from another model (graph or weights differ from "
+                f"{model}'s): prepare it from the model file this build reads"
+            )
         reference = reference_runner(loaded.artifact, profile.runtime.threads)
         thresholds = applied_thresholds(loaded, profile)
         plans, skipped = plan(profile, loaded.artifact.kind)
@@ -78,7 +87,7 @@ def build(
             )
         with staged_folder(folder) as tmp:
             r = profile.runtime
-            ctx = build_context(tmp / "work", loaded, inputs, r.threads, r.isa, progress)
+            ctx = build_context(tmp / "work", loaded, inputs, r.threads, r.isa, progress, qat_state)
             declared = {**(profile.parity.outputs or {}), **(outputs or {})}
             expected = expected_outputs(loaded, inputs, profile, declared, names, scorer)
             pipeline = Pipeline(ctx)
@@ -127,10 +136,12 @@ def build(
                 engine=engine,
                 warnings=inputs.warnings
                 + expected.warnings
-                + tuple(f"{a.name}: {a.latency_warning}" for a in reports if a.latency_warning),
+                + tuple(f"{a.name}: {a.latency_warning}" for a in reports if a.latency_warning)
+                + unused_qat(qat_state, reports),
                 build_seconds=round(time.perf_counter() - started, 2),
                 metric=expected.metric and expected.metric.to_json(),
                 primary_choice=choice,
+                qat=qat_state and qat_state.to_json(),
             )
             optional = tuple(report.optional_failures)
             for line in optional:
@@ -148,6 +159,28 @@ def build(
             )
             lines.save(tmp / "build.log")
         return report, folder
+
+
+def qat_for(profile, path: str | Path | None) -> QatState | None:
+    """The QAT state at ``path``, checked to be for this target and one of its artifacts."""
+    if path is None:
+        return None
+    state = read_qat_state(path)
+    if state.target != profile.name:
+        raise QatError(
+            f"QAT state `{path}` was prepared for target `{state.target}`, not `{profile.name}`: "
+            f"prepare one with --target {profile.name}"
+        )
+    if state.artifact not in profile.artifacts:
+        raise QatError(f"QAT state `{path}` is for artifact `{state.artifact}`; `{profile.source}` lacks it")
+    return state
+
+
+def unused_qat(state: QatState | None, reports) -> tuple[str, ...]:
+    """A warning when no artifact took the QAT state's ranges (why: in its stage facts or skip reason)."""
+    if state is None or any(a.ranges == "qat" for a in reports):
+        return ()
+    return (f"QAT state {state.source}: no artifact used its ranges ({state.artifact}: see its stage facts)",)
 
 
 def _reasons(skipped: list[Skipped]) -> str:

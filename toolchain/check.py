@@ -28,7 +28,14 @@ from toolchain.target import ParityThresholds, Target
 from toolchain.tensorrt.operators import parser_refuses
 from toolchain.verdict.expected import Expected, parity_subset
 from toolchain.verdict.parity import Parity, run_batched
-from toolchain.verdict.recovery import Outcome, recover, recoverable_stage, summary_line, write_sensitivity
+from toolchain.verdict.recovery import (
+    OTHER_CALIBRATIONS,
+    Outcome,
+    recover,
+    recoverable_stage,
+    summary_line,
+    write_sensitivity,
+)
 from toolchain.verdict.share import fp16_share_of, int8_share_of, measured_precision
 
 log = logging.getLogger("toolchain")
@@ -115,6 +122,7 @@ def make_artifact(
         stage_facts=reported_facts(records),
         recovery=recovery and recovery.to_report(),
         fp16_share=checked.fp16_share if checked.fp16_share is not None else _cast_share(records),
+        ranges=next((r.facts["ranges"] for r in reversed(records) if r.facts.get("ranges")), None),
     )
     entry = {
         "file": report.path,
@@ -208,7 +216,11 @@ def recover_artifact(
         trial,
         lambda stage: quantizable_layers(pipeline, chain, source, stage),
         profile.recovery,
-        lambda stage, fix: stage.applies(fix, stage_input(pipeline, chain, source), pipeline.ctx),
+        lambda stage, fix: (
+            stage.calibrates(stage_input(pipeline, chain, source), pipeline.ctx)
+            if fix == OTHER_CALIBRATIONS
+            else stage.applies(fix, stage_input(pipeline, chain, source), pipeline.ctx)
+        ),
         continuous=expected.continuous,
     )
     sensitivity = write_sensitivity(folder, chain.name, outcome, checked.parity)

@@ -95,6 +95,13 @@ def main(ctx, quiet: bool, verbose: bool) -> None:
 @click.option(
     "--max-metric-drop", type=float, help="Largest loss of the metric against FP32 [default: the profile's]."
 )
+@click.option(
+    "--qat",
+    type=click.Path(),
+    metavar="STATE",
+    help="A fine-tuned QAT state from `toolchain qat`: its artifact takes the learned weights and "
+    "ranges instead of calibrating (judged against MODEL's FP32 outputs).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead of the table.")
 @click.pass_obj
 def build(
@@ -110,6 +117,7 @@ def build(
     output_roles,
     metric,
     max_metric_drop,
+    qat,
     as_json,
 ):
     """Build MODEL (torch.export archive, TorchScript, pickled module, or torchvision:<name>) for a target.
@@ -122,6 +130,7 @@ def build(
         metric_lines,
         near_ties_lines,
         primary_lines,
+        qat_lines,
         recovery_lines,
         sensitivity_top,
         subset_lines,
@@ -145,6 +154,7 @@ def build(
             metric=metric,
             max_metric_drop=max_metric_drop,
             constants=constants,
+            qat=qat,
         )
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
@@ -155,7 +165,11 @@ def build(
         for line in sensitivity_top(report, folder):
             click.echo(line)
         for line in (
-            recovery_lines(report) + near_ties_lines(report) + primary_lines(report) + int4_lines(report)
+            recovery_lines(report)
+            + near_ties_lines(report)
+            + primary_lines(report)
+            + int4_lines(report)
+            + qat_lines(report)
         ):
             click.echo(line)
         for s in report.skipped:
@@ -231,6 +245,55 @@ def bench_cmd(terminal, build_dir, batch_sizes, runs, sweep_runs, threads, budge
     if data["note"]:
         click.echo(data["note"])
     click.echo(f"written: {Path(build_dir) / 'bench.json'}")
+
+
+@main.command()
+@click.argument("model")
+@click.option(
+    "-t",
+    "--target",
+    default="x86_fbgemm",
+    show_default=True,
+    help="Target name (see `toolchain targets`) or a .toml profile.",
+)
+@click.option("--calib", type=click.Path(), required=True, help="Calibration inputs, as for `build`.")
+@click.option(
+    "--train",
+    metavar="FILE.py:FUNCTION",
+    required=True,
+    help="Your fine-tuning loop: a function that takes the prepared model and trains it in place "
+    "(or returns the trained model).",
+)
+@click.option(
+    "--artifact", help="The INT8 artifact whose quantizer to prepare [default: the first QAT can prepare]."
+)
+@click.option("-o", "--out", type=click.Path(), default="qat.pt", show_default=True, help="State to write.")
+@click.option("--input-shape", help="Input shape with batch (when the model does not say), as for `build`.")
+@click.option(
+    "--trust-pickle", is_flag=True, help="Allow a pickled nn.Module (unpickling runs code from the file)."
+)
+def qat(model, target, calib, train, artifact, out, input_shape, trust_pickle):
+    """Quantization-aware training of MODEL for a target's own INT8 quantizer: for a model whose
+    post-training INT8 misses parity even after recovery.
+
+    \b
+    1. MODEL is fused as the build fuses it and given the fake-quantization of the target
+       artifact's quantizer (the same observers, dtypes and ranges), its ranges calibrated
+       once on --calib.
+    2. Your --train function fine-tunes it: `def finetune(qat_model): ...` (a torch.fx.GraphModule
+       in training mode; a few epochs at a low learning rate, with your labels or MODEL's own
+       outputs as targets).
+    3. The learned weights and ranges are written to --out.
+
+    \b
+    Then `toolchain build MODEL --target TARGET --qat OUT`: that artifact converts them instead of
+    calibrating (report.json: "ranges": "qat"), and every artifact is judged against MODEL's FP32
+    outputs. In Python: toolchain.qat.prepare(...), your loop, toolchain.qat.save(...).
+    A worked example: docs/qat.md."""
+    from toolchain.qat import finetune
+
+    path = finetune(model, train, out, target, calib, artifact, input_shape, trust_pickle)
+    click.echo(f"wrote {path}; next: toolchain build {model} --target {target} --qat {path}")
 
 
 @main.command()

@@ -8,6 +8,7 @@ from typing import Callable
 
 from toolchain.core.dataset import Dataset
 from toolchain.core.feed import Signature, arrays, torch_args
+from toolchain.core.qat import QatState
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,6 +25,8 @@ class BuildContext:
     signature: Signature | None = (
         None  # every input's name, shape, dtype (None: one float input of input_shape)
     )
+    # a fine-tuned QAT model's weights and ranges (`build --qat`): its quantization stage uses them
+    qat: QatState | None = None
 
     def example(self) -> tuple:
         """The model's arguments for one batch-1 input, as torch tensors, for tracing and exporting."""

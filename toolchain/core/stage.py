@@ -122,8 +122,26 @@ class Recoverable:
         attempt that rebuilds the same artifact costs a build and a check for nothing)."""
         return True
 
+    def calibrates(self, artifact: Artifact, ctx: BuildContext) -> bool:
+        """Whether this input's activation ranges come from calibration (False: from a fine-tuned QAT
+        model, which no other calibration method may replace)."""
+        return True
+
     def variant(self, **changes) -> "Stage":
         return type(self)(dataclasses.replace(self.options, **changes))
+
+
+class QuantizationAware:
+    """A quantization stage whose quantizer `toolchain qat` can prepare for fine-tuning (a mixin beside
+    Stage): :meth:`prepare_qat` returns the input model with this stage's fake-quantization,
+    calibrated once; a build given the fine-tuned state (``ctx.qat``) converts it with its learned
+    weights and ranges instead of calibrating. :meth:`qat_settings` are what must match."""
+
+    def qat_settings(self, ctx: BuildContext) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def prepare_qat(self, artifact: Artifact, ctx: BuildContext):
+        raise NotImplementedError
 
 
 STAGES: Registry[type[Stage]] = Registry("stage")

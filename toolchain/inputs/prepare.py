@@ -17,6 +17,7 @@ from toolchain.core.dataset import Dataset
 from toolchain.core.errors import DataError, reason
 from toolchain.core.export import as_module
 from toolchain.core.feed import Batch, InputSpec, Signature, torch_args
+from toolchain.core.qat import QatState
 from toolchain.core.runner import output_names
 from toolchain.core.state import SavedState
 from toolchain.inputs.constants import bind, fed_from_data, parse_constants
@@ -336,7 +337,13 @@ def prepare_model(
 
 
 def build_context(
-    workdir: Path, loaded: LoadedModel, inputs: Inputs, threads: int, isa: str | None, progress=None
+    workdir: Path,
+    loaded: LoadedModel,
+    inputs: Inputs,
+    threads: int,
+    isa: str | None,
+    progress=None,
+    qat: QatState | None = None,
 ) -> BuildContext:
     """What every stage reads about this build; ``workdir`` (the stages' files) is created."""
     workdir.mkdir(exist_ok=True)
@@ -349,6 +356,7 @@ def build_context(
         progress or (lambda *a: None),
         isa,
         signature=inputs.signature,
+        qat=qat,
     )
 
 

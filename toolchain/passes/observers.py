@@ -47,3 +47,36 @@ def make_qconfig(calibration: str, percentile: float, per_channel: bool, reduce_
     else:
         weight = MinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric)
     return QConfig(activation=activation, weight=weight)
+
+
+def make_qat_qconfig(calibration: str, percentile: float, per_channel: bool, reduce_range: bool, engine: str):
+    """The fake-quantization twin of :func:`make_qconfig`: each FakeQuantize wraps the observer that
+    post-training quantization would use, with the same dtype, scheme and range, so a model
+    fine-tuned with it converts to exactly the INT8 modules and kernels the stage builds."""
+    from torch.ao.quantization import FakeQuantize, QConfig
+
+    ptq = make_qconfig(calibration, percentile, per_channel, reduce_range, engine)
+    # the observer halves 0..255 itself under reduce_range, as its post-training twin does
+    activation = FakeQuantize.with_args(observer=ptq.activation, quant_min=0, quant_max=255)
+    weight = FakeQuantize.with_args(observer=ptq.weight, quant_min=-128, quant_max=127)
+    return QConfig(activation=activation, weight=weight)
+
+
+def freeze_activation_ranges(model, weights: set[str] | None = None) -> int:
+    """Stop every activation FakeQuantize's observer (its range stays the calibrated one) and leave
+    the weights' observing: their scales follow the weights as they train, as post-training
+    quantization would compute them from the final weights. ``weights``: the names of the weights'
+    fake-quantizers (default: FX's, the modules named `*weight_fake_quant`). Returns how many were
+    frozen."""
+    frozen = 0
+    for name, module in model.named_modules():
+        is_weight = name in weights if weights is not None else name.endswith("weight_fake_quant")
+        if is_fake_quantize(module) and not is_weight:
+            module.disable_observer()
+            frozen += 1
+    return frozen
+
+
+def is_fake_quantize(module) -> bool:
+    """torch.ao's FakeQuantize (FX) or torchao's (pt2e): two class trees with the same interface."""
+    return any(c.__name__ == "FakeQuantizeBase" for c in type(module).__mro__)

@@ -58,6 +58,9 @@ class ArtifactReport:
     fp16_share: float | None = None
     int4_share: float | None = None  # multiply-accumulates with 4-bit weights (int4 artifacts)
     vs_int8: dict[str, Any] | None = None  # a 4-bit artifact's size and latency over the build's INT8 one
+    # where its activation ranges come from: "calibration", "qat" (a fine-tuned QAT state), "dynamic"
+    # (computed per batch at run time); None for float artifacts
+    ranges: str | None = None
 
     @property
     def latency_ms(self) -> float:
@@ -91,6 +94,7 @@ class ArtifactReport:
             "fp16_share": self.fp16_share,
             "int4_share": self.int4_share,
             "vs_int8": self.vs_int8,
+            "ranges": self.ranges,
         }
 
 
@@ -113,6 +117,7 @@ class Report:
     not_applicable: tuple[dict[str, Any], ...] = ()
     # how the primary was chosen: the leaders timed alternating, ties, margin (toolchain.primary)
     primary_choice: dict[str, Any] | None = None
+    qat: dict[str, Any] | None = None  # the QAT state the build was given (`--qat`): file, sha256, artifact
 
     @property
     def passed(self) -> bool | None:
@@ -161,6 +166,7 @@ class Report:
                 "parity_thresholds": dataclasses.asdict(self.thresholds) if self.thresholds else None,
                 "engine": self.engine,
                 "metric": self.metric,
+                "qat": self.qat,
                 "cpu": self.cpu,
                 "parity_proxy": bool(self.cpu and self.cpu["proxy"]),
                 "skipped": list(self.skipped),
@@ -384,6 +390,15 @@ def int4_lines(report: Report) -> list[str]:
         for a in report.artifacts
         if a.vs_int8
     ]
+
+
+def qat_lines(report: Report) -> list[str]:
+    """`torch_int8: weights and ranges from QAT state qat.pt (not calibrated)` (a warning says when none
+    took them)."""
+    if report.qat is None:
+        return []
+    took = [a.name for a in report.artifacts if a.ranges == "qat"]
+    return [f"{n}: weights and ranges from QAT state {report.qat['file']} (not calibrated)" for n in took]
 
 
 def near_ties_lines(report: Report) -> list[str]:

@@ -129,6 +129,7 @@ class CompileQnn(Stage, Recoverable):
                 ) from None
             offload = self._partial(source, qdq, out, ctx, names, whole)
         facts = {
+            "ranges": "calibration",
             "checked_on": (
                 "host HTP emulation (libQnnHtp.so on x86): parity holds for the phone, latency does not"
             ),

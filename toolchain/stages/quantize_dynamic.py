@@ -112,6 +112,7 @@ class QuantizeOnnxDynamic(Stage, Recoverable):
             if op.startswith("DynamicQuantize") or op.endswith("Integer")
         }
         facts = {
+            "ranges": "dynamic",
             "reduce_range": reduce_range,
             "quantized_ops": dynamic,
             "nodes": sum(ops.values()),
@@ -218,6 +219,7 @@ class QuantizeTorchDynamic(Stage, Recoverable):
         return StageResult(
             dataclasses.replace(artifact, model=model, precision="int8", quantized_engine=o.engine),
             {
+                "ranges": "dynamic",
                 "engine": o.engine,
                 "quantized_modules": dict(sorted(counts.items())),
                 "float_layers": list(o.float_layers),

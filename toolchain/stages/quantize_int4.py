@@ -102,6 +102,7 @@ class QuantizeInt4(Stage, Recoverable):
         total = sum(macs.values())
         int4_share = round(sum(macs.get(n, 0) for n in four) / total, 4) if total else None
         facts = {
+            "ranges": "dynamic",  # activations quantized per batch (8da4w)
             "group_size": o.group_size,
             "linear_weight_share": round(share, 4),
             "int4_layers": len(four),

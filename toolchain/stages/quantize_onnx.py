@@ -170,6 +170,7 @@ class QuantizeOnnx(Stage, Recoverable):
                 ) from None
         resorted = sort_nodes(path, artifact.has_external_data)
         facts = {
+            "ranges": "calibration",
             "calibration_samples": len(ctx.calibration.x),
             "reduce_range": reduce_range,
             "ranges_reused": cached,

@@ -87,6 +87,7 @@ class QuantizeOnnxInt4(Stage, Recoverable):
         except Exception:  # noqa: BLE001 - a label's measurement must never cost the artifact
             int4_share = None
         facts = {
+            "ranges": "dynamic" if o.accuracy_level == 4 else None,  # level 4: int8 activations per call
             "group_size": o.group_size,
             "accuracy_level": o.accuracy_level,
             "linear_weight_share": round(share, 4),

@@ -21,7 +21,7 @@ from toolchain.core.errors import StageError, reason
 from toolchain.core.export import as_module, export_program, quiet_logger
 from toolchain.core.feed import torch_args
 from toolchain.core.options import option
-from toolchain.core.stage import Recoverable, Stage, StageResult, register_stage
+from toolchain.core.stage import QuantizationAware, Recoverable, Stage, StageResult, register_stage
 from toolchain.passes.batchnorm import batchnorm1d_as_convs, module_of
 
 
@@ -56,12 +56,12 @@ class QuantizePT2EOptions:
 
 
 @register_stage
-class QuantizePT2E(Stage, Recoverable):
+class QuantizePT2E(Stage, Recoverable, QuantizationAware):
     name = "quantize_pt2e"
     requires = ("torch", "executorch", "torchao")
     transitions = {Kind.EAGER: Kind.EXPORTED, Kind.FX: Kind.EXPORTED, Kind.EXPORTED: Kind.EXPORTED}
     Options = QuantizePT2EOptions
-    report_facts = ("batchnorm1d_as_conv",)
+    report_facts = ("batchnorm1d_as_conv", "ranges", "qat_state")
 
     def apply(self, artifact: Artifact, ctx: BuildContext) -> StageResult:
         import torch
@@ -76,6 +76,8 @@ class QuantizePT2E(Stage, Recoverable):
 
         o = self.options
         cal = ctx.calibration.x
+        if self._uses_qat(artifact, ctx):
+            return self._from_qat(artifact, ctx)
         ep, batch = self._exported(artifact, ctx)
         quantizer = XNNPACKQuantizer().set_global(
             get_symmetric_quantization_config(is_per_channel=o.per_channel)
@@ -111,6 +113,7 @@ class QuantizePT2E(Stage, Recoverable):
             corrected = correct_graph_biases(reference, converted, cal[:128], batch)
         program = export_program(converted, ctx.example(), self.name)
         facts = {
+            "ranges": "calibration",
             "calibration_samples": len(cal),
             "calibration_batch": batch,
             "quantizer": o.quantizer,
@@ -134,26 +137,122 @@ class QuantizePT2E(Stage, Recoverable):
         )
 
     def _exported(self, artifact: Artifact, ctx: BuildContext):
-        """The model exported for calibration, and the calibration batch size (cached per input).
-
-        Calibrate in batches when the model exports with a free batch dimension; some models
-        (a reshape to a fixed batch) only export at batch 1."""
-
+        """The model exported for calibration, and the calibration batch size (cached per input)."""
         o = self.options
         key = ("quantize_pt2e", artifact.sha256, o.equalize, o.smooth, o.per_channel)
         if key not in ctx.cache:
-            module, cal = (
-                self._rescaled(artifact, ctx) if o.equalize or o.smooth else as_module(artifact),
-                ctx.calibration.x,
-            )
-            ep, batch = None, self.options.batch_size
-            if len(cal) > 1:
-                with contextlib.suppress(StageError):
-                    ep = export_program(module, torch_args(cal[:2]), self.name, dynamic_batch=True)
-            if ep is None:
-                ep, batch = export_program(module, ctx.example(), self.name), 1
-            ctx.cache[key] = ep, batch
+            module = self._rescaled(artifact, ctx) if o.equalize or o.smooth else as_module(artifact)
+            ctx.cache[key] = self._export(module, ctx)
         return ctx.cache[key]
+
+    def _export(self, module, ctx: BuildContext):
+        """``module`` exported, and the calibration batch size: in batches when the model exports with a
+        free batch dimension; some models (a reshape to a fixed batch) only export at batch 1."""
+        cal = ctx.calibration.x
+        ep, batch = None, self.options.batch_size
+        if len(cal) > 1:
+            with contextlib.suppress(StageError):
+                ep = export_program(module, torch_args(cal[:2]), self.name, dynamic_batch=True)
+        if ep is None:
+            ep, batch = export_program(module, ctx.example(), self.name), 1
+        return ep, batch
+
+    # -- quantization-aware training (toolchain.qat) --
+
+    def qat_settings(self, ctx: BuildContext) -> dict:
+        return {"quantizer": self.options.quantizer, "per_channel": self.options.per_channel}
+
+    def prepare_qat(self, artifact: Artifact, ctx: BuildContext):
+        """The input with XNNPACK's fake-quantization: the quantizer and observers of this stage's
+        post-training quantization, each observer inside a FakeQuantize, calibrated once on
+        ``ctx.calibration``; activation ranges then stay fixed, weight scales follow the weights.
+        BatchNorm is folded first (as `fuse` folds it): pt2e's own QAT would simulate BatchNorm in
+        training mode. Returned in training mode; ``.train()`` and ``.eval()`` work on it."""
+        import torch
+        from torchao.quantization.pt2e import disable_fake_quant, enable_fake_quant
+
+        from toolchain.passes.observers import freeze_activation_ranges
+
+        rewrites = [f for f in self.fixes() if getattr(self.options, f)]
+        if rewrites or self.options.float_layers:
+            raise StageError(
+                f"{self.name}: the profile sets {', '.join(rewrites) or 'float_layers'} for this stage; "
+                "QAT learns what they fix: prepare it from a profile without them"
+            )
+        model, batch = self._qat_model(artifact, ctx)
+        cal = ctx.calibration.x
+        model.apply(disable_fake_quant)  # each observer sees FP32 values, as after prepare_pt2e
+        model.eval()
+        with torch.no_grad():
+            for start in range(0, len(cal), batch):
+                model(*torch_args(cal[start : start + batch]))
+                ctx.progress("calibrating (pt2e QAT)", min(start + batch, len(cal)), len(cal))
+        model.apply(enable_fake_quant)
+        freeze_activation_ranges(model, _weight_quantizers(model))
+        model.train()  # the exported model's train() returns None
+        return model
+
+    def _qat_model(self, artifact: Artifact, ctx: BuildContext):
+        """The input fused, exported and prepared with the QAT twin of this stage's quantizer (not
+        calibrated), and the calibration batch size."""
+        with quiet_logger("torch.utils._pytree"):
+            from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+                XNNPACKQuantizer,
+                get_symmetric_quantization_config,
+            )
+            from torchao.quantization.pt2e import allow_exported_model_train_eval
+            from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
+
+        ep, batch = self._export(_fused(artifact, ctx), ctx)
+        module = ep.module()
+        batchnorm1d_as_convs(module)
+        ptq = get_symmetric_quantization_config(is_per_channel=self.options.per_channel)
+        try:
+            model = prepare_qat_pt2e(module, XNNPACKQuantizer().set_global(_qat_twin(ptq)))
+        except (RuntimeError, NotImplementedError, AssertionError, ValueError) as e:
+            raise StageError(f"{self.name}: cannot prepare this model for XNNPACK QAT: {reason(e)}") from None
+        allow_exported_model_train_eval(model)
+        return model, batch
+
+    def _uses_qat(self, artifact: Artifact, ctx: BuildContext) -> bool:
+        q = ctx.qat
+        return q is not None and q.stage == self.name and q.settings == self.qat_settings(ctx)
+
+    def calibrates(self, artifact: Artifact, ctx: BuildContext) -> bool:
+        return not self._uses_qat(artifact, ctx)
+
+    def _from_qat(self, artifact: Artifact, ctx: BuildContext) -> StageResult:
+        """The INT8 program from the QAT state's weights and ranges, no calibration. Keeping layers in
+        float would change which fake-quantizers exist (the state names them by position): not offered."""
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
+        o = self.options
+        if o.float_layers or any(getattr(o, f) for f in self.fixes()):
+            raise StageError(
+                f"{self.name}: a QAT model's layers and ranges are its own: no float layers, no fixes"
+            )
+        model, _ = self._qat_model(artifact, ctx)
+        try:
+            model.load_state_dict(ctx.qat.state_dict)
+        except RuntimeError as e:
+            raise StageError(
+                f"{self.name}: the QAT state {ctx.qat.source} does not fit this model "
+                f"({reason(e, limit=200)}): prepare it from the model file this build reads"
+            ) from None
+        model.eval()  # returns None on an exported model
+        converted = convert_pt2e(model)
+        program = export_program(converted, ctx.example(), self.name)
+        facts = {
+            "ranges": "qat",
+            "qat_state": ctx.qat.source,
+            "quantizer": o.quantizer,
+            "quantize_nodes": _count(program, "quantize_per"),
+            "per_channel": o.per_channel,
+            "int8_share": _int8_share(program),
+        }
+        return StageResult(
+            dataclasses.replace(artifact, kind=Kind.EXPORTED, model=program, precision="int8"), facts
+        )
 
     def _rescaled(self, artifact: Artifact, ctx: BuildContext):
         """The model fused (BatchNorm folded: equalization needs the convolutions next to each other;
@@ -175,6 +274,8 @@ class QuantizePT2E(Stage, Recoverable):
     def applies(self, fix: str, artifact: Artifact, ctx: BuildContext) -> bool:
         from toolchain.passes.rescale import fx_finds
 
+        if self._uses_qat(artifact, ctx):  # learned weights and ranges: nothing to rescale or correct
+            return False
         if fix == "float_masks":
             from toolchain.passes.masks import fx_mask_nodes
 
@@ -184,6 +285,8 @@ class QuantizePT2E(Stage, Recoverable):
     def layers(self, artifact: Artifact, ctx: BuildContext) -> list[str]:
         """Modules whose convolutions and matrix products the quantizer annotates, by the name
         `set_module_name` matches (the innermost entry of each node's module stack)."""
+        if self._uses_qat(artifact, ctx):
+            return []
         ep, _ = self._exported(artifact, ctx)
         names = []
         for node in ep.graph.nodes:
@@ -205,6 +308,33 @@ def _fused(artifact: Artifact, ctx: BuildContext):
     if key not in ctx.cache:
         ctx.cache[key] = Fuse().apply(artifact, ctx).artifact.model
     return ctx.cache[key]
+
+
+def _qat_twin(config):
+    """``config`` (a post-training QuantizationConfig) with each observer inside a FakeQuantize: the
+    same dtypes, ranges and observers, fake-quantizing as it trains."""
+    from torchao.quantization.pt2e import FakeQuantize
+    from torchao.quantization.pt2e.quantizer import QuantizationConfig
+
+    def twin(spec):
+        if spec is None:
+            return None
+        return dataclasses.replace(
+            spec, observer_or_fake_quant_ctr=FakeQuantize.with_args(observer=spec.observer_or_fake_quant_ctr)
+        )
+
+    return QuantizationConfig(
+        twin(config.input_activation), twin(config.output_activation), twin(config.weight), config.bias, True
+    )
+
+
+def _weight_quantizers(model) -> set[str]:
+    """The fake-quantizers that read a parameter (weights), by module name."""
+    return {
+        n.target
+        for n in model.graph.nodes
+        if n.op == "call_module" and n.args and getattr(n.args[0], "op", None) == "get_attr"
+    }
 
 
 def _count(program, name: str) -> int:

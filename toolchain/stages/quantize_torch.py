@@ -21,7 +21,7 @@ from toolchain.core.context import BuildContext
 from toolchain.core.errors import StageError, reason
 from toolchain.core.feed import torch_args
 from toolchain.core.options import option
-from toolchain.core.stage import Recoverable, Stage, StageResult, register_stage
+from toolchain.core.stage import QuantizationAware, Recoverable, Stage, StageResult, register_stage
 from toolchain.measure.cpu import has_vnni, torch_kernels
 
 
@@ -74,13 +74,17 @@ class QuantizeTorchOptions:
     )
 
 
+# the fixes that rewrite weights or ranges: a QAT model learned its own
+REWRITES = ("equalize", "smooth", "bias_correction", "float_masks")
+
+
 @register_stage
-class QuantizeTorch(Stage, Recoverable):
+class QuantizeTorch(Stage, Recoverable, QuantizationAware):
     name = "quantize_torch"
     requires = ("torch",)
     transitions = {Kind.FX: Kind.FX, Kind.TORCHSCRIPT: Kind.TORCHSCRIPT}
     Options = QuantizeTorchOptions
-    report_facts = ("reduce_range", "kernels")
+    report_facts = ("reduce_range", "kernels", "ranges", "qat_state")
 
     def apply(self, artifact: Artifact, ctx: BuildContext) -> StageResult:
         import torch
@@ -90,15 +94,9 @@ class QuantizeTorch(Stage, Recoverable):
         )
 
         o = self.options
-        # 7-bit only without VNNI: fbgemm's kernels use VNNI where the CPU has it too (full range measured
-        # exact on AMX: the pitch tracker's fbgemm_kernels artifact 37.3 dB, 31.7 dB with 7-bit
-        # activations)
-        reduce_range = (
-            o.reduce_range
-            if o.reduce_range is not None
-            else (o.engine != "qnnpack" and not has_vnni(ctx.isa))
-        )
+        reduce_range = self._reduce_range(ctx)
         qconfig = make_qconfig(o.calibration, o.percentile, o.per_channel, reduce_range, o.engine)
+        qat = self._uses_qat(artifact, ctx)
         # each: the model's arguments
         batches = [torch_args(b) for b in ctx.calibration.batches(o.batch_size)]
         # what the device must run it under
@@ -108,7 +106,9 @@ class QuantizeTorch(Stage, Recoverable):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             try:
-                if artifact.kind is Kind.FX:
+                if qat:
+                    model = self._convert_qat(artifact, ctx)
+                elif artifact.kind is Kind.FX:
                     model = self._quantize_fx(artifact, qconfig, batches, ctx, reduce_range)
                 else:
                     model = _quantize_jit(artifact.model, qconfig, batches, ctx)
@@ -123,7 +123,12 @@ class QuantizeTorch(Stage, Recoverable):
             "kernels": kernels,
             "reduce_range": reduce_range,
             "float_layers": list(o.float_layers),
+            "ranges": "qat" if qat else "calibration",
         }
+        if qat:
+            facts["qat_state"] = ctx.qat.source
+        elif ctx.qat is not None:
+            facts["qat_state"] = f"not used: {self._qat_mismatch(ctx)}"
         if (o.equalize or o.smooth) and artifact.kind is Kind.FX:
             facts.update(
                 ctx.cache.get(
@@ -152,6 +157,116 @@ class QuantizeTorch(Stage, Recoverable):
             ),
             facts,
         )
+
+    def _reduce_range(self, ctx: BuildContext) -> bool:
+        """7-bit activations only without VNNI: fbgemm's kernels use VNNI where the CPU has it too (full
+        range measured exact on AMX: the pitch tracker's fbgemm_kernels artifact 37.3 dB, 31.7 dB with
+        7-bit activations)."""
+        o = self.options
+        if o.reduce_range is not None:
+            return o.reduce_range
+        return o.engine != "qnnpack" and not has_vnni(ctx.isa)
+
+    # -- quantization-aware training (toolchain.qat) --
+
+    def qat_settings(self, ctx: BuildContext) -> dict:
+        """What decides the INT8 modules and kernels: a QAT model prepared with these converts to
+        exactly what this stage builds."""
+        o = self.options
+        return {
+            "engine": o.engine,
+            "per_channel": o.per_channel,
+            "reduce_range": self._reduce_range(ctx),
+            "calibration": o.calibration,
+            "percentile": o.percentile,
+        }
+
+    def prepare_qat(self, artifact: Artifact, ctx: BuildContext):
+        """``artifact``'s model with the fake-quantization of this stage's quantizer (the same
+        observers, dtypes and ranges), calibrated once on ``ctx.calibration`` as this stage would
+        calibrate it; activation ranges then stay fixed and weight scales follow the weights as
+        they train. Returned in training mode, for the user's own loop."""
+        import torch
+        from torch.ao.quantization import disable_fake_quant, enable_fake_quant
+
+        from toolchain.passes.observers import freeze_activation_ranges
+
+        if artifact.kind is not Kind.FX:
+            raise StageError(f"{self.name}: quantization-aware training needs an eager or exported model")
+        rescaling = [f for f in REWRITES if getattr(self.options, f)]
+        if rescaling or self.options.float_layers:
+            raise StageError(
+                f"{self.name}: the profile sets {', '.join(rescaling) or 'float_layers'} for this stage; "
+                "QAT learns what they fix: prepare it from a profile without them"
+            )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", (DeprecationWarning, UserWarning))
+            model, _ = self._qat_model(artifact, ctx)
+            model.apply(disable_fake_quant)  # each observer sees FP32 values, as after prepare_fx
+            batches = [torch_args(b) for b in ctx.calibration.batches(self.options.batch_size)]
+            with torch.no_grad():
+                model.eval()
+                _calibrate(model, batches, ctx)
+            model.apply(enable_fake_quant)
+        freeze_activation_ranges(model)
+        return model.train()
+
+    def _qat_model(self, artifact: Artifact, ctx: BuildContext):
+        """A train-mode copy of ``artifact``'s fused model, prepared with this stage's QAT qconfig."""
+        from torch.ao.quantization import QConfigMapping
+        from torch.ao.quantization.quantize_fx import prepare_qat_fx
+
+        from toolchain.passes.observers import make_qat_qconfig
+
+        s = self.qat_settings(ctx)
+        qconfig = make_qat_qconfig(
+            s["calibration"], s["percentile"], s["per_channel"], s["reduce_range"], s["engine"]
+        )
+        mapping = QConfigMapping().set_global(qconfig)
+        return prepare_qat_fx(copy.deepcopy(artifact.model).train(), mapping, ctx.example()), mapping
+
+    def calibrates(self, artifact: Artifact, ctx: BuildContext) -> bool:
+        return not self._uses_qat(artifact, ctx)
+
+    def _uses_qat(self, artifact: Artifact, ctx: BuildContext) -> bool:
+        return ctx.qat is not None and artifact.kind is Kind.FX and not self._qat_mismatch(ctx)
+
+    def _qat_mismatch(self, ctx: BuildContext) -> str | None:
+        """Why the build's QAT state does not fit this stage (None: it does)."""
+        if ctx.qat.stage != self.name:
+            return f"prepared for stage {ctx.qat.stage}"
+        mine = self.qat_settings(ctx)
+        for key in ("engine", "per_channel", "reduce_range"):
+            if ctx.qat.settings.get(key) != mine[key]:
+                return f"prepared with {key} = {ctx.qat.settings.get(key)}, this stage has {mine[key]}"
+        return None
+
+    def _convert_qat(self, artifact: Artifact, ctx: BuildContext):
+        """The INT8 model from the QAT state's weights and ranges, no calibration; layers in
+        `float_layers` converted back to float modules with those weights."""
+        from torch.ao.quantization.quantize_fx import convert_fx
+
+        o = self.options
+        for fix in REWRITES:
+            if getattr(o, fix):
+                raise StageError(f"{self.name}: {fix} would change a QAT model's learned weights or ranges")
+        key = ("quantize_torch_qat", artifact.sha256, ctx.qat.source)
+        if key not in ctx.cache:
+            model, mapping = self._qat_model(artifact, ctx)
+            try:
+                model.load_state_dict(ctx.qat.state_dict)
+            except RuntimeError as e:
+                raise StageError(
+                    f"{self.name}: the QAT state {ctx.qat.source} does not fit this model "
+                    f"({reason(e, limit=200)}): prepare it from the model file this build reads"
+                ) from None
+            ctx.cache[key] = model.eval(), mapping
+        model, mapping = ctx.cache[key]
+        mapping = copy.deepcopy(mapping)
+        for name in o.float_layers:
+            mapping.set_module_name(name, None)
+        converted = convert_fx(copy.deepcopy(model), qconfig_mapping=mapping)
+        return float_outputs(converted, o.float_layers) if o.float_layers else converted
 
     def _quantize_fx(self, artifact: Artifact, qconfig, batches, ctx: BuildContext, reduce_range: bool):
         """Prepare and calibrate once per (input, observers); each set of float layers is a
@@ -246,6 +361,9 @@ class QuantizeTorch(Stage, Recoverable):
         the other four on FX models only (a TorchScript input is quantized as it is)."""
         from toolchain.passes.rescale import fx_finds
 
+        # a QAT model's ranges and weights are learned: no other calibration, no rescaling
+        if self._uses_qat(artifact, ctx) and fix != "fbgemm_kernels":
+            return False
         # the defect is AMX's: a VNNI device runs oneDNN's VNNI kernels, which are right
         if fix == "fbgemm_kernels":
             return self.options.engine == "x86" and ctx.isa == "amx"

@@ -14,15 +14,14 @@ user's to fix: one line with its message and where it was raised.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
-import traceback
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from toolchain.core.errors import ToolchainError
+from toolchain.core.user_code import load_function, where
 
 
 class MetricError(ToolchainError):
@@ -67,24 +66,7 @@ class Metric:
 
 def load_metric(spec: str, base: Path | None = None) -> Callable:
     """`path/to/file.py:function` (a relative path is taken from ``base``, then the working folder)."""
-    path_text, sep, name = spec.rpartition(":")
-    if not sep or not path_text.endswith(".py") or not name.isidentifier():
-        raise MetricError(f"metric `{spec}` must look like FILE.py:function")
-    path = Path(path_text)
-    if not path.is_absolute() and base is not None and (base / path).is_file():
-        path = base / path
-    if not path.is_file():
-        raise MetricError(f"metric file `{path_text}` does not exist")
-    module_spec = importlib.util.spec_from_file_location(f"toolchain_user_metric_{path.stem}", path)
-    module = importlib.util.module_from_spec(module_spec)
-    try:
-        module_spec.loader.exec_module(module)
-    except Exception as e:
-        raise MetricError(f"metric file `{path}` fails to load: {_where(e, path)}") from None
-    fn = getattr(module, name, None)
-    if not callable(fn):
-        raise MetricError(f"metric file `{path}` has no function `{name}`")
-    return fn
+    return load_function(spec, "metric", MetricError, base)
 
 
 def score(
@@ -98,7 +80,7 @@ def score(
     try:
         result = fn(_as_returned(outputs, output_names), _labels(labels))
     except Exception as e:
-        raise MetricError(f"metric {name} raised {_where(e, None)}") from None
+        raise MetricError(f"metric {name} raised {where(e, None)}") from None
     higher = True
     if isinstance(result, Mapping):
         higher = bool(result.get("higher_is_better", True))
@@ -126,17 +108,3 @@ def _labels(labels: Mapping[str, np.ndarray]):
     if not labels:
         return None
     return labels["y"] if set(labels) == {"y"} else dict(labels)
-
-
-def _where(e: BaseException, path: Path | None) -> str:
-    """`ValueError: message (file.py:12)`: the deepest frame in the user's file, else the deepest."""
-    frames = traceback.extract_tb(e.__traceback__)
-    package = Path(__file__).resolve().parent
-    ours_or_library = lambda f: (
-        "site-packages" in f.filename or Path(f.filename).resolve().is_relative_to(package)
-    )
-    user = [f for f in frames if (Path(f.filename) == path if path else not ours_or_library(f))] or frames
-    frame = user[-1] if user else None
-    message = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    at = f" ({Path(frame.filename).name}:{frame.lineno})" if frame else ""
-    return f"{type(e).__name__}: {message}{at}"

@@ -152,7 +152,8 @@ def recover(
     continuous: bool = False,
 ) -> Outcome:
     """Try the ladder on ``stages`` (whose artifact measured ``failed``); see the module's docstring.
-    ``applies(stage, fix)`` says whether a fix has anything to act on in this model (skipped if not).
+    ``applies(stage, fix)`` says whether a fix has anything to act on in this model (skipped if not);
+    asked for :data:`OTHER_CALIBRATIONS`, whether trying other calibration methods can change anything.
     ``continuous``: FP32's outputs hold non-integer values, so an attempt that reproduces them bit for
     bit ran no INT8 arithmetic that reached them (discrete outputs, arg-max indices, can match exactly
     with INT8 inside)."""
@@ -197,7 +198,7 @@ def recover(
         return Outcome(status, chain, tuple(attempts), tuple(sensitivity), why)
 
     best_calibration, best_fixes, best = base_calibration, (), failed
-    if options.calibrations:
+    if options.calibrations and _applies(applies, stage, OTHER_CALIBRATIONS):
         for method in stage.calibrations():
             if method == base_calibration or time.perf_counter() > deadline:
                 continue
@@ -269,6 +270,10 @@ NO_INT8_LEFT = (
     "every quantizable layer would have to stay in float: it passes only with no INT8 arithmetic of "
     "this quantizer left (the FP32 artifact is that model)"
 )
+
+
+# what ``applies`` is asked before the calibration rung (a QAT model's ranges are not calibrated)
+OTHER_CALIBRATIONS = "calibration"
 
 
 def exact(p: Parity) -> bool:

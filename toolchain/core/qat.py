@@ -1,0 +1,103 @@
+"""A fine-tuned quantization-aware model's state, as `toolchain qat` writes it and `toolchain build
+--qat` reads it: the weights it learned and the ranges its fake-quantization held, with what they
+were prepared for (target, artifact, the quantization stage and its settings).
+
+The file is a plain ``torch.save`` dictionary of tensors, strings and numbers, read with
+``weights_only=True``: a state file from elsewhere cannot run code when it is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from toolchain.core.errors import ToolchainError, reason
+
+FORMAT = "toolchain.qat"
+VERSION = 1
+
+
+class QatError(ToolchainError):
+    """A QAT state file that is missing, damaged, or was prepared for another target or model."""
+
+
+@dataclasses.dataclass(frozen=True)
+class QatState:
+    target: str  # the target profile's name it was prepared for
+    artifact: str  # the artifact whose quantization it matches
+    stage: str  # that artifact's quantization stage
+    settings: dict[str, Any]  # the stage's quantization settings it was prepared with
+    model_sha256: str  # the FP32 model it was prepared from (toolchain.core.artifact's hash)
+    state_dict: dict[str, Any] = dataclasses.field(repr=False, compare=False)
+    source: str = ""  # the file it was read from
+
+    def to_json(self) -> dict[str, Any]:
+        """What a report records of it: the file (and its hash: the build's input, as the model is)."""
+        from toolchain.core.artifact import sha256_files
+
+        return {
+            "file": self.source,
+            "sha256": sha256_files([Path(self.source)]) if self.source else None,
+            "artifact": self.artifact,
+            "stage": self.stage,
+            "settings": self.settings,
+        }
+
+
+def write_qat_state(state: QatState, path: str | Path) -> Path:
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(
+        {
+            "format": FORMAT,
+            "version": VERSION,
+            "target": state.target,
+            "artifact": state.artifact,
+            "stage": state.stage,
+            "settings": dict(state.settings),
+            "model_sha256": state.model_sha256,
+            "state_dict": {k: v.detach().cpu() for k, v in state.state_dict.items()},
+        },
+        path,
+    )
+    return path
+
+
+def read_qat_state(path: str | Path) -> QatState:
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise QatError(f"QAT state `{path}` does not exist")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
+        first = reason(e, limit=120)
+        raise QatError(
+            f"`{path}` is not a QAT state written by `toolchain qat` (or it is damaged): {first}"
+        ) from None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise QatError(
+            f"`{path}` is not a QAT state written by `toolchain qat` or `toolchain.qat.save` "
+            "(a model file goes before the options; the fine-tuned state after --qat)"
+        )
+    if raw.get("version") != VERSION:
+        raise QatError(f"QAT state `{path}` has version {raw.get('version')}; this toolchain reads {VERSION}")
+    keys = ("target", "artifact", "stage", "settings", "model_sha256", "state_dict")
+    if any(k not in raw for k in keys) or not isinstance(raw["state_dict"], dict):
+        lacks = ", ".join(k for k in keys if k not in raw) or "its tensors"
+        raise QatError(f"QAT state `{path}` lacks {lacks}")
+    return QatState(
+        raw["target"],
+        raw["artifact"],
+        raw["stage"],
+        dict(raw["settings"]),
+        raw["model_sha256"],
+        raw["state_dict"],
+        str(path),
+    )
