@@ -19,6 +19,7 @@ from toolchain.bench import artifact_of
 from toolchain.core.qat import QatError, read_qat_state
 from toolchain.passes.observers import is_fake_quantize
 from toolchain.runtimes import load_runner
+from toolchain.sensitivity import measure_build
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +111,10 @@ def test_qat_x86_torch_int8(outliers, tmp_path):
     assert np.array_equal(outputs(d / "qat-torch_int8", x), outputs(d / "qat-other-calib", x))
     build(outliers, profile, "ptq-other-calib", calib="other_calib.npz")
     assert not np.array_equal(outputs(d / "ptq-torch_int8", x), outputs(d / "ptq-other-calib", x))
+    # `toolchain sensitivity` measures the shipped (QAT) model, not a re-calibrated one
+    measure_build(d / "qat-torch_int8")
+    baseline = json.loads((d / "qat-torch_int8" / "sensitivity" / "torch_int8.json").read_text())["baseline"]
+    assert baseline["sqnr_db"] > 18.0 and not baseline["failures"]
 
 
 @pytest.mark.slow
@@ -157,6 +162,13 @@ def test_a_qat_state_for_another_target_model_or_no_state_is_one_error_and_no_fo
         with pytest.raises(QatError, match=re.escape(message)):
             toolchain.build(model, str(target), out, calib=d / "calib.npz", qat=qat)
         assert not out.exists()
+    # the artifact it was prepared for cannot take it (8-bit activations on a VNNI CPU, 7-bit when it was
+    # prepared): the build fails, saying why, rather than quietly calibrating
+    vnni = tmp_path / "vnni.toml"
+    vnni.write_text(profile.read_text().replace('isa = "avx2"', 'isa = "avx512_vnni"', 1))
+    with pytest.raises(QatError, match="not used by torch_int8: not used: prepared with reduce_range = True"):
+        toolchain.build(str(d / "model.pt2"), str(vnni), tmp_path / "vnni", calib=d / "calib.npz", qat=state)
+    assert not (tmp_path / "vnni").exists()
     damaged = tmp_path / "damaged.pt"
     damaged.write_bytes(state.read_bytes()[:200])
     with pytest.raises(QatError, match="is not a QAT state"):
@@ -189,12 +201,18 @@ def test_finetune_calls_the_users_training_function_from_its_file(outliers, untr
         "    opt.step()\n"
         "def broken(model):\n"
         "    raise ValueError('no data here')\n"
+        "def a_loss(model):\n"
+        "    return 0.5\n"
     )
     path = toolchain.qat.finetune(
         str(d / "model.pt2"), f"{train}:one_step", tmp_path / "s.pt", str(profile), d / "calib.npz"
     )
     state = read_qat_state(path)
     assert (state.target, state.artifact, state.stage) == ("x86_fbgemm", "torch_int8", "quantize_torch")
+    with pytest.raises(QatError, match="returned float: return nothing"):
+        toolchain.qat.finetune(
+            str(d / "model.pt2"), f"{train}:a_loss", tmp_path / "l.pt", str(profile), d / "calib.npz"
+        )
     with pytest.raises(QatError, match=r"raised ValueError: no data here \(train.py:8\)"):
         toolchain.qat.finetune(
             str(d / "model.pt2"), f"{train}:broken", tmp_path / "b.pt", str(profile), d / "calib.npz"

@@ -97,6 +97,7 @@ def build(
                 )
                 for chain in plans
             }
+            check_qat_used(qat_state, made)
             shutil.rmtree(ctx.workdir)
             reports = [m.report for m in made.values() if m.report is not None]
             skipped += [m.skipped for m in made.values() if m.skipped and not m.not_applicable]
@@ -136,8 +137,7 @@ def build(
                 engine=engine,
                 warnings=inputs.warnings
                 + expected.warnings
-                + tuple(f"{a.name}: {a.latency_warning}" for a in reports if a.latency_warning)
-                + unused_qat(qat_state, reports),
+                + tuple(f"{a.name}: {a.latency_warning}" for a in reports if a.latency_warning),
                 build_seconds=round(time.perf_counter() - started, 2),
                 metric=expected.metric and expected.metric.to_json(),
                 primary_choice=choice,
@@ -176,11 +176,21 @@ def qat_for(profile, path: str | Path | None) -> QatState | None:
     return state
 
 
-def unused_qat(state: QatState | None, reports) -> tuple[str, ...]:
-    """A warning when no artifact took the QAT state's ranges (why: in its stage facts or skip reason)."""
-    if state is None or any(a.ranges == "qat" for a in reports):
-        return ()
-    return (f"QAT state {state.source}: no artifact used its ranges ({state.artifact}: see its stage facts)",)
+def check_qat_used(state: QatState | None, made: dict) -> None:
+    """The artifact a QAT state was prepared for must have taken its weights and ranges: a build that
+    quietly calibrated (or skipped) it instead is not what the user asked for (no folder is written)."""
+    if state is None:
+        return
+    m = made.get(state.artifact)
+    if m is None:
+        why = "it cannot be built here (see `toolchain doctor`)"
+    elif m.report is None:
+        why = m.skipped.reason
+    elif m.report.ranges == "qat":
+        return
+    else:
+        why = m.report.stage_facts.get(state.stage, {}).get("qat_state") or "it was calibrated"
+    raise QatError(f"QAT state `{state.source}` was not used by {state.artifact}: {why}")
 
 
 def _reasons(skipped: list[Skipped]) -> str:

@@ -28,14 +28,7 @@ from toolchain.target import ParityThresholds, Target
 from toolchain.tensorrt.operators import parser_refuses
 from toolchain.verdict.expected import Expected, parity_subset
 from toolchain.verdict.parity import Parity, run_batched
-from toolchain.verdict.recovery import (
-    OTHER_CALIBRATIONS,
-    Outcome,
-    recover,
-    recoverable_stage,
-    summary_line,
-    write_sensitivity,
-)
+from toolchain.verdict.recovery import Outcome, recover, recoverable_stage, summary_line, write_sensitivity
 from toolchain.verdict.share import fp16_share_of, int8_share_of, measured_precision
 
 log = logging.getLogger("toolchain")
@@ -216,12 +209,9 @@ def recover_artifact(
         trial,
         lambda stage: quantizable_layers(pipeline, chain, source, stage),
         profile.recovery,
-        lambda stage, fix: (
-            stage.calibrates(stage_input(pipeline, chain, source), pipeline.ctx)
-            if fix == OTHER_CALIBRATIONS
-            else stage.applies(fix, stage_input(pipeline, chain, source), pipeline.ctx)
-        ),
+        lambda stage, fix: stage.applies(fix, stage_input(pipeline, chain, source), pipeline.ctx),
         continuous=expected.continuous,
+        calibrates=lambda stage: stage.calibrates(stage_input(pipeline, chain, source), pipeline.ctx),
     )
     sensitivity = write_sensitivity(folder, chain.name, outcome, checked.parity)
     if outcome.stages is None:

@@ -272,7 +272,14 @@ def bench_cmd(terminal, build_dir, batch_sizes, runs, sweep_runs, threads, budge
 @click.option(
     "--trust-pickle", is_flag=True, help="Allow a pickled nn.Module (unpickling runs code from the file)."
 )
-def qat(model, target, calib, train, artifact, out, input_shape, trust_pickle):
+@click.option(
+    "--constant",
+    "constants",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="Fix a forward argument that is a Python number, as for `build` (give the build the same).",
+)
+def qat(model, target, calib, train, artifact, out, input_shape, trust_pickle, constants):
     """Quantization-aware training of MODEL for a target's own INT8 quantizer: for a model whose
     post-training INT8 misses parity even after recovery.
 
@@ -292,8 +299,11 @@ def qat(model, target, calib, train, artifact, out, input_shape, trust_pickle):
     A worked example: docs/qat.md."""
     from toolchain.qat import finetune
 
-    path = finetune(model, train, out, target, calib, artifact, input_shape, trust_pickle)
-    click.echo(f"wrote {path}; next: toolchain build {model} --target {target} --qat {path}")
+    path = finetune(model, train, out, target, calib, artifact, input_shape, trust_pickle, constants)
+    click.echo(
+        f"wrote {path}; next: toolchain build {model} --target {target} --calib {calib} --val VAL "
+        f"--qat {path}"
+    )
 
 
 @main.command()

@@ -61,11 +61,11 @@ def prepare(
     profile = load_target(target)
     check_data_paths(calib, None)
     loaded = fix_constants(load_model(str(model), trust_pickle), constants, calib, None)
-    loaded, inputs, _ = prepare_model(loaded, profile.data, profile.runtime.isa, calib, None, input_shape)
+    r = profile.runtime  # calibrated on every sample (nothing held out: QAT checks no parity)
+    loaded, inputs, _ = prepare_model(loaded, profile.data, r.isa, calib, None, input_shape, hold_out=False)
     chain, index = _chain(profile, loaded.artifact.kind, artifact)
     stage = chain.stages[index]
     with tempfile.TemporaryDirectory(prefix="toolchain-qat-") as tmp:
-        r = profile.runtime
         ctx = build_context(Path(tmp), loaded, inputs, r.threads, r.isa)
         try:
             before, _ = Pipeline(ctx).run(Plan(chain.name, chain.spec, chain.stages[:index]), loaded.artifact)
@@ -108,18 +108,26 @@ def finetune(
     artifact: str | None = None,
     input_shape: str | tuple[int, ...] | None = None,
     trust_pickle: bool = False,
+    constants=None,
 ) -> Path:
     """`toolchain qat`: :func:`prepare`, call ``train`` (a function, or `FILE.py:function`) with the
-    prepared model, :func:`save` what it trained (or the model it returns) to ``out``."""
+    prepared model, :func:`save` what it trained (the model it returns, if it returns one) to ``out``."""
+    import torch
+
     fn = load_function(train, "training function", QatError) if isinstance(train, str) else train
-    qat_model = prepare(model, target, calib, artifact, input_shape, trust_pickle)
+    name = train if isinstance(train, str) else getattr(fn, "__name__", "train")
+    qat_model = prepare(model, target, calib, artifact, input_shape, trust_pickle, constants)
     meta = qat_model.meta[META]
     try:
         returned = fn(qat_model)
     except Exception as e:
         path = Path(train.rpartition(":")[0]) if isinstance(train, str) else None
-        name = train if path else fn.__name__
         raise QatError(f"training function {name} raised {where(e, path)}") from None
+    if returned is not None and not isinstance(returned, torch.fx.GraphModule):
+        raise QatError(
+            f"training function {name} returned {type(returned).__name__}: return nothing (it trains the "
+            "model in place) or the model it was given"
+        )
     trained = returned if returned is not None else qat_model
     trained.meta.setdefault(META, meta)
     return save(trained, out)

@@ -18,6 +18,7 @@ from toolchain.core.errors import ToolchainError
 from toolchain.core.heap import keeps_heap_frozen
 from toolchain.core.native import keeps_torch_settings
 from toolchain.core.pipeline import Pipeline
+from toolchain.core.qat import QatError, QatState, read_qat_state
 from toolchain.inputs.prepare import build_context, prepare_model, recorded_model
 from toolchain.target import load_target, plan
 from toolchain.verdict.expected import expected_outputs
@@ -61,9 +62,10 @@ def measure_build(folder: Path, names: tuple[str, ...] = (), progress=None) -> d
             f"{', '.join(chains) or '(none)'}"
         )
     written = {}
+    qat = _recorded_qat(folder, report.get("qat"))
     with tempfile.TemporaryDirectory(prefix="sensitivity-") as work:
         ctx = build_context(
-            Path(work), loaded, inputs, profile.runtime.threads, profile.runtime.isa, progress
+            Path(work), loaded, inputs, profile.runtime.threads, profile.runtime.isa, progress, qat
         )
         expected = expected_outputs(loaded, inputs, profile, declared, outputs)
         pipeline = Pipeline(ctx)
@@ -76,6 +78,22 @@ def measure_build(folder: Path, names: tuple[str, ...] = (), progress=None) -> d
             )
             written[name] = write_sensitivity(folder, name, outcome, baseline)
     return written
+
+
+def _recorded_qat(folder: Path, recorded: dict | None) -> QatState | None:
+    """The QAT state the build was given, read again (its artifact's sensitivity is of the learned model,
+    never a re-calibrated one); refused if the file has changed or gone since."""
+    if not recorded:
+        return None
+    try:
+        state = read_qat_state(recorded["file"])
+    except QatError as e:
+        raise QatError(f"{folder} was built with a QAT state that cannot be read now: {e}") from None
+    if state.sha256 != recorded["sha256"]:
+        raise QatError(
+            f"the QAT state `{recorded['file']}` of {folder} has changed since the build; build again"
+        )
+    return state
 
 
 def _check_unchanged(folder: Path, target_file: str) -> None:

@@ -31,14 +31,13 @@ class QatState:
     model_sha256: str  # the FP32 model it was prepared from (toolchain.core.artifact's hash)
     state_dict: dict[str, Any] = dataclasses.field(repr=False, compare=False)
     source: str = ""  # the file it was read from
+    sha256: str | None = None  # that file's, as read: a build's input, as the model is
 
     def to_json(self) -> dict[str, Any]:
-        """What a report records of it: the file (and its hash: the build's input, as the model is)."""
-        from toolchain.core.artifact import sha256_files
-
+        """What a report records of it."""
         return {
             "file": self.source,
-            "sha256": sha256_files([Path(self.source)]) if self.source else None,
+            "sha256": self.sha256,
             "artifact": self.artifact,
             "stage": self.stage,
             "settings": self.settings,
@@ -67,6 +66,8 @@ def write_qat_state(state: QatState, path: str | Path) -> Path:
 
 
 def read_qat_state(path: str | Path) -> QatState:
+    import hashlib
+    import io
     import pickle
 
     import torch
@@ -74,8 +75,9 @@ def read_qat_state(path: str | Path) -> QatState:
     path = Path(path)
     if not path.is_file():
         raise QatError(f"QAT state `{path}` does not exist")
+    data = path.read_bytes()  # hashed and loaded from the same bytes
     try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
+        raw = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
         first = reason(e, limit=120)
         raise QatError(
@@ -88,10 +90,22 @@ def read_qat_state(path: str | Path) -> QatState:
         )
     if raw.get("version") != VERSION:
         raise QatError(f"QAT state `{path}` has version {raw.get('version')}; this toolchain reads {VERSION}")
-    keys = ("target", "artifact", "stage", "settings", "model_sha256", "state_dict")
-    if any(k not in raw for k in keys) or not isinstance(raw["state_dict"], dict):
-        lacks = ", ".join(k for k in keys if k not in raw) or "its tensors"
-        raise QatError(f"QAT state `{path}` lacks {lacks}")
+    kinds = {
+        "target": str,
+        "artifact": str,
+        "stage": str,
+        "settings": dict,
+        "model_sha256": str,
+        "state_dict": dict,
+    }
+    wrong = [k for k, kind in kinds.items() if not isinstance(raw.get(k), kind)]
+    tensors = isinstance(raw.get("state_dict"), dict) and all(
+        isinstance(v, torch.Tensor) for v in raw["state_dict"].values()
+    )
+    if wrong or not tensors:
+        raise QatError(
+            f"QAT state `{path}` is damaged: {', '.join(wrong) or 'state_dict'} missing or malformed"
+        )
     return QatState(
         raw["target"],
         raw["artifact"],
@@ -99,5 +113,6 @@ def read_qat_state(path: str | Path) -> QatState:
         dict(raw["settings"]),
         raw["model_sha256"],
         raw["state_dict"],
-        str(path),
+        str(path.resolve()),  # a report names it; `toolchain sensitivity` reads it again from anywhere
+        hashlib.sha256(data).hexdigest(),
     )

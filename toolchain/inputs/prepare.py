@@ -46,10 +46,12 @@ def check_data_paths(calib, val) -> None:
 
 
 def prepare_inputs(
-    loaded: LoadedModel, options: DataOptions, isa: str | None, calib, val, input_shape
+    loaded: LoadedModel, options: DataOptions, isa: str | None, calib, val, input_shape, hold_out: bool = True
 ) -> Inputs:
     """Calibration and validation data, disjoint unless the user's files overlap (then counted and said);
-    ``options`` are the target profile's `[data]`, ``isa`` its deployment CPU's instruction set."""
+    ``options`` are the target profile's `[data]`, ``isa`` its deployment CPU's instruction set. Without
+    ``val``, a quarter of ``calib`` is held out for parity unless ``hold_out`` is false (what only
+    calibrates, `toolchain qat`, keeps every sample; its validation is the calibration data)."""
     warnings = []
     n_cal, n_val = options.calibration_samples, options.validation_samples
     pre = options.preprocess
@@ -84,6 +86,8 @@ def prepare_inputs(
         )
         calibration = synthetic(0)
     calibration = check_signature(calibration, signature, "calibration")
+    if validation is None and not hold_out:
+        validation = calibration
     if validation is None:
         if calibration.synthetic:
             warnings.append(
@@ -323,14 +327,14 @@ def check_model_accepts(loaded: LoadedModel, signature: Signature) -> list[str]:
 
 
 def prepare_model(
-    loaded: LoadedModel, options: DataOptions, isa: str | None, calib, val, input_shape
+    loaded: LoadedModel, options: DataOptions, isa: str | None, calib, val, input_shape, hold_out: bool = True
 ) -> tuple[LoadedModel, Inputs, list[str]]:
     """The one preparation path of a build and of `toolchain sensitivity`: data read and
     checked (:func:`prepare_inputs`), constants bound, the model run once on zeros, random
     BatchNorm statistics settled. ``loaded`` has its constants fixed (:func:`fix_constants`).
     Returns the model as every stage sees it, the inputs, and the model's output names."""
     log.info("reading calibration and validation data")
-    inputs = prepare_inputs(loaded, options, isa, calib, val, input_shape)
+    inputs = prepare_inputs(loaded, options, isa, calib, val, input_shape, hold_out)
     loaded = bind_constants(loaded, inputs.calibration.x)
     names = check_model_accepts(loaded, inputs.signature)
     return settle_random_batchnorm(loaded, inputs.calibration.x), inputs, names

@@ -58,8 +58,22 @@ def make_qat_qconfig(calibration: str, percentile: float, per_channel: bool, red
     ptq = make_qconfig(calibration, percentile, per_channel, reduce_range, engine)
     # the observer halves 0..255 itself under reduce_range, as its post-training twin does
     activation = FakeQuantize.with_args(observer=ptq.activation, quant_min=0, quant_max=255)
-    weight = FakeQuantize.with_args(observer=ptq.weight, quant_min=-128, quant_max=127)
+    weight = FakeQuantize.with_args(observer=current_weights(ptq.weight), quant_min=-128, quant_max=127)
     return QConfig(activation=activation, weight=weight)
+
+
+def current_weights(observer):
+    """The moving-average twin of a min/max weight observer (torch.ao's or torchao's), with averaging
+    constant 1: each step's range is the current weights' (a running min/max would keep every range the
+    weights ever had), and what conversion observes last, the final weights, is what post-training
+    quantization would see. Other observers are returned as they are."""
+    import sys
+
+    cls = observer.p.func
+    twin = getattr(sys.modules[cls.__module__], f"MovingAverage{cls.__name__}", None)
+    if cls.__name__ not in ("MinMaxObserver", "PerChannelMinMaxObserver") or twin is None:
+        return observer
+    return twin.with_args(averaging_constant=1.0, **observer.p.keywords)
 
 
 def freeze_activation_ranges(model, weights: set[str] | None = None) -> int:

@@ -124,6 +124,8 @@ class QuantizePT2E(Stage, Recoverable, QuantizationAware):
         }
         if as_convs:
             facts["batchnorm1d_as_conv"] = as_convs
+        if ctx.qat is not None:
+            facts["qat_state"] = f"not used: {self._qat_mismatch(ctx)}"
         if corrected is not None:
             facts["bias_correction"] = corrected
         if o.float_masks:
@@ -215,8 +217,15 @@ class QuantizePT2E(Stage, Recoverable, QuantizationAware):
         return model, batch
 
     def _uses_qat(self, artifact: Artifact, ctx: BuildContext) -> bool:
-        q = ctx.qat
-        return q is not None and q.stage == self.name and q.settings == self.qat_settings(ctx)
+        return ctx.qat is not None and self._qat_mismatch(ctx) is None
+
+    def _qat_mismatch(self, ctx: BuildContext) -> str | None:
+        """Why the build's QAT state does not fit this stage (None: it does)."""
+        if ctx.qat.stage != self.name:
+            return f"prepared for stage {ctx.qat.stage}"
+        if ctx.qat.settings != self.qat_settings(ctx):
+            return f"prepared with {ctx.qat.settings}, this stage has {self.qat_settings(ctx)}"
+        return None
 
     def calibrates(self, artifact: Artifact, ctx: BuildContext) -> bool:
         return not self._uses_qat(artifact, ctx)
@@ -316,15 +325,22 @@ def _qat_twin(config):
     from torchao.quantization.pt2e import FakeQuantize
     from torchao.quantization.pt2e.quantizer import QuantizationConfig
 
-    def twin(spec):
+    from toolchain.passes.observers import current_weights
+
+    def twin(spec, weight: bool = False):
         if spec is None:
             return None
-        return dataclasses.replace(
-            spec, observer_or_fake_quant_ctr=FakeQuantize.with_args(observer=spec.observer_or_fake_quant_ctr)
+        observer = (
+            current_weights(spec.observer_or_fake_quant_ctr) if weight else spec.observer_or_fake_quant_ctr
         )
+        return dataclasses.replace(spec, observer_or_fake_quant_ctr=FakeQuantize.with_args(observer=observer))
 
     return QuantizationConfig(
-        twin(config.input_activation), twin(config.output_activation), twin(config.weight), config.bias, True
+        twin(config.input_activation),
+        twin(config.output_activation),
+        twin(config.weight, weight=True),
+        config.bias,
+        True,
     )
 
 

@@ -75,7 +75,7 @@ class QuantizeTorchOptions:
 
 
 # the fixes that rewrite weights or ranges: a QAT model learned its own
-REWRITES = ("equalize", "smooth", "bias_correction", "float_masks")
+REWRITES = ("float_masks", "equalize", "smooth", "bias_correction")
 
 
 @register_stage
@@ -128,7 +128,7 @@ class QuantizeTorch(Stage, Recoverable, QuantizationAware):
         if qat:
             facts["qat_state"] = ctx.qat.source
         elif ctx.qat is not None:
-            facts["qat_state"] = f"not used: {self._qat_mismatch(ctx)}"
+            facts["qat_state"] = f"not used: {self._qat_mismatch(ctx, artifact)}"
         if (o.equalize or o.smooth) and artifact.kind is Kind.FX:
             facts.update(
                 ctx.cache.get(
@@ -201,7 +201,7 @@ class QuantizeTorch(Stage, Recoverable, QuantizationAware):
             )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", (DeprecationWarning, UserWarning))
-            model, _ = self._qat_model(artifact, ctx)
+            model, _ = self._qat_model(artifact, ctx, self.qat_settings(ctx))
             model.apply(disable_fake_quant)  # each observer sees FP32 values, as after prepare_fx
             batches = [torch_args(b) for b in ctx.calibration.batches(self.options.batch_size)]
             with torch.no_grad():
@@ -211,14 +211,14 @@ class QuantizeTorch(Stage, Recoverable, QuantizationAware):
         freeze_activation_ranges(model)
         return model.train()
 
-    def _qat_model(self, artifact: Artifact, ctx: BuildContext):
-        """A train-mode copy of ``artifact``'s fused model, prepared with this stage's QAT qconfig."""
+    def _qat_model(self, artifact: Artifact, ctx: BuildContext, s: dict):
+        """A train-mode copy of ``artifact``'s fused model, prepared with the QAT qconfig of settings ``s``
+        (:meth:`qat_settings`)."""
         from torch.ao.quantization import QConfigMapping
         from torch.ao.quantization.quantize_fx import prepare_qat_fx
 
         from toolchain.passes.observers import make_qat_qconfig
 
-        s = self.qat_settings(ctx)
         qconfig = make_qat_qconfig(
             s["calibration"], s["percentile"], s["per_channel"], s["reduce_range"], s["engine"]
         )
@@ -229,10 +229,12 @@ class QuantizeTorch(Stage, Recoverable, QuantizationAware):
         return not self._uses_qat(artifact, ctx)
 
     def _uses_qat(self, artifact: Artifact, ctx: BuildContext) -> bool:
-        return ctx.qat is not None and artifact.kind is Kind.FX and not self._qat_mismatch(ctx)
+        return ctx.qat is not None and not self._qat_mismatch(ctx, artifact)
 
-    def _qat_mismatch(self, ctx: BuildContext) -> str | None:
+    def _qat_mismatch(self, ctx: BuildContext, artifact: Artifact | None = None) -> str | None:
         """Why the build's QAT state does not fit this stage (None: it does)."""
+        if artifact is not None and artifact.kind is not Kind.FX:
+            return "a TorchScript input is quantized as it is"
         if ctx.qat.stage != self.name:
             return f"prepared for stage {ctx.qat.stage}"
         mine = self.qat_settings(ctx)
@@ -252,7 +254,7 @@ class QuantizeTorch(Stage, Recoverable, QuantizationAware):
                 raise StageError(f"{self.name}: {fix} would change a QAT model's learned weights or ranges")
         key = ("quantize_torch_qat", artifact.sha256, ctx.qat.source)
         if key not in ctx.cache:
-            model, mapping = self._qat_model(artifact, ctx)
+            model, mapping = self._qat_model(artifact, ctx, ctx.qat.settings)  # as it was prepared
             try:
                 model.load_state_dict(ctx.qat.state_dict)
             except RuntimeError as e:
@@ -354,7 +356,7 @@ class QuantizeTorch(Stage, Recoverable, QuantizationAware):
         return typing.get_args(typing.get_type_hints(QuantizeTorchOptions)["calibration"])
 
     def fixes(self) -> tuple[str, ...]:
-        return ("float_masks", "equalize", "smooth", "bias_correction", "fbgemm_kernels")
+        return (*REWRITES, "fbgemm_kernels")
 
     def applies(self, fix: str, artifact: Artifact, ctx: BuildContext) -> bool:
         """`fbgemm_kernels` where the x86 engine would run oneDNN's AMX kernels (an `amx` target);

@@ -150,10 +150,12 @@ def recover(
     options: RecoveryOptions,
     applies: Callable[[Stage, str], bool] = lambda stage, fix: True,
     continuous: bool = False,
+    calibrates: Callable[[Stage], bool] = lambda stage: True,
 ) -> Outcome:
     """Try the ladder on ``stages`` (whose artifact measured ``failed``); see the module's docstring.
     ``applies(stage, fix)`` says whether a fix has anything to act on in this model (skipped if not);
-    asked for :data:`OTHER_CALIBRATIONS`, whether trying other calibration methods can change anything.
+    ``calibrates(stage)`` whether its ranges come from calibration at all (a QAT model's do not: no other
+    calibration method is tried).
     ``continuous``: FP32's outputs hold non-integer values, so an attempt that reproduces them bit for
     bit ran no INT8 arithmetic that reached them (discrete outputs, arg-max indices, can match exactly
     with INT8 inside)."""
@@ -198,7 +200,7 @@ def recover(
         return Outcome(status, chain, tuple(attempts), tuple(sensitivity), why)
 
     best_calibration, best_fixes, best = base_calibration, (), failed
-    if options.calibrations and _applies(applies, stage, OTHER_CALIBRATIONS):
+    if options.calibrations and calibrates(stage):
         for method in stage.calibrations():
             if method == base_calibration or time.perf_counter() > deadline:
                 continue
@@ -270,10 +272,6 @@ NO_INT8_LEFT = (
     "every quantizable layer would have to stay in float: it passes only with no INT8 arithmetic of "
     "this quantizer left (the FP32 artifact is that model)"
 )
-
-
-# what ``applies`` is asked before the calibration rung (a QAT model's ranges are not calibrated)
-OTHER_CALIBRATIONS = "calibration"
 
 
 def exact(p: Parity) -> bool:
