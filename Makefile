@@ -36,11 +36,11 @@ lint: $(STAMP)
 
 # The suite CI runs (deterministic, no timing assertions; docs/development.md gives its time).
 test: $(STAMP) browser services lint
-	TOOLCHAIN_REQUIRE_BROWSER=1 TOOLCHAIN_REQUIRE_SERVICES=1 $(PY) -m pytest -q -m "not slow" --durations=20
+	TOOLCHAIN_REQUIRE_BROWSER=1 TOOLCHAIN_REQUIRE_SERVICES=1 $(PY) -m pytest -q -m "not slow" -n 2 --dist loadfile --durations=20
 
 # Everything, the heavier end-to-end builds too (every torchvision architecture): nightly.
 test-full: $(STAMP) browser services
-	TOOLCHAIN_REQUIRE_BROWSER=1 TOOLCHAIN_REQUIRE_SERVICES=1 $(PY) -m pytest -q
+	TOOLCHAIN_REQUIRE_BROWSER=1 TOOLCHAIN_REQUIRE_SERVICES=1 $(PY) -m pytest -q -n 2 --dist loadfile
 
 bench: $(STAMP) $(VENV)/.bench
 	$(PY) benchmarks/x86_resnet18.py
