@@ -91,6 +91,20 @@ def test_snapdragon_pte_with_4_bit_weights_is_at_most_0_6_of_the_int8_pte(digits
     assert by_name["pte_int4"]["stage_facts"]["lower_executorch"]["delegate_calls"] >= 1
 
 
+@pytest.mark.slow  # the HTP emulator runs 2 x 128 inputs one at a time (~1 min here)
+def test_the_npu_context_with_4_bit_matmul_weights_is_smaller_than_its_int8_one(digits_arrays, tmp_path):
+    folder = _vit(digits_arrays, tmp_path, dim=128, epochs=15)
+    base = fast_profile(tmp_path, 128, 256, base=SNAPDRAGON, batch_sizes=None, int4=True)
+    data, out = _build(folder, _only(base, tmp_path, ("qnn_int8", "qnn_int4")), tmp_path)
+    by_name = {a["name"]: a for a in data["artifacts"]}
+    assert set(by_name) == {"qnn_int8", "qnn_int4"}, data["skipped"]
+    _check_int4(by_name["qnn_int4"], "compile_qnn_int4")
+    facts = by_name["qnn_int4"]["stage_facts"]["compile_qnn_int4"]
+    assert facts["activations"] == "uint16" and facts["context_bytes"] > 0
+    assert by_name["qnn_int4"]["vs_int8"]["artifact"] == "qnn_int8"
+    assert by_name["qnn_int4"]["size_bytes"] < by_name["qnn_int8"]["size_bytes"]
+
+
 def test_4_bit_weights_are_offered_to_linear_heavy_models_only():
     import torch
 

@@ -28,7 +28,7 @@ ARTIFACTS = {
 }
 HAS_QNN = importlib.util.find_spec("onnxruntime_qnn") is not None
 # the default profile's Hexagon NPU artifact (tests/test_qnn.py)
-NPU = {"qnn_int8": ("onnx-epcontext", ".onnx")}
+NPU = {"qnn_int8": ("onnx-epcontext", ".onnx"), "qnn_int4": ("onnx-epcontext", ".onnx")}
 # offered to Linear-heavy models (the digits CNN's Linear layers hold 87 % of its weights): tests/test_int4.py
 INT4 = {"pte_int4": ("executorch", ".pte")}
 
@@ -36,7 +36,7 @@ INT4 = {"pte_int4": ("executorch", ".pte")}
 def snapdragon_profile(tmp_path, calibration=64, validation=128, extra=""):
     """The target's Arm-CPU artifacts (ExecuTorch, lite interpreter): the NPU's has tests of its own."""
     profile = fast_profile(tmp_path, calibration, validation, extra, base=SNAPDRAGON, batch_sizes=None)
-    return str(without_artifacts(profile, tmp_path, "qnn_int8"))
+    return str(without_artifacts(profile, tmp_path, "qnn_int8", "qnn_int4"))
 
 
 @pytest.fixture(scope="module")
@@ -79,9 +79,8 @@ def test_digits_artifacts_meet_parity_in_their_own_runtimes(digits_build):
         # its latency column is the emulator's
         assert "(host emulation)" in (folder / "report.md").read_text()
     else:
-        assert [s["name"] for s in data["skipped"]] == ["qnn_int8"] and "onnxruntime_qnn" in data["skipped"][
-            0
-        ]["reason"]
+        assert [s["name"] for s in data["skipped"]] == ["qnn_int8", "qnn_int4"]
+        assert all("onnxruntime_qnn" in s["reason"] for s in data["skipped"])
     ref_acc = data["reference"]["accuracy"]
     assert ref_acc > 0.95
     by_name = {a["name"]: a for a in data["artifacts"]}

@@ -51,20 +51,34 @@ def onnx_int8_share(path: Path, sample: list[tuple[int, ...]] | None = None) -> 
 
 def onnx_int4_share(path: Path, sample: list[tuple[int, ...]] | None = None) -> dict:
     """{"int4_share", "macs"} of an ONNX file: the share of the multiply-accumulates of its layers with
-    weights (Conv, Gemm, LSTM/GRU, MatMul by a constant) in ``MatMulNBits`` nodes (ONNX Runtime's 4-bit
-    blockwise weights); a MatMul of two activations (attention's) has no weights to store in 4 bits."""
+    weights (Conv, Gemm, LSTM/GRU, MatMul by a constant) whose weights are 4-bit: ``MatMulNBits`` nodes
+    (ONNX Runtime's blockwise weights) or a weight dequantized from an INT4 initializer (Q/DQ, the NPU's);
+    a MatMul of two activations (attention's) has no weights to store in 4 bits."""
+    import onnx
+
     model = _at_sample(path, sample)
     shapes = value_dims(model, data_prop=True)
-    weights = {i.name for i in model.graph.initializer}
+    for node in model.graph.node:  # com.microsoft's Q/DQ (16- and 4-bit types) are not shape-inferred
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and node.input[0] in shapes:
+            shapes.setdefault(node.output[0], shapes[node.input[0]])
+    initializers = {i.name: i.data_type for i in model.graph.initializer}
+    dequantized = {
+        n.output[0]: initializers[n.input[0]]
+        for n in model.graph.node
+        if n.op_type == "DequantizeLinear" and n.input[0] in initializers
+    }
     total = four = 0
     for node in model.graph.node:
-        if node.op_type not in WEIGHTED or (node.op_type == "MatMul" and node.input[1] not in weights):
+        weight = node.input[1] if len(node.input) > 1 else ""
+        constant = weight in initializers or weight in dequantized
+        if node.op_type not in WEIGHTED or (node.op_type == "MatMul" and not constant):
             continue
         macs = _macs(node, shapes)
         if macs is None:
             continue
         total += macs
-        if node.op_type == "MatMulNBits" and any(a.name == "bits" and a.i == 4 for a in node.attribute):
+        nbits = node.op_type == "MatMulNBits" and any(a.name == "bits" and a.i == 4 for a in node.attribute)
+        if nbits or dequantized.get(weight) == onnx.TensorProto.INT4:
             four += macs
     return {"int4_share": round(four / total, 4) if total else None, "macs": total}
 

@@ -355,7 +355,7 @@ def primary_lines(report: Report) -> list[str]:
 
 
 # the stages that give an artifact 4-bit weights (their facts: int4_share, int8_layers)
-FOUR_BIT_STAGES = ("quantize_int4", "quantize_onnx_int4")
+FOUR_BIT_STAGES = ("quantize_int4", "quantize_onnx_int4", "compile_qnn_int4")
 
 
 def beside_int8(artifacts: list[ArtifactReport]) -> list[ArtifactReport]:

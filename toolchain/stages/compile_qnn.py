@@ -27,7 +27,7 @@ import numpy as np
 
 from toolchain.core.artifact import Artifact, Kind
 from toolchain.core.context import BuildContext
-from toolchain.core.errors import StageError, reason
+from toolchain.core.errors import NotApplicable, StageError, reason
 from toolchain.core.feed import ort_feed
 from toolchain.core.native import native_stderr_off
 from toolchain.core.options import option
@@ -117,7 +117,7 @@ class CompileQnn(Stage, Recoverable):
         graph = onnx.load(str(source), load_external_data=False).graph
         names = [i.name for i in graph.input if i.name not in {t.name for t in graph.initializer}]
         qdq = ctx.workdir / f"{stem}-qdq.onnx"
-        _quantize(source, qdq, o, ctx.calibration.x[: o.samples], names)
+        _quantize(source, qdq, o, ctx.calibration.x[: o.samples], names, overrides=self._weights(source))
         out = self.output_path(artifact, ctx, ".onnx")
         offload = {"offload": "whole graph", "cpu_nodes": 0}
         try:
@@ -141,8 +141,18 @@ class CompileQnn(Stage, Recoverable):
             **offload,
             **rescaled,
         }
-        precision = "a16w8" if o.a16w8 else "int8"
-        return StageResult(dataclasses.replace(artifact, path=out, precision=precision), facts)
+        facts.update(self._weight_facts(qdq, ctx))
+        return StageResult(dataclasses.replace(artifact, path=out, precision=self._precision()), facts)
+
+    def _weights(self, source: Path) -> dict:
+        """Per-tensor quantization overrides for the weights (none: the QNN config's 8-bit ones)."""
+        return {}
+
+    def _weight_facts(self, qdq: Path, ctx: BuildContext) -> dict:
+        return {}
+
+    def _precision(self) -> str:
+        return "a16w8" if self.options.a16w8 else "int8"
 
     def _partial(
         self, source: Path, qdq: Path, out: Path, ctx: BuildContext, names: list[str], whole: Exception
@@ -157,7 +167,13 @@ class CompileQnn(Stage, Recoverable):
             if refused:
                 qdq = qdq.with_name(f"{qdq.stem}-htp-part.onnx")
                 _quantize(
-                    source, qdq, self.options, ctx.calibration.x[: self.options.samples], names, refused
+                    source,
+                    qdq,
+                    self.options,
+                    ctx.calibration.x[: self.options.samples],
+                    names,
+                    refused,
+                    self._weights(source),
                 )
                 _compile(qdq, out, self.options, cpu_fallback=True)
         except Exception as e:
@@ -195,9 +211,12 @@ class CompileQnn(Stage, Recoverable):
         return fix == "a16w8" or onnx_finds(artifact.path, fix)
 
 
-def _quantize(source: Path, qdq: Path, o: CompileQnnOptions, x, names: list[str], exclude=()) -> None:
+def _quantize(
+    source: Path, qdq: Path, o: CompileQnnOptions, x, names: list[str], exclude=(), overrides=None
+) -> None:
     """ONNX Runtime's QNN Q/DQ quantization of ``source`` into ``qdq``, calibrated on ``x`` one input
-    at a time; the nodes ``exclude`` names stay in float."""
+    at a time; the nodes ``exclude`` names stay in float; ``overrides``: per-tensor settings
+    (`init_overrides`: 4-bit weights)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize
     from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
 
@@ -220,6 +239,7 @@ def _quantize(source: Path, qdq: Path, o: CompileQnnOptions, x, names: list[str]
                 weight_type=QuantType.QUInt8,
                 per_channel=o.per_channel,
                 nodes_to_exclude=list(exclude) or None,
+                init_overrides=overrides or None,
             )
             quantize(str(source), str(qdq), config)
     except Exception as e:
@@ -385,3 +405,68 @@ def context_facts(path: Path) -> dict:
         "context_bytes": size,
         "other_nodes": sorted({n.op_type for n in model.graph.node if n.op_type != "EPContext"}),
     }
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileQnnInt4Options(CompileQnnOptions):
+    a16w8: bool = option(
+        True, "16-bit activations with the 4-bit weights (A16W4, what the HTP pairs them with); false: A8W4"
+    )
+    min_linear_share: float = option(
+        0.5, "offered when the model's MatMul/Gemm weights are at least this share of all its weights"
+    )
+
+
+@register_stage
+class CompileQnnInt4(CompileQnn):
+    """The NPU context with 4-bit weights for the MatMul/Gemm layers (issue 31, part 2): symmetric int4,
+    one scale per output channel (the HTP's 4-bit weight quantization: not blockwise), through ONNX
+    Runtime's QNN quantizer's per-tensor overrides; the other weights stay 8-bit and the activations
+    16-bit (A16W4) unless ``a16w8 = false``. Offered for Linear-heavy models, like the other 4-bit
+    artifacts; ``int4_share`` is counted on the Q/DQ model it compiles (the context cannot be read)."""
+
+    name = "compile_qnn_int4"
+    Options = CompileQnnInt4Options
+    report_facts = CompileQnn.report_facts + ("linear_weight_share", "int4_share")
+
+    def apply(self, artifact: Artifact, ctx: BuildContext) -> StageResult:
+        import onnx
+
+        from toolchain.stages.quantize_onnx_int4 import matmul_weight_share
+
+        share = matmul_weight_share(onnx.load(str(artifact.path)))
+        if share < self.options.min_linear_share:
+            raise NotApplicable(
+                f"{self.name}: MatMul/Gemm weights are {share:.0%} of this model's weights (4-bit weights "
+                f"are offered from {self.options.min_linear_share:.0%})"
+            )
+        made = super().apply(artifact, ctx)
+        return StageResult(made.artifact, {**made.facts, "linear_weight_share": round(share, 4)})
+
+    def _weights(self, source: Path) -> dict:
+        import onnx
+        from onnxruntime.quantization import QuantType
+
+        graph = onnx.load(str(source), load_external_data=False).graph
+        weights = {i.name for i in graph.initializer}
+        overrides = {}
+        for node in graph.node:
+            if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1 and node.input[1] in weights:
+                transposed = any(a.name == "transB" and a.i for a in node.attribute)
+                axis = 0 if node.op_type == "Gemm" and transposed else 1  # the output channels
+                overrides[node.input[1]] = [{"quant_type": QuantType.QInt4, "symmetric": True, "axis": axis}]
+        return overrides
+
+    def _weight_facts(self, qdq: Path, ctx: BuildContext) -> dict:
+        from toolchain.passes.onnx_share import onnx_int4_share
+
+        try:
+            return {"int4_share": onnx_int4_share(qdq, ctx.sample_shapes())["int4_share"]}
+        except Exception:  # noqa: BLE001 - a label's measurement must never cost the artifact
+            return {"int4_share": None}
+
+    def _precision(self) -> str:
+        return "int4"
+
+    def fixes(self) -> tuple[str, ...]:
+        return ("equalize", "smooth")  # already 16-bit activations

@@ -62,7 +62,7 @@ class QuantizeOnnxInt4(Stage, Recoverable):
 
         o = self.options
         model = _as_matmuls(onnx.load(str(artifact.path)))
-        share = _matmul_weight_share(model)
+        share = matmul_weight_share(model)
         if share < o.min_linear_share:
             raise NotApplicable(
                 f"{self.name}: MatMul/Gemm weights are {share:.0%} of this model's weights (4-bit weights "
@@ -138,7 +138,7 @@ def _bits(node) -> int | None:
     return next((a.i for a in node.attribute if a.name == "bits"), None)
 
 
-def _matmul_weight_share(model) -> float:
+def matmul_weight_share(model) -> float:
     """The share of the model's float weights (by element count) that MatMul/Gemm nodes multiply by."""
     import math
 
