@@ -29,6 +29,16 @@ class _UserErrors(click.Group):
             sys.exit(EXIT_USER_ERROR)
 
 
+# the model's target, as `build` and `qat` take it
+TARGET = click.option(
+    "-t",
+    "--target",
+    default="x86_fbgemm",
+    show_default=True,
+    help="Target name (see `toolchain targets`) or a .toml profile.",
+)
+
+
 @click.group(cls=_UserErrors)
 @click.version_option(package_name="toolchain")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr.")
@@ -49,13 +59,7 @@ def main(ctx, quiet: bool, verbose: bool) -> None:
 
 @main.command()
 @click.argument("model")
-@click.option(
-    "-t",
-    "--target",
-    default="x86_fbgemm",
-    show_default=True,
-    help="Target name (see `toolchain targets`) or a .toml profile.",
-)
+@TARGET
 @click.option("-o", "--out", type=click.Path(), help="Build folder [default: build/<model>-<target>].")
 @click.option("--calib", type=click.Path(), help="Calibration inputs: .npy, .npz (x) or a folder of images.")
 @click.option(
@@ -249,13 +253,7 @@ def bench_cmd(terminal, build_dir, batch_sizes, runs, sweep_runs, threads, budge
 
 @main.command()
 @click.argument("model")
-@click.option(
-    "-t",
-    "--target",
-    default="x86_fbgemm",
-    show_default=True,
-    help="Target name (see `toolchain targets`) or a .toml profile.",
-)
+@TARGET
 @click.option("--calib", type=click.Path(), required=True, help="Calibration inputs, as for `build`.")
 @click.option(
     "--train",
@@ -297,12 +295,15 @@ def qat(model, target, calib, train, artifact, out, input_shape, trust_pickle, c
     calibrating (report.json: "ranges": "qat"), and every artifact is judged against MODEL's FP32
     outputs. In Python: toolchain.qat.prepare(...), your loop, toolchain.qat.save(...).
     A worked example: docs/qat.md."""
+    from pathlib import Path
+
     from toolchain.qat import finetune
 
     path = finetune(model, train, out, target, calib, artifact, input_shape, trust_pickle, constants)
+    folder = Path("build") / f"{Path(model).stem}-{Path(target).stem}-qat"  # beside, not over, a PTQ build
     click.echo(
         f"wrote {path}; next: toolchain build {model} --target {target} --calib {calib} --val VAL "
-        f"--qat {path}"
+        f"--qat {path} --out {folder}"
     )
 
 

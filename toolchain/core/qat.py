@@ -78,15 +78,12 @@ def read_qat_state(path: str | Path) -> QatState:
     data = path.read_bytes()  # hashed and loaded from the same bytes
     try:
         raw = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
-        first = reason(e, limit=120)
-        raise QatError(
-            f"`{path}` is not a QAT state written by `toolchain qat` (or it is damaged): {first}"
-        ) from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError):
+        raw = None  # torch's own message (a zip's missing data.pkl) says less than what follows
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise QatError(
-            f"`{path}` is not a QAT state written by `toolchain qat` or `toolchain.qat.save` "
-            "(a model file goes before the options; the fine-tuned state after --qat)"
+            f"`{path}` is not a QAT state written by `toolchain qat` or `toolchain.qat.save` (another kind "
+            "of file, or damaged; a model file goes before the options, the fine-tuned state after --qat)"
         )
     if raw.get("version") != VERSION:
         raise QatError(f"QAT state `{path}` has version {raw.get('version')}; this toolchain reads {VERSION}")
@@ -116,3 +113,17 @@ def read_qat_state(path: str | Path) -> QatState:
         str(path.resolve()),  # a report names it; `toolchain sensitivity` reads it again from anywhere
         hashlib.sha256(data).hexdigest(),
     )
+
+
+def load_into(model, state: QatState, stage: str) -> None:
+    """``state``'s weights and ranges into ``model`` (the QAT model a stage rebuilt from the build's
+    model); one StageError when they do not fit it."""
+    from toolchain.core.errors import StageError
+
+    try:
+        model.load_state_dict(state.state_dict)
+    except RuntimeError as e:
+        raise StageError(
+            f"{stage}: the QAT state {state.source} does not fit this model "
+            f"({reason(e, limit=200)}): prepare it from the model file this build reads"
+        ) from None

@@ -21,6 +21,7 @@ from toolchain.core.errors import StageError, reason
 from toolchain.core.export import as_module, export_program, quiet_logger
 from toolchain.core.feed import torch_args
 from toolchain.core.options import option
+from toolchain.core.qat import load_into
 from toolchain.core.stage import QuantizationAware, Recoverable, Stage, StageResult, register_stage
 from toolchain.passes.batchnorm import batchnorm1d_as_convs, module_of
 
@@ -241,13 +242,7 @@ class QuantizePT2E(Stage, Recoverable, QuantizationAware):
                 f"{self.name}: a QAT model's layers and ranges are its own: no float layers, no fixes"
             )
         model, _ = self._qat_model(artifact, ctx)
-        try:
-            model.load_state_dict(ctx.qat.state_dict)
-        except RuntimeError as e:
-            raise StageError(
-                f"{self.name}: the QAT state {ctx.qat.source} does not fit this model "
-                f"({reason(e, limit=200)}): prepare it from the model file this build reads"
-            ) from None
+        load_into(model, ctx.qat, self.name)
         model.eval()  # returns None on an exported model
         converted = convert_pt2e(model)
         program = export_program(converted, ctx.example(), self.name)

@@ -21,6 +21,7 @@ from toolchain.core.context import BuildContext
 from toolchain.core.errors import StageError, reason
 from toolchain.core.feed import torch_args
 from toolchain.core.options import option
+from toolchain.core.qat import load_into
 from toolchain.core.stage import QuantizationAware, Recoverable, Stage, StageResult, register_stage
 from toolchain.measure.cpu import has_vnni, torch_kernels
 
@@ -255,13 +256,7 @@ class QuantizeTorch(Stage, Recoverable, QuantizationAware):
         key = ("quantize_torch_qat", artifact.sha256, ctx.qat.source)
         if key not in ctx.cache:
             model, mapping = self._qat_model(artifact, ctx, ctx.qat.settings)  # as it was prepared
-            try:
-                model.load_state_dict(ctx.qat.state_dict)
-            except RuntimeError as e:
-                raise StageError(
-                    f"{self.name}: the QAT state {ctx.qat.source} does not fit this model "
-                    f"({reason(e, limit=200)}): prepare it from the model file this build reads"
-                ) from None
+            load_into(model, ctx.qat, self.name)
             ctx.cache[key] = model.eval(), mapping
         model, mapping = ctx.cache[key]
         mapping = copy.deepcopy(mapping)
