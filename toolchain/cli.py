@@ -38,6 +38,10 @@ TARGET = click.option(
     help="Target name (see `toolchain targets`) or a .toml profile.",
 )
 
+TRUST_PICKLE = click.option(
+    "--trust-pickle", is_flag=True, help="Allow a pickled nn.Module (unpickling runs code from the file)."
+)
+
 
 @click.group(cls=_UserErrors)
 @click.version_option(package_name="toolchain")
@@ -72,9 +76,7 @@ def main(ctx, quiet: bool, verbose: bool) -> None:
     help="Input shape with batch, e.g. 1x3x224x224, or per input NAME=SHAPE[:DTYPE],... "
     "(when the model does not say).",
 )
-@click.option(
-    "--trust-pickle", is_flag=True, help="Allow a pickled nn.Module (unpickling runs code from the file)."
-)
+@TRUST_PICKLE
 @click.option(
     "--constant",
     "constants",
@@ -267,9 +269,7 @@ def bench_cmd(terminal, build_dir, batch_sizes, runs, sweep_runs, threads, budge
 )
 @click.option("-o", "--out", type=click.Path(), default="qat.pt", show_default=True, help="State to write.")
 @click.option("--input-shape", help="Input shape with batch (when the model does not say), as for `build`.")
-@click.option(
-    "--trust-pickle", is_flag=True, help="Allow a pickled nn.Module (unpickling runs code from the file)."
-)
+@TRUST_PICKLE
 @click.option(
     "--constant",
     "constants",
