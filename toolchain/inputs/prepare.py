@@ -116,7 +116,7 @@ def prepare_inputs(
         )
     cpu = isa_facts(isa)
     # device targets say so in their own reports; an x86 mismatch is a surprise
-    if cpu["proxy"] and cpu["target_isa"]:
+    if cpu["proxy"] and cpu["target_isa"] and hold_out:  # what only calibrates measures no parity
         warnings.append(f"parity measured here is a proxy: {cpu['proxy_reason']}")
     if loaded.artifact.state is not None:
         warnings.append(
@@ -333,7 +333,7 @@ def prepare_model(
     checked (:func:`prepare_inputs`), constants bound, the model run once on zeros, random
     BatchNorm statistics settled. ``loaded`` has its constants fixed (:func:`fix_constants`).
     Returns the model as every stage sees it, the inputs, and the model's output names."""
-    log.info("reading calibration and validation data")
+    log.info("reading calibration and validation data" if hold_out else "reading calibration data")
     inputs = prepare_inputs(loaded, options, isa, calib, val, input_shape, hold_out)
     loaded = bind_constants(loaded, inputs.calibration.x)
     names = check_model_accepts(loaded, inputs.signature)
