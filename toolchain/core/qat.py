@@ -96,9 +96,7 @@ def read_qat_state(path: str | Path) -> QatState:
         "state_dict": dict,
     }
     wrong = [k for k, kind in kinds.items() if not isinstance(raw.get(k), kind)]
-    tensors = isinstance(raw.get("state_dict"), dict) and all(
-        isinstance(v, torch.Tensor) for v in raw["state_dict"].values()
-    )
+    tensors = not wrong and all(isinstance(v, torch.Tensor) for v in raw["state_dict"].values())
     if wrong or not tensors:
         raise QatError(
             f"QAT state `{path}` is damaged: {', '.join(wrong) or 'state_dict'} missing or malformed"

@@ -132,16 +132,60 @@ class Recoverable:
 
 
 class QuantizationAware:
-    """A quantization stage whose quantizer `toolchain qat` can prepare for fine-tuning (a mixin beside
-    Stage): :meth:`prepare_qat` returns the input model with this stage's fake-quantization,
-    calibrated once; a build given the fine-tuned state (``ctx.qat``) converts it with its learned
-    weights and ranges instead of calibrating. :meth:`qat_settings` are what must match."""
+    """A quantization stage whose quantizer `toolchain qat` can prepare for fine-tuning (a mixin listed
+    before Recoverable, whose :meth:`calibrates` it answers): :meth:`prepare_qat` returns the input model
+    with this stage's fake-quantization, calibrated once; a build given the fine-tuned state
+    (``ctx.qat``) converts it with its learned weights and ranges instead of calibrating.
+    :meth:`qat_settings` are what it was prepared with; ``qat_matching`` names those a state must share
+    with the stage (None: all of them)."""
+
+    qat_matching: ClassVar[tuple[str, ...] | None] = None
+    # the options that rewrite weights or ranges (recovery's fixes): a QAT model learned its own
+    qat_rewrites: ClassVar[tuple[str, ...]] = ("float_masks", "equalize", "smooth", "bias_correction")
 
     def qat_settings(self, ctx: BuildContext) -> dict[str, Any]:
         raise NotImplementedError
 
     def prepare_qat(self, artifact: Artifact, ctx: BuildContext):
         raise NotImplementedError
+
+    def qat_mismatch(self, artifact: Artifact, ctx: BuildContext) -> str | None:
+        """Why the build's QAT state does not fit this stage (None: it does)."""
+        if ctx.qat.stage != self.name:
+            return f"prepared for stage {ctx.qat.stage}"
+        mine = self.qat_settings(ctx)
+        for key in self.qat_matching or tuple(mine):
+            if ctx.qat.settings.get(key) != mine[key]:
+                return f"prepared with {key} = {ctx.qat.settings.get(key)}, this stage has {mine[key]}"
+        return None
+
+    def uses_qat(self, artifact: Artifact, ctx: BuildContext) -> bool:
+        return ctx.qat is not None and self.qat_mismatch(artifact, ctx) is None
+
+    def calibrates(self, artifact: Artifact, ctx: BuildContext) -> bool:
+        return not self.uses_qat(artifact, ctx)
+
+    def qat_facts(self, artifact: Artifact, ctx: BuildContext) -> dict[str, Any]:
+        """`ranges`, and `qat_state` when the build was given one: the file, or why it was not used."""
+        if ctx.qat is None:
+            return {"ranges": "calibration"}
+        if self.uses_qat(artifact, ctx):
+            return {"ranges": "qat", "qat_state": ctx.qat.source}
+        return {"ranges": "calibration", "qat_state": f"not used: {self.qat_mismatch(artifact, ctx)}"}
+
+    def refuse_rewrites(self, float_layers: bool = True) -> None:
+        """A StageError when the options set a rewrite of weights or ranges (or, with ``float_layers``,
+        layers kept in float): QAT learns what they fix."""
+        from toolchain.core.errors import StageError
+
+        set_ = [f for f in self.qat_rewrites if getattr(self.options, f)]
+        if float_layers and self.options.float_layers:
+            set_.append("float_layers")
+        if set_:
+            raise StageError(
+                f"{self.name}: {', '.join(set_)} would change a QAT model's learned weights or ranges "
+                "(QAT learns what they fix): prepare and build with a profile without them"
+            )
 
 
 STAGES: Registry[type[Stage]] = Registry("stage")

@@ -95,7 +95,7 @@ class CompileQnn(Stage, Recoverable):
         from toolchain.passes.rescale import rescale_onnx_into
         from toolchain.passes.smooth import Bits
 
-        stem = f"qnn-{artifact.sha256[:12]}-{o.a16w8}-{o.per_channel}-{o.equalize}-{o.smooth}"
+        stem = f"{self.name}-{artifact.sha256[:12]}-{o.a16w8}-{o.per_channel}-{o.equalize}-{o.smooth}"
         static = ctx.workdir / f"{stem}-b1.onnx"
         onnx.save(batch_one(onnx.load(str(artifact.path)), ctx.calibration.x[:1]), str(static))
         rescaled = {}
@@ -434,7 +434,7 @@ class CompileQnnInt4(CompileQnn):
 
         from toolchain.stages.quantize_onnx_int4 import matmul_weight_share
 
-        share = matmul_weight_share(onnx.load(str(artifact.path)))
+        share = matmul_weight_share(onnx.load(str(artifact.path), load_external_data=False))
         if share < self.options.min_linear_share:
             raise NotApplicable(
                 f"{self.name}: MatMul/Gemm weights are {share:.0%} of this model's weights (4-bit weights "

@@ -57,7 +57,7 @@ class QuantizePT2EOptions:
 
 
 @register_stage
-class QuantizePT2E(Stage, Recoverable, QuantizationAware):
+class QuantizePT2E(Stage, QuantizationAware, Recoverable):
     name = "quantize_pt2e"
     requires = ("torch", "executorch", "torchao")
     transitions = {Kind.EAGER: Kind.EXPORTED, Kind.FX: Kind.EXPORTED, Kind.EXPORTED: Kind.EXPORTED}
@@ -65,7 +65,6 @@ class QuantizePT2E(Stage, Recoverable, QuantizationAware):
     report_facts = ("batchnorm1d_as_conv", "ranges", "qat_state")
 
     def apply(self, artifact: Artifact, ctx: BuildContext) -> StageResult:
-        import torch
 
         # torchao 0.18 registers an Enum with pytree; torch notes it
         with quiet_logger("torch.utils._pytree"):
@@ -77,7 +76,7 @@ class QuantizePT2E(Stage, Recoverable, QuantizationAware):
 
         o = self.options
         cal = ctx.calibration.x
-        if self._uses_qat(artifact, ctx):
+        if self.uses_qat(artifact, ctx):
             return self._from_qat(artifact, ctx)
         ep, batch = self._exported(artifact, ctx)
         quantizer = XNNPACKQuantizer().set_global(
@@ -98,10 +97,7 @@ class QuantizePT2E(Stage, Recoverable, QuantizationAware):
             )
         try:
             prepared = prepare_pt2e(module, quantizer)
-            with torch.no_grad():
-                for start in range(0, len(cal), batch):
-                    prepared(*torch_args(cal[start : start + batch]))
-                    ctx.progress("calibrating (pt2e)", min(start + batch, len(cal)), len(cal))
+            _calibrate(prepared, batch, ctx, "calibrating (pt2e)")
             # convert_pt2e changes its input
             reference = copy.deepcopy(prepared) if o.bias_correction else None
             converted = convert_pt2e(prepared)
@@ -114,7 +110,7 @@ class QuantizePT2E(Stage, Recoverable, QuantizationAware):
             corrected = correct_graph_biases(reference, converted, cal[:128], batch)
         program = export_program(converted, ctx.example(), self.name)
         facts = {
-            "ranges": "calibration",
+            **self.qat_facts(artifact, ctx),
             "calibration_samples": len(cal),
             "calibration_batch": batch,
             "quantizer": o.quantizer,
@@ -125,8 +121,6 @@ class QuantizePT2E(Stage, Recoverable, QuantizationAware):
         }
         if as_convs:
             facts["batchnorm1d_as_conv"] = as_convs
-        if ctx.qat is not None:
-            facts["qat_state"] = f"not used: {self._qat_mismatch(ctx)}"
         if corrected is not None:
             facts["bias_correction"] = corrected
         if o.float_masks:
@@ -171,25 +165,15 @@ class QuantizePT2E(Stage, Recoverable, QuantizationAware):
         ``ctx.calibration``; activation ranges then stay fixed, weight scales follow the weights.
         BatchNorm is folded first (as `fuse` folds it): pt2e's own QAT would simulate BatchNorm in
         training mode. Returned in training mode; ``.train()`` and ``.eval()`` work on it."""
-        import torch
         from torchao.quantization.pt2e import disable_fake_quant, enable_fake_quant
 
         from toolchain.passes.observers import freeze_activation_ranges
 
-        rewrites = [f for f in self.fixes() if getattr(self.options, f)]
-        if rewrites or self.options.float_layers:
-            raise StageError(
-                f"{self.name}: the profile sets {', '.join(rewrites) or 'float_layers'} for this stage; "
-                "QAT learns what they fix: prepare it from a profile without them"
-            )
+        self.refuse_rewrites()
         model, batch = self._qat_model(artifact, ctx)
-        cal = ctx.calibration.x
         model.apply(disable_fake_quant)  # each observer sees FP32 values, as after prepare_pt2e
         model.eval()
-        with torch.no_grad():
-            for start in range(0, len(cal), batch):
-                model(*torch_args(cal[start : start + batch]))
-                ctx.progress("calibrating (pt2e QAT)", min(start + batch, len(cal)), len(cal))
+        _calibrate(model, batch, ctx, "calibrating (pt2e QAT)")
         model.apply(enable_fake_quant)
         freeze_activation_ranges(model, _weight_quantizers(model))
         model.train()  # the exported model's train() returns None
@@ -217,38 +201,20 @@ class QuantizePT2E(Stage, Recoverable, QuantizationAware):
         allow_exported_model_train_eval(model)
         return model, batch
 
-    def _uses_qat(self, artifact: Artifact, ctx: BuildContext) -> bool:
-        return ctx.qat is not None and self._qat_mismatch(ctx) is None
-
-    def _qat_mismatch(self, ctx: BuildContext) -> str | None:
-        """Why the build's QAT state does not fit this stage (None: it does)."""
-        if ctx.qat.stage != self.name:
-            return f"prepared for stage {ctx.qat.stage}"
-        if ctx.qat.settings != self.qat_settings(ctx):
-            return f"prepared with {ctx.qat.settings}, this stage has {self.qat_settings(ctx)}"
-        return None
-
-    def calibrates(self, artifact: Artifact, ctx: BuildContext) -> bool:
-        return not self._uses_qat(artifact, ctx)
-
     def _from_qat(self, artifact: Artifact, ctx: BuildContext) -> StageResult:
         """The INT8 program from the QAT state's weights and ranges, no calibration. Keeping layers in
         float would change which fake-quantizers exist (the state names them by position): not offered."""
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
         o = self.options
-        if o.float_layers or any(getattr(o, f) for f in self.fixes()):
-            raise StageError(
-                f"{self.name}: a QAT model's layers and ranges are its own: no float layers, no fixes"
-            )
+        self.refuse_rewrites()
         model, _ = self._qat_model(artifact, ctx)
         load_into(model, ctx.qat, self.name)
         model.eval()  # returns None on an exported model
         converted = convert_pt2e(model)
         program = export_program(converted, ctx.example(), self.name)
         facts = {
-            "ranges": "qat",
-            "qat_state": ctx.qat.source,
+            **self.qat_facts(artifact, ctx),
             "quantizer": o.quantizer,
             "quantize_nodes": _count(program, "quantize_per"),
             "per_channel": o.per_channel,
@@ -273,12 +239,12 @@ class QuantizePT2E(Stage, Recoverable, QuantizationAware):
         return model
 
     def fixes(self) -> tuple[str, ...]:
-        return ("float_masks", "equalize", "smooth", "bias_correction")
+        return self.qat_rewrites  # each rewrites weights or ranges (none for a QAT model)
 
     def applies(self, fix: str, artifact: Artifact, ctx: BuildContext) -> bool:
         from toolchain.passes.rescale import fx_finds
 
-        if self._uses_qat(artifact, ctx):  # learned weights and ranges: nothing to rescale or correct
+        if self.uses_qat(artifact, ctx):  # learned weights and ranges: nothing to rescale or correct
             return False
         if fix == "float_masks":
             from toolchain.passes.masks import fx_mask_nodes
@@ -289,7 +255,7 @@ class QuantizePT2E(Stage, Recoverable, QuantizationAware):
     def layers(self, artifact: Artifact, ctx: BuildContext) -> list[str]:
         """Modules whose convolutions and matrix products the quantizer annotates, by the name
         `set_module_name` matches (the innermost entry of each node's module stack)."""
-        if self._uses_qat(artifact, ctx):
+        if self.uses_qat(artifact, ctx):
             return []
         ep, _ = self._exported(artifact, ctx)
         names = []
@@ -346,6 +312,17 @@ def _weight_quantizers(model) -> set[str]:
         for n in model.graph.nodes
         if n.op == "call_module" and n.args and getattr(n.args[0], "op", None) == "get_attr"
     }
+
+
+def _calibrate(model, batch: int, ctx: BuildContext, label: str) -> None:
+    """Run ``model`` on the calibration inputs, ``batch`` at a time, so that its observers see them."""
+    import torch
+
+    cal = ctx.calibration.x
+    with torch.no_grad():
+        for start in range(0, len(cal), batch):
+            model(*torch_args(cal[start : start + batch]))
+            ctx.progress(label, min(start + batch, len(cal)), len(cal))
 
 
 def _count(program, name: str) -> int:

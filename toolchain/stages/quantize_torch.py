@@ -75,17 +75,14 @@ class QuantizeTorchOptions:
     )
 
 
-# the fixes that rewrite weights or ranges: a QAT model learned its own
-REWRITES = ("float_masks", "equalize", "smooth", "bias_correction")
-
-
 @register_stage
-class QuantizeTorch(Stage, Recoverable, QuantizationAware):
+class QuantizeTorch(Stage, QuantizationAware, Recoverable):
     name = "quantize_torch"
     requires = ("torch",)
     transitions = {Kind.FX: Kind.FX, Kind.TORCHSCRIPT: Kind.TORCHSCRIPT}
     Options = QuantizeTorchOptions
     report_facts = ("reduce_range", "kernels", "ranges", "qat_state")
+    qat_matching = ("engine", "per_channel", "reduce_range")  # what decides the INT8 modules and kernels
 
     def apply(self, artifact: Artifact, ctx: BuildContext) -> StageResult:
         import torch
@@ -97,9 +94,9 @@ class QuantizeTorch(Stage, Recoverable, QuantizationAware):
         o = self.options
         reduce_range = self._reduce_range(ctx)
         qconfig = make_qconfig(o.calibration, o.percentile, o.per_channel, reduce_range, o.engine)
-        qat = self._uses_qat(artifact, ctx)
-        # each: the model's arguments
-        batches = [torch_args(b) for b in ctx.calibration.batches(o.batch_size)]
+        qat = self.uses_qat(artifact, ctx)
+        # each: the model's arguments (a QAT model calibrates nothing)
+        batches = [] if qat else [torch_args(b) for b in ctx.calibration.batches(o.batch_size)]
         # what the device must run it under
         engine = "fbgemm" if o.fbgemm_kernels and o.engine == "x86" else o.engine
         kernels = torch_kernels(engine, ctx.isa)  # packed for the kernels the deployment CPU runs
@@ -124,12 +121,8 @@ class QuantizeTorch(Stage, Recoverable, QuantizationAware):
             "kernels": kernels,
             "reduce_range": reduce_range,
             "float_layers": list(o.float_layers),
-            "ranges": "qat" if qat else "calibration",
+            **self.qat_facts(artifact, ctx),
         }
-        if qat:
-            facts["qat_state"] = ctx.qat.source
-        elif ctx.qat is not None:
-            facts["qat_state"] = f"not used: {self._qat_mismatch(ctx, artifact)}"
         if (o.equalize or o.smooth) and artifact.kind is Kind.FX:
             facts.update(
                 ctx.cache.get(
@@ -194,12 +187,7 @@ class QuantizeTorch(Stage, Recoverable, QuantizationAware):
 
         if artifact.kind is not Kind.FX:
             raise StageError(f"{self.name}: quantization-aware training needs an eager or exported model")
-        rescaling = [f for f in REWRITES if getattr(self.options, f)]
-        if rescaling or self.options.float_layers:
-            raise StageError(
-                f"{self.name}: the profile sets {', '.join(rescaling) or 'float_layers'} for this stage; "
-                "QAT learns what they fix: prepare it from a profile without them"
-            )
+        self.refuse_rewrites()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", (DeprecationWarning, UserWarning))
             model, _ = self._qat_model(artifact, ctx, self.qat_settings(ctx))
@@ -226,23 +214,10 @@ class QuantizeTorch(Stage, Recoverable, QuantizationAware):
         mapping = QConfigMapping().set_global(qconfig)
         return prepare_qat_fx(copy.deepcopy(artifact.model).train(), mapping, ctx.example()), mapping
 
-    def calibrates(self, artifact: Artifact, ctx: BuildContext) -> bool:
-        return not self._uses_qat(artifact, ctx)
-
-    def _uses_qat(self, artifact: Artifact, ctx: BuildContext) -> bool:
-        return ctx.qat is not None and not self._qat_mismatch(ctx, artifact)
-
-    def _qat_mismatch(self, ctx: BuildContext, artifact: Artifact | None = None) -> str | None:
-        """Why the build's QAT state does not fit this stage (None: it does)."""
-        if artifact is not None and artifact.kind is not Kind.FX:
+    def qat_mismatch(self, artifact: Artifact, ctx: BuildContext) -> str | None:
+        if artifact.kind is not Kind.FX:
             return "a TorchScript input is quantized as it is"
-        if ctx.qat.stage != self.name:
-            return f"prepared for stage {ctx.qat.stage}"
-        mine = self.qat_settings(ctx)
-        for key in ("engine", "per_channel", "reduce_range"):
-            if ctx.qat.settings.get(key) != mine[key]:
-                return f"prepared with {key} = {ctx.qat.settings.get(key)}, this stage has {mine[key]}"
-        return None
+        return super().qat_mismatch(artifact, ctx)
 
     def _convert_qat(self, artifact: Artifact, ctx: BuildContext):
         """The INT8 model from the QAT state's weights and ranges, no calibration; layers in
@@ -250,9 +225,7 @@ class QuantizeTorch(Stage, Recoverable, QuantizationAware):
         from torch.ao.quantization.quantize_fx import convert_fx
 
         o = self.options
-        for fix in REWRITES:
-            if getattr(o, fix):
-                raise StageError(f"{self.name}: {fix} would change a QAT model's learned weights or ranges")
+        self.refuse_rewrites(float_layers=False)  # recovery may keep layers in float, converted back
         key = ("quantize_torch_qat", artifact.sha256, ctx.qat.source)
         if key not in ctx.cache:
             model, mapping = self._qat_model(artifact, ctx, ctx.qat.settings)  # as it was prepared
@@ -351,7 +324,7 @@ class QuantizeTorch(Stage, Recoverable, QuantizationAware):
         return typing.get_args(typing.get_type_hints(QuantizeTorchOptions)["calibration"])
 
     def fixes(self) -> tuple[str, ...]:
-        return (*REWRITES, "fbgemm_kernels")
+        return (*self.qat_rewrites, "fbgemm_kernels")
 
     def applies(self, fix: str, artifact: Artifact, ctx: BuildContext) -> bool:
         """`fbgemm_kernels` where the x86 engine would run oneDNN's AMX kernels (an `amx` target);
@@ -359,7 +332,7 @@ class QuantizeTorch(Stage, Recoverable, QuantizationAware):
         from toolchain.passes.rescale import fx_finds
 
         # a QAT model's ranges and weights are learned: no other calibration, no rescaling
-        if self._uses_qat(artifact, ctx) and fix != "fbgemm_kernels":
+        if self.uses_qat(artifact, ctx) and fix != "fbgemm_kernels":
             return False
         # the defect is AMX's: a VNNI device runs oneDNN's VNNI kernels, which are right
         if fix == "fbgemm_kernels":
