@@ -13,7 +13,7 @@ from torch import nn
 
 import toolchain
 import toolchain.qat
-from tests.conftest import SNAPDRAGON, X86, cli, fast_profile, without_artifacts
+from tests.conftest import SNAPDRAGON, X86, XAVIER, cli, fast_profile, without_artifacts
 from tests.models import dead_channel_outliers, export
 from toolchain.bench import artifact_of
 from toolchain.core.qat import QatError, read_qat_state
@@ -22,12 +22,10 @@ from toolchain.runtimes import load_runner
 from toolchain.sensitivity import measure_build
 
 
-@pytest.fixture(scope="module")
-def outliers(tmp_path_factory, digits, digits_arrays):
-    """The built-in example's trained CNN (the session's), given dead-channel weight outliers."""
+def with_outliers(tmp_path_factory, digits, digits_arrays, k: float) -> dict:
     x_train, x_test, y_train, y_test = digits_arrays
     tmp = tmp_path_factory.mktemp("qat")
-    model = dead_channel_outliers(torch.export.load(str(digits["model"])).module())
+    model = dead_channel_outliers(torch.export.load(str(digits["model"])).module(), k)
     export(model, x_train, tmp / "model.pt2")
     np.savez(tmp / "calib.npz", x=x_train[:256])
     np.savez(tmp / "other_calib.npz", x=x_train[256:512])
@@ -35,12 +33,28 @@ def outliers(tmp_path_factory, digits, digits_arrays):
     return {"dir": tmp, "model": model, "x": x_train, "y": y_train}
 
 
-def only(tmp_path, base, artifact: str):
-    """``base``'s fast profile with ``artifact`` alone, and recovery without float layers: whatever
+@pytest.fixture(scope="module")
+def outliers(tmp_path_factory, digits, digits_arrays):
+    """The built-in example's trained CNN (the session's), given dead-channel weight outliers."""
+    return with_outliers(tmp_path_factory, digits, digits_arrays, 100.0)
+
+
+@pytest.fixture(scope="module")
+def outliers_7bit(tmp_path_factory, digits, digits_arrays):
+    """The same with outliers half as large, for 7-bit weights (-64..64): the same outlier-to-step ratio
+    as the 8-bit case. (With k = 100 a 7-bit grid rounds every real weight of those rows to zero.)"""
+    return with_outliers(tmp_path_factory, digits, digits_arrays, 50.0)
+
+
+def only(tmp_path, base, *artifacts: str):
+    """``base``'s fast profile with ``artifacts`` alone, and recovery without float layers: whatever
     recovery does, every layer stays INT8."""
-    fast = fast_profile(tmp_path, 256, 594, base=base, extra="[recovery]\nmax_float_layers = 0\n")
+    openvino = any(a.startswith("openvino") for a in artifacts)
+    fast = fast_profile(
+        tmp_path, 256, 594, base=base, extra="[recovery]\nmax_float_layers = 0\n", openvino=openvino
+    )
     names = re.findall(r"^\[artifacts\.(\w+)\]", fast.read_text(), flags=re.M)
-    return without_artifacts(fast, tmp_path, *(n for n in names if n != artifact))
+    return without_artifacts(fast, tmp_path, *(n for n in names if n not in artifacts))
 
 
 def finetune(qat_model, model, x, y, epochs: int = 4) -> None:
@@ -62,43 +76,49 @@ def finetune(qat_model, model, x, y, epochs: int = 4) -> None:
     torch.set_num_threads(threads)
 
 
-def build(outliers, profile, out, calib="calib.npz", qat=None):
+def build(outliers, profile, out, calib="calib.npz", qat=None, name=None):
+    """The build's report and its one artifact (or the one called ``name``)."""
     d = outliers["dir"]
     report, _ = toolchain.build(
         str(d / "model.pt2"), str(profile), d / out, calib=d / calib, val=d / "val.npz", qat=qat
     )
+    if name:
+        return report, next(a for a in report.artifacts if a.name == name)
     (artifact,) = report.artifacts
     return report, artifact
 
 
-def qat_passes_where_ptq_fails(outliers, tmp_path, base, name):
+def qat_passes_where_ptq_fails(outliers, tmp_path, base, name, also=(), min_db=18.0):
     """The issue's test: post-training INT8 fails after recovery; fine-tuned by QAT it passes, with the
-    QAT state's ranges and weights in the artifact. Returns both builds' artifacts and the state's path."""
-    profile = only(tmp_path, base, name)
-    _, ptq = build(outliers, profile, f"ptq-{name}")
+    QAT state's ranges and weights in the artifact. Returns both builds' artifacts and the state's path.
+    ``also``: other artifacts the profile needs (the NVIDIA profile's engine plan names onnx_fp32)."""
+    profile = only(tmp_path, base, name, *also)
+    _, ptq = build(outliers, profile, f"ptq-{name}", name=name)
     assert ptq.parity.passed is False and ptq.ranges == "calibration"
     assert ptq.recovery["status"] == "failed" and len(ptq.recovery["attempts"]) >= 2
     assert ptq.parity.outputs[0].sqnr_db < 13.0  # 10 dB here; recovery's best 12.4
 
     qat_model = toolchain.qat.prepare(
-        str(outliers["dir"] / "model.pt2"), str(profile), outliers["dir"] / "calib.npz"
+        str(outliers["dir"] / "model.pt2"), str(profile), outliers["dir"] / "calib.npz", artifact=name
     )
     fake = {n: m for n, m in qat_model.named_modules() if is_fake_quantize(m)}
     frozen = {n for n, m in fake.items() if not m.observer_enabled[0]}
     assert frozen and frozen != set(fake)  # activation ranges fixed, weight scales still observing
     finetune(qat_model, outliers["model"], outliers["x"], outliers["y"])
     state = toolchain.qat.save(qat_model, tmp_path / "qat.pt")
-    report, qat = build(outliers, profile, f"qat-{name}", qat=state)
+    report, qat = build(outliers, profile, f"qat-{name}", qat=state, name=name)
     assert qat.parity.passed, qat.parity.failures
-    assert qat.parity.outputs[0].sqnr_db > 18.0  # 22 dB here
+    assert qat.parity.outputs[0].sqnr_db > min_db  # 22 dB here for the torch and ExecuTorch artifacts
     assert qat.ranges == "qat" and qat.recovery is None
     assert report.qat["artifact"] == name and report.to_json()["qat"]["sha256"]
     return ptq, qat, state
 
 
-def outputs(folder, x) -> np.ndarray:
-    """What the build's one artifact in ``folder`` computes for ``x``, run as the build ran it."""
-    entry = json.loads((folder / "report.json").read_text())["artifacts"][0]
+def outputs(folder, x, name=None) -> np.ndarray:
+    """What the build's first artifact in ``folder`` (or the one called ``name``) computes for ``x``, run as
+    the build ran it."""
+    entries = json.loads((folder / "report.json").read_text())["artifacts"]
+    entry = next(e for e in entries if e["name"] == name) if name else entries[0]
     return load_runner(artifact_of(folder, entry), entry["runtime"], 1)(x)[0]
 
 
@@ -115,6 +135,49 @@ def test_qat_x86_torch_int8(outliers, tmp_path):
     measure_build(d / "qat-torch_int8")
     baseline = json.loads((d / "qat-torch_int8" / "sensitivity" / "torch_int8.json").read_text())["baseline"]
     assert baseline["sqnr_db"] > 18.0 and not baseline["failures"]
+
+
+def test_qat_x86_onnx_int8_and_its_openvino_ir(outliers_7bit, tmp_path):
+    """ONNX Runtime's Q/DQ model: uint8 activations, int8 per-channel weights in 7 bits (`isa = "avx2"`);
+    the build exports the fine-tuned model with its learned Q/DQ."""
+    import onnx
+
+    from toolchain.stages.quantize_onnx import float_weight_share
+
+    outliers = outliers_7bit
+    ptq, qat, state = qat_passes_where_ptq_fails(outliers, tmp_path, X86, "onnx_int8")
+    facts = qat.stage_facts["quantize_onnx"]
+    assert facts["ranges"] == "qat" and facts["reduce_range"] is True
+    graph = onnx.load(str(outliers["dir"] / "qat-onnx_int8" / "onnx_int8.onnx")).graph
+    assert sum(n.op_type == "QuantizeLinear" for n in graph.node) >= 5 and float_weight_share(graph) == 0.0
+    # OpenVINO's IR of the same Q/DQ model takes the state too; neither calibrates: other calibration data,
+    # the same outputs (and for post-training INT8 other outputs)
+    d, x = outliers["dir"], outliers["x"][:64]
+    (tmp_path / "both").mkdir()
+    both = only(tmp_path / "both", X86, "onnx_int8", "openvino_int8")
+    report, _ = build(outliers, both, "qat-other-calib", calib="other_calib.npz", qat=state, name="onnx_int8")
+    assert {a.name: a.ranges for a in report.artifacts} == {"onnx_int8": "qat", "openvino_int8": "qat"}
+    assert all(a.parity.passed for a in report.artifacts)
+    assert np.array_equal(outputs(d / "qat-onnx_int8", x), outputs(d / "qat-other-calib", x, "onnx_int8"))
+    build(outliers, tmp_path / "without-fast.toml", "ptq-onnx-other-calib", calib="other_calib.npz")
+    assert not np.array_equal(outputs(d / "ptq-onnx_int8", x), outputs(d / "ptq-onnx-other-calib", x))
+
+
+def test_qat_xavier_onnx_int8_qdq(outliers, tmp_path):
+    """TensorRT's explicit-INT8 Q/DQ model: int8 activations with zero-point 0 (all TensorRT takes),
+    fine-tuned; no calibration cache is written from it (its tensors are not onnx_fp32's)."""
+    import onnx
+    from onnx import numpy_helper
+
+    _, qat, _ = qat_passes_where_ptq_fails(outliers, tmp_path, XAVIER, "onnx_int8_qdq", also=("onnx_fp32",))
+    folder = outliers["dir"] / "qat-onnx_int8_qdq"
+    graph = onnx.load(str(folder / "onnx_int8_qdq.onnx")).graph
+    weights = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    zero_points = [weights[n.input[2]] for n in graph.node if n.op_type == "QuantizeLinear"]
+    assert zero_points and all(z.dtype == np.int8 and not z.any() for z in zero_points)
+    assert max(int(o.version) for o in onnx.load(str(folder / "onnx_int8_qdq.onnx")).opset_import) <= 17
+    engine = json.loads((folder / "report.json").read_text())["engine"]
+    assert engine["calibration_cache"] is None and not (folder / "calibration.cache").exists()
 
 
 @pytest.mark.slow
@@ -180,8 +243,8 @@ def test_prepare_needs_calibration_data_and_an_artifact_it_can_prepare(outliers,
     model = str(outliers["dir"] / "model.pt2")
     with pytest.raises(QatError, match="calib"):
         toolchain.qat.prepare(model, str(profile))
-    with pytest.raises(QatError, match=r"`onnx_int8` is not an artifact .* valid: torch_int8"):
-        toolchain.qat.prepare(model, str(X86), outliers["dir"] / "calib.npz", artifact="onnx_int8")
+    with pytest.raises(QatError, match=r"`onnx_fp32` is not an artifact .* valid: torch_int8, onnx_int8"):
+        toolchain.qat.prepare(model, str(X86), outliers["dir"] / "calib.npz", artifact="onnx_fp32")
     with pytest.raises(QatError, match="save\\(\\) takes the model toolchain.qat.prepare returned"):
         toolchain.qat.save(outliers["model"], outliers["dir"] / "no.pt")
 

@@ -265,7 +265,9 @@ def bench_cmd(terminal, build_dir, batch_sizes, runs, sweep_runs, threads, budge
     "(or returns the trained model).",
 )
 @click.option(
-    "--artifact", help="The INT8 artifact whose quantizer to prepare [default: the first QAT can prepare]."
+    "--artifact",
+    help="The INT8 artifact whose quantizer to prepare: torch_int8, onnx_int8 or openvino_int8 on x86, "
+    "pte_int8 or ptl_int8 on Snapdragon, onnx_int8_qdq on Xavier [default: the first QAT can prepare].",
 )
 @click.option("-o", "--out", type=click.Path(), default="qat.pt", show_default=True, help="State to write.")
 @click.option("--input-shape", help="Input shape with batch (when the model does not say), as for `build`.")

@@ -51,6 +51,9 @@ class Artifact:
     # what a stateful TorchScript model's code assigns between calls, as saved (toolchain.core.state):
     # every run of it starts from there
     state: Any = dataclasses.field(default=None, compare=False, repr=False)
+    # the in-memory PyTorch artifact an ONNX file was exported from: a quantization stage of the ONNX
+    # file prepares its QAT twin from it (toolchain.qat)
+    source: Any = dataclasses.field(default=None, compare=False, repr=False)
 
     def files(self) -> list[Path]:
         """The files that make up the artifact on disk (ONNX external data, OpenVINO's .bin included)."""

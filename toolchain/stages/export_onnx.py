@@ -87,7 +87,8 @@ class ExportOnnx(Stage):
             "external_data": external,
             "nodes": len(proto.graph.node),
         }
-        return StageResult(dataclasses.replace(artifact, kind=Kind.ONNX, model=None, path=path), facts)
+        exported = dataclasses.replace(artifact, kind=Kind.ONNX, model=None, path=path, source=artifact)
+        return StageResult(exported, facts)
 
     def _down_to_opset(self, proto, exporter: str, artifact: Artifact, ctx: BuildContext, dynamic: bool):
         """The model at the profile's opset, and how it got there (a stage fact): onnx's converter
@@ -325,3 +326,10 @@ def save_onnx(proto, path, external: bool) -> None:
 
 def _opset(proto) -> int:
     return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def opset_of(path) -> int:
+    """The default-domain opset of the ONNX file at ``path``."""
+    import onnx
+
+    return _opset(onnx.load(str(path), load_external_data=False))

@@ -23,7 +23,7 @@ from toolchain.core.context import BuildContext
 from toolchain.core.errors import ConfigError, StageError, reason
 from toolchain.core.feed import ort_feed
 from toolchain.core.options import option
-from toolchain.core.stage import Recoverable, Stage, StageResult, register_stage
+from toolchain.core.stage import QuantizationAware, Recoverable, Stage, StageResult, register_stage
 from toolchain.measure.cpu import safe_reduce_range
 
 log = logging.getLogger("toolchain")
@@ -99,12 +99,14 @@ RECOVERABLE = (
 
 
 @register_stage
-class QuantizeOnnx(Stage, Recoverable):
+class QuantizeOnnx(Stage, QuantizationAware, Recoverable):
     name = "quantize_onnx"
     requires = ("onnx", "onnxruntime")
     transitions = {Kind.ONNX: Kind.ONNX}
     Options = QuantizeOnnxOptions
-    report_facts = ("reduce_range", "float_norms")
+    report_facts = ("reduce_range", "float_norms", "ranges", "qat_state")
+    # what a QAT state's Q/DQ must share with this stage; the calibration method only set its start
+    qat_matching = ("activations", "weights", "symmetric_activations", "per_channel", "reduce_range")
 
     @classmethod
     def check_options(cls, options: QuantizeOnnxOptions, where: str, source: str) -> None:
@@ -117,6 +119,8 @@ class QuantizeOnnx(Stage, Recoverable):
     def apply(self, artifact: Artifact, ctx: BuildContext) -> StageResult:
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
+        if self.uses_qat(artifact, ctx):
+            return self._from_qat(artifact, ctx)
         o = self.options
         reduce_range = reduce_range_for(o.reduce_range, o.activations, o.weights, ctx.isa)
         path = self.output_path(artifact, ctx, ".onnx")
@@ -170,7 +174,7 @@ class QuantizeOnnx(Stage, Recoverable):
                 ) from None
         resorted = sort_nodes(path, artifact.has_external_data)
         facts = {
-            "ranges": "calibration",
+            **self.qat_facts(artifact, ctx),
             "calibration_samples": len(ctx.calibration.x),
             "reduce_range": reduce_range,
             "ranges_reused": cached,
@@ -214,8 +218,87 @@ class QuantizeOnnx(Stage, Recoverable):
             source, ctx, self.name, o.equalize, o.smooth, reduce_range, o.per_channel, o.symmetric_activations
         )
 
+    # -- quantization-aware training (toolchain.qat) --
+
+    def qat_settings(self, ctx: BuildContext) -> dict:
+        o = self.options
+        return {
+            "activations": o.activations,
+            "weights": o.weights,
+            "symmetric_activations": o.symmetric_activations,
+            "per_channel": o.per_channel,
+            "reduce_range": reduce_range_for(o.reduce_range, o.activations, o.weights, ctx.isa),
+            "calibration": o.calibration,
+            "percentile": o.percentile,
+        }
+
+    def prepare_qat(self, artifact: Artifact, ctx: BuildContext):
+        """The PyTorch model this ONNX file was exported from, with fake-quantization of this stage's
+        types and ranges (:func:`qdq_config`) where XNNPACK's quantizer places Q/DQ (convolutions, matrix
+        products, additions, pooling, concatenation), calibrated once; activation ranges then stay fixed,
+        weight scales follow the weights. The build exports the fine-tuned model with those Q/DQ
+        (:meth:`_from_qat`) instead of quantizing the FP32 export: ONNX Runtime's quantizer places
+        Q/DQ by ONNX tensor names, which a fine-tuning in PyTorch cannot follow."""
+        from toolchain.stages.quantize_pt2e import start_ranges
+
+        self.refuse_rewrites()
+        model, batch = self._qat_model(artifact, ctx, self.qat_settings(ctx))
+        return start_ranges(model, batch, ctx, "calibrating (QAT, ONNX Q/DQ)")
+
+    def _qat_model(self, artifact: Artifact, ctx: BuildContext, settings: dict):
+        from toolchain.stages.quantize_pt2e import qat_twin_model
+
+        source = artifact.source
+        if source is None or source.kind not in (Kind.EAGER, Kind.FX, Kind.EXPORTED):
+            raise StageError(
+                f"{self.name}: QAT prepares a PyTorch model (nn.Module or exported program) that this "
+                "ONNX file was exported from; this one was "
+                + ("a TorchScript model" if source is not None else "not exported by this build")
+            )
+        return qat_twin_model(
+            source, ctx, qdq_config(settings, self.name), self.name, self.options.batch_size
+        )
+
+    def _from_qat(self, artifact: Artifact, ctx: BuildContext) -> StageResult:
+        """The Q/DQ ONNX model of the QAT state: the twin rebuilt with the state's settings, its learned
+        weights and ranges loaded, converted (INT8 weights, fixed Q/DQ) and exported at the input's opset
+        and batch form. Nothing is calibrated; no layer can be kept in float (the state names its
+        fake-quantizers by position)."""
+        from toolchain.core.export import quiet_logger
+        from toolchain.core.qat import load_into
+        from toolchain.stages.export_onnx import ExportOnnx, ExportOnnxOptions, opset_of
+
+        with quiet_logger("torch.utils._pytree"):
+            from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
+        self.refuse_rewrites()
+        model, _ = self._qat_model(artifact, ctx, ctx.qat.settings)
+        load_into(model, ctx.qat, self.name)
+        model.eval()  # returns None on an exported model
+        converted = convert_pt2e(model)
+        export = ExportOnnx(
+            ExportOnnxOptions(opset=opset_of(artifact.path), dynamic_batch=artifact.fixed_batch() is None)
+        )
+        twin = dataclasses.replace(
+            artifact, kind=Kind.FX, model=converted, path=None, precision="int8", source=None
+        )
+        exported = export.apply(twin, ctx).artifact
+        path = self.output_path(artifact, ctx, ".onnx")
+        exported.path.replace(path)
+        facts = {
+            **self.qat_facts(artifact, ctx),
+            "quantizer": "xnnpack placement, onnx q/dq",
+            "reduce_range": ctx.qat.settings["reduce_range"],
+            "float_layers": [],
+            **qdq_summary(path),
+        }
+        return StageResult(dataclasses.replace(artifact, path=path, precision="int8"), facts)
+
     def layers(self, artifact: Artifact, ctx: BuildContext) -> list[str]:
         import onnx
+
+        if self.uses_qat(artifact, ctx):
+            return []
         from onnxruntime.quantization.registry import QDQRegistry
 
         # Add / Mul: ORT's QDQ defaults
@@ -232,6 +315,8 @@ class QuantizeOnnx(Stage, Recoverable):
     def applies(self, fix: str, artifact: Artifact, ctx: BuildContext) -> bool:
         from toolchain.passes.rescale import onnx_finds
 
+        if self.uses_qat(artifact, ctx):  # learned weights and ranges: nothing to rescale or correct
+            return False
         if fix == "float_masks":  # a mask's Softmax or Add that this quantizer would give Q/DQ
             import onnx
 
@@ -243,6 +328,55 @@ class QuantizeOnnx(Stage, Recoverable):
         if fix not in ("equalize", "smooth"):
             return True
         return onnx_finds(preprocessed(artifact, ctx) if self.options.preprocess else artifact.path, fix)
+
+
+def qdq_config(settings: dict, stage: str):
+    """A post-training pt2e QuantizationConfig with ONNX Runtime's Q/DQ for ``settings``
+    (:meth:`QuantizeOnnx.qat_settings`): activations uint8 (asymmetric) or int8 (asymmetric, or
+    symmetric in -127..127 with zero-point 0), weights int8 symmetric in -127..127 (-64..64 with
+    ``reduce_range``), per output channel or per tensor; the activations' observer is the calibration
+    method's: min/max, a percentile of the histogram, or for `entropy` torch's histogram search (which
+    minimises the L2 error; ONNX Runtime's KL search has no PyTorch twin). Bias stays float: ONNX
+    Runtime quantizes it at load, as it does its own Q/DQ models' int32 bias."""
+    import torch
+    from torch.ao.quantization.observer import HistogramObserver
+
+    from toolchain.core.export import quiet_logger
+    from toolchain.passes.observers import PercentileObserver
+
+    with quiet_logger("torch.utils._pytree"):  # torchao registers an Enum with pytree; torch notes it
+        from torchao.quantization.pt2e import MinMaxObserver, PerChannelMinMaxObserver
+        from torchao.quantization.pt2e.quantizer import QuantizationConfig, QuantizationSpec
+
+    if settings["weights"] != "int8":
+        raise StageError(f"{stage}: QAT prepares int8 weights (weights = {settings['weights']!r})")
+    symmetric = settings["symmetric_activations"]
+    if settings["activations"] == "uint8":
+        if symmetric:
+            raise StageError(f"{stage}: QAT cannot prepare symmetric uint8 activations: use int8")
+        dtype, low, high = torch.uint8, 0, 255
+    else:
+        dtype, low, high = (torch.int8, -127, 127) if symmetric else (torch.int8, -128, 127)
+    scheme = torch.per_tensor_symmetric if symmetric else torch.per_tensor_affine
+    observer = {
+        "minmax": MinMaxObserver.with_args(),
+        "entropy": HistogramObserver.with_args(),
+        "percentile": PercentileObserver.with_args(percentile=settings["percentile"]),
+    }[settings["calibration"]]
+    activation = QuantizationSpec(
+        dtype=dtype, quant_min=low, quant_max=high, qscheme=scheme, observer_or_fake_quant_ctr=observer
+    )
+    limit = 64 if settings["reduce_range"] else 127
+    per_channel = settings["per_channel"]
+    weight = QuantizationSpec(
+        dtype=torch.int8,
+        quant_min=-limit,
+        quant_max=limit,
+        qscheme=torch.per_channel_symmetric if per_channel else torch.per_tensor_symmetric,
+        ch_axis=0 if per_channel else None,
+        observer_or_fake_quant_ctr=(PerChannelMinMaxObserver if per_channel else MinMaxObserver).with_args(),
+    )
+    return QuantizationConfig(activation, activation, weight, None, False)
 
 
 def multi_axis_norms(path: Path) -> list[str]:

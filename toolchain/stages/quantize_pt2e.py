@@ -143,16 +143,7 @@ class QuantizePT2E(Stage, QuantizationAware, Recoverable):
         return ctx.cache[key]
 
     def _export(self, module, ctx: BuildContext):
-        """``module`` exported, and the calibration batch size: in batches when the model exports with a
-        free batch dimension; some models (a reshape to a fixed batch) only export at batch 1."""
-        cal = ctx.calibration.x
-        ep, batch = None, self.options.batch_size
-        if len(cal) > 1:
-            with contextlib.suppress(StageError):
-                ep = export_program(module, torch_args(cal[:2]), self.name, dynamic_batch=True)
-        if ep is None:
-            ep, batch = export_program(module, ctx.example(), self.name), 1
-        return ep, batch
+        return _export(module, ctx, self.name, self.options.batch_size)
 
     # -- quantization-aware training (toolchain.qat) --
 
@@ -165,41 +156,20 @@ class QuantizePT2E(Stage, QuantizationAware, Recoverable):
         ``ctx.calibration``; activation ranges then stay fixed, weight scales follow the weights.
         BatchNorm is folded first (as `fuse` folds it): pt2e's own QAT would simulate BatchNorm in
         training mode. Returned in training mode; ``.train()`` and ``.eval()`` work on it."""
-        from torchao.quantization.pt2e import disable_fake_quant, enable_fake_quant
-
-        from toolchain.passes.observers import freeze_activation_ranges
-
         self.refuse_rewrites()
         model, batch = self._qat_model(artifact, ctx)
-        model.apply(disable_fake_quant)  # each observer sees FP32 values, as after prepare_pt2e
-        model.eval()
-        _calibrate(model, batch, ctx, "calibrating (pt2e QAT)")
-        model.apply(enable_fake_quant)
-        freeze_activation_ranges(model, _weight_quantizers(model))
-        model.train()  # the exported model's train() returns None
-        return model
+        return start_ranges(model, batch, ctx, "calibrating (pt2e QAT)")
 
     def _qat_model(self, artifact: Artifact, ctx: BuildContext):
         """The input fused, exported and prepared with the QAT twin of this stage's quantizer (not
         calibrated), and the calibration batch size."""
         with quiet_logger("torch.utils._pytree"):
             from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
-                XNNPACKQuantizer,
                 get_symmetric_quantization_config,
             )
-            from torchao.quantization.pt2e import allow_exported_model_train_eval
-            from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 
-        ep, batch = self._export(_fused(artifact, ctx), ctx)
-        module = ep.module()
-        batchnorm1d_as_convs(module)
         ptq = get_symmetric_quantization_config(is_per_channel=self.options.per_channel)
-        try:
-            model = prepare_qat_pt2e(module, XNNPACKQuantizer().set_global(_qat_twin(ptq)))
-        except (RuntimeError, NotImplementedError, AssertionError, ValueError) as e:
-            raise StageError(f"{self.name}: cannot prepare this model for XNNPACK QAT: {reason(e)}") from None
-        allow_exported_model_train_eval(model)
-        return model, batch
+        return qat_twin_model(artifact, ctx, ptq, self.name, self.options.batch_size)
 
     def _from_qat(self, artifact: Artifact, ctx: BuildContext) -> StageResult:
         """The INT8 program from the QAT state's weights and ranges, no calibration. Keeping layers in
@@ -278,6 +248,57 @@ def _fused(artifact: Artifact, ctx: BuildContext):
     if key not in ctx.cache:
         ctx.cache[key] = Fuse().apply(artifact, ctx).artifact.model
     return ctx.cache[key]
+
+
+def _export(module, ctx: BuildContext, stage: str, batch_size: int):
+    """``module`` exported, and the calibration batch size: in batches when the model exports with a
+    free batch dimension; some models (a reshape to a fixed batch) only export at batch 1."""
+    cal = ctx.calibration.x
+    ep, batch = None, batch_size
+    if len(cal) > 1:
+        with contextlib.suppress(StageError):
+            ep = export_program(module, torch_args(cal[:2]), stage, dynamic_batch=True)
+    if ep is None:
+        ep, batch = export_program(module, ctx.example(), stage), 1
+    return ep, batch
+
+
+def qat_twin_model(artifact: Artifact, ctx: BuildContext, config, stage: str, batch_size: int):
+    """``artifact`` fused (BatchNorm folded, as `fuse` folds it: pt2e's own QAT would simulate BatchNorm
+    in training mode), exported, and prepared with the fake-quantizing twin of ``config`` (a post-training
+    pt2e QuantizationConfig) where XNNPACK's quantizer annotates; not calibrated. Returns it and the
+    calibration batch size. ``.train()`` and ``.eval()`` work on it."""
+    with quiet_logger("torch.utils._pytree"):
+        from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer
+        from torchao.quantization.pt2e import allow_exported_model_train_eval
+        from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
+
+    ep, batch = _export(_fused(artifact, ctx), ctx, stage, batch_size)
+    module = ep.module()
+    batchnorm1d_as_convs(module)
+    try:
+        model = prepare_qat_pt2e(module, XNNPACKQuantizer().set_global(_qat_twin(config)))
+    except (RuntimeError, NotImplementedError, AssertionError, ValueError) as e:
+        raise StageError(f"{stage}: cannot prepare this model for QAT: {reason(e)}") from None
+    allow_exported_model_train_eval(model)
+    return model, batch
+
+
+def start_ranges(model, batch: int, ctx: BuildContext, label: str):
+    """A QAT twin (:func:`qat_twin_model`) calibrated once on ``ctx.calibration``, its observers seeing
+    FP32 values as after prepare_pt2e; activation ranges then stay fixed, weight scales follow the
+    weights. Returned in training mode."""
+    from torchao.quantization.pt2e import disable_fake_quant, enable_fake_quant
+
+    from toolchain.passes.observers import freeze_activation_ranges
+
+    model.apply(disable_fake_quant)
+    model.eval()
+    _calibrate(model, batch, ctx, label)
+    model.apply(enable_fake_quant)
+    freeze_activation_ranges(model, _weight_quantizers(model))
+    model.train()  # the exported model's train() returns None
+    return model
 
 
 def _qat_twin(config):

@@ -192,23 +192,28 @@ def write_plan(
     signature,
     float_layers: tuple[str, ...] = (),
     fp32_layers: tuple[str, ...] = (),
+    cache: bool = True,
 ) -> dict:
     """Write the cache and plan into the build folder; return the report's `engine` entry.
 
     ``float_layers``: the Q/DQ model's nodes that recovery left without Q/DQ; TensorRT runs them
     in FP16 when the plan allows FP16, else in FP32. ``fp32_layers``: nodes FP16 cannot hold (the FP16
-    artifact kept them FP32): constrained to FP32 in the engine."""
+    artifact kept them FP32): constrained to FP32 in the engine. Without ``cache`` (a QAT Q/DQ model,
+    whose tensors are not the FP32 model's) no calibration cache is written; a GPU engine reads none."""
     import onnx
 
     graph = onnx.load(str(folder / f"{opts.engine_from}.onnx"), load_external_data=False).graph
     names = [i.name for i in graph.input if i.name not in {t.name for t in graph.initializer}]
-    scales = activation_scales(folder / f"{opts.calibration_from}.onnx")
-    write_calibration_cache(folder / "calibration.cache", scales, opts.version)
+    scales = activation_scales(folder / f"{opts.calibration_from}.onnx") if cache else {}
+    if cache:
+        write_calibration_cache(folder / "calibration.cache", scales, opts.version)
     plan = engine_plan(
         opts,
         [(name, None if s.scalar else s.shape, s.dynamic) for name, s in zip(names, signature.inputs)],
         onnx_fixed_batch(folder / f"{opts.engine_from}.onnx"),
     )
+    if not cache:
+        plan["calibration_cache"] = None
     if float_layers:
         plan["float_layers"] = {
             "nodes": list(float_layers),
@@ -238,7 +243,7 @@ def write_plan(
         "reason": "TensorRT engines are tied to the GPU and TensorRT version that build them: "
         "run `toolchain engine build <build folder>` (or the plan's trtexec command) on the device",
         "plan": "engine_plan.json",
-        "calibration_cache": "calibration.cache",
+        "calibration_cache": "calibration.cache" if cache else None,
         "calibration_tensors": len(scales),
         "trtexec": plan["trtexec"],
     }
@@ -282,6 +287,15 @@ def plan_engine(
             f"{opts.fp32_onnx}, which a DLA build calibrates; build on the GPU "
             "(tensorrt.dla_core = -1) from the Q/DQ model",
         }
+    qat = calibration.stage_facts.get("quantize_onnx", {}).get("ranges") == "qat"
+    if opts.dla_core >= 0 and qat:
+        return {
+            "status": "not planned",
+            "verified": False,
+            "reason": f"{opts.calibration_from} was built from a QAT state: its Q/DQ model is the fine-tuned "
+            f"PyTorch model's export, whose tensors and weights are not {opts.fp32_onnx}'s, which a DLA "
+            "build calibrates; build on the GPU (tensorrt.dla_core = -1) from the Q/DQ model",
+        }
     # what the FP16 artifact kept in FP32 (its node names are the FP32 model's, as the Q/DQ model's are)
     fp32_layers = next(
         (
@@ -291,6 +305,6 @@ def plan_engine(
         ),
         (),
     )
-    engine = write_plan(folder, opts, signature, float_layers, tuple(fp32_layers))
+    engine = write_plan(folder, opts, signature, float_layers, tuple(fp32_layers), cache=not qat)
     log.info("TensorRT engine: %s (%s)", engine["status"], engine["reason"])
     return engine
