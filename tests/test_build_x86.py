@@ -55,7 +55,8 @@ def test_a_cnn_lists_dynamic_int8_and_avx2_bf16_as_not_applicable_not_as_skipped
     report, folder = digits_build
     data = report.to_json()
     assert {a["name"] for a in data["artifacts"]} == {
-        "torch_int8", "onnx_fp32", "onnx_int8", "openvino_int8", "openvino_fp32", "onnx_int4",
+        "torch_int8", "onnx_fp32", "onnx_int8", "openvino_int8", "openvino_int8_nncf", "openvino_fp32",
+        "onnx_int4",
     }  # fmt: skip
     shares = {a["name"]: (a["int8_share"], a["int8_share_basis"]) for a in data["artifacts"]}
     # every Conv and Gemm of the CNN in Q/DQ (fewer where another CPU's training left recovery a layer
@@ -70,6 +71,8 @@ def test_a_cnn_lists_dynamic_int8_and_avx2_bf16_as_not_applicable_not_as_skipped
     # (each INT8 artifact is recovered in its own runtime, so the two can keep different layers in float)
     assert shares["openvino_fp32"] == (None, None) and shares["openvino_int8"][1] == "macs"
     assert 0 < shares["openvino_int8"][0] <= 1
+    # NNCF's IR counted on its own graph: its integer weights by multiply-accumulates
+    assert shares["openvino_int8_nncf"][1] == "macs" and 0 < shares["openvino_int8_nncf"][0] <= 1
     # TorchScript's counted on the quantized module graph before it was frozen: every Conv and Linear
     assert shares["onnx_fp32"] == (0.0, "macs") and shares["torch_int8"] == (1.0, "macs")
     assert data["skipped"] == []

@@ -24,10 +24,13 @@ def test_the_openvino_target_builds_ir_artifacts_that_keep_parity(digits, tmp_pa
     )
     data = report.to_json()
     by_name = {a["name"]: a for a in data["artifacts"]}
-    assert set(by_name) == {"openvino_int8", "openvino_fp32", "openvino_fp16"}, data["skipped"]
+    assert set(by_name) == {"openvino_int8", "openvino_int8_nncf", "openvino_fp32", "openvino_fp16"}, data[
+        "skipped"
+    ]
     assert report.passed and all(a["parity"]["passed"] for a in by_name.values())
     # the FP32 fallback and the GPU's FP16 IR are never primary (the CPU's latency says nothing of a GPU)
-    assert by_name["openvino_int8"]["precision"] == "int8" and data["primary"] == "openvino_int8"
+    assert by_name["openvino_int8"]["precision"] == "int8"
+    assert data["primary"] in ("openvino_int8", "openvino_int8_nncf")
     assert by_name["openvino_fp32"]["parity"]["sqnr_db"] > 100  # f32 as stated, not the plugin's BF16
     core = ov.Core()
     stated = {}
@@ -35,7 +38,12 @@ def test_the_openvino_target_builds_ir_artifacts_that_keep_parity(digits, tmp_pa
         assert a["path"] == f"{name}.xml" and (folder / f"{name}.bin").is_file()
         model = core.read_model(str(folder / a["path"]))
         stated[name] = model.get_rt_info(["runtime_options", "INFERENCE_PRECISION_HINT"]).astype(str)
-    assert stated == {"openvino_int8": "f32", "openvino_fp32": "f32", "openvino_fp16": "f16"}
+    assert stated == {
+        "openvino_int8": "f32",
+        "openvino_int8_nncf": "f32",
+        "openvino_fp32": "f32",
+        "openvino_fp16": "f16",
+    }
     # FP16 weights for the GPU: half the FP32 file; checked here on the CPU plugin, said so
     assert by_name["openvino_fp16"]["size_bytes"] < 0.6 * by_name["openvino_fp32"]["size_bytes"]
     facts = by_name["openvino_fp16"]["stage_facts"]["convert_openvino_fp16"]
@@ -69,10 +77,14 @@ def test_x86_offers_openvino_ir_beside_onnx_runtime_with_bf16_for_a_bf16_cpu(dig
     )
     data = report.to_json()
     by_name = {a["name"]: a for a in data["artifacts"]}
-    assert set(by_name) == {"onnx_fp32", "onnx_int8", "openvino_int8", "openvino_fp32", "openvino_bf16"}, (
-        data["skipped"],
-        data["not_applicable"],
-    )
+    assert set(by_name) == {
+        "onnx_fp32",
+        "onnx_int8",
+        "openvino_int8",
+        "openvino_int8_nncf",
+        "openvino_fp32",
+        "openvino_bf16",
+    }, (data["skipped"], data["not_applicable"])
     assert report.passed and all(a["parity"]["passed"] for a in by_name.values())
     core = ov.Core()
     stated = {
@@ -82,7 +94,15 @@ def test_x86_offers_openvino_ir_beside_onnx_runtime_with_bf16_for_a_bf16_cpu(dig
         for name, a in by_name.items()
         if name.startswith("openvino")
     }
-    assert stated == {"openvino_int8": "f32", "openvino_fp32": "f32", "openvino_bf16": "bf16"}
+    assert stated == {
+        "openvino_int8": "f32",
+        "openvino_int8_nncf": "f32",
+        "openvino_fp32": "f32",
+        "openvino_bf16": "bf16",
+    }
+    # NNCF for a VNNI CPU: 8-bit weights in every layer it quantizes
+    nncf = by_name["openvino_int8_nncf"]["stage_facts"]["quantize_nncf"]
+    assert nncf["overflow_fix"] == "off (8-bit weights)" and nncf["quantizer"].startswith("nncf ")
     bf16 = by_name["openvino_bf16"]
     assert bf16["precision"] == "bf16" and bf16["eligible"] is True
     thresholds = data["parity_thresholds"]["precisions"]["bf16"]
@@ -93,3 +113,37 @@ def test_x86_offers_openvino_ir_beside_onnx_runtime_with_bf16_for_a_bf16_cpu(dig
     assert by_name["openvino_int8"]["precision"] in ("int8", "mixed")
     assert by_name["openvino_int8"]["int8_share"] > 0 and by_name["openvino_int8"]["eligible"] is True
     assert data["primary"] in {n for n, a in by_name.items() if a["eligible"]}
+
+
+def test_nncf_int8_is_judged_and_recovered_with_its_ignored_scope(digits, tmp_path):
+    """The NNCF artifact is judged like every other: on the digits CNN with weight outliers
+    (tests.models.dead_channel_outliers) NNCF's per-channel 7-bit weights (`isa = "avx2"`: its overflow
+    fix) round each outlier row's real weights away and it misses parity; recovery keeps the Linear
+    layer that holds them in float (NNCF's ignored scope) and it passes, all other layers INT8."""
+    import numpy as np
+    import torch
+
+    from .conftest import without_artifacts
+    from .models import dead_channel_outliers, export
+
+    model = dead_channel_outliers(torch.export.load(str(digits["model"])).module())
+    export(model, np.load(digits["calibration"])["x"], tmp_path / "outliers.pt2")
+    profile = fast_profile(tmp_path, 64, 256, base=OPENVINO)
+    profile = without_artifacts(profile, tmp_path, "openvino_int8", "openvino_fp16")
+    report, folder = toolchain.build(
+        str(tmp_path / "outliers.pt2"),
+        str(profile),
+        tmp_path / "out",
+        digits["calibration"],
+        digits["validation"],
+    )
+    data = report.to_json()
+    nncf = next(a for a in data["artifacts"] if a["name"] == "openvino_int8_nncf")
+    assert nncf["parity"]["passed"], nncf["parity"]
+    attempts = nncf["recovery"]["attempts"]
+    assert attempts[0]["passed"] is False and nncf["recovery"]["status"] == "recovered"
+    facts = nncf["stage_facts"]["quantize_nncf"]
+    assert facts["overflow_fix"] == "7-bit weights (no VNNI)"
+    assert len(nncf["float_layers"]) == 1 and facts["int8_layers"] == facts["weighted_layers"] - 1
+    # the float Linear (512 x 64 of the model's ~0.9 M multiply-accumulates): counted, not guessed
+    assert nncf["precision"] == "mixed" and 0.5 < nncf["int8_share"] < 1

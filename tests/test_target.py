@@ -24,6 +24,7 @@ def test_builtin_x86_profile_loads_with_its_options():
         "torch_bf16",
         "torchscript_fp32",
         "openvino_int8",
+        "openvino_int8_nncf",
         "openvino_fp32",
         "openvino_bf16",
         "onnx_int4",

@@ -17,6 +17,7 @@ LIBRARIES = {
     "executorch": ("executorch", "pip install executorch (Linux/macOS, Python 3.10-3.12)"),
     "torchao": ("torchao", "installed with executorch"),
     "openvino": ("openvino", "pip install openvino (a dependency of the toolchain)"),
+    "nncf": ("nncf", "pip install nncf (a dependency of the toolchain)"),
     "onnxruntime_qnn": ("onnxruntime-qnn", "pip install 'toolchain[qnn]' (x86-64 Linux, glibc >= 2.35)"),
     "tensorrt": (
         "tensorrt",

@@ -14,6 +14,7 @@ from toolchain.stages import (  # noqa: F401
     optimize_torchscript,
     quantize_dynamic,
     quantize_int4,
+    quantize_nncf,
     quantize_onnx,
     quantize_onnx_int4,
     quantize_pt2e,
