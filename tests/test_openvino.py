@@ -100,9 +100,10 @@ def test_x86_offers_openvino_ir_beside_onnx_runtime_with_bf16_for_a_bf16_cpu(dig
         "openvino_fp32": "f32",
         "openvino_bf16": "bf16",
     }
-    # NNCF for a VNNI CPU: 8-bit weights in every layer it quantizes
+    # NNCF for a VNNI CPU: 8-bit weights (NNCF's overflow fix off), read from the IR's int8 constants
     nncf = by_name["openvino_int8_nncf"]["stage_facts"]["quantize_nncf"]
     assert nncf["overflow_fix"] == "off (8-bit weights)" and nncf["quantizer"].startswith("nncf ")
+    assert largest_int8_weight(folder / "openvino_int8_nncf.xml") > 64
     bf16 = by_name["openvino_bf16"]
     assert bf16["precision"] == "bf16" and bf16["eligible"] is True
     thresholds = data["parity_thresholds"]["precisions"]["bf16"]
@@ -144,6 +145,22 @@ def test_nncf_int8_is_judged_and_recovered_with_its_ignored_scope(digits, tmp_pa
     assert attempts[0]["passed"] is False and nncf["recovery"]["status"] == "recovered"
     facts = nncf["stage_facts"]["quantize_nncf"]
     assert facts["overflow_fix"] == "7-bit weights (no VNNI)"
+    assert largest_int8_weight(folder / "openvino_int8_nncf.xml") <= 64  # what the IR holds, not the label
     assert len(nncf["float_layers"]) == 1 and facts["int8_layers"] == facts["weighted_layers"] - 1
     # the float Linear (512 x 64 of the model's ~0.9 M multiply-accumulates): counted, not guessed
     assert nncf["precision"] == "mixed" and 0.5 < nncf["int8_share"] < 1
+
+
+def largest_int8_weight(xml) -> int:
+    """The largest magnitude among an OpenVINO IR's int8 constants (NNCF's compressed weights)."""
+    import numpy as np
+    import openvino as ov
+
+    model = ov.Core().read_model(str(xml))
+    values = [
+        int(np.abs(op.get_data().astype(np.int16)).max())
+        for op in model.get_ops()
+        if op.get_type_name() == "Constant" and op.get_element_type().get_type_name() == "i8"
+    ]
+    assert values, "no int8 weights in the IR"
+    return max(values)

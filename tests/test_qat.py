@@ -180,6 +180,36 @@ def test_qat_xavier_onnx_int8_qdq(outliers, tmp_path):
     assert engine["calibration_cache"] is None and not (folder / "calibration.cache").exists()
 
 
+def test_a_transformers_qat_onnx_model_keeps_its_linears_int8(digits_arrays, tmp_path):
+    """A Linear on a sequence (rank-3 input) exports as Transpose(W) -> MatMul: in the QAT model W is a
+    DequantizeLinear of int8 data, and the transpose is folded into that data so the MatMul reads the
+    DequantizeLinear as ONNX Runtime's fusion (and the INT8 count) expect. Prepared and built without
+    fine-tuning: this is about the file, not the accuracy."""
+    from tests.models import tiny_vit
+
+    x_train, x_test, y_train, y_test = digits_arrays
+    export(tiny_vit(x_train[:512], y_train[:512], epochs=2), x_train, tmp_path / "vit.pt2")
+    np.savez(tmp_path / "calib.npz", x=x_train[:64])
+    np.savez(tmp_path / "val.npz", x=x_test[:64], y=y_test[:64])
+    profile = only(tmp_path, X86, "onnx_int8")
+    qat_model = toolchain.qat.prepare(
+        str(tmp_path / "vit.pt2"), str(profile), tmp_path / "calib.npz", "onnx_int8"
+    )
+    state = toolchain.qat.save(qat_model, tmp_path / "qat.pt")
+    report, _ = toolchain.build(
+        str(tmp_path / "vit.pt2"),
+        str(profile),
+        tmp_path / "out",
+        tmp_path / "calib.npz",
+        tmp_path / "val.npz",
+        qat=state,
+    )
+    (artifact,) = report.artifacts
+    facts = artifact.stage_facts["quantize_onnx"]
+    assert artifact.ranges == "qat" and facts["weight_transposes_folded"] >= 4
+    assert artifact.int8_share > 0.8, artifact.int8_share  # the Linears' multiply-accumulates, counted INT8
+
+
 @pytest.mark.slow
 def test_qat_snapdragon_ptl_int8(outliers, tmp_path):
     """The qnnpack quantizer of the lite-interpreter file, named with `artifact` (the same stage as x86's

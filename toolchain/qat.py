@@ -135,7 +135,12 @@ def finetune(
 
 def _chain(profile: Target, kind, name: str | None) -> tuple[Plan, int]:
     plans, _ = plan(profile, kind)
-    found = [(p, i) for p in plans for i, s in enumerate(p.stages) if isinstance(s, QuantizationAware)]
+    found = [
+        (p, i)
+        for p in plans
+        for i, s in enumerate(p.stages)
+        if isinstance(s, QuantizationAware) and s.qat_prepares(kind)
+    ]
     if not found:
         raise QatError(
             f"target `{profile.name}` has no artifact whose quantization QAT can prepare for a {kind} model"

@@ -146,6 +146,10 @@ class QuantizationAware:
     def qat_settings(self, ctx: BuildContext) -> dict[str, Any]:
         raise NotImplementedError
 
+    def qat_prepares(self, kind: Kind) -> bool:
+        """Whether :meth:`prepare_qat` can prepare a model of this kind (the build's input)."""
+        return True
+
     def prepare_qat(self, artifact: Artifact, ctx: BuildContext):
         raise NotImplementedError
 

@@ -33,7 +33,9 @@ from toolchain.measure.cpu import safe_reduce_range
 log = logging.getLogger("toolchain")
 
 # the OpenVINO operations with weights that NNCF quantizes: what recovery may keep in float
-WEIGHTED = ("Convolution", "GroupConvolution", "ConvolutionBackpropData", "MatMul")
+WEIGHTED = (
+    "Convolution", "GroupConvolution", "ConvolutionBackpropData", "GroupConvolutionBackpropData", "MatMul",
+)  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,13 +43,16 @@ class QuantizeNncfOptions:
     preset: Literal["performance", "mixed"] = option(
         "performance", "symmetric activations (performance) or asymmetric ones (mixed)"
     )
-    calibration: Literal["default", "minmax", "mean_minmax", "histogram"] = option(
+    calibration: Literal["default", "minmax", "histogram"] = option(
         "default",
-        "NNCF's activation range estimator: its default, min/max, mean of per-batch min/max, histogram",
+        "NNCF's activation range estimator: its default (mean of per-sample min/max), the global min/max, "
+        "or its histogram search",
     )
     smooth: bool = option(
         False,
-        "NNCF's transformer scheme: SmoothQuant, and Softmax/LayerNorm paths kept float; recovery tries it",
+        "NNCF's transformer scheme (model_type transformer): SmoothQuant of the Linears' inputs, and "
+        "element-wise additions, multiplications, pooling and normalizations left float; recovery tries it "
+        "on transformers",
     )
     bias_correction: bool = option(
         False, "NNCF's full bias correction instead of its fast one (slower to build); recovery tries it"
@@ -73,7 +78,7 @@ class QuantizeNncf(Stage, Recoverable):
         o = self.options
         core = ov.Core()
         model = core.read_model(str(artifact.path))
-        precision = model.get_rt_info(["runtime_options", "INFERENCE_PRECISION_HINT"]).astype(str)
+        hint = model.get_rt_info(["runtime_options", "INFERENCE_PRECISION_HINT"]).astype(str)
         x = ctx.calibration.x
         count = min(len(x), o.samples)
         data = nncf.Dataset([_sample(x, i) for i in range(count)])
@@ -102,12 +107,11 @@ class QuantizeNncf(Stage, Recoverable):
         except Exception as e:  # NNCF's and OpenVINO's own exception types
             raise StageError(f"quantize_nncf: NNCF cannot quantize this model: {reason(e)}") from None
         # the IR states the precision its float layers run at, as convert_openvino wrote it
-        quantized.set_rt_info(precision, ["runtime_options", "INFERENCE_PRECISION_HINT"])
+        quantized.set_rt_info(hint, ["runtime_options", "INFERENCE_PRECISION_HINT"])
         path = self.output_path(artifact, ctx, ".xml")
         ov.save_model(quantized, str(path), compress_to_fp16=False)
         weighted = [op for op in quantized.get_ops() if op.get_type_name() in WEIGHTED]
-        macs = {op.get_friendly_name(): (_macs(op), _int8(op)) for op in weighted}
-        total = sum(m for m, _ in macs.values())
+        int8_layers = sum(_int8(op) for op in weighted)
         facts = {
             "ranges": "calibration",
             "quantizer": f"nncf {nncf.__version__}",
@@ -116,13 +120,15 @@ class QuantizeNncf(Stage, Recoverable):
             "calibration_samples": count,
             "overflow_fix": "7-bit weights (no VNNI)" if seven_bit else "off (8-bit weights)",
             "fake_quantize_nodes": sum(op.get_type_name() == "FakeQuantize" for op in quantized.get_ops()),
-            "int8_layers": sum(int8 for _, int8 in macs.values()),
+            "int8_layers": int8_layers,
             "weighted_layers": len(weighted),
             # counted in multiply-accumulates per sample, as an ONNX file's share is (verdict.share)
-            "int8_share": round(sum(m for m, int8 in macs.values() if int8) / total, 4) if total else None,
+            "int8_share": _int8_share(weighted),
             "float_layers": list(o.float_layers),
         }
-        return StageResult(dataclasses.replace(artifact, path=path, precision="int8"), facts)
+        # nothing quantized (every layer kept in float, or none NNCF takes): not called INT8
+        precision = "int8" if int8_layers else "fp32"
+        return StageResult(dataclasses.replace(artifact, path=path, precision=precision), facts)
 
     def layers(self, artifact: Artifact, ctx: BuildContext) -> list[str]:
         import openvino as ov
@@ -131,7 +137,7 @@ class QuantizeNncf(Stage, Recoverable):
         return [op.get_friendly_name() for op in model.get_ops() if op.get_type_name() in WEIGHTED]
 
     def calibrations(self) -> tuple[str, ...]:
-        return ("default", "minmax", "mean_minmax", "histogram")
+        return ("default", "minmax", "histogram")
 
     def fixes(self) -> tuple[str, ...]:
         return ("smooth", "bias_correction")
@@ -141,8 +147,9 @@ class QuantizeNncf(Stage, Recoverable):
             return True
         import openvino as ov
 
-        model = ov.Core().read_model(str(artifact.path))
-        return any(op.get_type_name() == "MatMul" for op in model.get_ops())
+        # a transformer: a Softmax or a normalization (MVN: LayerNorm) beside its matrix products
+        kinds = {op.get_type_name() for op in ov.Core().read_model(str(artifact.path)).get_ops()}
+        return "MatMul" in kinds and bool(kinds & {"Softmax", "MVN"})
 
 
 def _nncf():
@@ -167,7 +174,7 @@ def _int8(op) -> bool:
     as i8/u8 constants that a Convert widens before their scale) or a FakeQuantize's output (a product
     of two activations)."""
     node = op.input_value(1).get_node()
-    for _ in range(4):  # Convert, Subtract (zero point), Multiply (scale), Reshape
+    for _ in range(6):  # Convert, Subtract (zero point), Multiply (scale), Reshape, then the Constant
         kind = node.get_type_name()
         if kind == "FakeQuantize":
             return True
@@ -177,6 +184,17 @@ def _int8(op) -> bool:
             return False
         node = node.input_value(0).get_node()
     return False
+
+
+def _int8_share(weighted) -> float | None:
+    """The INT8 share of ``weighted``'s multiply-accumulates per sample; None where they cannot be counted
+    (a dynamic rank)."""
+    try:
+        macs = [(_macs(op), _int8(op)) for op in weighted]
+    except Exception:  # noqa: BLE001 - a label's measurement must never cost the artifact
+        return None
+    total = sum(m for m, _ in macs)
+    return round(sum(m for m, int8 in macs if int8) / total, 4) if total else None
 
 
 def _macs(op) -> int:

@@ -104,7 +104,14 @@ class QuantizeOnnx(Stage, QuantizationAware, Recoverable):
     requires = ("onnx", "onnxruntime")
     transitions = {Kind.ONNX: Kind.ONNX}
     Options = QuantizeOnnxOptions
-    report_facts = ("reduce_range", "float_norms", "ranges", "qat_state")
+    report_facts = (
+        "reduce_range",
+        "float_norms",
+        "ranges",
+        "qat_state",
+        "weight_transposes_folded",
+        "export",
+    )
     # what a QAT state's Q/DQ must share with this stage; the calibration method only set its start
     qat_matching = ("activations", "weights", "symmetric_activations", "per_channel", "reduce_range")
 
@@ -232,6 +239,9 @@ class QuantizeOnnx(Stage, QuantizationAware, Recoverable):
             "percentile": o.percentile,
         }
 
+    def qat_prepares(self, kind: Kind) -> bool:
+        return kind in (Kind.EAGER, Kind.FX, Kind.EXPORTED)  # torch.export cannot trace TorchScript
+
     def prepare_qat(self, artifact: Artifact, ctx: BuildContext):
         """The PyTorch model this ONNX file was exported from, with fake-quantization of this stage's
         types and ranges (:func:`qdq_config`) where XNNPACK's quantizer places Q/DQ (convolutions, matrix
@@ -264,9 +274,12 @@ class QuantizeOnnx(Stage, QuantizationAware, Recoverable):
         weights and ranges loaded, converted (INT8 weights, fixed Q/DQ) and exported at the input's opset
         and batch form. Nothing is calibrated; no layer can be kept in float (the state names its
         fake-quantizers by position)."""
+        import onnx
+
         from toolchain.core.export import quiet_logger
         from toolchain.core.qat import load_into
-        from toolchain.stages.export_onnx import ExportOnnx, ExportOnnxOptions, opset_of
+        from toolchain.passes.qdq_weights import fold_weight_transposes
+        from toolchain.stages.export_onnx import ExportOnnx, ExportOnnxOptions, opset_of, save_onnx
 
         with quiet_logger("torch.utils._pytree"):
             from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
@@ -282,14 +295,20 @@ class QuantizeOnnx(Stage, QuantizationAware, Recoverable):
         twin = dataclasses.replace(
             artifact, kind=Kind.FX, model=converted, path=None, precision="int8", source=None
         )
-        exported = export.apply(twin, ctx).artifact
+        made = export.apply(twin, ctx)
+        proto = onnx.load(str(made.artifact.path))
+        folded = fold_weight_transposes(proto)
         path = self.output_path(artifact, ctx, ".onnx")
-        exported.path.replace(path)
+        save_onnx(proto, path, external=made.artifact.has_external_data)
         facts = {
             **self.qat_facts(artifact, ctx),
             "quantizer": "xnnpack placement, onnx q/dq",
             "reduce_range": ctx.qat.settings["reduce_range"],
             "float_layers": [],
+            # how the fine-tuned model exported: a model whose batch (or sequence) could not stay free
+            # is written at the fixed shapes it was traced with
+            "export": {k: made.facts[k] for k in ("exporter", "opset", "dynamic_batch") if k in made.facts},
+            "weight_transposes_folded": folded,
             **qdq_summary(path),
         }
         return StageResult(dataclasses.replace(artifact, path=path, precision="int8"), facts)

@@ -296,12 +296,13 @@ def plan_engine(
             f"PyTorch model's export, whose tensors and weights are not {opts.fp32_onnx}'s, which a DLA "
             "build calibrates; build on the GPU (tensorrt.dla_core = -1) from the Q/DQ model",
         }
-    # what the FP16 artifact kept in FP32 (its node names are the FP32 model's, as the Q/DQ model's are)
+    # what the FP16 artifact kept in FP32 (its node names are the FP32 model's, as the Q/DQ model's are;
+    # a QAT Q/DQ model is the fine-tuned model's export, whose nodes have other names: none then)
     fp32_layers = next(
         (
             r.stage_facts["float16_onnx"]["fp32_nodes"]
             for r in reports
-            if r.stage_facts.get("float16_onnx", {}).get("fp32_nodes")
+            if r.stage_facts.get("float16_onnx", {}).get("fp32_nodes") and not qat
         ),
         (),
     )
