@@ -103,6 +103,7 @@ def test_x86_offers_openvino_ir_beside_onnx_runtime_with_bf16_for_a_bf16_cpu(dig
     # NNCF for a VNNI CPU: 8-bit weights (NNCF's overflow fix off), read from the IR's int8 constants
     nncf = by_name["openvino_int8_nncf"]["stage_facts"]["quantize_nncf"]
     assert nncf["overflow_fix"] == "off (8-bit weights)" and nncf["quantizer"].startswith("nncf ")
+    assert nncf["float_parts"] == "f32"  # what NNCF leaves unquantized computes as the IR states
     assert largest_int8_weight(folder / "openvino_int8_nncf.xml") > 64
     bf16 = by_name["openvino_bf16"]
     assert bf16["precision"] == "bf16" and bf16["eligible"] is True

@@ -69,7 +69,7 @@ class QuantizeNncf(Stage, Recoverable):
     requires = ("nncf", "openvino")
     transitions = {Kind.OPENVINO: Kind.OPENVINO}
     Options = QuantizeNncfOptions
-    report_facts = ("quantizer", "overflow_fix", "ranges", "int8_layers", "weighted_layers")
+    report_facts = ("quantizer", "overflow_fix", "ranges", "int8_layers", "weighted_layers", "float_parts")
 
     def apply(self, artifact: Artifact, ctx: BuildContext) -> StageResult:
         import openvino as ov
@@ -118,6 +118,8 @@ class QuantizeNncf(Stage, Recoverable):
             "preset": o.preset,
             "calibration": o.calibration,
             "calibration_samples": count,
+            # what the layers NNCF leaves unquantized compute in (the input IR's hint, kept)
+            "float_parts": hint,
             "overflow_fix": "7-bit weights (no VNNI)" if seven_bit else "off (8-bit weights)",
             "fake_quantize_nodes": sum(op.get_type_name() == "FakeQuantize" for op in quantized.get_ops()),
             "int8_layers": int8_layers,
