@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+from toolchain.core.errors import reason
 from toolchain.core.heap import keeps_heap_frozen
 from toolchain.core.native import keeps_torch_settings
 from toolchain.core.pipeline import Plan
@@ -72,6 +73,11 @@ def prepare(
             qat_model = stage.prepare_qat(before, ctx)
         except StageError as e:
             raise QatError(f"cannot prepare {chain.name} of {profile.name} for QAT: {e}") from None
+        except Exception as e:  # the model itself failing on the calibration inputs, in torch's words
+            log.debug("preparing %s for QAT", chain.name, exc_info=True)
+            raise QatError(
+                f"cannot prepare {chain.name} of {profile.name} for QAT: the model raised {reason(e)}"
+            ) from None
         settings = stage.qat_settings(ctx)
     qat_model.meta[META] = {
         "target": profile.name,
