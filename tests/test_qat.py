@@ -150,6 +150,7 @@ def test_qat_x86_onnx_int8_and_its_openvino_ir(outliers_7bit, tmp_path):
     assert facts["ranges"] == "qat" and facts["reduce_range"] is True
     graph = onnx.load(str(outliers["dir"] / "qat-onnx_int8" / "onnx_int8.onnx")).graph
     assert sum(n.op_type == "QuantizeLinear" for n in graph.node) >= 5 and float_weight_share(graph) == 0.0
+    assert not any(n.metadata_props or n.doc_string for n in graph.node)  # no exporter traces (host paths)
     # OpenVINO's IR of the same Q/DQ model takes the state too; neither calibrates: other calibration data,
     # the same outputs (and for post-training INT8 other outputs)
     d, x = outliers["dir"], outliers["x"][:64]

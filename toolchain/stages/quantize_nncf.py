@@ -155,8 +155,12 @@ class QuantizeNncf(Stage, Recoverable):
 
 
 def _nncf():
-    """NNCF, imported with its log at ERROR (it reports every step at INFO)."""
-    import nncf
+    """NNCF, imported with its log at ERROR (it reports every step at INFO) and without torch's note
+    that a host has no CUDA runtime (NNCF's import loads torch's extension builder)."""
+    from toolchain.core.export import quiet_logger
+
+    with quiet_logger("torch.utils.cpp_extension"):
+        import nncf
 
     nncf.set_log_level(logging.ERROR)
     return nncf

@@ -298,6 +298,11 @@ class QuantizeOnnx(Stage, QuantizationAware, Recoverable):
         made = export.apply(twin, ctx)
         proto = onnx.load(str(made.artifact.path))
         folded = fold_weight_transposes(proto)
+        for (
+            node
+        ) in proto.graph.node:  # the exporter's per-node stack traces: build-host paths, a third of the file
+            del node.metadata_props[:]
+            node.doc_string = ""
         path = self.output_path(artifact, ctx, ".onnx")
         save_onnx(proto, path, external=made.artifact.has_external_data)
         facts = {
