@@ -114,13 +114,22 @@ def two_nights(models, tmp_path_factory):
         time.sleep(0.2)
     proc.kill()  # no cleanup of its own
     proc.wait()
-    time.sleep(1)
+
+    def running() -> str:
+        return subprocess.run(
+            ["pgrep", "-f", str(root / "build")], capture_output=True, text=True
+        ).stdout.strip()
+
+    # the kernel kills the builds as their parent dies (PR_SET_PDEATHSIG); tearing down a process that
+    # holds torch, OpenVINO and NNCF took over a second on a loaded machine (two test workers). A build
+    # that outlived the matrix would still be running: the next cell's build had just started.
+    gone = time.monotonic() + 5
+    while running() and time.monotonic() < gone:
+        time.sleep(0.2)
     killed = {
         "cells": rows(db, "select key, folder from cells where run_id = 2"),
         "status": rows(db, "select status from runs where id = 2"),
-        "running": subprocess.run(
-            ["pgrep", "-f", str(root / "build")], capture_output=True, text=True
-        ).stdout.strip(),
+        "running": running(),
     }
     killed["mtimes"] = {
         key: (Path(folder) / "report.json").stat().st_mtime_ns for key, folder in killed["cells"] if folder
