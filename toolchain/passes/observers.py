@@ -76,6 +76,23 @@ def current_weights(observer):
     return twin.with_args(averaging_constant=1.0, **observer.p.keywords)
 
 
+def start_ranges(model, calibrate, weights: set[str] | None = None):
+    """A QAT model (FX's or pt2e's) given its starting ranges: ``calibrate(model)`` runs the calibration
+    inputs through it once with fake-quantization off, so each observer sees FP32 values as after a
+    post-training prepare; then activation ranges stay fixed and weight scales follow the weights
+    (:func:`freeze_activation_ranges`, ``weights`` as there). Returned in training mode."""
+    fakes = [m for m in model.modules() if is_fake_quantize(m)]
+    for m in fakes:
+        m.disable_fake_quant()
+    model.eval()
+    calibrate(model)
+    for m in fakes:
+        m.enable_fake_quant()
+    freeze_activation_ranges(model, weights)
+    model.train()  # an exported (pt2e) model's train() returns None: the model is returned here
+    return model
+
+
 def freeze_activation_ranges(model, weights: set[str] | None = None) -> int:
     """Stop every activation FakeQuantize's observer (its range stays the calibrated one) and leave
     the weights' observing: their scales follow the weights as they train, as post-training

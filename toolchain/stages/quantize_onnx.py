@@ -259,7 +259,7 @@ class QuantizeOnnx(Stage, QuantizationAware, Recoverable):
         from toolchain.stages.quantize_pt2e import qat_twin_model
 
         source = artifact.source
-        if source is None or source.kind not in (Kind.EAGER, Kind.FX, Kind.EXPORTED):
+        if source is None or not self.qat_prepares(source.kind):
             raise StageError(
                 f"{self.name}: QAT prepares a PyTorch model (nn.Module or exported program) that this "
                 "ONNX file was exported from; this one was "
@@ -276,19 +276,13 @@ class QuantizeOnnx(Stage, QuantizationAware, Recoverable):
         fake-quantizers by position)."""
         import onnx
 
-        from toolchain.core.export import quiet_logger
-        from toolchain.core.qat import load_into
         from toolchain.passes.qdq_weights import fold_weight_transposes
         from toolchain.stages.export_onnx import ExportOnnx, ExportOnnxOptions, opset_of, save_onnx
-
-        with quiet_logger("torch.utils._pytree"):
-            from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+        from toolchain.stages.quantize_pt2e import converted_qat_state
 
         self.refuse_rewrites()
         model, _ = self._qat_model(artifact, ctx, ctx.qat.settings)
-        load_into(model, ctx.qat, self.name)
-        model.eval()  # returns None on an exported model
-        converted = convert_pt2e(model)
+        converted = converted_qat_state(model, ctx, self.name)
         export = ExportOnnx(
             ExportOnnxOptions(opset=opset_of(artifact.path), dynamic_batch=artifact.fixed_batch() is None)
         )
@@ -298,9 +292,8 @@ class QuantizeOnnx(Stage, QuantizationAware, Recoverable):
         made = export.apply(twin, ctx)
         proto = onnx.load(str(made.artifact.path))
         folded = fold_weight_transposes(proto)
-        for (
-            node
-        ) in proto.graph.node:  # the exporter's per-node stack traces: build-host paths, a third of the file
+        # the exporter's per-node stack traces: build-host paths, a third of the file
+        for node in proto.graph.node:
             del node.metadata_props[:]
             node.doc_string = ""
         path = self.output_path(artifact, ctx, ".onnx")

@@ -139,11 +139,8 @@ class QuantizePT2E(Stage, QuantizationAware, Recoverable):
         key = ("quantize_pt2e", artifact.sha256, o.equalize, o.smooth, o.per_channel)
         if key not in ctx.cache:
             module = self._rescaled(artifact, ctx) if o.equalize or o.smooth else as_module(artifact)
-            ctx.cache[key] = self._export(module, ctx)
+            ctx.cache[key] = _export(module, ctx, self.name, o.batch_size)
         return ctx.cache[key]
-
-    def _export(self, module, ctx: BuildContext):
-        return _export(module, ctx, self.name, self.options.batch_size)
 
     # -- quantization-aware training (toolchain.qat) --
 
@@ -174,15 +171,10 @@ class QuantizePT2E(Stage, QuantizationAware, Recoverable):
     def _from_qat(self, artifact: Artifact, ctx: BuildContext) -> StageResult:
         """The INT8 program from the QAT state's weights and ranges, no calibration. Keeping layers in
         float would change which fake-quantizers exist (the state names them by position): not offered."""
-        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
-
         o = self.options
         self.refuse_rewrites()
         model, _ = self._qat_model(artifact, ctx)
-        load_into(model, ctx.qat, self.name)
-        model.eval()  # returns None on an exported model
-        converted = convert_pt2e(model)
-        program = export_program(converted, ctx.example(), self.name)
+        program = export_program(converted_qat_state(model, ctx, self.name), ctx.example(), self.name)
         facts = {
             **self.qat_facts(artifact, ctx),
             "quantizer": o.quantizer,
@@ -285,20 +277,22 @@ def qat_twin_model(artifact: Artifact, ctx: BuildContext, config, stage: str, ba
 
 
 def start_ranges(model, batch: int, ctx: BuildContext, label: str):
-    """A QAT twin (:func:`qat_twin_model`) calibrated once on ``ctx.calibration``, its observers seeing
-    FP32 values as after prepare_pt2e; activation ranges then stay fixed, weight scales follow the
-    weights. Returned in training mode."""
-    from torchao.quantization.pt2e import disable_fake_quant, enable_fake_quant
+    """A QAT twin (:func:`qat_twin_model`) calibrated once on ``ctx.calibration``
+    (toolchain.passes.observers.start_ranges), in training mode."""
+    from toolchain.passes.observers import start_ranges as start
 
-    from toolchain.passes.observers import freeze_activation_ranges
+    return start(model, lambda m: _calibrate(m, batch, ctx, label), _weight_quantizers(model))
 
-    model.apply(disable_fake_quant)
-    model.eval()
-    _calibrate(model, batch, ctx, label)
-    model.apply(enable_fake_quant)
-    freeze_activation_ranges(model, _weight_quantizers(model))
-    model.train()  # the exported model's train() returns None
-    return model
+
+def converted_qat_state(model, ctx: BuildContext, stage: str):
+    """A QAT twin (:func:`qat_twin_model`, rebuilt as it was prepared) with the build's QAT state's
+    weights and ranges loaded, converted: INT8 weights, fixed quantize / dequantize."""
+    with quiet_logger("torch.utils._pytree"):
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
+    load_into(model, ctx.qat, stage)
+    model.eval()  # returns None on an exported model
+    return convert_pt2e(model)
 
 
 def _qat_twin(config):

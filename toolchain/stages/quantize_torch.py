@@ -180,10 +180,7 @@ class QuantizeTorch(Stage, QuantizationAware, Recoverable):
         observers, dtypes and ranges), calibrated once on ``ctx.calibration`` as this stage would
         calibrate it; activation ranges then stay fixed and weight scales follow the weights as
         they train. Returned in training mode, for the user's own loop."""
-        import torch
-        from torch.ao.quantization import disable_fake_quant, enable_fake_quant
-
-        from toolchain.passes.observers import freeze_activation_ranges
+        from toolchain.passes.observers import start_ranges
 
         if artifact.kind is not Kind.FX:
             raise StageError(f"{self.name}: quantization-aware training needs an eager or exported model")
@@ -191,14 +188,8 @@ class QuantizeTorch(Stage, QuantizationAware, Recoverable):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", (DeprecationWarning, UserWarning))
             model, _ = self._qat_model(artifact, ctx, self.qat_settings(ctx))
-            model.apply(disable_fake_quant)  # each observer sees FP32 values, as after prepare_fx
             batches = [torch_args(b) for b in ctx.calibration.batches(self.options.batch_size)]
-            with torch.no_grad():
-                model.eval()
-                _calibrate(model, batches, ctx)
-            model.apply(enable_fake_quant)
-        freeze_activation_ranges(model)
-        return model.train()
+            return start_ranges(model, lambda m: _calibrate(m, batches, ctx))
 
     def _qat_model(self, artifact: Artifact, ctx: BuildContext, s: dict):
         """A train-mode copy of ``artifact``'s fused model, prepared with the QAT qconfig of settings ``s``
