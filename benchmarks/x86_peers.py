@@ -23,14 +23,19 @@ calibration data:
   architectures torchvision ships quantizable (ResNet18, MobileNetV3);
 - `torch fx x86`: `prepare_fx`/`convert_fx` with the x86 qconfig mapping.
 
-Each variant runs alone in a process of its own (one model in memory, nothing else timing), the
-variants in turn, `--rounds` times (default 3): a variant's figure is the median of its rounds'
-medians, and each ratio is the primary's over the peer's from the same rounds. Every variant's
-outputs on 64 held-out inputs are compared with the FP32 model's (SQNR, top-1 agreement), so a
-fast peer that lost accuracy shows it. ResNet18's share of the CPU's INT8 peak is computed from the
-ISA (INT8 multiply-accumulates per cycle per core), the threads used and the clock.
+Each variant runs in a process of its own (one model in memory), all of them loaded at once and
+idle but for their turn: the variants take turns of about a quarter of a second (a pause first, so
+that the last runtime's threads stop spinning, and one untimed run), `--turns` turns each (default
+20). A slow phase of this virtual machine (its speed drifts by 20-40 % over minutes) then hits every
+variant alike: a variant's figure is the median of its turns' medians, and each ratio is the median
+over the cycles of the primary's turn over the peer's in the same cycle, with the interquartile range
+of those ratios. (Whole processes in turn, three times each, the earlier method, put a minute between
+the figures compared: the same IR timed in two processes gave 1.85 and 2.23 ms.) Every variant's
+outputs on 64 held-out inputs are compared with the FP32 model's (SQNR, top-1 agreement), so a fast
+peer that lost accuracy shows it. ResNet18's share of the CPU's INT8 peak is computed from the ISA
+(INT8 multiply-accumulates per cycle per core), the threads used and the clock.
 
-    .venv/bin/python benchmarks/x86_peers.py [--rounds 3] [--models resnet18,lstm] [--peers-python P]
+    .venv/bin/python benchmarks/x86_peers.py [--turns 20] [--models resnet18,lstm] [--peers-python P]
 
 Run it alone (nothing else on the cores). Writes benchmarks/x86_peers.json and prints the tables
 docs/benchmarks.md shows.
@@ -58,7 +63,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 warnings.filterwarnings("ignore")
 THREADS = 2
-WARMUP, RUNS, MAX_SECONDS = 20, 200, 4.0
+WARMUP = 20
+TURN_S, SETTLE_S = 0.25, 0.2  # a turn's timed runs, and the pause before it
 CNNS = {"resnet18": "resnet18", "mobilenet_v3": "mobilenet_v3_large", "efficientnet_b0": "efficientnet_b0"}
 TUTORIAL = {"resnet18", "mobilenet_v3"}  # torchvision.models.quantization has these
 SEQUENCE = {"vit", "lstm"}
@@ -70,10 +76,12 @@ MACS_PER_CYCLE = {"avx2": 32, "avx512": 64, "avx512_vnni": 64, "avx512_bf16": 64
 
 
 # ---------------------------------------------------------------------------------------------------
-# the worker: one variant, alone in this process
+# the worker: one variant, alone in this process, timed when the coordinator gives it a turn
 
 
 def worker(spec_path: str) -> None:
+    """Load the variant, check it against FP32, warm it up and say so (one JSON line); then for each
+    line `N` on stdin run once untimed and N times timed and answer the milliseconds; `quit` ends it."""
     spec = json.loads(Path(spec_path).read_text())
     import torch
 
@@ -86,26 +94,22 @@ def worker(spec_path: str) -> None:
     noise = float(np.sum((outputs - expected) ** 2))
     sqnr = 10 * math.log10(float(np.sum(expected**2)) / noise) if noise > 0 else float("inf")
     agreement = float(np.mean(outputs.argmax(1) == expected.argmax(1)))
+    start = time.perf_counter()
     for _ in range(WARMUP):
         run(x[:1])
-    times = []
-    while len(times) < RUNS and sum(times) < MAX_SECONDS * 1000:
-        start = time.perf_counter_ns()
+    warm_ms = (time.perf_counter() - start) * 1000 / WARMUP
+    say = lambda obj: print(json.dumps(obj), flush=True)  # noqa: E731
+    say({"sqnr_db": round(sqnr, 2), "top1_agreement": agreement, "precision": precision, "warm_ms": warm_ms})
+    for line in sys.stdin:
+        if line.strip() == "quit":
+            break
         run(x[:1])
-        times.append((time.perf_counter_ns() - start) / 1e6)
-    print(
-        json.dumps(
-            {
-                "median_ms": float(np.median(times)),
-                "p25_ms": float(np.percentile(times, 25)),
-                "p75_ms": float(np.percentile(times, 75)),
-                "runs": len(times),
-                "sqnr_db": round(sqnr, 2),
-                "top1_agreement": agreement,
-                "precision": precision,
-            }
-        )
-    )
+        times = []
+        for _ in range(int(line)):
+            start_ns = time.perf_counter_ns()
+            run(x[:1])
+            times.append((time.perf_counter_ns() - start_ns) / 1e6)
+        say(times)
 
 
 def _runner(spec):
@@ -390,26 +394,58 @@ def build(name, model, calib, val, source, tmp: Path, isa: str):
     return report.to_json(), folder, time.perf_counter() - started, model
 
 
-def measure(specs: dict, rounds: int) -> dict:
-    """label -> per-round worker results; the variants in turn, each in a process of its own."""
-    results: dict[str, list[dict]] = {label: [] for label in specs}
+def measure(specs: dict, turns: int) -> dict:
+    """label -> {"check": the worker's accuracy line, "turns": [[ms, ...], ...]}; every variant in a
+    process of its own, all loaded, taking turns (the first to go moves each cycle)."""
+    workers: dict[str, tuple[subprocess.Popen, dict]] = {}
     errors: dict[str, str] = {}
-    for r in range(rounds):
-        order = list(specs)
-        order = order[r % len(order) :] + order[: r % len(order)]  # who goes first moves each round
-        for label in order:
+    for label, spec in specs.items():  # loaded one after another: nothing is timed yet
+        p = subprocess.Popen(
+            [sys.executable, __file__, "--worker", spec["spec_file"]],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        first = _answer(p)
+        if first is None:
+            p.kill()
+            errors[label] = (p.stderr.read().strip().splitlines() or [f"exit {p.wait()}"])[-1][:200]
+            continue
+        workers[label] = (p, first)
+    runs = {
+        label: max(3, min(200, round(TURN_S * 1000 / max(c["warm_ms"], 1e-3))))
+        for label, (_, c) in workers.items()
+    }
+    results = {label: {"check": c, "turns": []} for label, (_, c) in workers.items()}
+    order = list(workers)
+    for cycle in range(turns):
+        for label in order[cycle % len(order) :] + order[: cycle % len(order)]:
             if label in errors:
                 continue
-            path = Path(specs[label]["spec_file"])
-            p = subprocess.run(
-                [sys.executable, __file__, "--worker", str(path)], capture_output=True, text=True
-            )
-            lines = [line for line in p.stdout.splitlines() if line.startswith("{")]
-            if p.returncode or not lines:
-                errors[label] = (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1][:200]
+            p = workers[label][0]
+            time.sleep(SETTLE_S)
+            p.stdin.write(f"{runs[label]}\n")
+            p.stdin.flush()
+            times = _answer(p)
+            if times is None:
+                errors[label] = (p.stderr.read().strip().splitlines() or ["it exited"])[-1][:200]
                 continue
-            results[label].append(json.loads(lines[-1]))
-    return {"results": results, "errors": errors}
+            results[label]["turns"].append(times)
+    for p, _ in workers.values():
+        if p.poll() is None:
+            p.stdin.write("quit\n")
+            p.stdin.flush()
+            p.wait()
+    return {"results": {k: v for k, v in results.items() if k not in errors}, "errors": errors}
+
+
+def _answer(p: subprocess.Popen):
+    """The worker's next JSON line (other output skipped), or None when it exited."""
+    for line in p.stdout:
+        if line.startswith(("{", "[")):
+            return json.loads(line)
+    return None
 
 
 def int8_peak(isa: str, threads: int, clock_ghz: tuple[float, float]) -> tuple[float, float]:
@@ -434,24 +470,33 @@ def host_clock_ghz() -> tuple[float, float]:
         return (min(mhz) / 1e3, max(mhz) / 1e3) if mhz else (float("nan"), float("nan"))
 
 
-def summary(rows: list[dict]) -> dict:
-    med = [r["median_ms"] for r in rows]
-    first = rows[0]
+def summary(result: dict) -> dict:
+    med = [float(np.median(t)) for t in result["turns"]]
+    every = np.concatenate(result["turns"])
+    check = result["check"]
     return {
         "median_ms": float(np.median(med)),
-        "rounds_ms": [round(m, 4) for m in med],
-        "p25_ms": float(np.median([r["p25_ms"] for r in rows])),
-        "p75_ms": float(np.median([r["p75_ms"] for r in rows])),
-        "sqnr_db": first["sqnr_db"],
-        "top1_agreement": first["top1_agreement"],
-        "precision": first["precision"],
+        "p25_ms": float(np.percentile(every, 25)),
+        "p75_ms": float(np.percentile(every, 75)),
+        "turns": len(med),
+        "runs": int(every.size),
+        "sqnr_db": check["sqnr_db"],
+        "top1_agreement": check["top1_agreement"],
+        "precision": check["precision"],
     }
+
+
+def ratio(primary: dict, peer: dict) -> dict:
+    """The primary's turn median over the peer's in the same cycle: median and quartiles over cycles."""
+    per_cycle = [float(np.median(a)) / float(np.median(b)) for a, b in zip(primary["turns"], peer["turns"])]
+    q1, med, q3 = np.percentile(per_cycle, [25, 50, 75])
+    return {"ratio": round(float(med), 3), "iqr": [round(float(q1), 3), round(float(q3), 3)]}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--turns", type=int, default=20, help="turns each variant is timed in")
     parser.add_argument("--models", help="comma-separated subset of " + ", ".join([*CNNS, *SEQUENCE]))
     parser.add_argument("--peers-python", help="an interpreter with NNCF and OpenVINO (e.g. .venv-peers)")
     parser.add_argument("--clock-ghz", type=float, nargs=2, help="the CPU's base and boost clock")
@@ -470,7 +515,14 @@ def main() -> int:
     isa = cpu["isa"] or "avx2"
     clock = tuple(args.clock_ghz) if args.clock_ghz else host_clock_ghz()
     only = set(args.models.split(",")) if args.models else None
-    results = {"host": cpu, "threads": THREADS, "rounds": args.rounds, "clock_ghz": clock, "models": {}}
+    results = {
+        "host": cpu,
+        "threads": THREADS,
+        "turns": args.turns,
+        "turn_s": TURN_S,
+        "clock_ghz": clock,
+        "models": {},
+    }
     with tempfile.TemporaryDirectory() as tmp:
         for name, model, calib, val, source in models(only):
             work = Path(tmp) / name
@@ -500,29 +552,26 @@ def main() -> int:
                 spec["inputs"] = str(work / "inputs.npz")
                 spec["spec_file"] = str(work / f"spec{i}.json")
                 Path(spec["spec_file"]).write_text(json.dumps(spec))
-            print(f"{name}: timing {len(specs)} variants x {args.rounds} rounds", file=sys.stderr, flush=True)
-            measured = measure(specs, args.rounds)
-            rows = {label: summary(r) for label, r in measured["results"].items() if r}
+            print(
+                f"{name}: timing {len(specs)} variants, {args.turns} turns each", file=sys.stderr, flush=True
+            )
+            measured = measure(specs, args.turns)
+            results_by = measured["results"]
+            rows = {label: summary(r) for label, r in results_by.items() if r["turns"]}
             top = next(iter(specs))
-            ratios = {
-                label: float(
-                    np.median(
-                        [
-                            a["median_ms"] / b["median_ms"]
-                            for a, b in zip(measured["results"][top], measured["results"][label])
-                        ]
-                    )
-                )
-                for label in rows
-                if label != top
-            }
+            ratios = (
+                {label: ratio(results_by[top], results_by[label]) for label in rows if label != top}
+                if top in rows
+                else {}
+            )
             entry = {
                 "build_s": round(build_s, 1),
                 "verdict": report["verdict"],
                 "primary": primary["name"],
                 "primary_choice": report.get("primary_choice"),
                 "variants": rows,
-                "primary_over_peer": {k: round(v, 3) for k, v in ratios.items()},
+                "primary_over_peer": {k: v["ratio"] for k, v in ratios.items()},
+                "primary_over_peer_iqr": {k: v["iqr"] for k, v in ratios.items()},
                 "missing": {**{k: v for k, v in made.items() if isinstance(v, str)}, **measured["errors"]},
             }
             if name == "resnet18" and top in rows:
@@ -558,23 +607,25 @@ def main() -> int:
 
 
 def _over_fastest(entry: dict) -> float:
-    """The primary's median over the fastest peer's, from the same rounds (peers that lost accuracy
-    included: the table shows their SQNR)."""
+    """The primary's turns over the fastest peer's, cycle by cycle (peers that lost accuracy included:
+    the table shows their SQNR)."""
     return max(entry["primary_over_peer"].values(), default=float("nan"))
 
 
 def table(name: str, entry: dict) -> str:
     lines = [
         f"\n{name} ({entry['verdict']}; built in {entry['build_s']} s)",
-        "| variant | precision | batch-1 median ms (p25-p75) | primary / variant | SQNR vs FP32 "
+        "| variant | precision | batch-1 median ms (p25-p75) | primary / variant (IQR) | SQNR vs FP32 "
         "| top-1 agr. |",
         "|---|---|---|---|---|---|",
     ]
     for label, r in sorted(entry["variants"].items(), key=lambda kv: kv[1]["median_ms"]):
-        ratio = entry["primary_over_peer"].get(label)
+        over = entry["primary_over_peer"].get(label)
+        iqr = entry["primary_over_peer_iqr"].get(label)
+        cell = "" if over is None else f"{over:.2f} ({iqr[0]:.2f}-{iqr[1]:.2f})"
         lines.append(
             f"| {label} | {r['precision']} | {r['median_ms']:.3f} ({r['p25_ms']:.3f}-{r['p75_ms']:.3f}) | "
-            f"{'' if ratio is None else f'{ratio:.2f}'} | {r['sqnr_db']:.1f} dB | {r['top1_agreement']:.1%} |"
+            f"{cell} | {r['sqnr_db']:.1f} dB | {r['top1_agreement']:.1%} |"
         )
     for label, why in entry["missing"].items():
         lines.append(f"| {label} | not measured: {why} | | | | |")

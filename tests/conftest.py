@@ -65,6 +65,7 @@ def fast_profile(
     text = text.replace("calibration_samples = 256", f"calibration_samples = {calibration}")
     text = text.replace("validation_samples = 512", f"validation_samples = {validation}")
     text = text.replace("synthetic_samples = 64", f"synthetic_samples = {max(calibration, validation)}")
+    text = re.sub(r"^race_runs = .*\n", "", text, flags=re.M)
     text = text.replace("latency_runs = 30", "latency_runs = 3\nrace_runs = 3").replace(
         "warmup_runs = 5", "warmup_runs = 1"
     )

@@ -45,6 +45,7 @@ FIX_WORDS = {
     "float_masks": "attention masks kept in float",
     "equalize": "cross-layer equalization",
     "smooth": "SmoothQuant scale migration",
+    "per_channel": "per-channel weight scales",
     "bias_correction": "bias correction",
     "a16w8": "16-bit activations (A16W8)",
     "fbgemm_kernels": "fbgemm kernels (run it with quantized engine fbgemm)",
