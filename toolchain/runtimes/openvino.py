@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from toolchain.core.artifact import Artifact, Kind
+from toolchain.core.feed import arrays
 from toolchain.runtimes import Runtime, register
 
 
@@ -26,16 +27,32 @@ RUNTIME = register(Runtime("openvino", Kind.ONNX, "onnx", ".onnx", ("openvino",)
 
 def load_ir(artifact: Artifact, threads: int):
     """An OpenVINO IR file on this host's CPU plugin, at the inference precision the file states
-    (never the plugin's default: BF16 on CPUs that have it)."""
+    (never the plugin's default: BF16 on CPUs that have it). An input whose shape the file does not
+    take (another batch than its static one) gets the model reshaped to it and compiled again, once
+    per shape, as a deployment at that batch would load it."""
     import openvino as ov
 
     core = ov.Core()
     model = core.read_model(str(artifact.path))
     precision = _rt(model, "runtime_options", "INFERENCE_PRECISION_HINT") or "f32"
-    compiled = core.compile_model(
-        model, "CPU", {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": precision}
-    )
-    return _runner(compiled)
+    config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": precision}
+    declared = [i.get_partial_shape() for i in model.inputs]
+    as_saved = _runner(core.compile_model(model, "CPU", config))
+    by_shape: dict[tuple, object] = {}
+
+    def run(x) -> list[np.ndarray]:
+        shapes = tuple(tuple(a.shape) for a in arrays(x))
+        if len(shapes) != len(declared) or all(
+            d.compatible(ov.PartialShape(list(s))) for d, s in zip(declared, shapes)
+        ):
+            return as_saved(x)
+        if shapes not in by_shape:
+            reshaped = core.read_model(str(artifact.path))
+            reshaped.reshape({i: ov.PartialShape(list(s)) for i, s in zip(reshaped.inputs, shapes)})
+            by_shape[shapes] = _runner(core.compile_model(reshaped, "CPU", config))
+        return by_shape[shapes](x)
+
+    return run
 
 
 def _runner(compiled):
