@@ -18,19 +18,21 @@ calibration data:
   with AVX512-BF16 or AMX: the column `precision` says what it ran);
 - `openvino qdq`: OpenVINO's CPU plugin on `ort tuned`'s Q/DQ file;
 - `nncf`: NNCF's default `quantize` of the OpenVINO model, run by OpenVINO (where NNCF imports:
-  in this interpreter, or `--peers-python` naming one that has it);
+  in this interpreter, or `--peers-python` naming one that has it); its IR keeps the ONNX file's
+  dynamic batch, as the recipe writes it (the toolchain's IRs are saved at a static batch of 1);
 - `eager fbgemm`: the PyTorch tutorial's eager mode (fuse_model, fbgemm qconfig) for the
   architectures torchvision ships quantizable (ResNet18, MobileNetV3);
 - `torch fx x86`: `prepare_fx`/`convert_fx` with the x86 qconfig mapping.
 
 Each variant runs in a process of its own (one model in memory), all of them loaded at once and
-idle but for their turn: the variants take turns of about a quarter of a second (a pause first, so
-that the last runtime's threads stop spinning, and one untimed run), `--turns` turns each (default
-20). A slow phase of this virtual machine (its speed drifts by 20-40 % over minutes) then hits every
-variant alike: a variant's figure is the median of its turns' medians, and each ratio is the median
-over the cycles of the primary's turn over the peer's in the same cycle, with the interquartile range
-of those ratios. (Whole processes in turn, three times each, the earlier method, put a minute between
-the figures compared: the same IR timed in two processes gave 1.85 and 2.23 ms.) Every variant's
+idle but for their turn: the variants take turns of about a quarter of a second (at most 200 runs:
+a sub-millisecond model's turn is shorter; a pause first, so that the last runtime's threads stop
+spinning, and one untimed run), `--turns` turns each (default 20). A slow phase of this virtual
+machine (its speed drifts by 20-40 % over minutes) then hits every variant alike: a variant's figure
+is the median of its turns' medians, and each ratio is the median over the cycles of the primary's
+turn over the peer's in the same cycle, with the interquartile range of those ratios. (Whole
+processes in turn, three times each, the earlier method, put a minute between the figures compared:
+the same IR timed in two processes gave 1.85 and 2.23 ms.) Every variant's
 outputs on 64 held-out inputs are compared with the FP32 model's (SQNR, top-1 agreement), so a fast
 peer that lost accuracy shows it. ResNet18's share of the CPU's INT8 peak is computed from the ISA
 (INT8 multiply-accumulates per cycle per core), the threads used and the clock.
@@ -65,6 +67,8 @@ warnings.filterwarnings("ignore")
 THREADS = 2
 WARMUP = 20
 TURN_S, SETTLE_S = 0.25, 0.2  # a turn's timed runs, and the pause before it
+MAX_TURN_RUNS = 200
+ANSWER = "@answer "  # how a worker's answers start (anything else it prints is not one)
 CNNS = {"resnet18": "resnet18", "mobilenet_v3": "mobilenet_v3_large", "efficientnet_b0": "efficientnet_b0"}
 TUTORIAL = {"resnet18", "mobilenet_v3"}  # torchvision.models.quantization has these
 SEQUENCE = {"vit", "lstm"}
@@ -98,7 +102,7 @@ def worker(spec_path: str) -> None:
     for _ in range(WARMUP):
         run(x[:1])
     warm_ms = (time.perf_counter() - start) * 1000 / WARMUP
-    say = lambda obj: print(json.dumps(obj), flush=True)  # noqa: E731
+    say = lambda obj: print(ANSWER + json.dumps(obj), flush=True)  # noqa: E731
     say({"sqnr_db": round(sqnr, 2), "top1_agreement": agreement, "precision": precision, "warm_ms": warm_ms})
     for line in sys.stdin:
         if line.strip() == "quit":
@@ -118,7 +122,7 @@ def _runner(spec):
         import onnxruntime as ort
 
         o = ort.SessionOptions()
-        o.intra_op_num_threads, o.inter_op_num_threads, o.log_severity_level = THREADS, 1, 3
+        o.intra_op_num_threads, o.inter_op_num_threads, o.log_severity_level = (THREADS, 1, 3)
         session = ort.InferenceSession(path, o, providers=["CPUExecutionProvider"])
         name = session.get_inputs()[0].name
         return (lambda x: session.run(None, {name: x})[0]), spec["precision"]
@@ -399,52 +403,70 @@ def measure(specs: dict, turns: int) -> dict:
     process of its own, all loaded, taking turns (the first to go moves each cycle)."""
     workers: dict[str, tuple[subprocess.Popen, dict]] = {}
     errors: dict[str, str] = {}
-    for label, spec in specs.items():  # loaded one after another: nothing is timed yet
-        p = subprocess.Popen(
-            [sys.executable, __file__, "--worker", spec["spec_file"]],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        first = _answer(p)
-        if first is None:
-            p.kill()
-            errors[label] = (p.stderr.read().strip().splitlines() or [f"exit {p.wait()}"])[-1][:200]
-            continue
-        workers[label] = (p, first)
-    runs = {
-        label: max(3, min(200, round(TURN_S * 1000 / max(c["warm_ms"], 1e-3))))
-        for label, (_, c) in workers.items()
-    }
-    results = {label: {"check": c, "turns": []} for label, (_, c) in workers.items()}
-    order = list(workers)
-    for cycle in range(turns):
-        for label in order[cycle % len(order) :] + order[: cycle % len(order)]:
-            if label in errors:
+    logs = {label: Path(spec["spec_file"]).with_suffix(".log") for label, spec in specs.items()}
+    results: dict[str, dict] = {}
+    started: list[subprocess.Popen] = []
+    try:
+        for label, spec in specs.items():  # loaded one after another: nothing is timed yet
+            with logs[label].open("w") as log:  # stderr to a file: a pipe nobody reads fills and blocks
+                p = subprocess.Popen(
+                    [sys.executable, __file__, "--worker", spec["spec_file"]],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=log,
+                    text=True,
+                )
+            started.append(p)
+            first = _answer(p)
+            if first is None:
+                errors[label] = _last_line(logs[label], p)
                 continue
-            p = workers[label][0]
-            time.sleep(SETTLE_S)
-            p.stdin.write(f"{runs[label]}\n")
-            p.stdin.flush()
-            times = _answer(p)
-            if times is None:
-                errors[label] = (p.stderr.read().strip().splitlines() or ["it exited"])[-1][:200]
-                continue
-            results[label]["turns"].append(times)
-    for p, _ in workers.values():
-        if p.poll() is None:
-            p.stdin.write("quit\n")
-            p.stdin.flush()
-            p.wait()
+            workers[label] = (p, first)
+        runs = {
+            label: max(3, min(MAX_TURN_RUNS, round(TURN_S * 1000 / max(c["warm_ms"], 1e-3))))
+            for label, (_, c) in workers.items()
+        }
+        results = {label: {"check": c, "turns": []} for label, (_, c) in workers.items()}
+        order = list(workers)
+        for cycle in range(turns):
+            for label in order[cycle % len(order) :] + order[: cycle % len(order)]:
+                if label in errors:
+                    continue
+                p = workers[label][0]
+                time.sleep(SETTLE_S)
+                p.stdin.write(f"{runs[label]}\n")
+                p.stdin.flush()
+                times = _answer(p)
+                if times is None:
+                    errors[label] = _last_line(logs[label], p)
+                    continue
+                results[label]["turns"].append(times)
+        for p, _ in workers.values():
+            if p.poll() is None:
+                p.stdin.write("quit\n")
+                p.stdin.flush()
+    finally:
+        for p in started:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
     return {"results": {k: v for k, v in results.items() if k not in errors}, "errors": errors}
+
+
+def _last_line(log: Path, p: subprocess.Popen) -> str:
+    p.kill()
+    p.wait()
+    lines = log.read_text(errors="replace").strip().splitlines()
+    return (lines or [f"exit {p.returncode}"])[-1][:200]
 
 
 def _answer(p: subprocess.Popen):
     """The worker's next JSON line (other output skipped), or None when it exited."""
     for line in p.stdout:
-        if line.startswith(("{", "[")):
-            return json.loads(line)
+        if line.startswith(ANSWER):
+            return json.loads(line[len(ANSWER) :])
     return None
 
 

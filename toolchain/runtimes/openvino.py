@@ -28,8 +28,8 @@ RUNTIME = register(Runtime("openvino", Kind.ONNX, "onnx", ".onnx", ("openvino",)
 def load_ir(artifact: Artifact, threads: int):
     """An OpenVINO IR file on this host's CPU plugin, at the inference precision the file states
     (never the plugin's default: BF16 on CPUs that have it). An input whose shape the file does not
-    take (another batch than its static one) gets the model reshaped to it and compiled again, once
-    per shape, as a deployment at that batch would load it."""
+    take (another batch than its static one) gets the model's batch reshaped to it and compiled again,
+    as a deployment at that batch would load it (the last such batch's compile is kept)."""
     import openvino as ov
 
     core = ov.Core()
@@ -38,19 +38,28 @@ def load_ir(artifact: Artifact, threads: int):
     config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": precision}
     declared = [i.get_partial_shape() for i in model.inputs]
     as_saved = _runner(core.compile_model(model, "CPU", config))
-    by_shape: dict[tuple, object] = {}
+    other: dict[tuple, object] = {}  # the one other batch compiled last (not a cache of every batch)
 
     def run(x) -> list[np.ndarray]:
-        shapes = tuple(tuple(a.shape) for a in arrays(x))
+        shapes = [tuple(a.shape) for a in arrays(x)]
         if len(shapes) != len(declared) or all(
             d.compatible(ov.PartialShape(list(s))) for d, s in zip(declared, shapes)
         ):
             return as_saved(x)
-        if shapes not in by_shape:
+        # another batch: only the batch dimension changes, the rest stays as the file has it
+        batch = tuple(s[0] if len(s) else None for s in shapes)
+        if batch not in other:
             reshaped = core.read_model(str(artifact.path))
-            reshaped.reshape({i: ov.PartialShape(list(s)) for i, s in zip(reshaped.inputs, shapes)})
-            by_shape[shapes] = _runner(core.compile_model(reshaped, "CPU", config))
-        return by_shape[shapes](x)
+            reshaped.reshape(
+                {
+                    i: ov.PartialShape([b, *list(d)[1:]])
+                    for i, d, b in zip(reshaped.inputs, declared, batch)
+                    if b is not None and d.rank.is_static and len(d) >= 1
+                }
+            )
+            other.clear()
+            other[batch] = _runner(core.compile_model(reshaped, "CPU", config))
+        return other[batch](x)
 
     return run
 

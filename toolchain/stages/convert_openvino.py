@@ -55,7 +55,7 @@ class ConvertOpenVino(Stage):
     Options = ConvertOpenVinoOptions
     report_facts = (
         "checked_on", "inference_precision", "device", "compress_to_fp16", "host_has_bf16", "latency_note",
-        "input_shapes",
+        "input_shapes", "static_batch_note",
     )  # fmt: skip
 
     def apply(self, artifact: Artifact, ctx: BuildContext) -> StageResult:

@@ -80,8 +80,15 @@ class QuantizeNncf(Stage, Recoverable):
         model = core.read_model(str(artifact.path))
         hint = model.get_rt_info(["runtime_options", "INFERENCE_PRECISION_HINT"]).astype(str)
         x = ctx.calibration.x
-        count = min(len(x), o.samples)
-        data = nncf.Dataset([_sample(x, i) for i in range(count)])
+        # batches of the size the IR's inputs are fixed to (convert_openvino's static_batch), else of 1
+        shape = model.inputs[0].get_partial_shape()
+        step = shape[0].get_length() if shape.rank.is_static and len(shape) and shape[0].is_static else 1
+        count = min(len(x), o.samples) // step * step
+        if not count:
+            raise StageError(
+                f"quantize_nncf: the IR takes batches of {step} and there are {len(x)} calibration samples"
+            )
+        data = nncf.Dataset([_sample(x, i, step) for i in range(0, count, step)])
         seven_bit = safe_reduce_range(ctx.isa)
         advanced = nncf.AdvancedQuantizationParameters(
             overflow_fix=nncf.OverflowFix.ENABLE if seven_bit else nncf.OverflowFix.DISABLE
@@ -166,10 +173,10 @@ def _nncf():
     return nncf
 
 
-def _sample(x, i: int) -> list:
-    """Calibration sample ``i`` as NNCF hands it to the OpenVINO model: its inputs, in order (as the
-    `openvino_ir` runtime feeds them)."""
-    batch = x[i : i + 1]
+def _sample(x, i: int, size: int = 1) -> list:
+    """Calibration samples ``i`` to ``i + size`` as NNCF hands them to the OpenVINO model: its inputs, in
+    order (as the `openvino_ir` runtime feeds them)."""
+    batch = x[i : i + size]
     if isinstance(batch, Feed):
         return [contiguous(a) for a in batch.arrays]
     return [np.ascontiguousarray(batch, dtype=np.float32)]
