@@ -171,7 +171,7 @@ def choose_primary(
             log.debug("primary: %s not timed again: %s", a.name, e)
     if len(runners) < 2:
         return mark_primary(reports), None
-    log.info("choosing the primary: %s timed alternating, %d rounds", ", ".join(runners), rounds)
+    log.info("choosing the primary: %s timed in turn, %d runs each", ", ".join(runners), rounds)
     runs = time_in_turn(runners, x, rounds, warmup=3)
     by_name = {a.name: a for a in leaders}
     choice = choose([Timed(n, tuple(r), by_name[n].size_bytes, by_name[n].runtime) for n, r in runs.items()])
