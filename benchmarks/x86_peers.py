@@ -85,7 +85,7 @@ MACS_PER_CYCLE = {"avx2": 32, "avx512": 64, "avx512_vnni": 64, "avx512_bf16": 64
 
 def worker(spec_path: str) -> None:
     """Load the variant, check it against FP32, warm it up and say so (one JSON line); then for each
-    line `N` on stdin run once untimed and N times timed and answer the milliseconds; `quit` ends it."""
+    line `N` on stdin run once untimed and N times timed and answer the milliseconds, until stdin ends."""
     spec = json.loads(Path(spec_path).read_text())
     import torch
 
@@ -105,8 +105,6 @@ def worker(spec_path: str) -> None:
     say = lambda obj: print(ANSWER + json.dumps(obj), flush=True)  # noqa: E731
     say({"sqnr_db": round(sqnr, 2), "top1_agreement": agreement, "precision": precision, "warm_ms": warm_ms})
     for line in sys.stdin:
-        if line.strip() == "quit":
-            break
         run(x[:1])
         times = []
         for _ in range(int(line)):
@@ -441,12 +439,9 @@ def measure(specs: dict, turns: int) -> dict:
                     errors[label] = _last_line(logs[label], p)
                     continue
                 results[label]["turns"].append(times)
-        for p, _ in workers.values():
-            if p.poll() is None:
-                p.stdin.write("quit\n")
-                p.stdin.flush()
     finally:
-        for p in started:
+        for p in started:  # the end of its stdin ends a worker
+            p.stdin.close()
             try:
                 p.wait(timeout=30)
             except subprocess.TimeoutExpired:

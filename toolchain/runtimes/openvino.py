@@ -49,7 +49,7 @@ def load_ir(artifact: Artifact, threads: int):
         # another batch: only the batch dimension changes, the rest stays as the file has it
         batch = tuple(s[0] if len(s) else None for s in shapes)
         if batch not in other:
-            reshaped = core.read_model(str(artifact.path))
+            reshaped = model.clone()
             reshaped.reshape(
                 {
                     i: ov.PartialShape([b, *list(d)[1:]])
