@@ -77,6 +77,67 @@ def test_the_build_races_its_leaders_and_says_how_it_chose(tmp_path, digits):
         a["name"] for a in data["artifacts"] if a["parity"]["passed"]
     }
     assert f"primary: {choice['primary']} (" in (folder / "report.md").read_text()
+    # then its threads: the profile's 2 and its race_threads' 1, in turn, the same runs each
+    by_threads = choice["threads_choice"]
+    assert choice["threads"] == by_threads["threads"] in (1, 2)
+    assert sorted(c["threads"] for c in by_threads["candidates"]) == [1, 2]
+    assert {c["name"] for c in by_threads["candidates"]} == {choice["primary"]}
+    assert all(c["runs"] == 3 for c in by_threads["candidates"])
+    assert all(c["threads"] == 2 for c in choice["candidates"])  # the artifacts raced on the profile's
+    assert f"primary's threads: {choice['threads']} (" in (folder / "report.md").read_text()
+
+
+def test_fewer_threads_win_a_tie_and_lose_when_measurably_slower():
+    """The primary's thread count: one thread where it is not slower than two (the same latency on
+    half the cores), two where one is measurably slower; the rule names the loser with its count."""
+    two = Timed("onnx_int8_dynamic", _runs(0.200, 0.02), 50_000, "onnxruntime", 2)
+    one_tied = Timed("onnx_int8_dynamic", _runs(0.202, 0.02), 50_000, "onnxruntime", 1)
+    for order in ([two, one_tied], [one_tied, two]):
+        choice = choose(order)
+        assert choice["threads"] == 1 and "fewest threads" in choice["rule"]
+    one_slow = Timed("onnx_int8_dynamic", _runs(0.360, 0.02), 50_000, "onnxruntime", 1)
+    choice = choose([one_slow, two])
+    assert choice["threads"] == 2 and "onnx_int8_dynamic on 1 thread x1.8" in choice["rule"]
+    one_fast = Timed("onnx_int8_dynamic", _runs(0.150, 0.02), 50_000, "onnxruntime", 1)
+    assert choose([two, one_fast])["threads"] == 1
+
+
+def test_race_threads_beyond_the_profiles_threads_is_one_clear_error(tmp_path):
+    from toolchain.core.errors import ConfigError
+    from toolchain.target import load_target
+
+    from .conftest import fast_profile
+
+    profile = fast_profile(tmp_path)
+    text = profile.read_text()
+    assert "race_threads = [1]" in text
+    profile.write_text(text.replace("race_threads = [1]", "race_threads = [1, 4]"))
+    try:
+        load_target(str(profile))
+    except ConfigError as e:
+        assert "`runtime.race_threads` must be thread counts from 1 to `runtime.threads` (2)" in str(e)
+    else:
+        raise AssertionError("race_threads = [1, 4] with threads = 2 was accepted")
+
+
+def test_a_torch_runner_runs_on_its_own_thread_count_whatever_another_set():
+    """torch's threads are process-wide: a TorchScript artifact timed on 1 and on 2 threads in one race
+    must set its own count at each call, not only when it was loaded."""
+    import torch
+
+    from toolchain.core.runner import torch_runner
+
+    class Threads(torch.nn.Module):
+        def forward(self, x):
+            return x + torch.get_num_threads()
+
+    before = torch.get_num_threads()
+    try:
+        one, two = torch_runner(Threads(), 1), torch_runner(Threads(), 2)
+        x = np.zeros((1, 1), np.float32)
+        assert [one(x)[0].item(), two(x)[0].item(), one(x)[0].item()] == [1.0, 2.0, 1.0]
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclasses.dataclass
@@ -86,6 +147,8 @@ class _Row:  # what choose_primary reads of an ArtifactReport
     eligible: bool = True
     parity: object = dataclasses.field(default_factory=lambda: SimpleNamespace(passed=True))
     primary: bool = False
+    runtime: str = "onnxruntime"
+    size_bytes: int = 1000
 
 
 def test_an_artifact_far_behind_in_the_build_is_not_raced():
@@ -95,6 +158,16 @@ def test_an_artifact_far_behind_in_the_build_is_not_raced():
     marked, choice = choose_primary([_Row("a", 1.0), _Row("b", 2.0)], shipped, None, 1, 3)
     assert [r.primary for r in marked] == [True, False] and choice["candidates"] == []
     assert choice["margin"] == 2.0 and "not raced (runtime.race_within = 1.5)" in choice["rule"]
+
+
+def test_a_runtime_with_process_wide_threads_keeps_the_profiles_count():
+    """ExecuTorch's thread pool belongs to the process: its artifact is not timed on two counts at once,
+    and the report says so (nothing is loaded or timed)."""
+    shipped = {n: SimpleNamespace(fixed_batch=lambda: None) for n in ("a", "b")}
+    rows = [_Row("a", 1.0, runtime="executorch"), _Row("b", 2.0)]
+    marked, choice = choose_primary(rows, shipped, None, 2, 3, 1.5, (1,))
+    assert [r.primary for r in marked] == [True, False] and choice["threads"] == 2
+    assert "executorch sets its threads for the whole process" in choice["threads_choice"]["rule"]
 
 
 def test_every_runtime_has_a_place_in_the_tie_break():

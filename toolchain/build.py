@@ -122,6 +122,7 @@ def build(
                 r.threads,
                 r.race_runs,
                 r.race_within,
+                r.race_threads,
             )
             report = Report(
                 target=profile.name,

@@ -14,6 +14,13 @@ file in every build). Tied leaders are ordered by
 size (smaller first), then by how simple their runtime is to ship (:data:`SIMPLER`), then by name:
 the same model built twice chooses the same primary unless the timings really differ. The report's
 ``primary_choice`` says what was timed, the margin, and which rule decided.
+
+Then how many threads: where the profile lists ``runtime.race_threads``, the primary is timed again in
+turn at each of those counts and at ``runtime.threads`` (:func:`choose_threads`), by the same rule,
+fewer threads winning a tie (the same latency on fewer cores). A model of a fraction of a millisecond
+spends much of a run waking and joining a second thread: the tests' ViT and LSTM in ONNX Runtime ran
+20-25 % faster on one thread than on two here (2026-12-08), a ResNet18 80 % slower. The primary ships
+with that count: ``primary_choice.threads``.
 """
 
 from __future__ import annotations
@@ -38,6 +45,9 @@ TIE_MEDIANS = 1.10
 SAME_MEDIANS = 1.02
 # the runner-up is slower when a one-sided Mann-Whitney test on the timed runs says so at this level
 SLOWER_P = 0.01
+# runtimes whose thread count belongs to the loaded model (a session, a compiled model) or is set at
+# each call (torch's, by the runner): a model can be timed at two counts in one process
+THREADS_PER_MODEL = ("onnxruntime", "openvino", "openvino_ir", "torchscript", "lite_interpreter")
 # runtimes by what shipping them asks of an application: one library and a file first
 SIMPLER = (
     "onnxruntime", "openvino", "openvino_ir", "torchscript", "executorch", "lite_interpreter", "qnn",
@@ -51,6 +61,11 @@ class Timed:
     runs_ms: tuple[float, ...]
     size_bytes: int
     runtime: str
+    threads: int | None = None  # the intra-op threads it ran on (None: the profile's)
+
+    @property
+    def label(self) -> str:
+        return self.name if self.threads is None else f"{self.name} on {_threads(self.threads)}"
 
     @property
     def median(self) -> float:
@@ -65,28 +80,30 @@ class Timed:
 def choose(timed: list[Timed]) -> dict[str, Any]:
     """The primary among ``timed`` (at least one) and why: ``primary``, ``tied`` (the leaders tied with
     the fastest, itself included), ``margin`` (the runner-up's median over the fastest's), ``rule``."""
-    ranked = sorted(timed, key=lambda t: (t.median, t.name))
+    ranked = sorted(timed, key=lambda t: (t.median, t.name, t.threads or 0))
     fastest = ranked[0]
     tied = [t for t in ranked if t is fastest or _tied(fastest, t)]
-    order = lambda t: (t.size_bytes, _simplicity(t.runtime), t.name)  # noqa: E731
+    order = lambda t: (t.size_bytes, _simplicity(t.runtime), t.threads or 0, t.name)  # noqa: E731
     winner = min(tied, key=order) if len(tied) > 1 else fastest
     runner_up = ranked[1] if len(ranked) > 1 else None
     if len(tied) == 1:
         rule = f"fastest: the runner-up is {_behind(fastest, runner_up)}" if runner_up else "the only one"
     else:
         rule = (
-            f"tied with {', '.join(t.name for t in tied if t is not winner)} (not measurably apart: "
+            f"tied with {', '.join(t.label for t in tied if t is not winner)} (not measurably apart: "
             f"{'; '.join(_evidence(fastest, t) for t in tied if t is not fastest)}): "
-            "the smallest, then the simplest runtime"
+            "the smallest, then the simplest runtime, then the fewest threads"
         )
     return {
         "primary": winner.name,
-        "tied": [t.name for t in tied] if len(tied) > 1 else [],
+        "threads": winner.threads,
+        "tied": list(dict.fromkeys(t.name for t in tied)) if len(tied) > 1 else [],
         "margin": round(runner_up.median / fastest.median, 3) if runner_up and fastest.median > 0 else None,
         "rule": rule,
         "candidates": [
             {
                 "name": t.name,
+                "threads": t.threads,
                 "median_ms": round(t.median, 4),
                 "p25_ms": round(t.quartiles[0], 4),
                 "p75_ms": round(t.quartiles[1], 4),
@@ -95,6 +112,10 @@ def choose(timed: list[Timed]) -> dict[str, Any]:
             for t in ranked
         ],
     }
+
+
+def _threads(n: int) -> str:
+    return f"{n} thread{'s' if n != 1 else ''}"
 
 
 def _simplicity(runtime: str) -> int:
@@ -117,13 +138,13 @@ def _slower_p(fastest: Timed, other: Timed) -> float:
 def _behind(fastest: Timed, other: Timed) -> str:
     ratio = other.median / fastest.median if fastest.median > 0 else 1.0
     if ratio > TIE_MEDIANS:
-        return f"more than {TIE_MEDIANS - 1:.0%} slower by median ({other.name} x{ratio:.3f})"
+        return f"more than {TIE_MEDIANS - 1:.0%} slower by median ({other.label} x{ratio:.3f})"
     return f"measurably slower ({_evidence(fastest, other)})"
 
 
 def _evidence(fastest: Timed, other: Timed) -> str:
     ratio = other.median / fastest.median if fastest.median > 0 else 1.0
-    return f"{other.name} x{ratio:.3f}, Mann-Whitney p={_slower_p(fastest, other):.2g}"
+    return f"{other.label} x{ratio:.3f}, Mann-Whitney p={_slower_p(fastest, other):.2g}"
 
 
 def choose_primary(
@@ -133,10 +154,62 @@ def choose_primary(
     threads: int,
     rounds: int,
     within: float = 1.5,
+    race_threads: tuple[int, ...] = (),
 ) -> tuple[list[ArtifactReport], dict | None]:
     """The reports with the primary marked, and the report's ``primary_choice``. Only artifacts whose
     build latency is within ``within`` times the fastest's race: one further behind cannot be tied
-    with it (None when fewer than two artifacts pass: the in-build rule, fastest that passes, stands)."""
+    with it. Then the primary's thread count among ``threads`` and ``race_threads``
+    (:func:`choose_threads`). None when nothing was raced: the in-build rule, fastest that passes,
+    stands."""
+    marked, choice = _choose_artifact(reports, shipped, x, threads, rounds, within)
+    if choice:  # the artifacts were raced on the profile's threads
+        choice["candidates"] = [{**c, "threads": threads} for c in choice["candidates"]]
+    primary = next((a for a in marked if a.primary), None)
+    counts = sorted({threads, *race_threads}, reverse=True)
+    if primary is None or len(counts) < 2 or primary.name not in shipped:
+        return marked, choice and {**choice, "threads": threads}
+    if primary.runtime not in THREADS_PER_MODEL:
+        note = f"{primary.runtime} sets its threads for the whole process: timed on {_threads(threads)} only"
+        return marked, choice and {**choice, "threads": threads, "threads_choice": {"rule": note}}
+    try:
+        by_threads = choose_threads(primary, shipped[primary.name], x, counts, rounds)
+    except Exception as e:  # noqa: BLE001 - it was checked in its runtime at `threads`: keep that
+        log.debug("primary: %s not timed at other thread counts: %s", primary.name, e)
+        return marked, choice and {**choice, "threads": threads}
+    base = choice or {
+        "primary": primary.name,
+        "tied": [],
+        "margin": None,
+        "rule": "the only passing artifact",
+        "candidates": [],
+    }
+    return marked, {**base, "threads": by_threads["threads"], "threads_choice": by_threads}
+
+
+def choose_threads(report: ArtifactReport, artifact: Artifact, x, counts: list[int], rounds: int) -> dict:
+    """The primary timed in turn at each thread count in ``counts`` (most first), ``rounds`` runs each:
+    :func:`choose`'s answer with ``threads``, the fewest threads winning a tie."""
+    runners = {n: load_runner(artifact, report.runtime, n) for n in counts}
+    log.info(
+        "choosing the primary's threads: %s on %s timed in turn, %d runs each",
+        report.name,
+        " and ".join(map(str, counts)),
+        rounds,
+    )
+    runs = time_in_turn(runners, x, rounds, warmup=3)
+    return choose(
+        [Timed(report.name, tuple(r), report.size_bytes, report.runtime, n) for n, r in runs.items()]
+    )
+
+
+def _choose_artifact(
+    reports: list[ArtifactReport],
+    shipped: Mapping[str, Artifact],
+    x,
+    threads: int,
+    rounds: int,
+    within: float,
+) -> tuple[list[ArtifactReport], dict | None]:
     passing = sorted(
         (
             a

@@ -47,6 +47,13 @@ class RuntimeOptions:
         "timed runs of each artifact in the primary race (turns of 5): with 100 each, a steady 5 % edge "
         "is measurable; with 30 it was not always",
     )
+    race_threads: tuple[int, ...] = option(
+        (),
+        "fewer intra-op threads the primary is also timed at, in turn with `threads` (ONNX Runtime, "
+        "OpenVINO and TorchScript artifacts): it ships with the fastest count, fewer threads when tied. "
+        "A sub-millisecond model can run faster on one thread than on two (the tests' ViT and LSTM: "
+        "20-25 % faster in ONNX Runtime here); [] times `threads` only",
+    )
     sweep_runs: int = option(10, "timed runs at each batch size above 1 (after at most 2 warm-up runs)")
     latency_budget_ms: float | None = option(
         None, "largest p95 latency a batch may take; the best batch size is chosen under it"
@@ -344,6 +351,11 @@ def _check_positive(raw: _ProfileFile, source: str) -> None:
     for key, value in checks.items():
         if value < 1:
             raise ConfigError(f"{source}: `{key}` must be at least 1 (got {value})")
+    if any(not 1 <= t <= raw.runtime.threads for t in raw.runtime.race_threads):
+        raise ConfigError(
+            f"{source}: `runtime.race_threads` must be thread counts from 1 to `runtime.threads` "
+            f"({raw.runtime.threads}) (got {list(raw.runtime.race_threads)})"
+        )
 
 
 def plan(target: Target, input_kind: Kind) -> tuple[list[Plan], list[Skipped]]:

@@ -20,8 +20,9 @@ class Runner(Protocol):
 
 def torch_runner(model, threads: int | None = None, state=None) -> Runner:
     """``model`` in eager PyTorch on numpy batches; ``threads`` sets torch's intra-op threads (None:
-    as they are). ``state`` (a :class:`toolchain.core.state.SavedState`): each call starts from it,
-    and the model is left there after it."""
+    as they are), process-wide, so at each call where another runner changed them (the primary's race
+    times one model on two counts). ``state`` (a :class:`toolchain.core.state.SavedState`): each call
+    starts from it, and the model is left there after it."""
     import torch
 
     if threads is not None:
@@ -30,6 +31,8 @@ def torch_runner(model, threads: int | None = None, state=None) -> Runner:
     from toolchain.core.feed import torch_args
 
     def run(x) -> list[np.ndarray]:
+        if threads is not None and torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
         if state is not None:
             state.restore(model)
         try:

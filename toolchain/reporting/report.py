@@ -348,10 +348,21 @@ def primary_lines(report: Report) -> list[str]:
     if not c:
         return []
     if not c["candidates"]:
-        return [f"primary: {c['primary']} ({c['rule']})"]
-    timed = ", ".join(f"{x['name']} {x['median_ms']:.3f} ms" for x in c["candidates"])
-    margin = f", runner-up x{c['margin']:.2f}" if c.get("margin") else ""
-    return [f"primary: {c['primary']} ({c['rule']}; timed in turn at batch 1: {timed}{margin})"]
+        lines = [f"primary: {c['primary']} ({c['rule']})"]
+    else:
+        timed = ", ".join(f"{x['name']} {x['median_ms']:.3f} ms" for x in c["candidates"])
+        margin = f", runner-up x{c['margin']:.2f}" if c.get("margin") else ""
+        lines = [f"primary: {c['primary']} ({c['rule']}; timed in turn at batch 1: {timed}{margin})"]
+    t = c.get("threads_choice")
+    if t and t.get("candidates"):
+        timed = ", ".join(f"{x['threads']} {x['median_ms']:.3f} ms" for x in t["candidates"])
+        lines.append(
+            f"primary's threads: {t['threads']} ({t['rule']}; {c['primary']} timed in turn on "
+            f"each count: {timed})"
+        )
+    elif t:
+        lines.append(f"primary's threads: {c['threads']} ({t['rule']})")
+    return lines
 
 
 # the stages that give an artifact 4-bit weights (their facts: int4_share, int8_layers)
