@@ -30,12 +30,23 @@ a sub-millisecond model's turn is shorter; a pause first, so that the last runti
 spinning, and one untimed run), `--turns` turns each (default 20). A slow phase of this virtual
 machine (its speed drifts by 20-40 % over minutes) then hits every variant alike: a variant's figure
 is the median of its turns' medians, and each ratio is the median over the cycles of the primary's
-turn over the peer's in the same cycle, with the interquartile range of those ratios. (Whole
-processes in turn, three times each, the earlier method, put a minute between the figures compared:
-the same IR timed in two processes gave 1.85 and 2.23 ms.) Every variant's
-outputs on 64 held-out inputs are compared with the FP32 model's (SQNR, top-1 agreement), so a fast
-peer that lost accuracy shows it. ResNet18's share of the CPU's INT8 peak is computed from the ISA
-(INT8 multiply-accumulates per cycle per core), the threads used and the clock.
+turn over the peer's in the same cycle, with the interquartile range of those ratios and a
+Wilcoxon signed-rank test of them: `faster`, `slower`, or `tied` when the cycles cannot tell the two
+apart (p >= 0.05). (Whole processes in turn, three times each, the earlier method, put a minute
+between the figures compared: the same IR timed in two processes gave 1.85 and 2.23 ms.) Every
+variant's outputs on 64 held-out inputs are compared with the FP32 model's (SQNR, top-1 agreement),
+so a fast peer that lost accuracy shows it.
+
+The primary runs on the thread count its build chose (`primary_choice.threads`, from the profile's
+`race_threads`); the peers on THREADS, as their recipes run by default. Where the primary's count
+differs, every peer is also timed on it (`PEER @ threads=1`): the headline ratios are against the
+recipes as they run, and `primary_over_fastest_peer_any_threads` is against the fastest peer on
+either count (what the file alone is worth).
+
+ResNet18's share of the CPU's INT8 peak is computed from the ISA (INT8 multiply-accumulates per cycle
+per core), the threads used and the clock; a virtual machine's /proc/cpuinfo gives the base clock, so
+one core's INT8 GEMM rate (ONNX Runtime's MatMulInteger) over the ISA's MACs per cycle is taken as a
+floor on the running clock, and the share of that GEMM's rate on the same cores is given too.
 
     .venv/bin/python benchmarks/x86_peers.py [--turns 20] [--models resnet18,lstm] [--peers-python P]
 
@@ -77,6 +88,7 @@ SEQUENCE = {"vit", "lstm"}
 # INT8 multiply-accumulates per cycle per core, a floor for each ISA: AVX2 (vpmaddubsw + vpmaddwd on
 # 256-bit registers: ~32), AVX-512 without VNNI (~64), one 512-bit VNNI (vpdpbusd: 64) per cycle as
 # AMD Zen 4 and Intel parts with one 512-bit FMA port issue it (128 with two such ports), AMX (1024)
+SAME_P = 0.05  # below it, the per-cycle ratios say the primary is faster (or slower) than a peer
 MACS_PER_CYCLE = {"avx2": 32, "avx512": 64, "avx512_vnni": 64, "avx512_bf16": 64, "amx": 1024}
 
 
@@ -471,6 +483,36 @@ def int8_peak(isa: str, threads: int, clock_ghz: tuple[float, float]) -> tuple[f
     return per_cycle * clock_ghz[0] * 1e9, per_cycle * clock_ghz[1] * 1e9
 
 
+def int8_gemm_gmacs(threads: int, n: int = 1024) -> float:
+    """What this CPU's INT8 units deliver at their best: ONNX Runtime's MatMulInteger (MLAS's u8s8
+    kernel: VNNI where the CPU has it) on an n x n x n product, median of 9 runs, in GMAC/s."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = numpy_helper.from_array(rng.integers(-128, 128, (n, n), dtype=np.int8), "B")
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["A", "B"], ["Y"])],
+        "gemm",
+        [helper.make_tensor_value_info("A", TensorProto.UINT8, [n, n])],
+        [helper.make_tensor_value_info("Y", TensorProto.INT32, [n, n])],
+        [weights],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    o = ort.SessionOptions()
+    o.intra_op_num_threads, o.log_severity_level = threads, 3
+    session = ort.InferenceSession(model.SerializeToString(), o, providers=["CPUExecutionProvider"])
+    a = {"A": rng.integers(0, 256, (n, n), dtype=np.uint8)}
+    for _ in range(3):
+        session.run(None, a)
+    seconds = []
+    for _ in range(9):
+        start = time.perf_counter()
+        session.run(None, a)
+        seconds.append(time.perf_counter() - start)
+    return n**3 / float(np.median(seconds)) / 1e9
+
+
 def host_clock_ghz() -> tuple[float, float]:
     """(base, highest) in GHz: the kernel's cpufreq limits where it exposes them, else the clock
     /proc/cpuinfo reports (a virtual machine often shows one figure)."""
@@ -505,10 +547,22 @@ def summary(result: dict) -> dict:
 
 
 def ratio(primary: dict, peer: dict) -> dict:
-    """The primary's turn median over the peer's in the same cycle: median and quartiles over cycles."""
+    """The primary's turn median over the peer's in the same cycle: median and quartiles over cycles,
+    and whether the cycles tell them apart: a two-sided Wilcoxon signed-rank test of the log ratios
+    against 0 (``faster`` or ``slower`` at p < SAME_P, else ``tied``: a ratio a few percent from 1
+    with p above it is a different number in the next run, the earlier runs' ties show)."""
+    from scipy.stats import wilcoxon
+
     per_cycle = [float(np.median(a)) / float(np.median(b)) for a, b in zip(primary["turns"], peer["turns"])]
     q1, med, q3 = np.percentile(per_cycle, [25, 50, 75])
-    return {"ratio": round(float(med), 3), "iqr": [round(float(q1), 3), round(float(q3), 3)]}
+    p = float(wilcoxon(np.log(per_cycle)).pvalue) if len(per_cycle) >= 6 else 1.0
+    verdict = "tied" if p >= SAME_P else ("faster" if med < 1 else "slower")
+    return {
+        "ratio": round(float(med), 3),
+        "iqr": [round(float(q1), 3), round(float(q3), 3)],
+        "p": p,
+        "verdict": verdict,
+    }
 
 
 def main() -> int:
@@ -603,21 +657,34 @@ def main() -> int:
                 "variants": rows,
                 "primary_over_peer": {k: v["ratio"] for k, v in ratios.items()},
                 "primary_over_peer_iqr": {k: v["iqr"] for k, v in ratios.items()},
+                "primary_vs_peer": {k: v["verdict"] for k, v in ratios.items()},
+                "primary_vs_peer_p": {k: round(v["p"], 4) for k, v in ratios.items()},
                 "missing": {**{k: v for k, v in made.items() if isinstance(v, str)}, **measured["errors"]},
             }
             if name == "resnet18" and top in rows:
                 from toolchain.passes.onnx_share import onnx_int8_share
 
                 macs = onnx_int8_share(work / "fp32.onnx", [(1, 3, 224, 224)])["macs"]
-                low, high = int8_peak(isa, THREADS, clock)
+                # a VM does not show its running clock (/proc/cpuinfo gives the base): one core's INT8
+                # GEMM rate over the ISA's MACs per cycle is a floor on it
+                gemm_one, gemm = int8_gemm_gmacs(1), int8_gemm_gmacs(threads)
+                implied = gemm_one / MACS_PER_CYCLE[isa]
+                running = (max(clock[0], implied), max(clock[1], implied))
+                low, high = int8_peak(isa, threads, running)
                 achieved = macs / (rows[top]["median_ms"] / 1e3)
                 entry["int8_peak"] = {
                     "macs": macs,
                     "isa": isa,
                     "macs_per_cycle_per_core": MACS_PER_CYCLE[isa],
+                    "threads": threads,
+                    "reported_clock_ghz": list(clock),
+                    "gemm_gmacs_one_thread": round(gemm_one, 1),
+                    "gemm_gmacs": round(gemm, 1),
+                    "implied_clock_ghz": round(implied, 2),
                     "peak_gmacs": [round(low / 1e9, 1), round(high / 1e9, 1)],
                     "achieved_gmacs": round(achieved / 1e9, 1),
                     "share_of_peak": [round(achieved / high, 3), round(achieved / low, 3)],
+                    "share_of_gemm": round(achieved / 1e9 / gemm, 3),
                 }
             results["models"][name] = entry
             print(table(name, entry), flush=True)
@@ -627,6 +694,12 @@ def main() -> int:
         n: round(_over_fastest(e), 3) for n, e in results["models"].items() if "variants" in e
     }
     results["geomean_primary_over_fastest_peer"] = float(np.exp(np.mean(np.log(behind)))) if behind else None
+    # the peers the cycles say are faster than the primary (Wilcoxon p < SAME_P), as their recipes run them
+    results["peers_measurably_faster"] = {
+        n: [k for k, v in e["primary_vs_peer"].items() if v == "slower" and AT_THREADS not in k]
+        for n, e in results["models"].items()
+        if "variants" in e
+    }
     any_threads = {
         n: _over_fastest(e, any_threads=True) for n, e in results["models"].items() if "variants" in e
     }
@@ -641,6 +714,11 @@ def main() -> int:
     )
     if behind:
         print(f"geometric mean over {len(behind)} models: {results['geomean_primary_over_fastest_peer']:.3f}")
+        slower = {n: v for n, v in results["peers_measurably_faster"].items() if v}
+        print(
+            "peers measurably faster than the primary: "
+            + ("; ".join(f"{n}: {', '.join(v)}" for n, v in slower.items()) if slower else "none")
+        )
         print(
             "with the peers also on the primary's threads: "
             + ", ".join(f"{n} {v:.2f}" for n, v in results["primary_over_fastest_peer_any_threads"].items())
@@ -666,14 +744,15 @@ def _on(threads: int) -> str:
 def table(name: str, entry: dict) -> str:
     lines = [
         f"\n{name} ({entry['verdict']}; built in {entry['build_s']} s)",
-        "| variant | precision | batch-1 median ms (p25-p75) | primary / variant (IQR) | SQNR vs FP32 "
-        "| top-1 agr. |",
+        "| variant | precision | batch-1 median ms (p25-p75) | primary / variant (IQR), Wilcoxon p "
+        "| SQNR vs FP32 | top-1 agr. |",
         "|---|---|---|---|---|---|",
     ]
     for label, r in sorted(entry["variants"].items(), key=lambda kv: kv[1]["median_ms"]):
         over = entry["primary_over_peer"].get(label)
         iqr = entry["primary_over_peer_iqr"].get(label)
-        cell = "" if over is None else f"{over:.2f} ({iqr[0]:.2f}-{iqr[1]:.2f})"
+        p, verdict = entry["primary_vs_peer_p"].get(label), entry["primary_vs_peer"].get(label)
+        cell = "" if over is None else f"{over:.2f} ({iqr[0]:.2f}-{iqr[1]:.2f}), p {p:.2g}: {verdict}"
         lines.append(
             f"| {label} | {r['precision']} | {r['median_ms']:.3f} ({r['p25_ms']:.3f}-{r['p75_ms']:.3f}) | "
             f"{cell} | {r['sqnr_db']:.1f} dB | {r['top1_agreement']:.1%} |"
@@ -686,8 +765,13 @@ def table(name: str, entry: dict) -> str:
             f"\nResNet18: {peak['macs'] / 1e9:.2f} GMAC per image; the primary reaches "
             f"{peak['achieved_gmacs']} GMAC/s of an INT8 peak of "
             f"{peak['peak_gmacs'][0]}-{peak['peak_gmacs'][1]} GMAC/s ({peak['isa']}: "
-            f"{peak['macs_per_cycle_per_core']} MAC/cycle/core x {THREADS} cores x clock): "
-            f"{peak['share_of_peak'][0]:.0%}-{peak['share_of_peak'][1]:.0%} of peak"
+            f"{peak['macs_per_cycle_per_core']} MAC/cycle/core x {peak['threads']} cores x a clock of at "
+            f"least {peak['implied_clock_ghz']} GHz, the one-core INT8 GEMM's "
+            f"{peak['gemm_gmacs_one_thread']} GMAC/s over its MACs per cycle; /proc/cpuinfo says "
+            f"{peak['reported_clock_ghz'][1]:.2f}): "
+            f"{peak['share_of_peak'][0]:.0%}-{peak['share_of_peak'][1]:.0%} of peak, "
+            f"{peak['share_of_gemm']:.0%} of ONNX Runtime's INT8 GEMM on the same cores "
+            f"({peak['gemm_gmacs']} GMAC/s)"
         )
     return "\n".join(lines)
 
