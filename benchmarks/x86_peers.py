@@ -741,6 +741,12 @@ def _on(threads: int) -> str:
     return "" if threads == THREADS else f", {threads} thread{'s' if threads > 1 else ''}"
 
 
+def _span(low, high, form: str) -> str:
+    """One figure where a range's ends are the same, else the range."""
+    low, high = form.format(low), form.format(high)
+    return low if low == high else f"{low}-{high}"
+
+
 def table(name: str, entry: dict) -> str:
     lines = [
         f"\n{name} ({entry['verdict']}; built in {entry['build_s']} s)",
@@ -764,12 +770,12 @@ def table(name: str, entry: dict) -> str:
         lines.append(
             f"\nResNet18: {peak['macs'] / 1e9:.2f} GMAC per image; the primary reaches "
             f"{peak['achieved_gmacs']} GMAC/s of an INT8 peak of "
-            f"{peak['peak_gmacs'][0]}-{peak['peak_gmacs'][1]} GMAC/s ({peak['isa']}: "
+            f"{_span(*peak['peak_gmacs'], '{}')} GMAC/s ({peak['isa']}: "
             f"{peak['macs_per_cycle_per_core']} MAC/cycle/core x {peak['threads']} cores x a clock of at "
             f"least {peak['implied_clock_ghz']} GHz, the one-core INT8 GEMM's "
             f"{peak['gemm_gmacs_one_thread']} GMAC/s over its MACs per cycle; /proc/cpuinfo says "
             f"{peak['reported_clock_ghz'][1]:.2f}): "
-            f"{peak['share_of_peak'][0]:.0%}-{peak['share_of_peak'][1]:.0%} of peak, "
+            f"{_span(*peak['share_of_peak'], '{:.0%}')} of peak, "
             f"{peak['share_of_gemm']:.0%} of ONNX Runtime's INT8 GEMM on the same cores "
             f"({peak['gemm_gmacs']} GMAC/s)"
         )

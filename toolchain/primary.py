@@ -180,7 +180,7 @@ def choose_primary(
         "primary": primary.name,
         "tied": [],
         "margin": None,
-        "rule": "the only passing artifact",
+        "rule": "the fastest passing artifact by the build's own timing (no other was raced against it)",
         "candidates": [],
     }
     return marked, {**base, "threads": by_threads["threads"], "threads_choice": by_threads}
