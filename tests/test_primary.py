@@ -7,6 +7,7 @@ import re
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 
 from toolchain.primary import Timed, choose, choose_primary
 
@@ -38,7 +39,9 @@ def test_tied_leaders_are_ordered_by_size_then_runtime_then_name_in_any_order():
             "onnx_int8",
             "torch_int8",
         }
-        assert "tied with" in choice["rule"] and "smallest" in choice["rule"]
+        assert (
+            "tied with" in choice["rule"] and "smallest" in choice["rule"] and "threads" not in choice["rule"]
+        )
     assert choose([a, b])["primary"] == "onnx_int8"  # equal sizes: ONNX Runtime before OpenVINO
 
 
@@ -95,6 +98,7 @@ def test_fewer_threads_win_a_tie_and_lose_when_measurably_slower():
     for order in ([two, one_tied], [one_tied, two]):
         choice = choose(order)
         assert choice["threads"] == 1 and "fewest threads" in choice["rule"]
+        assert sorted(choice["tied"]) == [1, 2]  # a thread-count tie lists the counts, not one name twice
     one_slow = Timed("onnx_int8_dynamic", _runs(0.360, 0.02), 50_000, "onnxruntime", 1)
     choice = choose([one_slow, two])
     assert choice["threads"] == 2 and "onnx_int8_dynamic on 1 thread x1.8" in choice["rule"]
@@ -112,12 +116,8 @@ def test_race_threads_beyond_the_profiles_threads_is_one_clear_error(tmp_path):
     text = profile.read_text()
     assert "race_threads = [1]" in text
     profile.write_text(text.replace("race_threads = [1]", "race_threads = [1, 4]"))
-    try:
+    with pytest.raises(ConfigError, match=re.escape("`runtime.race_threads` must be thread counts from 1")):
         load_target(str(profile))
-    except ConfigError as e:
-        assert "`runtime.race_threads` must be thread counts from 1 to `runtime.threads` (2)" in str(e)
-    else:
-        raise AssertionError("race_threads = [1, 4] with threads = 2 was accepted")
 
 
 def test_a_torch_runner_runs_on_its_own_thread_count_whatever_another_set():
@@ -149,6 +149,7 @@ class _Row:  # what choose_primary reads of an ArtifactReport
     primary: bool = False
     runtime: str = "onnxruntime"
     size_bytes: int = 1000
+    stage_facts: dict = dataclasses.field(default_factory=dict)
 
 
 def test_an_artifact_far_behind_in_the_build_is_not_raced():
@@ -180,3 +181,45 @@ def test_every_runtime_has_a_place_in_the_tie_break():
     openvino_ir = Timed("openvino_int8", _runs(1.0, 0.1), 300_000, "openvino_ir")
     lite = Timed("ptl_int8", _runs(1.0, 0.1), 300_000, "lite_interpreter")
     assert choose([lite, openvino_ir])["primary"] == "openvino_int8"
+
+
+def test_an_ir_for_a_gpu_or_npu_is_not_timed_on_cpu_thread_counts():
+    shipped = {"a": SimpleNamespace(fixed_batch=lambda: None)}
+    rows = [_Row("a", 1.0, runtime="openvino_ir", stage_facts={"convert_openvino": {"device": "GPU"}})]
+    _, choice = choose_primary(rows, shipped, None, 2, 3, 1.5, (1,))
+    assert choice["threads"] == 2 and choice["rule"] == "the only passing artifact"
+    assert "the IR is for the GPU" in choice["threads_choice"]["rule"]
+
+
+def test_a_primary_that_cannot_be_timed_on_other_counts_ships_on_the_profiles_and_says_why(caplog):
+    """It passed in its runtime at the profile's threads: it ships there, and the report and the log
+    say why no other count was tried (here its file cannot be loaded again)."""
+    shipped = {"a": SimpleNamespace(fixed_batch=lambda: None, path=None, lineage=("a",))}
+    with caplog.at_level("WARNING", logger="toolchain"):
+        _, choice = choose_primary([_Row("a", 1.0)], shipped, None, 2, 3, 1.5, (1,))
+    assert choice["threads"] == 2 and "not timed on other thread counts" in choice["threads_choice"]["rule"]
+    assert "has no file to load" in choice["threads_choice"]["rule"]
+    assert "could not be timed on other thread counts" in caplog.text
+
+
+def test_the_thread_race_leaves_torchs_thread_count_as_it_found_it(tmp_path):
+    """A TorchScript primary timed on 2 then 1 threads: torch's count is the process's, and whoever
+    builds in this process goes on with the count it had."""
+    import torch
+
+    from toolchain.core.artifact import Artifact, Kind
+    from toolchain.primary import choose_threads
+
+    path = tmp_path / "m.pt"
+    torch.jit.script(torch.nn.Linear(4, 4)).save(str(path))
+    artifact = Artifact(Kind.TORCHSCRIPT, "fp32", path=path)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        choice = choose_threads(
+            _Row("m", 1.0, runtime="torchscript"), artifact, np.ones((1, 4), np.float32), [2, 1], 3
+        )
+        assert {c["threads"] for c in choice["candidates"]} == {1, 2}
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -19,7 +19,7 @@ Then how many threads: where the profile lists ``runtime.race_threads``, the pri
 turn at each of those counts and at ``runtime.threads`` (:func:`choose_threads`), by the same rule,
 fewer threads winning a tie (the same latency on fewer cores). A model of a fraction of a millisecond
 spends much of a run waking and joining a second thread: the tests' ViT and LSTM in ONNX Runtime ran
-20-25 % faster on one thread than on two here (2026-12-08), a ResNet18 80 % slower. The primary ships
+17-26 % less time on one thread than on two here (2026-12-08), a ResNet18 1.75x as long. The primary ships
 with that count: ``primary_choice.threads``.
 """
 
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 from typing import Any, Mapping
 
 import numpy as np
@@ -47,7 +48,7 @@ SAME_MEDIANS = 1.02
 SLOWER_P = 0.01
 # runtimes whose thread count belongs to the loaded model (a session, a compiled model) or is set at
 # each call (torch's, by the runner): a model can be timed at two counts in one process
-THREADS_PER_MODEL = ("onnxruntime", "openvino", "openvino_ir", "torchscript", "lite_interpreter")
+THREADS_RACEABLE = ("onnxruntime", "openvino", "openvino_ir", "torchscript", "lite_interpreter")
 # runtimes by what shipping them asks of an application: one library and a file first
 SIMPLER = (
     "onnxruntime", "openvino", "openvino_ir", "torchscript", "executorch", "lite_interpreter", "qnn",
@@ -86,18 +87,20 @@ def choose(timed: list[Timed]) -> dict[str, Any]:
     order = lambda t: (t.size_bytes, _simplicity(t.runtime), t.threads or 0, t.name)  # noqa: E731
     winner = min(tied, key=order) if len(tied) > 1 else fastest
     runner_up = ranked[1] if len(ranked) > 1 else None
+    one_artifact = len({t.name for t in timed}) == 1  # the primary on several thread counts
     if len(tied) == 1:
         rule = f"fastest: the runner-up is {_behind(fastest, runner_up)}" if runner_up else "the only one"
     else:
         rule = (
             f"tied with {', '.join(t.label for t in tied if t is not winner)} (not measurably apart: "
             f"{'; '.join(_evidence(fastest, t) for t in tied if t is not fastest)}): "
-            "the smallest, then the simplest runtime, then the fewest threads"
+            + ("the fewest threads" if one_artifact else "the smallest, then the simplest runtime")
         )
     return {
         "primary": winner.name,
         "threads": winner.threads,
-        "tied": list(dict.fromkeys(t.name for t in tied)) if len(tied) > 1 else [],
+        # tied names; tied thread counts where one artifact was timed on several
+        "tied": [] if len(tied) < 2 else [t.threads if one_artifact else t.name for t in tied],
         "margin": round(runner_up.median / fastest.median, 3) if runner_up and fastest.median > 0 else None,
         "rule": rule,
         "candidates": [
@@ -159,8 +162,9 @@ def choose_primary(
     """The reports with the primary marked, and the report's ``primary_choice``. Only artifacts whose
     build latency is within ``within`` times the fastest's race: one further behind cannot be tied
     with it. Then the primary's thread count among ``threads`` and ``race_threads``
-    (:func:`choose_threads`). None when nothing was raced: the in-build rule, fastest that passes,
-    stands."""
+    (:func:`choose_threads`; ``threads_choice`` says why not where it is not raced). None when no
+    artifact was raced and the profile races no thread counts: the in-build rule, fastest that
+    passes, stands."""
     marked, choice = _choose_artifact(reports, shipped, x, threads, rounds, within)
     if choice:  # the artifacts were raced on the profile's threads
         choice["candidates"] = [{**c, "threads": threads} for c in choice["candidates"]]
@@ -168,35 +172,70 @@ def choose_primary(
     counts = sorted({threads, *race_threads}, reverse=True)
     if primary is None or len(counts) < 2 or primary.name not in shipped:
         return marked, choice and {**choice, "threads": threads}
-    if primary.runtime not in THREADS_PER_MODEL:
-        note = f"{primary.runtime} sets its threads for the whole process: timed on {_threads(threads)} only"
-        return marked, choice and {**choice, "threads": threads, "threads_choice": {"rule": note}}
-    try:
-        by_threads = choose_threads(primary, shipped[primary.name], x, counts, rounds)
-    except Exception as e:  # noqa: BLE001 - it was checked in its runtime at `threads`: keep that
-        log.debug("primary: %s not timed at other thread counts: %s", primary.name, e)
-        return marked, choice and {**choice, "threads": threads}
     base = choice or {
         "primary": primary.name,
         "tied": [],
         "margin": None,
-        "rule": "the fastest passing artifact by the build's own timing (no other was raced against it)",
+        "rule": _unraced(reports),
         "candidates": [],
     }
+    why_not = _no_thread_race(primary, shipped[primary.name], threads)
+    if why_not:
+        return marked, {**base, "threads": threads, "threads_choice": {"rule": why_not}}
+    try:
+        by_threads = choose_threads(primary, shipped[primary.name], x, counts, rounds)
+    except Exception as e:  # noqa: BLE001 - it passed in its runtime at `threads`: it ships on that
+        log.warning(
+            "primary: %s could not be timed on other thread counts (%s): it runs on %d",
+            primary.name,
+            e,
+            threads,
+        )
+        note = (
+            f"not timed on other thread counts ({type(e).__name__}: {e}): timed on {_threads(threads)} only"
+        )
+        return marked, {**base, "threads": threads, "threads_choice": {"rule": note}}
     return marked, {**base, "threads": by_threads["threads"], "threads_choice": by_threads}
+
+
+def _unraced(reports: list[ArtifactReport]) -> str:
+    passing = [a for a in reports if a.parity.passed is not False and a.eligible]
+    if len(passing) == 1:
+        return "the only passing artifact"
+    return "the fastest passing artifact by the build's own timing (fewer than two could be raced at batch 1)"
+
+
+def _no_thread_race(primary: ArtifactReport, artifact: Artifact, threads: int) -> str | None:
+    """Why the primary's thread count is not raced (None: it is)."""
+    only = f"timed on {_threads(threads)} only"
+    if primary.runtime not in THREADS_RACEABLE:
+        return f"{primary.runtime} sets its threads for the whole process: {only}"
+    device = next((f["device"] for f in primary.stage_facts.values() if f.get("device")), "CPU")
+    if device != "CPU":
+        return f"the IR is for the {device}: this host's CPU threads say nothing of it; {only}"
+    if artifact.fixed_batch() not in (None, 1):
+        return f"its batch is fixed at {artifact.fixed_batch()} and the race runs at batch 1: {only}"
+    return None
 
 
 def choose_threads(report: ArtifactReport, artifact: Artifact, x, counts: list[int], rounds: int) -> dict:
     """The primary timed in turn at each thread count in ``counts`` (most first), ``rounds`` runs each:
-    :func:`choose`'s answer with ``threads``, the fewest threads winning a tie."""
-    runners = {n: load_runner(artifact, report.runtime, n) for n in counts}
-    log.info(
-        "choosing the primary's threads: %s on %s timed in turn, %d runs each",
-        report.name,
-        " and ".join(map(str, counts)),
-        rounds,
-    )
-    runs = time_in_turn(runners, x, rounds, warmup=3)
+    :func:`choose`'s answer with ``threads``, the fewest threads winning a tie. Torch's thread count is
+    the process's: it is left as it was found."""
+    torch = sys.modules.get("torch")  # torch runners set it per call; not imported for other runtimes
+    found = torch.get_num_threads() if torch else None
+    try:
+        runners = {n: load_runner(artifact, report.runtime, n) for n in counts}
+        log.info(
+            "choosing the primary's threads: %s on %s timed in turn, %d runs each",
+            report.name,
+            " and ".join(map(str, counts)),
+            rounds,
+        )
+        runs = time_in_turn(runners, x, rounds, warmup=3)
+    finally:
+        if found is not None:
+            torch.set_num_threads(found)
     return choose(
         [Timed(report.name, tuple(r), report.size_bytes, report.runtime, n) for n, r in runs.items()]
     )

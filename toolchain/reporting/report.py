@@ -355,7 +355,10 @@ def primary_lines(report: Report) -> list[str]:
         lines = [f"primary: {c['primary']} ({c['rule']}; timed in turn at batch 1: {timed}{margin})"]
     t = c.get("threads_choice")
     if t and t.get("candidates"):
-        timed = ", ".join(f"{x['threads']} {x['median_ms']:.3f} ms" for x in t["candidates"])
+        timed = ", ".join(
+            f"{x['threads']} thread{'s' if x['threads'] != 1 else ''} {x['median_ms']:.3f} ms"
+            for x in t["candidates"]
+        )
         lines.append(
             f"primary's threads: {t['threads']} ({t['rule']}; {c['primary']} timed in turn on "
             f"each count: {timed})"

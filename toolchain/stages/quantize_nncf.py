@@ -230,6 +230,9 @@ def _macs(op) -> int:
 
 @contextlib.contextmanager
 def _quiet():
-    """NNCF draws progress bars on stdout: keep stdout clean for `--json`."""
-    with contextlib.redirect_stdout(io.StringIO()):
+    """NNCF draws progress bars on stdout: keep stdout clean for `--json`. Its quantize imports
+    torch.utils.cpp_extension, whose note on a missing CUDA runtime is not the build's business."""
+    from toolchain.core.export import quiet_logger
+
+    with contextlib.redirect_stdout(io.StringIO()), quiet_logger("torch.utils.cpp_extension"):
         yield
