@@ -19,7 +19,7 @@ Then how many threads: where the profile lists ``runtime.race_threads``, the pri
 turn at each of those counts and at ``runtime.threads`` (:func:`choose_threads`), by the same rule,
 fewer threads winning a tie (the same latency on fewer cores). A model of a fraction of a millisecond
 spends much of a run waking and joining a second thread: the tests' ViT and LSTM in ONNX Runtime ran
-17-26 % less time on one thread than on two here (2026-12-08), a ResNet18 1.75x as long. The primary ships
+17-34 % less time on one thread than on two here (2026-12-08), a ResNet18 1.75x as long. The primary ships
 with that count: ``primary_choice.threads``.
 """
 

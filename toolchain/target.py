@@ -52,7 +52,7 @@ class RuntimeOptions:
         "fewer intra-op threads the primary is also timed at, in turn with `threads` (ONNX Runtime, "
         "OpenVINO and TorchScript artifacts): it ships with the fastest count, fewer threads when tied. "
         "A sub-millisecond model can run faster on one thread than on two (the tests' ViT and LSTM: "
-        "17-26 % less time in ONNX Runtime here); [] times `threads` only",
+        "17-34 % less time in ONNX Runtime here); [] times `threads` only",
     )
     sweep_runs: int = option(10, "timed runs at each batch size above 1 (after at most 2 warm-up runs)")
     latency_budget_ms: float | None = option(
