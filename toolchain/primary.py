@@ -213,9 +213,14 @@ def _no_thread_race(primary: ArtifactReport, artifact: Artifact, threads: int) -
     device = next((f["device"] for f in primary.stage_facts.values() if f.get("device")), "CPU")
     if device != "CPU":
         return f"the IR is for the {device}: this host's CPU threads say nothing of it; {only}"
-    if artifact.fixed_batch() not in (None, 1):
+    if not _takes_batch_1(artifact):
         return f"its batch is fixed at {artifact.fixed_batch()} and the race runs at batch 1: {only}"
     return None
+
+
+def _takes_batch_1(artifact: Artifact) -> bool:
+    """Both races run at batch 1: a file fixed to another batch takes no part."""
+    return artifact.fixed_batch() in (None, 1)
 
 
 def choose_threads(report: ArtifactReport, artifact: Artifact, x, counts: list[int], rounds: int) -> dict:
@@ -256,7 +261,7 @@ def _choose_artifact(
             if a.parity.passed is not False
             and a.eligible
             and a.name in shipped
-            and shipped[a.name].fixed_batch() in (None, 1)  # raced at batch 1
+            and _takes_batch_1(shipped[a.name])
         ),
         key=lambda a: a.latency_ms,
     )
